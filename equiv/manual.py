@@ -1,0 +1,112 @@
+r"""The hand-derived forward and backward pass: the chain rule written out, no autodiff.
+
+Written once against the array API (through ``array_api_compat``), the same code
+runs on NumPy arrays (the float64 reference) and on torch tensors (the notebook's
+check against autograd). Parameters use torch's layout and names.
+
+For layers :math:`i = 1..L` with weight :math:`W_i` of shape (out, in) and bias
+:math:`b_i` of shape (out,), a batch ``x`` of shape (B, in) and targets ``y``:
+
+Forward::
+
+    h_0 = x                                   (B, n_0)
+    z_i = h_{i-1} W_iᵀ + b_i                  (B, n_i)
+    h_i = relu(z_i)  for i < L,   h_L = z_L   (the output, no activation)
+    loss = mean((h_L - y)²)                   over all B·n_L elements (MSELoss)
+
+Backward, with ``dz_i = ∂loss/∂z_i``::
+
+    dz_L = (h_L - y) · 2 / (B·n_L)
+    dW_i = dz_iᵀ h_{i-1}                      (n_i, n_{i-1})
+    db_i = Σ_batch dz_i                       (n_i,)
+    dh_{i-1} = dz_i W_i                       (B, n_{i-1})
+    dz_{i-1} = dh_{i-1} · [z_{i-1} > 0]       relu'(0) = 0, as torch defines it
+
+SGD: ``p ← p - lr · dp``, rounded once on torch tensors as ``torch.optim.SGD``
+rounds it (``p.add(dp, alpha=-lr)``), so the hand-written step equals torch's
+bit for bit where the gradients do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from array_api_compat import array_namespace, is_torch_array
+
+from equiv.spec import MLPSpec
+
+Array = Any
+
+
+def forward(params: Mapping[str, Array], x: Array, spec: MLPSpec) -> tuple[Array, list[Array]]:
+    """Return the output ``h_L`` and the pre-activations ``[z_1, ..., z_L]``.
+
+    The inputs of each layer are ``x`` and ``relu(z_i)``; the backward pass
+    recomputes them from ``zs`` instead of storing both.
+    """
+    xp = array_namespace(x)
+    h, zs = x, []
+    for i in range(1, spec.num_layers + 1):
+        z = xp.matmul(h, xp.matrix_transpose(params[f"fc{i}.weight"]))
+        if spec.bias:
+            z = z + params[f"fc{i}.bias"]
+        zs.append(z)
+        h = _relu(xp, z) if i < spec.num_layers else z
+    return h, zs
+
+
+def loss_and_grads(
+    params: Mapping[str, Array], x: Array, y: Array, spec: MLPSpec
+) -> tuple[Array, dict[str, Array]]:
+    """The MSE loss and every gradient, under torch's parameter names.
+
+    Example:
+      >>> import numpy as np
+      >>> spec = MLPSpec((2, 1), dtype="float64")
+      >>> params = {"fc1.weight": np.array([[1.0, 2.0]]), "fc1.bias": np.array([0.5])}
+      >>> loss, grads = loss_and_grads(params, np.array([[1.0, 1.0]]), np.array([[3.0]]), spec)
+      >>> float(loss), grads["fc1.weight"].tolist(), grads["fc1.bias"].tolist()
+      (0.25, [[1.0, 1.0]], [1.0])
+    """
+    xp = array_namespace(x)
+    out, zs = forward(params, x, spec)
+    diff = out - y
+    loss = xp.mean(diff * diff)
+    numel = out.shape[0] * out.shape[1]
+    dz = diff * (2.0 / numel)  # torch's mse_loss_backward: (out - y) · (2 / numel)
+    grads: dict[str, Array] = {}
+    for i in range(spec.num_layers, 0, -1):
+        h_prev = x if i == 1 else _relu(xp, zs[i - 2])
+        weight = params[f"fc{i}.weight"]
+        grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz), h_prev)
+        if spec.bias:
+            grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
+        if i > 1:
+            dh = xp.matmul(dz, weight)
+            dz = xp.where(zs[i - 2] > 0, dh, xp.zeros_like(dh))
+    return loss, {name: grads[name] for name in spec.param_names()}
+
+
+def sgd_update(
+    params: Mapping[str, Array], grads: Mapping[str, Array], learning_rate: float
+) -> dict[str, Array]:
+    """``p - learning_rate · g`` for every parameter, rounded as torch.optim.SGD rounds.
+
+    >>> import numpy as np
+    >>> sgd_update({"w": np.array([1.0])}, {"w": np.array([2.0])}, 0.25)["w"].tolist()
+    [0.5]
+    """
+    return {name: _scaled_add(p, grads[name], -learning_rate) for name, p in params.items()}
+
+
+def _relu(xp, z: Array) -> Array:
+    return xp.where(z > 0, z, xp.zeros_like(z))
+
+
+def _scaled_add(p: Array, g: Array, alpha: float) -> Array:
+    # torch.optim.SGD calls p.add_(g, alpha=-lr): one fused rounding. Spelling it
+    # p - lr * g rounds twice and is one ulp off on some entries, so torch tensors
+    # take torch's own add; other array libraries have no alpha and round twice.
+    if is_torch_array(p):
+        return p.add(g, alpha=alpha)
+    return p + alpha * g

@@ -1,0 +1,62 @@
+"""The problem every backend solves: initial parameters and the batches, drawn once.
+
+Everything is drawn from torch's generator in the notebook's order: after
+``torch.manual_seed(seed)`` the model's layers are initialised, then for each step
+``x = torch.randn(batch, in)`` and then ``y = torch.randn(batch, out)``. The global
+torch RNG state is restored afterwards (``torch.random.fork_rng``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from equiv._messages import value_error
+from equiv.spec import MLPSpec
+from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Initial parameters (torch layout, on the CPU) and one ``(x, y)`` batch per step."""
+
+    spec: MLPSpec
+    params: dict[str, torch.Tensor]
+    batches: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def steps(self) -> int:
+        return len(self.batches)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batches[0][0].shape[0]
+
+
+def make_problem(spec: MLPSpec, *, batch_size: int = 2, seed: int = 0, steps: int = 1) -> Problem:
+    """Draw the initial parameters and ``steps`` batches as the notebook does.
+
+    Example:
+      >>> problem = make_problem(MLPSpec((4, 3, 2)), batch_size=2, seed=0)
+      >>> problem.batches[0][0].shape, problem.params["fc2.bias"].shape
+      (torch.Size([2, 4]), torch.Size([2]))
+    """
+    for name, value, lowest in [("batch_size", batch_size, 1), ("steps", steps, 1)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise value_error(f"{name} must be an int of at least {lowest}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise value_error(f"seed must be an int, got {seed!r}")
+    dtype = TORCH_DTYPES[spec.dtype]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = TorchMLP(spec)
+        batches = tuple(
+            (
+                torch.randn(batch_size, spec.sizes[0], dtype=dtype),
+                torch.randn(batch_size, spec.sizes[-1], dtype=dtype),
+            )
+            for _ in range(steps)
+        )
+    params = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    return Problem(spec=spec, params=params, batches=batches)
