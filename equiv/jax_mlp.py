@@ -8,7 +8,8 @@ Parameters are held as Flax holds them: ``{"Dense_0": {"kernel": (in, out), "bia
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ def loss_fn(params: Params, x: jax.Array, y: jax.Array, spec: MLPSpec) -> jax.Ar
     return jnp.mean(diff * diff)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_sgd_step(spec: MLPSpec, learning_rate: float) -> Callable[..., Any]:
     """A jitted ``step(params, opt_state, x, y) -> (loss, grads, params, opt_state)``
     using ``jax.value_and_grad`` and ``optax.sgd``; returns it with its optimizer.

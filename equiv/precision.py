@@ -16,7 +16,7 @@ Why each setting (see the README's "Numerical traps"):
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import torch
@@ -110,5 +110,5 @@ def _torch_exact() -> Iterator[None]:
         # The global matmul precision also writes the per-backend flags: restore it
         # first, then the flags exactly as they were.
         torch.set_float32_matmul_precision(saved_matmul)
-        for (_, owner, name, _), value in zip(paths, saved):
+        for (_, owner, name, _), value in zip(paths, saved, strict=True):
             setattr(owner, name, value)

@@ -7,7 +7,7 @@ module, the hand-derived pass and the JAX function cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from equiv._messages import type_error, value_error
 
@@ -94,7 +94,7 @@ class MLPSpec:
         """Parameter names in torch's order: ``fc1.weight, fc1.bias, fc2.weight, ...``."""
         return list(self.param_shapes())
 
-    def replace(self, **changes) -> "MLPSpec":
+    def replace(self, **changes) -> MLPSpec:
         """A copy with some fields changed.
 
         >>> MLPSpec((4, 3, 2)).replace(dtype="float64").dtype

@@ -1,0 +1,146 @@
+"""Recognise the signatures of known porting mistakes in a failed comparison.
+
+A failing leaf says *that* two results differ; these detectors say *why*, when the
+difference has the shape of a known trap (see the README's "Numerical traps"):
+
+* a square weight equal to the other side's transpose: a converter forgot to
+  transpose (torch's ``Linear.weight`` is (out, in), a Flax kernel (in, out));
+* one result a constant multiple of the other: a factor 2 (``optax.l2_loss`` is
+  half of ``MSELoss``), ``batch · outputs`` (MSE summed instead of averaged), the
+  batch size (a mean where torch sums, or the reverse);
+* parameter updates a constant multiple of the other's: the learning rate differs
+  (factor 2: a step applied twice);
+* float32-representable values in a float64 run: JAX truncated float64 to float32
+  because x64 was off.
+
+Each detector returns a one- or two-line hint, or None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+# A signature "holds" when the residual after explaining the difference is below
+# this fraction of the values' magnitude: far above float32 noise (~1e-7) and far
+# below the differences the traps cause (O(1) relative).
+_EXPLAINED = 1e-4
+
+
+def diagnose_leaf(
+    name: str,
+    actual: np.ndarray,
+    expected: np.ndarray,
+    *,
+    stage: str,
+    names: tuple[str, str] = ("actual", "expected"),
+    before: np.ndarray | None = None,
+    dtype: str | None = None,
+    numel_output: int | None = None,
+    batch_size: int | None = None,
+) -> str | None:
+    """The likeliest known cause of ``actual`` differing from ``expected``, or None.
+
+    Args:
+      name: the leaf's torch name (``fc2.weight``) or ``"loss"``.
+      stage: ``"loss"``, ``"grads"`` or ``"params"``.
+      names: the two backends, for the message.
+      before: for ``stage="params"``, the parameters before the step.
+      dtype: the run's dtype; ``"float64"`` enables the float32-truncation check.
+      numel_output, batch_size: ``batch · outputs`` and the batch, to name factors.
+
+    Example:
+      >>> import numpy as np
+      >>> w = np.arange(4.0).reshape(2, 2)
+      >>> print(diagnose_leaf("fc2.weight", w.T, w, stage="params", names=("jax", "torch")))
+      fc2.weight: jax holds the transpose of torch's square weight. A converter forgot to transpose it (torch Linear.weight is (out, in), a Flax kernel (in, out)); convert with equiv.torch_to_jax(..., layout="flax").
+    """
+    a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if a.shape != b.shape or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return None
+    first, second = names
+    if dtype == "float64" and _float32_representable(a) != _float32_representable(b):
+        narrow = first if _float32_representable(a) else second
+        return (
+            f"{name}: {narrow}'s values are all float32 numbers in a float64 run: it computed in "
+            "float32. JAX truncates float64 to float32 unless x64 is on: "
+            "`with jax.enable_x64(True): ...`."
+        )
+    if a.ndim == 2 and a.shape[0] == a.shape[1] > 1 and _close(a, b.T) and not _close(a, b):
+        return (
+            f"{name}: {first} holds the transpose of {second}'s square weight. A converter "
+            "forgot to transpose it (torch Linear.weight is (out, in), a Flax kernel (in, out)); "
+            'convert with equiv.torch_to_jax(..., layout="flax").'
+        )
+    if stage == "params" and before is not None:
+        ratio = _ratio(a - before, b - np.asarray(before, np.float64))
+        if ratio is not None:
+            twice = " (or the step was applied twice)" if abs(ratio - 2) < 1e-3 else ""
+            return (
+                f"{name}: {first}'s update is {ratio:.6g} times {second}'s: the learning rates "
+                f"differ by that factor{twice}."
+            )
+        return None
+    ratio = _ratio(a, b)
+    if ratio is None:
+        return None
+    return f"{name}: {first}'s {stage} are {ratio:.6g} times {second}'s. " + _factor_cause(
+        ratio, stage, numel_output, batch_size
+    )
+
+
+def diagnose_trees(
+    actual: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    failing: list[str],
+    **kwargs,
+) -> list[str]:
+    """:func:`diagnose_leaf` for each failing leaf; ``before`` may be a tree."""
+    before = kwargs.pop("before", None)
+    hints = []
+    for name in failing:
+        hint = diagnose_leaf(
+            name, actual[name], expected[name],
+            before=None if before is None else before[name], **kwargs,
+        )
+        if hint:
+            hints.append(hint)
+    return hints
+
+
+def _factor_cause(ratio: float, stage: str, numel_output: int | None, batch: int | None) -> str:
+    def near(x: float | None) -> bool:
+        return x is not None and x > 0 and (abs(ratio / x - 1) < 1e-3 or abs(ratio * x - 1) < 1e-3)
+
+    if near(numel_output) and numel_output not in (1, 2):
+        return "A sum where the other takes the mean (MSELoss(reduction='sum') vs 'mean')."
+    if near(2.0):
+        return (
+            "A factor 2: torch's MSELoss is mean((p - y)²) while optax.l2_loss is ½(p - y)² "
+            "per element."
+        )
+    if near(batch) and batch not in (1,):
+        return "A factor of the batch size: a mean over the batch where the other sums."
+    return "A constant factor: look for a scaled loss, learning rate or reduction."
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> float | None:
+    """The r with a ≈ r·b when that explains the difference and r is not 1."""
+    denom = float(np.vdot(b, b))
+    if denom == 0.0:
+        return None
+    r = float(np.vdot(a, b)) / denom
+    scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))))
+    if abs(r - 1.0) < 1e-3 or np.max(np.abs(a - r * b)) > _EXPLAINED * scale:
+        return None
+    return r
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    scale = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0)))
+    return bool(np.max(np.abs(a - b), initial=0.0) <= _EXPLAINED * scale)
+
+
+def _float32_representable(a: np.ndarray) -> bool:
+    return a.size > 0 and bool(np.all(a.astype(np.float32).astype(np.float64) == a))
