@@ -12,14 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from equiv.activations import ACTIVATIONS
+from equiv.losses import LOSSES
 from equiv.spec import MLPSpec
 
 Params = dict[str, dict[str, jax.Array]]
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": jax.nn.relu}
 
 
 def forward(params: Params, x: jax.Array, spec: MLPSpec) -> jax.Array:
@@ -31,7 +30,8 @@ def forward(params: Params, x: jax.Array, spec: MLPSpec) -> jax.Array:
         if spec.bias:
             h = h + layer["bias"]
         if i < spec.num_layers - 1:
-            h = _ACTIVATIONS[spec.activation](h)
+            activation = ACTIVATIONS[spec.activations[i]]
+            h = activation.jax_fn(h, activation.param(spec))
     return h
 
 
@@ -46,8 +46,7 @@ def loss_fn(params: Params, x: jax.Array, y: jax.Array, spec: MLPSpec) -> jax.Ar
       >>> float(loss_fn(params, jnp.array([[1.0, 1.0]]), jnp.array([[3.0]]), spec))
       0.25
     """
-    diff = forward(params, x, spec) - y
-    return jnp.mean(diff * diff)
+    return LOSSES[spec.loss].jax_fn(forward(params, x, spec), y, spec)
 
 
 @functools.cache

@@ -2,7 +2,9 @@
 
 Everything is drawn from torch's generator in the notebook's order: after
 ``torch.manual_seed(seed)`` the model's layers are initialised, then for each step
-``x = torch.randn(batch, in)`` and then ``y = torch.randn(batch, out)``. The global
+``x = torch.randn(batch, in)`` and then the targets ``y`` (``torch.randn(batch, out)``
+for regression losses; labels, probabilities or values in [0, 1] for the others,
+see :func:`equiv.losses.draw_targets`). The global
 torch RNG state is restored afterwards (``torch.random.fork_rng``).
 """
 
@@ -13,6 +15,7 @@ import dataclasses
 import torch
 
 from equiv._messages import value_error
+from equiv.losses import LOSSES, draw_targets
 from equiv.spec import MLPSpec
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
 
@@ -54,7 +57,7 @@ def make_problem(spec: MLPSpec, *, batch_size: int = 2, seed: int = 0, steps: in
         batches = tuple(
             (
                 torch.randn(batch_size, spec.sizes[0], dtype=dtype),
-                torch.randn(batch_size, spec.sizes[-1], dtype=dtype),
+                draw_targets(LOSSES[spec.loss], batch_size, spec.sizes[-1], dtype),
             )
             for _ in range(steps)
         )

@@ -10,11 +10,13 @@ import dataclasses
 from collections.abc import Sequence
 
 from equiv._messages import type_error, value_error
+from equiv.activations import ACTIVATIONS as _ACTIVATION_TABLE
+from equiv.losses import LOSSES as _LOSS_TABLE
 
-#: Activations between layers. Each backend maps a name to its own implementation.
-ACTIVATIONS = ("relu",)
-#: Losses, with their reductions as ``torch.nn`` defines them.
-LOSSES = ("mse",)
+#: Activations between layers; :mod:`equiv.activations` holds each in every backend.
+ACTIVATIONS = tuple(_ACTIVATION_TABLE)
+#: Losses, reduced as ``torch.nn`` reduces them; :mod:`equiv.losses` holds them.
+LOSSES = tuple(_LOSS_TABLE)
 #: Floating dtypes a comparison can run in, with their unit roundoff ``u = 2**-p``.
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
 DTYPES = tuple(UNIT_ROUNDOFF)
@@ -29,11 +31,16 @@ class MLPSpec:
 
     Args:
       sizes: at least two positive widths, input first.
-      activation: one of :data:`ACTIVATIONS`.
+      activation: one of :data:`ACTIVATIONS` for every hidden layer, or a tuple
+        with one name per hidden layer (``len(sizes) - 2`` of them).
       loss: one of :data:`LOSSES`; ``"mse"`` is ``torch.nn.MSELoss()``, the mean
         over every element.
       bias: whether each layer has a bias.
       dtype: ``"float32"`` or ``"float64"``.
+      negative_slope: ``leaky_relu``'s slope (torch's default 0.01).
+      elu_alpha: ``elu``'s alpha (torch's default 1.0).
+      label_smoothing: cross-entropy's ε, as ``torch.nn.CrossEntropyLoss`` takes it.
+      huber_delta: ``huber``'s δ; smooth_l1_beta: ``smooth_l1``'s β.
 
     Example:
       >>> spec = MLPSpec((4, 3, 2))
@@ -46,6 +53,11 @@ class MLPSpec:
     loss: str = "mse"
     bias: bool = True
     dtype: str = "float32"
+    negative_slope: float = 0.01
+    elu_alpha: float = 1.0
+    label_smoothing: float = 0.0
+    huber_delta: float = 1.0
+    smooth_l1_beta: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.sizes, (str, bytes)) or not isinstance(self.sizes, Sequence):
@@ -64,8 +76,25 @@ class MLPSpec:
             if size < 1:
                 raise value_error(f"every width must be at least 1, got sizes={sizes}")
         object.__setattr__(self, "sizes", sizes)
-        _check_choice("activation", self.activation, ACTIVATIONS)
+        if isinstance(self.activation, str):
+            _check_choice("activation", self.activation, ACTIVATIONS)
+        else:
+            names = tuple(self.activation)
+            if len(names) != len(sizes) - 2:
+                raise value_error(
+                    f"activation has {len(names)} names for {len(sizes) - 2} hidden layers "
+                    f"(sizes={sizes}); give one name, or one per hidden layer"
+                )
+            for name in names:
+                _check_choice("activation", name, ACTIVATIONS)
+            object.__setattr__(self, "activation", names)
         _check_choice("loss", self.loss, LOSSES)
+        for field, check, allowed in _HYPER_PARAMETERS:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise type_error(f"{field} must be a number, got {value!r}")
+            if not check(value):
+                raise value_error(f"{field} must be {allowed}, got {value}")
         _check_choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.bias, bool):
             raise type_error(f"bias must be True or False, got {self.bias!r}")
@@ -74,6 +103,17 @@ class MLPSpec:
     def num_layers(self) -> int:
         """The number of Linear layers."""
         return len(self.sizes) - 1
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """The activation after each hidden layer (one fewer than the layers).
+
+        >>> MLPSpec((4, 8, 8, 2), activation="tanh").activations
+        ('tanh', 'tanh')
+        """
+        if isinstance(self.activation, str):
+            return (self.activation,) * (self.num_layers - 1)
+        return tuple(self.activation)
 
     @property
     def unit_roundoff(self) -> float:
@@ -101,6 +141,15 @@ class MLPSpec:
         'float64'
         """
         return dataclasses.replace(self, **changes)
+
+
+_HYPER_PARAMETERS = [
+    ("negative_slope", lambda v: v >= 0, "at least 0"),
+    ("elu_alpha", lambda v: v >= 0, "at least 0"),
+    ("label_smoothing", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("huber_delta", lambda v: v > 0, "positive"),
+    ("smooth_l1_beta", lambda v: v > 0, "positive"),
+]
 
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:

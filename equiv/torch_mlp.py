@@ -7,11 +7,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from equiv.activations import ACTIVATIONS
+from equiv.losses import LOSSES
 from equiv.spec import MLPSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_ACTIVATION_MODULES = {"relu": nn.ReLU}
-_LOSS_MODULES = {"mse": nn.MSELoss}
 
 
 class TorchMLP(nn.Module):
@@ -38,7 +38,8 @@ class TorchMLP(nn.Module):
             )
             setattr(self, f"fc{i}", layer)
             if i < spec.num_layers:
-                setattr(self, f"act{i}", _ACTIVATION_MODULES[spec.activation]())
+                activation = ACTIVATIONS[spec.activations[i - 1]]
+                setattr(self, f"act{i}", activation.torch_module(activation.param(spec)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(1, self.spec.num_layers + 1):
@@ -50,7 +51,7 @@ class TorchMLP(nn.Module):
 
 def torch_loss_fn(spec: MLPSpec) -> nn.Module:
     """The ``torch.nn`` loss module the spec names (``nn.MSELoss()`` for ``"mse"``)."""
-    return _LOSS_MODULES[spec.loss]()
+    return LOSSES[spec.loss].torch_module(spec)
 
 
 def torch_sgd_step(

@@ -1,0 +1,152 @@
+r"""The losses every backend supports, each written three ways, reduced as torch does.
+
+:data:`LOSSES` maps a name to its torch module, its JAX function (optax where optax
+has it) and its hand-derived value and gradient with respect to the network's
+output ``o`` (array-API code for NumPy and torch tensors). ``n`` is the number of
+elements of ``o`` (batch · outputs), ``B`` the batch.
+
+* ``mse``: mean (o - y)²; gradient 2(o - y) / n (torch's default ``reduction="mean"``).
+* ``mse_sum``: Σ (o - y)²; gradient 2(o - y).
+* ``cross_entropy`` (integer labels) and ``cross_entropy_probs`` (probability
+  targets): mean over the batch of -Σ_c q_c log softmax(o)_c; gradient
+  (softmax(o) - q) / B.
+* ``bce_with_logits``: mean of max(o, 0) - o·y + log(1 + e^-|o|); gradient (σ(o) - y) / n.
+* ``huber``: mean of ½d² if |d| ≤ δ else δ(|d| - ½δ), d = o - y; gradient clip(d, -δ, δ) / n.
+* ``smooth_l1``: mean of ½d²/β if |d| < β else |d| - ½β; gradient d/β if |d| < β else
+  sign(d), over n.
+
+Cross-entropy targets ``q`` are smoothed as torch smooths them:
+``q = (1 - ε)·target + ε / C`` with ``ε = MLPSpec.label_smoothing`` (``optax.smooth_labels``).
+The log-softmax is computed stably: ``o - max o - log Σ exp(o - max o)``.
+
+Note ``optax.l2_loss`` is ½(o - y)² per element: half of ``mse`` and not averaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+import torch
+from array_api_compat import array_namespace
+from torch import nn
+
+Array = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """One loss in every backend.
+
+    ``targets`` says what ``y`` is: ``"values"`` (real, shaped like the output),
+    ``"labels"`` (integer class indices, shape (B,)), ``"probabilities"`` (rows
+    summing to 1) or ``"binary"`` (in [0, 1], shaped like the output).
+    """
+
+    name: str
+    targets: str
+    torch_module: Callable[[Any], nn.Module]  # spec -> module
+    jax_fn: Callable[[jax.Array, jax.Array, Any], jax.Array]  # (o, y, spec) -> scalar
+    value_and_grad: Callable[[Array, Array, Any], tuple[Array, Array]]  # (o, y, spec)
+
+
+def draw_targets(loss: Loss, batch: int, outputs: int, dtype: torch.dtype) -> torch.Tensor:
+    """Targets for a batch from torch's global generator (the caller seeds it)."""
+    if loss.targets == "labels":
+        return torch.randint(0, outputs, (batch,))
+    if loss.targets == "probabilities":
+        return torch.softmax(torch.randn(batch, outputs, dtype=dtype), dim=1)
+    if loss.targets == "binary":
+        return torch.rand(batch, outputs, dtype=dtype)
+    return torch.randn(batch, outputs, dtype=dtype)
+
+
+def _mse(o, y, spec):
+    d = o - y
+    return array_namespace(o).mean(d * d), d * (2.0 / (o.shape[0] * o.shape[1]))
+
+
+def _mse_sum(o, y, spec):
+    d = o - y
+    return array_namespace(o).sum(d * d), d * 2.0
+
+
+def _log_softmax(xp, o):
+    shifted = o - xp.max(o, axis=1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+
+
+def _one_hot(xp, labels, classes, like):
+    return xp.astype(xp.arange(classes)[None, :] == labels[:, None], like.dtype)
+
+
+def _cross_entropy(o, y, spec):
+    xp = array_namespace(o)
+    q = _one_hot(xp, y, o.shape[1], o) if spec.loss == "cross_entropy" else y
+    eps = spec.label_smoothing
+    if eps:
+        q = (1.0 - eps) * q + eps / o.shape[1]
+    log_p = _log_softmax(xp, o)
+    loss = xp.mean(-xp.sum(q * log_p, axis=1))
+    return loss, (xp.exp(log_p) - q) / o.shape[0]
+
+
+def _bce_with_logits(o, y, spec):
+    xp = array_namespace(o)
+    zero = xp.zeros_like(o)
+    loss = xp.mean(xp.maximum(o, zero) - o * y + xp.log1p(xp.exp(-xp.abs(o))))
+    e = xp.exp(-xp.abs(o))
+    sigmoid = xp.where(o >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return loss, (sigmoid - y) / (o.shape[0] * o.shape[1])
+
+
+def _huber(o, y, spec):
+    xp = array_namespace(o)
+    d, delta = o - y, spec.huber_delta
+    a = xp.abs(d)
+    loss = xp.mean(xp.where(a <= delta, 0.5 * d * d, delta * (a - 0.5 * delta)))
+    return loss, xp.clip(d, -delta, delta) / (o.shape[0] * o.shape[1])
+
+
+def _smooth_l1(o, y, spec):
+    xp = array_namespace(o)
+    d, beta = o - y, spec.smooth_l1_beta
+    a = xp.abs(d)
+    loss = xp.mean(xp.where(a < beta, 0.5 * d * d / beta, a - 0.5 * beta))
+    grad = xp.where(a < beta, d / beta, xp.sign(d))
+    return loss, grad / (o.shape[0] * o.shape[1])
+
+
+def _jax_cross_entropy(o, y, spec):
+    q = jax.nn.one_hot(y, o.shape[1], dtype=o.dtype) if spec.loss == "cross_entropy" else y
+    q = optax.smooth_labels(q, spec.label_smoothing) if spec.label_smoothing else q
+    return jnp.mean(optax.softmax_cross_entropy(o, q))
+
+
+LOSSES: dict[str, Loss] = {
+    loss.name: loss
+    for loss in [
+        Loss("mse", "values", lambda s: nn.MSELoss(),
+             lambda o, y, s: jnp.mean((o - y) ** 2), _mse),
+        Loss("mse_sum", "values", lambda s: nn.MSELoss(reduction="sum"),
+             lambda o, y, s: jnp.sum((o - y) ** 2), _mse_sum),
+        Loss("cross_entropy", "labels",
+             lambda s: nn.CrossEntropyLoss(label_smoothing=s.label_smoothing),
+             _jax_cross_entropy, _cross_entropy),
+        Loss("cross_entropy_probs", "probabilities",
+             lambda s: nn.CrossEntropyLoss(label_smoothing=s.label_smoothing),
+             _jax_cross_entropy, _cross_entropy),
+        Loss("bce_with_logits", "binary", lambda s: nn.BCEWithLogitsLoss(),
+             lambda o, y, s: jnp.mean(optax.sigmoid_binary_cross_entropy(o, y)),
+             _bce_with_logits),
+        Loss("huber", "values", lambda s: nn.HuberLoss(delta=s.huber_delta),
+             lambda o, y, s: jnp.mean(optax.huber_loss(o, y, delta=s.huber_delta)), _huber),
+        Loss("smooth_l1", "values", lambda s: nn.SmoothL1Loss(beta=s.smooth_l1_beta),
+             lambda o, y, s: jnp.mean(optax.huber_loss(o, y, delta=s.smooth_l1_beta))
+             / s.smooth_l1_beta, _smooth_l1),
+    ]
+}
