@@ -1,19 +1,28 @@
 """Converters between torch modules / state_dicts and JAX pytrees.
 
 A *layout* says, explicitly, where each torch parameter lives on the JAX side and
-whether it is transposed. Nothing is guessed from shapes; names follow each
-layout's one rule, and every entry is checked before anything is converted.
+whether it is transposed. Nothing is guessed from shapes: names follow each
+layout's one rule, and every entry (name, shape, dtype) is checked before anything
+is converted, with one ``ValueError`` naming every problem.
 
-=========  ==========================================  ============================
-layout     JAX tree                                    weight
-=========  ==========================================  ============================
-``torch``  ``{"fc1.weight": ..., "fc1.bias": ...}``    (out, in), as torch keeps it
-``flax``   ``{"Dense_0": {"kernel": ..., "bias": ...}}``  kernel (in, out) = weightᵀ
-=========  ==========================================  ============================
+===========  ===============================================  ==========================
+layout       JAX tree                                         weight
+===========  ===============================================  ==========================
+``torch``    ``{"fc1.weight": ..., "fc1.bias": ...}``         (out, in), as torch keeps it
+``flax``     ``{"Dense_0": {"kernel": ..., "bias": ...}}``    kernel (in, out) = weightᵀ
+``nnx``      ``{"fc1": {"kernel": ..., "bias": ...}}``        kernel (in, out) = weightᵀ
+``equinox``  ``{"layers": {"0": {"weight": ..., "bias": ...}}}``  (out, in)
+===========  ===============================================  ==========================
+
+``flax`` is what a stack of ``flax.linen.Dense`` layers accepts as
+``{"params": tree}``; ``nnx`` is the state of a ``flax.nnx`` module whose
+``nnx.Linear`` layers are attributes ``fc1, fc2, ...`` (load it with
+``nnx.update(model, tree)``; ``nnx.state(model)`` converts back); ``equinox`` is
+``eqx.nn.MLP``'s structure, filled in by :func:`torch_to_equinox`.
 
 Conversions copy by default. A JAX array that shares memory with a torch tensor
 changes when torch updates the tensor in place (``optimizer.step()``), so sharing
-is the caller's explicit choice (``copy=False``) and only possible without a
+is the caller's explicit choice (``copy=False``), possible only without a
 transpose. float64 stays float64: JAX truncates it to float32 unless x64 is on, so
 a float64 conversion outside x64 mode is refused rather than silently truncated.
 
@@ -32,7 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,37 +50,89 @@ import numpy as np
 import torch
 
 from equiv._messages import type_error, value_error
-from equiv.spec import MLPSpec
+from equiv.spec import DTYPES, MLPSpec
 
-_TORCH_NAME = re.compile(r"fc(\d+)\.(weight|bias)")
+_LAYER = r"(0|[1-9]\d*)"  # no leading zeros: "Dense_00" must not alias "Dense_0"
+_TORCH_NAME = re.compile(r"fc([1-9]\d*)\.(weight|bias)")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where layer ``i``'s (1-based) weight and bias live in a JAX tree."""
+    """Where layer ``i``'s weight and bias live in a JAX tree.
+
+    Paths are templates: ``/`` separates nested keys, ``{i}`` is the 1-based layer
+    number (torch's ``fc{i}``) and ``{j}`` the 0-based one. ``transpose`` means the
+    JAX side holds weightᵀ, of shape (in, out).
+
+    >>> LAYOUTS["flax"].path("fc2.weight")
+    ('Dense_1', 'kernel')
+    """
 
     name: str
-    weight_path: str  # format string with {i} (1-based) or {j} (0-based); dots nest
+    weight_path: str
     bias_path: str
-    transpose: bool  # JAX side holds weightᵀ
+    transpose: bool
 
-    def paths(self, layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        def fill(template: str) -> tuple[str, ...]:
-            return tuple(template.format(i=layer, j=layer - 1).split("/"))
+    def __post_init__(self) -> None:
+        for template in (self.weight_path, self.bias_path):
+            if (template.count("{i}") + template.count("{j}")) != 1:
+                raise value_error(
+                    f"layout path {template!r} must hold exactly one '{{i}}' (1-based layer) "
+                    "or '{j}' (0-based), e.g. Layout('mine', 'layer{j}/w', 'layer{j}/b', True)"
+                )
 
-        return fill(self.weight_path), fill(self.bias_path)
+    def path(self, torch_name: str) -> tuple[str, ...]:
+        """The JAX path of a torch name such as ``fc1.weight``."""
+        layer, kind = _TORCH_NAME.fullmatch(torch_name).groups()
+        template = self.weight_path if kind == "weight" else self.bias_path
+        return tuple(template.format(i=int(layer), j=int(layer) - 1).split("/"))
+
+    def torch_name(self, path: tuple[str, ...]) -> str | None:
+        """The torch name a JAX path stands for, or None if the layout has no such path."""
+        for kind, template, pattern in self._patterns():
+            if len(path) == len(pattern):
+                matches = [re.fullmatch(p, key) for p, key in zip(pattern, path, strict=True)]
+                if all(matches):
+                    (number,) = [int(g) for m in matches for g in m.groups()]
+                    return f"fc{number if '{i}' in template else number + 1}.{kind}"
+        return None
+
+    def shape(self, torch_name: str, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the JAX side holds for a torch parameter of ``torch_shape``."""
+        flip = self.transpose and torch_name.endswith(".weight")
+        return tuple(torch_shape[::-1]) if flip else tuple(torch_shape)
+
+    def _patterns(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        def compile_(template: str) -> tuple[str, ...]:
+            return tuple(
+                re.escape(part).replace(r"\{i\}", r"([1-9]\d*)").replace(r"\{j\}", _LAYER)
+                for part in template.split("/")
+            )
+
+        return [
+            ("weight", self.weight_path, compile_(self.weight_path)),
+            ("bias", self.bias_path, compile_(self.bias_path)),
+        ]
 
 
 LAYOUTS: dict[str, Layout] = {
     "torch": Layout("torch", "fc{i}.weight", "fc{i}.bias", transpose=False),
     "flax": Layout("flax", "Dense_{j}/kernel", "Dense_{j}/bias", transpose=True),
+    "nnx": Layout("nnx", "fc{i}/kernel", "fc{i}/bias", transpose=True),
+    "equinox": Layout("equinox", "layers/{j}/weight", "layers/{j}/bias", transpose=False),
 }
 
 
 def get_layout(layout: str | Layout) -> Layout:
-    """Look a layout up by name (``"torch"`` or ``"flax"``)."""
+    """Look a layout up by name (one of :data:`LAYOUTS`) or pass a :class:`Layout` through.
+
+    >>> get_layout("nnx").transpose
+    True
+    """
     if isinstance(layout, Layout):
         return layout
+    if not isinstance(layout, str):
+        raise type_error(f"layout must be a name or a Layout, got {type(layout).__name__}")
     if layout not in LAYOUTS:
         raise value_error(
             f"unknown layout {layout!r}; expected one of {', '.join(map(repr, LAYOUTS))}"
@@ -85,11 +147,10 @@ def expected_jax_shapes(spec: MLPSpec, layout: str | Layout = "flax") -> dict[st
     {'Dense_0.kernel': (4, 3), 'Dense_1.kernel': (3, 2)}
     """
     layout = get_layout(layout)
-    shapes = {}
-    for name, shape in spec.param_shapes().items():
-        path, is_weight = _jax_path(layout, name)
-        shapes[".".join(path)] = shape[::-1] if (is_weight and layout.transpose) else shape
-    return shapes
+    return {
+        ".".join(layout.path(name)): layout.shape(name, shape)
+        for name, shape in spec.param_shapes().items()
+    }
 
 
 def torch_to_jax(
@@ -103,38 +164,59 @@ def torch_to_jax(
     """Convert a torch MLP (module or state_dict, names ``fc1.weight``...) to a JAX tree.
 
     Args:
-      module_or_state_dict: a module whose ``state_dict()`` uses equiv's names, or
-        such a state_dict.
-      layout: ``"flax"`` (default) or ``"torch"``; see the module docstring.
-      spec: the expected architecture. Without it, sizes are read from the weights
-        and only their consistency is checked.
-      copy: ``False`` shares memory where no transpose is needed (DLPack). A torch
-        in-place update then changes the JAX array too.
+      module_or_state_dict: a module whose ``state_dict()`` uses equiv's names
+        (``fc1.weight, fc1.bias, ...``), or such a state_dict.
+      layout: a name in :data:`LAYOUTS` or a :class:`Layout`.
+      spec: the expected architecture. Without it, a module's ``spec`` attribute is
+        used, else sizes are read from the weights and their consistency checked.
+      copy: ``False`` shares memory where no transpose is needed (DLPack, when the
+        buffer is aligned). A torch in-place update (``optimizer.step()``) then
+        changes the "immutable" JAX array too: share only what neither side mutates.
       device: where to put the arrays; by default, JAX's default device.
 
+    Returns:
+      A nested dict of ``jax.Array`` in ``layout``.
+
     Raises:
-      ValueError: missing, unexpected or mis-shaped entries (all named in one
-        message), or float64 tensors while JAX's x64 mode is off.
+      TypeError: not a module or a mapping of tensors.
+      ValueError: missing, unexpected, mis-shaped or mis-typed entries (all named in
+        one message), or float64 tensors while JAX's x64 mode is off.
+
+    Example:
+      >>> import torch
+      >>> params = torch_to_jax({"fc1.weight": torch.ones(2, 3)}, layout="torch")
+      >>> params["fc1.weight"].shape
+      (2, 3)
     """
     layout = get_layout(layout)
     state = _state_dict(module_or_state_dict)
     if spec is None and isinstance(module_or_state_dict, torch.nn.Module):
         spec = getattr(module_or_state_dict, "spec", None)
-    spec = _checked_spec(state, spec, "state_dict", lambda n: n, lambda n: tuple(state[n].shape))
-    _refuse_silent_float64(state.items())
+    entries = {(name,): tensor for name, tensor in state.items()}
+    spec = check_entries(entries, LAYOUTS["torch"], spec, what="state_dict")
+    wide = [name for name, t in state.items() if t.dtype == torch.float64]
+    if wide and not jax.config.jax_enable_x64:
+        raise value_error(
+            f"{', '.join(wide)} {'is' if len(wide) == 1 else 'are'} float64, but JAX's x64 "
+            "mode is off and would truncate to float32. Convert inside a scope:\n"
+            "    >>> with jax.enable_x64(True):\n"
+            "    ...     params = torch_to_jax(model)"
+        )
     tree: dict[str, Any] = {}
     for name in spec.param_names():
         tensor = state[name].detach()
-        path, is_weight = _jax_path(layout, name)
-        transpose = is_weight and layout.transpose
-        if transpose:
-            tensor = tensor.mT  # transposed by torch, never through NumPy
-        if copy or transpose:
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
-        array = jnp.from_dlpack(tensor if tensor.device.type == "cpu" else tensor.cpu())
+        if layout.transpose and name.endswith(".weight"):
+            # Transposed by torch, never through NumPy (slow); the result is a new
+            # buffer, so nothing is shared whatever ``copy`` says.
+            tensor = tensor.mT.contiguous()
+        elif copy:
+            tensor = tensor.clone()
+        if tensor.device.type != "cpu" and (device is None or device.platform == "cpu"):
+            tensor = tensor.cpu()
+        array = jnp.from_dlpack(tensor)
         if device is not None:
             array = jax.device_put(array, device)
-        _set(tree, path, array)
+        _set(tree, layout.path(name), array)
     return tree
 
 
@@ -144,15 +226,35 @@ def jax_to_torch(
     *,
     spec: MLPSpec | None = None,
     device: torch.device | str | None = None,
+    out: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Convert a JAX tree in ``layout`` to a torch state_dict (``fc1.weight``...).
 
-    The tensors are fresh copies: JAX arrays are immutable and torch's are not.
-    Gradient trees convert the same way, so every backend's gradients and updated
-    parameters come back under torch's names.
+    The tensors never share memory with ``params``: JAX arrays are immutable and
+    torch's are not. Gradient trees convert the same way, so every backend's
+    gradients and updated parameters come back under torch's names.
+
+    Args:
+      params: a nested mapping in ``layout`` whose leaves are JAX or NumPy arrays
+        (``flax.nnx`` variables are unwrapped).
+      layout: a name in :data:`LAYOUTS` or a :class:`Layout`.
+      spec: the expected architecture; by default read from the weights.
+      device: torch device of new tensors (ignored with ``out``).
+      out: a module or state_dict to copy into, in place (one copy, no new
+        tensors); it must match the same spec.
+
+    Returns:
+      The state_dict: new tensors, or ``out``'s own tensors after the copy.
 
     Raises:
-      ValueError: missing, unexpected or mis-shaped entries, all named at once.
+      TypeError: ``params`` is not a mapping, or a leaf is not an array.
+      ValueError: missing, unexpected, mis-shaped or mis-typed entries, all named.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> state = jax_to_torch({"Dense_0": {"kernel": jnp.ones((3, 2))}})
+      >>> state["fc1.weight"].shape
+      torch.Size([2, 3])
     """
     layout = get_layout(layout)
     if not isinstance(params, Mapping):
@@ -161,148 +263,131 @@ def jax_to_torch(
             "variables dict pass variables['params']"
         )
     flat = _flatten(params)
-    torch_names = {}
-    for dotted in flat:
-        torch_names[dotted] = _torch_name(layout, dotted)
-    by_torch = {t: d for d, t in torch_names.items() if t is not None}
-
-    def shape_of(torch_name: str) -> tuple[int, ...]:
-        shape = tuple(np.shape(flat[by_torch[torch_name]]))
-        is_weight = torch_name.endswith(".weight")
-        return shape[::-1] if (is_weight and layout.transpose) else shape
-
-    unknown = [d for d, t in torch_names.items() if t is None]
-    spec = _checked_spec(
-        by_torch, spec, f"{layout.name}-layout params", lambda n: by_torch[n], shape_of,
-        extra=unknown, to_display=lambda n: ".".join(_jax_path(layout, n)[0]),
-    )
+    not_arrays = [
+        ".".join(p) for p, v in flat.items() if not isinstance(v, (jax.Array, np.ndarray))
+    ]
+    if not_arrays:
+        raise type_error(
+            f"params leaves must be JAX or NumPy arrays; {', '.join(map(repr, not_arrays))} "
+            f"{'is' if len(not_arrays) == 1 else 'are'} not. To convert torch tensors, use "
+            "torch_to_jax"
+        )
+    spec = check_entries(flat, layout, spec, what=f"{layout.name}-layout params")
+    by_name = {layout.torch_name(path): value for path, value in flat.items()}
+    if out is not None:
+        target = _state_dict(out)
+        check_entries({(n,): t for n, t in target.items()}, LAYOUTS["torch"], spec, what="out")
     state = {}
-    for name in spec.param_names():
-        array = flat[by_torch[name]]
-        tensor = _as_torch(array)
-        if name.endswith(".weight") and layout.transpose:
-            tensor = tensor.mT
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
-        state[name] = tensor if device is None else tensor.to(device)
+    with torch.no_grad():
+        for name in spec.param_names():
+            source = _as_torch(by_name[name])
+            if layout.transpose and name.endswith(".weight"):
+                source = source.mT
+            if out is not None:
+                state[name] = target[name].copy_(source)
+            else:
+                state[name] = source.to(
+                    device=device, memory_format=torch.contiguous_format, copy=True
+                )
     return state
 
 
-# ---------------------------------------------------------------------------
-# Checking
-
-
-def _checked_spec(
-    entries: Mapping[str, Any],
+def check_entries(
+    entries: Mapping[tuple[str, ...], Any],
+    layout: Layout,
     spec: MLPSpec | None,
-    what: str,
-    display_key,
-    shape_of,
     *,
-    extra: list[str] = (),
-    to_display=None,
+    what: str,
 ) -> MLPSpec:
-    """Return the spec the entries must match; raise one error naming every problem.
+    """Check JAX-path -> array entries of ``layout`` against ``spec``; return the spec.
 
-    ``entries`` is keyed by torch name; ``to_display`` maps a torch name to the key
-    the caller used (a dotted JAX path for JAX trees).
+    Without a spec, sizes, bias and dtype are read from the entries. Raises one
+    ``ValueError`` listing every missing, unexpected, mis-shaped or mis-typed entry,
+    shapes shown as the layout holds them.
+
+    >>> import numpy as np
+    >>> check_entries({("fc1.weight",): np.zeros((3, 4), "float32")}, LAYOUTS["torch"],
+    ...               None, what="state").sizes
+    (4, 3)
     """
-    to_display = to_display or (lambda n: n)
-    problems = [f"  unexpected: {key!r}" for key in extra]
-    names = [n for n in entries if _TORCH_NAME.fullmatch(n)]
-    problems += [f"  unexpected: {display_key(n)!r}" for n in entries if n not in names]
+    known = {}
+    problems = []
+    for path, value in entries.items():
+        name = layout.torch_name(path)
+        if name is None:
+            problems.append(f"  unexpected: {'.'.join(path)!r} (shape {_shape(value)})")
+        else:
+            known[name] = value
     if spec is None:
-        spec = _infer_spec(names, shape_of)
+        spec = _infer_spec(known, layout)
     expected = spec.param_shapes()
-    for name, shape in expected.items():
-        shown = _display_shape(name, shape, to_display)
-        if name not in entries:
-            problems.append(f"  missing: {to_display(name)!r} (expected shape {shown})")
-        elif shape_of(name) != shape:
-            actual = _display_shape(name, shape_of(name), to_display)
+    for name, torch_shape in expected.items():
+        key, shape = ".".join(layout.path(name)), layout.shape(name, torch_shape)
+        if name not in known:
+            problems.append(f"  missing: {key!r} (expected shape {shape})")
+        elif _shape(known[name]) != shape:
+            problems.append(f"  wrong shape: {key!r} expected {shape}, got {_shape(known[name])}")
+        elif _dtype(known[name]) != spec.dtype:
             problems.append(
-                f"  wrong shape: {to_display(name)!r} expected {shown}, got {actual}"
+                f"  wrong dtype: {key!r} expected {spec.dtype}, got {_dtype(known[name])}"
             )
     problems += [
-        f"  unexpected: {to_display(n)!r} (shape {_display_shape(n, shape_of(n), to_display)})"
-        for n in names
+        f"  unexpected: {'.'.join(layout.path(n))!r} (shape {_shape(known[n])})"
+        for n in known
         if n not in expected
     ]
     if problems:
+        example = ", ".join(".".join(layout.path(n)) for n in ("fc1.weight", "fc1.bias"))
         raise value_error(
-            f"{what} does not match the MLP {spec.sizes} (bias={spec.bias}):\n"
+            f"{what} does not match the MLP {spec.sizes} (bias={spec.bias}, {spec.dtype}):\n"
             + "\n".join(problems)
-            + "\nPass spec=MLPSpec(...) to state the architecture, and name layers "
-            "as the layout does (fc1.weight, ... for torch; Dense_0.kernel, ... for flax)."
+            + f"\nPass spec=MLPSpec(...) to state the architecture; the {layout.name} layout "
+            f"names parameters {example}, ..."
         )
     return spec
 
 
-def _display_shape(name: str, torch_shape: tuple, to_display) -> tuple:
-    # Shapes are shown on the caller's side: a flax kernel is (in, out).
-    transposed = name.endswith(".weight") and to_display(name).endswith("kernel")
-    return tuple(torch_shape[::-1]) if transposed else tuple(torch_shape)
+def _infer_spec(known: Mapping[str, Any], layout: Layout) -> MLPSpec:
+    """Read sizes off the weights: layer i maps weight.shape[1] to weight.shape[0].
 
-
-def _infer_spec(names: list[str], shape_of) -> MLPSpec:
-    """Read sizes off the weights: layer i maps weight.shape[1] to weight.shape[0]."""
-    layers = sorted({int(_TORCH_NAME.fullmatch(n).group(1)) for n in names})
-    count = layers[-1] if layers else 0
-    if count == 0:
+    The first weight fixes the dtype; anything inconsistent is reported by the check.
+    """
+    if not known:
         raise value_error(
-            "found no layer parameters; expected names such as 'fc1.weight' (torch layout) "
-            "or 'Dense_0.kernel' (flax layout)"
+            f"found no layer parameters; the {layout.name} layout expects names such as "
+            f"{'.'.join(layout.path('fc1.weight'))!r}"
         )
+    count = max(int(_TORCH_NAME.fullmatch(n).group(1)) for n in known)
     sizes: list[int | None] = [None] * (count + 1)
     for i in range(1, count + 1):
-        weight, bias = f"fc{i}.weight", f"fc{i}.bias"
-        if weight in names and len(shape_of(weight)) == 2:
-            out, fan_in = shape_of(weight)
+        weight, bias = known.get(f"fc{i}.weight"), known.get(f"fc{i}.bias")
+        if weight is not None and len(_shape(weight)) == 2:
+            out, fan_in = layout.shape(f"fc{i}.weight", _shape(weight))
             sizes[i] = sizes[i] or out
             sizes[i - 1] = sizes[i - 1] or fan_in
-        elif bias in names and len(shape_of(bias)) == 1:
-            sizes[i] = sizes[i] or shape_of(bias)[0]
-    # A width no entry shows (a missing weight): any value keeps the report going.
-    filled = tuple(size or 1 for size in sizes)
-    has_bias = any(n.endswith(".bias") for n in names)
-    return MLPSpec(sizes=filled, bias=has_bias)
+        elif bias is not None and len(_shape(bias)) == 1:
+            sizes[i] = sizes[i] or _shape(bias)[0]
+    dtypes = [_dtype(v) for _, v in sorted(known.items()) if _dtype(v) in DTYPES]
+    return MLPSpec(
+        sizes=tuple(size or 1 for size in sizes),  # a width no entry shows: any value
+        bias=any(n.endswith(".bias") for n in known),
+        dtype=dtypes[0] if dtypes else "float32",
+    )
 
 
-def _refuse_silent_float64(items) -> None:
-    wide = [name for name, t in items if t.dtype == torch.float64]
-    if wide and not jax.config.jax_enable_x64:
-        raise value_error(
-            f"{', '.join(wide)} {'is' if len(wide) == 1 else 'are'} float64, but JAX's x64 "
-            "mode is off and would truncate to float32. Convert inside a scope:\n"
-            "    >>> with jax.enable_x64(True):\n"
-            "    ...     params = torch_to_jax(model)"
-        )
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def _dtype(value: Any) -> str:
+    return str(value.dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------
-# Names and trees
+# Trees
 
 
-def _jax_path(layout: Layout, torch_name: str) -> tuple[tuple[str, ...], bool]:
-    match = _TORCH_NAME.fullmatch(torch_name)
-    layer, kind = int(match.group(1)), match.group(2)
-    weight_path, bias_path = layout.paths(layer)
-    return (weight_path if kind == "weight" else bias_path), kind == "weight"
-
-
-def _torch_name(layout: Layout, dotted: str) -> str | None:
-    """The torch name a dotted JAX path stands for in ``layout``, or None."""
-    for kind, template in (("weight", layout.weight_path), ("bias", layout.bias_path)):
-        pattern = re.escape(template.replace("/", ".")).replace(r"\{i\}", r"(?P<i>\d+)")
-        pattern = pattern.replace(r"\{j\}", r"(?P<j>\d+)")
-        match = re.fullmatch(pattern, dotted)
-        if match:
-            layer = int(match["i"]) if "i" in match.groupdict() else int(match["j"]) + 1
-            if layer >= 1:
-                return f"fc{layer}.{kind}"
-    return None
-
-
-def _state_dict(obj) -> dict[str, torch.Tensor]:
+def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         return dict(obj.state_dict())
     if isinstance(obj, Mapping):
@@ -310,23 +395,28 @@ def _state_dict(obj) -> dict[str, torch.Tensor]:
         if bad:
             raise type_error(
                 f"state_dict values must be torch tensors; {', '.join(map(repr, bad))} "
-                "are not. To convert a JAX tree, use jax_to_torch"
+                f"{'is' if len(bad) == 1 else 'are'} not. To convert a JAX tree, use jax_to_torch"
             )
         return dict(obj)
-    raise type_error(
-        f"expected a torch.nn.Module or a state_dict, got {type(obj).__name__}"
-    )
+    raise type_error(f"expected a torch.nn.Module or a state_dict, got {type(obj).__name__}")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     flat = {}
     for key, value in tree.items():
-        dotted = f"{prefix}{key}"
+        path = (*prefix, str(key))
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, dotted + "."))
+            flat.update(_flatten(value, path))
         else:
-            flat[dotted] = value
+            flat[path] = _unwrap(value)
     return flat
+
+
+def _unwrap(leaf: Any) -> Any:
+    """A ``flax.nnx`` variable's array (``nnx.state(model)`` holds variables)."""
+    if type(leaf).__module__.startswith("flax.") and hasattr(leaf, "get_value"):
+        return leaf.get_value()
+    return leaf
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -335,8 +425,105 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _as_torch(array: Any) -> torch.Tensor:
-    """A torch view of a JAX array (DLPack, no copy), or a copy of anything else."""
-    if isinstance(array, jax.Array):
-        return torch.from_dlpack(array)
-    return torch.tensor(np.asarray(array))
+def _as_torch(array: jax.Array | np.ndarray) -> torch.Tensor:
+    """A torch view of an array (DLPack or NumPy, no copy): callers copy it."""
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(array)
+    return torch.from_dlpack(array)
+
+
+# ---------------------------------------------------------------------------
+# Equinox: models are pytrees of modules, not dicts, so they get their own pair.
+
+
+def torch_to_equinox(
+    module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    model: Any,
+    *,
+    spec: MLPSpec | None = None,
+) -> Any:
+    """Return a copy of an Equinox model holding a torch MLP's parameters.
+
+    Args:
+      module_or_state_dict: as for :func:`torch_to_jax`.
+      model: an ``eqx.nn.MLP``, an ``eqx.nn.Linear`` or a list/tuple of
+        ``eqx.nn.Linear`` (layer ``j`` receives torch's ``fc{j+1}``). Its shapes,
+        biases and dtype must match the torch parameters.
+      spec: the expected architecture, as for :func:`torch_to_jax`.
+
+    Returns:
+      A new model of the same structure; the torch parameters are copied.
+
+    Raises:
+      TypeError: ``model`` is none of the supported kinds.
+      ValueError: source or model do not match (every entry named).
+
+    Example:
+      >>> import equinox as eqx, jax, torch
+      >>> model = eqx.nn.MLP(4, 2, width_size=3, depth=1, key=jax.random.key(0))
+      >>> state = {k: torch.zeros(v) for k, v in MLPSpec((4, 3, 2)).param_shapes().items()}
+      >>> float(torch_to_equinox(state, model).layers[1].weight.sum())
+      0.0
+    """
+    import equinox as eqx
+
+    layers = _equinox_layers(model)
+    state = _state_dict(module_or_state_dict)
+    if spec is None and isinstance(module_or_state_dict, torch.nn.Module):
+        spec = getattr(module_or_state_dict, "spec", None)
+    spec = check_entries(
+        {(n,): t for n, t in state.items()}, LAYOUTS["torch"], spec, what="state_dict"
+    )
+    check_entries(_flatten(_equinox_tree(layers)), LAYOUTS["equinox"], spec, what="equinox model")
+    params = torch_to_jax(state, layout="equinox", spec=spec)["layers"]
+    names = ["weight", "bias"] if spec.bias else ["weight"]
+
+    def where(m: Any) -> list[Any]:
+        return [getattr(layer, n) for layer in _equinox_layers(m) for n in names]
+
+    values = [params[str(j)][n] for j in range(len(layers)) for n in names]
+    return eqx.tree_at(where, model, values)
+
+
+def equinox_to_torch(
+    model: Any, *, spec: MLPSpec | None = None, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """The torch state_dict (``fc1.weight``...) of an Equinox model (or its gradients).
+
+    ``model`` is an ``eqx.nn.MLP``, an ``eqx.nn.Linear`` or a list/tuple of them, as
+    for :func:`torch_to_equinox`; a gradient of such a model (``eqx.filter_grad``)
+    has the same structure and converts the same way.
+
+    Example:
+      >>> import equinox as eqx, jax
+      >>> model = eqx.nn.MLP(4, 2, width_size=3, depth=1, key=jax.random.key(0))
+      >>> list(equinox_to_torch(model))
+      ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
+    """
+    tree = _equinox_tree(_equinox_layers(model))
+    return jax_to_torch(tree, layout="equinox", spec=spec, device=device)
+
+
+def _equinox_layers(model: Any) -> list[Any]:
+    import equinox as eqx
+
+    if isinstance(model, eqx.nn.Linear):
+        return [model]
+    if isinstance(model, eqx.nn.MLP) and isinstance(model.layers, (list, tuple)):
+        return list(model.layers)
+    if isinstance(model, (list, tuple)) and all(isinstance(m, eqx.nn.Linear) for m in model):
+        return list(model)
+    raise type_error(
+        f"expected an eqx.nn.MLP, an eqx.nn.Linear or a list of eqx.nn.Linear, got "
+        f"{type(model).__name__}; for another module pass its Linear layers in order, "
+        "e.g. torch_to_equinox(state, [model.layers[0], model.layers[2]])"
+    )
+
+
+def _equinox_tree(layers: list[Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for j, layer in enumerate(layers):
+        tree[str(j)] = {"weight": layer.weight}
+        if layer.bias is not None:
+            tree[str(j)]["bias"] = layer.bias
+    return {"layers": tree}

@@ -26,25 +26,45 @@ from equiv._messages import value_error
 PRECISIONS = ("exact", "native")
 
 
+# (path under torch.backends, value in exact mode or None to record only). Globals
+# come first: restoring them can rewrite the per-backend flags, restored after.
+_FP32_PRECISION_FLAGS = [
+    ("fp32_precision", None),
+    ("mkldnn.fp32_precision", None),
+    ("cudnn.fp32_precision", None),
+    ("cuda.matmul.fp32_precision", "ieee"),
+    ("cudnn.conv.fp32_precision", "ieee"),
+    ("cudnn.rnn.fp32_precision", "ieee"),
+    ("mkldnn.matmul.fp32_precision", "ieee"),  # oneDNN on CPU: its TF32/bf16 counterpart
+    ("mkldnn.conv.fp32_precision", "ieee"),
+    ("mkldnn.rnn.fp32_precision", "ieee"),
+]
+_LEGACY_FLAGS = [
+    ("cuda.matmul.allow_tf32", False),
+    ("cudnn.allow_tf32", False),
+]
+
+
 def _torch_flag_paths() -> list[tuple[str, object, str, object]]:
-    """(label, owner, attribute, exact value) for each torch setting exact mode pins."""
-    backends = torch.backends
-    paths: list[tuple[str, object, str, object]] = [
-        ("torch.backends.cudnn.deterministic", backends.cudnn, "deterministic", True)
-    ]
-    if hasattr(backends.cuda.matmul, "fp32_precision"):
-        for label, owner in [
-            ("torch.backends.cuda.matmul", backends.cuda.matmul),
-            ("torch.backends.cudnn.conv", backends.cudnn.conv),
-            ("torch.backends.cudnn.rnn", backends.cudnn.rnn),
-        ]:
-            paths.append((f"{label}.fp32_precision", owner, "fp32_precision", "ieee"))
-    else:  # torch releases before the fp32_precision API
-        paths += [
-            ("torch.backends.cuda.matmul.allow_tf32", backends.cuda.matmul, "allow_tf32", False),
-            ("torch.backends.cudnn.allow_tf32", backends.cudnn, "allow_tf32", False),
-        ]
+    """(label, owner, attribute, exact value or None) for each torch setting recorded.
+
+    Torch releases with the ``fp32_precision`` API (2.9 and later) refuse to mix it
+    with the legacy ``allow_tf32`` / ``set_float32_matmul_precision`` calls, so only
+    one of the two families is touched.
+    """
+    flags = _FP32_PRECISION_FLAGS if _has_fp32_precision_api() else _LEGACY_FLAGS
+    paths = [("torch.backends.cudnn.deterministic", torch.backends.cudnn, "deterministic", True)]
+    for path, exact in flags:
+        *owners, name = path.split(".")
+        owner = torch.backends
+        for part in owners:
+            owner = getattr(owner, part)
+        paths.append((f"torch.backends.{path}", owner, name, exact))
     return paths
+
+
+def _has_fp32_precision_api() -> bool:
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 
 def current_settings() -> dict[str, object]:
@@ -56,8 +76,9 @@ def current_settings() -> dict[str, object]:
     settings: dict[str, object] = {
         "jax_enable_x64": bool(jax.config.jax_enable_x64),
         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
-        "torch_float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
+    if not _has_fp32_precision_api():
+        settings["torch_float32_matmul_precision"] = torch.get_float32_matmul_precision()
     for label, owner, name, _ in _torch_flag_paths():
         settings[label] = getattr(owner, name)
     return settings
@@ -100,15 +121,19 @@ def comparison_scope(dtype: str = "float32", precision: str = "exact") -> Iterat
 def _torch_exact() -> Iterator[None]:
     paths = _torch_flag_paths()
     saved = [getattr(owner, name) for _, owner, name, _ in paths]
-    saved_matmul = torch.get_float32_matmul_precision()
+    legacy = not _has_fp32_precision_api()
+    saved_matmul = torch.get_float32_matmul_precision() if legacy else None
     try:
-        torch.set_float32_matmul_precision("highest")
+        if legacy:
+            torch.set_float32_matmul_precision("highest")
         for _, owner, name, exact in paths:
-            setattr(owner, name, exact)
+            if exact is not None:
+                setattr(owner, name, exact)
         yield
     finally:
         # The global matmul precision also writes the per-backend flags: restore it
-        # first, then the flags exactly as they were.
-        torch.set_float32_matmul_precision(saved_matmul)
+        # first, then every flag exactly as it was.
+        if legacy:
+            torch.set_float32_matmul_precision(saved_matmul)
         for (_, owner, name, _), value in zip(paths, saved, strict=True):
             setattr(owner, name, value)

@@ -1,0 +1,267 @@
+"""Checkpoints: safetensors for both sides, torch ``.pt``/``.pth`` without unpickling code.
+
+A file holds one MLP's parameters under the names of one layout (see
+:mod:`equiv.convert`) and records that layout in its metadata
+(``"equiv.layout"``), so a file written from torch loads into JAX and back. A
+safetensors file without that entry (written by another tool) is read in the
+layout the caller names with ``file_layout`` (``"torch"`` by default). Everything
+read is checked before it is returned: names, shapes and dtypes, every problem
+named in one ``ValueError``.
+
+Torch pickles (``.pt``, ``.pth``) are read only with ``torch.load(weights_only=True)``,
+which refuses any object but tensors and plain containers: a pickle can run code.
+
+Writes go to a temporary file in the destination's folder, flushed to disk and
+renamed over the destination with ``os.replace``: a failed write leaves the old
+file (or no file), never half of a new one.
+
+Example:
+  >>> import os, tempfile, torch
+  >>> state = {"fc1.weight": torch.ones(3, 4), "fc1.bias": torch.zeros(3)}
+  >>> path = os.path.join(tempfile.mkdtemp(), "mlp.safetensors")
+  >>> save_torch(state, path)
+  >>> load_jax(path, layout="flax")["Dense_0"]["kernel"].shape
+  (4, 3)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+from equiv._messages import type_error, value_error
+from equiv.convert import (
+    LAYOUTS,
+    Layout,
+    _flatten,
+    _state_dict,
+    check_entries,
+    get_layout,
+    torch_to_jax,
+)
+from equiv.spec import MLPSpec
+
+LAYOUT_KEY = "equiv.layout"
+_SAFETENSORS = (".safetensors",)
+_PICKLES = (".pt", ".pth")
+
+PathLike = str | os.PathLike
+
+
+def save_torch(
+    module_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    path: PathLike,
+    *,
+    spec: MLPSpec | None = None,
+) -> None:
+    """Write a torch MLP's parameters (names ``fc1.weight``...) to ``path``.
+
+    ``.safetensors`` files record the ``torch`` layout; ``.pt``/``.pth`` files are
+    ``torch.save`` of the state_dict (tensors only, so ``weights_only`` loads it).
+
+    Raises:
+      TypeError: not a module or a state_dict of tensors.
+      ValueError: the parameters do not form an MLP (or ``spec``), or the suffix is
+        neither ``.safetensors``, ``.pt`` nor ``.pth``.
+    """
+    kind = _kind(path, _SAFETENSORS + _PICKLES)
+    state = _state_dict(module_or_state_dict)
+    if spec is None and isinstance(module_or_state_dict, torch.nn.Module):
+        spec = getattr(module_or_state_dict, "spec", None)
+    spec = check_entries(
+        {(n,): t for n, t in state.items()}, LAYOUTS["torch"], spec, what="state_dict"
+    )
+    tensors = {n: state[n].detach().cpu().contiguous() for n in spec.param_names()}
+    with _atomic(path) as tmp:
+        if kind in _PICKLES:
+            torch.save(tensors, tmp)
+        else:
+            import safetensors.torch
+
+            safetensors.torch.save_file(tensors, tmp, metadata={LAYOUT_KEY: "torch"})
+
+
+def load_torch(
+    path: PathLike, *, spec: MLPSpec | None = None, file_layout: str | Layout | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a checkpoint as a torch state_dict (``fc1.weight``...), checked.
+
+    Args:
+      path: a ``.safetensors`` file in any layout, or a ``.pt``/``.pth`` state_dict.
+      spec: the expected architecture; by default read from the weights.
+      file_layout: the layout of a safetensors file without equiv's metadata.
+
+    Raises:
+      ValueError: unreadable or truncated file, a pickle holding anything but
+        tensors, or missing, extra, mis-shaped or mis-typed entries.
+    """
+    flat, layout = _read(path, file_layout)
+    spec = check_entries(flat, layout, spec, what=f"checkpoint {os.fspath(path)}")
+    state = {}
+    for key, tensor in flat.items():
+        name = layout.torch_name(key)
+        state[name] = (
+            tensor.mT.contiguous() if layout.transpose and name.endswith(".weight") else tensor
+        )
+    return {name: state[name] for name in spec.param_names()}
+
+
+def save_jax(
+    params: Mapping[str, Any],
+    path: PathLike,
+    layout: str | Layout = "flax",
+    *,
+    spec: MLPSpec | None = None,
+) -> None:
+    """Write a JAX tree in ``layout`` to a ``.safetensors`` file, as that layout.
+
+    Raises:
+      TypeError: ``params`` is not a mapping of JAX or NumPy arrays.
+      ValueError: the tree does not match ``layout`` (or ``spec``), or the suffix is
+        not ``.safetensors``.
+    """
+    _kind(path, _SAFETENSORS)
+    layout = get_layout(layout)
+    if not isinstance(params, Mapping):
+        raise type_error(f"params must be a dict-like JAX tree, got {type(params).__name__}")
+    flat = _flatten(params)
+    bad = [".".join(p) for p, v in flat.items() if not isinstance(v, (jax.Array, np.ndarray))]
+    if bad:
+        raise type_error(f"params leaves must be JAX or NumPy arrays; not: {', '.join(bad)}")
+    spec = check_entries(flat, layout, spec, what=f"{layout.name}-layout params")
+    arrays = {}
+    for name in spec.param_names():
+        key = layout.path(name)
+        arrays[".".join(key)] = np.ascontiguousarray(jax.device_get(flat[key]))
+    import safetensors.numpy
+
+    with _atomic(path) as tmp:
+        safetensors.numpy.save_file(arrays, tmp, metadata={LAYOUT_KEY: layout.name})
+
+
+def load_jax(
+    path: PathLike,
+    layout: str | Layout = "flax",
+    *,
+    spec: MLPSpec | None = None,
+    file_layout: str | Layout | None = None,
+    device: jax.Device | None = None,
+) -> dict[str, Any]:
+    """Read a checkpoint (any layout, or a torch ``.pt``) as a JAX tree in ``layout``.
+
+    float64 files need JAX's x64 mode, as for :func:`equiv.convert.torch_to_jax`.
+
+    Raises:
+      ValueError: as :func:`load_torch`, or float64 data while x64 is off.
+    """
+    state = load_torch(path, spec=spec, file_layout=file_layout)
+    # The tensors were just read and nothing else holds them: sharing is safe.
+    return torch_to_jax(state, layout=layout, spec=spec, copy=False, device=device)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def _read(path: PathLike, file_layout: str | Layout | None) -> tuple[dict, Layout]:
+    """The file's tensors keyed by JAX path, and the layout they are in."""
+    kind = _kind(path, _SAFETENSORS + _PICKLES)
+    shown = os.fspath(path)
+    if kind in _PICKLES:
+        return {(n,): t for n, t in _read_pickle(shown).items()}, LAYOUTS["torch"]
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(shown, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise value_error(f"{shown} is not a readable safetensors file: {exc}") from exc
+    recorded = metadata.get(LAYOUT_KEY)
+    if (
+        recorded is not None
+        and file_layout is not None
+        and get_layout(file_layout).name != recorded
+    ):
+        raise value_error(
+            f"{shown} records layout {recorded!r}, but "
+            f"file_layout={get_layout(file_layout).name!r} was given; drop file_layout to use "
+            "the recorded one"
+        )
+    layout = get_layout(recorded or file_layout or "torch")
+    split = (
+        (lambda key: (key,))
+        if "/" not in layout.weight_path
+        else (lambda key: tuple(key.split(".")))
+    )
+    return {split(key): t for key, t in tensors.items()}, layout
+
+
+def _read_pickle(path: str) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is a page of advice; keep the sentence naming the object.
+        lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
+        reason = lines[0].split(". ")[0] if lines else type(exc).__name__
+        raise value_error(
+            f"{path} holds more than tensors and was not unpickled (a pickle can run code; "
+            f"torch.load(weights_only=True) refused it: {reason})"
+        ) from exc
+    except (RuntimeError, EOFError) as exc:
+        raise value_error(f"{path} is not a readable torch file: {exc}") from exc
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        raise value_error(
+            f"{path} holds a {type(loaded).__name__}, not a state_dict of tensors; save "
+            "model.state_dict() (for a training checkpoint, the entry holding it)"
+        )
+    return dict(loaded)
+
+
+def _kind(path: PathLike, allowed: tuple[str, ...]) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise type_error(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in allowed:
+        raise value_error(
+            f"{os.fspath(path)!r}: unsupported suffix {suffix!r}; expected {', '.join(allowed)}"
+        )
+    return suffix
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+@contextlib.contextmanager
+def _atomic(path: PathLike) -> Iterator[str]:
+    """Yield a temporary name beside ``path``; on success move it over ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path)
+    )
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode an ordinary write would.
+        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

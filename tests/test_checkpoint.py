@@ -1,0 +1,304 @@
+"""Checkpoints: round trips, cross-side loads, refused pickles, bad files, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+import safetensors.torch  # noqa: E402
+
+from equiv import checkpoint  # noqa: E402
+from equiv.checkpoint import load_jax, load_torch, save_jax, save_torch  # noqa: E402
+from equiv.convert import LAYOUTS, jax_to_torch, torch_to_jax  # noqa: E402
+from equiv.spec import MLPSpec  # noqa: E402
+from equiv.torch_mlp import TORCH_DTYPES  # noqa: E402
+
+SPEC = MLPSpec((4, 3, 2))
+SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def random_state(spec: MLPSpec, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(shape, generator=gen, dtype=TORCH_DTYPES[spec.dtype])
+        for name, shape in spec.param_shapes().items()
+    }
+
+
+def assert_states_identical(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def assert_trees_identical(actual, expected) -> None:
+    flat_a, tree_a = jax.tree.flatten(actual)
+    flat_e, tree_e = jax.tree.flatten(expected)
+    assert tree_a == tree_e
+    for a, e in zip(flat_a, flat_e, strict=True):
+        assert a.dtype == e.dtype
+        np.testing.assert_array_equal(a, e)
+
+
+# ---------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_torch_round_trip(suffix, dtype, tmp_path, equiv_seed):
+    state = random_state(SPEC.replace(dtype=dtype), equiv_seed)
+    path = tmp_path / f"mlp{suffix}"
+    save_torch(state, path)
+    assert_states_identical(load_torch(path), state)
+    assert os.listdir(tmp_path) == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_jax_round_trip(layout, dtype, tmp_path, equiv_seed):
+    state = random_state(SPEC.replace(dtype=dtype), equiv_seed)
+    path = tmp_path / "mlp.safetensors"
+    with jax.enable_x64(dtype == "float64"):
+        params = torch_to_jax(state, layout=layout)
+        save_jax(params, path, layout=layout)
+        assert_trees_identical(load_jax(path, layout=layout), params)
+
+
+@pytest.mark.parametrize("read_as", ["flax", "equinox", "torch"])
+@pytest.mark.parametrize("written_as", ["torch", "flax", "nnx"])
+def test_files_cross_between_layouts(written_as, read_as, tmp_path, equiv_seed):
+    state = random_state(SPEC, equiv_seed)
+    path = tmp_path / "mlp.safetensors"
+    save_jax(torch_to_jax(state, layout=written_as), path, layout=written_as)
+    assert_trees_identical(load_jax(path, layout=read_as), torch_to_jax(state, layout=read_as))
+    assert_states_identical(load_torch(path), state)
+
+
+def test_torch_pickle_loads_into_jax(tmp_path, equiv_seed):
+    state = random_state(SPEC, equiv_seed)
+    save_torch(state, tmp_path / "mlp.pt")
+    assert_trees_identical(load_jax(tmp_path / "mlp.pt"), torch_to_jax(state))
+
+
+def test_foreign_safetensors_file_uses_file_layout(tmp_path, equiv_seed):
+    state = random_state(SPEC, equiv_seed)
+    flax_keys = {
+        "Dense_0.kernel": state["fc1.weight"].T.contiguous(),
+        "Dense_0.bias": state["fc1.bias"],
+        "Dense_1.kernel": state["fc2.weight"].T.contiguous(),
+        "Dense_1.bias": state["fc2.bias"],
+    }
+    path = tmp_path / "foreign.safetensors"
+    safetensors.torch.save_file(flax_keys, path)  # no equiv metadata
+    assert_states_identical(load_torch(path, file_layout="flax"), state)
+    with pytest.raises(ValueError, match=r"^\[equiv\] found no layer parameters"):
+        load_torch(path)  # read as the default torch layout: nothing matches
+
+
+def test_file_layout_contradicting_the_file_is_refused(tmp_path):
+    path = tmp_path / "mlp.safetensors"
+    save_torch(random_state(SPEC, 0), path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path, file_layout="flax")
+    assert str(info.value) == (
+        f"[equiv] {path} records layout 'torch', but file_layout='flax' was given; drop "
+        "file_layout to use the recorded one"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Pickles are never unpickled beyond tensors
+
+
+class _Exploit:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        # Unpickling this would create the marker file: code run by a data file.
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"fc1.weight": torch.zeros(3, 4), "payload": _Exploit(str(marker))}, path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path)
+    assert str(info.value) == (
+        f"[equiv] {path} holds more than tensors and was not unpickled (a pickle can run "
+        "code; torch.load(weights_only=True) refused it: WeightsUnpickler error: "
+        "Unsupported global: GLOBAL io.open was not an allowed global by default)"
+    )
+    assert not marker.exists()
+    with pytest.raises(ValueError):
+        load_jax(path)
+    assert not marker.exists()
+
+
+def test_plain_pickle_file_is_refused(tmp_path):
+    path = tmp_path / "plain.pth"
+    path.write_bytes(pickle.dumps(_Exploit(str(tmp_path / "pwned")), protocol=2))
+    with pytest.raises(ValueError, match=r"^\[equiv\] .*not unpickled"):
+        load_torch(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_pickle_of_a_non_state_dict_is_refused(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path)
+    assert str(info.value) == (
+        f"[equiv] {path} holds a list, not a state_dict of tensors; save model.state_dict() "
+        "(for a training checkpoint, the entry holding it)"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Bad files: one clear error each
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_truncated_file_is_refused(suffix, tmp_path):
+    path = tmp_path / f"mlp{suffix}"
+    save_torch(random_state(SPEC, 0), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    kind = "safetensors" if suffix == ".safetensors" else "torch"
+    with pytest.raises(ValueError) as info:
+        load_torch(path)
+    assert str(info.value).startswith(f"[equiv] {path} is not a readable {kind} file: ")
+
+
+def test_garbage_safetensors_is_refused(tmp_path):
+    path = tmp_path / "mlp.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"^\[equiv\] .* is not a readable safetensors file"):
+        load_torch(path)
+
+
+def test_bad_entries_are_all_named(tmp_path):
+    state = random_state(SPEC, 0)
+    state["fc1.bias"] = state["fc1.bias"].double()
+    state["fc2.weight"] = torch.zeros(3, 3)
+    del state["fc2.bias"]
+    state["fc9.weight"] = torch.zeros(1, 1)
+    path = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(state, path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path, spec=SPEC)
+    assert str(info.value).splitlines() == [
+        f"[equiv] checkpoint {path} does not match the MLP (4, 3, 2) (bias=True, float32):",
+        "  wrong dtype: 'fc1.bias' expected float32, got float64",
+        "  wrong shape: 'fc2.weight' expected (2, 3), got (3, 3)",
+        "  missing: 'fc2.bias' (expected shape (2,))",
+        "  unexpected: 'fc9.weight' (shape (1, 1))",
+        "Pass spec=MLPSpec(...) to state the architecture; the torch layout names "
+        "parameters fc1.weight, fc1.bias, ...",
+    ]
+
+
+def test_bad_entries_in_a_flax_file_use_flax_names(tmp_path):
+    params = torch_to_jax(random_state(SPEC, 0), layout="flax")
+    path = tmp_path / "mlp.safetensors"
+    save_jax(params, path, layout="flax")
+    with pytest.raises(ValueError) as info:
+        load_jax(path, spec=MLPSpec((4, 5, 2)))
+    assert str(info.value).splitlines()[1:3] == [
+        "  wrong shape: 'Dense_0.kernel' expected (4, 5), got (4, 3)",
+        "  wrong shape: 'Dense_0.bias' expected (5,), got (3,)",
+    ]
+
+
+def test_float64_file_outside_x64_is_refused(tmp_path):
+    path = tmp_path / "mlp.safetensors"
+    save_torch(random_state(SPEC.replace(dtype="float64"), 0), path)
+    with jax.enable_x64(False), pytest.raises(ValueError, match="x64 mode is off"):
+        load_jax(path)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: save_torch(random_state(SPEC, 0), p / "m.npz"), "unsupported suffix '.npz'"),
+        (lambda p: save_jax({}, p / "m.pt"), "unsupported suffix '.pt'"),
+        (lambda p: load_torch(p / "m.ckpt"), "unsupported suffix '.ckpt'"),
+    ],
+)
+def test_unsupported_suffix_is_refused(call, message, tmp_path):
+    with pytest.raises(ValueError, match=r"^\[equiv\] .*" + message):
+        call(tmp_path)
+
+
+def test_bad_state_is_refused_before_writing(tmp_path):
+    state = random_state(SPEC, 0)
+    del state["fc1.bias"]
+    with pytest.raises(ValueError, match="missing: 'fc1.bias'"):
+        save_torch(state, tmp_path / "mlp.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_wrong_types_are_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"^\[equiv\] params must be a dict-like"):
+        save_jax([np.zeros(2)], tmp_path / "m.safetensors")
+    with pytest.raises(TypeError, match=r"^\[equiv\] path must be a str"):
+        load_torch(3)
+
+
+# ---------------------------------------------------------------------------
+# Nothing half-written
+
+
+def _failing_writer(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"half a file")
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_write_leaves_nothing_half_written(existing, tmp_path, monkeypatch):
+    path = tmp_path / "mlp.safetensors"
+    old = random_state(SPEC, 1)
+    if existing:
+        save_torch(old, path)
+    monkeypatch.setattr(safetensors.torch, "save_file", _failing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        save_torch(random_state(SPEC, 2), path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ([path.name] if existing else [])
+    if existing:
+        assert_states_identical(load_torch(path), old)
+
+
+def test_written_file_has_an_ordinary_mode(tmp_path):
+    path = tmp_path / "mlp.safetensors"
+    save_torch(random_state(SPEC, 0), path)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_jax_tree_written_equals_torch_conversion(tmp_path, equiv_seed):
+    # save_jax writes the layout's own names; load_torch brings torch's back.
+    state = random_state(SPEC, equiv_seed)
+    path = tmp_path / "mlp.safetensors"
+    save_jax(torch_to_jax(state, layout="flax"), path)
+    with open(path, "rb") as f:
+        header = f.read(400)
+    assert b"Dense_0.kernel" in header and b'"equiv.layout":"flax"' in header
+    assert_states_identical(jax_to_torch(load_jax(path)), state)
+
+
+def test_module_is_accepted(tmp_path):
+    from equiv.torch_mlp import TorchMLP
+
+    model = TorchMLP(SPEC)
+    checkpoint.save_torch(model, tmp_path / "m.safetensors")
+    assert_states_identical(load_torch(tmp_path / "m.safetensors"), dict(model.state_dict()))

@@ -1,0 +1,377 @@
+"""Converters: bitwise round trips in every layout and dtype, every error message, aliasing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from equiv.convert import LAYOUTS, Layout, expected_jax_shapes, jax_to_torch, torch_to_jax
+from equiv.spec import MLPSpec
+from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
+
+SPECS = {
+    "notebook": MLPSpec((4, 3, 2)),
+    "square": MLPSpec((5, 5, 5)),  # a forgotten transpose would keep every shape
+    "no_bias": MLPSpec((3, 6, 2), bias=False),
+    "deep": MLPSpec((2, 7, 7, 7, 1)),
+}
+DTYPES = ("float32", "float64")
+
+
+def random_state(spec: MLPSpec, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    dtype = TORCH_DTYPES[spec.dtype]
+    return {
+        name: torch.randn(shape, generator=gen, dtype=dtype)
+        for name, shape in spec.param_shapes().items()
+    }
+
+
+def leaves(tree) -> dict[str, np.ndarray]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def assert_states_identical(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        assert torch.equal(actual[name], expected[name]), name
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture
+def x32():
+    with jax.enable_x64(False):
+        yield
+
+
+# ---------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(SPECS))
+def test_torch_round_trip_is_bitwise(case, dtype, layout, equiv_seed):
+    spec = SPECS[case].replace(dtype=dtype)
+    state = random_state(spec, equiv_seed)
+    with jax.enable_x64(dtype == "float64"):
+        params = torch_to_jax(state, layout=layout)
+    assert expected_jax_shapes(spec, layout) == {
+        key: leaf.shape for key, leaf in _dotted(params).items()
+    }
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype(dtype)}
+    assert_states_identical(jax_to_torch(params, layout=layout), state)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_jax_round_trip_is_bitwise(dtype, layout, equiv_seed, x64):
+    # x64 on for both dtypes: a float32 tree must stay float32 there too.
+    spec = SPECS["square"].replace(dtype=dtype)
+    rng = np.random.default_rng(equiv_seed)
+    params = {}
+    for key, shape in expected_jax_shapes(spec, layout).items():
+        tree = params
+        *parents, last = key.split(".") if layout != "torch" else [key]
+        for parent in parents:
+            tree = tree.setdefault(parent, {})
+        tree[last] = jnp.asarray(rng.standard_normal(shape).astype(dtype))
+    back = torch_to_jax(jax_to_torch(params, layout=layout), layout=layout)
+    expected, actual = leaves(params), leaves(back)
+    assert list(actual) == list(expected)
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype
+        np.testing.assert_array_equal(actual[key], expected[key])
+
+
+def test_flax_kernel_is_the_transposed_weight(equiv_seed):
+    # A square layer: a forgotten transpose keeps every shape, so compare values.
+    state = random_state(SPECS["square"], equiv_seed)
+    params = torch_to_jax(state, layout="flax")
+    np.testing.assert_array_equal(params["Dense_0"]["kernel"], state["fc1.weight"].numpy().T)
+    assert not np.array_equal(params["Dense_0"]["kernel"], state["fc1.weight"].numpy())
+
+
+def test_module_with_its_spec_converts(equiv_seed):
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(SPECS["notebook"])
+    params = torch_to_jax(model, layout="torch")
+    assert_states_identical(jax_to_torch(params, layout="torch"), dict(model.state_dict()))
+
+
+def test_custom_layout_round_trips(equiv_seed):
+    layout = Layout("mine", "block{i}/w", "block{i}/b", transpose=False)
+    state = random_state(SPECS["notebook"], equiv_seed)
+    params = torch_to_jax(state, layout=layout)
+    assert sorted(params) == ["block1", "block2"]
+    assert_states_identical(jax_to_torch(params, layout=layout), state)
+
+
+def test_jax_device_is_honoured(equiv_seed):
+    device = jax.devices("cpu")[0]
+    params = torch_to_jax(random_state(SPECS["notebook"], equiv_seed), device=device)
+    assert {leaf.devices().pop() for leaf in jax.tree.leaves(params)} == {device}
+
+
+def test_nnx_variables_are_unwrapped(equiv_seed):
+    nnx = pytest.importorskip("flax.nnx")
+    state = random_state(SPECS["notebook"], equiv_seed)
+    params = torch_to_jax(state, layout="nnx")
+    wrapped = jax.tree.map(nnx.Param, params)
+    assert_states_identical(jax_to_torch(wrapped, layout="nnx"), state)
+
+
+# ---------------------------------------------------------------------------
+# float64 is never truncated
+
+
+def test_float64_outside_x64_is_refused(x32):
+    state = random_state(SPECS["notebook"].replace(dtype="float64"), 0)
+    with pytest.raises(ValueError) as info:
+        torch_to_jax(state)
+    assert str(info.value).splitlines() == [
+        "[equiv] fc1.weight, fc1.bias, fc2.weight, fc2.bias are float64, but JAX's x64 mode "
+        "is off and would truncate to float32. Convert inside a scope:",
+        "    >>> with jax.enable_x64(True):",
+        "    ...     params = torch_to_jax(model)",
+    ]
+
+
+def test_float64_inside_x64_stays_float64(x64):
+    state = random_state(SPECS["notebook"].replace(dtype="float64"), 0)
+    params = torch_to_jax(state)
+    assert params["Dense_0"]["kernel"].dtype == jnp.float64
+
+
+def test_float32_outside_x64_converts(x32):
+    params = torch_to_jax(random_state(SPECS["notebook"], 0))
+    assert params["Dense_0"]["kernel"].dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------
+# One ValueError naming every offending key
+
+
+def test_every_bad_torch_entry_is_named_at_once():
+    state = random_state(SPECS["notebook"], 0)
+    del state["fc1.bias"]
+    state["fc2.weight"] = torch.zeros(3, 2)
+    state["fc3.weight"] = torch.zeros(2, 2)
+    state["head.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError) as info:
+        torch_to_jax(state, spec=SPECS["notebook"])
+    assert str(info.value).splitlines() == [
+        "[equiv] state_dict does not match the MLP (4, 3, 2) (bias=True, float32):",
+        "  unexpected: 'head.weight' (shape (1,))",
+        "  missing: 'fc1.bias' (expected shape (3,))",
+        "  wrong shape: 'fc2.weight' expected (2, 3), got (3, 2)",
+        "  unexpected: 'fc3.weight' (shape (2, 2))",
+        "Pass spec=MLPSpec(...) to state the architecture; the torch layout names "
+        "parameters fc1.weight, fc1.bias, ...",
+    ]
+
+
+def test_every_bad_flax_entry_is_named_with_flax_shapes():
+    params = torch_to_jax(random_state(SPECS["notebook"], 0), layout="flax")
+    params["Dense_0"]["kernel"] = jnp.zeros((3, 4))  # the torch shape: not transposed
+    del params["Dense_1"]["bias"]
+    params["Dense_00"] = {"kernel": jnp.zeros((4, 3))}  # must not alias Dense_0
+    with pytest.raises(ValueError) as info:
+        jax_to_torch(params, layout="flax", spec=SPECS["notebook"])
+    assert str(info.value).splitlines() == [
+        "[equiv] flax-layout params does not match the MLP (4, 3, 2) (bias=True, float32):",
+        "  unexpected: 'Dense_00.kernel' (shape (4, 3))",
+        "  wrong shape: 'Dense_0.kernel' expected (4, 3), got (3, 4)",
+        "  missing: 'Dense_1.bias' (expected shape (2,))",
+        "Pass spec=MLPSpec(...) to state the architecture; the flax layout names "
+        "parameters Dense_0.kernel, Dense_0.bias, ...",
+    ]
+
+
+def test_inconsistent_widths_without_spec_are_reported():
+    state = random_state(SPECS["notebook"], 0)
+    state["fc2.weight"] = torch.zeros(2, 5)
+    with pytest.raises(ValueError) as info:
+        torch_to_jax(state)
+    assert str(info.value).splitlines()[:2] == [
+        "[equiv] state_dict does not match the MLP (4, 3, 2) (bias=True, float32):",
+        "  wrong shape: 'fc2.weight' expected (2, 3), got (2, 5)",
+    ]
+
+
+def test_wrong_dtype_is_named():
+    state = random_state(SPECS["notebook"], 0)
+    state["fc2.bias"] = state["fc2.bias"].half()
+    with pytest.raises(ValueError) as info:
+        torch_to_jax(state)
+    assert str(info.value).splitlines()[1] == (
+        "  wrong dtype: 'fc2.bias' expected float32, got float16"
+    )
+
+
+def test_flax_variables_wrapper_is_unexpected():
+    params = torch_to_jax(random_state(SPECS["notebook"], 0))
+    with pytest.raises(ValueError) as info:
+        jax_to_torch({"params": params})
+    assert str(info.value).splitlines() == [
+        "[equiv] found no layer parameters; the flax layout expects names such as 'Dense_0.kernel'"
+    ]
+
+
+def test_module_with_other_names_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"^\[equiv\] found no layer parameters"):
+        torch_to_jax(model)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("w", "[equiv] layout path 'w' must hold exactly one '{i}'"),
+        ("{i}/{j}", "[equiv] layout path '{i}/{j}' must hold exactly one '{i}'"),
+    ],
+)
+def test_layout_templates_are_checked(template, message):
+    with pytest.raises(ValueError) as info:
+        Layout("bad", template, "b{j}", transpose=False)
+    assert str(info.value).startswith(message)
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(ValueError) as info:
+        torch_to_jax({}, layout="haiku")
+    assert str(info.value) == (
+        "[equiv] unknown layout 'haiku'; expected one of 'torch', 'flax', 'nnx', 'equinox'"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Wrong types are TypeError
+
+TYPE_CASES = {
+    "module_expected": (
+        lambda: torch_to_jax([torch.zeros(1)]),
+        "[equiv] expected a torch.nn.Module or a state_dict, got list",
+    ),
+    "tensor_values": (
+        lambda: torch_to_jax({"fc1.weight": np.zeros((2, 2))}),
+        "[equiv] state_dict values must be torch tensors; 'fc1.weight' is not. "
+        "To convert a JAX tree, use jax_to_torch",
+    ),
+    "mapping_params": (
+        lambda: jax_to_torch([jnp.zeros(2)]),
+        "[equiv] params must be a dict-like JAX tree, got list; for a flax variables dict "
+        "pass variables['params']",
+    ),
+    "array_leaves": (
+        lambda: jax_to_torch({"Dense_0": {"kernel": torch.zeros(2, 2), "bias": [0.0, 0.0]}}),
+        "[equiv] params leaves must be JAX or NumPy arrays; 'Dense_0.kernel', "
+        "'Dense_0.bias' are not. To convert torch tensors, use torch_to_jax",
+    ),
+    "layout_type": (
+        lambda: torch_to_jax({}, layout=3),
+        "[equiv] layout must be a name or a Layout, got int",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TYPE_CASES))
+def test_wrong_types_raise_type_error(case):
+    call, message = TYPE_CASES[case]
+    with pytest.raises(TypeError) as info:
+        call()
+    assert str(info.value) == message
+
+
+# ---------------------------------------------------------------------------
+# Aliasing: shared memory is an explicit choice
+
+
+def _torch_step(model: torch.nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.ones(1, model.spec.sizes[0])).square().sum().backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_default_conversion_survives_a_torch_step(layout, equiv_seed):
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(SPECS["notebook"])
+    params = torch_to_jax(model, layout=layout)
+    before = leaves(jax.tree.map(np.array, params))  # independent copies
+    _torch_step(model)
+    after = leaves(params)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    # ...while the torch parameters did move:
+    moved = torch_to_jax(model, layout=layout)
+    assert not all(np.array_equal(leaves(moved)[k], before[k]) for k in before)
+
+
+def test_copy_false_shares_memory_with_torch(equiv_seed):
+    # The documented hazard: an in-place torch update shows through the JAX array.
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(SPECS["notebook"])
+    params = torch_to_jax(model, layout="torch", copy=False)
+    _torch_step(model)
+    for name, tensor in model.state_dict().items():
+        np.testing.assert_array_equal(params[name], tensor.numpy())
+
+
+def test_copy_false_cannot_share_a_transposed_kernel(equiv_seed):
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(SPECS["notebook"])
+    params = torch_to_jax(model, layout="flax", copy=False)
+    kernel = np.array(params["Dense_0"]["kernel"])
+    _torch_step(model)
+    np.testing.assert_array_equal(params["Dense_0"]["kernel"], kernel)  # a fresh buffer
+    np.testing.assert_array_equal(params["Dense_0"]["bias"], model.fc1.bias.detach().numpy())
+
+
+def test_jax_to_torch_never_shares(equiv_seed):
+    params = torch_to_jax(random_state(SPECS["notebook"], equiv_seed), layout="torch")
+    state = jax_to_torch(params, layout="torch")
+    before = np.array(params["fc1.weight"])
+    state["fc1.weight"].add_(1.0)
+    np.testing.assert_array_equal(params["fc1.weight"], before)
+
+
+# ---------------------------------------------------------------------------
+# Copying into an existing module
+
+
+def test_out_copies_into_the_module(equiv_seed):
+    spec = SPECS["square"]
+    params = torch_to_jax(random_state(spec, equiv_seed), layout="flax")
+    model = TorchMLP(spec)
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    state = jax_to_torch(params, layout="flax", out=model)
+    assert {name: t.data_ptr() for name, t in state.items()} == pointers
+    assert_states_identical(dict(model.state_dict()), jax_to_torch(params, layout="flax"))
+
+
+def test_out_of_another_shape_is_refused():
+    params = torch_to_jax(random_state(SPECS["notebook"], 0), layout="flax")
+    with pytest.raises(ValueError) as info:
+        jax_to_torch(params, layout="flax", out=TorchMLP(MLPSpec((4, 5, 2))))
+    assert str(info.value).splitlines()[:3] == [
+        "[equiv] out does not match the MLP (4, 3, 2) (bias=True, float32):",
+        "  wrong shape: 'fc1.weight' expected (3, 4), got (5, 4)",
+        "  wrong shape: 'fc1.bias' expected (3,), got (5,)",
+    ]
+
+
+def _dotted(tree) -> dict:
+    return {
+        ".".join(str(k.key) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }

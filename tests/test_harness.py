@@ -1,0 +1,338 @@
+"""The harness: failing counterparts of issue 2, argument checks, copies, JSON.
+
+Faulty JAX ports are built here by hand (a converter that guesses the layout from
+shapes, an MSE summed instead of averaged, a wrong learning rate), recorded with
+:class:`equiv.harness.Trajectory` and compared with the real backends through
+:func:`equiv.harness.compare_trajectories`: each must be reported as a disagreement
+naming the right leaf and stage, in the torch-style message layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import equiv
+from equiv import harness, jax_mlp
+from equiv.convert import jax_to_torch, torch_to_jax
+from equiv.harness import REFERENCE, Comparison, Trajectory, compare_trajectories
+
+HEADLINE = re.compile(r"\[equiv\] (\d+) of (\d+) comparisons disagree \(([^)]*)\)( \[.*\])?")
+
+
+def correct_to_jax(params, spec):
+    return torch_to_jax(params, layout="flax", spec=spec)
+
+
+def guessing_to_jax(params, spec):
+    """A converter that guesses the layout from shapes: it transposes a weight only
+    when it is not already (in, out)-shaped, so a square weight is never transposed."""
+    tree = {}
+    for i in range(1, spec.num_layers + 1):
+        weight = params[f"fc{i}.weight"].numpy()
+        kernel = weight if weight.shape == (spec.sizes[i - 1], spec.sizes[i]) else weight.T
+        tree[f"Dense_{i - 1}"] = {
+            "kernel": jnp.asarray(kernel),
+            "bias": jnp.asarray(params[f"fc{i}.bias"].numpy()),
+        }
+    return tree
+
+
+def summed_mse(params, x, y, spec):
+    """The bug: MSE summed over the elements instead of averaged (float32 only here)."""
+    diff = jax_mlp.forward(params, x, spec) - y
+    return jnp.sum(diff * diff)
+
+
+def jax_trajectory(problem, learning_rate, *, loss_fn=jax_mlp.loss_fn, to_jax=correct_to_jax):
+    """A JAX port run by hand: ``jax.value_and_grad`` of ``loss_fn`` and ``optax.sgd``."""
+    spec = problem.spec
+    params = to_jax(problem.params, spec)
+    optimizer = optax.sgd(learning_rate)
+    state = optimizer.init(params)
+    value_and_grad = jax.jit(jax.value_and_grad(functools.partial(loss_fn, spec=spec)))
+    out = Trajectory("jax", spec.dtype)
+    for x, y in problem.batches:
+        loss, grads = value_and_grad(params, jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        out.record(
+            loss,
+            jax_to_torch(grads, layout="flax", spec=spec),
+            jax_to_torch(params, layout="flax", spec=spec),
+        )
+    return out
+
+
+def run_with(problem, learning_rate, jax_run):
+    """torch, manual, the given JAX trajectory and the reference, in the harness's order."""
+    runs = {name: harness.RUNNERS[name](problem, learning_rate) for name in ("torch", "manual")}
+    runs["jax"] = jax_run
+    runs[REFERENCE] = harness.run_reference(problem, learning_rate)
+    return runs
+
+
+def failed(report):
+    return {(d.stage, d.step, d.name, d.actual, d.expected) for d in report.failures}
+
+
+def block(text: str, where: str, name: str, shape, dtype: str, pair: str) -> list[str]:
+    """The lines of one leaf's block, found by its heading line."""
+    lines = text.splitlines()
+    heading = f"{where}, {name}, shape {tuple(shape)}, {dtype}: {pair}"
+    assert heading in lines, f"no block {heading!r} in:\n{text}"
+    i = lines.index(heading)
+    return lines[i : i + 5]
+
+
+def mismatched_line(k: int, n: int) -> str:
+    return f"  Mismatched elements: {k} / {n} ({100 * k / n:.1f}%)"
+
+
+# ---- the correct port first: the builder itself is not the fault ----------------------
+
+
+def test_hand_built_jax_port_agrees(equiv_seed):
+    problem = equiv.make_problem(equiv.MLPSpec((4, 3, 3, 2)), batch_size=4, seed=equiv_seed)
+    report = compare_trajectories(problem, run_with(problem, 0.1, jax_trajectory(problem, 0.1)))
+    assert report.agree, report.failure_text()
+    report.assert_agree()  # returns None, raises nothing
+
+
+# ---- (a) a forgotten transpose on a square layer -------------------------------------
+
+
+def test_forgotten_transpose_on_a_square_layer_is_named(equiv_seed):
+    spec = equiv.MLPSpec((4, 3, 3, 2))  # fc2 is square: (3, 3)
+    problem = equiv.make_problem(spec, batch_size=4, seed=equiv_seed)
+    faulty = jax_trajectory(problem, 0.1, to_jax=guessing_to_jax)
+    report = compare_trajectories(problem, run_with(problem, 0.1, faulty))
+    assert not report.agree
+    # Only pairs with the faulty port fail.
+    assert all("jax" in (d.actual, d.expected) for d in report.failures)
+    # After the step the JAX fc2.weight is the transpose of torch's, off by O(1):
+    # the largest failure among the parameters, by far.
+    params = [d for d in report.failures if d.stage == "params" and d.actual == "torch"]
+    worst = max(params, key=lambda d: d.max_abs)
+    assert (worst.name, worst.where, worst.expected) == ("fc2.weight", "params after step 1", "jax")
+    w2 = problem.params["fc2.weight"].numpy()
+    assert worst.max_abs >= 0.5 * float(np.max(np.abs(w2 - w2.T)))
+    with pytest.raises(AssertionError) as info:
+        report.assert_agree()
+    text = str(info.value)
+    assert HEADLINE.fullmatch(text.splitlines()[0])
+    lines = block(text, "params after step 1", "fc2.weight", (3, 3), "float32", "torch vs jax")
+    assert lines[1].startswith("  Mismatched elements: ")
+    assert lines[2].startswith("  Greatest absolute difference: ")
+    assert lines[3].startswith("  Greatest relative difference: ")
+    assert lines[4].startswith("  Ratio to the bound: ")
+    # The forward pass saw the wrong layer, so the loss fails too.
+    assert ("loss", 1, "loss", "torch", "jax") in failed(report)
+
+
+# ---- (b) MSE summed instead of averaged --------------------------------------------
+
+
+def test_summed_mse_is_reported_on_the_loss_and_every_gradient(equiv_seed):
+    problem = equiv.make_problem(equiv.MLPSpec((4, 3, 2)), batch_size=3, seed=equiv_seed)
+    faulty = jax_trajectory(problem, 0.1, loss_fn=summed_mse)
+    runs = run_with(problem, 0.1, faulty)
+    report = compare_trajectories(problem, runs)
+    assert not report.agree
+    # The loss is 3·2 = 6 times the mean: the loss leaf fails at step 1.
+    loss = next(d for d in report.failures if d.stage == "loss" and d.expected == "jax")
+    torch_loss = float(runs["torch"].losses[0])
+    assert loss.max_abs == pytest.approx(5 * torch_loss, rel=1e-5)
+    # Every gradient leaf with a non-zero entry fails, with every such entry mismatched,
+    # and each is listed in the message, not only the first.
+    torch_grads = runs["torch"].grads[0]
+    expected = {name for name, g in torch_grads.items() if np.any(g != 0)}
+    assert {d.name for d in report.failures if d.stage == "grads"} == expected
+    assert len(expected) >= 2
+    with pytest.raises(AssertionError) as info:
+        report.assert_agree()
+    text = str(info.value)
+    match = HEADLINE.fullmatch(text.splitlines()[0])
+    assert match and int(match[1]) == len(report.failures) and int(match[2]) == len(report.leaves)
+    assert match[3] == "jax vs reference; manual vs jax; torch vs jax"
+    headings = [line for line in text.splitlines() if not line.startswith(("  ", "[equiv]"))]
+    assert len(headings) == len(report.failures)
+    for name in expected:
+        g = torch_grads[name]
+        for pair in ("torch vs jax", "manual vs jax"):
+            lines = block(text, "grads at step 1", name, g.shape, "float32", pair)
+            assert lines[1] == mismatched_line(int(np.count_nonzero(g)), g.size)
+        lines = block(text, "grads at step 1", name, g.shape, "float32/float64", "jax vs reference")
+        assert lines[1] == mismatched_line(int(np.count_nonzero(g)), g.size)
+
+
+# ---- (c) a wrong learning rate ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wrong_learning_rate():
+    """The notebook's problem; the JAX port steps with 0.01 instead of 0.1."""
+    problem = equiv.make_problem(equiv.MLPSpec((4, 3, 2)), batch_size=2, seed=0)
+    runs = run_with(problem, 0.1, jax_trajectory(problem, 0.01))
+    return problem, runs, compare_trajectories(problem, runs)
+
+
+def test_wrong_learning_rate_fails_only_the_updated_parameters(wrong_learning_rate):
+    problem, runs, report = wrong_learning_rate
+    grads = runs["torch"].grads[0]
+    # A step of 0.09·g with |g| >= 1e-3 is far beyond float32 rounding of these parameters.
+    assert min(float(np.min(np.abs(g[g != 0]))) for g in grads.values()) >= 1e-3
+    expected = {
+        ("params", 1, name, a, b)
+        for name in problem.spec.param_names()
+        for a, b in [("torch", "jax"), ("manual", "jax"), ("jax", REFERENCE)]
+    }
+    assert failed(report) == expected  # loss and gradients agree: the step is what's wrong
+    with pytest.raises(AssertionError) as info:
+        report.assert_agree()
+    text = str(info.value)
+    # 4 leaves · 3 pairs fail, of 1 step · 9 leaves · 6 pairs.
+    assert text.splitlines()[0] == (
+        "[equiv] 12 of 54 comparisons disagree (jax vs reference; manual vs jax; torch vs jax)"
+    )
+    for name, g in grads.items():
+        for pair, dtype in [("torch vs jax", "float32"), ("jax vs reference", "float32/float64")]:
+            lines = block(text, "params after step 1", name, g.shape, dtype, pair)
+            assert lines[1] == mismatched_line(int(np.count_nonzero(g)), g.size)
+
+
+def test_comparison_assert_agree_raises_with_the_report(wrong_learning_rate):
+    problem, runs, report = wrong_learning_rate
+    comparison = Comparison(problem, 0.1, runs, report)
+    assert comparison.agree is False
+    with pytest.raises(AssertionError) as info:
+        comparison.assert_agree()
+    assert str(info.value).startswith(report.failure_text())
+
+
+def test_failing_comparison_is_json_ready(wrong_learning_rate):
+    problem, runs, report = wrong_learning_rate
+    data = json.loads(json.dumps(Comparison(problem, 0.1, runs, report).to_dict(), allow_nan=False))
+    assert data["agree"] is False
+    assert sum(not d["passed"] for d in data["diffs"]) == len(report.failures) == 12
+
+
+# ---- user tolerances ---------------------------------------------------------------
+
+
+def test_zero_tolerance_passes_bitwise_equal_backends_and_fails_the_rest():
+    comparison = equiv.compare_backends(rtol=0.0, atol=0.0)
+    assert not comparison.agree
+    # torch and manual are bitwise equal on the notebook; float32 vs float64 never is.
+    assert all(
+        d.passed for d in comparison.report.leaves if {d.actual, d.expected} == {"torch", "manual"}
+    )
+    assert any(d.expected == REFERENCE for d in comparison.report.failures)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "given"),
+    [({"rtol": 1e-5}, "rtol=1e-05, atol=None"), ({"atol": 1e-8}, "rtol=None, atol=1e-08")],
+)
+def test_half_a_tolerance_raises(kwargs, given):
+    message = "[equiv] give rtol and atol both, or neither to use derived tolerances; got " + given
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        equiv.compare_backends(**kwargs)
+    problem = equiv.make_problem(equiv.MLPSpec())
+    runs = {
+        "torch": harness.run_torch(problem, 0.1),
+        REFERENCE: harness.run_reference(problem, 0.1),
+    }
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        compare_trajectories(problem, runs, **kwargs)
+
+
+# ---- bad arguments ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backends", [("torch", "tensorflow"), ("torch", "torch"), (), ("Torch",)])
+def test_unknown_backend_raises(backends):
+    message = (
+        f"[equiv] backends must be distinct names from torch, manual, jax; got {list(backends)}"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        equiv.compare_backends(backends=backends)
+
+
+def test_a_subset_of_backends_runs():
+    comparison = equiv.compare_backends(backends=("jax",))
+    assert set(comparison.trajectories) == {"jax", REFERENCE}
+    assert {(d.actual, d.expected) for d in comparison.report.leaves} == {("jax", REFERENCE)}
+
+
+@pytest.mark.parametrize("device", ["tpu", "cpu:x", "", "CUDA", "mps"])
+def test_unknown_device_raises(device):
+    message = (
+        f"[equiv] unknown device {device!r}; expected 'cpu', 'cuda', 'cuda:N', 'gpu' or 'gpu:N'"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        equiv.compare_backends(device=device)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a cuda:7")
+def test_missing_device_raises():
+    with pytest.raises(
+        ValueError, match=r"^\[equiv\] device 'cuda:7' is not available: torch sees"
+    ):
+        equiv.compare_backends(device="cuda:7")
+
+
+# ---- every backend starts from its own copy ------------------------------------------
+
+
+def test_problem_is_unchanged_by_a_run(bitwise_diff, equiv_seed):
+    problem = equiv.make_problem(equiv.MLPSpec((4, 3, 2)), batch_size=2, seed=equiv_seed, steps=2)
+    before = {k: v.clone() for k, v in problem.params.items()}
+    batches = [(x.clone(), y.clone()) for x, y in problem.batches]
+    comparison = equiv.compare_backends(problem=problem)
+    assert comparison.agree
+    assert bitwise_diff(problem.params, before) == []
+    assert all(
+        torch.equal(x, x0) and torch.equal(y, y0)
+        for (x, y), (x0, y0) in zip(problem.batches, batches, strict=True)
+    )
+    # The parameters did move, in every backend, and no two backends share a buffer.
+    for name, trajectory in comparison.trajectories.items():
+        assert bitwise_diff(trajectory.params[0], before) != [], name
+    runs = list(comparison.trajectories.values())
+    for i, a in enumerate(runs):
+        for b in runs[i + 1 :]:
+            for leaf in a.params[-1]:
+                assert not np.shares_memory(a.params[-1][leaf], b.params[-1][leaf])
+
+
+# ---- JSON ---------------------------------------------------------------------------
+
+
+def test_comparison_to_dict_is_json_and_holds_the_results():
+    comparison = equiv.compare_backends(steps=2)
+    data = comparison.to_dict()
+    assert {"agree", "loss", "params", "diffs"} <= set(data)
+    back = json.loads(json.dumps(data, allow_nan=False))
+    assert back["agree"] is True
+    assert set(back["loss"]) == set(back["params"]) == {"torch", "manual", "jax", REFERENCE}
+    for name, trajectory in comparison.trajectories.items():
+        assert back["loss"][name] == [float(v) for v in trajectory.losses]
+        assert list(back["params"][name]) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+        for leaf, value in trajectory.params[-1].items():
+            restored = np.array(back["params"][name][leaf], dtype=value.dtype)
+            assert restored.tobytes() == value.tobytes()  # the final parameters, exactly
+    assert isinstance(back["params"]["torch"]["fc1.weight"][0], list)  # nested lists
+    assert len(back["diffs"]) == len(comparison.report.leaves) == 2 * 9 * 6
+    first = back["diffs"][0]
+    assert {"stage", "step", "name", "actual", "expected", "passed", "max_abs", "max_rel"} <= set(
+        first
+    )

@@ -1,0 +1,321 @@
+"""Each layout against the real library: load converted parameters into a flax.linen,
+flax.nnx or Equinox model (and back into torch), and show that its forward pass and its
+gradients equal torch's within the derived bound.
+
+The bound is :func:`equiv.tolerance.derived_tolerance` for one step of the spec in
+its dtype: ``|a - b| ≤ 8·√k·(u + u)·max(|a|, |b|)`` per tensor, with ``k`` the
+longest reduction (see equiv/tolerance.py). Two computations of the same function
+in different frameworks round differently, so equality is not bitwise; a forgotten
+transpose on a square layer misses the bound by orders of magnitude (tested below).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from equiv.convert import jax_to_torch, torch_to_jax
+from equiv.precision import comparison_scope
+from equiv.spec import MLPSpec
+from equiv.tolerance import derived_tolerance
+from equiv.torch_mlp import TORCH_DTYPES, TorchMLP, load_params
+
+SPEC = MLPSpec((5, 8, 8, 3))  # equal hidden widths, as eqx.nn.MLP requires
+BATCH = 6
+DTYPES = ("float32", "float64")
+LIBRARIES = ("linen", "nnx", "equinox")
+
+
+# ---------------------------------------------------------------------------
+# The reference: torch's forward, loss and gradients
+
+
+def torch_reference(model: TorchMLP, x: np.ndarray, y: np.ndarray):
+    model.zero_grad(set_to_none=True)
+    out = model(torch.from_numpy(x))
+    torch.nn.functional.mse_loss(out, torch.from_numpy(y)).backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return out.detach(), grads
+
+
+def assert_within_derived_bound(actual, expected, spec: MLPSpec, what: str) -> None:
+    tol = derived_tolerance(spec, BATCH, "grads", 1, (spec.dtype, spec.dtype))
+    a, e = np.asarray(actual), np.asarray(expected)
+    assert a.shape == e.shape and a.dtype == e.dtype, what
+    scale = max(np.abs(a).max(), np.abs(e).max())
+    worst = np.abs(a - e).max()
+    assert worst <= tol.scaled * scale, f"{what}: |diff| {worst:.3g} > {tol.scaled * scale:.3g}"
+
+
+def assert_matches_torch(library_out, library_grads: dict, model: TorchMLP, x, y) -> None:
+    out, grads = torch_reference(model, x, y)
+    assert_within_derived_bound(library_out, out.numpy(), model.spec, "forward")
+    assert list(library_grads) == list(grads)
+    for name in grads:
+        assert_within_derived_bound(
+            library_grads[name].numpy(), grads[name].numpy(), model.spec, name
+        )
+
+
+def batch(spec: MLPSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((BATCH, spec.sizes[0])).astype(spec.dtype)
+    return x, rng.standard_normal((BATCH, spec.sizes[-1])).astype(spec.dtype)
+
+
+def mse(out, y):
+    return jnp.mean((out - y) ** 2)
+
+
+# ---------------------------------------------------------------------------
+# The libraries: build a model, run forward and gradients, read and write parameters
+
+
+def linen_model(spec: MLPSpec):
+    nn = pytest.importorskip("flax.linen")
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i, width in enumerate(spec.sizes[1:]):
+                x = nn.Dense(width, use_bias=spec.bias, dtype=spec.dtype, param_dtype=spec.dtype)(x)
+                if i < spec.num_layers - 1:
+                    x = nn.relu(x)
+            return x
+
+    return Stack()
+
+
+@functools.partial(jax.jit, static_argnums=0)  # jitted: eager op-by-op dispatch is slower
+def _linen_step(model, params, x, y):
+    out = model.apply({"params": params}, x)
+    return out, jax.grad(lambda p: mse(model.apply({"params": p}, x), y))(params)
+
+
+class Linen:
+    layout = "flax"
+
+    def native(spec, seed):
+        model = linen_model(spec)
+        x = jnp.zeros((1, spec.sizes[0]), spec.dtype)
+        return model, model.init(jax.random.key(seed), x)["params"]
+
+    def load(spec, native, torch_model):
+        model, _ = native
+        return model, torch_to_jax(torch_model, layout="flax")
+
+    def params_as_torch(native):
+        return jax_to_torch(native[1], layout="flax")
+
+    def forward_and_grads(native, x, y):
+        model, params = native
+        out, grads = _linen_step(model, params, x, y)
+        return out, jax_to_torch(grads, layout="flax")
+
+
+def nnx_model(spec: MLPSpec, seed: int):
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            for i in range(1, spec.num_layers + 1):
+                layer = nnx.Linear(
+                    spec.sizes[i - 1],
+                    spec.sizes[i],
+                    use_bias=spec.bias,
+                    dtype=spec.dtype,
+                    param_dtype=spec.dtype,
+                    rngs=rngs,
+                )
+                setattr(self, f"fc{i}", layer)
+
+        def __call__(self, x):
+            for i in range(1, spec.num_layers + 1):
+                x = getattr(self, f"fc{i}")(x)
+                if i < spec.num_layers:
+                    x = nnx.relu(x)
+            return x
+
+    return Stack(nnx.Rngs(seed))
+
+
+class Nnx:
+    layout = "nnx"
+
+    def native(spec, seed):
+        return nnx_model(spec, seed)
+
+    def load(spec, model, torch_model):
+        from flax import nnx
+
+        nnx.update(model, torch_to_jax(torch_model, layout="nnx"))
+        return model
+
+    def params_as_torch(model):
+        from flax import nnx
+
+        return jax_to_torch(nnx.state(model, nnx.Param), layout="nnx")
+
+    def forward_and_grads(model, x, y):
+        from flax import nnx
+
+        grads = nnx.grad(lambda m: mse(m(x), y))(model)
+        return model(x), jax_to_torch(grads, layout="nnx")
+
+
+class Equinox:
+    layout = "equinox"
+
+    def native(spec, seed):
+        eqx = pytest.importorskip("equinox")
+        return eqx.nn.MLP(
+            spec.sizes[0],
+            spec.sizes[-1],
+            width_size=spec.sizes[1],
+            depth=spec.num_layers - 1,
+            use_bias=spec.bias,
+            dtype=jnp.dtype(spec.dtype),
+            key=jax.random.key(seed),
+        )
+
+    def load(spec, model, torch_model):
+        from equiv.convert import torch_to_equinox
+
+        return torch_to_equinox(torch_model, model)
+
+    def params_as_torch(model):
+        from equiv.convert import equinox_to_torch
+
+        return equinox_to_torch(model)
+
+    def forward_and_grads(model, x, y):
+        import equinox as eqx
+
+        from equiv.convert import equinox_to_torch
+
+        out, grads = eqx.filter_jit(_equinox_step)(model, x, y)
+        return out, equinox_to_torch(grads)
+
+
+def _equinox_step(model, x, y):
+    import equinox as eqx
+
+    return jax.vmap(model)(x), eqx.filter_grad(lambda m: mse(jax.vmap(m)(x), y))(model)
+
+
+ADAPTERS = {"linen": Linen, "nnx": Nnx, "equinox": Equinox}
+
+
+# ---------------------------------------------------------------------------
+# Both directions, both dtypes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_torch_parameters_drive_the_library_model(library, dtype, equiv_seed):
+    lib, spec = ADAPTERS[library], SPEC.replace(dtype=dtype)
+    with comparison_scope(dtype):
+        torch.manual_seed(equiv_seed)
+        torch_model = TorchMLP(spec)
+        loaded = lib.load(spec, lib.native(spec, equiv_seed + 1), torch_model)
+        x, y = batch(spec, equiv_seed)
+        out, grads = lib.forward_and_grads(loaded, x, y)
+        assert_matches_torch(out, grads, torch_model, x, y)
+        # The load itself is exact: reading the parameters back gives torch's bits.
+        for name, tensor in lib.params_as_torch(loaded).items():
+            assert torch.equal(tensor, torch_model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_library_parameters_drive_the_torch_model(library, dtype, equiv_seed):
+    lib, spec = ADAPTERS[library], SPEC.replace(dtype=dtype)
+    with comparison_scope(dtype):
+        native = lib.native(spec, equiv_seed)  # the library's own initialisation
+        torch_model = load_params(TorchMLP(spec), lib.params_as_torch(native))
+        x, y = batch(spec, equiv_seed)
+        out, grads = lib.forward_and_grads(native, x, y)
+        assert_matches_torch(out, grads, torch_model, x, y)
+        assert next(torch_model.parameters()).dtype == TORCH_DTYPES[dtype]
+
+
+def test_forgotten_transpose_breaks_the_bound(equiv_seed):
+    # The failing counterpart: a square model given untransposed weights as kernels.
+    spec = MLPSpec((6, 6, 6))
+    with comparison_scope("float32"):
+        torch.manual_seed(equiv_seed)
+        torch_model = TorchMLP(spec)
+        wrong = {
+            f"Dense_{i}": {"kernel": layer["weight"], "bias": layer["bias"]}
+            for i, layer in enumerate(
+                torch_to_jax(torch_model, layout="equinox")["layers"].values()
+            )
+        }
+        out, grads = Linen.forward_and_grads((linen_model(spec), wrong), *batch(spec, equiv_seed))
+        with pytest.raises(AssertionError, match=r"^forward: \|diff\|"):
+            assert_matches_torch(out, grads, torch_model, *batch(spec, equiv_seed))
+
+
+# ---------------------------------------------------------------------------
+# Equinox's explicit pair: what it accepts and refuses
+
+
+def test_equinox_model_of_another_shape_is_refused(equiv_seed):
+    eqx = pytest.importorskip("equinox")
+    from equiv.convert import torch_to_equinox
+
+    # Only shapes matter for the refusal: skip the (slow) random initialisation.
+    model = eqx.filter_eval_shape(eqx.nn.MLP, 5, 3, width_size=4, depth=2, key=jax.random.key(0))
+    with pytest.raises(ValueError) as info:
+        torch_to_equinox(TorchMLP(SPEC), model)
+    assert str(info.value).splitlines()[:4] == [
+        "[equiv] equinox model does not match the MLP (5, 8, 8, 3) (bias=True, float32):",
+        "  wrong shape: 'layers.0.weight' expected (8, 5), got (4, 5)",
+        "  wrong shape: 'layers.0.bias' expected (8,), got (4,)",
+        "  wrong shape: 'layers.1.weight' expected (8, 8), got (4, 4)",
+    ]
+
+
+def test_equinox_model_without_final_bias_is_refused():
+    eqx = pytest.importorskip("equinox")
+    from equiv.convert import torch_to_equinox
+
+    model = eqx.filter_eval_shape(
+        eqx.nn.MLP, 5, 3, 8, 2, use_final_bias=False, key=jax.random.key(0)
+    )
+    with pytest.raises(ValueError) as info:
+        torch_to_equinox(TorchMLP(SPEC), model)
+    assert str(info.value).splitlines()[1] == "  missing: 'layers.2.bias' (expected shape (3,))"
+
+
+def test_equinox_accepts_a_list_of_linear_layers(equiv_seed):
+    eqx = pytest.importorskip("equinox")
+    from equiv.convert import equinox_to_torch, torch_to_equinox
+
+    spec = MLPSpec((4, 3, 2))
+    keys = jax.random.split(jax.random.key(equiv_seed))
+    layers = [eqx.nn.Linear(4, 3, key=keys[0]), eqx.nn.Linear(3, 2, key=keys[1])]
+    torch_model = TorchMLP(spec)
+    filled = torch_to_equinox(torch_model, layers)
+    assert isinstance(filled, list) and len(filled) == 2
+    for name, tensor in equinox_to_torch(filled).items():
+        assert torch.equal(tensor, torch_model.state_dict()[name])
+
+
+def test_equinox_refuses_other_modules():
+    eqx = pytest.importorskip("equinox")
+    from equiv.convert import equinox_to_torch
+
+    model = eqx.nn.Sequential([eqx.nn.Linear(2, 2, key=jax.random.key(0))])
+    with pytest.raises(TypeError) as info:
+        equinox_to_torch(model)
+    assert str(info.value) == (
+        "[equiv] expected an eqx.nn.MLP, an eqx.nn.Linear or a list of eqx.nn.Linear, got "
+        "Sequential; for another module pass its Linear layers in order, e.g. "
+        "torch_to_equinox(state, [model.layers[0], model.layers[2]])"
+    )

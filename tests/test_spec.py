@@ -1,0 +1,140 @@
+"""MLPSpec: what passes, what fails, and the exact message of each failure."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from equiv import MLPSpec
+from equiv.spec import ACTIVATIONS, DTYPES, LOSSES
+
+VALID = [  # (kwargs, param_shapes)
+    ({}, {"fc1.weight": (3, 4), "fc1.bias": (3,), "fc2.weight": (2, 3), "fc2.bias": (2,)}),
+    (
+        {"sizes": [4, 3, 2]},
+        {"fc1.weight": (3, 4), "fc1.bias": (3,), "fc2.weight": (2, 3), "fc2.bias": (2,)},
+    ),
+    ({"sizes": (1, 1)}, {"fc1.weight": (1, 1), "fc1.bias": (1,)}),
+    ({"sizes": (5, 7, 3), "bias": False}, {"fc1.weight": (7, 5), "fc2.weight": (3, 7)}),
+    (
+        {"sizes": (784, 512, 512, 10), "dtype": "float64"},
+        {
+            "fc1.weight": (512, 784),
+            "fc1.bias": (512,),
+            "fc2.weight": (512, 512),
+            "fc2.bias": (512,),
+            "fc3.weight": (10, 512),
+            "fc3.bias": (10,),
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "shapes"), VALID)
+def test_valid_specs(kwargs, shapes):
+    spec = MLPSpec(**kwargs)
+    assert isinstance(spec.sizes, tuple)
+    assert spec.param_shapes() == shapes
+    assert spec.param_names() == list(shapes)
+    assert spec.num_layers == len(spec.sizes) - 1
+    assert spec.unit_roundoff == {"float32": 2.0**-24, "float64": 2.0**-53}[spec.dtype]
+
+
+def test_defaults_are_the_notebook_model():
+    spec = MLPSpec()
+    assert (spec.sizes, spec.activation, spec.loss, spec.bias, spec.dtype) == (
+        (4, 3, 2),
+        "relu",
+        "mse",
+        True,
+        "float32",
+    )
+    assert "relu" in ACTIVATIONS and "mse" in LOSSES and DTYPES == ("float32", "float64")
+
+
+def test_spec_is_frozen_hashable_and_equal_by_value():
+    # Compiled JAX steps are cached per spec: a list and a tuple of sizes are one spec.
+    a, b = MLPSpec([4, 3, 2]), MLPSpec((4, 3, 2))
+    assert a == b and hash(a) == hash(b)
+    assert MLPSpec((4, 3, 2), dtype="float64") != a
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.sizes = (1, 1)
+
+
+def test_replace_validates_again():
+    spec = MLPSpec((4, 3, 2))
+    assert spec.replace(dtype="float64").dtype == "float64"
+    assert spec.replace(bias=False).param_names() == ["fc1.weight", "fc2.weight"]
+    with pytest.raises(ValueError, match=r"^\[equiv\] unknown dtype 'float16'"):
+        spec.replace(dtype="float16")
+
+
+INVALID = [  # (kwargs, exception, exact message)
+    (
+        {"sizes": (4,)},
+        ValueError,
+        "[equiv] sizes needs at least an input and an output width, got (4,); "
+        "for example MLPSpec(sizes=(4, 3, 2))",
+    ),
+    (
+        {"sizes": ()},
+        ValueError,
+        "[equiv] sizes needs at least an input and an output width, got (); "
+        "for example MLPSpec(sizes=(4, 3, 2))",
+    ),
+    (
+        {"sizes": (4, 0, 2)},
+        ValueError,
+        "[equiv] every width must be at least 1, got sizes=(4, 0, 2)",
+    ),
+    ({"sizes": (4, -3)}, ValueError, "[equiv] every width must be at least 1, got sizes=(4, -3)"),
+    (
+        {"sizes": "432"},
+        TypeError,
+        "[equiv] sizes must be a sequence of ints such as (4, 3, 2), got '432'",
+    ),
+    ({"sizes": 4}, TypeError, "[equiv] sizes must be a sequence of ints such as (4, 3, 2), got 4"),
+    ({"sizes": (4, 2.0)}, TypeError, "[equiv] sizes must hold ints, got (4, 2.0)"),
+    ({"sizes": (4, True)}, TypeError, "[equiv] sizes must hold ints, got (4, True)"),
+    (
+        {"activation": "rleu"},
+        ValueError,
+        f"[equiv] unknown activation 'rleu'; expected one of {', '.join(ACTIVATIONS)}",
+    ),
+    ({"loss": "l2"}, ValueError, f"[equiv] unknown loss 'l2'; expected one of {', '.join(LOSSES)}"),
+    (
+        {"dtype": "float16"},
+        ValueError,
+        "[equiv] unknown dtype 'float16'; expected one of float32, float64",
+    ),
+    (
+        {"dtype": "bfloat16"},
+        ValueError,
+        "[equiv] unknown dtype 'bfloat16'; expected one of float32, float64",
+    ),
+    ({"bias": 1}, TypeError, "[equiv] bias must be True or False, got 1"),
+    ({"bias": "yes"}, TypeError, "[equiv] bias must be True or False, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    INVALID,
+    ids=[f"{k}={v!r}" for kw, _, _ in INVALID for k, v in kw.items()],
+)
+def test_invalid_specs(kwargs, error, message):
+    with pytest.raises(error) as info:
+        MLPSpec(**kwargs)
+    assert type(info.value) is error
+    assert str(info.value) == message
+    assert "\n" not in str(info.value)  # one line
+
+
+@pytest.mark.parametrize("field", ["activation", "loss", "dtype"])
+def test_choices_must_be_exact(field):
+    # No guessing: "ReLU", "MSE", "FLOAT32" are not the names.
+    value = {"activation": "ReLU", "loss": "MSE", "dtype": "FLOAT32"}[field]
+    with pytest.raises(ValueError, match=rf"^\[equiv\] unknown {field} {re.escape(repr(value))};"):
+        MLPSpec(**{field: value})
