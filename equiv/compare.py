@@ -4,10 +4,25 @@
 :class:`Report` holds many of them, says whether all agree, and renders the failures
 in the layout of ``torch.testing.assert_close``: a headline, ``Mismatched elements:
 k / n (p%)``, the greatest absolute and relative differences with their index and
-the allowed bound. It lists every failing leaf, never only the first.
+the allowed bound. It lists every failing leaf, never only the first, and says which
+backend the float64 reference blames (:meth:`Report.blame`).
 
-NaN and Inf: the non-finite entries must sit at the same places with the same
-value (NaN with NaN, +Inf with +Inf); any other placement is a mismatch.
+Rules, the same in both code paths:
+
+* An element mismatches when ``|a - b| > bound`` (bound from the tolerance, plus any
+  ``slack``); the ratio is the greatest ``|a - b| / bound``.
+* NaN and Inf: the non-finite entries must sit at the same places with the same
+  value (NaN with NaN, +Inf with +Inf); any other placement is a mismatch, and a
+  NaN on one side only is one.
+* Arithmetic runs in the dtype the two inputs promote to (at least float32):
+  float32 against float32 in float32 (a difference of two close float32 values
+  is exact), anything against float64 in float64.
+
+Speed. Leaves of at least :data:`equiv.fastcompare.FAST_THRESHOLD` elements go
+first through :mod:`equiv.fastcompare`, which computes per-chunk maxima in cache
+on several threads; the full path then recomputes only the chunks that hold the
+greatest differences (for their indices), and takes over the whole leaf when it
+fails, holds a NaN or Inf, or has ``slack``. Both paths give identical statistics.
 """
 
 from __future__ import annotations
@@ -15,14 +30,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from equiv._messages import message
+from equiv import fastcompare
+from equiv._messages import message, type_error, value_error
 from equiv.tolerance import Tolerance
 
 STAGES = ("loss", "grads", "params")
+#: The name of the float64 arbiter's trajectory (the same as ``equiv.harness.REFERENCE``).
+REFERENCE = "reference"
+#: Elements per NumPy chunk: bounds the temporaries of the NumPy path.
+CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +67,7 @@ class LeafDiff:
     allowed: float  # the bound at the element of greatest absolute difference
     ratio: float  # max over elements of |difference| / bound; <= 1 passes
     tolerance: Tolerance
+    ambiguous: int = 0  # elements that pass only thanks to slack (near a kink)
 
     @property
     def passed(self) -> bool:
@@ -66,7 +88,18 @@ class LeafDiff:
         return out
 
     def describe(self) -> str:
-        """The torch-style block of lines for a failing (or any) leaf."""
+        """The torch-style block of lines for a failing (or any) leaf.
+
+        >>> d = compare_leaf(np.array([1.0, 2.0]), np.array([1.0, 2.5]), Tolerance(atol=0.1),
+        ...                  stage="grads", name="fc1.bias", actual_name="jax",
+        ...                  expected_name="torch")
+        >>> print(d.describe())
+        grads at step 1, fc1.bias, shape (2,), float64: jax vs torch
+          Mismatched elements: 1 / 2 (50.0%)
+          Greatest absolute difference: 0.5 at index (1,) (up to 0.1 allowed)
+          Greatest relative difference: 0.2 at index (1,)
+          Ratio to the bound: 5 (bound: atol=0.1, rtol=0)
+        """
         percent = 100.0 * self.mismatched / max(self.numel, 1)
         lines = [
             f"{self.where}, {self.name}, shape {self.shape}, {self.dtype}: "
@@ -82,15 +115,44 @@ class LeafDiff:
                 f"  Non-finite mismatch: {self.nonfinite_mismatched} entries are NaN or Inf "
                 "on one side only (or Inf of the other sign)"
             )
+        if self.ambiguous:
+            lines.append(f"  Ambiguous (near a kink): {self.ambiguous} elements")
         return "\n".join(lines)
 
 
 def to_numpy(x: Any) -> np.ndarray:
-    """A NumPy view or copy of a torch tensor, JAX array, NumPy array or number."""
+    """A NumPy view (a copy only off the CPU) of a torch tensor, JAX array, NumPy
+    array or number; torch bfloat16 becomes ``ml_dtypes.bfloat16``.
+
+    >>> to_numpy(2.5)
+    array(2.5)
+    """
     if hasattr(x, "detach"):  # torch
         x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            import ml_dtypes
+            import torch
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return x.numpy()
     return np.asarray(x)
+
+
+def compute_dtype(a: np.ndarray, b: np.ndarray) -> np.dtype:
+    """The dtype a comparison computes in: the promotion of both, at least float32.
+
+    >>> compute_dtype(np.zeros(1, np.float32), np.zeros(1, np.float64))
+    dtype('float64')
+    >>> compute_dtype(np.zeros(1, np.float16), np.zeros(1, np.float16))
+    dtype('float32')
+    """
+    ct = np.result_type(a.dtype, b.dtype, np.float32)
+    if ct.kind != "f" or ct.itemsize > 8:
+        raise type_error(
+            f"cannot compare {a.dtype} with {b.dtype}: equiv compares real floating "
+            "(or integer) arrays; convert complex values to their real and imaginary parts"
+        )
+    return ct
 
 
 def compare_leaf(
@@ -103,14 +165,36 @@ def compare_leaf(
     name: str = "",
     actual_name: str = "actual",
     expected_name: str = "expected",
+    slack: Any = None,
+    fast_threshold: int | None = None,
 ) -> LeafDiff:
     """Compare two arrays of the same shape elementwise.
+
+    Args:
+      actual, expected: NumPy, torch or JAX arrays (or numbers) of one shape.
+      tolerance: the per-element bound ``atol + rtol·|expected| + scaled·S``.
+      stage, step, name, actual_name, expected_name: labels for the report.
+      slack: None, or a non-negative finite array broadcastable to the leaf: extra
+        allowed difference per element (for units near a ReLU kink). Elements that
+        pass only thanks to it are counted in ``ambiguous``.
+      fast_threshold: leaves with at least this many elements use the XLA kernel;
+        default :data:`equiv.fastcompare.FAST_THRESHOLD`.
+
+    Returns:
+      A :class:`LeafDiff`.
+
+    Raises:
+      ValueError: shapes differ, or ``slack`` is negative, NaN or of another shape.
+      TypeError: complex or non-numeric input.
 
     Example:
       >>> import numpy as np
       >>> d = compare_leaf(np.array([1.0, 2.0]), np.array([1.0, 2.5]), Tolerance(atol=0.1))
       >>> d.passed, d.mismatched, d.max_abs, d.max_abs_index
       (False, 1, 0.5, (1,))
+      >>> compare_leaf(np.array([1.0, 2.0]), np.array([1.0, 2.5]), Tolerance(atol=0.1),
+      ...              slack=np.array([0.0, 0.5])).ambiguous
+      1
     """
     a, b = to_numpy(actual), to_numpy(expected)
     if a.shape != b.shape:
@@ -120,30 +204,22 @@ def compare_leaf(
                 f"has {b.shape}; results must have the same shape to be compared"
             )
         )
+    ct = compute_dtype(a, b)
     dtype = str(a.dtype) if a.dtype == b.dtype else f"{a.dtype}/{b.dtype}"
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    finite = np.isfinite(a64) & np.isfinite(b64)
-    same_nonfinite = ~finite & ((a64 == b64) | (np.isnan(a64) & np.isnan(b64)))
-    nonfinite_bad = ~finite & ~same_nonfinite
-    diff = np.where(finite, np.abs(a64 - b64), 0.0)
-    abs_b = np.where(finite, np.abs(b64), 0.0)
-    scale = float(max(np.max(np.abs(np.where(finite, a64, 0.0)), initial=0.0),
-                      np.max(abs_b, initial=0.0)))
-    allowed = tolerance.atol + tolerance.rtol * abs_b + tolerance.scaled * scale
-    with np.errstate(divide="ignore", invalid="ignore"):
-        over = np.where(allowed > 0, diff / allowed, np.where(diff > 0, np.inf, 0.0))
-        rel = np.where(abs_b > 0, diff / abs_b, np.where(diff > 0, np.inf, 0.0))
-    over = np.where(nonfinite_bad, np.inf, over)
-    mismatched = int(np.count_nonzero(over > 1.0))
+    flat_slack = None if slack is None else _check_slack(slack, a.shape, ct, name)
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    threshold = fastcompare.FAST_THRESHOLD if fast_threshold is None else fast_threshold
+    stats = None
+    if flat_slack is None and fa.size >= threshold and fa.size and not (
+        tolerance.rtol > 0 and tolerance.scaled > 0
+    ):
+        stats = _fast_stats(fa, fb, tolerance, ct)
+    if stats is None:
+        stats = _numpy_stats(fa, fb, tolerance, flat_slack, ct)
     if a.size:
-        i_abs = int(np.argmax(diff))
-        i_rel = int(np.argmax(rel))
-        max_abs, max_rel = float(diff.flat[i_abs]), float(rel.flat[i_rel])
-        ratio, bound = float(np.max(over)), float(np.broadcast_to(allowed, a.shape).flat[i_abs])
-        abs_index = tuple(int(i) for i in np.unravel_index(i_abs, a.shape))
-        rel_index = tuple(int(i) for i in np.unravel_index(i_rel, a.shape))
+        abs_index = tuple(int(i) for i in np.unravel_index(stats.i_abs, a.shape))
+        rel_index = tuple(int(i) for i in np.unravel_index(stats.i_rel, a.shape))
     else:
-        max_abs = max_rel = ratio = bound = 0.0
         abs_index = rel_index = ()
     return LeafDiff(
         stage=stage,
@@ -154,16 +230,187 @@ def compare_leaf(
         shape=tuple(a.shape),
         dtype=dtype,
         numel=int(a.size),
-        mismatched=mismatched,
-        nonfinite_mismatched=int(np.count_nonzero(nonfinite_bad)),
-        max_abs=max_abs,
+        mismatched=stats.mismatched,
+        nonfinite_mismatched=stats.nonfinite,
+        max_abs=float(stats.max_abs),
         max_abs_index=abs_index,
-        max_rel=max_rel,
+        max_rel=float(stats.max_rel),
         max_rel_index=rel_index,
-        allowed=bound,
-        ratio=ratio,
+        allowed=float(stats.allowed),
+        ratio=float(stats.ratio),
         tolerance=tolerance,
+        ambiguous=stats.ambiguous,
     )
+
+
+@dataclasses.dataclass
+class _Stats:
+    """Statistics of a stretch of a flat leaf; :meth:`then` appends a later stretch."""
+
+    mismatched: int = 0
+    nonfinite: int = 0
+    ambiguous: int = 0
+    max_abs: float = 0.0
+    i_abs: int = 0
+    max_rel: float = 0.0
+    i_rel: int = 0
+    ratio: float = 0.0
+    allowed: float = 0.0
+
+    def then(self, later: _Stats | None) -> _Stats:
+        if later is None:
+            return self
+        out = dataclasses.replace(
+            self,
+            mismatched=self.mismatched + later.mismatched,
+            nonfinite=self.nonfinite + later.nonfinite,
+            ambiguous=self.ambiguous + later.ambiguous,
+            ratio=max(self.ratio, later.ratio),
+        )
+        if later.max_abs > self.max_abs:  # strict: the first index wins, as np.argmax
+            out.max_abs, out.i_abs, out.allowed = later.max_abs, later.i_abs, later.allowed
+        if later.max_rel > self.max_rel:
+            out.max_rel, out.i_rel = later.max_rel, later.i_rel
+        return out
+
+
+def _check_slack(slack: Any, shape: tuple[int, ...], ct: np.dtype, name: str) -> np.ndarray:
+    s = to_numpy(slack)
+    try:
+        s = np.broadcast_to(s, shape)
+    except ValueError:
+        raise value_error(
+            f"{name or 'leaf'}: slack of shape {s.shape} does not broadcast to the leaf's "
+            f"shape {shape}; give one extra allowed difference per element (or a scalar)"
+        ) from None
+    s = s.astype(ct).reshape(-1)
+    if not np.all(np.isfinite(s) & (s >= 0)):
+        raise value_error(
+            f"{name or 'leaf'}: slack must be finite and non-negative; got values from "
+            f"{np.nanmin(s, initial=np.inf)} to {np.nanmax(s, initial=-np.inf)}"
+            f"{' and NaN' if np.isnan(s).any() else ''}"
+        )
+    return s
+
+
+def _scale_part(a: np.ndarray, b: np.ndarray, ct: np.dtype) -> Any:
+    """The greatest magnitude over the elements finite on both sides."""
+    a, b = a.astype(ct, copy=False), b.astype(ct, copy=False)
+    finite = np.isfinite(a) & np.isfinite(b)
+    return ct.type(np.max(np.where(finite, np.maximum(np.abs(a), np.abs(b)), 0), initial=0))
+
+
+def _bound_constant(tolerance: Tolerance, scale: Any, ct: np.dtype) -> Any:
+    """``atol + scaled·S``, rounded once to the compute dtype."""
+    return ct.type(tolerance.atol + tolerance.scaled * float(scale))
+
+
+def _quotient(num: np.ndarray, den: Any) -> np.ndarray:
+    """``num / den`` with ``x / 0 = inf`` for ``x > 0`` and ``0 / 0 = 0``."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        q = num / den
+    return np.where(np.isnan(q), np.zeros((), q.dtype), q)
+
+
+def _stats_part(a, b, c, rtol, slack, ct, offset: int) -> _Stats:
+    a, b = a.astype(ct, copy=False), b.astype(ct, copy=False)
+    finite = np.isfinite(a) & np.isfinite(b)
+    same_nonfinite = ~finite & ((a == b) | (np.isnan(a) & np.isnan(b)))
+    bad = ~finite & ~same_nonfinite
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.where(finite, np.abs(a - b), ct.type(0))
+    abs_b = np.where(finite, np.abs(b), ct.type(0))
+    allowed = c + rtol * abs_b if rtol else c
+    held = allowed if slack is None else allowed + slack
+    over = np.where(bad, np.inf, _quotient(diff, held)).astype(ct, copy=False)
+    rel = _quotient(diff, abs_b)
+    i_abs, i_rel = int(np.argmax(diff)), int(np.argmax(rel))
+    ambiguous = 0
+    if slack is not None:
+        ambiguous = int(np.count_nonzero((diff > allowed) & (diff <= held)))
+    return _Stats(
+        mismatched=int(np.count_nonzero(diff > held)) + int(np.count_nonzero(bad)),
+        nonfinite=int(np.count_nonzero(bad)),
+        ambiguous=ambiguous,
+        max_abs=diff[i_abs],
+        i_abs=offset + i_abs,
+        max_rel=rel[i_rel],
+        i_rel=offset + i_rel,
+        ratio=np.max(over),
+        allowed=np.broadcast_to(held, diff.shape)[i_abs],
+    )
+
+
+def _no_nan(x: np.ndarray) -> np.ndarray:
+    """NaN to 0 (a chunk of only ``0/0``), keeping Inf (``np.nan_to_num`` would not)."""
+    return np.where(np.isnan(x), np.zeros((), x.dtype), x)
+
+
+def _chunks(lo: int, hi: int) -> list[tuple[int, int]]:
+    return [(i, min(i + CHUNK, hi)) for i in range(lo, hi, CHUNK)]
+
+
+def _numpy_stats(a, b, tolerance: Tolerance, slack, ct: np.dtype) -> _Stats:
+    """The reference path: NumPy, chunk by chunk (bounded temporaries)."""
+    if a.size == 0:
+        return _Stats()
+    scale = max(_scale_part(a[i:j], b[i:j], ct) for i, j in _chunks(0, a.size))
+    c, rtol = _bound_constant(tolerance, scale, ct), ct.type(tolerance.rtol)
+    out = None
+    for i, j in _chunks(0, a.size):
+        part = _stats_part(a[i:j], b[i:j], c, rtol, None if slack is None else slack[i:j], ct, i)
+        out = part if out is None else out.then(part)
+    return out
+
+
+def _fast_stats(a, b, tolerance: Tolerance, ct: np.dtype) -> _Stats | None:
+    """The fast path for a big passing leaf; None where the NumPy path must decide
+    (a failing or borderline leaf, or NaN or Inf anywhere)."""
+    chunk = fastcompare.CHUNK
+    maxima = fastcompare.chunk_maxima(
+        a, b, ct, c=tolerance.atol, rtol=tolerance.rtol, chunk=chunk
+    )
+    if not (np.isfinite(maxima["max_abs"]).all() and np.isfinite(maxima["scale"]).all()):
+        return None
+    c = _bound_constant(tolerance, np.max(maxima["scale"]), ct)
+    rtol = ct.type(tolerance.rtol)
+    max_abs = np.max(maxima["max_abs"])
+    if rtol:
+        ratio = np.max(_no_nan(maxima["ratio"]))
+    else:
+        ratio = _quotient(np.asarray(max_abs), c)[()]
+    if not ratio < 1:
+        return None  # failing or borderline: the NumPy path counts every element
+
+    k_abs = int(np.argmax(maxima["max_abs"]))  # the first chunk holding the maximum
+    rel = _no_nan(maxima["max_rel"])
+    k_rel = int(np.argmax(rel))
+    i_abs, found_abs, abs_b, i_rel, found_rel = _locate(a, b, ct, k_abs, k_rel, chunk)
+    if found_abs != max_abs or found_rel != rel[k_rel]:
+        return None  # cannot happen with IEEE arithmetic; the NumPy path decides
+    return _Stats(
+        max_abs=max_abs, i_abs=i_abs, max_rel=found_rel, i_rel=i_rel, ratio=ratio,
+        allowed=c + rtol * abs_b if rtol else c,
+    )
+
+
+def _locate(a, b, ct, k_abs: int, k_rel: int, chunk: int):
+    """First indices of the greatest absolute (in chunk ``k_abs``) and relative (in
+    chunk ``k_rel``) differences of an all-finite leaf, with their values."""
+    found = {}
+    for k in dict.fromkeys((k_abs, k_rel)):
+        lo = k * chunk
+        x = a[lo : lo + chunk].astype(ct, copy=False)
+        y = b[lo : lo + chunk].astype(ct, copy=False)
+        d = np.abs(x - y)
+        abs_y = np.abs(y)
+        i = int(np.argmax(d))
+        rel = _quotient(d, abs_y)
+        j = int(np.argmax(rel))
+        found[k] = (lo + i, d[i], abs_y[i], lo + j, rel[j])
+    i_abs, max_abs, abs_b = found[k_abs][:3]
+    i_rel, max_rel = found[k_rel][3:]
+    return i_abs, max_abs, abs_b, i_rel, max_rel
 
 
 @dataclasses.dataclass
@@ -185,11 +432,51 @@ class Report:
     def worst_ratio(self) -> float:
         return max((leaf.ratio for leaf in self.leaves), default=0.0)
 
+    def blame(self, reference: str = REFERENCE) -> dict[str, list[str]]:
+        """Which backends the float64 ``reference`` blames, per leaf.
+
+        A backend is blamed for a leaf when its comparison against ``reference``
+        at that stage and step fails. Keys are ``"<where>, <name>"`` (for example
+        ``"grads at step 1, fc1.weight"``), in report order; leaves where no
+        backend is blamed are left out. Empty without reference comparisons.
+
+        >>> t = Tolerance(atol=0.1)
+        >>> r = Report([compare_leaf(np.ones(2), np.ones(2), t, name="w", actual_name="torch",
+        ...                          expected_name="reference"),
+        ...             compare_leaf(np.ones(2) * 2, np.ones(2), t, name="w", actual_name="jax",
+        ...                          expected_name="reference")])
+        >>> r.blame()
+        {'params after step 1, w': ['jax']}
+        """
+        out: dict[str, list[str]] = {}
+        for leaf in self.leaves:
+            if leaf.expected == reference and not leaf.passed:
+                key = f"{leaf.where}, {leaf.name}"
+                if leaf.actual not in out.setdefault(key, []):
+                    out[key].append(leaf.actual)
+        return out
+
+    def _verdict(self, leaf: LeafDiff, blame: dict[str, list[str]]) -> str | None:
+        """The arbiter's line for a failing comparison of two backends."""
+        if leaf.expected == REFERENCE or not any(
+            d.expected == REFERENCE and d.where == leaf.where and d.name == leaf.name
+            for d in self.leaves
+        ):
+            return None
+        blamed = [b for b in blame.get(f"{leaf.where}, {leaf.name}", [])
+                  if b in (leaf.actual, leaf.expected)]
+        if blamed:
+            return f"  Float64 reference blames: {', '.join(blamed)}"
+        return (
+            "  Float64 reference blames neither: both are within the bound of the reference"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "agree": self.agree,
             "worst_ratio": _json_float(self.worst_ratio),
-            "settings": self.settings,
+            "settings": _json_safe(self.settings),
+            "blame": self.blame(),
             "leaves": [_json_safe(leaf.to_dict()) for leaf in self.leaves],
         }
 
@@ -197,7 +484,13 @@ class Report:
         return json.dumps(self.to_dict(), **kwargs)
 
     def failure_text(self) -> str:
-        """Headline plus a torch-style block for every failing leaf."""
+        """Headline plus a torch-style block for every failing leaf.
+
+        The headline names the pairs that disagree and the settings; then one
+        block per failing leaf (with the arbiter's verdict under a comparison of
+        two backends when reference comparisons exist); a last line totals the
+        blame.
+        """
         failures = self.failures
         if not failures:
             return message(f"all {len(self.leaves)} comparisons agree")
@@ -207,7 +500,23 @@ class Report:
             f"{len(failures)} of {len(self.leaves)} comparisons disagree "
             f"({'; '.join(pairs)}){f' [{settings}]' if settings else ''}"
         )
-        return "\n".join([head] + [f.describe() for f in failures])
+        blame = self.blame()
+        lines = [head]
+        for leaf in failures:
+            lines.append(leaf.describe())
+            verdict = self._verdict(leaf, blame)
+            if verdict:
+                lines.append(verdict)
+        if blame:
+            counts: dict[str, int] = {}
+            for backends in blame.values():
+                for backend in backends:
+                    counts[backend] = counts.get(backend, 0) + 1
+            lines.append(
+                message("the float64 reference blames: ")
+                + "; ".join(f"{b} ({n} leaf{'s' if n != 1 else ''})" for b, n in counts.items())
+            )
+        return "\n".join(lines)
 
     def assert_agree(self) -> None:
         """Raise ``AssertionError`` naming every failing leaf; return None if all agree."""
@@ -227,8 +536,13 @@ def compare_trees(
     step: int = 1,
     actual_name: str = "actual",
     expected_name: str = "expected",
+    slack: Mapping[str, Any] | None = None,
+    fast_threshold: int | None = None,
 ) -> list[LeafDiff]:
     """Compare two flat ``{name: array}`` trees leaf by leaf (names must match).
+
+    ``slack`` optionally maps leaf names to the extra allowed difference of
+    :func:`compare_leaf`; ``fast_threshold`` is passed on.
 
     Example:
       >>> import numpy as np
@@ -252,6 +566,8 @@ def compare_trees(
             compare_leaf(
                 actual[name], expected[name], tol, stage=stage, step=step, name=name,
                 actual_name=actual_name, expected_name=expected_name,
+                slack=None if slack is None else slack.get(name),
+                fast_threshold=fast_threshold,
             )
         )
     return out
@@ -262,8 +578,10 @@ def _json_float(x: float) -> float | str:
 
 
 def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return _json_float(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _json_float(float(obj))
+    if isinstance(obj, np.integer):
+        return int(obj)
     if isinstance(obj, dict):
         return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
