@@ -1,0 +1,298 @@
+"""The ``equiv-compare`` command (also ``python scripts/compare_frameworks.py``).
+
+Argument parsing and printing only: the work is :func:`equiv.harness.compare_backends`,
+the report is :mod:`equiv.render`, the JSON is :meth:`equiv.harness.Comparison.to_dict`.
+
+Exit status:
+
+* 0: every backend agrees with every other (and with the float64 reference);
+* 1: some leaf disagrees (the report lists every failing leaf);
+* 2: bad input (a width below 1, an unknown dtype, device, precision or backend, a
+  malformed number, ``--rtol`` without ``--atol``, an unwritable ``--json`` path):
+  one ``[equiv] ...`` line on stderr, no traceback, nothing computed.
+
+Example:
+  >>> main(["--sizes", "4,0,2"])  # prints "[equiv] every width must be at least 1, ..."
+  2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from equiv._messages import PREFIX, message
+from equiv.harness import BACKENDS, compare_backends
+from equiv.render import print_comparison
+from equiv.spec import DTYPES, MLPSpec
+
+_SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below 2**64
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is one line without the prefix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage block and exits on a bad argument; we want one
+    # prefixed line and an exit status from main() instead.
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; see --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``equiv-compare`` (syntax only; the library checks values)."""
+    parser = _Parser(
+        prog="equiv-compare",
+        description=(
+            "Run SGD steps of one MLP in PyTorch, by hand (no autodiff) and in JAX, from the "
+            "same parameters and batches, and compare loss, gradients and updated parameters "
+            "leaf by leaf against derived bounds and a float64 hand-derived reference. The "
+            "defaults replay the notebook: a 4-3-2 ReLU MLP after torch.manual_seed(0), MSE, "
+            "SGD at lr 0.1."
+        ),
+        epilog="Exit status: 0 all agree, 1 some leaf disagrees, 2 bad input.",
+    )
+    add = parser.add_argument
+    add(
+        "--sizes",
+        type=_sizes,
+        default=(4, 3, 2),
+        metavar="W,W,...",
+        help="layer widths, input first (default: 4,3,2)",
+    )
+    add("--batch", type=int, default=2, metavar="N", help="batch size (default: 2)")
+    add(
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="N",
+        help="torch seed for the initial parameters and the batches (default: 0)",
+    )
+    add(
+        "--lr",
+        type=_finite_float,
+        default=0.1,
+        metavar="X",
+        help="SGD learning rate (default: 0.1)",
+    )
+    add(
+        "--steps",
+        type=int,
+        default=1,
+        metavar="N",
+        help="SGD steps, a fresh batch each (default: 1)",
+    )
+    add(
+        "--dtype",
+        default="float32",
+        metavar="DTYPE",
+        help=f"one of {', '.join(DTYPES)} (default: float32)",
+    )
+    add(
+        "--device",
+        default="cpu",
+        metavar="DEVICE",
+        help="cpu, cuda or cuda:N, for torch and JAX alike (default: cpu)",
+    )
+    add("--no-bias", action="store_true", help="layers without bias")
+    add(
+        "--precision",
+        default="exact",
+        metavar="MODE",
+        help="exact: IEEE float32 matmuls, no TF32, in a scope (default); "
+        "native: keep the current torch and JAX settings",
+    )
+    add(
+        "--rtol",
+        type=_finite_float,
+        default=None,
+        metavar="X",
+        help="a fixed relative tolerance instead of derived bounds (needs --atol)",
+    )
+    add(
+        "--atol",
+        type=_finite_float,
+        default=None,
+        metavar="X",
+        help="a fixed absolute tolerance instead of derived bounds (needs --rtol)",
+    )
+    add(
+        "--backends",
+        type=_names,
+        default=BACKENDS,
+        metavar="NAME,...",
+        help=f"backends to compare, from {','.join(BACKENDS)} (default: all)",
+    )
+    add(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the report as JSON (agree, loss, params, diffs, config, settings)",
+    )
+    add("--version", action="version", version=f"%(prog)s {_version()}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison the arguments describe, print the report, return the exit status.
+
+    Args:
+      argv: the arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+      0 when all agree, 1 when some leaf disagrees, 2 for bad input.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+        if (args.rtol is None) != (args.atol is None):
+            # The library says the same; saying it here names the options.
+            raise UsageError(
+                "give --rtol and --atol both, or neither to use derived bounds; "
+                f"got --rtol {args.rtol}, --atol {args.atol}"
+            )
+        spec = MLPSpec(sizes=args.sizes, bias=not args.no_bias, dtype=args.dtype)
+        if args.json is not None:
+            check_writable(args.json)
+        comparison = compare_backends(
+            spec,
+            batch_size=args.batch,
+            seed=args.seed,
+            learning_rate=args.lr,
+            steps=args.steps,
+            device=args.device,
+            backends=args.backends,
+            precision=args.precision,
+            rtol=args.rtol,
+            atol=args.atol,
+        )
+    except SystemExit as exit_:  # --help and --version
+        return int(exit_.code or 0)
+    except UsageError as error:
+        return _bad_input(str(error))
+    except (ValueError, TypeError) as error:
+        if not str(error).startswith(PREFIX):
+            raise  # not a message about the input: a bug, keep its traceback
+        return _bad_input(str(error))
+    print_comparison(comparison, seed=args.seed)
+    if args.json is not None:
+        try:
+            data = comparison.to_dict()
+            data["config"].setdefault("seed", args.seed)  # the problem does not record it
+            write_json(args.json, data)
+        except OSError as error:
+            return _bad_input(f"cannot write --json {args.json!r}: {error.strerror or error}")
+    return 0 if comparison.agree else 1
+
+
+def check_writable(path: str) -> None:
+    """Raise :class:`UsageError` unless a file can be created beside ``path``.
+
+    Done before the comparison runs, so a typo in the path costs nothing.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f"--json {path!r} is a folder; give a file path such as report.json")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--json {path!r}: the folder {folder!r} does not exist")
+    try:
+        probe = _create_temp(folder, os.path.basename(path))
+    except OSError as error:
+        raise UsageError(f"--json {path!r}: cannot write in {folder!r}: {error.strerror}") from None
+    os.close(probe[0])
+    os.unlink(probe[1])
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """Write ``data`` as strict JSON, atomically: a temporary file in the same
+    folder, then ``os.replace``, so a reader never sees half a report.
+
+    Non-finite numbers become the strings ``"nan"``, ``"inf"``, ``"-inf"`` (as in
+    :meth:`equiv.compare.Report.to_dict`), since JSON has no spelling for them.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temp = _create_temp(folder, os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(_finite(data), file, indent=2, allow_nan=False)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _create_temp(folder: str, name: str) -> tuple[int, str]:
+    # os.open with mode 0o666 lets the umask decide the permissions, as for any
+    # file the user creates (tempfile.mkstemp would leave the report at 0o600).
+    temp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
+
+
+def _bad_input(text: str) -> int:
+    line = " ".join(text.split("\n"))
+    sys.stderr.write((line if line.startswith(PREFIX) else message(line)) + "\n")
+    return 2
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integer widths such as 4,3,2, got {text!r}"
+        ) from None
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < _SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64-1, got {text!r}")
+    return seed
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number such as 0.1, got {text!r}")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(","))
+
+
+def _version() -> str:
+    from equiv import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The command line: exit codes, the printed table, --json, every kind of bad input.
+
+Most tests call :func:`equiv.cli.main` in the test process (the JAX step compiles
+once per shape for the whole module); one runs the script end to end as a user
+does, and one checks that the installed console command is this same ``main``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from equiv.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "compare_frameworks.py"
+LEAVES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+BACKENDS = ("torch", "manual", "jax", "reference")
+PAIRS = (
+    "torch vs manual",
+    "torch vs jax",
+    "manual vs jax",
+    "torch vs reference",
+    "manual vs reference",
+    "jax vs reference",
+)
+
+# The notebook's last printed table (../shared/seed/notebook.txt): the parameters
+# after three SGD steps from torch.manual_seed(0), printed to 4 decimals.
+NOTEBOOK_AFTER_STEP_3 = {
+    "fc1.weight": [
+        [0.0171, 0.2728, -0.3823, -0.3625],
+        [-0.1416, 0.1264, -0.0283, 0.4303],
+        [-0.0572, 0.1295, -0.1692, -0.1017],
+    ],
+    "fc1.bias": [-0.5022, -0.3446, -0.1910],
+    "fc2.weight": [[0.0217, 0.2695, 0.3465], [-0.3883, -0.2426, 0.2103]],
+    "fc2.bias": [0.6073, 0.0631],
+}
+
+# (arguments, a fragment of the one line on stderr). Every kind of bad input.
+BAD_INPUTS = [
+    (["--sizes", "4,0,2"], "every width must be at least 1"),
+    (["--sizes", "4,-3,2"], "every width must be at least 1"),
+    (["--sizes", "4"], "sizes needs at least an input and an output width"),
+    (["--sizes", "4,x,2"], "argument --sizes: expected comma-separated integer widths"),
+    (["--sizes", ""], "argument --sizes: expected comma-separated integer widths"),
+    (["--sizes"], "argument --sizes: expected one argument"),
+    (["--dtype", "float16"], "unknown dtype 'float16'; expected one of float32, float64"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda:99"], "device 'cuda:99' is not available"),
+    (["--lr", "abc"], "argument --lr: expected a finite number such as 0.1, got 'abc'"),
+    (["--lr", "nan"], "argument --lr: expected a finite number such as 0.1, got 'nan'"),
+    (["--lr", "0"], "learning_rate must be a positive number, got 0.0"),
+    (["--lr", "-1"], "learning_rate must be a positive number, got -1.0"),
+    (["--batch", "0"], "batch_size must be an int of at least 1, got 0"),
+    (["--batch", "2.5"], "argument --batch: invalid int value: '2.5'"),
+    (["--steps", "0"], "steps must be an int of at least 1, got 0"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--seed", "-1"], "argument --seed: expected an integer from 0 to 2**64-1, got '-1'"),
+    (["--seed", str(2**64)], "argument --seed: expected an integer from 0 to 2**64-1"),
+    (["--rtol", "1e-5"], "give --rtol and --atol both, or neither"),
+    (["--atol", "1e-8"], "give --rtol and --atol both, or neither"),
+    (["--rtol", "-1", "--atol", "0"], "rtol and atol must be non-negative"),
+    (["--rtol", "inf", "--atol", "0"], "argument --rtol: expected a finite number"),
+    (["--precision", "fast"], "unknown precision 'fast'"),
+    (["--backends", "torch,tensorflow"], "backends must be distinct names from torch, manual, jax"),
+    (["--backends", "torch,torch"], "backends must be distinct names from torch, manual, jax"),
+    (["--backends", ""], "backends must be distinct names from torch, manual, jax"),
+    (["--json", "{tmp}/missing/report.json"], "the folder '{tmp}/missing' does not exist"),
+    (["--json", "{tmp}"], "is a folder; give a file path such as report.json"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def _plain_terminal(monkeypatch):
+    # The report is laid out as when piped: 80 columns, no colour.
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+
+
+def _table_rows(out: str) -> list[list[str]]:
+    return [
+        line.split()
+        for line in out.splitlines()
+        if len(line.split()) == 9 and line.split()[-1] in ("ok", "FAIL")
+    ]
+
+
+def test_default_run_agrees_and_shows_every_leaf_and_pair(capsys):
+    code, out, err = _run([], capsys)
+    assert (code, err) == (0, "")
+    rows = _table_rows(out)
+    assert len(rows) == 9 * len(PAIRS)  # loss, 4 gradients, 4 parameters; 6 pairs each
+    assert {row[0] for row in rows} == {"loss", *LEAVES}
+    assert {" ".join(row[1:4]) for row in rows} == set(PAIRS)
+    assert all(row[-1] == "ok" for row in rows)
+    lines = out.splitlines()
+    assert lines[-1] == "[equiv] PASS: all 54 comparisons agree"
+    assert "run       batch 2, seed 0, 1 SGD step at lr 0.1" in lines
+    assert "settings  dtype float32, device cpu, precision exact" in lines
+    assert not re.search(r"\x1b\[", out)
+
+
+def test_json_report(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    code, _, err = _run(["--steps", "2", "--json", str(path)], capsys)
+    assert (code, err) == (0, "")
+    text = path.read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert {"agree", "loss", "params", "diffs", "config", "settings"} <= set(data)
+    assert data["agree"] is True
+    assert set(data["loss"]) == set(BACKENDS)
+    assert all(
+        len(values) == 2 and all(isinstance(v, float) for v in values)
+        for values in data["loss"].values()
+    )
+    for backend in BACKENDS:
+        params = data["params"][backend]
+        assert list(params) == list(LEAVES)
+        assert np.array(params["fc1.weight"]).shape == (3, 4)
+        assert np.array(params["fc2.bias"]).shape == (2,)
+    assert len(data["diffs"]) == 2 * 9 * len(PAIRS)
+    diff = data["diffs"][0]
+    assert {
+        "stage",
+        "step",
+        "name",
+        "actual",
+        "expected",
+        "max_abs",
+        "max_rel",
+        "ratio",
+        "passed",
+    } <= set(diff)
+    assert data["config"]["sizes"] == [4, 3, 2] and data["config"]["seed"] == 0
+    assert data["settings"]["device"] == "cpu" and data["settings"]["precision"] == "exact"
+    assert os.listdir(tmp_path) == ["report.json"]  # the temporary file was renamed, not left
+    assert text.endswith("}\n")
+
+
+def test_json_replaces_an_existing_file(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    path.write_text("old")
+    assert _run(["--no-bias", "--json", str(path)], capsys)[0] == 0
+    data = json.loads(path.read_text())
+    assert data["config"]["bias"] is False
+    assert sorted(os.listdir(tmp_path)) == ["report.json"]
+
+
+def test_json_write_failure_is_exit_2_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)  # the folder passed the check, the rename fails
+    path = tmp_path / "report.json"
+    code, out, err = _run(["--json", str(path)], capsys)
+    assert code == 2 and "PASS" in out  # the report was printed; only the file is missing
+    assert err == f"[equiv] cannot write --json {str(path)!r}: Permission denied\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_three_steps_reproduce_the_notebook(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    assert _run(["--steps", "3", "--json", str(path)], capsys)[0] == 0
+    params = json.loads(path.read_text())["params"]
+    for backend in BACKENDS:
+        for name, printed in NOTEBOOK_AFTER_STEP_3.items():
+            # "equal to the printed 4 decimals": within half a unit of the last digit
+            np.testing.assert_allclose(params[backend][name], printed, rtol=0, atol=5e-5 + 1e-12)
+
+
+def test_steps_show_a_summary_per_step(capsys):
+    code, out, _ = _run(["--steps", "3"], capsys)
+    assert code == 0
+    summary = out.split("worst ratio to the bound per step, stage and pair", 1)[1]
+    steps = [line.split()[:2] for line in summary.splitlines() if re.match(r"\s+\d+\s+\w+\s", line)]
+    assert steps == [[str(s), st] for s in (1, 2, 3) for st in ("loss", "grads", "params")]
+    assert "params after step 3" in [line.strip() for line in out.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [(["--rtol", "1e-3", "--atol", "1e-6"], 0), (["--rtol", "0", "--atol", "0"], 1)],
+)
+def test_user_tolerance_pass_and_fail(argv, code, capsys, tmp_path):
+    """With zero tolerance, float32 results honestly differ from the float64 reference
+    (rounding): a real disagreement, exit 1. A loose fixed tolerance passes, exit 0."""
+    path = tmp_path / "r.json"
+    got, out, err = _run([*argv, "--json", str(path)], capsys)
+    assert (got, err) == (code, "")
+    data = json.loads(path.read_text())
+    assert data["agree"] is (code == 0)
+    failing = {
+        (d["stage"], d["name"], d["actual"], d["expected"])
+        for d in data["diffs"]
+        if not d["passed"]
+    }
+    if code == 0:
+        assert not failing and "FAIL" not in out
+        return
+    # Every float32 backend differs from the float64 reference somewhere, by rounding.
+    assert {(a, b) for _, _, a, b in failing} >= {
+        (n, "reference") for n in ("torch", "manual", "jax")
+    }
+    assert ("params", "fc1.weight", "torch", "reference") in failing
+    # The hand-derived pass on torch tensors is bitwise torch autograd: zero tolerance holds.
+    assert not {f for f in failing if f[2:] == ("torch", "manual")}
+    # Between torch and JAX, at zero tolerance exactly the leaves that differ at all fail.
+    for d in data["diffs"]:
+        if (d["actual"], d["expected"]) == ("torch", "jax"):
+            assert d["passed"] is (d["max_abs"] == 0.0)
+    lines = out.splitlines()
+    assert lines[-1] == f"[equiv] FAIL: {len(failing)} of 54 comparisons disagree"
+    assert any(
+        line.startswith(f"[equiv] {len(failing)} of 54 comparisons disagree (") for line in lines
+    )
+    assert "  Mismatched elements: 1 / 1 (100.0%)" in lines  # the scalar loss vs reference
+    shown = {(row[0], *row[1:4:2], row[-1]) for row in _table_rows(out)}
+    assert ("loss", "torch", "reference", "FAIL") in shown
+    assert ("loss", "torch", "manual", "ok") in shown
+
+
+def test_no_bias_and_chosen_backends(capsys):
+    code, out, _ = _run(["--no-bias", "--backends", "torch,jax"], capsys)
+    assert code == 0
+    rows = _table_rows(out)
+    assert {row[0] for row in rows} == {"loss", "fc1.weight", "fc2.weight"}
+    assert {" ".join(row[1:4]) for row in rows} == {
+        "torch vs jax",
+        "torch vs reference",
+        "jax vs reference",
+    }
+    assert "manual" not in out
+
+
+def test_float64_and_native_precision(capsys):
+    code, out, _ = _run(["--dtype", "float64", "--precision", "native", "--sizes", "3,5,1"], capsys)
+    assert code == 0
+    assert "settings  dtype float64, device cpu, precision native" in out.splitlines()
+    assert "jax_enable_x64=True" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"), BAD_INPUTS, ids=[" ".join(a) or "empty" for a, _ in BAD_INPUTS]
+)
+def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    assert out == ""  # nothing was computed or printed
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("[equiv] "), err
+    assert fragment.replace("{tmp}", str(tmp_path)) in err
+    assert "Traceback" not in err
+
+
+def test_help_and_version(capsys):
+    code, out, _ = _run(["--help"], capsys)
+    assert code == 0 and out.startswith("usage: equiv-compare")
+    for option in (
+        "--sizes",
+        "--batch",
+        "--seed",
+        "--lr",
+        "--steps",
+        "--dtype",
+        "--device",
+        "--json",
+        "--no-bias",
+        "--precision",
+        "--rtol",
+        "--atol",
+        "--backends",
+    ):
+        assert option in out
+    code, out, _ = _run(["--version"], capsys)
+    assert code == 0 and re.fullmatch(r"equiv-compare \d+\.\d+\.\d+\S*\n", out)
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR")}
+    env["PYTHONWARNINGS"] = "error"
+    return env
+
+
+def test_script_end_to_end(tmp_path):
+    path = tmp_path / "out.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json", str(path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines()[-1] == "[equiv] PASS: all 54 comparisons agree"
+    assert not re.search(r"\x1b\[", done.stdout)  # piped: no colour codes
+    assert all(len(line.rstrip()) <= 80 for line in done.stdout.splitlines() if "─" in line)
+    assert json.loads(path.read_text())["agree"] is True
+
+
+def test_console_command_is_installed_and_runs_main():
+    # In process: the installed entry point is this main (a second subprocess would
+    # only time the imports again).
+    (entry,) = importlib.metadata.entry_points(group="console_scripts", name="equiv-compare")
+    assert entry.value == "equiv.cli:main"
+    assert entry.load() is main
+    assert shutil.which("equiv-compare", path=str(Path(sys.executable).parent)), "not installed"
