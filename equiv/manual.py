@@ -22,6 +22,12 @@ Backward, with ``dz_i = ∂loss/∂z_i``::
     dh_{i-1} = dz_i W_i                       (B, n_{i-1})
     dz_{i-1} = dh_{i-1} · [z_{i-1} > 0]       relu'(0) = 0, as torch defines it
 
+Mask override (``masks=``): a backend whose rounded ``z_i`` lands on the other
+side of 0 than the exact one takes the other branch of the kink. Passing a boolean
+mask ``m_i`` (shape (B, n_i)) for hidden layer ``i`` replaces ``[z_i > 0]`` by
+``m_i`` in both passes: ``h_i = z_i · m_i`` and ``dz_i = dh_i · m_i``. This is how
+:mod:`equiv.kinks` computes the gradients on the other side of a kink.
+
 SGD: ``p ← p - lr · dp``, rounded once on torch tensors as ``torch.optim.SGD``
 rounds it (``p.add(dp, alpha=-lr)``), so the hand-written step equals torch's
 bit for bit where the gradients do.
@@ -29,36 +35,46 @@ bit for bit where the gradients do.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from array_api_compat import array_namespace, is_torch_array
 
+from equiv._messages import value_error
 from equiv.spec import MLPSpec
 
 Array = Any
+Masks = Sequence[Any] | None
 
 
-def forward(params: Mapping[str, Array], x: Array, spec: MLPSpec) -> tuple[Array, list[Array]]:
+def forward(
+    params: Mapping[str, Array], x: Array, spec: MLPSpec, masks: Masks = None
+) -> tuple[Array, list[Array]]:
     """Return the output ``h_L`` and the pre-activations ``[z_1, ..., z_L]``.
 
     The inputs of each layer are ``x`` and ``relu(z_i)``; the backward pass
-    recomputes them from ``zs`` instead of storing both.
+    recomputes them from ``zs`` instead of storing both. ``masks`` overrides
+    ``[z_i > 0]`` (see the module docstring).
     """
     xp = array_namespace(x)
+    masks = _check_masks(masks, spec)
     h, zs = x, []
     for i in range(1, spec.num_layers + 1):
         z = xp.matmul(h, xp.matrix_transpose(params[f"fc{i}.weight"]))
         if spec.bias:
             z = z + params[f"fc{i}.bias"]
         zs.append(z)
-        h = _relu(xp, z) if i < spec.num_layers else z
+        h = _relu(xp, z, masks[i - 1]) if i < spec.num_layers else z
     return h, zs
 
 
 def loss_and_grads(
-    params: Mapping[str, Array], x: Array, y: Array, spec: MLPSpec
+    params: Mapping[str, Array], x: Array, y: Array, spec: MLPSpec, masks: Masks = None
 ) -> tuple[Array, dict[str, Array]]:
     """The MSE loss and every gradient, under torch's parameter names.
+
+    ``masks``: optional per-hidden-layer boolean arrays replacing ``[z_i > 0]``
+    (a list of ``num_layers - 1`` entries, each an array or None).
 
     Example:
       >>> import numpy as np
@@ -69,20 +85,56 @@ def loss_and_grads(
       (0.25, [[1.0, 1.0]], [1.0])
     """
     xp = array_namespace(x)
-    out, zs = forward(params, x, spec)
+    masks = _check_masks(masks, spec)
+    out, zs = forward(params, x, spec, masks)
     diff = out - y
     loss = xp.mean(diff * diff)
     numel = out.shape[0] * out.shape[1]
     dz = diff * (2.0 / numel)  # torch's mse_loss_backward: (out - y) · (2 / numel)
     grads: dict[str, Array] = {}
     for i in range(spec.num_layers, 0, -1):
-        h_prev = x if i == 1 else _relu(xp, zs[i - 2])
+        h_prev = x if i == 1 else _relu(xp, zs[i - 2], masks[i - 2])
         weight = params[f"fc{i}.weight"]
         grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz), h_prev)
         if spec.bias:
             grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
         if i > 1:
             dh = xp.matmul(dz, weight)
+            dz = xp.where(_mask(zs[i - 2], masks[i - 2]), dh, xp.zeros_like(dh))
+    return loss, {name: grads[name] for name in spec.param_names()}
+
+
+def magnitudes(
+    params: Mapping[str, Array], x: Array, y: Array, spec: MLPSpec
+) -> tuple[Array, dict[str, Array]]:
+    """The size of what each result sums, for rounding bounds: the backward pass
+    above with every term replaced by its absolute value (``|dW_i| = |dz_i|ᵀ|h_{i-1}|``,
+    ``|db_i| = Σ|dz_i|``, ``|dh| = |dz|·|W|``), starting from ``|h_L| + |y|`` in place
+    of ``h_L - y``; the loss's is ``mean(|h_L - y|·(|h_L| + |y|))``. A sum that cancels
+    is small while its rounding error is not: this is what that error scales with.
+
+    >>> import numpy as np
+    >>> spec = MLPSpec((1, 1), dtype="float64")
+    >>> params = {"fc1.weight": np.array([[1.0]]), "fc1.bias": np.array([0.0])}
+    >>> x, y = np.array([[1.0], [-1.0]]), np.array([[2.0], [-2.0]])
+    >>> loss_and_grads(params, x, y, spec)[1]["fc1.bias"].tolist()  # cancels
+    [0.0]
+    >>> magnitudes(params, x, y, spec)[1]["fc1.bias"].tolist()  # (3 + 3) · 2 / 2
+    [6.0]
+    """
+    xp = array_namespace(x)
+    out, zs = forward(params, x, spec)
+    size = xp.abs(out) + xp.abs(y)
+    loss = xp.mean(xp.abs(out - y) * size)
+    dz = size * (2.0 / (out.shape[0] * out.shape[1]))
+    grads: dict[str, Array] = {}
+    for i in range(spec.num_layers, 0, -1):
+        h_prev = xp.abs(x) if i == 1 else _relu(xp, zs[i - 2])
+        grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz), h_prev)
+        if spec.bias:
+            grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
+        if i > 1:
+            dh = xp.matmul(dz, xp.abs(params[f"fc{i}.weight"]))
             dz = xp.where(zs[i - 2] > 0, dh, xp.zeros_like(dh))
     return loss, {name: grads[name] for name in spec.param_names()}
 
@@ -99,8 +151,25 @@ def sgd_update(
     return {name: _scaled_add(p, grads[name], -learning_rate) for name, p in params.items()}
 
 
-def _relu(xp, z: Array) -> Array:
-    return xp.where(z > 0, z, xp.zeros_like(z))
+def _mask(z: Array, mask: Array | None) -> Array:
+    return z > 0 if mask is None else mask
+
+
+def _relu(xp, z: Array, mask: Array | None = None) -> Array:
+    return xp.where(_mask(z, mask), z, xp.zeros_like(z))
+
+
+def _check_masks(masks: Masks, spec: MLPSpec) -> list:
+    hidden = spec.num_layers - 1
+    if masks is None:
+        return [None] * hidden
+    masks = list(masks)
+    if len(masks) != hidden:
+        raise value_error(
+            f"masks needs one entry (an array or None) per hidden layer: {hidden} for "
+            f"sizes {spec.sizes}, got {len(masks)}"
+        )
+    return masks
 
 
 def _scaled_add(p: Array, g: Array, alpha: float) -> Array:

@@ -23,6 +23,29 @@ twice ``c·√k·u`` for two float32 backends, and essentially ``c·√k·u₃�
 the float64 reference. After ``s`` SGD steps each step starts from parameters
 already off by the previous bound, so the bound grows linearly: a factor ``s``.
 
+Cancellation. A sum that cancels is small while its rounding error is not: the
+error of ``Σ_b dz_b h_b`` scales with ``Σ_b |dz_b|·|h_b|``, not with the result (found
+by the false-alarm sweep: a 1×1 layer over a batch of 20 whose weight gradient
+nearly cancelled, 1.3 times a bound relative to ``max|g|``). So ``max|q|`` above is
+the larger of the leaf's own magnitude and the magnitude of what it sums,
+:func:`equiv.manual.magnitudes` of the float64 values (the backward pass on absolute
+values; for the loss ``mean(|f(x) - y|·(|f(x)| + |y|))``, since ``f(x) - y`` cancels
+too). :func:`with_magnitude` adds the excess as an absolute term.
+
+Parameters after an update. ``p_s = p_{s-1} - lr·g_s`` can cancel: ``|p_s|`` may be far
+smaller than ``|p_{s-1}|`` and ``|lr·g_s|`` (found by the false-alarm sweep: a 1×1
+layer whose weight the step nearly zeroed, off by 23 times a bound relative to
+``max|p_s|``). The error of ``p_s`` is the error carried from ``p_{s-1}``, plus ``lr``
+times the error of ``g_s``, plus the rounding of the update itself::
+
+    δp_s ≤ δp_{s-1} + lr·δg_s + u·|p_s|,     δg_t ≤ c·√k·(u₁+u₂)·t·max|g_t|
+
+so, with ``Δp_t = p_t - p_{t-1}`` (``lr·g_t`` for SGD, read off the trajectories so
+that any optimizer's step counts), the parameters get an absolute term on top of
+the scaled one (:func:`params_tolerance`)::
+
+    c·√k·(u₁+u₂)·(s·max|p_s| + Σ_{t≤s} t·max|Δp_t|)
+
 ``k`` is the longest reduction that produced the value: the widest layer input
 or output (forward ``h Wᵀ`` reduces over the input width, backward ``dz W`` over
 the output width), the batch (``dW = dzᵀ h`` and ``db = Σ dz`` reduce over it) and,
@@ -112,4 +135,41 @@ def derived_tolerance(
     return Tolerance(
         scaled=scaled,
         derivation=f"{SAFETY:g}·√{k}·(u₁+u₂)·{step}·max|x|",
+    )
+
+
+def params_tolerance(base: Tolerance, update_sizes: list[float]) -> Tolerance:
+    """Add the carried update errors to a derived ``"params"`` bound at step ``s``.
+
+    ``update_sizes[t-1]`` is ``max|p_t - p_{t-1}|`` of the leaf for ``t = 1..s``; see
+    the module docstring (``base.scaled`` is ``c·√k·(u₁+u₂)·s``).
+
+    >>> tol = derived_tolerance(MLPSpec((4, 3, 2)), 2, "params", 2, ("float32", "float32"))
+    >>> extra = params_tolerance(tol, [1.0, 0.5])
+    >>> round(extra.atol / (tol.scaled / 2), 6)  # c·√k·(u₁+u₂)·(1·1.0 + 2·0.5)
+    2.0
+    """
+    steps = len(update_sizes)
+    per_step = base.scaled / steps if steps else 0.0
+    carried = per_step * sum(t * size for t, size in enumerate(update_sizes, start=1))
+    return dataclasses.replace(
+        base,
+        atol=base.atol + carried,
+        derivation=base.derivation + f" + {carried:.3g} (updates carried)",
+    )
+
+
+def with_magnitude(base: Tolerance, magnitude: float, largest: float) -> Tolerance:
+    """Scale the bound by ``max(largest, magnitude)`` instead of ``largest`` alone:
+    ``magnitude`` is what the leaf sums (module docstring), ``largest`` its max|value|.
+
+    >>> tol = with_magnitude(Tolerance(scaled=1e-7), magnitude=6.0, largest=0.5)
+    >>> round(tol.atol, 12)
+    5.5e-07
+    """
+    extra = base.scaled * max(0.0, magnitude - largest)
+    if extra == 0.0:
+        return base
+    return dataclasses.replace(
+        base, atol=base.atol + extra, derivation=base.derivation + f" + {extra:.3g} (cancellation)"
     )

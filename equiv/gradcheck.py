@@ -1,0 +1,233 @@
+r"""A float64 gradient check by random projections, cheap for wide layers.
+
+Like ``jax.test_util.check_vjp``: instead of one finite difference per parameter
+(a million forward passes for a 1000×1000 layer), compare the inner product of the
+gradient with a random direction ``v`` against a central difference of the loss
+along ``v``::
+
+    ⟨g, v⟩   vs   D(h) = (L(p + h·v) - L(p - h·v)) / 2h
+
+Each leaf gets its own directions (``v`` zero outside the leaf), so a failure names
+the leaf whose gradient is wrong; ``v`` is Gaussian, scaled by the leaf's RMS, so
+``h`` is a relative step.
+
+Derived tolerance. Along a direction where no ReLU changes side, ``L(p + t·v)`` is
+a polynomial in ``t``, so ``D(h) = ⟨g, v⟩ + a·h² + O(h⁴)``: the truncation error.
+The computed loss carries a rounding error at most ``r`` (below), so a computed
+``D(h)`` is off by at most ``r/h`` more. From ``D(2h) - D(h) = 3a·h² ± (r/h + r/2h)``::
+
+    |⟨g, v⟩ - D(h)| ≤ |a|·h² + r/h ≤ |D(2h) - D(h)|/3 + 1.5·r/h
+
+plus the rounding of the inner product itself, ``c·u·√n·Σ|g_j v_j|``. ``r`` comes
+from the elementwise bound on the outputs of :func:`equiv.kinks.preactivation_bounds`
+(``ε_L``, float64): ``r = mean(2·|out - y|·ε_L + ε_L²) + c·u·√N·L`` for the mean
+over ``N`` elements. ``h = u^{1/3}`` balances the two terms. A direction along which
+some pre-activation changes sign within ``2h`` (a kink) breaks the polynomial and is
+replaced by a fresh one (counted in ``skipped``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from equiv import manual
+from equiv._messages import message, value_error
+from equiv.kinks import preactivation_bounds
+from equiv.spec import UNIT_ROUNDOFF, MLPSpec
+from equiv.tolerance import SAFETY
+
+U64 = UNIT_ROUNDOFF["float64"]
+#: Relative step along each direction: u^(1/3) balances h² truncation and u/h rounding.
+STEP = U64 ** (1.0 / 3.0)
+#: Fresh directions tried per requested direction before giving up on kinks.
+MAX_TRIES = 8
+
+GradFn = Callable[[Mapping[str, np.ndarray], np.ndarray, np.ndarray], tuple[Any, Mapping[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """One direction: the projected gradient, the finite difference and the bound."""
+
+    name: str
+    direction: int
+    projected: float
+    finite_difference: float
+    error: float
+    bound: float
+
+    @property
+    def ratio(self) -> float:
+        return self.error / self.bound if self.bound > 0 else (math.inf if self.error else 0.0)
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.bound
+
+    def describe(self) -> str:
+        return (
+            f"  {self.name}, direction {self.direction}: <grad, v> = {self.projected:.12g}, "
+            f"finite difference {self.finite_difference:.12g}, difference {self.error:.3g} "
+            f"(up to {self.bound:.3g} allowed, ratio {self.ratio:.3g})"
+        )
+
+
+@dataclasses.dataclass
+class GradCheck:
+    """Every projection of a :func:`check_gradients` run."""
+
+    projections: list[Projection]
+    skipped: int = 0
+
+    @property
+    def agree(self) -> bool:
+        return all(p.passed for p in self.projections)
+
+    @property
+    def worst_ratio(self) -> float:
+        return max((p.ratio for p in self.projections), default=0.0)
+
+    def failing_leaves(self) -> list[str]:
+        return sorted({p.name for p in self.projections if not p.passed})
+
+    def assert_agree(self) -> None:
+        """Raise ``AssertionError`` naming every leaf whose gradient fails the check."""
+        if self.agree:
+            return
+        bad = [p for p in self.projections if not p.passed]
+        head = message(
+            f"gradient check failed for {', '.join(self.failing_leaves())}: "
+            f"{len(bad)} of {len(self.projections)} projections disagree with finite "
+            "differences in float64"
+        )
+        raise AssertionError("\n".join([head] + [p.describe() for p in bad]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "agree": self.agree,
+            "worst_ratio": self.worst_ratio,
+            "skipped": self.skipped,
+            "projections": [
+                {**dataclasses.asdict(p), "ratio": p.ratio, "passed": p.passed}
+                for p in self.projections
+            ],
+        }
+
+
+def check_gradients(
+    params: Mapping[str, Any],
+    x: Any,
+    y: Any,
+    spec: MLPSpec,
+    grad_fn: GradFn | None = None,
+    *,
+    directions: int = 2,
+    seed: int = 0,
+) -> GradCheck:
+    """Check ``grad_fn``'s gradients against float64 central differences of the
+    hand-derived loss along random directions, leaf by leaf.
+
+    Args:
+      params: parameters under torch names (converted to float64 NumPy).
+      x, y: one batch.
+      spec: the MLP (its forward defines the loss being differentiated).
+      grad_fn: ``(params, x, y) -> (loss, grads)`` on float64 NumPy arrays; by
+        default the hand-derived backward :func:`equiv.manual.loss_and_grads`.
+      directions: random directions per leaf.
+      seed: for the directions.
+
+    Example:
+      >>> import torch
+      >>> from equiv.problem import make_problem
+      >>> problem = make_problem(MLPSpec((4, 3, 2)), batch_size=4, seed=0)
+      >>> (x, y), = problem.batches
+      >>> check_gradients(problem.params, x, y, MLPSpec((4, 3, 2))).agree
+      True
+    """
+    if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+        raise value_error(f"directions must be an int of at least 1, got {directions!r}")
+    spec = spec.replace(dtype="float64")
+    params = {k: _f64(v) for k, v in params.items()}
+    x, y = _f64(x), _f64(y)
+    grad_fn = grad_fn or (lambda p, xb, yb: manual.loss_and_grads(p, xb, yb, spec))
+    _, grads = grad_fn(params, x, y)
+    grads = {k: _f64(v) for k, v in grads.items()}
+    rng = np.random.default_rng(seed)
+    base_masks = _masks(params, x, spec)
+    projections, skipped = [], 0
+    for name in spec.param_names():
+        leaf = params[name]
+        scale = float(np.sqrt(np.mean(leaf * leaf))) or 1.0
+        for d in range(directions):
+            for _ in range(MAX_TRIES):
+                v = rng.standard_normal(leaf.shape) * scale
+                if _no_kink(params, name, v, x, spec, base_masks):
+                    break
+                skipped += 1
+            else:
+                raise value_error(
+                    f"every direction for {name} crosses a ReLU kink within the finite "
+                    "difference step; perturb the parameters or the batch"
+                )
+            projections.append(_project(params, grads, name, d, v, x, y, spec))
+    return GradCheck(projections, skipped)
+
+
+def _project(params, grads, name, d, v, x, y, spec) -> Projection:
+    def loss_at(t: float) -> float:
+        moved = dict(params)
+        moved[name] = params[name] + t * v
+        return _loss(moved, x, y, spec)
+
+    h = STEP
+    fd_h = (loss_at(h) - loss_at(-h)) / (2 * h)
+    fd_2h = (loss_at(2 * h) - loss_at(-2 * h)) / (4 * h)
+    products = grads[name] * v
+    projected = float(np.sum(products))
+    r = _loss_rounding(params, x, y, spec)
+    bound = (
+        abs(fd_2h - fd_h) / 3.0
+        + 1.5 * r / h
+        + SAFETY * U64 * math.sqrt(products.size) * float(np.sum(np.abs(products)))
+    )
+    return Projection(name, d, projected, fd_h, abs(projected - fd_h), bound)
+
+
+def _loss(params, x, y, spec) -> float:
+    out, _ = manual.forward(params, x, spec)
+    return float(np.mean((out - y) ** 2))
+
+
+def _loss_rounding(params, x, y, spec) -> float:
+    """Bound ``r`` on the rounding error of the computed float64 loss."""
+    zs, bounds = preactivation_bounds(params, x, spec, U64)
+    out, eps = zs[-1], bounds[-1]
+    diff = np.abs(out - y)
+    loss = float(np.mean(diff * diff))
+    return float(np.mean(2 * diff * eps + eps * eps)) + SAFETY * U64 * math.sqrt(diff.size) * loss
+
+
+def _masks(params, x, spec) -> list[np.ndarray]:
+    _, zs = manual.forward(params, x, spec)
+    return [z > 0 for z in zs[:-1]]
+
+
+def _no_kink(params, name, v, x, spec, base_masks) -> bool:
+    for t in (-2 * STEP, -STEP, STEP, 2 * STEP):
+        moved = dict(params)
+        moved[name] = params[name] + t * v
+        masks = _masks(moved, x, spec)
+        if any(not np.array_equal(m, b) for m, b in zip(masks, base_masks, strict=True)):
+            return False
+    return True
+
+
+def _f64(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.array(x, dtype=np.float64)

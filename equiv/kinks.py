@@ -1,0 +1,291 @@
+r"""ReLU kinks: units whose mask may legitimately flip between backends.
+
+A ReLU passes its gradient where ``z > 0``. When the exact pre-activation ``z``
+lies within rounding distance of 0, a backend's rounded ``ẑ`` may land on the other
+side, and its gradient then takes the other branch of the kink: a difference of
+the size of one example's contribution, not of rounding, and not a bug.
+
+Rounding bound on the pre-activations. A backend with unit roundoff ``u`` computes
+``z_i = h_{i-1} W_iᵀ + b_i`` from its own ``ĥ_{i-1}`` (off by ``e_{i-1}``) and its
+own parameters (off by ``δW_i``, ``δb_i`` after earlier steps). Elementwise, with
+the float64 reference's values and the per-tensor rule of :mod:`equiv.tolerance`
+applied to each dot product of length ``n_{i-1}``::
+
+    |ẑ_i - z_i| ≤ ε_i = c·u·√n_{i-1}·(√(h_{i-1}²·(W_i²)ᵀ + b_i²) + |z_i|)   this layer
+                      + √(e_{i-1}²·(W_i²)ᵀ)                       carried from below
+                      + max|δW_i|·√(Σ_j h_{i-1,j}²) + max|δb_i|   parameters after steps
+
+The rounding of one dot product ``Σ_j a_j`` of length ``n`` is about ``u`` times the
+root sum of squares of its partial sums. Near a kink the terms cancel (``z ≈ 0``),
+the partial sums wander like a random bridge and that is ``u·√n·√(Σ a_j²)/√6`` at
+most, typically; where they do not cancel it is up to ``u·√n·|z|/√3``. The first
+term covers both with the constant ``c`` of :mod:`equiv.tolerance` (the worst case
+``c·u·√n·Σ|a_j|`` is ``√n`` times larger again and would call ``√n`` times more
+units ambiguous). ``e_0 = 0`` (the batch is exact) and ``e_i = ε_i`` for hidden layers (ReLU is
+1-Lipschitz). The carried terms add the errors of the ``n_{i-1}`` inputs in root
+sum of squares, as independent roundings add (the same probabilistic model as the
+``√k`` of :mod:`equiv.tolerance`); the worst case ``e·|W|ᵀ`` was measured 10⁴ to
+10⁷ times pessimistic at depth 4 to 6 and width 512, which would make nearly every
+unit look ambiguous. Measured against torch's float32 pre-activations, the bound
+held everywhere (tests/test_kinks.py). A unit (example ``b``, hidden unit ``j`` of layer ``i``) is
+*ambiguous* where ``|z_i[b, j]| ≤ ε_i[b, j]``.
+
+Accepting either side. Every combination of mask choices at the ambiguous units is
+a float64 trajectory some backend may legitimately follow. The loss is a mean over
+examples, so a flip moves only its own example's term: for each example with
+ambiguous units, :func:`analyse_kinks` runs the hand-derived pass on that example
+alone (:mod:`equiv.manual` with the mask overridden) for every combination of its
+flips (up to :data:`MAX_EXHAUSTIVE` of them; above that each flip alone, summed:
+exact within one layer, where the gradient is linear in the mask, and first order
+across layers), and sums the examples' envelopes. The result, per stage and leaf,
+is ``slack ≥ |branch - reference|`` for every branch. A backend near branch ``β``
+satisfies ``|x - ref| ≤ |x - β| + |β - ref| ≤ bound + slack``; two backends on
+different branches differ by at most ``bound + 2·slack``.
+
+Later steps. The parameters after step ``s`` carry ``learning_rate`` times the
+gradient slack of every step so far. A branch taken at one step also moves later
+gradients (through the changed parameters): the branch that moves the gradient
+most for each example is carried on (up to :data:`MAX_BRANCHES`, largest first),
+run without new flips, and its deviations from the reference are added to the
+later slack (first order: the effects of separate branches add).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from equiv import manual
+from equiv.spec import UNIT_ROUNDOFF, MLPSpec
+from equiv.tolerance import SAFETY
+
+#: Up to this many ambiguous units in one step, every combination of flips is run.
+MAX_EXHAUSTIVE = 5
+#: At most this many alternative branches are carried to later steps.
+MAX_BRANCHES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Kink:
+    """One ambiguous unit: hidden layer ``layer`` (1-based, ``fc{layer}``), example
+    ``example``, unit ``unit``, its float64 pre-activation and the rounding bound."""
+
+    step: int
+    layer: int
+    example: int
+    unit: int
+    z: float
+    bound: float
+
+    def describe(self) -> str:
+        return (
+            f"step {self.step}, fc{self.layer} output [{self.example}, {self.unit}]: "
+            f"z = {self.z:.3g}, within rounding bound {self.bound:.3g} of the kink"
+        )
+
+
+@dataclasses.dataclass
+class KinkAnalysis:
+    """Ambiguous units and the slack they allow, per ``(stage, step)`` and leaf."""
+
+    kinks: list[Kink]
+    slack: dict[tuple[str, int], dict[str, np.ndarray]]
+    exhaustive: bool = True
+
+    @property
+    def count(self) -> int:
+        return len(self.kinks)
+
+    def slack_for(self, stage: str, step: int, name: str) -> np.ndarray | None:
+        """The envelope for one leaf, or None where no branch moves it."""
+        leaf = self.slack.get((stage, step), {}).get(name)
+        if leaf is None or not np.any(leaf > 0):
+            return None
+        return leaf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "exhaustive": self.exhaustive,
+            "units": [dataclasses.asdict(k) for k in self.kinks],
+        }
+
+
+def preactivation_bounds(
+    params: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    spec: MLPSpec,
+    unit_roundoff: float,
+    param_error: Mapping[str, float] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The float64 pre-activations ``z_i`` and the bounds ``ε_i`` on a backend's error.
+
+    See the module docstring for the derivation; ``param_error`` maps a torch name
+    to the greatest absolute error of that parameter in the backend (0 at step 1).
+
+    Example:
+      >>> import numpy as np
+      >>> spec = MLPSpec((2, 2, 1), dtype="float64")
+      >>> params = {"fc1.weight": np.eye(2), "fc1.bias": np.array([-1.0, 0.0]),
+      ...           "fc2.weight": np.ones((1, 2)), "fc2.bias": np.zeros(1)}
+      >>> zs, eps = preactivation_bounds(params, np.array([[1.0, 3.0]]), spec, 2.0**-24)
+      >>> zs[0].tolist(), bool(eps[0][0, 0] > 0)
+      ([[0.0, 3.0]], True)
+    """
+    param_error = param_error or {}
+    h, e = np.asarray(x, dtype=np.float64), np.zeros_like(x, dtype=np.float64)
+    zs, bounds = [], []
+    for i in range(1, spec.num_layers + 1):
+        weight = np.asarray(params[f"fc{i}.weight"], dtype=np.float64)
+        z = h @ weight.T
+        squares = (h * h) @ (weight * weight).T
+        if spec.bias:
+            bias = np.asarray(params[f"fc{i}.bias"], dtype=np.float64)
+            z = z + bias
+            squares = squares + bias * bias
+        magnitude = np.sqrt(squares)
+        bound = SAFETY * unit_roundoff * math.sqrt(spec.sizes[i - 1]) * (magnitude + np.abs(z))
+        bound = bound + np.sqrt((e * e) @ (weight * weight).T)
+        bound = bound + param_error.get(f"fc{i}.weight", 0.0) * np.sqrt(
+            np.sum(h * h, axis=1, keepdims=True)
+        )
+        bound = bound + param_error.get(f"fc{i}.bias", 0.0)
+        zs.append(z)
+        bounds.append(bound)
+        h, e = np.maximum(z, 0.0), bound
+    return zs, bounds
+
+
+def analyse_kinks(
+    spec: MLPSpec,
+    params: Mapping[str, Any],
+    batches: Any,
+    learning_rate: float,
+    unit_roundoff: float,
+    param_error: Any = None,
+) -> KinkAnalysis:
+    """Find the ambiguous units of every step and the slack their branches allow.
+
+    Args:
+      spec: the MLP (ReLU between layers).
+      params: the initial parameters under torch names (any array type).
+      batches: ``[(x, y), ...]``, one per step.
+      learning_rate: SGD's learning rate.
+      unit_roundoff: ``u`` of the backends compared (the larger one for a mix).
+      param_error: optional ``param_error(step) -> {name: max abs error}`` of the
+        backends' parameters before ``step`` (for the bound on ``z``).
+
+    Example:
+      >>> import numpy as np
+      >>> spec = MLPSpec((2, 2, 1), dtype="float64")
+      >>> params = {"fc1.weight": np.eye(2), "fc1.bias": np.array([-1.0, 0.0]),
+      ...           "fc2.weight": np.ones((1, 2)), "fc2.bias": np.zeros(1)}
+      >>> x, y = np.array([[1.0, 3.0]]), np.array([[0.0]])
+      >>> analysis = analyse_kinks(spec, params, [(x, y)], 0.1, 2.0**-24)
+      >>> analysis.count, analysis.kinks[0].layer, analysis.kinks[0].unit
+      (1, 1, 0)
+      >>> analysis.slack_for("grads", 1, "fc1.weight").tolist()
+      [[6.0, 18.0], [0.0, 0.0]]
+    """
+    names = spec.param_names()
+    p_ref = {k: _f64(v) for k, v in params.items()}
+    branches: list[dict[str, np.ndarray]] = []
+    kinks: list[Kink] = []
+    slack: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    exhaustive = True
+    carried = {name: np.zeros_like(v) for name, v in p_ref.items()}  # parameter slack so far
+    for step, (x, y) in enumerate(batches, start=1):
+        x, y = _f64(x), _f64(y)
+        errors = param_error(step) if param_error is not None else None
+        zs, bounds = preactivation_bounds(p_ref, x, spec, unit_roundoff, errors)
+        by_example: dict[int, list[tuple[int, int]]] = {}
+        for i in range(spec.num_layers - 1):  # hidden layers only: no ReLU after the last
+            for b, j in np.argwhere(np.abs(zs[i]) <= bounds[i]):
+                by_example.setdefault(int(b), []).append((i, int(j)))
+                kinks.append(
+                    Kink(step, i + 1, int(b), int(j), float(zs[i][b, j]), float(bounds[i][b, j]))
+                )
+        loss_ref, g_ref = manual.loss_and_grads(p_ref, x, y, spec)
+        p_next = manual.sgd_update(p_ref, g_ref, learning_rate)
+        d_loss = np.zeros(())
+        d_grads = {name: np.zeros_like(v) for name, v in p_ref.items()}
+        new_branches = []
+        for b, units in by_example.items():
+            # Examples add up in the mean: a flip moves only its own example's term.
+            loss_b, grads_b, worst = _example_envelope(p_ref, x, y, spec, zs, b, units)
+            exhaustive = exhaustive and len(units) <= MAX_EXHAUSTIVE
+            d_loss = d_loss + loss_b
+            for name in names:
+                d_grads[name] = d_grads[name] + grads_b[name]
+            if worst is not None:
+                new_branches.append(
+                    (sum(float(np.sum(np.abs(v))) for v in worst.values()),
+                     manual.sgd_update(p_ref, {n: g_ref[n] + worst[n] for n in names},
+                                       learning_rate))
+                )
+        for p_alt in branches:  # branches taken at earlier steps, carried on
+            loss, grads = manual.loss_and_grads(p_alt, x, y, spec)
+            d_loss = d_loss + np.abs(loss - loss_ref)
+            for name in names:
+                d_grads[name] = d_grads[name] + np.abs(grads[name] - g_ref[name])
+            new_branches.append((0.0, manual.sgd_update(p_alt, grads, learning_rate)))
+        carried = {name: carried[name] + learning_rate * d_grads[name] for name in names}
+        if by_example or branches:
+            slack[("loss", step)] = {"loss": d_loss}
+            slack[("grads", step)] = d_grads
+            slack[("params", step)] = dict(carried)
+        # Carry the branches that move the parameters most; earlier ones first.
+        new_branches.sort(key=lambda item: -item[0])
+        branches = [p for _, p in new_branches][:MAX_BRANCHES]
+        p_ref = p_next
+    return KinkAnalysis(kinks=kinks, slack=slack, exhaustive=exhaustive)
+
+
+def _example_envelope(p_ref, x, y, spec, zs, b, units):
+    """Envelope of one example's loss and gradient terms over its mask choices.
+
+    Returns ``(|Δloss|, {name: |Δgrad|}, worst)``: ``worst`` is the signed change of
+    the combination that moves the gradient most (the branch carried on).
+    """
+    batch = x.shape[0]
+    xb, yb = x[b : b + 1], y[b : b + 1]
+    base = [z[b : b + 1] > 0 for z in zs[:-1]]
+    # One example alone: MSE's mean then runs over n_L instead of B·n_L elements.
+    loss0, grads0 = manual.loss_and_grads(p_ref, xb, yb, spec, base)
+    if len(units) <= MAX_EXHAUSTIVE:
+        subsets = [s for r in range(1, len(units) + 1) for s in itertools.combinations(units, r)]
+        combine = np.maximum
+    else:
+        subsets, combine = [(unit,) for unit in units], np.add
+    d_loss = np.zeros(())
+    d_grads = {name: np.zeros_like(g) for name, g in grads0.items()}
+    worst, worst_size = None, -1.0
+    for subset in subsets:
+        masks = [m.copy() for m in base]
+        for i, j in subset:
+            masks[i][0, j] = not masks[i][0, j]
+        loss, grads = manual.loss_and_grads(p_ref, xb, yb, spec, masks)
+        delta = {name: (grads[name] - grads0[name]) / batch for name in grads0}
+        d_loss = combine(d_loss, np.abs(loss - loss0) / batch)
+        for name in grads0:
+            d_grads[name] = combine(d_grads[name], np.abs(delta[name]))
+        size = sum(float(np.sum(np.abs(v))) for v in delta.values())
+        if size > worst_size:
+            worst, worst_size = delta, size
+    return d_loss, d_grads, worst
+
+
+def max_unit_roundoff(dtypes) -> float:
+    """The largest unit roundoff among dtype names (``"float32"``, ``"float64"``)."""
+    return max(UNIT_ROUNDOFF[d] for d in dtypes)
+
+
+def _f64(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.array(x, dtype=np.float64)

@@ -1,0 +1,348 @@
+"""Check your own port: a JAX loss function or a hand-written backward against torch.
+
+You have a torch model and wrote its JAX version (or a backward pass by hand).
+:func:`check_jax_port` converts the model's parameters, takes gradients of *your*
+loss function with ``jax.grad``, runs the SGD step(s) with ``optax``, and compares
+the loss, every gradient and every updated parameter, leaf by leaf under torch's
+names, with the torch model trained by ``torch.optim.SGD`` and with the float64
+hand-derived reference (the arbiter, which says which side is off).
+:func:`check_manual_backward` does the same for ``(params, x, y) -> (loss, grads)``.
+
+Batches: ``x`` and ``y`` are either one batch (arrays of shape (B, in) and
+(B, out)), used for every one of ``steps`` steps, or two sequences of ``steps``
+arrays, one batch per step.
+
+Neither function changes your model: torch trains a deep copy, and every backend
+starts from its own copy of the parameters.
+
+Example (a Flax-layout port of a 4-3-2 ReLU MLP)::
+
+    >>> import jax, jax.numpy as jnp, torch
+    >>> from equiv import MLPSpec, TorchMLP
+    >>> def loss_fn(params, x, y):
+    ...     h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    ...     out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+    ...     return jnp.mean((out - y) ** 2)
+    >>> _ = torch.manual_seed(0)
+    >>> model = TorchMLP(MLPSpec((4, 3, 2)))
+    >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    >>> report = check_jax_port(model, loss_fn, x, y, learning_rate=0.1)
+    >>> report.agree
+    True
+    >>> report.assert_agree()  # raises AssertionError with every failing leaf
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from equiv import manual
+from equiv._messages import type_error, value_error
+from equiv.compare import to_numpy
+from equiv.convert import get_layout, jax_to_torch, torch_to_jax
+from equiv.harness import (
+    REFERENCE,
+    Comparison,
+    Trajectory,
+    compare_trajectories,
+    run_reference,
+)
+from equiv.precision import comparison_scope
+from equiv.problem import Problem
+from equiv.spec import MLPSpec
+from equiv.torch_mlp import TORCH_DTYPES, TorchMLP, torch_loss_fn, torch_sgd_step
+
+#: The name your implementation carries in reports.
+PORT = "port"
+
+LossFn = Callable[[Any, Any, Any], Any]
+GradFn = Callable[[Mapping[str, Any], Any, Any], tuple[Any, Mapping[str, Any]]]
+
+
+def check_jax_port(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    x: Any,
+    y: Any,
+    *,
+    layout: str = "flax",
+    learning_rate: float = 0.1,
+    steps: int = 1,
+    params: Any = None,
+    optimizer: optax.GradientTransformation | None = None,
+    spec: MLPSpec | None = None,
+    jit: bool = True,
+    precision: str = "exact",
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> Comparison:
+    """Compare your JAX loss function's loss, ``jax.grad`` gradients and SGD updates
+    with the torch model's and with the float64 reference.
+
+    Args:
+      model: the torch model: an :class:`equiv.TorchMLP`, or any module whose
+        state_dict uses its names (``fc1.weight``, ...) with ``spec`` given. For a
+        module other than a TorchMLP the arbiter is the module itself run in
+        float64 (autograd), since the hand-derived pass only knows equiv's MLP.
+      loss_fn: your ``loss_fn(params, x, y) -> scalar``, params in ``layout``.
+      x, y: one batch, or one batch per step (see the module docstring); torch
+        tensors or NumPy arrays of the model's dtype.
+      layout: the layout of your params, ``"flax"`` (``Dense_0.kernel`` (in, out))
+        or ``"torch"`` (the state_dict's names and shapes); see :mod:`equiv.convert`.
+      learning_rate: SGD's learning rate, for torch, the reference and (unless
+        ``optimizer`` is given) your port.
+      steps: how many SGD steps.
+      params: your own conversion of the model's parameters (a JAX tree in
+        ``layout``), to check it too; by default :func:`equiv.convert.torch_to_jax`.
+      optimizer: your own optax transformation; by default ``optax.sgd(learning_rate)``.
+      spec: the architecture; read from a TorchMLP.
+      jit: whether to ``jax.jit`` your ``value_and_grad``.
+      precision: ``"exact"`` (IEEE float32 matmuls in a scope) or ``"native"``.
+      rtol, atol: fixed tolerances, both or neither (default: derived).
+
+    Returns:
+      A :class:`equiv.harness.Comparison` of ``"torch"``, ``"port"`` and
+      ``"reference"``: ``agree``, ``assert_agree()``, ``to_dict()``, ``report``.
+
+    Raises:
+      ValueError: bad batches, layout, steps or learning rate.
+      TypeError: a model without a spec.
+    """
+    spec, problem = _problem(model, x, y, steps, spec, learning_rate)
+    get_layout(layout)
+    if not callable(loss_fn):
+        raise type_error(f"loss_fn must be callable as loss_fn(params, x, y), got {loss_fn!r}")
+    with comparison_scope(spec.dtype, precision) as settings:
+        trajectories = {
+            "torch": run_torch_model(model, problem, learning_rate),
+            PORT: run_jax_port(
+                problem, loss_fn, layout, learning_rate,
+                params=params, optimizer=optimizer, jit=jit,
+            ),
+            REFERENCE: _run_arbiter(model, problem, learning_rate),
+        }
+    return _comparison(problem, learning_rate, trajectories, settings, model, rtol, atol,
+                       port=f"jax loss_fn, {layout} layout")
+
+
+def check_manual_backward(
+    model: torch.nn.Module,
+    grad_fn: GradFn,
+    x: Any,
+    y: Any,
+    *,
+    learning_rate: float = 0.1,
+    steps: int = 1,
+    arrays: str = "numpy",
+    spec: MLPSpec | None = None,
+    precision: str = "exact",
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> Comparison:
+    """Compare your hand-written ``grad_fn(params, x, y) -> (loss, grads)`` with the
+    torch model and the float64 reference, over ``steps`` SGD steps.
+
+    ``params`` and ``grads`` are dicts under torch's names (``fc1.weight`` of shape
+    (out, in), ...). Your function receives NumPy arrays (``arrays="numpy"``) or
+    torch tensors (``arrays="torch"``) in the model's dtype, and may return NumPy
+    arrays, torch tensors or JAX arrays. The update ``p - learning_rate · g`` is
+    applied for you (as ``torch.optim.SGD`` rounds it, for torch tensors).
+
+    Example:
+      >>> import torch
+      >>> from equiv import MLPSpec, TorchMLP, manual
+      >>> spec = MLPSpec((4, 3, 2))
+      >>> _ = torch.manual_seed(0)
+      >>> model = TorchMLP(spec)
+      >>> def grad_fn(params, x, y):
+      ...     return manual.loss_and_grads(params, x, y, spec)
+      >>> check_manual_backward(model, grad_fn, torch.randn(8, 4), torch.randn(8, 2)).agree
+      True
+    """
+    spec, problem = _problem(model, x, y, steps, spec, learning_rate)
+    if arrays not in ("numpy", "torch"):
+        raise value_error(f"arrays must be 'numpy' or 'torch', got {arrays!r}")
+    if not callable(grad_fn):
+        raise type_error(f"grad_fn must be callable as grad_fn(params, x, y), got {grad_fn!r}")
+    with comparison_scope(spec.dtype, precision) as settings:
+        trajectories = {
+            "torch": run_torch_model(model, problem, learning_rate),
+            PORT: run_manual_port(problem, grad_fn, learning_rate, arrays=arrays),
+            REFERENCE: _run_arbiter(model, problem, learning_rate),
+        }
+    return _comparison(problem, learning_rate, trajectories, settings, model, rtol, atol,
+                       port=f"hand-written backward on {arrays}")
+
+
+def run_jax_port(
+    problem: Problem,
+    loss_fn: LossFn,
+    layout: str,
+    learning_rate: float,
+    *,
+    params: Any = None,
+    optimizer: optax.GradientTransformation | None = None,
+    jit: bool = True,
+    name: str = PORT,
+) -> Trajectory:
+    """Your loss function under ``jax.value_and_grad`` and optax, as a :class:`Trajectory`
+    (gradients and parameters converted back to torch names).
+
+    The trajectory carries the problem's dtype, so a port that silently computes
+    in float32 is held to float64's bound and fails.
+    """
+    spec = problem.spec
+    if params is None:
+        params = torch_to_jax(problem.params, layout=layout, spec=spec)
+    optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
+    value_and_grad = jax.value_and_grad(loss_fn)
+    if jit:
+        value_and_grad = jax.jit(value_and_grad)
+    state = optimizer.init(params)
+    out = Trajectory(name, spec.dtype)
+    for x, y in problem.batches:
+        loss, grads = value_and_grad(params, jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        out.record(
+            loss,
+            jax_to_torch(grads, layout=layout, spec=spec),
+            jax_to_torch(params, layout=layout, spec=spec),
+        )
+    return out
+
+
+def run_manual_port(
+    problem: Problem,
+    grad_fn: GradFn,
+    learning_rate: float,
+    *,
+    arrays: str = "numpy",
+    name: str = PORT,
+) -> Trajectory:
+    """Your ``grad_fn`` and the SGD update, as a :class:`Trajectory`."""
+    spec = problem.spec
+    convert = (lambda t: t.detach().clone()) if arrays == "torch" else (lambda t: t.numpy().copy())
+    params = {k: convert(v) for k, v in problem.params.items()}
+    out = Trajectory(name, spec.dtype)
+    for x, y in problem.batches:
+        loss, grads = grad_fn(params, convert(x), convert(y))
+        if not isinstance(grads, Mapping) or set(grads) != set(params):
+            given = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
+            raise value_error(
+                f"grad_fn must return (loss, grads) with grads keyed {sorted(params)}, "
+                f"got {given}"
+            )
+        grads = {k: _like(grads[k], params[k]) for k in params}
+        params = manual.sgd_update(params, grads, learning_rate)
+        out.record(loss, grads, params)
+    return out
+
+
+def run_torch_model(model: torch.nn.Module, problem: Problem, learning_rate: float,
+                    dtype: torch.dtype | None = None, name: str = "torch") -> Trajectory:
+    """A deep copy of ``model`` trained by ``torch.optim.SGD`` (optionally cast to ``dtype``)."""
+    model = copy.deepcopy(model).cpu()
+    if dtype is not None:
+        model = model.to(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    loss_module = torch_loss_fn(problem.spec)
+    out = Trajectory(name, str(next(model.parameters()).dtype).removeprefix("torch."))
+    for x, y in problem.batches:
+        if dtype is not None:
+            x, y = x.to(dtype), y.to(dtype)
+        loss, grads = torch_sgd_step(model, optimizer, loss_module, x, y)
+        out.record(loss, grads, model.state_dict())
+    return out
+
+
+def _run_arbiter(model: torch.nn.Module, problem: Problem, learning_rate: float) -> Trajectory:
+    if isinstance(model, TorchMLP):
+        return run_reference(problem, learning_rate)
+    return run_torch_model(model, problem, learning_rate, dtype=torch.float64, name=REFERENCE)
+
+
+def _comparison(problem, learning_rate, trajectories, settings, model, rtol, atol, port):
+    report = compare_trajectories(
+        problem, trajectories, learning_rate=learning_rate, rtol=rtol, atol=atol,
+        kinks=isinstance(model, TorchMLP),
+    )
+    arbiter = "hand-derived float64" if isinstance(model, TorchMLP) else "torch model in float64"
+    report.settings.update(
+        {"dtype": problem.spec.dtype, "device": "cpu", **settings, "port": port,
+         "arbiter": arbiter}
+    )
+    return Comparison(problem, float(learning_rate), trajectories, report)
+
+
+def _problem(model, x, y, steps, spec, learning_rate) -> tuple[MLPSpec, Problem]:
+    if not isinstance(model, torch.nn.Module):
+        raise type_error(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    spec = spec or getattr(model, "spec", None)
+    if not isinstance(spec, MLPSpec):
+        raise type_error(
+            f"cannot tell the architecture of {type(model).__name__}; pass "
+            "spec=MLPSpec(sizes=(...), bias=..., dtype=...)"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise value_error(f"steps must be an int of at least 1, got {steps!r}")
+    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+        raise value_error(f"learning_rate must be a positive number, got {learning_rate!r}")
+    dtype = TORCH_DTYPES[spec.dtype]
+    xs, ys = _per_step("x", x, steps), _per_step("y", y, steps)
+    batches = tuple(
+        (
+            _tensor(f"x[{i}]", xi, dtype, spec.sizes[0]),
+            _tensor(f"y[{i}]", yi, dtype, spec.sizes[-1]),
+        )
+        for i, (xi, yi) in enumerate(zip(xs, ys, strict=False))
+    )
+    for i, (xi, yi) in enumerate(batches):
+        if xi.shape[0] != yi.shape[0] or (i and xi.shape[0] != batches[0][0].shape[0]):
+            raise value_error(
+                f"every batch needs the same number of rows in x and y; batch {i} has "
+                f"x {tuple(xi.shape)} and y {tuple(yi.shape)}"
+            )
+    params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return spec, Problem(spec=spec, params=params, batches=batches)
+
+
+def _per_step(name: str, value: Any, steps: int) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != steps:
+            raise value_error(
+                f"{name} holds {len(value)} batches but steps={steps}; pass one batch "
+                "(used for every step) or exactly one per step"
+            )
+        return list(value)
+    return [value] * steps
+
+
+def _tensor(name: str, value: Any, dtype: torch.dtype, width: int) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(to_numpy(value))).detach().cpu().clone()
+    if tensor.dtype != dtype:
+        raise value_error(
+            f"{name} is {str(tensor.dtype).removeprefix('torch.')} but the model is "
+            f"{str(dtype).removeprefix('torch.')}; convert it first, for example "
+            f"x.astype(np.{str(dtype).removeprefix('torch.')})"
+        )
+    if tensor.ndim != 2 or tensor.shape[1] != width:
+        raise value_error(f"{name} must have shape (batch, {width}), got {tuple(tensor.shape)}")
+    return tensor
+
+
+def _like(grad: Any, param: Any) -> Any:
+    """The gradient as the same kind of array as the parameter, for the update."""
+    if isinstance(param, torch.Tensor):
+        return grad.detach().clone() if isinstance(grad, torch.Tensor) else torch.as_tensor(
+            np.array(to_numpy(grad))
+        )
+    return np.array(to_numpy(grad))

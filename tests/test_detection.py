@@ -1,0 +1,245 @@
+"""Detection power: realistic defects planted in ports, one at a time.
+
+Each row of :data:`DEFECTS` is one bug a porting user makes. Each must be caught,
+attributed to the right stage (the first failing one) and the right leaves, and
+blamed on the port by the float64 arbiter (torch keeps agreeing with it). The
+figure ``caught / planted`` is written to /tmp/equiv_detection.json for the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from equiv import MLPSpec, TorchMLP, manual
+from equiv.harness import REFERENCE, compare_trajectories, run_reference, run_torch
+from equiv.port import PORT, check_jax_port, check_manual_backward
+
+SPEC = MLPSpec((6, 6, 6, 3))  # fc1 and fc2 square: transposes and swaps raise nothing
+LR, STEPS, BATCH = 0.1, 2, 8
+ALL = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias")
+BELOW_TOP = ALL[:4]
+BIASES = ("fc1.bias", "fc2.bias", "fc3.bias")
+RESULTS: dict[str, bool] = {}
+
+
+def port_loss(order=(0, 1, 2), act=jax.nn.relu, reduce=jnp.mean, no_bias=(), cast=None):
+    """A Flax-layout port of SPEC's MLP with knobs for the realistic mistakes."""
+
+    def loss_fn(params, x, y):
+        if cast is not None:
+            params = jax.tree.map(lambda p: p.astype(cast), params)
+        h = x
+        for n, i in enumerate(order):
+            layer = params[f"Dense_{i}"]
+            h = h @ layer["kernel"] + (0.0 if i in no_bias else layer["bias"])
+            if n < len(order) - 1:
+                h = act(h)
+        return reduce((h - y) ** 2)
+
+    return loss_fn
+
+
+def manual_grads(spec=SPEC, wrong_mask=None, bias_reduce=None, scale=None):
+    """A hand-written backward (NumPy) with knobs; the correct one with no knob set."""
+
+    def grad_fn(params, x, y):
+        out, zs = manual.forward(params, x, spec)
+        diff = out - y
+        dz = diff * (2.0 / diff.size)
+        grads = {}
+        for i in range(spec.num_layers, 0, -1):
+            h_prev = x if i == 1 else np.maximum(zs[i - 2], 0)
+            grads[f"fc{i}.weight"] = dz.T @ h_prev
+            grads[f"fc{i}.bias"] = (bias_reduce or np.sum)(dz, axis=0)
+            if i > 1:
+                dh = dz @ params[f"fc{i}.weight"]
+                mask = {None: zs[i - 2] > 0, "side": zs[i - 2] < 0, "tensor": dh > 0}[wrong_mask]
+                dz = dh * mask
+        for name, factor in (scale or {}).items():
+            grads[name] = grads[name] * factor
+        return float(np.mean(diff**2)), grads
+
+    return grad_fn
+
+
+class GeluMLP(torch.nn.Module):
+    """The user's torch model: exact GELU (torch's default), equiv's layer names."""
+
+    def __init__(self, spec: MLPSpec):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = (
+            torch.nn.Linear(a, b) for a, b in zip(spec.sizes[:-1], spec.sizes[1:], strict=False)
+        )
+
+    def forward(self, x):
+        return self.fc3(torch.nn.functional.gelu(self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
+
+
+def _setup(seed: int, dtype: str = "float32", gelu: bool = False):
+    spec = SPEC.replace(dtype=dtype)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GeluMLP(spec) if gelu else TorchMLP(spec)
+        model = model.to({"float32": torch.float32, "float64": torch.float64}[dtype])
+        xs = [torch.randn(BATCH, 6, dtype=model.fc1.weight.dtype) for _ in range(STEPS)]
+        ys = [torch.randn(BATCH, 3, dtype=model.fc1.weight.dtype) for _ in range(STEPS)]
+    return spec, model, xs, ys
+
+
+def transposed_params(model, spec, xs, ys):  # the user's converter forgets fc2's transpose
+    state = {k: jnp.asarray(v.numpy()) for k, v in model.state_dict().items()}
+    params = {f"Dense_{i}": {"kernel": state[f"fc{i + 1}.weight"].T,
+                             "bias": state[f"fc{i + 1}.bias"]} for i in range(3)}
+    params["Dense_1"]["kernel"] = state["fc2.weight"]
+    return check_jax_port(model, port_loss(), xs, ys, steps=STEPS, learning_rate=LR, params=params)
+
+
+def flax_init_params(model, spec, xs, ys):  # the port initialised itself instead of copying
+    nn = pytest.importorskip("flax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(6)(x))
+            h = nn.relu(nn.Dense(6)(h))
+            return nn.Dense(3)(h)
+
+    params = Net().init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+    return check_jax_port(model, port_loss(), xs, ys, steps=STEPS, learning_rate=LR, params=params)
+
+
+def step_twice(model, spec, xs, ys):  # the training loop calls the step twice per batch
+    from equiv.problem import Problem
+
+    problem = Problem(spec, {k: v.clone() for k, v in model.state_dict().items()},
+                      tuple(zip(xs, ys, strict=False)))
+    value_and_grad = jax.jit(jax.value_and_grad(port_loss()))
+    optimizer = optax.sgd(LR)
+    from equiv.convert import jax_to_torch, torch_to_jax
+    from equiv.harness import Trajectory
+
+    params = torch_to_jax(problem.params, layout="flax", spec=spec)
+    state = optimizer.init(params)
+    port = Trajectory(PORT, spec.dtype)
+    for x, y in problem.batches:
+        x, y = jnp.asarray(x.numpy()), jnp.asarray(y.numpy())
+        loss, grads = value_and_grad(params, x, y)
+        for _ in range(2):
+            _, step_grads = value_and_grad(params, x, y)
+            updates, state = optimizer.update(step_grads, state, params)
+            params = optax.apply_updates(params, updates)
+        port.record(loss, jax_to_torch(grads, layout="flax", spec=spec),
+                    jax_to_torch(params, layout="flax", spec=spec))
+    trajectories = {"torch": run_torch(problem, LR), PORT: port,
+                    REFERENCE: run_reference(problem, LR)}
+    report = compare_trajectories(problem, trajectories, learning_rate=LR)
+    from equiv.harness import Comparison
+
+    return Comparison(problem, LR, trajectories, report)
+
+
+def jax_check(loss_fn, **kwargs):
+    def run(model, spec, xs, ys):
+        kwargs.setdefault("learning_rate", LR)
+        return check_jax_port(model, loss_fn, xs, ys, steps=STEPS, spec=spec, **kwargs)
+
+    return run
+
+
+def manual_check(**knobs):
+    def run(model, spec, xs, ys):
+        return check_manual_backward(model, manual_grads(spec, **knobs), xs, ys, steps=STEPS,
+                                     learning_rate=LR)
+
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class Defect:
+    name: str
+    run: Callable
+    stage: str  # the first failing stage (at step 1)
+    leaves: tuple[str, ...]  # the leaves failing there, port vs reference
+    dtype: str = "float32"
+    gelu: bool = False
+
+
+DEFECTS = [
+    Defect("transpose forgotten on a square layer", transposed_params, "loss", ("loss",)),
+    Defect("relu mask on the wrong side", manual_check(wrong_mask="side"), "grads", BELOW_TOP),
+    Defect("relu mask from the wrong tensor", manual_check(wrong_mask="tensor"), "grads",
+           BELOW_TOP),
+    Defect("mse summed instead of averaged", jax_check(port_loss(reduce=jnp.sum)), "loss",
+           ("loss",)),
+    Defect("half mse (optax.l2_loss)",
+           jax_check(port_loss(reduce=lambda d: jnp.mean(optax.l2_loss(jnp.sqrt(d))))), "loss",
+           ("loss",)),
+    Defect("bias gradient averaged, not summed over the batch",
+           manual_check(bias_reduce=np.mean), "grads", BIASES),
+    Defect("learning rate off by 10", jax_check(port_loss(), optimizer=optax.sgd(10 * LR)),
+           "params", ALL),
+    Defect("two layers swapped", jax_check(port_loss(order=(1, 0, 2))), "loss", ("loss",)),
+    Defect("gelu tanh approximation against exact", jax_check(port_loss(act=jax.nn.gelu)),
+           "loss", ("loss",), gelu=True),
+    Defect("float64 silently truncated to float32",
+           jax_check(port_loss(cast=jnp.float32)), "loss", ("loss",), dtype="float64"),
+    Defect("one gradient leaf scaled by 1 + 1e-4",
+           manual_check(scale={"fc2.weight": 1 + 1e-4}), "grads", ("fc2.weight",)),
+    Defect("missing bias", jax_check(port_loss(no_bias=(2,))), "loss", ("loss",)),
+    Defect("wrong weight initialisation copied across", flax_init_params, "loss", ("loss",)),
+    Defect("step applied twice", step_twice, "params", ALL),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def detection_figure():
+    yield
+    caught = sum(RESULTS.values())
+    with open("/tmp/equiv_detection.json", "w") as f:
+        json.dump({"caught": caught, "planted": len(DEFECTS), "results": RESULTS}, f, indent=1)
+
+
+def test_the_correct_ports_agree(equiv_seed):
+    spec, model, xs, ys = _setup(equiv_seed)
+    jax_check(port_loss())(model, spec, xs, ys).assert_agree()
+    manual_check()(model, spec, xs, ys).assert_agree()
+    spec, model, xs, ys = _setup(equiv_seed, gelu=True)
+    jax_check(port_loss(act=lambda z: jax.nn.gelu(z, approximate=False)))(
+        model, spec, xs, ys
+    ).assert_agree()
+    spec, model, xs, ys = _setup(equiv_seed, dtype="float64")
+    jax_check(port_loss())(model, spec, xs, ys).assert_agree()
+
+
+@pytest.mark.parametrize("defect", DEFECTS, ids=[d.name for d in DEFECTS])
+def test_defect_is_caught_and_attributed(defect, equiv_seed):
+    RESULTS[defect.name] = False
+    spec, model, xs, ys = _setup(equiv_seed, defect.dtype, defect.gelu)
+    comparison = defect.run(model, spec, xs, ys)
+    assert not comparison.agree
+    first = comparison.report.failures[0]
+    assert (first.stage, first.step) == (defect.stage, 1)
+    failing = {
+        d.name for d in comparison.report.failures
+        if (d.stage, d.step, d.actual, d.expected) == (defect.stage, 1, PORT, REFERENCE)
+    }
+    assert failing == set(defect.leaves)
+    assert not [d for d in comparison.report.failures if d.actual == "torch" and
+                d.expected == REFERENCE]
+    with pytest.raises(AssertionError) as info:
+        comparison.assert_agree()
+    assert "  arbiter: port is off: " in str(info.value)
+    RESULTS[defect.name] = True
+
+
+def test_at_least_twelve_distinct_defects():
+    assert len({d.name for d in DEFECTS}) == len(DEFECTS) >= 12

@@ -1,0 +1,98 @@
+"""False alarms: correct implementations are never flagged.
+
+A hypothesis sweep over random architectures (depth 1 to 6, widths 1 to 512,
+batch 1 to 256), seeds, float32 and float64, learning rates over three decades
+(1e-3 to 1) and 1 to 3 steps runs torch, the hand-derived pass, JAX and the float64
+reference and requires every comparison to agree. The full sweep (>= 500 cases)
+is marked ``slow``: ``pytest -m slow tests/test_false_alarms.py``. It writes the case
+count, the worst ratio to the bound and the kinks met to
+/tmp/equiv_false_alarms_<name>.json.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from equiv import MLPSpec, compare_backends
+
+
+def spread(top: int):
+    """1..top, with half the draws up to 32 so that the sweep stays within minutes."""
+    return st.one_of(st.integers(1, min(top, 32)), st.integers(1, top))
+
+
+def cases(max_width: int, max_batch: int):
+    return st.fixed_dictionaries(
+        {
+            "sizes": st.lists(spread(max_width), min_size=2, max_size=7).map(tuple),
+            "batch": spread(max_batch),
+            "dtype": st.sampled_from(["float32", "float64"]),
+            "lr_exp": st.floats(-3.0, 0.0),
+            "steps": st.integers(1, 3),
+            "seed": st.integers(0, 2**31 - 1),
+        }
+    )
+
+
+class Tally:
+    def __init__(self, name: str):
+        self.name, self.cases, self.worst, self.kinks, self.worst_case = name, 0, 0.0, 0, None
+
+    def add(self, case, comparison) -> None:
+        self.cases += 1
+        self.kinks += comparison.report.settings.get("kinks", 0)
+        if comparison.report.worst_ratio > self.worst:
+            self.worst, self.worst_case = comparison.report.worst_ratio, case
+
+    def write(self) -> None:
+        path = f"/tmp/equiv_false_alarms_{self.name}.json"
+        with open(path, "w") as f:
+            json.dump({"cases": self.cases, "worst_ratio": self.worst, "kinks": self.kinks,
+                       "worst_case": self.worst_case}, f, indent=1)
+        print(f"{self.name}: {self.cases} cases, worst ratio {self.worst:.3g}, "
+              f"kinks {self.kinks}, written to {path}")
+
+
+def check_case(case, tally: Tally) -> None:
+    comparison = compare_backends(
+        MLPSpec(case["sizes"], dtype=case["dtype"]),
+        batch_size=case["batch"],
+        seed=case["seed"],
+        learning_rate=10.0 ** case["lr_exp"],
+        steps=case["steps"],
+    )
+    tally.add(case, comparison)
+    if tally.cases % 25 == 0:
+        tally.write()  # progress survives an interrupted sweep
+    comparison.assert_agree()
+
+
+FAST = Tally("fast")
+FULL = Tally("slow")
+
+
+@settings(max_examples=16, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(max_width=64, max_batch=32))
+def test_correct_backends_are_never_flagged(case):
+    check_case(case, FAST)
+
+
+@pytest.mark.slow
+@settings(max_examples=500, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(max_width=512, max_batch=256))
+def test_correct_backends_are_never_flagged_full_sweep(case):
+    check_case(case, FULL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_figures():
+    yield
+    for tally in (FAST, FULL):
+        if tally.cases:
+            tally.write()

@@ -1,0 +1,137 @@
+"""Kinks: a ReLU unit within rounding distance of 0 may flip between backends.
+
+A constructed case puts one pre-activation at about 1e-9: a backend that takes
+the other side of that kink fails a plain comparison, passes the kink-aware one
+(reported as ambiguous), and a real bug elsewhere in the same run still fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from equiv import MLPSpec, Trajectory, compare_trajectories, make_problem, manual
+from equiv.harness import REFERENCE, RUNNERS
+from equiv.kinks import analyse_kinks, preactivation_bounds
+
+SPEC = MLPSpec((3, 4, 2))
+LR = 0.1
+EXAMPLE, UNIT = 1, 2  # the unit put on the kink
+
+
+def _kinked_problem(seed: int):
+    """A problem whose unit (EXAMPLE, UNIT) of fc1 has a float64 pre-activation ~1e-9."""
+    problem = make_problem(SPEC, batch_size=4, seed=seed)
+    params = {k: v.clone() for k, v in problem.params.items()}
+    (x, _), = problem.batches
+    s = float(x[EXAMPLE].double() @ params["fc1.weight"][UNIT].double())
+    params["fc1.bias"][UNIT] = -s  # rounded to float32: z = s + b is a rounding residual
+    # make the unit matter: a large weight from it to the output
+    params["fc2.weight"][:, UNIT] = torch.tensor([1.5, -1.0])
+    return dataclasses.replace(problem, params=params)
+
+
+def _manual_run(problem, flip: bool, scale: dict[str, float] | None = None) -> Trajectory:
+    """The hand-derived pass on float32 torch tensors, optionally on the other side of the kink."""
+    params = {k: v.clone() for k, v in problem.params.items()}
+    out = Trajectory("flipped" if flip else "manual32", problem.spec.dtype)
+    for step, (x, y) in enumerate(problem.batches, start=1):
+        _, zs = manual.forward(params, x, problem.spec)
+        masks = [z > 0 for z in zs[:-1]]
+        if flip and step == 1:  # the side opposite to the exact (float64) pre-activation's
+            p64 = {k: v.double() for k, v in params.items()}
+            _, z64 = manual.forward(p64, x.double(), problem.spec)
+            masks[0][EXAMPLE, UNIT] = not bool(z64[0][EXAMPLE, UNIT] > 0)
+        loss, grads = manual.loss_and_grads(params, x, y, problem.spec, masks)
+        grads = {k: g * (scale or {}).get(k, 1.0) for k, g in grads.items()}
+        params = manual.sgd_update(params, grads, LR)
+        out.record(loss, grads, params)
+    return out
+
+
+def _runs(problem, **flipped_kwargs):
+    runs = {name: RUNNERS[name](problem, LR) for name in ("torch", "jax", REFERENCE)}
+    runs["flipped"] = _manual_run(problem, flip=True, **flipped_kwargs)
+    return runs
+
+
+def test_the_constructed_unit_sits_on_the_kink(equiv_seed):
+    problem = _kinked_problem(equiv_seed)
+    (x, _), = problem.batches
+    zs, bounds = preactivation_bounds(
+        {k: v.double().numpy() for k, v in problem.params.items()}, x.double().numpy(), SPEC,
+        2.0**-24,
+    )
+    assert abs(zs[0][EXAMPLE, UNIT]) < 1e-7
+    assert abs(zs[0][EXAMPLE, UNIT]) <= bounds[0][EXAMPLE, UNIT]
+
+
+def test_without_kink_handling_the_other_side_fails(equiv_seed):
+    problem = _kinked_problem(equiv_seed)
+    report = compare_trajectories(problem, _runs(problem), learning_rate=LR, kinks=False)
+    failing = {(d.stage, d.name) for d in report.failures if d.actual == "flipped"}
+    assert ("grads", "fc1.weight") in failing
+    assert "kinks" not in report.settings
+
+
+def test_with_kink_handling_it_passes_and_is_reported_ambiguous(equiv_seed):
+    problem = _kinked_problem(equiv_seed)
+    report = compare_trajectories(problem, _runs(problem), learning_rate=LR)
+    report.assert_agree()
+    assert report.settings["kinks"] >= 1
+    assert any(f"fc1 output [{EXAMPLE}, {UNIT}]" in line for line in report.settings["kink_units"])
+    leaf = next(
+        d for d in report.leaves
+        if (d.stage, d.name, d.actual, d.expected) == ("grads", "fc1.weight", "flipped", REFERENCE)
+    )
+    assert leaf.ambiguous > 0
+
+
+def test_a_real_bug_elsewhere_in_the_same_run_still_fails(equiv_seed):
+    problem = _kinked_problem(equiv_seed)
+    runs = _runs(problem, scale={"fc2.weight": 1 + 1e-3})
+    report = compare_trajectories(problem, runs, learning_rate=LR)
+    assert not report.agree
+    failing = {(d.stage, d.name) for d in report.failures if d.expected == REFERENCE}
+    assert failing == {("grads", "fc2.weight"), ("params", "fc2.weight")}
+    assert report.settings["kinks"] >= 1
+
+
+def test_the_other_side_over_two_steps_passes(equiv_seed):
+    problem = _kinked_problem(equiv_seed)
+    problem = dataclasses.replace(problem, batches=problem.batches * 2)
+    report = compare_trajectories(problem, _runs(problem), learning_rate=LR)
+    report.assert_agree()
+
+
+def test_bounds_cover_float32_rounding(rng):
+    # Measured: torch's float32 pre-activations against float64, elementwise.
+    spec = MLPSpec((64, 256, 128, 4))
+    problem = make_problem(spec, batch_size=32, seed=int(rng.integers(2**31)))
+    (x, _), = problem.batches
+    _, z32 = manual.forward(problem.params, x, spec)
+    p64 = {k: v.double().numpy() for k, v in problem.params.items()}
+    zs, bounds = preactivation_bounds(p64, x.double().numpy(), spec, 2.0**-24)
+    for z, ref, bound in zip(z32, zs, bounds, strict=False):
+        err = np.abs(z.double().numpy() - ref)
+        assert np.all(err <= bound)
+        assert np.max(err / bound) > 1e-3  # the bound is not vacuous either
+
+
+def test_a_smooth_case_has_no_kinks(equiv_seed):
+    problem = make_problem(MLPSpec((4, 3, 2)), batch_size=2, seed=0)
+    analysis = analyse_kinks(problem.spec, problem.params, problem.batches, LR, 2.0**-24)
+    assert analysis.count == 0 and analysis.slack == {}
+
+
+def test_masks_must_match_the_hidden_layers():
+    params = make_problem(SPEC).params
+    with pytest.raises(ValueError) as info:
+        manual.loss_and_grads(params, torch.zeros(1, 3), torch.zeros(1, 2), SPEC, masks=[])
+    assert str(info.value) == (
+        "[equiv] masks needs one entry (an array or None) per hidden layer: 1 for sizes "
+        "(3, 4, 2), got 0"
+    )

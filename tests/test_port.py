@@ -1,0 +1,191 @@
+"""check_jax_port and check_manual_backward: passing ports, failing ports, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from equiv import MLPSpec, TorchMLP, manual
+from equiv.port import check_jax_port, check_manual_backward
+
+SPEC = MLPSpec((5, 4, 3))
+
+
+def flax_loss(params, x, y):
+    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+    return jnp.mean((out - y) ** 2)
+
+
+def torch_layout_loss(params, x, y):
+    h = jax.nn.relu(x @ params["fc1.weight"].T + params["fc1.bias"])
+    out = h @ params["fc2.weight"].T + params["fc2.bias"]
+    return jnp.mean((out - y) ** 2)
+
+
+def summed_loss(params, x, y):  # a port that sums where torch's MSELoss averages
+    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+    return jnp.sum((out - y) ** 2)
+
+
+PASSING_PORTS = [("flax", flax_loss), ("torch", torch_layout_loss)]
+
+
+def _model_and_batches(seed: int, spec: MLPSpec = SPEC, batch: int = 6, steps: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = TorchMLP(spec)
+    dtype = model.fc1.weight.dtype
+    xs = [torch.randn(batch, spec.sizes[0], generator=gen, dtype=dtype) for _ in range(steps)]
+    ys = [torch.randn(batch, spec.sizes[-1], generator=gen, dtype=dtype) for _ in range(steps)]
+    return model, xs, ys
+
+
+@pytest.mark.equivalence
+@pytest.mark.parametrize("layout,loss_fn", PASSING_PORTS, ids=[p[0] for p in PASSING_PORTS])
+def test_a_correct_port_agrees_over_steps(layout, loss_fn, equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed)
+    report = check_jax_port(model, loss_fn, xs, ys, layout=layout, learning_rate=0.3, steps=2)
+    report.assert_agree()
+    stages = {(d.stage, d.step, d.actual, d.expected) for d in report.report.leaves}
+    assert ("params", 2, "port", "reference") in stages
+    assert ("grads", 1, "torch", "port") in stages
+
+
+def test_one_batch_is_reused_for_every_step(equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed, steps=1)
+    report = check_jax_port(model, flax_loss, xs[0], ys[0], steps=3)
+    assert report.agree
+    assert report.problem.steps == 3
+    assert all(torch.equal(b[0], xs[0]) for b in report.problem.batches)
+
+
+def test_float64_port_agrees_in_float64(equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed, spec=SPEC.replace(dtype="float64"))
+    report = check_jax_port(model, flax_loss, xs, ys, steps=2)
+    report.assert_agree()
+    assert report.trajectories["port"].grads[0]["fc1.weight"].dtype == np.float64
+
+
+def test_the_users_model_is_not_changed(equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_jax_port(model, flax_loss, xs, ys, steps=2, learning_rate=0.5)
+    check_manual_backward(model, lambda p, x, y: manual.loss_and_grads(p, x, y, SPEC), xs, ys,
+                          steps=2, learning_rate=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
+def test_a_correct_manual_backward_agrees(arrays, equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed)
+    seen = []
+
+    def grad_fn(params, x, y):
+        seen.append(type(params["fc1.weight"]))
+        return manual.loss_and_grads(params, x, y, SPEC)
+
+    report = check_manual_backward(model, grad_fn, xs, ys, steps=2, arrays=arrays)
+    report.assert_agree()
+    assert seen == [np.ndarray if arrays == "numpy" else torch.Tensor] * 2
+
+
+def test_a_summed_loss_fails_and_the_arbiter_blames_the_port(equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed)
+    report = check_jax_port(model, summed_loss, xs, ys, steps=2)
+    assert not report.agree
+    with pytest.raises(AssertionError) as info:
+        report.assert_agree()
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("[equiv] ")
+    assert "port vs reference" in lines[0] and "torch vs port" in lines[0]
+    assert lines[1].startswith("loss at step 1, loss, shape (), float32: torch vs port")
+    assert "  arbiter: torch agrees with the float64 reference" in lines
+    assert any(
+        line.startswith("  arbiter: port is off: ")
+        and line.endswith("leaves disagree with the float64 reference, first loss (loss at step 1)")
+        for line in lines
+    )
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["agree"] is False
+    assert data["settings"]["port"] == "jax loss_fn, flax layout"
+
+
+def test_a_wrong_manual_backward_fails(equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed)
+
+    def grad_fn(params, x, y):
+        loss, grads = manual.loss_and_grads(params, x, y, SPEC)
+        return loss, {**grads, "fc2.bias": grads["fc2.bias"] * 2}
+
+    report = check_manual_backward(model, grad_fn, xs, ys, steps=2)
+    first = report.report.failures[0]
+    assert (first.stage, first.step, first.name) == ("grads", 1, "fc2.bias")
+
+
+def test_a_custom_module_is_arbitrated_by_itself_in_float64(equiv_seed):
+    class Net(torch.nn.Module):  # the user's own module, with equiv's names
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    with torch.random.fork_rng():
+        torch.manual_seed(equiv_seed)
+        net = Net()
+    _, xs, ys = _model_and_batches(equiv_seed)
+    report = check_jax_port(net, flax_loss, xs, ys, steps=2, spec=SPEC)
+    report.assert_agree()
+    assert report.report.settings["arbiter"] == "torch model in float64"
+    assert report.trajectories["reference"].dtype == "float64"
+
+
+BAD_INPUT = [
+    ("batches", dict(steps=3), ValueError,
+     "[equiv] x holds 2 batches but steps=3; pass one batch (used for every step) or exactly "
+     "one per step"),
+    ("dtype", dict(x_dtype=np.float64), ValueError,
+     "[equiv] x[0] is float64 but the model is float32; convert it first, for example "
+     "x.astype(np.float32)"),
+    ("loss", dict(loss_fn="nope"), TypeError,
+     "[equiv] loss_fn must be callable as loss_fn(params, x, y), got 'nope'"),
+    ("steps", dict(steps=0), ValueError, "[equiv] steps must be an int of at least 1, got 0"),
+    ("lr", dict(learning_rate=-1.0), ValueError,
+     "[equiv] learning_rate must be a positive number, got -1.0"),
+    ("layout", dict(layout="keras"), ValueError, "[equiv] unknown layout 'keras'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,text", [c[1:] for c in BAD_INPUT],
+                         ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_one_clear_error(kwargs, error, text, equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed)
+    kwargs = dict(kwargs)
+    loss_fn = kwargs.pop("loss_fn", flax_loss)
+    if "x_dtype" in kwargs:
+        x_dtype = kwargs.pop("x_dtype")
+        xs = [x.numpy().astype(x_dtype) for x in xs]
+    kwargs.setdefault("steps", 2)
+    with pytest.raises(error) as info:
+        check_jax_port(model, loss_fn, xs, ys, **kwargs)
+    assert str(info.value).startswith(text)
+
+
+def test_a_model_without_spec_is_a_type_error(equiv_seed):
+    _, xs, ys = _model_and_batches(equiv_seed)
+    with pytest.raises(TypeError) as info:
+        check_jax_port(torch.nn.Linear(5, 3), flax_loss, xs, ys, steps=2)
+    assert str(info.value) == (
+        "[equiv] cannot tell the architecture of Linear; pass "
+        "spec=MLPSpec(sizes=(...), bias=..., dtype=...)"
+    )
