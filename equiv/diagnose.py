@@ -53,8 +53,9 @@ def diagnose_leaf(
     Example:
       >>> import numpy as np
       >>> w = np.arange(4.0).reshape(2, 2)
-      >>> print(diagnose_leaf("fc2.weight", w.T, w, stage="params", names=("jax", "torch")))
-      fc2.weight: jax holds the transpose of torch's square weight. A converter forgot to transpose it (torch Linear.weight is (out, in), a Flax kernel (in, out)); convert with equiv.torch_to_jax(..., layout="flax").
+      >>> hint = diagnose_leaf("fc2.weight", w.T, w, stage="params", names=("jax", "torch"))
+      >>> hint.split(". ")[0]
+      "fc2.weight: jax holds the transpose of torch's square weight"
     """
     a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     if a.shape != b.shape or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):

@@ -40,7 +40,7 @@ from equiv.tolerance import (
     user_tolerance,
     with_magnitude,
 )
-from equiv.torch_mlp import TorchMLP, load_params, torch_loss_fn, torch_sgd_step
+from equiv.torch_mlp import torch_loss_fn, torch_mlp_with_params, torch_sgd_step
 
 BACKENDS = ("torch", "manual", "jax")
 REFERENCE = "reference"
@@ -72,8 +72,7 @@ class Trajectory:
 def run_torch(problem: Problem, learning_rate: float, device: str = "cpu") -> Trajectory:
     """``TorchMLP`` + autograd + ``torch.optim.SGD``."""
     torch_device, _ = resolve_device(device)
-    model = TorchMLP(problem.spec, device=torch_device)
-    model = load_params(model, _copy_to(problem.params, torch_device))
+    model = torch_mlp_with_params(problem.spec, problem.params, torch_device)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
     loss_module = torch_loss_fn(problem.spec)
     out = Trajectory("torch", problem.spec.dtype)

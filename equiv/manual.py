@@ -176,6 +176,7 @@ def _scaled_add(p: Array, g: Array, alpha: float) -> Array:
     # torch.optim.SGD calls p.add_(g, alpha=-lr): one fused rounding. Spelling it
     # p - lr * g rounds twice and is one ulp off on some entries, so torch tensors
     # take torch's own add; other array libraries have no alpha and round twice.
+    # float(): a NumPy float64 scalar would promote a float32 array (NumPy 2).
     if is_torch_array(p):
-        return p.add(g, alpha=alpha)
-    return p + alpha * g
+        return p.add(g, alpha=float(alpha))
+    return p + float(alpha) * g

@@ -74,6 +74,23 @@ def torch_sgd_step(
     return loss.detach().clone(), grads
 
 
+def torch_mlp_with_params(
+    spec: MLPSpec, params: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> TorchMLP:
+    """A :class:`TorchMLP` holding copies of ``params``, built without drawing from
+    torch's global RNG (the layers are made on the meta device, then filled).
+
+    >>> import torch
+    >>> state = torch.random.get_rng_state()
+    >>> params = {"fc1.weight": torch.ones(1, 2), "fc1.bias": torch.zeros(1)}
+    >>> model = torch_mlp_with_params(MLPSpec((2, 1)), params)
+    >>> torch.equal(state, torch.random.get_rng_state()), model.fc1.weight.sum().item()
+    (True, 2.0)
+    """
+    model = TorchMLP(spec, device="meta").to_empty(device=device)
+    return load_params(model, params)
+
+
 def load_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> nn.Module:
     """Copy ``params`` into ``model`` in place (strict: every name must match)."""
     with torch.no_grad():

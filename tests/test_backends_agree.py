@@ -72,14 +72,6 @@ def test_backends_agree_over_three_steps(shape, dtype, equiv_seed):
     assert not any(np.array_equal(xs[i].numpy(), xs[j].numpy()) for i, j in [(0, 1), (1, 2)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: the derived bound scales with max|leaf| of the result, so cancellation in "
-    "dh = dz·W (fc1's only live unit gets 0.0038 from summands ±0.19) makes correct float64 "
-    "backends disagree at 2.8 times the bound; fix: scale the bound by the magnitude of the "
-    "summands (the same pass run on |x|, |W|, |dz|), not of the result",
-)
 def test_no_false_alarm_under_cancellation():
     # The notebook's shape in float64, batch 1, seed 1: no pre-activation near a kink
     # (|z1| >= 0.27), yet fc1's gradients disagree between correct implementations.

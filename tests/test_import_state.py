@@ -97,7 +97,6 @@ LEAKED = {
     "torch.cudnn.deterministic",
     "torch_deterministic_algorithms",
 }
-# Left changed by a comparison: known bugs, each with its own strict xfail below.
 ONEDNN = "torch.mkldnn.matmul.fp32_precision"
 TORCH_RNG = "torch_rng_state"
 
@@ -124,7 +123,7 @@ def test_import_changes_nothing(run):
 def test_comparisons_change_nothing(run):
     states = run["states"]
     assert run["agree"] == [True, True]
-    assert changed(states["before"], states["compare"]) - {TORCH_RNG} == set()
+    assert changed(states["before"], states["compare"]) == set()
 
 
 def test_every_key_would_reveal_a_leak(run):
@@ -138,13 +137,6 @@ def test_comparison_leaves_onednn_matmul_flag(run):
     assert states["compare"][ONEDNN] == states["before"][ONEDNN]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: harness.run_torch builds TorchMLP (nn.Linear's random init) outside "
-    "torch.random.fork_rng, so every comparison advances the user's global torch RNG; "
-    "fix: build the module under fork_rng (or on the meta device) before load_params",
-)
 def test_comparison_leaves_torch_rng(run):
     states = run["states"]
     assert states["compare"][TORCH_RNG] == states["before"][TORCH_RNG]

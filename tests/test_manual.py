@@ -247,13 +247,6 @@ def test_sgd_update_on_numpy_rounds_twice_as_written():
     assert manual.sgd_update({"w": p}, {"w": g}, 0.1)["w"].tolist() == (p + (-0.1) * g).tolist()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: sgd_update on NumPy float32 with a NumPy float64 learning rate returns "
-    "float64 (NumPy 2 promotes f32_array * np.float64); cast alpha with float() in "
-    "manual._scaled_add",
-)
 def test_sgd_update_keeps_float32_with_a_numpy_scalar_learning_rate():
     p = np.ones(3, dtype=np.float32)
     assert manual.sgd_update({"w": p}, {"w": p}, 0.1)["w"].dtype == np.float32
