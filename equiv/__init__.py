@@ -1,10 +1,10 @@
 """equiv: prove that two deep-learning implementations compute the same thing.
 
 The same MLP three ways (a torch module trained with ``torch.optim``, a
-hand-derived forward and backward pass, a pure JAX function under ``jax.grad``),
-converters between torch and JAX parameter trees, and a harness that runs SGD
-steps in all of them and compares loss, gradients and parameters leaf by leaf
-against derived tolerances and a float64 reference.
+hand-derived forward and backward pass, a pure JAX function under ``jax.grad``
+with optax), converters between torch and JAX parameter trees, and a harness that
+runs training steps in all of them and compares loss, gradients, optimizer state
+and parameters leaf by leaf against derived tolerances and a float64 reference.
 
 Importing equiv changes no global setting of torch, JAX or NumPy.
 
@@ -13,8 +13,19 @@ Importing equiv changes no global setting of torch, JAX or NumPy.
 True
 """
 
+from equiv.activations import ACTIVATIONS, Activation
+from equiv.checkpoint import load_jax, load_torch, save_jax, save_torch
 from equiv.compare import LeafDiff, Report, compare_leaf, compare_trees
-from equiv.convert import LAYOUTS, Layout, jax_to_torch, torch_to_jax
+from equiv.convert import (
+    LAYOUTS,
+    Layout,
+    equinox_to_torch,
+    jax_to_torch,
+    torch_to_equinox,
+    torch_to_jax,
+)
+from equiv.diagnose import diagnose_leaf
+from equiv.gradcheck import GradCheck, check_gradients
 from equiv.harness import (
     BACKENDS,
     REFERENCE,
@@ -24,8 +35,13 @@ from equiv.harness import (
     compare_backends,
     compare_trajectories,
 )
+from equiv.losses import LOSSES, Loss
+from equiv.optimizers import OPTIMIZERS, OptimizerSpec
+from equiv.plot import plot_divergence
+from equiv.port import check_jax_port, check_manual_backward
 from equiv.precision import comparison_scope, current_settings
 from equiv.problem import Problem, make_problem
+from equiv.render import print_comparison, render_comparison
 from equiv.spec import MLPSpec
 from equiv.tolerance import Tolerance, derived_tolerance
 from equiv.torch_mlp import TorchMLP
@@ -33,19 +49,29 @@ from equiv.torch_mlp import TorchMLP
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACTIVATIONS",
     "BACKENDS",
     "LAYOUTS",
+    "LOSSES",
+    "OPTIMIZERS",
     "REFERENCE",
+    "Activation",
     "Comparison",
+    "GradCheck",
     "LeafDiff",
     "Layout",
+    "Loss",
     "MLPSpec",
+    "OptimizerSpec",
     "Problem",
     "Report",
     "Tolerance",
     "TorchMLP",
     "Trajectory",
     "assert_backends_agree",
+    "check_gradients",
+    "check_jax_port",
+    "check_manual_backward",
     "compare_backends",
     "compare_leaf",
     "compare_trajectories",
@@ -53,7 +79,17 @@ __all__ = [
     "comparison_scope",
     "current_settings",
     "derived_tolerance",
+    "diagnose_leaf",
+    "equinox_to_torch",
     "jax_to_torch",
+    "load_jax",
+    "load_torch",
     "make_problem",
+    "plot_divergence",
+    "print_comparison",
+    "render_comparison",
+    "save_jax",
+    "save_torch",
+    "torch_to_equinox",
     "torch_to_jax",
 ]

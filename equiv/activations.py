@@ -54,6 +54,31 @@ class Activation:
     derivative: Callable[[Any, Array, float], Array]  # (xp, z, param) -> dh/dz
     kink: bool = False  # non-differentiable at z = 0
     param_field: str | None = None  # the MLPSpec field holding the hyper-parameter
+    # For kinked activations, the branch for z <= 0 as (xp, z, param) -> (value, derivative);
+    # the branch for z > 0 is the identity. Lets a caller force either side of the kink.
+    negative: Callable[[Any, Array, float], tuple[Array, Array]] | None = None
+    # A bound on |h'(z)|: how much an error in z can grow through the activation.
+    lipschitz: Callable[[float], float] = lambda param: 1.0
+
+    def value_and_derivative(
+        self, xp: Any, z: Array, param: float, branch: Array | None = None
+    ) -> tuple[Array, Array]:
+        """``h(z)`` and ``h'(z)``; ``branch`` (boolean, kinked activations only) forces
+        the side of the kink: True takes the ``z > 0`` branch, False the other.
+
+        >>> import numpy as np
+        >>> relu = ACTIVATIONS["relu"]
+        >>> z = np.array([-1.0, 1e-9])
+        >>> [a.tolist() for a in relu.value_and_derivative(np, z, 0.0)]
+        [[0.0, 1e-09], [0.0, 1.0]]
+        >>> [a.tolist() for a in relu.value_and_derivative(np, z, 0.0, np.array([True, False]))]
+        [[-1.0, 0.0], [1.0, 0.0]]
+        """
+        if branch is None or self.negative is None:
+            return self.value(xp, z, param), self.derivative(xp, z, param)
+        # Evaluate the negative branch only where it is taken (0 elsewhere: no overflow).
+        value, slope = self.negative(xp, xp.where(branch, xp.zeros_like(z), z), param)
+        return xp.where(branch, z, value), xp.where(branch, xp.ones_like(z), slope)
 
     def param(self, spec: Any) -> float:
         """The hyper-parameter ``spec`` gives this activation (0.0 if it has none)."""
@@ -98,52 +123,81 @@ ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in [
         Activation(
-            "relu", lambda p: nn.ReLU(), lambda z, p: jax.nn.relu(z),
+            "relu",
+            lambda p: nn.ReLU(),
+            lambda z, p: jax.nn.relu(z),
             lambda xp, z, p: xp.where(z > 0, z, xp.zeros_like(z)),
             lambda xp, z, p: xp.where(z > 0, _ones(xp, z), xp.zeros_like(z)),
             kink=True,
+            negative=lambda xp, z, p: (xp.zeros_like(z), xp.zeros_like(z)),
         ),
         Activation(
-            "leaky_relu", lambda p: nn.LeakyReLU(p), lambda z, p: jax.nn.leaky_relu(z, p),
+            "leaky_relu",
+            lambda p: nn.LeakyReLU(p),
+            lambda z, p: jax.nn.leaky_relu(z, p),
             lambda xp, z, p: xp.where(z > 0, z, p * z),
             lambda xp, z, p: xp.where(z > 0, _ones(xp, z), p * _ones(xp, z)),
-            kink=True, param_field="negative_slope",
+            kink=True,
+            param_field="negative_slope",
+            negative=lambda xp, z, p: (p * z, p * _ones(xp, z)),
+            lipschitz=lambda p: max(1.0, p),
         ),
         Activation(
-            "elu", lambda p: nn.ELU(p), lambda z, p: jax.nn.elu(z, p),
+            "elu",
+            lambda p: nn.ELU(p),
+            lambda z, p: jax.nn.elu(z, p),
             lambda xp, z, p: xp.where(z > 0, z, p * xp.expm1(xp.where(z > 0, 0 * z, z))),
             lambda xp, z, p: xp.where(z > 0, _ones(xp, z), p * xp.exp(xp.where(z > 0, 0 * z, z))),
-            kink=True, param_field="elu_alpha",  # a kink unless alpha == 1
+            kink=True,
+            param_field="elu_alpha",  # a kink unless alpha == 1
+            negative=lambda xp, z, p: (p * xp.expm1(z), p * xp.exp(z)),
+            lipschitz=lambda p: max(1.0, p),
         ),
         Activation(
-            "tanh", lambda p: nn.Tanh(), lambda z, p: jnp.tanh(z),
+            "tanh",
+            lambda p: nn.Tanh(),
+            lambda z, p: jnp.tanh(z),
             lambda xp, z, p: xp.tanh(z),
             lambda xp, z, p: 1.0 - xp.tanh(z) * xp.tanh(z),
         ),
         Activation(
-            "sigmoid", lambda p: nn.Sigmoid(), lambda z, p: jax.nn.sigmoid(z),
+            "sigmoid",
+            lambda p: nn.Sigmoid(),
+            lambda z, p: jax.nn.sigmoid(z),
             lambda xp, z, p: _sigmoid(xp, z),
             lambda xp, z, p: _sigmoid(xp, z) * (1.0 - _sigmoid(xp, z)),
         ),
         Activation(
-            "gelu", lambda p: nn.GELU(), lambda z, p: jax.nn.gelu(z, approximate=False),
+            "gelu",
+            lambda p: nn.GELU(),
+            lambda z, p: jax.nn.gelu(z, approximate=False),
             lambda xp, z, p: 0.5 * z * (1.0 + _erf(xp, z / math.sqrt(2.0))),
-            lambda xp, z, p: 0.5 * (1.0 + _erf(xp, z / math.sqrt(2.0)))
-            + z * xp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi),
+            lambda xp, z, p: (
+                0.5 * (1.0 + _erf(xp, z / math.sqrt(2.0)))
+                + z * xp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+            ),
+            lipschitz=lambda p: 1.13,  # max of Φ(z) + z·φ(z), at z = √2: 1.1289
         ),
         Activation(
-            "gelu_tanh", lambda p: nn.GELU(approximate="tanh"),
+            "gelu_tanh",
+            lambda p: nn.GELU(approximate="tanh"),
             lambda z, p: jax.nn.gelu(z, approximate=True),
             lambda xp, z, p: 0.5 * z * (1.0 + _gelu_tanh_parts(xp, z)[1]),
             _gelu_tanh_derivative,
+            lipschitz=lambda p: 1.13,
         ),
         Activation(
-            "silu", lambda p: nn.SiLU(), lambda z, p: jax.nn.silu(z),
+            "silu",
+            lambda p: nn.SiLU(),
+            lambda z, p: jax.nn.silu(z),
             lambda xp, z, p: z * _sigmoid(xp, z),
             _silu_derivative,
+            lipschitz=lambda p: 1.1,  # max of σ(z)(1 + z(1 - σ(z))): 1.0998
         ),
         Activation(
-            "identity", lambda p: nn.Identity(), lambda z, p: z,
+            "identity",
+            lambda p: nn.Identity(),
+            lambda z, p: z,
             lambda xp, z, p: z,
             lambda xp, z, p: _ones(xp, z),
         ),

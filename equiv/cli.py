@@ -29,9 +29,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from equiv._messages import PREFIX, message
+from equiv.activations import ACTIVATIONS
 from equiv.harness import BACKENDS, compare_backends
+from equiv.losses import LOSSES
+from equiv.optimizers import OPTIMIZERS, OptimizerSpec
+from equiv.plot import plot_divergence
 from equiv.render import print_comparison
 from equiv.spec import DTYPES, MLPSpec
+
+_OPTIMIZER_FIELDS = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad")
 
 _SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below 2**64
 
@@ -104,6 +110,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--no-bias", action="store_true", help="layers without bias")
     add(
+        "--activation",
+        type=_names,
+        default=("relu",),
+        metavar="NAME[,NAME...]",
+        help=f"between layers, one name or one per hidden layer: {', '.join(ACTIVATIONS)} "
+        "(default: relu)",
+    )
+    add(
+        "--negative-slope",
+        type=_finite_float,
+        default=0.01,
+        metavar="X",
+        help="leaky_relu's slope (default: 0.01)",
+    )
+    add(
+        "--elu-alpha",
+        type=_finite_float,
+        default=1.0,
+        metavar="X",
+        help="elu's alpha (default: 1.0)",
+    )
+    add(
+        "--loss",
+        default="mse",
+        metavar="NAME",
+        help=f"one of {', '.join(LOSSES)} (default: mse, torch's MSELoss)",
+    )
+    add(
+        "--label-smoothing",
+        type=_finite_float,
+        default=0.0,
+        metavar="X",
+        help="cross-entropy label smoothing (default: 0)",
+    )
+    add(
+        "--huber-delta",
+        type=_finite_float,
+        default=1.0,
+        metavar="X",
+        help="huber's delta (default: 1.0)",
+    )
+    add(
+        "--smooth-l1-beta",
+        type=_finite_float,
+        default=1.0,
+        metavar="X",
+        help="smooth_l1's beta (default: 1.0)",
+    )
+    add(
+        "--optimizer",
+        default="sgd",
+        metavar="NAME",
+        help=f"one of {', '.join(OPTIMIZERS)}, with torch.optim's semantics (default: sgd); "
+        "its learning rate is --lr",
+    )
+    add("--momentum", type=_finite_float, default=None, metavar="X", help="SGD momentum")
+    add("--dampening", type=_finite_float, default=None, metavar="X", help="SGD dampening")
+    add("--nesterov", action="store_true", default=None, help="SGD Nesterov momentum")
+    add(
+        "--weight-decay",
+        type=_finite_float,
+        default=None,
+        metavar="X",
+        help="weight decay (default: torch's, 0 for SGD and Adam, 1e-2 for AdamW)",
+    )
+    add("--betas", type=_betas, default=None, metavar="B1,B2", help="Adam/AdamW betas")
+    add("--eps", type=_finite_float, default=None, metavar="X", help="Adam/AdamW eps")
+    add("--amsgrad", action="store_true", default=None, help="Adam/AdamW AMSGrad (torch's)")
+    add(
+        "--plot",
+        default=None,
+        metavar="PATH",
+        help="also plot how the differences grow over the steps (PNG, needs matplotlib)",
+    )
+    add(
         "--precision",
         default="exact",
         metavar="MODE",
@@ -158,14 +239,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "give --rtol and --atol both, or neither to use derived bounds; "
                 f"got --rtol {args.rtol}, --atol {args.atol}"
             )
-        spec = MLPSpec(sizes=args.sizes, bias=not args.no_bias, dtype=args.dtype)
-        if args.json is not None:
-            check_writable(args.json)
+        spec = MLPSpec(
+            sizes=args.sizes,
+            bias=not args.no_bias,
+            dtype=args.dtype,
+            activation=args.activation[0] if len(args.activation) == 1 else args.activation,
+            negative_slope=args.negative_slope,
+            elu_alpha=args.elu_alpha,
+            loss=args.loss,
+            label_smoothing=args.label_smoothing,
+            huber_delta=args.huber_delta,
+            smooth_l1_beta=args.smooth_l1_beta,
+        )
+        optimizer = OptimizerSpec(
+            args.optimizer,
+            learning_rate=args.lr,
+            **{
+                field: getattr(args, field)
+                for field in _OPTIMIZER_FIELDS
+                if getattr(args, field) is not None
+            },
+        )
+        for path in (args.json, args.plot):
+            if path is not None:
+                check_writable(path)
         comparison = compare_backends(
             spec,
             batch_size=args.batch,
             seed=args.seed,
             learning_rate=args.lr,
+            optimizer=optimizer,
             steps=args.steps,
             device=args.device,
             backends=args.backends,
@@ -182,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # not a message about the input: a bug, keep its traceback
         return _bad_input(str(error))
     print_comparison(comparison, seed=args.seed)
+    if args.plot is not None:
+        try:
+            plot_divergence(comparison, args.plot)
+        except ImportError as error:
+            return _bad_input(f"--plot needs matplotlib: pip install matplotlib ({error})")
     if args.json is not None:
         try:
             data = comparison.to_dict()
@@ -282,6 +390,15 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number such as 0.1, got {text!r}")
     return value
+
+
+def _betas(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(
+            f"--betas takes two numbers such as 0.9,0.999, got {text!r}"
+        )
+    return (_finite_float(parts[0]), _finite_float(parts[1]))
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -2,12 +2,26 @@
 
 Backends:
 
-* ``"torch"``: :class:`~equiv.torch_mlp.TorchMLP`, autograd and ``torch.optim.SGD``.
-* ``"manual"``: the hand-derived pass of :mod:`equiv.manual` on torch tensors.
-* ``"jax"``: :mod:`equiv.jax_mlp`, ``jax.value_and_grad`` and ``optax.sgd``.
-* ``"reference"``: the hand-derived pass on NumPy in float64, the arbiter. In a
-  float32 run every backend is also held against it, so a report says which
-  backend is off, not only that two disagree.
+* ``"torch"``: :class:`~equiv.torch_mlp.TorchMLP`, autograd and ``torch.optim``
+  (:func:`equiv.optimizers.make_torch_optimizer`).
+* ``"manual"``: the hand-derived pass of :mod:`equiv.manual` and the hand-written
+  update (:func:`equiv.optimizers.manual_update`) on torch tensors.
+* ``"jax"``: :mod:`equiv.jax_mlp`, ``jax.value_and_grad`` and optax
+  (:func:`equiv.optimizers.make_optax`), one jitted step (:func:`make_train_step`).
+* ``"reference"``: the hand-derived pass and update on NumPy in float64, the
+  arbiter. In a float32 run every backend is also held against it, so a report
+  says which backend is off, not only that two disagree.
+
+The optimizer is an :class:`~equiv.optimizers.OptimizerSpec`; without one it is
+plain SGD with ``learning_rate`` (``optimizer=None`` keeps the API of the first
+issue). When an optimizer is given, ITS learning rate is the one used and the
+``learning_rate`` argument is ignored (the comparison's ``learning_rate`` reports
+the optimizer's). Each step records the optimizer state under torch's names
+(``{"exp_avg": {"fc1.weight": ...}}``), compared as the stage ``"state"`` with
+leaves named ``exp_avg.fc1.weight``; plain SGD keeps no state.
+
+Integer labels (``cross_entropy``) stay integers everywhere: int64 in torch and
+the reference, int32 in JAX.
 
 Every backend starts from its own copy of the initial parameters: nothing is
 shared between frameworks, since a torch in-place update would change a JAX
@@ -17,30 +31,48 @@ array sharing its buffer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 import torch
 
 from equiv import jax_mlp, manual
-from equiv._messages import value_error
+from equiv.diagnose import diagnose_trees
+from equiv._messages import type_error, value_error
 from equiv.compare import LeafDiff, Report, compare_leaf, compare_trees, to_numpy
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.devices import resolve_device
-from equiv.kinks import KinkAnalysis, analyse_kinks
+from equiv.kinks import KinkAnalysis, analyse_kinks, kinked
+from equiv.losses import LOSSES
+from equiv.optimizers import (
+    OptimizerSpec,
+    make_optax,
+    make_torch_optimizer,
+    manual_init,
+    manual_update,
+    optax_state_to_torch_names,
+    torch_optimizer_state,
+)
 from equiv.precision import comparison_scope
 from equiv.problem import Problem, make_problem
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 from equiv.tolerance import (
+    Tolerance,
+    adam_update_slack,
     derived_tolerance,
+    optimizer_bounds,
     params_tolerance,
     user_tolerance,
     with_magnitude,
 )
 from equiv.torch_mlp import torch_loss_fn, torch_mlp_with_params, torch_sgd_step
+
+State = dict[str, dict[str, np.ndarray]]
 
 BACKENDS = ("torch", "manual", "jax")
 REFERENCE = "reference"
@@ -49,84 +81,191 @@ REFERENCE = "reference"
 @dataclasses.dataclass
 class Trajectory:
     """What one backend computed: per step the loss, the gradients (before the
-    update) and the parameters after it, as NumPy arrays under torch's names."""
+    update), the parameters after it and the optimizer state after it, as NumPy
+    arrays under torch's names (state: ``{state name: {param name: array}}``;
+    ``None`` for a backend that does not report its state)."""
 
     backend: str
     dtype: str
     losses: list[np.ndarray] = dataclasses.field(default_factory=list)
     grads: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     params: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    states: list[State | None] = dataclasses.field(default_factory=list)
 
-    def record(self, loss: Any, grads: dict[str, Any], params: dict[str, Any]) -> None:
+    def record(
+        self, loss: Any, grads: dict[str, Any], params: dict[str, Any],
+        state: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.losses.append(np.array(to_numpy(loss)))
         self.grads.append({k: np.array(to_numpy(v)) for k, v in grads.items()})
         self.params.append({k: np.array(to_numpy(v)) for k, v in params.items()})
+        self.states.append(
+            None if state is None
+            else {key: {k: np.array(to_numpy(v)) for k, v in tree.items()}
+                  for key, tree in state.items()}
+        )
+
+    def has_state(self, step: int) -> bool:
+        return len(self.states) >= step and self.states[step - 1] is not None
 
     def stage(self, stage: str, step: int) -> dict[str, np.ndarray]:
-        """The flat tree of ``stage`` at 1-based ``step``."""
+        """The flat tree of ``stage`` at 1-based ``step`` (``"state"``: leaves named
+        ``exp_avg.fc1.weight``)."""
         if stage == "loss":
             return {"loss": self.losses[step - 1]}
+        if stage == "state":
+            state = self.states[step - 1] if self.has_state(step) else None
+            return {f"{key}.{name}": v for key, tree in (state or {}).items()
+                    for name, v in tree.items()}
         return (self.grads if stage == "grads" else self.params)[step - 1]
 
 
-def run_torch(problem: Problem, learning_rate: float, device: str = "cpu") -> Trajectory:
-    """``TorchMLP`` + autograd + ``torch.optim.SGD``."""
+def resolve_optimizer(optimizer: OptimizerSpec | None, learning_rate: float) -> OptimizerSpec:
+    """``optimizer``, or plain SGD with ``learning_rate`` when it is None.
+
+    >>> resolve_optimizer(None, 0.1)
+    OptimizerSpec(name='sgd', learning_rate=0.1, momentum=0.0, dampening=0.0, nesterov=False, \
+weight_decay=0.0, betas=(0.9, 0.999), eps=1e-08, amsgrad=False)
+    """
+    if optimizer is None:
+        return OptimizerSpec("sgd", learning_rate=float(learning_rate))
+    if not isinstance(optimizer, OptimizerSpec):
+        raise type_error(
+            f"optimizer must be an equiv.OptimizerSpec, got {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def is_plain_sgd(optimizer: OptimizerSpec | None) -> bool:
+    """SGD without momentum or weight decay: ``p - lr·g``, no state."""
+    return optimizer is None or (
+        optimizer.name == "sgd" and optimizer.momentum == 0 and optimizer.weight_decay == 0
+    )
+
+
+def _labels_or(y: Any, convert: Callable[[Any], Any]) -> Any:
+    """Integer labels unchanged, anything else through ``convert``."""
+    if isinstance(y, torch.Tensor) and not y.is_floating_point():
+        return y
+    if isinstance(y, np.ndarray) and not np.issubdtype(y.dtype, np.floating):
+        return y
+    return convert(y)
+
+
+def _numpy_batch(y: Any) -> np.ndarray:
+    """A target batch in float64 NumPy, integer labels kept as int64."""
+    y = to_numpy(y)
+    return y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float64)
+
+
+def run_torch(
+    problem: Problem, learning_rate: float, device: str = "cpu",
+    optimizer: OptimizerSpec | None = None,
+) -> Trajectory:
+    """``TorchMLP`` + autograd + ``torch.optim`` (single-tensor path)."""
+    opt_spec = resolve_optimizer(optimizer, learning_rate)
     torch_device, _ = resolve_device(device)
     model = torch_mlp_with_params(problem.spec, problem.params, torch_device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    opt = make_torch_optimizer(opt_spec, model.parameters())
     loss_module = torch_loss_fn(problem.spec)
     out = Trajectory("torch", problem.spec.dtype)
     for x, y in problem.batches:
         x, y = x.to(torch_device), y.to(torch_device)
-        loss, grads = torch_sgd_step(model, optimizer, loss_module, x, y)
-        out.record(loss, grads, model.state_dict())
+        loss, grads = torch_sgd_step(model, opt, loss_module, x, y)
+        out.record(loss, grads, model.state_dict(),
+                   torch_optimizer_state(opt, model.named_parameters()))
     return out
 
 
-def run_manual(problem: Problem, learning_rate: float, device: str = "cpu") -> Trajectory:
+def run_manual(
+    problem: Problem, learning_rate: float, device: str = "cpu",
+    optimizer: OptimizerSpec | None = None,
+) -> Trajectory:
     """The hand-derived pass and update on torch tensors."""
+    opt_spec = resolve_optimizer(optimizer, learning_rate)
     torch_device, _ = resolve_device(device)
     params = _copy_to(problem.params, torch_device)
+    state = manual_init(opt_spec, params)
     out = Trajectory("manual", problem.spec.dtype)
-    for x, y in problem.batches:
+    for step, (x, y) in enumerate(problem.batches, start=1):
         x, y = x.to(torch_device), y.to(torch_device)
         loss, grads = manual.loss_and_grads(params, x, y, problem.spec)
-        params = manual.sgd_update(params, grads, learning_rate)
-        out.record(loss, grads, params)
+        params, state = manual_update(opt_spec, params, grads, state, step)
+        out.record(loss, grads, params, state)
     return out
 
 
-def run_jax(problem: Problem, learning_rate: float, device: str = "cpu") -> Trajectory:
-    """``jax.value_and_grad`` of :func:`equiv.jax_mlp.loss_fn` and ``optax.sgd``, jitted."""
+@functools.cache
+def make_train_step(spec: MLPSpec, optimizer: OptimizerSpec) -> tuple[Callable[..., Any], Any]:
+    """A jitted ``step(params, opt_state, x, y) -> (loss, grads, params, opt_state)``
+    with ``jax.value_and_grad`` of :func:`equiv.jax_mlp.loss_fn` and
+    :func:`equiv.optimizers.make_optax`; returns it with the optax transformation.
+
+    Cached per (spec, optimizer): every comparison of one configuration reuses one
+    compiled function (jit still recompiles for a new shape, dtype or precision).
+
+    >>> step, tx = make_train_step(MLPSpec(), OptimizerSpec("adam"))
+    >>> make_train_step(MLPSpec(), OptimizerSpec("adam"))[0] is step
+    True
+    """
+    tx = make_optax(optimizer)
+    value_and_grad = jax.value_and_grad(functools.partial(jax_mlp.loss_fn, spec=spec))
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        loss, grads = value_and_grad(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return loss, grads, optax.apply_updates(params, updates), opt_state
+
+    return step, tx
+
+
+def run_jax(
+    problem: Problem, learning_rate: float, device: str = "cpu",
+    optimizer: OptimizerSpec | None = None,
+) -> Trajectory:
+    """``jax.value_and_grad`` of :func:`equiv.jax_mlp.loss_fn` and optax, jitted."""
+    opt_spec = resolve_optimizer(optimizer, learning_rate)
+    spec = problem.spec
     _, jax_device = resolve_device(device)
-    step, optimizer = jax_mlp.make_sgd_step(problem.spec, float(learning_rate))
-    params = torch_to_jax(problem.params, layout="flax", spec=problem.spec, device=jax_device)
-    opt_state = optimizer.init(params)
-    out = Trajectory("jax", problem.spec.dtype)
+    step, tx = make_train_step(spec, opt_spec)
+    params = torch_to_jax(problem.params, layout="flax", spec=spec, device=jax_device)
+    opt_state = tx.init(params)
+    out = Trajectory("jax", spec.dtype)
+
+    def to_torch(tree):
+        return jax_to_torch(tree, layout="flax", spec=spec)
+
     for x, y in problem.batches:
-        x, y = (jax.device_put(t.numpy(), jax_device) for t in (x, y))
+        y = _labels_or(y.numpy(), lambda t: t).copy()
+        if not np.issubdtype(y.dtype, np.floating):
+            y = y.astype(np.int32)  # JAX's default integer: no x64 truncation warning
+        x, y = (jax.device_put(t, jax_device) for t in (x.numpy(), y))
         loss, grads, params, opt_state = step(params, opt_state, x, y)
-        out.record(
-            loss,
-            jax_to_torch(grads, layout="flax", spec=problem.spec),
-            jax_to_torch(params, layout="flax", spec=problem.spec),
-        )
+        out.record(loss, to_torch(grads), to_torch(params),
+                   optax_state_to_torch_names(opt_spec, opt_state, to_torch))
     return out
 
 
-def run_reference(problem: Problem, learning_rate: float, device: str = "cpu") -> Trajectory:
-    """The hand-derived pass on NumPy in float64: the arbiter (always on the CPU)."""
+def run_reference(
+    problem: Problem, learning_rate: float, device: str = "cpu",
+    optimizer: OptimizerSpec | None = None,
+) -> Trajectory:
+    """The hand-derived pass and update on NumPy in float64: the arbiter (always on
+    the CPU)."""
+    opt_spec = resolve_optimizer(optimizer, learning_rate)
     params = {k: v.double().numpy().copy() for k, v in problem.params.items()}
+    state = manual_init(opt_spec, params)
     out = Trajectory(REFERENCE, "float64")
-    for x, y in problem.batches:
-        x, y = x.double().numpy(), y.double().numpy()
+    for step, (x, y) in enumerate(problem.batches, start=1):
+        x, y = x.double().numpy(), _numpy_batch(y)
         loss, grads = manual.loss_and_grads(params, x, y, problem.spec)
-        params = manual.sgd_update(params, grads, learning_rate)
-        out.record(loss, grads, params)
+        params, state = manual_update(opt_spec, params, grads, state, step)
+        out.record(loss, grads, params, state)
     return out
 
 
-RUNNERS: dict[str, Callable[[Problem, float, str], Trajectory]] = {
+RUNNERS: dict[str, Callable[..., Trajectory]] = {
     "torch": run_torch,
     "manual": run_manual,
     "jax": run_jax,
@@ -142,17 +281,57 @@ class Comparison:
     learning_rate: float
     trajectories: dict[str, Trajectory]
     report: Report
+    optimizer: OptimizerSpec | None = None
 
     @property
     def agree(self) -> bool:
         return self.report.agree
 
     def assert_agree(self) -> None:
-        """Raise ``AssertionError`` listing every failing leaf, then the arbiter's verdict."""
+        """Raise ``AssertionError`` listing every failing leaf, then the arbiter's
+        verdict, then the known causes the failing leaves point to (:meth:`hints`)."""
         if not self.agree:
             verdict = self.arbiter_verdict()
             text = self.report.failure_text()
-            raise AssertionError(text + ("\n" + "\n".join(verdict) if verdict else ""))
+            if verdict:
+                text += "\n" + "\n".join(verdict)
+            hints = self.hints()
+            if hints:
+                text += "\n" + "\n".join(f"  likely cause: {h}" for h in hints)
+            raise AssertionError(text)
+
+    def hints(self) -> list[str]:
+        """Known-cause hints (:func:`equiv.diagnose.diagnose_trees`) for the failing
+        leaves of each pair and stage, without repeats, in report order."""
+        groups: dict[tuple[str, str, str, int], list[str]] = {}
+        for d in self.report.failures:
+            key = (d.actual, d.expected, d.stage, d.step)
+            if d.actual in self.trajectories and d.expected in self.trajectories:
+                groups.setdefault(key, []).append(d.name)
+        spec = self.problem.spec
+        numel = self.problem.batch_size * spec.sizes[-1]
+        hints: list[str] = []
+        for (a, b, stage, step), names in groups.items():
+            ta, tb = self.trajectories[a], self.trajectories[b]
+            before = None
+            if stage == "params":
+                before = (
+                    {k: to_numpy(v).astype(np.float64) for k, v in self.problem.params.items()}
+                    if step == 1 else tb.params[step - 2]
+                )
+            try:
+                found = diagnose_trees(
+                    ta.stage(stage, step), tb.stage(stage, step), names,
+                    stage=stage, names=(a, b), before=before, dtype=spec.dtype,
+                    numel_output=numel, batch_size=self.problem.batch_size,
+                )
+            except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
+                found = []
+            for hint in found:
+                hint = f"{hint} (step {step}, {a} vs {b})"
+                if hint not in hints:
+                    hints.append(hint)
+        return hints
 
     def arbiter_verdict(self) -> list[str]:
         """One line per backend: does it agree with the float64 reference, and if
@@ -189,8 +368,12 @@ class Comparison:
                 "batch_size": self.problem.batch_size,
                 "steps": self.problem.steps,
                 "learning_rate": self.learning_rate,
+                "optimizer": (
+                    dataclasses.asdict(self.optimizer) if self.optimizer is not None else None
+                ),
             },
             "settings": report["settings"],
+            "hints": self.hints() if not report["agree"] else [],
             "loss": {b: [float(v) for v in t.losses] for b, t in self.trajectories.items()},
             "params": {
                 b: {k: v.tolist() for k, v in t.params[-1].items()}
@@ -214,11 +397,12 @@ def compare_backends(
     rtol: float | None = None,
     atol: float | None = None,
     problem: Problem | None = None,
+    optimizer: OptimizerSpec | None = None,
 ) -> Comparison:
-    """Run ``steps`` SGD steps in every backend from one problem and compare them.
+    """Run ``steps`` training steps in every backend from one problem and compare them.
 
     Every pair of backends is compared at every stage (loss, gradients, parameters
-    after each step), and with ``reference=True`` every backend is also compared
+    and optimizer state after each step), and with ``reference=True`` every backend is also compared
     with the float64 hand-derived reference. Tolerances are derived per leaf
     (:mod:`equiv.tolerance`) unless ``rtol`` and ``atol`` are both given.
 
@@ -226,7 +410,9 @@ def compare_backends(
       spec: the MLP; default the notebook's 4-3-2 ReLU MLP in float32.
       batch_size, seed, steps: the problem, drawn as :func:`equiv.problem.make_problem`
         draws it; ignored when ``problem`` is given.
-      learning_rate: SGD's learning rate.
+      learning_rate: plain SGD's learning rate, used when ``optimizer`` is None.
+      optimizer: an :class:`~equiv.optimizers.OptimizerSpec` (SGD with momentum,
+        Adam, AdamW, ...); its own learning rate wins over ``learning_rate``.
       device: ``"cpu"`` or ``"cuda[:N]"`` for torch and JAX alike.
       backends: any of ``"torch"``, ``"manual"``, ``"jax"`` (at least one).
       precision: ``"exact"`` pins IEEE float32 matmuls (no TF32) in a scope;
@@ -243,19 +429,25 @@ def compare_backends(
     backends = _check_backends(backends)
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
         raise value_error(f"learning_rate must be a positive number, got {learning_rate!r}")
+    if optimizer is not None:
+        optimizer = resolve_optimizer(optimizer, learning_rate)
+        learning_rate = optimizer.learning_rate
     user_tolerance(rtol, atol)  # fail early on a half-given tolerance
     resolve_device(device)  # fail early, before any work, on a missing device
     if problem is None:
         problem = make_problem(spec, batch_size=batch_size, seed=seed, steps=steps)
     names = list(backends) + ([REFERENCE] if reference else [])
     with comparison_scope(spec.dtype, precision) as settings:
-        trajectories = {name: RUNNERS[name](problem, learning_rate, device) for name in names}
+        trajectories = {
+            name: RUNNERS[name](problem, learning_rate, device, optimizer) for name in names
+        }
     settings = {"dtype": spec.dtype, "device": device, **settings}
     report = compare_trajectories(
-        problem, trajectories, learning_rate=learning_rate, rtol=rtol, atol=atol
+        problem, trajectories, learning_rate=learning_rate, rtol=rtol, atol=atol,
+        optimizer=optimizer,
     )
     report.settings.update(settings)
-    return Comparison(problem, float(learning_rate), trajectories, report)
+    return Comparison(problem, float(learning_rate), trajectories, report, optimizer)
 
 
 def assert_backends_agree(spec: MLPSpec | None = None, **kwargs) -> Comparison:
@@ -274,6 +466,7 @@ def compare_trajectories(
     rtol: float | None = None,
     atol: float | None = None,
     kinks: bool = True,
+    optimizer: OptimizerSpec | None = None,
 ) -> Report:
     """Compare any trajectories of one problem: every pair of backends, and each
     backend against :data:`REFERENCE` when that trajectory is present.
@@ -282,12 +475,19 @@ def compare_trajectories(
     broken one, in tests) joins a comparison: build a :class:`Trajectory` with
     :meth:`Trajectory.record` and pass it beside the others.
 
-    Kinks (:mod:`equiv.kinks`): with ``kinks=True``, a ReLU MLP, the float64
-    reference present and ``learning_rate`` given, the units whose pre-activation
-    lies within rounding distance of 0 are found, and a leaf they move may differ
-    by the slack of the other side of the kink on top of its bound (twice that
-    between two backends). The report's settings count them
-    (``settings["kinks"]``); a difference elsewhere still fails.
+    Optimizer (``optimizer``, default plain SGD with ``learning_rate``): the stage
+    ``"state"`` is compared for every pair that both recorded a state, and the
+    state and parameter bounds carry the gradient bound through the optimizer
+    (:func:`equiv.tolerance.optimizer_bounds`).
+
+    Kinks (:mod:`equiv.kinks`): with ``kinks=True``, kinked activations
+    (:func:`equiv.kinks.kinked`), the float64 reference present, plain SGD and
+    ``learning_rate`` given, the units whose pre-activation lies within rounding
+    distance of the kink are found, and a leaf they move may differ by the slack
+    of the other side of the kink on top of its bound (twice that between two
+    backends). The report's settings count them (``settings["kinks"]``); a
+    difference elsewhere still fails. With another optimizer the analysis is OFF
+    (it carries parameters as plain SGD does) and ``settings["kinks"]`` says so.
 
     Example:
       >>> problem = make_problem(MLPSpec((4, 3, 2)), batch_size=2, seed=0)
@@ -296,41 +496,77 @@ def compare_trajectories(
       True
     """
     fixed = user_tolerance(rtol, atol)
+    plain = is_plain_sgd(optimizer)
     backends = [name for name in trajectories if name != REFERENCE]
     pairs = list(itertools.combinations(backends, 2))
     if REFERENCE in trajectories:
         pairs += [(name, REFERENCE) for name in backends]
     analysis = None
+    kink_note = None
     if kinks and REFERENCE in trajectories and learning_rate is not None and backends:
-        analysis = analyse_trajectory_kinks(
-            problem, learning_rate, [trajectories[b].dtype for b in backends],
-            trajectories[REFERENCE],
-        )
-    magnitude = _magnitudes(problem, trajectories[REFERENCE if REFERENCE in trajectories
-                                                   else backends[-1]])
+        if plain:
+            analysis = analyse_trajectory_kinks(
+                problem, learning_rate, [trajectories[b].dtype for b in backends],
+                trajectories[REFERENCE],
+            )
+        elif kinked(problem.spec):
+            kink_note = (f"off: the kink analysis carries parameters as plain SGD does, "
+                         f"not {optimizer.name}")
+    arbiter = trajectories[REFERENCE if REFERENCE in trajectories else backends[-1]]
+    magnitude = _magnitudes(problem, arbiter)
+    bounds_cache: dict[tuple[str, str], Any] = {}
     leaves: list[LeafDiff] = []
     for step in range(1, problem.steps + 1):
-        for stage in ("loss", "grads", "params"):
+        for stage in ("loss", "grads", "params", "state"):
             for a, b in pairs:
                 ta, tb = trajectories[a], trajectories[b]
+                if stage == "state" and (
+                    plain or not (ta.has_state(step) and tb.has_state(step))
+                ):
+                    continue  # plain SGD keeps no state
+                dtypes = (ta.dtype, tb.dtype)
+                slack = None
                 tol = fixed or derived_tolerance(
-                    problem.spec, problem.batch_size, stage, step, (ta.dtype, tb.dtype)
+                    problem.spec, problem.batch_size,
+                    "grads" if stage == "state" else stage, step, dtypes,
                 )
                 if fixed is None and stage in ("loss", "grads"):
                     mags, largest = magnitude[(stage, step)]
                     tol = {name: with_magnitude(tol, mags[name], largest[name]) for name in mags}
-                elif fixed is None:
+                elif fixed is None and stage == "params":
                     tol = {
                         name: params_tolerance(
                             tol, _update_sizes(problem, (ta, tb), name, step, magnitude)
                         )
                         for name in problem.spec.param_names()
                     }
+                    if not plain:
+                        bounds = _optimizer_bounds(
+                            problem, optimizer, trajectories, arbiter, dtypes, magnitude,
+                            bounds_cache,
+                        )
+                        tol = {
+                            name: _plus(t, bounds.params_atol[step][name], "optimizer carry")
+                            for name, t in tol.items()
+                        }
+                        slack = bounds.params_slack.get(step)
+                elif fixed is None and stage == "state":
+                    bounds = _optimizer_bounds(
+                        problem, optimizer, trajectories, arbiter, dtypes, magnitude,
+                        bounds_cache,
+                    )
+                    tol = {
+                        f"{key}.{name}": _plus(tol, value, "gradient bound carried")
+                        for key, tree in bounds.state[step].items()
+                        for name, value in tree.items()
+                    }
                 diffs = compare_trees(
                     ta.stage(stage, step), tb.stage(stage, step), tol,
                     stage=stage, step=step, actual_name=a, expected_name=b,
                 )
-                if analysis is not None:
+                if slack:
+                    diffs = [_with_leaf_slack(d, ta, tb, slack.get(d.name)) for d in diffs]
+                if analysis is not None and stage != "state":
                     # Two backends may sit on different sides of a kink: twice the envelope.
                     factor = 1.0 if REFERENCE in (a, b) else 2.0
                     diffs = [_with_slack(d, ta, tb, analysis, factor) for d in diffs]
@@ -339,7 +575,55 @@ def compare_trajectories(
     if analysis is not None:
         report.settings["kinks"] = analysis.count
         report.settings["kink_units"] = [k.describe() for k in analysis.kinks]
+    elif kink_note is not None:
+        report.settings["kinks"] = kink_note
     return report
+
+
+def _plus(tol: Tolerance, extra: float, why: str) -> Tolerance:
+    if extra == 0.0:
+        return tol
+    return dataclasses.replace(
+        tol, atol=tol.atol + extra, derivation=tol.derivation + f" + {extra:.3g} ({why})"
+    )
+
+
+def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitude, cache):
+    """:func:`equiv.tolerance.optimizer_bounds` for a pair of dtypes (cached)."""
+    key = tuple(sorted(dtypes))
+    if key in cache:
+        return cache[key]
+    spec, names = problem.spec, problem.spec.param_names()
+    grad_bounds, grad_max, param_bounds = [], [], []
+    for step in range(1, problem.steps + 1):
+        g_tol = derived_tolerance(spec, problem.batch_size, "grads", step, dtypes)
+        p_tol = derived_tolerance(spec, problem.batch_size, "params", step, dtypes)
+        mags, largest = magnitude[("grads", step)]
+        grad_bounds.append(
+            {n: with_magnitude(g_tol, mags[n], largest[n]).allowed(0.0, largest[n]) for n in names}
+        )
+        grad_max.append(dict(largest))
+        param_bounds.append({
+            n: p_tol.allowed(0.0, float(np.max(np.abs(arbiter.params[step - 1][n]), initial=0.0)))
+            for n in names
+        })
+    states = [s or {} for s in arbiter.states] or [{}] * problem.steps
+    u = sum(UNIT_ROUNDOFF[d] for d in dtypes)
+    cache[key] = optimizer_bounds(optimizer, grad_bounds, grad_max, param_bounds, states, u)
+    return cache[key]
+
+
+def _with_leaf_slack(diff: LeafDiff, ta: Trajectory, tb: Trajectory, slack: Any) -> LeafDiff:
+    if slack is None or not np.any(np.asarray(slack) > 0):
+        return diff
+    return compare_leaf(
+        ta.stage(diff.stage, diff.step)[diff.name],
+        tb.stage(diff.stage, diff.step)[diff.name],
+        diff.tolerance,
+        stage=diff.stage, step=diff.step, name=diff.name,
+        actual_name=diff.actual, expected_name=diff.expected,
+        slack=np.asarray(slack, dtype=np.float64),
+    )
 
 
 def analyse_trajectory_kinks(
@@ -367,7 +651,7 @@ def analyse_trajectory_kinks(
             name: tol.scaled * float(np.max(np.abs(v), initial=0.0)) for name, v in params.items()
         }
 
-    if spec.activation != "relu":
+    if not kinked(spec):
         return KinkAnalysis(kinks=[], slack={})
     if reference is None:
         reference = run_reference(problem, learning_rate)
@@ -384,7 +668,7 @@ def _magnitudes(problem: Problem, trajectory: Trajectory) -> dict:
     spec = problem.spec.replace(dtype="float64")
     params = {k: to_numpy(v).astype(np.float64) for k, v in problem.params.items()}
     for step, (x, y) in enumerate(problem.batches, start=1):
-        x64, y64 = to_numpy(x).astype(np.float64), to_numpy(y).astype(np.float64)
+        x64, y64 = to_numpy(x).astype(np.float64), _numpy_batch(y)
         loss, grads = manual.magnitudes(params, x64, y64, spec)
         ref_loss, ref_grads = manual.loss_and_grads(params, x64, y64, spec)
         out[("loss", step)] = ({"loss": float(loss)}, {"loss": float(abs(ref_loss))})

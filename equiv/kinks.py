@@ -1,4 +1,11 @@
-r"""ReLU kinks: units whose mask may legitimately flip between backends.
+r"""Kinks: units whose branch may legitimately flip between backends.
+
+Kinked activations (:func:`kinked`): ``relu``, ``leaky_relu`` and ``elu`` with
+``alpha != 1`` (at ``alpha = 1`` ELU is C¹: both branches have derivative 1 at 0).
+The analysis below is written for ReLU and holds for all three: the forward pass
+uses the activation's value, the carried error its Lipschitz constant, and a flip
+swaps the branch (:func:`equiv.manual.loss_and_grads` with ``masks``). For a loss
+reduced by ``"sum"``, one example's term is not divided by the batch.
 
 A ReLU passes its gradient where ``z > 0``. When the exact pre-activation ``z``
 lies within rounding distance of 0, a backend's rounded ``ẑ`` may land on the other
@@ -61,6 +68,8 @@ from typing import Any
 import numpy as np
 
 from equiv import manual
+from equiv.activations import ACTIVATIONS
+from equiv.losses import LOSSES
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 from equiv.tolerance import SAFETY
 
@@ -157,8 +166,30 @@ def preactivation_bounds(
         bound = bound + param_error.get(f"fc{i}.bias", 0.0)
         zs.append(z)
         bounds.append(bound)
-        h, e = np.maximum(z, 0.0), bound
+        if i < spec.num_layers:
+            act = ACTIVATIONS[spec.activations[i - 1]]
+            param = act.param(spec)
+            h, e = act.value(np, z, param), act.lipschitz(param) * bound
     return zs, bounds
+
+
+def kinked(spec: MLPSpec) -> bool:
+    """Whether any hidden activation has a kink that rounding can flip.
+
+    >>> kinked(MLPSpec((4, 3, 2))), kinked(MLPSpec((4, 3, 2), activation="tanh"))
+    (True, False)
+    >>> elu = MLPSpec((4, 3, 2), activation="elu")
+    >>> kinked(elu), kinked(elu.replace(elu_alpha=0.5))
+    (False, True)
+    """
+    return any(_kinked_layer(spec, name) for name in spec.activations)
+
+
+def _kinked_layer(spec: MLPSpec, name: str) -> bool:
+    act = ACTIVATIONS[name]
+    if not act.kink:
+        return False
+    return not (name == "elu" and spec.elu_alpha == 1.0)
 
 
 def analyse_kinks(
@@ -172,7 +203,7 @@ def analyse_kinks(
     """Find the ambiguous units of every step and the slack their branches allow.
 
     Args:
-      spec: the MLP (ReLU between layers).
+      spec: the MLP (kinked activations per :func:`kinked`).
       params: the initial parameters under torch names (any array type).
       batches: ``[(x, y), ...]``, one per step.
       learning_rate: SGD's learning rate.
@@ -200,11 +231,13 @@ def analyse_kinks(
     exhaustive = True
     carried = {name: np.zeros_like(v) for name, v in p_ref.items()}  # parameter slack so far
     for step, (x, y) in enumerate(batches, start=1):
-        x, y = _f64(x), _f64(y)
+        x, y = _f64(x), _target(y)
         errors = param_error(step) if param_error is not None else None
         zs, bounds = preactivation_bounds(p_ref, x, spec, unit_roundoff, errors)
         by_example: dict[int, list[tuple[int, int]]] = {}
         for i in range(spec.num_layers - 1):  # hidden layers only: no ReLU after the last
+            if not _kinked_layer(spec, spec.activations[i]):
+                continue
             for b, j in np.argwhere(np.abs(zs[i]) <= bounds[i]):
                 by_example.setdefault(int(b), []).append((i, int(j)))
                 kinks.append(
@@ -252,7 +285,8 @@ def _example_envelope(p_ref, x, y, spec, zs, b, units):
     Returns ``(|Δloss|, {name: |Δgrad|}, worst)``: ``worst`` is the signed change of
     the combination that moves the gradient most (the branch carried on).
     """
-    batch = x.shape[0]
+    # A mean divides one example's term by the batch; a sum does not.
+    batch = x.shape[0] if getattr(LOSSES[spec.loss], "reduction", "mean") == "mean" else 1
     xb, yb = x[b : b + 1], y[b : b + 1]
     base = [z[b : b + 1] > 0 for z in zs[:-1]]
     # One example alone: MSE's mean then runs over n_L instead of B·n_L elements.
@@ -283,6 +317,14 @@ def _example_envelope(p_ref, x, y, spec, zs, b, units):
 def max_unit_roundoff(dtypes) -> float:
     """The largest unit roundoff among dtype names (``"float32"``, ``"float64"``)."""
     return max(UNIT_ROUNDOFF[d] for d in dtypes)
+
+
+def _target(y: Any) -> np.ndarray:
+    """Targets in float64, integer labels kept as int64."""
+    if hasattr(y, "detach"):
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    return y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float64)
 
 
 def _f64(x: Any) -> np.ndarray:

@@ -52,6 +52,11 @@ class Loss:
     torch_module: Callable[[Any], nn.Module]  # spec -> module
     jax_fn: Callable[[jax.Array, jax.Array, Any], jax.Array]  # (o, y, spec) -> scalar
     value_and_grad: Callable[[Array, Array, Any], tuple[Array, Array]]  # (o, y, spec)
+    # (o, y, spec) -> the size of what the loss and each entry of its gradient are
+    # computed from (no cancellation): what their rounding errors scale with.
+    magnitude: Callable[[Array, Array, Any], tuple[Array, Array]]
+    # "mean": one example's term is divided by the batch; "sum": it is not.
+    reduction: str = "mean"
 
 
 def draw_targets(loss: Loss, batch: int, outputs: int, dtype: torch.dtype) -> torch.Tensor:
@@ -121,32 +126,117 @@ def _smooth_l1(o, y, spec):
     return loss, grad / (o.shape[0] * o.shape[1])
 
 
+def _values_magnitude(weight):
+    """For losses of d = o - y: the loss and gradient with |o| + |y| for |d| where
+    ``weight(|d|, s, spec)`` gives each element's factor on ``s = |o| + |y|``."""
+
+    def magnitude(o, y, spec):
+        xp = array_namespace(o)
+        s = xp.abs(o) + xp.abs(y)
+        loss_factor, grad_factor = weight(xp, xp.abs(o - y), s, spec)
+        reduce = xp.sum if spec.loss == "mse_sum" else xp.mean
+        scale = 1.0 if spec.loss == "mse_sum" else 1.0 / (o.shape[0] * o.shape[1])
+        return reduce(loss_factor * s), grad_factor * scale
+
+    return magnitude
+
+
+def _cross_entropy_magnitude(o, y, spec):
+    xp = array_namespace(o)
+    q = _one_hot(xp, y, o.shape[1], o) if spec.loss == "cross_entropy" else y
+    log_p = _log_softmax(xp, o)
+    row_max = xp.max(xp.abs(o), axis=1, keepdims=True)
+    loss = xp.mean(xp.sum(q * (xp.abs(log_p) + 2.0 * row_max), axis=1) + row_max[:, 0])
+    return loss, (xp.exp(log_p) + xp.abs(q) + 1.0 / o.shape[1]) / o.shape[0]
+
+
+def _bce_magnitude(o, y, spec):
+    xp = array_namespace(o)
+    e = xp.exp(-xp.abs(o))
+    loss = xp.mean(xp.abs(o) * (1.0 + xp.abs(y)) + xp.log1p(e))
+    return loss, (1.0 + xp.abs(y)) / (o.shape[0] * o.shape[1])
+
+
 def _jax_cross_entropy(o, y, spec):
     q = jax.nn.one_hot(y, o.shape[1], dtype=o.dtype) if spec.loss == "cross_entropy" else y
     q = optax.smooth_labels(q, spec.label_smoothing) if spec.label_smoothing else q
     return jnp.mean(optax.softmax_cross_entropy(o, q))
 
 
+# (o - y)² : the loss sums |d|·s, the gradient 2·s per element (over n for the mean).
+_SQUARED = _values_magnitude(lambda xp, a, s, spec: (a, 2.0 * s))
+
 LOSSES: dict[str, Loss] = {
     loss.name: loss
     for loss in [
-        Loss("mse", "values", lambda s: nn.MSELoss(),
-             lambda o, y, s: jnp.mean((o - y) ** 2), _mse),
-        Loss("mse_sum", "values", lambda s: nn.MSELoss(reduction="sum"),
-             lambda o, y, s: jnp.sum((o - y) ** 2), _mse_sum),
-        Loss("cross_entropy", "labels",
-             lambda s: nn.CrossEntropyLoss(label_smoothing=s.label_smoothing),
-             _jax_cross_entropy, _cross_entropy),
-        Loss("cross_entropy_probs", "probabilities",
-             lambda s: nn.CrossEntropyLoss(label_smoothing=s.label_smoothing),
-             _jax_cross_entropy, _cross_entropy),
-        Loss("bce_with_logits", "binary", lambda s: nn.BCEWithLogitsLoss(),
-             lambda o, y, s: jnp.mean(optax.sigmoid_binary_cross_entropy(o, y)),
-             _bce_with_logits),
-        Loss("huber", "values", lambda s: nn.HuberLoss(delta=s.huber_delta),
-             lambda o, y, s: jnp.mean(optax.huber_loss(o, y, delta=s.huber_delta)), _huber),
-        Loss("smooth_l1", "values", lambda s: nn.SmoothL1Loss(beta=s.smooth_l1_beta),
-             lambda o, y, s: jnp.mean(optax.huber_loss(o, y, delta=s.smooth_l1_beta))
-             / s.smooth_l1_beta, _smooth_l1),
+        Loss(
+            "mse",
+            "values",
+            lambda s: nn.MSELoss(),
+            lambda o, y, s: jnp.mean((o - y) ** 2),
+            _mse,
+            _SQUARED,
+        ),
+        Loss(
+            "mse_sum",
+            "values",
+            lambda s: nn.MSELoss(reduction="sum"),
+            lambda o, y, s: jnp.sum((o - y) ** 2),
+            _mse_sum,
+            _SQUARED,
+            reduction="sum",
+        ),
+        Loss(
+            "cross_entropy",
+            "labels",
+            lambda s: nn.CrossEntropyLoss(label_smoothing=s.label_smoothing),
+            _jax_cross_entropy,
+            _cross_entropy,
+            _cross_entropy_magnitude,
+        ),
+        Loss(
+            "cross_entropy_probs",
+            "probabilities",
+            lambda s: nn.CrossEntropyLoss(label_smoothing=s.label_smoothing),
+            _jax_cross_entropy,
+            _cross_entropy,
+            _cross_entropy_magnitude,
+        ),
+        Loss(
+            "bce_with_logits",
+            "binary",
+            lambda s: nn.BCEWithLogitsLoss(),
+            lambda o, y, s: jnp.mean(optax.sigmoid_binary_cross_entropy(o, y)),
+            _bce_with_logits,
+            _bce_magnitude,
+        ),
+        Loss(
+            "huber",
+            "values",
+            lambda s: nn.HuberLoss(delta=s.huber_delta),
+            lambda o, y, s: jnp.mean(optax.huber_loss(o, y, delta=s.huber_delta)),
+            _huber,
+            _values_magnitude(
+                lambda xp, a, s, spec: (
+                    xp.minimum(a, spec.huber_delta),
+                    xp.minimum(s, spec.huber_delta),
+                )
+            ),
+        ),
+        Loss(
+            "smooth_l1",
+            "values",
+            lambda s: nn.SmoothL1Loss(beta=s.smooth_l1_beta),
+            lambda o, y, s: (
+                jnp.mean(optax.huber_loss(o, y, delta=s.smooth_l1_beta)) / s.smooth_l1_beta
+            ),
+            _smooth_l1,
+            _values_magnitude(
+                lambda xp, a, s, spec: (
+                    xp.minimum(a / spec.smooth_l1_beta, 1.0 + 0 * a),
+                    xp.minimum(s / spec.smooth_l1_beta, 1.0 + 0 * s),
+                )
+            ),
+        ),
     ]
 }

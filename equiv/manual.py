@@ -11,22 +11,26 @@ Forward::
 
     h_0 = x                                   (B, n_0)
     z_i = h_{i-1} W_iᵀ + b_i                  (B, n_i)
-    h_i = relu(z_i)  for i < L,   h_L = z_L   (the output, no activation)
-    loss = mean((h_L - y)²)                   over all B·n_L elements (MSELoss)
+    h_i = act_i(z_i)  for i < L,  h_L = z_L   (the output, no activation)
+    loss = ℓ(h_L, y)                          (MSELoss: mean((h_L - y)²) over B·n_L)
 
 Backward, with ``dz_i = ∂loss/∂z_i``::
 
-    dz_L = (h_L - y) · 2 / (B·n_L)
+    dz_L = ∂ℓ/∂h_L                            (MSE: (h_L - y) · 2 / (B·n_L))
     dW_i = dz_iᵀ h_{i-1}                      (n_i, n_{i-1})
     db_i = Σ_batch dz_i                       (n_i,)
     dh_{i-1} = dz_i W_i                       (B, n_{i-1})
-    dz_{i-1} = dh_{i-1} · [z_{i-1} > 0]       relu'(0) = 0, as torch defines it
+    dz_{i-1} = dh_{i-1} · act'(z_{i-1})       relu'(0) = 0, as torch defines it
+
+Each activation's value and derivative are in :mod:`equiv.activations`, each loss's
+value and ``∂ℓ/∂h_L`` in :mod:`equiv.losses`, all written out by hand.
 
 Mask override (``masks=``): a backend whose rounded ``z_i`` lands on the other
-side of 0 than the exact one takes the other branch of the kink. Passing a boolean
-mask ``m_i`` (shape (B, n_i)) for hidden layer ``i`` replaces ``[z_i > 0]`` by
-``m_i`` in both passes: ``h_i = z_i · m_i`` and ``dz_i = dh_i · m_i``. This is how
-:mod:`equiv.kinks` computes the gradients on the other side of a kink.
+side of 0 than the exact one takes the other branch of a kinked activation (relu,
+leaky_relu, elu). Passing a boolean mask ``m_i`` (shape (B, n_i)) for hidden layer
+``i`` replaces ``[z_i > 0]`` by ``m_i`` in both passes: the ``z > 0`` branch where
+``m_i`` is True, the other where it is False. This is how :mod:`equiv.kinks`
+computes the gradients on the other side of a kink.
 
 SGD: ``p ← p - lr · dp``, rounded once on torch tensors as ``torch.optim.SGD``
 rounds it (``p.add(dp, alpha=-lr)``), so the hand-written step equals torch's
@@ -41,6 +45,8 @@ from typing import Any
 from array_api_compat import array_namespace, is_torch_array
 
 from equiv._messages import value_error
+from equiv.activations import ACTIVATIONS
+from equiv.losses import LOSSES
 from equiv.spec import MLPSpec
 
 Array = Any
@@ -52,29 +58,22 @@ def forward(
 ) -> tuple[Array, list[Array]]:
     """Return the output ``h_L`` and the pre-activations ``[z_1, ..., z_L]``.
 
-    The inputs of each layer are ``x`` and ``relu(z_i)``; the backward pass
-    recomputes them from ``zs`` instead of storing both. ``masks`` overrides
-    ``[z_i > 0]`` (see the module docstring).
+    The inputs of each layer are ``x`` and ``act(z_i)``; the backward pass
+    recomputes them from ``zs`` instead of storing both. ``masks`` overrides the
+    branch of kinked activations (see the module docstring).
     """
-    xp = array_namespace(x)
-    masks = _check_masks(masks, spec)
-    h, zs = x, []
-    for i in range(1, spec.num_layers + 1):
-        z = xp.matmul(h, xp.matrix_transpose(params[f"fc{i}.weight"]))
-        if spec.bias:
-            z = z + params[f"fc{i}.bias"]
-        zs.append(z)
-        h = _relu(xp, z, masks[i - 1]) if i < spec.num_layers else z
-    return h, zs
+    out, zs, _ = _forward(params, x, spec, _check_masks(masks, spec))
+    return out, zs
 
 
 def loss_and_grads(
     params: Mapping[str, Array], x: Array, y: Array, spec: MLPSpec, masks: Masks = None
 ) -> tuple[Array, dict[str, Array]]:
-    """The MSE loss and every gradient, under torch's parameter names.
+    """The spec's loss and every gradient, under torch's parameter names.
 
-    ``masks``: optional per-hidden-layer boolean arrays replacing ``[z_i > 0]``
-    (a list of ``num_layers - 1`` entries, each an array or None).
+    ``masks``: optional per-hidden-layer boolean arrays forcing the branch of a kinked
+    activation (``True``: the ``z > 0`` side); a list of ``num_layers - 1`` entries,
+    each an array or None.
 
     Example:
       >>> import numpy as np
@@ -85,23 +84,10 @@ def loss_and_grads(
       (0.25, [[1.0, 1.0]], [1.0])
     """
     xp = array_namespace(x)
-    masks = _check_masks(masks, spec)
-    out, zs = forward(params, x, spec, masks)
-    diff = out - y
-    loss = xp.mean(diff * diff)
-    numel = out.shape[0] * out.shape[1]
-    dz = diff * (2.0 / numel)  # torch's mse_loss_backward: (out - y) · (2 / numel)
-    grads: dict[str, Array] = {}
-    for i in range(spec.num_layers, 0, -1):
-        h_prev = x if i == 1 else _relu(xp, zs[i - 2], masks[i - 2])
-        weight = params[f"fc{i}.weight"]
-        grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz), h_prev)
-        if spec.bias:
-            grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
-        if i > 1:
-            dh = xp.matmul(dz, weight)
-            dz = xp.where(_mask(zs[i - 2], masks[i - 2]), dh, xp.zeros_like(dh))
-    return loss, {name: grads[name] for name in spec.param_names()}
+    out, zs, acts = _forward(params, x, spec, _check_masks(masks, spec))
+    loss, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
+    grads = _backward(xp, params, x, dz, acts, spec, abs_weights=False)
+    return loss, grads
 
 
 def magnitudes(
@@ -109,9 +95,10 @@ def magnitudes(
 ) -> tuple[Array, dict[str, Array]]:
     """The size of what each result sums, for rounding bounds: the backward pass
     above with every term replaced by its absolute value (``|dW_i| = |dz_i|ᵀ|h_{i-1}|``,
-    ``|db_i| = Σ|dz_i|``, ``|dh| = |dz|·|W|``), starting from ``|h_L| + |y|`` in place
-    of ``h_L - y``; the loss's is ``mean(|h_L - y|·(|h_L| + |y|))``. A sum that cancels
-    is small while its rounding error is not: this is what that error scales with.
+    ``|db_i| = Σ|dz_i|``, ``|dh| = |dz|·|W|``, ``|dz| = |dh|·|h'(z)|``), starting from
+    the loss's own magnitude (:attr:`equiv.losses.Loss.magnitude`; for MSE
+    ``|h_L| + |y|`` in place of ``h_L - y``). A sum that cancels is small while its
+    rounding error is not: this is what that error scales with.
 
     >>> import numpy as np
     >>> spec = MLPSpec((1, 1), dtype="float64")
@@ -123,20 +110,43 @@ def magnitudes(
     [6.0]
     """
     xp = array_namespace(x)
-    out, zs = forward(params, x, spec)
-    size = xp.abs(out) + xp.abs(y)
-    loss = xp.mean(xp.abs(out - y) * size)
-    dz = size * (2.0 / (out.shape[0] * out.shape[1]))
+    out, zs, acts = _forward(params, x, spec, [None] * (spec.num_layers - 1))
+    loss, dz = LOSSES[spec.loss].magnitude(out, y, spec)
+    acts = [(xp.abs(h), xp.abs(d)) for h, d in acts]
+    grads = _backward(xp, params, xp.abs(x), dz, acts, spec, abs_weights=True)
+    return loss, grads
+
+
+def _forward(params, x, spec, masks):
+    """Output, pre-activations and per hidden layer ``(h_i, h'(z_i))``."""
+    xp = array_namespace(x)
+    h, zs, acts = x, [], []
+    for i in range(1, spec.num_layers + 1):
+        z = xp.matmul(h, xp.matrix_transpose(params[f"fc{i}.weight"]))
+        if spec.bias:
+            z = z + params[f"fc{i}.bias"]
+        zs.append(z)
+        if i < spec.num_layers:
+            act = ACTIVATIONS[spec.activations[i - 1]]
+            h, slope = act.value_and_derivative(xp, z, act.param(spec), masks[i - 1])
+            acts.append((h, slope))
+        else:
+            h = z
+    return h, zs, acts
+
+
+def _backward(xp, params, x, dz, acts, spec, *, abs_weights):
     grads: dict[str, Array] = {}
     for i in range(spec.num_layers, 0, -1):
-        h_prev = xp.abs(x) if i == 1 else _relu(xp, zs[i - 2])
+        h_prev = x if i == 1 else acts[i - 2][0]
         grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz), h_prev)
         if spec.bias:
             grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
         if i > 1:
-            dh = xp.matmul(dz, xp.abs(params[f"fc{i}.weight"]))
-            dz = xp.where(zs[i - 2] > 0, dh, xp.zeros_like(dh))
-    return loss, {name: grads[name] for name in spec.param_names()}
+            weight = params[f"fc{i}.weight"]
+            dh = xp.matmul(dz, xp.abs(weight) if abs_weights else weight)
+            dz = dh * acts[i - 2][1]
+    return {name: grads[name] for name in spec.param_names()}
 
 
 def sgd_update(
@@ -149,14 +159,6 @@ def sgd_update(
     [0.5]
     """
     return {name: _scaled_add(p, grads[name], -learning_rate) for name, p in params.items()}
-
-
-def _mask(z: Array, mask: Array | None) -> Array:
-    return z > 0 if mask is None else mask
-
-
-def _relu(xp, z: Array, mask: Array | None = None) -> Array:
-    return xp.where(_mask(z, mask), z, xp.zeros_like(z))
 
 
 def _check_masks(masks: Masks, spec: MLPSpec) -> list:

@@ -137,3 +137,28 @@ def _torch_exact() -> Iterator[None]:
             torch.set_float32_matmul_precision(saved_matmul)
         for (_, owner, name, _), value in zip(paths, saved, strict=True):
             setattr(owner, name, value)
+
+
+def precision_canary(device: str = "cpu") -> dict[str, bool]:
+    """Whether float32 matmuls are exact IEEE right now, in torch and in JAX.
+
+    ``x @ I == x`` for ``x = 1 + 2**-20`` holds in IEEE float32 and fails under TF32
+    (10 mantissa bits) or bf16: a one-line check of the settings in force. Call it
+    inside :func:`comparison_scope` to see what a comparison gets, or outside to see
+    your own settings.
+
+    >>> with comparison_scope("float32"):
+    ...     precision_canary()
+    {'torch': True, 'jax': True}
+    """
+    from equiv.devices import resolve_device  # no import cycle at module level
+
+    torch_device, jax_device = resolve_device(device)
+    value = 1.0 + 2.0**-20
+    x = torch.full((16, 16), value, dtype=torch.float32, device=torch_device)
+    eye = torch.eye(16, dtype=torch.float32, device=torch_device)
+    torch_exact = bool(torch.equal(x @ eye, x))
+    xj = jax.device_put(x.cpu().numpy(), jax_device)
+    ij = jax.device_put(eye.cpu().numpy(), jax_device)
+    jax_exact = bool((xj @ ij == xj).all())
+    return {"torch": torch_exact, "jax": jax_exact}

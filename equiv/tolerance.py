@@ -56,6 +56,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
+
+import numpy as np
 
 from equiv._messages import value_error
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
@@ -173,3 +176,143 @@ def with_magnitude(base: Tolerance, magnitude: float, largest: float) -> Toleran
     return dataclasses.replace(
         base, atol=base.atol + extra, derivation=base.derivation + f" + {extra:.3g} (cancellation)"
     )
+
+
+@dataclasses.dataclass
+class OptimizerBounds:
+    """Absolute bounds for the optimizer's state and the extra parameter error,
+    per 1-based step: ``state[step][state name][param]``, ``params_atol[step][param]``
+    and, for Adam and AdamW, ``params_slack[step][param]`` per element."""
+
+    state: dict[int, dict[str, dict[str, float]]]
+    params_atol: dict[int, dict[str, float]]
+    params_slack: dict[int, dict[str, np.ndarray]]
+
+
+def optimizer_bounds(
+    optimizer: Any,
+    grad_bounds: list[dict[str, float]],
+    grad_max: list[dict[str, float]],
+    param_bounds: list[dict[str, float]],
+    states: list[dict[str, dict[str, np.ndarray]]],
+    unit_roundoff: float,
+) -> OptimizerBounds:
+    r"""Carry the gradient bound through the optimizer (module docstring, "Optimizers").
+
+    Args:
+      optimizer: an :class:`equiv.optimizers.OptimizerSpec`.
+      grad_bounds: per step, per leaf, the allowed gradient difference ``G_t``.
+      grad_max: per step, per leaf, ``max|g_t|`` (float64 reference).
+      param_bounds: per step, per leaf, the rounding part of the parameters' bound.
+      states: per step, the float64 optimizer state after the step (Adam's ``m, v``).
+      unit_roundoff: ``u₁ + u₂`` of the pair (for Adam's bias corrections).
+
+    >>> from equiv.optimizers import OptimizerSpec
+    >>> b = optimizer_bounds(OptimizerSpec("sgd", learning_rate=0.5, momentum=0.5),
+    ...                      [{"w": 1.0}, {"w": 1.0}], [{"w": 1.0}] * 2, [{"w": 0.0}] * 2,
+    ...                      [{}, {}], 2.0**-24)
+    >>> b.state[2]["momentum_buffer"]["w"], b.params_atol[2]["w"]  # 0.5·1 + 1; 0.5·(1 + 1.5)
+    (1.5, 1.25)
+    """
+    lr, wd = optimizer.learning_rate, optimizer.weight_decay
+    names = list(grad_bounds[0]) if grad_bounds else []
+    out = OptimizerBounds({}, {}, {})
+    b1, b2 = optimizer.betas
+    buf = {n: 0.0 for n in names}
+    m_b, v_b, vmax_b = dict(buf), dict(buf), dict(buf)
+    carried = {n: 0.0 for n in names}
+    carried_el: dict[str, Any] = {n: 0.0 for n in names}
+    for t in range(1, len(grad_bounds) + 1):
+        prev_p = {n: (param_bounds[t - 2][n] + carried[n]) if t > 1 else 0.0 for n in names}
+        ge = {n: grad_bounds[t - 1][n] + (wd * prev_p[n] if optimizer.name != "adamw" else 0.0)
+              for n in names}
+        state: dict[str, dict[str, float]] = {}
+        if optimizer.name == "sgd":
+            mu, tau = optimizer.momentum, optimizer.dampening
+            if mu != 0:
+                buf = {n: ge[n] if t == 1 else mu * buf[n] + abs(1 - tau) * ge[n] for n in names}
+                state["momentum_buffer"] = dict(buf)
+                direction = {n: ge[n] + mu * buf[n] for n in names} if optimizer.nesterov else buf
+            else:
+                direction = ge
+            carried = {n: carried[n] + lr * direction[n] for n in names}
+            out.params_atol[t] = dict(carried)
+        else:
+            m_b = {n: b1 * m_b[n] + (1 - b1) * ge[n] for n in names}
+            v_b = {n: b2 * v_b[n] + (1 - b2) * (2 * grad_max[t - 1][n] * ge[n] + ge[n] ** 2)
+                   for n in names}
+            state["exp_avg"], state["exp_avg_sq"] = dict(m_b), dict(v_b)
+            second_b = v_b
+            if optimizer.amsgrad:
+                vmax_b = {n: max(vmax_b[n], v_b[n]) for n in names}
+                state["max_exp_avg_sq"] = second_b = dict(vmax_b)
+            ref = states[t - 1]
+            second = ref["max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"]
+            decay = abs(1 - lr * wd) if optimizer.name == "adamw" else 1.0
+            slack = {}
+            for n in names:
+                e = adam_update_slack(optimizer, t, ref["exp_avg"][n], second[n], m_b[n],
+                                      second_b[n], unit_roundoff)
+                carried_el[n] = decay * carried_el[n] + e
+                slack[n] = carried_el[n]
+                carried[n] = float(np.max(carried_el[n], initial=0.0))
+            out.params_slack[t] = slack
+            out.params_atol[t] = {n: 0.0 for n in names}
+        out.state[t] = state
+    return out
+
+
+def adam_bound_ratio(beta1: float, beta2: float, step: int) -> float:
+    r"""``R_t ≥ |m̂_t| / √v̂_t`` for any gradients (Cauchy-Schwarz on the two sums):
+    ``(1-β₁)/(1-β₁ᵗ)·√(1-β₂ᵗ)·√(Σ_{k<t} β₁^{2k} / ((1-β₂)·β₂ᵏ))``; 1 at step 1.
+
+    >>> adam_bound_ratio(0.9, 0.999, 1)
+    1.0
+    """
+    total = sum(beta1 ** (2 * k) / ((1 - beta2) * beta2**k) for k in range(step))
+    return (1 - beta1) / (1 - beta1**step) * math.sqrt((1 - beta2**step) * total)
+
+
+def adam_update_slack(
+    optimizer: Any,
+    step: int,
+    m: np.ndarray,
+    v: np.ndarray,
+    m_bound: float,
+    v_bound: float,
+    unit_roundoff: float,
+) -> np.ndarray:
+    r"""Per-element bound on how much two Adam updates ``γ·m̂/(√v̂ + ε)`` may differ.
+
+    ``m, v`` are the float64 moments after ``step`` (``v`` the max for AMSGrad),
+    ``m_bound, v_bound`` the bounds on their differences, ``unit_roundoff`` the
+    pair's ``u₁ + u₂``. With ``s = √v̂`` and ``δs = min(δv̂/(2s), √δv̂)`` (√ is
+    ½-Hölder, so the second holds even at ``s = 0``)::
+
+        γ·[δm̂/(s' + ε) + |m̂|·δs/(s' + ε)² + |m̂|/(s + ε)·(ρ₁ + ρ₂/2)],  s' = max(s - δs, 0)
+
+    ``ρ_i = 2·t·u·βᵢᵗ/(1 - βᵢᵗ)`` is the relative error of a bias correction computed
+    in the backend's precision (β rounded, then ``1 - βᵗ`` cancels:
+    ``optax.scale_by_adam`` in float32). Capped at ``2·γ·R_t``
+    (:func:`adam_bound_ratio`): each update is at most ``γ·R_t``. Where ``|g| ≫ ε``
+    the sensitivity is ``γ·ε/(|g| + ε)²·δg`` at step 1: negligible; where a gradient
+    entry sits at rounding level, the update may legitimately differ by up to ``2γ``.
+
+    >>> import numpy as np
+    >>> from equiv.optimizers import OptimizerSpec
+    >>> spec = OptimizerSpec("adam", learning_rate=0.1)
+    >>> e = adam_update_slack(spec, 1, np.array([1e-9]), np.array([1e-18]), 1e-6, 1e-12, 0.0)
+    >>> float(e[0]) == 2 * 0.1  # a gradient at rounding level: capped at 2·lr
+    True
+    """
+    lr, eps, (b1, b2) = optimizer.learning_rate, optimizer.eps, optimizer.betas
+    c1, c2 = 1 - b1**step, 1 - b2**step
+    m_hat = np.abs(np.asarray(m, np.float64)) / c1
+    s = np.sqrt(np.maximum(np.asarray(v, np.float64), 0.0) / c2)
+    dm, dv = m_bound / c1, v_bound / c2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ds = np.where(s > 0, np.minimum(dv / (2 * s), math.sqrt(dv)), math.sqrt(dv))
+    low = np.maximum(s - ds, 0.0) + eps
+    rho = 2 * step * unit_roundoff * (b1**step / c1 + 0.5 * b2**step / c2)
+    e = lr * (dm / low + m_hat * ds / (low * low) + m_hat / (s + eps) * rho)
+    return np.minimum(e, 2 * lr * adam_bound_ratio(b1, b2, step))

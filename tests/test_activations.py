@@ -71,3 +71,24 @@ def test_gelu_tanh_approximation_is_detectably_different_from_exact():
     gap = np.max(np.abs(exact.value(np, z, 0.0) - approx.value(np, z, 0.0)))
     assert 1e-4 < gap < 1e-3  # NUMERICS.md: up to 4.7e-4
     assert gap > 1e3 * 2.0**-24  # about 8000 float32 roundings: never noise
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_lipschitz_bound_holds(name):
+    # The bound carries pre-activation errors through the layer: it must cover |h'|.
+    act = ACTIVATIONS[name]
+    z = np.linspace(-20, 20, 40001)
+    slope = np.abs(act.derivative(np, z, act.param(SPEC)))
+    assert slope.max() <= act.lipschitz(act.param(SPEC))
+
+
+@pytest.mark.parametrize("name", [n for n, a in ACTIVATIONS.items() if a.kink])
+def test_forced_branch_takes_the_other_side(name):
+    act = ACTIVATIONS[name]
+    p = act.param(SPEC)
+    z = np.array([-1e-9, 1e-9])
+    natural = act.value_and_derivative(np, z, p)
+    flipped = act.value_and_derivative(np, z, p, np.array([True, False]))
+    assert natural[1].tolist() != flipped[1].tolist()  # the derivative changes side
+    assert flipped[1][0] == 1.0  # z > 0 branch forced at z < 0
+    assert np.allclose(flipped[0], z, atol=1e-8)  # values agree near the kink

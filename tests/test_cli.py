@@ -61,7 +61,7 @@ BAD_INPUTS = [
     (["--lr", "abc"], "argument --lr: expected a finite number such as 0.1, got 'abc'"),
     (["--lr", "nan"], "argument --lr: expected a finite number such as 0.1, got 'nan'"),
     (["--lr", "0"], "learning_rate must be a positive number, got 0.0"),
-    (["--lr", "-1"], "learning_rate must be a positive number, got -1.0"),
+    (["--lr", "-1"], "learning_rate must be >= 0, got -1.0"),
     (["--batch", "0"], "batch_size must be an int of at least 1, got 0"),
     (["--batch", "2.5"], "argument --batch: invalid int value: '2.5'"),
     (["--steps", "0"], "steps must be an int of at least 1, got 0"),

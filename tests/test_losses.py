@@ -93,3 +93,13 @@ def test_naive_jax_losses_differ_by_their_factor(naive, name, factor):
         got = float(naive(jnp.asarray(out.numpy()), jnp.asarray(y.numpy())))
     assert got == pytest.approx(factor * expected, rel=1e-12)
     assert abs(got - expected) > 1e3 * ATOL
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=IDS)
+def test_magnitude_covers_value_and_gradient(name, kwargs):
+    # The magnitudes bound what rounding errors scale with: never below the values.
+    spec, out, y = make_case(name, kwargs)
+    loss, grad = LOSSES[name].value_and_grad(out.numpy(), y.numpy(), spec)
+    loss_mag, grad_mag = LOSSES[name].magnitude(out.numpy(), y.numpy(), spec)
+    assert loss_mag >= abs(loss)
+    assert np.all(grad_mag >= np.abs(grad))

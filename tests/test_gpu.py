@@ -1,0 +1,51 @@
+"""GPU runs and the precision canary. The GPU tests skip on machines without CUDA."""
+
+import numpy as np
+import pytest
+import torch
+
+import equiv
+from equiv.precision import comparison_scope, precision_canary
+
+has_cuda = torch.cuda.is_available()
+try:
+    import jax
+
+    has_jax_gpu = bool(jax.devices("gpu"))
+except RuntimeError:
+    has_jax_gpu = False
+needs_gpu = pytest.mark.skipif(
+    not (has_cuda and has_jax_gpu), reason="needs CUDA builds of torch and jax and a GPU"
+)
+
+
+def test_canary_is_exact_in_the_exact_scope():
+    with comparison_scope("float32", "exact"):
+        assert precision_canary("cpu") == {"torch": True, "jax": True}
+
+
+def test_canary_detects_a_tf32_like_rounding():
+    # The failing counterpart: what a TF32 matmul does to x (10 mantissa bits kept).
+    x = np.float32(1.0 + 2.0**-20)
+    tf32 = np.frombuffer((np.array([x]).view(np.uint32) & ~np.uint32(0x1FFF)).tobytes(), np.float32)
+    assert tf32[0] != x and tf32[0] == np.float32(1.0)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("precision", ["exact", "native"])
+def test_canary_on_gpu(precision):
+    with comparison_scope("float32", precision):
+        result = precision_canary("cuda")
+    if precision == "exact":
+        assert result == {"torch": True, "jax": True}
+    print(f"canary on GPU with precision={precision}: {result}")
+
+
+@pytest.mark.gpu
+@pytest.mark.equivalence
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_backends_agree_on_gpu(dtype):
+    spec = equiv.MLPSpec((64, 512, 10), dtype=dtype)
+    equiv.compare_backends(spec, batch_size=256, steps=2, device="cuda").assert_agree()

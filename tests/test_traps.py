@@ -1,0 +1,163 @@
+"""The catalogue of traps (NUMERICS.md) that apply to MLPs: for each, a naive port
+disagrees (with the report's known-cause line where equiv.diagnose has one) and the
+aligned port agrees."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import optax
+import pytest
+import torch
+
+from equiv import jax_mlp
+from equiv.convert import torch_to_jax
+from equiv.harness import REFERENCE, Comparison, compare_trajectories, run_reference, run_torch
+from equiv.optimizers import OptimizerSpec, make_optax
+from equiv.port import check_jax_port, run_jax_port
+from equiv.problem import make_problem
+from equiv.spec import MLPSpec
+from equiv.torch_mlp import torch_mlp_with_params
+
+pytestmark = pytest.mark.equivalence
+
+SPEC = MLPSpec((4, 3, 3), activation="tanh")
+
+
+def _mse(params, x, y):
+    return jnp.mean((jax_mlp.forward(params, x, SPEC) - y) ** 2)
+
+
+def _l2(params, x, y):
+    return jnp.mean(optax.l2_loss(jax_mlp.forward(params, x, SPEC), y))
+
+
+def _sum(params, x, y):
+    return jnp.sum((jax_mlp.forward(params, x, SPEC) - y) ** 2)
+
+
+def _model_and_batch(seed: int, spec: MLPSpec = SPEC):
+    problem = make_problem(spec, batch_size=3, seed=seed)
+    return torch_mlp_with_params(spec, problem.params), *problem.batches[0]
+
+
+@pytest.mark.parametrize(
+    ("naive", "hint"),
+    [(_l2, "A factor 2: torch's MSELoss"), (_sum, "A sum where the other takes the mean")],
+    ids=["l2_loss_factor_2", "sum_vs_mean"],
+)
+def test_loss_traps(naive, hint, equiv_seed):
+    model, x, y = _model_and_batch(equiv_seed)
+    bad = check_jax_port(model, naive, x, y)
+    assert not bad.agree
+    assert any(hint in line for line in bad.hints())
+    with pytest.raises(AssertionError, match="likely cause: loss: port's loss"):
+        bad.assert_agree()
+    assert bad.to_dict()["hints"] == bad.hints()
+    check_jax_port(model, _mse, x, y).assert_agree()
+
+
+def test_forgotten_transpose(equiv_seed):
+    model, x, y = _model_and_batch(equiv_seed)
+    params = torch_to_jax(dict(model.state_dict()), layout="flax", spec=SPEC)
+    wrong = {**params, "Dense_1": {**params["Dense_1"], "kernel": params["Dense_1"]["kernel"].T}}
+    bad = check_jax_port(model, _mse, x, y, params=wrong, learning_rate=1e-7)
+    assert not bad.agree
+    assert any("holds the transpose" in h for h in bad.hints())
+    check_jax_port(model, _mse, x, y, params=params, learning_rate=1e-7).assert_agree()
+
+
+def test_float64_truncated_to_float32(equiv_seed):
+    spec = SPEC.replace(dtype="float64")
+    problem = make_problem(spec, batch_size=3, seed=equiv_seed)
+    narrow = dataclasses.replace(
+        problem, spec=SPEC,
+        params={k: v.float() for k, v in problem.params.items()},
+        batches=tuple((x.float(), y.float()) for x, y in problem.batches),
+    )
+    port = run_torch(narrow, 0.1)
+    port = dataclasses.replace(port, backend="port", dtype="float64")
+    runs = {"torch": run_torch(problem, 0.1), "port": port, REFERENCE: run_reference(problem, 0.1)}
+    bad = Comparison(problem, 0.1, runs, compare_trajectories(problem, runs, learning_rate=0.1))
+    assert not bad.agree
+    assert any("float32 numbers in a float64 run" in h for h in bad.hints())
+    runs["port"] = run_torch(problem, 0.1)
+    assert compare_trajectories(problem, runs, learning_rate=0.1).agree
+
+
+def test_gelu_tanh_vs_exact(equiv_seed):
+    spec = SPEC.replace(activation="gelu")
+    problem = make_problem(spec, batch_size=3, seed=equiv_seed)
+
+    def port_loss(approximate):
+        def loss(params, x, y):
+            h = jnp.asarray(x) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+            h = jax.nn.gelu(h, approximate=approximate)
+            o = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+            return jnp.mean((o - y) ** 2)
+        return loss
+
+    import jax  # noqa: PLC0415
+    runs = {"torch": run_torch(problem, 0.1), REFERENCE: run_reference(problem, 0.1)}
+    runs["port"] = run_jax_port(problem, port_loss(True), "flax", 0.1)  # jax.nn.gelu's default
+    assert not compare_trajectories(problem, runs, learning_rate=0.1).agree
+    runs["port"] = run_jax_port(problem, port_loss(False), "flax", 0.1)
+    assert compare_trajectories(problem, runs, learning_rate=0.1).agree
+
+
+def _optimizer_trap(seed, spec_opt, naive_tx, steps=3):
+    problem = make_problem(SPEC, batch_size=3, seed=seed, steps=steps)
+    lr = spec_opt.learning_rate
+    runs = {"torch": run_torch(problem, lr, optimizer=spec_opt),
+            REFERENCE: run_reference(problem, lr, optimizer=spec_opt)}
+
+    def report(tx):
+        runs["port"] = run_jax_port(problem, _mse, "flax", lr, optimizer=tx)
+        return compare_trajectories(problem, runs, learning_rate=lr, optimizer=spec_opt)
+
+    bad = report(naive_tx)
+    assert not bad.agree
+    assert all("port" in (d.actual, d.expected) for d in bad.failures)
+    assert report(make_optax(spec_opt)).agree
+
+
+MOM = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.1)
+DAMP = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, dampening=0.5)
+ADAMW = OptimizerSpec("adamw", learning_rate=1e-2)  # see the report: lr 0.1 exposes a gap
+ADAM_L2 = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1)
+
+OPTIMIZER_TRAPS = [
+    ("adamw_decay_1e-4", ADAMW, optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8)),
+    ("adam_weight_decay_is_not_adamw", ADAM_L2, optax.adamw(1e-2, weight_decay=0.1)),
+    ("decay_after_momentum",
+     MOM, optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.1), optax.scale(-0.1))),
+    ("dampening_ignored", DAMP, optax.sgd(0.1, momentum=0.9)),
+]
+
+
+@pytest.mark.parametrize(("spec_opt", "naive_tx"), [t[1:] for t in OPTIMIZER_TRAPS],
+                         ids=[t[0] for t in OPTIMIZER_TRAPS])
+def test_optimizer_traps(spec_opt, naive_tx, equiv_seed):
+    _optimizer_trap(equiv_seed, spec_opt, naive_tx)
+
+
+def test_leaky_relu_derivative_at_exact_zero():
+    spec = MLPSpec((2, 2, 1), activation="leaky_relu", negative_slope=0.1)
+    problem = make_problem(spec, batch_size=2, seed=0)
+    params = dict(problem.params)
+    params["fc1.weight"] = torch.tensor([[0.0, 0.0], [0.5, -0.25]])
+    params["fc1.bias"] = torch.tensor([0.0, 0.1])  # unit 0: z == 0 exactly
+    problem = dataclasses.replace(problem, params=params)
+    runs = {"torch": run_torch(problem, 0.1), REFERENCE: run_reference(problem, 0.1)}
+
+    def loss(params, x, y):  # jax.nn.leaky_relu: derivative 1 at 0, torch's is the slope
+        return jnp.mean((jax_mlp.forward(params, x, spec) - y) ** 2)
+
+    runs["port"] = run_jax_port(problem, loss, "flax", 0.1)
+    report = compare_trajectories(problem, runs, learning_rate=0.1, kinks=False)
+    assert not report.agree
+    assert {d.name for d in report.failures if d.stage == "grads"} <= {"fc1.weight", "fc1.bias"}
+    # The kink analysis knows z = 0 is ambiguous and accepts either branch.
+    report = compare_trajectories(problem, runs, learning_rate=0.1)
+    assert report.agree and report.settings["kinks"] >= 1
