@@ -42,13 +42,12 @@ import optax
 import torch
 
 from equiv import jax_mlp, manual
-from equiv.diagnose import diagnose_trees
 from equiv._messages import type_error, value_error
 from equiv.compare import LeafDiff, Report, compare_leaf, compare_trees, to_numpy
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.devices import resolve_device
+from equiv.diagnose import diagnose_trees
 from equiv.kinks import KinkAnalysis, analyse_kinks, kinked
-from equiv.losses import LOSSES
 from equiv.optimizers import (
     OptimizerSpec,
     make_optax,
@@ -63,7 +62,6 @@ from equiv.problem import Problem, make_problem
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 from equiv.tolerance import (
     Tolerance,
-    adam_update_slack,
     derived_tolerance,
     optimizer_bounds,
     params_tolerance,

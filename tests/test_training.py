@@ -83,7 +83,8 @@ def test_perturbed_state_fails():
     spec = MLPSpec(SIZES, activation="tanh")
     comparison = compare_backends(spec, batch_size=3, steps=2, optimizer=ADAM)
     runs = comparison.trajectories
-    runs["jax"].states[1]["exp_avg"]["fc2.bias"] = runs["jax"].states[1]["exp_avg"]["fc2.bias"] + 1e-4
+    state = runs["jax"].states[1]["exp_avg"]
+    state["fc2.bias"] = state["fc2.bias"] + 1e-4
     report = compare_trajectories(comparison.problem, runs, learning_rate=ADAM.learning_rate,
                                   optimizer=ADAM)
     failing = {(d.stage, d.step, d.name, d.actual) for d in report.failures}
