@@ -11,7 +11,12 @@ difference has the shape of a known trap (see the README's "Numerical traps"):
 * parameter updates a constant multiple of the other's: the learning rate differs
   (factor 2: a step applied twice);
 * float32-representable values in a float64 run: JAX truncated float64 to float32
-  because x64 was off.
+  because x64 was off;
+* parameters after a step off by a constant multiple of the parameters before it:
+  the weight decays differ (AdamW's default is 1e-2 in torch, 1e-4 in optax);
+* a small relative difference (1e-6 to 1e-2) in a model with GELU layers: one side
+  uses the tanh approximation (``jax.nn.gelu``'s default), the other the exact erf
+  form (``torch.nn.GELU``'s default).
 
 Each detector returns a one- or two-line hint, or None.
 """
@@ -39,6 +44,8 @@ def diagnose_leaf(
     dtype: str | None = None,
     numel_output: int | None = None,
     batch_size: int | None = None,
+    activations: tuple[str, ...] = (),
+    learning_rate: float | None = None,
 ) -> str | None:
     """The likeliest known cause of ``actual`` differing from ``expected``, or None.
 
@@ -49,6 +56,8 @@ def diagnose_leaf(
       before: for ``stage="params"``, the parameters before the step.
       dtype: the run's dtype; ``"float64"`` enables the float32-truncation check.
       numel_output, batch_size: ``batch · outputs`` and the batch, to name factors.
+      activations: the model's hidden activations, to recognise GELU variants.
+      learning_rate: to turn a decay signature into the difference of weight decays.
 
     Example:
       >>> import numpy as np
@@ -82,13 +91,48 @@ def diagnose_leaf(
                 f"{name}: {first}'s update is {ratio:.6g} times {second}'s: the learning rates "
                 f"differ by that factor{twice}."
             )
-        return None
+        decay = _decay_difference(a - b, np.asarray(before, np.float64))
+        if decay is not None:
+            amount = f"{-decay / learning_rate:.3g}" if learning_rate else f"{-decay:.3g}/lr"
+            return (
+                f"{name}: {first} minus {second} is {decay:.3g} times the parameters before the "
+                f"step: the weight decays differ by {amount} ({first}'s minus {second}'s; torch's AdamW defaults to 1e-2, "
+                "optax.adamw to 1e-4; torch's Adam(weight_decay) is L2 added to the gradient, "
+                "AdamW decays decoupled)."
+            )
+        return _gelu_hint(name, a, b, activations)
     ratio = _ratio(a, b)
     if ratio is None:
-        return None
+        return _gelu_hint(name, a, b, activations)
     return f"{name}: {first}'s {stage} are {ratio:.6g} times {second}'s. " + _factor_cause(
         ratio, stage, numel_output, batch_size
     )
+
+
+def _gelu_hint(name: str, a: np.ndarray, b: np.ndarray, activations: tuple[str, ...]):
+    if not {"gelu", "gelu_tanh"} & set(activations):
+        return None
+    scale = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0)))
+    relative = float(np.max(np.abs(a - b), initial=0.0)) / scale if scale else 0.0
+    if not 1e-6 <= relative <= 1e-2:
+        return None
+    return (
+        f"{name}: a difference of {relative:.2g} relative in a model with GELU layers: one "
+        "side likely uses the tanh approximation. torch.nn.GELU() is exact (erf), "
+        "jax.nn.gelu defaults to approximate=True: use jax.nn.gelu(x, approximate=False)."
+    )
+
+
+def _decay_difference(diff: np.ndarray, before: np.ndarray) -> float | None:
+    """The k with diff ≈ k·before, when that explains the difference."""
+    denom = float(np.vdot(before, before))
+    size = float(np.max(np.abs(diff), initial=0.0))
+    if denom == 0.0 or size == 0.0:
+        return None
+    k = float(np.vdot(diff, before)) / denom
+    if k == 0.0 or np.max(np.abs(diff - k * before)) > 1e-2 * size:
+        return None
+    return k
 
 
 def diagnose_trees(

@@ -322,6 +322,7 @@ class Comparison:
                     ta.stage(stage, step), tb.stage(stage, step), names,
                     stage=stage, names=(a, b), before=before, dtype=spec.dtype,
                     numel_output=numel, batch_size=self.problem.batch_size,
+                    activations=spec.activations, learning_rate=self.learning_rate,
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []

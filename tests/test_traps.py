@@ -101,12 +101,15 @@ def test_gelu_tanh_vs_exact(equiv_seed):
     import jax  # noqa: PLC0415
     runs = {"torch": run_torch(problem, 0.1), REFERENCE: run_reference(problem, 0.1)}
     runs["port"] = run_jax_port(problem, port_loss(True), "flax", 0.1)  # jax.nn.gelu's default
-    assert not compare_trajectories(problem, runs, learning_rate=0.1).agree
+    bad = compare_trajectories(problem, runs, learning_rate=0.1)
+    assert not bad.agree
+    hints = Comparison(problem, 0.1, dict(runs), bad).hints()
+    assert any("jax.nn.gelu(x, approximate=False)" in h for h in hints), hints
     runs["port"] = run_jax_port(problem, port_loss(False), "flax", 0.1)
     assert compare_trajectories(problem, runs, learning_rate=0.1).agree
 
 
-def _optimizer_trap(seed, spec_opt, naive_tx, steps=3):
+def _optimizer_trap(seed, spec_opt, naive_tx, steps=3, hint=None):
     problem = make_problem(SPEC, batch_size=3, seed=seed, steps=steps)
     lr = spec_opt.learning_rate
     runs = {"torch": run_torch(problem, lr, optimizer=spec_opt),
@@ -119,6 +122,9 @@ def _optimizer_trap(seed, spec_opt, naive_tx, steps=3):
     bad = report(naive_tx)
     assert not bad.agree
     assert all("port" in (d.actual, d.expected) for d in bad.failures)
+    if hint is not None:
+        hints = Comparison(problem, lr, dict(runs), bad, spec_opt).hints()
+        assert any(hint in h for h in hints), hints
     assert report(make_optax(spec_opt)).agree
 
 
@@ -128,18 +134,21 @@ ADAMW = OptimizerSpec("adamw", learning_rate=1e-2)  # see the report: lr 0.1 exp
 ADAM_L2 = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1)
 
 OPTIMIZER_TRAPS = [
-    ("adamw_decay_1e-4", ADAMW, optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8)),
-    ("adam_weight_decay_is_not_adamw", ADAM_L2, optax.adamw(1e-2, weight_decay=0.1)),
+    # AdamW's decoupled decay: torch 1e-2 vs optax's default 1e-4 differ by 9.9e-3·lr·p.
+    ("adamw_decay_1e-4", ADAMW, optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8),
+     "the weight decays differ by 0.0099"),
+    ("adam_weight_decay_is_not_adamw", ADAM_L2, optax.adamw(1e-2, weight_decay=0.1), None),
     ("decay_after_momentum",
-     MOM, optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.1), optax.scale(-0.1))),
-    ("dampening_ignored", DAMP, optax.sgd(0.1, momentum=0.9)),
+     MOM, optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.1), optax.scale(-0.1)),
+     None),
+    ("dampening_ignored", DAMP, optax.sgd(0.1, momentum=0.9), None),
 ]
 
 
-@pytest.mark.parametrize(("spec_opt", "naive_tx"), [t[1:] for t in OPTIMIZER_TRAPS],
+@pytest.mark.parametrize(("spec_opt", "naive_tx", "hint"), [t[1:] for t in OPTIMIZER_TRAPS],
                          ids=[t[0] for t in OPTIMIZER_TRAPS])
-def test_optimizer_traps(spec_opt, naive_tx, equiv_seed):
-    _optimizer_trap(equiv_seed, spec_opt, naive_tx)
+def test_optimizer_traps(spec_opt, naive_tx, hint, equiv_seed):
+    _optimizer_trap(equiv_seed, spec_opt, naive_tx, hint=hint)
 
 
 def test_leaky_relu_derivative_at_exact_zero():
