@@ -96,7 +96,8 @@ def diagnose_leaf(
             amount = f"{-decay / learning_rate:.3g}" if learning_rate else f"{-decay:.3g}/lr"
             return (
                 f"{name}: {first} minus {second} is {decay:.3g} times the parameters before the "
-                f"step: the weight decays differ by {amount} ({first}'s minus {second}'s; torch's AdamW defaults to 1e-2, "
+                f"step: the weight decays differ by {amount} ({first}'s minus {second}'s; "
+                "torch's AdamW defaults to 1e-2, "
                 "optax.adamw to 1e-4; torch's Adam(weight_decay) is L2 added to the gradient, "
                 "AdamW decays decoupled)."
             )
