@@ -273,7 +273,7 @@ def _run_arbiter(model: torch.nn.Module, problem: Problem, learning_rate: float)
 def _comparison(problem, learning_rate, trajectories, settings, model, rtol, atol, port):
     report = compare_trajectories(
         problem, trajectories, learning_rate=learning_rate, rtol=rtol, atol=atol,
-        kinks=isinstance(model, TorchMLP),
+        kinks=isinstance(model, TorchMLP), propagate=isinstance(model, TorchMLP),
     )
     arbiter = "hand-derived float64" if isinstance(model, TorchMLP) else "torch model in float64"
     report.settings.update(
