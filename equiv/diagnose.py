@@ -27,6 +27,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+#: The hint for a constant factor that matches no known trap.
+GENERIC = "A constant factor: look for a scaled loss, learning rate or reduction."
+
 # A signature "holds" when the residual after explaining the difference is below
 # this fraction of the values' magnitude: far above float32 noise (~1e-7) and far
 # below the differences the traps cause (O(1) relative).
@@ -88,7 +91,7 @@ def diagnose_leaf(
         if ratio is not None:
             twice = " (or the step was applied twice)" if abs(ratio - 2) < 1e-3 else ""
             return (
-                f"{name}: {first}'s update is {ratio:.6g} times {second}'s: the learning rates "
+                f"{name}: {first}'s update is {ratio:.4g} times {second}'s: the learning rates "
                 f"differ by that factor{twice}."
             )
         decay = _decay_difference(a - b, np.asarray(before, np.float64))
@@ -105,9 +108,11 @@ def diagnose_leaf(
     ratio = _ratio(a, b)
     if ratio is None:
         return _gelu_hint(name, a, b, activations)
-    return f"{name}: {first}'s {stage} are {ratio:.6g} times {second}'s. " + _factor_cause(
-        ratio, stage, numel_output, batch_size
-    )
+    cause = _factor_cause(ratio, stage, numel_output, batch_size)
+    if a.size == 1 and cause == GENERIC:
+        return None  # any two scalars are a constant multiple of each other
+    verb = "is" if stage == "loss" else "are"
+    return f"{name}: {first}'s {stage} {verb} {ratio:.4g} times {second}'s. " + cause
 
 
 def _gelu_hint(name: str, a: np.ndarray, b: np.ndarray, activations: tuple[str, ...]):
@@ -168,7 +173,7 @@ def _factor_cause(ratio: float, stage: str, numel_output: int | None, batch: int
         )
     if near(batch) and batch not in (1,):
         return "A factor of the batch size: a mean over the batch where the other sums."
-    return "A constant factor: look for a scaled loss, learning rate or reduction."
+    return GENERIC
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -46,7 +46,7 @@ from equiv._messages import type_error, value_error
 from equiv.compare import LeafDiff, Report, compare_leaf, compare_trees, to_numpy
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.devices import resolve_device
-from equiv.diagnose import diagnose_trees
+from equiv.diagnose import GENERIC, diagnose_trees
 from equiv.kinks import KinkAnalysis, analyse_kinks, kinked
 from equiv.optimizers import (
     OptimizerSpec,
@@ -299,17 +299,27 @@ class Comparison:
             raise AssertionError(text)
 
     def hints(self) -> list[str]:
-        """Known-cause hints (:func:`equiv.diagnose.diagnose_trees`) for the failing
-        leaves of each pair and stage, without repeats, in report order."""
-        groups: dict[tuple[str, str, str, int], list[str]] = {}
+        """Known-cause hints (:func:`equiv.diagnose.diagnose_trees`) for the failing leaves.
+
+        Only the first (step, stage) whose failures match a known trap speaks: later
+        differences are consequences of the first (a halved gradient also halves the
+        update). A bare constant factor is named only when no known trap matches at
+        the first failing step. Leaves with the same hint are named together.
+        """
+        groups: dict[tuple[int, int, str, str], list[str]] = {}
+        order = {"loss": 0, "grads": 1, "state": 2, "params": 3}
         for d in self.report.failures:
-            key = (d.actual, d.expected, d.stage, d.step)
             if d.actual in self.trajectories and d.expected in self.trajectories:
+                key = (d.step, order[d.stage], d.actual, d.expected)
                 groups.setdefault(key, []).append(d.name)
         spec = self.problem.spec
         numel = self.problem.batch_size * spec.sizes[-1]
-        hints: list[str] = []
-        for (a, b, stage, step), names in groups.items():
+        found_at, merged, generic = None, {}, {}
+        first_step = min((key[0] for key in groups), default=None)
+        for (step, rank, a, b), names in sorted(groups.items(), key=lambda kv: kv[0][:2]):
+            if found_at is not None and (step, rank) != found_at:
+                break
+            stage = next(k for k, v in order.items() if v == rank)
             ta, tb = self.trajectories[a], self.trajectories[b]
             before = None
             if stage == "params":
@@ -327,10 +337,15 @@ class Comparison:
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []
             for hint in found:
-                hint = f"{hint} (step {step}, {a} vs {b})"
-                if hint not in hints:
-                    hints.append(hint)
-        return hints
+                leaf, text = hint.split(": ", 1)
+                key = f"{text} (step {step}, {a} vs {b})"
+                if text.endswith(GENERIC):
+                    if step == first_step:
+                        generic.setdefault(key, []).append(leaf)
+                    continue
+                found_at = (step, rank)
+                merged.setdefault(key, []).append(leaf)
+        return [f"{', '.join(leaves)}: {text}" for text, leaves in (merged or generic).items()]
 
     def arbiter_verdict(self) -> list[str]:
         """One line per backend: does it agree with the float64 reference, and if
