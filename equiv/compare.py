@@ -210,8 +210,11 @@ def compare_leaf(
     fa, fb = a.reshape(-1), b.reshape(-1)
     threshold = fastcompare.FAST_THRESHOLD if fast_threshold is None else fast_threshold
     stats = None
-    if flat_slack is None and fa.size >= threshold and fa.size and not (
-        tolerance.rtol > 0 and tolerance.scaled > 0
+    if (
+        flat_slack is None
+        and fa.size >= threshold
+        and fa.size
+        and not (tolerance.rtol > 0 and tolerance.scaled > 0)
     ):
         stats = _fast_stats(fa, fb, tolerance, ct)
     if stats is None:
@@ -367,9 +370,7 @@ def _fast_stats(a, b, tolerance: Tolerance, ct: np.dtype) -> _Stats | None:
     """The fast path for a big passing leaf; None where the NumPy path must decide
     (a failing or borderline leaf, or NaN or Inf anywhere)."""
     chunk = fastcompare.CHUNK
-    maxima = fastcompare.chunk_maxima(
-        a, b, ct, c=tolerance.atol, rtol=tolerance.rtol, chunk=chunk
-    )
+    maxima = fastcompare.chunk_maxima(a, b, ct, c=tolerance.atol, rtol=tolerance.rtol, chunk=chunk)
     if not (np.isfinite(maxima["max_abs"]).all() and np.isfinite(maxima["scale"]).all()):
         return None
     c = _bound_constant(tolerance, np.max(maxima["scale"]), ct)
@@ -389,7 +390,11 @@ def _fast_stats(a, b, tolerance: Tolerance, ct: np.dtype) -> _Stats | None:
     if found_abs != max_abs or found_rel != rel[k_rel]:
         return None  # cannot happen with IEEE arithmetic; the NumPy path decides
     return _Stats(
-        max_abs=max_abs, i_abs=i_abs, max_rel=found_rel, i_rel=i_rel, ratio=ratio,
+        max_abs=max_abs,
+        i_abs=i_abs,
+        max_rel=found_rel,
+        i_rel=i_rel,
+        ratio=ratio,
         allowed=c + rtol * abs_b if rtol else c,
     )
 
@@ -463,13 +468,14 @@ class Report:
             for d in self.leaves
         ):
             return None
-        blamed = [b for b in blame.get(f"{leaf.where}, {leaf.name}", [])
-                  if b in (leaf.actual, leaf.expected)]
+        blamed = [
+            b
+            for b in blame.get(f"{leaf.where}, {leaf.name}", [])
+            if b in (leaf.actual, leaf.expected)
+        ]
         if blamed:
             return f"  Float64 reference blames: {', '.join(blamed)}"
-        return (
-            "  Float64 reference blames neither: both are within the bound of the reference"
-        )
+        return "  Float64 reference blames neither: both are within the bound of the reference"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -514,7 +520,9 @@ class Report:
                     counts[backend] = counts.get(backend, 0) + 1
             lines.append(
                 message("the float64 reference blames: ")
-                + "; ".join(f"{b} ({n} leaf{'s' if n != 1 else ''})" for b, n in counts.items())
+                + "; ".join(
+                    f"{b} ({n} {'leaves' if n != 1 else 'leaf'})" for b, n in counts.items()
+                )
             )
         return "\n".join(lines)
 
@@ -564,8 +572,14 @@ def compare_trees(
         tol = tolerances if isinstance(tolerances, Tolerance) else tolerances[name]
         out.append(
             compare_leaf(
-                actual[name], expected[name], tol, stage=stage, step=step, name=name,
-                actual_name=actual_name, expected_name=expected_name,
+                actual[name],
+                expected[name],
+                tol,
+                stage=stage,
+                step=step,
+                name=name,
+                actual_name=actual_name,
+                expected_name=expected_name,
                 slack=None if slack is None else slack.get(name),
                 fast_threshold=fast_threshold,
             )

@@ -4,7 +4,9 @@ A hypothesis sweep over random architectures (depth 1 to 6, widths 1 to 512,
 batch 1 to 256), seeds, float32 and float64, learning rates over three decades
 (1e-3 to 1) and 1 to 3 steps runs torch, the hand-derived pass, JAX and the float64
 reference and requires every comparison to agree. The full sweep (>= 500 cases)
-is marked ``slow``: ``pytest -m slow tests/test_false_alarms.py``. It writes the case
+is marked ``slow``: ``pytest -m slow tests/test_false_alarms.py``. A second sweep
+draws activations, losses and optimizers too (200 cases under ``slow``, a few in
+the default run). It writes the case
 count, the worst ratio to the bound and the kinks met to
 /tmp/equiv_false_alarms_<name>.json.
 """
@@ -17,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from equiv import MLPSpec, compare_backends
+from equiv import ACTIVATIONS, LOSSES, MLPSpec, OptimizerSpec, compare_backends
 
 
 def spread(top: int):
@@ -44,7 +46,8 @@ class Tally:
 
     def add(self, case, comparison) -> None:
         self.cases += 1
-        self.kinks += comparison.report.settings.get("kinks", 0)
+        kinks = comparison.report.settings.get("kinks", 0)
+        self.kinks += kinks if isinstance(kinks, int) else 0  # a note when analysis is off
         if comparison.report.worst_ratio > self.worst:
             self.worst, self.worst_case = comparison.report.worst_ratio, case
 
@@ -73,6 +76,53 @@ def check_case(case, tally: Tally) -> None:
 
 FAST = Tally("fast")
 FULL = Tally("slow")
+BREADTH_FAST = Tally("breadth_fast")
+BREADTH_FULL = Tally("breadth_slow")
+
+# Optimizer configurations of the breadth sweep; the learning rate is drawn separately.
+OPTIMIZERS = [
+    {"name": "sgd"},
+    {"name": "sgd", "momentum": 0.9},
+    {"name": "sgd", "momentum": 0.9, "dampening": 0.3, "weight_decay": 1e-2},
+    {"name": "sgd", "momentum": 0.8, "nesterov": True},
+    {"name": "adam"},
+    {"name": "adam", "weight_decay": 1e-2, "amsgrad": True},
+    {"name": "adamw"},
+    {"name": "adamw", "betas": (0.8, 0.99), "eps": 1e-6},
+]
+
+
+def breadth_cases(max_width: int, max_batch: int):
+    """Activations, losses and optimizers, with the architecture drawn as above."""
+    return st.fixed_dictionaries(
+        {
+            "sizes": st.lists(spread(max_width), min_size=2, max_size=5).map(tuple),
+            "batch": spread(max_batch),
+            "dtype": st.sampled_from(["float32", "float64"]),
+            "activation": st.sampled_from(list(ACTIVATIONS)),
+            "loss": st.sampled_from(list(LOSSES)),
+            "optimizer": st.integers(0, len(OPTIMIZERS) - 1),
+            "lr_exp": st.floats(-3.0, -1.0),
+            "steps": st.integers(1, 3),
+            "seed": st.integers(0, 2**31 - 1),
+        }
+    )
+
+
+def check_breadth_case(case, tally: Tally) -> None:
+    comparison = compare_backends(
+        MLPSpec(case["sizes"], dtype=case["dtype"], activation=case["activation"],
+                loss=case["loss"], label_smoothing=0.1 if "cross" in case["loss"] else 0.0),
+        batch_size=case["batch"],
+        seed=case["seed"],
+        steps=case["steps"],
+        optimizer=OptimizerSpec(learning_rate=10.0 ** case["lr_exp"],
+                                **OPTIMIZERS[case["optimizer"]]),
+    )
+    tally.add(case, comparison)
+    if tally.cases % 25 == 0:
+        tally.write()
+    comparison.assert_agree()
 
 
 @settings(max_examples=16, deadline=None, derandomize=True,
@@ -90,9 +140,24 @@ def test_correct_backends_are_never_flagged_full_sweep(case):
     check_case(case, FULL)
 
 
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=breadth_cases(max_width=32, max_batch=16))
+def test_breadth_is_never_flagged(case):
+    check_breadth_case(case, BREADTH_FAST)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=breadth_cases(max_width=128, max_batch=64))
+def test_breadth_is_never_flagged_full_sweep(case):
+    check_breadth_case(case, BREADTH_FULL)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def write_figures():
     yield
-    for tally in (FAST, FULL):
+    for tally in (FAST, FULL, BREADTH_FAST, BREADTH_FULL):
         if tally.cases:
             tally.write()
