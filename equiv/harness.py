@@ -7,7 +7,8 @@ Backends:
 * ``"manual"``: the hand-derived pass of :mod:`equiv.manual` and the hand-written
   update (:func:`equiv.optimizers.manual_update`) on torch tensors.
 * ``"jax"``: :mod:`equiv.jax_mlp`, ``jax.value_and_grad`` and optax
-  (:func:`equiv.optimizers.make_optax`), one jitted step (:func:`make_train_step`).
+  (:func:`equiv.optimizers.make_optax`), one jitted step
+  (:func:`equiv.jax_mlp.make_train_step`).
 * ``"reference"``: the hand-derived pass and update on NumPy in float64, the
   arbiter. In a float32 run every backend is also held against it, so a report
   says which backend is off, not only that two disagree.
@@ -31,14 +32,12 @@ array sharing its buffer.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 import torch
 
 from equiv import jax_mlp, manual
@@ -50,7 +49,6 @@ from equiv.diagnose import GENERIC, diagnose_trees
 from equiv.kinks import KinkAnalysis, analyse_kinks, kinked
 from equiv.optimizers import (
     OptimizerSpec,
-    make_optax,
     make_torch_optimizer,
     manual_init,
     manual_update,
@@ -193,31 +191,6 @@ def run_manual(
     return out
 
 
-@functools.cache
-def make_train_step(spec: MLPSpec, optimizer: OptimizerSpec) -> tuple[Callable[..., Any], Any]:
-    """A jitted ``step(params, opt_state, x, y) -> (loss, grads, params, opt_state)``
-    with ``jax.value_and_grad`` of :func:`equiv.jax_mlp.loss_fn` and
-    :func:`equiv.optimizers.make_optax`; returns it with the optax transformation.
-
-    Cached per (spec, optimizer): every comparison of one configuration reuses one
-    compiled function (jit still recompiles for a new shape, dtype or precision).
-
-    >>> step, tx = make_train_step(MLPSpec(), OptimizerSpec("adam"))
-    >>> make_train_step(MLPSpec(), OptimizerSpec("adam"))[0] is step
-    True
-    """
-    tx = make_optax(optimizer)
-    value_and_grad = jax.value_and_grad(functools.partial(jax_mlp.loss_fn, spec=spec))
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        loss, grads = value_and_grad(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return loss, grads, optax.apply_updates(params, updates), opt_state
-
-    return step, tx
-
-
 def run_jax(
     problem: Problem, learning_rate: float, device: str = "cpu",
     optimizer: OptimizerSpec | None = None,
@@ -226,7 +199,7 @@ def run_jax(
     opt_spec = resolve_optimizer(optimizer, learning_rate)
     spec = problem.spec
     _, jax_device = resolve_device(device)
-    step, tx = make_train_step(spec, opt_spec)
+    step, tx = jax_mlp.make_train_step(spec, opt_spec)
     params = torch_to_jax(problem.params, layout="flax", spec=spec, device=jax_device)
     opt_state = tx.init(params)
     out = Trajectory("jax", spec.dtype)

@@ -2,7 +2,8 @@
 
 Parameters are held as Flax holds them: ``{"Dense_0": {"kernel": (in, out), "bias":
 (out,)}, "Dense_1": ...}``, so ``flax.linen`` ``Dense`` layers accept the tree as
-``{"params": params}``. The SGD step is ``optax.sgd``.
+``{"params": params}``. The training step uses optax, composed to torch.optim's
+semantics by :func:`equiv.optimizers.make_optax`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import optax
 
 from equiv.activations import ACTIVATIONS
 from equiv.losses import LOSSES
+from equiv.optimizers import OptimizerSpec, make_optax
 from equiv.spec import MLPSpec
 
 Params = dict[str, dict[str, jax.Array]]
@@ -50,20 +52,25 @@ def loss_fn(params: Params, x: jax.Array, y: jax.Array, spec: MLPSpec) -> jax.Ar
 
 
 @functools.cache
-def make_sgd_step(spec: MLPSpec, learning_rate: float) -> Callable[..., Any]:
+def make_train_step(spec: MLPSpec, optimizer: OptimizerSpec) -> tuple[Callable[..., Any], Any]:
     """A jitted ``step(params, opt_state, x, y) -> (loss, grads, params, opt_state)``
-    using ``jax.value_and_grad`` and ``optax.sgd``; returns it with its optimizer.
+    with ``jax.value_and_grad`` of :func:`loss_fn` and
+    :func:`equiv.optimizers.make_optax`; returns it with the optax transformation.
 
-    Cached per spec and learning rate, so repeated comparisons reuse one compiled
-    function (jit still recompiles for a new shape, dtype or precision setting).
+    Cached per (spec, optimizer): every comparison of one configuration reuses one
+    compiled function (jit still recompiles for a new shape, dtype or precision).
+
+    >>> step, tx = make_train_step(MLPSpec(), OptimizerSpec("adam"))
+    >>> make_train_step(MLPSpec(), OptimizerSpec("adam"))[0] is step
+    True
     """
-    optimizer = optax.sgd(learning_rate)
+    tx = make_optax(optimizer)
     value_and_grad = jax.value_and_grad(functools.partial(loss_fn, spec=spec))
 
     @jax.jit
     def step(params, opt_state, x, y):
         loss, grads = value_and_grad(params, x, y)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
         return loss, grads, optax.apply_updates(params, updates), opt_state
 
-    return step, optimizer
+    return step, tx

@@ -3,7 +3,7 @@
 
 Each case also has a failing counterpart at the bottom: a state perturbed by more
 than its bound is reported under the stage ``"state"``. Compiled JAX steps are
-shared between cases (``equiv.harness.make_train_step`` is cached per spec and
+shared between cases (``equiv.jax_mlp.make_train_step`` is cached per spec and
 optimizer).
 """
 
