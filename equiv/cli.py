@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="equiv-compare",
         description=(
-            "Run SGD steps of one MLP in PyTorch, by hand (no autodiff) and in JAX, from the "
+            "Run training steps of one MLP in PyTorch, by hand (no autodiff) and in JAX, from the "
             "same parameters and batches, and compare loss, gradients and updated parameters "
             "leaf by leaf against derived bounds and a float64 hand-derived reference. The "
             "defaults replay the notebook: a 4-3-2 ReLU MLP after torch.manual_seed(0), MSE, "
@@ -87,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_finite_float,
         default=0.1,
         metavar="X",
-        help="SGD learning rate (default: 0.1)",
+        help="the optimizer's learning rate (default: 0.1)",
     )
     add(
         "--steps",
         type=int,
         default=1,
         metavar="N",
-        help="SGD steps, a fresh batch each (default: 1)",
+        help="training steps, a fresh batch each (default: 1)",
     )
     add(
         "--dtype",

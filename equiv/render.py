@@ -131,6 +131,9 @@ def print_comparison(
     )
 
 
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
+
+
 def header_lines(
     comparison: Comparison, *, seed: int | None = None, width: int = DEFAULT_WIDTH
 ) -> list[str]:
@@ -152,7 +155,22 @@ def header_lines(
     run = [f"batch {problem.batch_size}"]
     if seed is not None:
         run.append(f"seed {seed}")
-    run.append(f"{steps} SGD step{'s' if steps != 1 else ''} at lr {comparison.learning_rate:g}")
+    optimizer = comparison.optimizer
+    name = optimizer.name if optimizer is not None else "sgd"
+    extras = ""
+    if optimizer is not None:
+        defaults = type(optimizer)(optimizer.name, learning_rate=optimizer.learning_rate)
+        changed = [
+            f"{field}={getattr(optimizer, field)}"
+            for field in ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps",
+                          "amsgrad")
+            if getattr(optimizer, field) != getattr(defaults, field)
+        ]
+        extras = f" ({', '.join(changed)})" if changed else ""
+    lr = optimizer.learning_rate if optimizer is not None else comparison.learning_rate
+    run.append(
+        f"{steps} {_OPTIMIZER_NAMES[name]} step{'s' if steps != 1 else ''} at lr {lr:g}{extras}"
+    )
     settings = dict(comparison.report.settings)
     main = [f"{k} {settings.pop(k)}" for k in ("dtype", "device", "precision") if k in settings]
     jax_keys = [k for k in settings if k.startswith("jax_")]
