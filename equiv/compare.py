@@ -403,16 +403,22 @@ def _locate(a, b, ct, k_abs: int, k_rel: int, chunk: int):
     """First indices of the greatest absolute (in chunk ``k_abs``) and relative (in
     chunk ``k_rel``) differences of an all-finite leaf, with their values."""
     found = {}
+    xs, ys, ds, qs = fastcompare.scratch(4, chunk, ct)
     for k in dict.fromkeys((k_abs, k_rel)):
         lo = k * chunk
-        x = a[lo : lo + chunk].astype(ct, copy=False)
-        y = b[lo : lo + chunk].astype(ct, copy=False)
-        d = np.abs(x - y)
-        abs_y = np.abs(y)
+        n = min(chunk, a.size - lo)
+        x, y, d, q = xs[:n], ys[:n], ds[:n], qs[:n]
+        np.copyto(x, a[lo : lo + n], casting="unsafe")
+        np.copyto(y, b[lo : lo + n], casting="unsafe")
+        np.subtract(x, y, out=d)
+        np.abs(d, out=d)
+        np.abs(y, out=y)
         i = int(np.argmax(d))
-        rel = _quotient(d, abs_y)
-        j = int(np.argmax(rel))
-        found[k] = (lo + i, d[i], abs_y[i], lo + j, rel[j])
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            np.divide(d, y, out=q)
+        np.copyto(q, 0, where=np.isnan(q))  # 0 / 0: equal zeros differ by nothing
+        j = int(np.argmax(q))
+        found[k] = (lo + i, d[i], y[i], lo + j, q[j])
     i_abs, max_abs, abs_b = found[k_abs][:3]
     i_rel, max_rel = found[k_rel][3:]
     return i_abs, max_abs, abs_b, i_rel, max_rel

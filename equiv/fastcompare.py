@@ -43,6 +43,23 @@ THREADS = max(1, min(4, os.cpu_count() or 1))
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_local = threading.local()
+
+
+def scratch(count: int, n: int, dtype: np.dtype) -> list[np.ndarray]:
+    """``count`` reusable buffers of ``n`` elements for the calling thread.
+
+    Fresh allocations of a megabyte cost more here than the arithmetic on them (the
+    kernel faults in every page), so each thread keeps its buffers between calls.
+    """
+    key = (np.dtype(dtype).str, n)
+    cache = getattr(_local, "buffers", None)
+    if cache is None:
+        cache = _local.buffers = {}
+    buffers = cache.setdefault(key, [])
+    while len(buffers) < count:
+        buffers.append(np.empty(n, dtype))
+    return buffers[:count]
 
 
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
@@ -54,10 +71,9 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _work(a, b, ct, c, rtol, chunk, starts, out) -> None:
-    d = np.empty(chunk, ct)
-    q = np.empty(chunk, ct)
-    x = np.empty(chunk, ct) if a.dtype != ct else None
-    y = np.empty(chunk, ct) if b.dtype != ct else None
+    d, q, x, y = scratch(4, chunk, ct)
+    x = x if a.dtype != ct else None
+    y = y if b.dtype != ct else None
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for k, lo in starts:
             xa, yb = a[lo : lo + chunk], b[lo : lo + chunk]
