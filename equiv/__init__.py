@@ -25,6 +25,7 @@ from equiv.convert import (
     torch_to_jax,
 )
 from equiv.diagnose import diagnose_leaf
+from equiv.from_module import mlp_from_module
 from equiv.gradcheck import GradCheck, check_gradients
 from equiv.harness import (
     BACKENDS,
@@ -85,6 +86,7 @@ __all__ = [
     "load_jax",
     "load_torch",
     "make_problem",
+    "mlp_from_module",
     "plot_divergence",
     "print_comparison",
     "render_comparison",

@@ -37,8 +37,18 @@ class Problem:
         return self.batches[0][0].shape[0]
 
 
-def make_problem(spec: MLPSpec, *, batch_size: int = 2, seed: int = 0, steps: int = 1) -> Problem:
+def make_problem(
+    spec: MLPSpec,
+    *,
+    batch_size: int = 2,
+    seed: int = 0,
+    steps: int = 1,
+    params: dict[str, torch.Tensor] | None = None,
+) -> Problem:
     """Draw the initial parameters and ``steps`` batches as the notebook does.
+
+    ``params`` (torch names, e.g. from :func:`equiv.from_module.mlp_from_module`)
+    replaces the drawn initial parameters; the batches are drawn as without it.
 
     Example:
       >>> problem = make_problem(MLPSpec((4, 3, 2)), batch_size=2, seed=0)
@@ -61,5 +71,18 @@ def make_problem(spec: MLPSpec, *, batch_size: int = 2, seed: int = 0, steps: in
             )
             for _ in range(steps)
         )
-    params = {name: p.detach().clone() for name, p in model.state_dict().items()}
-    return Problem(spec=spec, params=params, batches=batches)
+    drawn = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    if params is not None:
+        wrong = {
+            name: tuple(params[name].shape) if name in params else "missing"
+            for name, p in drawn.items()
+            if name not in params or params[name].shape != p.shape or params[name].dtype != p.dtype
+        }
+        extra = sorted(set(params) - set(drawn))
+        if wrong or extra:
+            raise value_error(
+                f"params do not fit {spec.sizes} ({spec.dtype}, bias={spec.bias}): "
+                f"mismatched {wrong or 'none'}, unexpected {extra or 'none'}"
+            )
+        drawn = {name: params[name].detach().cpu().clone() for name in drawn}
+    return Problem(spec=spec, params=drawn, batches=batches)

@@ -1,0 +1,175 @@
+"""Any torch MLP made of ``nn.Linear`` layers and supported activations, as equiv's MLP.
+
+:func:`mlp_from_module` reads an ``nn.Sequential`` (or a module whose ``nn.Linear``
+and activation submodules are registered in the order ``forward`` calls them),
+and returns the :class:`~equiv.spec.MLPSpec` and the parameters under equiv's
+names (``fc1.weight``, ...). From there every converter, the JAX function
+(:func:`equiv.jax_mlp.loss_fn`), the hand-derived pass and the harness apply::
+
+    spec, params = mlp_from_module(my_model)
+    jax_params = torch_to_jax(params, layout="flax", spec=spec)
+    compare_backends(problem=make_problem(spec, params=params, batch_size=32, steps=3))
+
+Registration order is not proof of call order, so the reading is checked: the
+module's own forward pass and the spec's are run on a probe batch in float64 and
+must agree, or a ``ValueError`` says so. Anything else inside the module (a
+dropout, a norm, a residual connection) is refused with its name.
+
+Example:
+  >>> import torch
+  >>> from torch import nn
+  >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+  >>> spec, params = mlp_from_module(model)
+  >>> spec.sizes, spec.activations, sorted(params)
+  ((4, 8, 2), ('tanh',), ['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight'])
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from equiv._messages import type_error, value_error
+from equiv.spec import MLPSpec
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _activation(module: nn.Module) -> tuple[str, dict[str, float]] | None:
+    """equiv's name and spec fields for a supported activation module, else None."""
+    if isinstance(module, nn.ReLU):
+        return "relu", {}
+    if isinstance(module, nn.LeakyReLU):
+        return "leaky_relu", {"negative_slope": float(module.negative_slope)}
+    if isinstance(module, nn.ELU):
+        return "elu", {"elu_alpha": float(module.alpha)}
+    if isinstance(module, nn.Tanh):
+        return "tanh", {}
+    if isinstance(module, nn.Sigmoid):
+        return "sigmoid", {}
+    if isinstance(module, nn.GELU):
+        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), {}
+    if isinstance(module, nn.SiLU):
+        return "silu", {}
+    if isinstance(module, nn.Identity):
+        return "identity", {}
+    return None
+
+
+SUPPORTED = (
+    "nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Identity"
+)
+
+
+def mlp_from_module(
+    module: nn.Module, *, check: bool = True
+) -> tuple[MLPSpec, dict[str, torch.Tensor]]:
+    """The spec and the parameters (copies, equiv's names) of a torch Linear stack.
+
+    Args:
+      module: an ``nn.Sequential`` or a module whose leaf submodules are Linear
+        layers and supported activations, registered in call order.
+      check: run the module and the spec on a float64 probe batch and require the
+        same output (catches a ``forward`` that calls its layers in another order).
+
+    Raises:
+      TypeError: ``module`` is not a ``torch.nn.Module``.
+      ValueError: an unsupported submodule (named), two activations in a row, an
+        activation after the last layer, mixed bias or dtype, mixed
+        hyper-parameters of one activation kind, or a forward pass that the
+        reading does not reproduce.
+    """
+    if not isinstance(module, nn.Module):
+        raise type_error(f"expected a torch.nn.Module, got {type(module).__name__}")
+    layers: list[nn.Linear] = []
+    activations: list[str] = []
+    fields: dict[str, float] = {}
+    pending: str | None = None
+    for name, child in module.named_modules():
+        if child is module or list(child.children()):
+            continue  # containers: their leaves are visited
+        if isinstance(child, nn.Linear):
+            if layers:
+                activations.append(pending or "identity")
+            layers.append(child)
+            pending = None
+            continue
+        found = _activation(child)
+        if found is None:
+            raise value_error(
+                f"submodule {name!r} is {type(child).__name__}, which equiv cannot express; "
+                f"supported: {SUPPORTED}"
+            )
+        act, params = found
+        if not layers or pending is not None:
+            where = "before the first Linear" if not layers else "right after another activation"
+            raise value_error(
+                f"activation {name!r} ({act}) comes {where}; equiv's MLP has "
+                "exactly one activation between consecutive Linear layers"
+            )
+        for field, value in params.items():
+            if fields.setdefault(field, value) != value:
+                raise value_error(
+                    f"{field} differs between layers ({fields[field]} and {value} "
+                    f"at {name!r}); equiv's MLPSpec holds one value"
+                )
+        pending = act
+    if not layers:
+        raise value_error(f"found no nn.Linear in {type(module).__name__}")
+    if pending is not None:
+        raise value_error(
+            "an activation follows the last Linear layer; equiv's MLP ends with "
+            "a Linear layer (put the activation in the loss instead)"
+        )
+    sizes = [layers[0].in_features]
+    for i, layer in enumerate(layers):
+        if layer.in_features != sizes[-1]:
+            raise value_error(
+                f"Linear layer {i + 1} takes {layer.in_features} inputs but the "
+                f"layer before it gives {sizes[-1]}"
+            )
+        sizes.append(layer.out_features)
+    biases = {layer.bias is not None for layer in layers}
+    dtypes = {layer.weight.dtype for layer in layers}
+    if len(biases) != 1 or len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
+        raise value_error(
+            "all Linear layers must share bias on/off and a float32 or float64 "
+            f"dtype; got bias {sorted(biases)}, dtypes {sorted(map(str, dtypes))}"
+        )
+    spec = MLPSpec(
+        tuple(sizes),
+        activation=tuple(activations)
+        if len(set(activations)) > 1
+        else (activations[0] if activations else "relu"),
+        bias=biases.pop(),
+        dtype=_DTYPES[dtypes.pop()],
+        **fields,
+    )
+    params = {}
+    for i, layer in enumerate(layers, start=1):
+        params[f"fc{i}.weight"] = layer.weight.detach().clone()
+        if spec.bias:
+            params[f"fc{i}.bias"] = layer.bias.detach().clone()
+    if check:
+        _check_forward(module, spec, params)
+    return spec, params
+
+
+def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:
+    from equiv import manual  # the hand-derived forward, in float64
+
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
+    device = next(module.parameters()).device
+    with torch.no_grad():  # on a float64 copy: the user's module is left as it is
+        theirs = copy.deepcopy(module).to(torch.float64)(probe.to(device)).cpu()
+    ours, _ = manual.forward({k: v.double().cpu() for k, v in params.items()}, probe, spec)
+    scale = float(ours.abs().max()) or 1.0
+    if float((theirs - ours).abs().max()) > 1e-10 * scale:
+        raise value_error(
+            "the module's forward pass does not match its Linear layers and activations applied "
+            "in registration order (a forward that calls them in another order, or does more); "
+            "write it as an nn.Sequential, or pass check=False if you are sure"
+        )

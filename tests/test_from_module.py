@@ -1,0 +1,121 @@
+"""mlp_from_module: any torch Linear stack as equiv's MLP, checked, or a clear refusal."""
+
+import pytest
+import torch
+from torch import nn
+
+import equiv
+from equiv.from_module import mlp_from_module
+
+
+class Named(nn.Module):
+    """Layers as named attributes, registered in call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 7)
+        self.act = nn.LeakyReLU(0.2)
+        self.out = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.out(self.act(self.inp(x)))
+
+
+class Reordered(Named):
+    """Registered in one order, called in another: the check must notice."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.inp(x)) * 2)
+
+
+MODELS = [
+    (
+        "sequential",
+        lambda: nn.Sequential(
+            nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 2)
+        ),
+        (4, 8, 8, 2),
+        ("gelu", "silu"),
+    ),
+    ("named", Named, (5, 7, 3), ("leaky_relu",)),
+    (
+        "float64-no-bias",
+        lambda: nn.Sequential(
+            nn.Linear(3, 4, bias=False, dtype=torch.float64),
+            nn.Tanh(),
+            nn.Linear(4, 1, bias=False, dtype=torch.float64),
+        ),
+        (3, 4, 1),
+        ("tanh",),
+    ),
+]
+
+
+@pytest.mark.parametrize("make,sizes,acts", [m[1:] for m in MODELS], ids=[m[0] for m in MODELS])
+def test_reads_the_stack_and_the_harness_agrees(make, sizes, acts, equiv_seed):
+    torch.manual_seed(equiv_seed)
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec, params = mlp_from_module(model)
+    assert spec.sizes == sizes and spec.activations == acts
+    # The user's module is untouched (dtype and values).
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    problem = equiv.make_problem(spec, params=params, batch_size=5, steps=2, seed=equiv_seed)
+    assert all(torch.equal(problem.params[k], params[k]) for k in params)
+    equiv.compare_backends(problem=problem).assert_agree()
+
+
+def test_leaky_relu_slope_is_carried():
+    spec, _ = mlp_from_module(Named())
+    assert spec.negative_slope == 0.2
+
+
+@pytest.mark.parametrize(
+    "model,phrase",
+    [
+        (
+            nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), nn.Linear(3, 1)),
+            "submodule '1' is Dropout, which equiv cannot express",
+        ),
+        (
+            nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Tanh(), nn.Linear(3, 1)),
+            "activation '2' (tanh) comes right after another activation",
+        ),
+        (nn.Sequential(nn.Linear(3, 3), nn.ReLU()), "an activation follows the last Linear"),
+        (
+            nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(3, 1)),
+            "Linear layer 2 takes 3 inputs but the layer before it gives 4",
+        ),
+        (
+            nn.Sequential(
+                nn.Linear(3, 3),
+                nn.LeakyReLU(0.1),
+                nn.Linear(3, 3),
+                nn.LeakyReLU(0.2),
+                nn.Linear(3, 1),
+            ),
+            "negative_slope differs between layers",
+        ),
+        (Reordered(), "does not match its Linear layers and activations"),
+    ],
+    ids=["dropout", "two-activations", "trailing-activation", "widths", "slopes", "reordered"],
+)
+def test_refusals_name_the_problem(model, phrase):
+    with pytest.raises(ValueError, match="^\\[equiv\\] ") as error:
+        mlp_from_module(model)
+    assert phrase in str(error.value)
+
+
+def test_not_a_module_is_a_type_error():
+    with pytest.raises(TypeError, match="expected a torch.nn.Module, got dict"):
+        mlp_from_module({"fc1.weight": torch.ones(1, 1)})
+
+
+def test_params_that_do_not_fit_the_spec_are_refused():
+    spec = equiv.MLPSpec((4, 3, 2))
+    with pytest.raises(ValueError, match="params do not fit"):
+        equiv.make_problem(spec, params={"fc1.weight": torch.ones(3, 4)})
