@@ -263,19 +263,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in (args.json, args.plot):
             if path is not None:
                 check_writable(path)
-        comparison = compare_backends(
-            spec,
-            batch_size=args.batch,
-            seed=args.seed,
-            learning_rate=args.lr,
-            optimizer=optimizer,
-            steps=args.steps,
-            device=args.device,
-            backends=args.backends,
-            precision=args.precision,
-            rtol=args.rtol,
-            atol=args.atol,
-        )
+        phases = list(args.backends) + ["reference", "compare"]
+        with _progress_bar(len(phases)) as advance:
+            comparison = compare_backends(
+                spec,
+                progress=advance,
+                batch_size=args.batch,
+                seed=args.seed,
+                learning_rate=args.lr,
+                optimizer=optimizer,
+                steps=args.steps,
+                device=args.device,
+                backends=args.backends,
+                precision=args.precision,
+                rtol=args.rtol,
+                atol=args.atol,
+            )
     except SystemExit as exit_:  # --help and --version
         return int(exit_.code or 0)
     except UsageError as error:
@@ -298,6 +301,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as error:
             return _bad_input(f"cannot write --json {args.json!r}: {error.strerror or error}")
     return 0 if comparison.agree else 1
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int):
+    """A transient rich progress bar on stderr, shown only on a terminal; yields the
+    ``progress`` callback for :func:`equiv.harness.compare_backends`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task("starting", total=total)
+        started = []
+
+        def advance(phase: str) -> None:
+            if started:
+                bar.advance(task)
+            started.append(phase)
+            bar.update(task, description=phase)
+
+        yield advance
 
 
 def check_writable(path: str) -> None:

@@ -385,6 +385,7 @@ def compare_backends(
     atol: float | None = None,
     problem: Problem | None = None,
     optimizer: OptimizerSpec | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Run ``steps`` training steps in every backend from one problem and compare them.
 
@@ -404,6 +405,8 @@ def compare_backends(
       backends: any of ``"torch"``, ``"manual"``, ``"jax"`` (at least one).
       precision: ``"exact"`` pins IEEE float32 matmuls (no TF32) in a scope;
         ``"native"`` keeps your settings.
+      progress: called with the name of each phase as it starts (each backend, then
+        ``"compare"``), for a progress display.
 
     Example:
       >>> comparison = compare_backends()
@@ -424,11 +427,14 @@ def compare_backends(
     if problem is None:
         problem = make_problem(spec, batch_size=batch_size, seed=seed, steps=steps)
     names = list(backends) + ([REFERENCE] if reference else [])
+    report_phase = progress or (lambda phase: None)
+    trajectories = {}
     with comparison_scope(spec.dtype, precision) as settings:
-        trajectories = {
-            name: RUNNERS[name](problem, learning_rate, device, optimizer) for name in names
-        }
+        for name in names:
+            report_phase(name)
+            trajectories[name] = RUNNERS[name](problem, learning_rate, device, optimizer)
     settings = {"dtype": spec.dtype, "device": device, **settings}
+    report_phase("compare")
     report = compare_trajectories(
         problem, trajectories, learning_rate=learning_rate, rtol=rtol, atol=atol,
         optimizer=optimizer,

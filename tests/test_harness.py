@@ -336,3 +336,9 @@ def test_comparison_to_dict_is_json_and_holds_the_results():
     assert {"stage", "step", "name", "actual", "expected", "passed", "max_abs", "max_rel"} <= set(
         first
     )
+
+
+def test_progress_reports_each_phase_in_order():
+    phases = []
+    equiv.compare_backends(progress=phases.append)
+    assert phases == ["torch", "manual", "jax", "reference", "compare"]
