@@ -91,11 +91,19 @@ class Kink:
     z: float
     bound: float
 
+    activation: str = "relu"
+
     def describe(self) -> str:
-        return (
+        text = (
             f"step {self.step}, fc{self.layer} output [{self.example}, {self.unit}]: "
             f"z = {self.z:.3g}, within rounding bound {self.bound:.3g} of the kink"
         )
+        if self.z == 0.0 and self.activation == "leaky_relu":
+            text += (
+                " (exactly 0: torch's leaky_relu'(0) is the slope, jax.nn.leaky_relu's is 1;"
+                " a port that differs only here is that convention, accepted as either side)"
+            )
+        return text
 
 
 @dataclasses.dataclass
@@ -241,7 +249,8 @@ def analyse_kinks(
             for b, j in np.argwhere(np.abs(zs[i]) <= bounds[i]):
                 by_example.setdefault(int(b), []).append((i, int(j)))
                 kinks.append(
-                    Kink(step, i + 1, int(b), int(j), float(zs[i][b, j]), float(bounds[i][b, j]))
+                    Kink(step, i + 1, int(b), int(j), float(zs[i][b, j]),
+                         float(bounds[i][b, j]), spec.activations[i])
                 )
         loss_ref, g_ref = manual.loss_and_grads(p_ref, x, y, spec)
         p_next = manual.sgd_update(p_ref, g_ref, learning_rate)

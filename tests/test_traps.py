@@ -170,3 +170,5 @@ def test_leaky_relu_derivative_at_exact_zero():
     # The kink analysis knows z = 0 is ambiguous and accepts either branch.
     report = compare_trajectories(problem, runs, learning_rate=0.1)
     assert report.agree and report.settings["kinks"] >= 1
+    # ... and says which convention that is.
+    assert any("jax.nn.leaky_relu's is 1" in unit for unit in report.settings["kink_units"])
