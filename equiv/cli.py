@@ -260,9 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if getattr(args, field) is not None
             },
         )
-        for path in (args.json, args.plot):
+        for option, path in (("--json", args.json), ("--plot", args.plot)):
             if path is not None:
-                check_writable(path)
+                check_writable(path, option)
         phases = list(args.backends) + ["reference", "compare"]
         with _progress_bar(len(phases)) as advance:
             comparison = compare_backends(
@@ -331,20 +331,23 @@ def _progress_bar(total: int):
         yield advance
 
 
-def check_writable(path: str) -> None:
+def check_writable(path: str, option: str = "--json") -> None:
     """Raise :class:`UsageError` unless a file can be created beside ``path``.
 
     Done before the comparison runs, so a typo in the path costs nothing.
     """
+    example = "report.json" if option == "--json" else "divergence.png"
     if os.path.isdir(path):
-        raise UsageError(f"--json {path!r} is a folder; give a file path such as report.json")
+        raise UsageError(f"{option} {path!r} is a folder; give a file path such as {example}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UsageError(f"--json {path!r}: the folder {folder!r} does not exist")
+        raise UsageError(f"{option} {path!r}: the folder {folder!r} does not exist")
     try:
         probe = _create_temp(folder, os.path.basename(path))
     except OSError as error:
-        raise UsageError(f"--json {path!r}: cannot write in {folder!r}: {error.strerror}") from None
+        raise UsageError(
+            f"{option} {path!r}: cannot write in {folder!r}: {error.strerror}"
+        ) from None
     os.close(probe[0])
     os.unlink(probe[1])
 

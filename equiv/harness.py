@@ -89,16 +89,22 @@ class Trajectory:
     states: list[State | None] = dataclasses.field(default_factory=list)
 
     def record(
-        self, loss: Any, grads: dict[str, Any], params: dict[str, Any],
+        self,
+        loss: Any,
+        grads: dict[str, Any],
+        params: dict[str, Any],
         state: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.losses.append(np.array(to_numpy(loss)))
         self.grads.append({k: np.array(to_numpy(v)) for k, v in grads.items()})
         self.params.append({k: np.array(to_numpy(v)) for k, v in params.items()})
         self.states.append(
-            None if state is None
-            else {key: {k: np.array(to_numpy(v)) for k, v in tree.items()}
-                  for key, tree in state.items()}
+            None
+            if state is None
+            else {
+                key: {k: np.array(to_numpy(v)) for k, v in tree.items()}
+                for key, tree in state.items()
+            }
         )
 
     def has_state(self, step: int) -> bool:
@@ -111,8 +117,11 @@ class Trajectory:
             return {"loss": self.losses[step - 1]}
         if stage == "state":
             state = self.states[step - 1] if self.has_state(step) else None
-            return {f"{key}.{name}": v for key, tree in (state or {}).items()
-                    for name, v in tree.items()}
+            return {
+                f"{key}.{name}": v
+                for key, tree in (state or {}).items()
+                for name, v in tree.items()
+            }
         return (self.grads if stage == "grads" else self.params)[step - 1]
 
 
@@ -155,7 +164,9 @@ def _numpy_batch(y: Any) -> np.ndarray:
 
 
 def run_torch(
-    problem: Problem, learning_rate: float, device: str = "cpu",
+    problem: Problem,
+    learning_rate: float,
+    device: str = "cpu",
     optimizer: OptimizerSpec | None = None,
 ) -> Trajectory:
     """``TorchMLP`` + autograd + ``torch.optim`` (single-tensor path)."""
@@ -168,13 +179,16 @@ def run_torch(
     for x, y in problem.batches:
         x, y = x.to(torch_device), y.to(torch_device)
         loss, grads = torch_sgd_step(model, opt, loss_module, x, y)
-        out.record(loss, grads, model.state_dict(),
-                   torch_optimizer_state(opt, model.named_parameters()))
+        out.record(
+            loss, grads, model.state_dict(), torch_optimizer_state(opt, model.named_parameters())
+        )
     return out
 
 
 def run_manual(
-    problem: Problem, learning_rate: float, device: str = "cpu",
+    problem: Problem,
+    learning_rate: float,
+    device: str = "cpu",
     optimizer: OptimizerSpec | None = None,
 ) -> Trajectory:
     """The hand-derived pass and update on torch tensors."""
@@ -192,7 +206,9 @@ def run_manual(
 
 
 def run_jax(
-    problem: Problem, learning_rate: float, device: str = "cpu",
+    problem: Problem,
+    learning_rate: float,
+    device: str = "cpu",
     optimizer: OptimizerSpec | None = None,
 ) -> Trajectory:
     """``jax.value_and_grad`` of :func:`equiv.jax_mlp.loss_fn` and optax, jitted."""
@@ -213,13 +229,19 @@ def run_jax(
             y = y.astype(np.int32)  # JAX's default integer: no x64 truncation warning
         x, y = (jax.device_put(t, jax_device) for t in (x.numpy(), y))
         loss, grads, params, opt_state = step(params, opt_state, x, y)
-        out.record(loss, to_torch(grads), to_torch(params),
-                   optax_state_to_torch_names(opt_spec, opt_state, to_torch))
+        out.record(
+            loss,
+            to_torch(grads),
+            to_torch(params),
+            optax_state_to_torch_names(opt_spec, opt_state, to_torch),
+        )
     return out
 
 
 def run_reference(
-    problem: Problem, learning_rate: float, device: str = "cpu",
+    problem: Problem,
+    learning_rate: float,
+    device: str = "cpu",
     optimizer: OptimizerSpec | None = None,
 ) -> Trajectory:
     """The hand-derived pass and update on NumPy in float64: the arbiter (always on
@@ -298,14 +320,22 @@ class Comparison:
             if stage == "params":
                 before = (
                     {k: to_numpy(v).astype(np.float64) for k, v in self.problem.params.items()}
-                    if step == 1 else tb.params[step - 2]
+                    if step == 1
+                    else tb.params[step - 2]
                 )
             try:
                 found = diagnose_trees(
-                    ta.stage(stage, step), tb.stage(stage, step), names,
-                    stage=stage, names=(a, b), before=before, dtype=spec.dtype,
-                    numel_output=numel, batch_size=self.problem.batch_size,
-                    activations=spec.activations, learning_rate=self.learning_rate,
+                    ta.stage(stage, step),
+                    tb.stage(stage, step),
+                    names,
+                    stage=stage,
+                    names=(a, b),
+                    before=before,
+                    dtype=spec.dtype,
+                    numel_output=numel,
+                    batch_size=self.problem.batch_size,
+                    activations=spec.activations,
+                    learning_rate=self.learning_rate,
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []
@@ -415,6 +445,12 @@ def compare_backends(
       >>> round(float(comparison.trajectories["torch"].losses[0]), 4)
       2.5145
     """
+    if spec is not None and not isinstance(spec, MLPSpec):
+        raise type_error(
+            f"spec must be an equiv.MLPSpec such as MLPSpec((4, 3, 2)), got {type(spec).__name__}"
+        )
+    if spec is not None and problem is not None and spec != problem.spec:
+        raise value_error(f"spec {spec} differs from problem.spec {problem.spec}; pass one of them")
     spec = spec or (problem.spec if problem else MLPSpec())
     backends = _check_backends(backends)
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
@@ -436,7 +472,11 @@ def compare_backends(
     settings = {"dtype": spec.dtype, "device": device, **settings}
     report_phase("compare")
     report = compare_trajectories(
-        problem, trajectories, learning_rate=learning_rate, rtol=rtol, atol=atol,
+        problem,
+        trajectories,
+        learning_rate=learning_rate,
+        rtol=rtol,
+        atol=atol,
         optimizer=optimizer,
     )
     report.settings.update(settings)
@@ -511,12 +551,15 @@ def compare_trajectories(
     if kinks and REFERENCE in trajectories and learning_rate is not None and backends:
         if plain:
             analysis = analyse_trajectory_kinks(
-                problem, learning_rate, [trajectories[b].dtype for b in backends],
+                problem,
+                learning_rate,
+                [trajectories[b].dtype for b in backends],
                 trajectories[REFERENCE],
             )
         elif kinked(problem.spec):
-            kink_note = (f"off: the kink analysis carries parameters as plain SGD does, "
-                         f"not {optimizer.name}")
+            kink_note = (
+                f"off: the kink analysis carries parameters as plain SGD does, not {optimizer.name}"
+            )
     arbiter = trajectories[REFERENCE if REFERENCE in trajectories else backends[-1]]
     magnitude = _magnitudes(problem, arbiter)
     bounds_cache: dict[tuple[str, str], Any] = {}
@@ -530,15 +573,16 @@ def compare_trajectories(
         for stage in ("loss", "grads", "params", "state"):
             for a, b in pairs:
                 ta, tb = trajectories[a], trajectories[b]
-                if stage == "state" and (
-                    plain or not (ta.has_state(step) and tb.has_state(step))
-                ):
+                if stage == "state" and (plain or not (ta.has_state(step) and tb.has_state(step))):
                     continue  # plain SGD keeps no state
                 dtypes = (ta.dtype, tb.dtype)
                 slack = None
                 tol = fixed or derived_tolerance(
-                    problem.spec, problem.batch_size,
-                    "grads" if stage == "state" else stage, step, dtypes,
+                    problem.spec,
+                    problem.batch_size,
+                    "grads" if stage == "state" else stage,
+                    step,
+                    dtypes,
                 )
                 if fixed is None and stage in ("loss", "grads"):
                     mags, largest = magnitude[(stage, step)]
@@ -552,7 +596,12 @@ def compare_trajectories(
                     }
                     if not plain:
                         bounds = _optimizer_bounds(
-                            problem, optimizer, trajectories, arbiter, dtypes, magnitude,
+                            problem,
+                            optimizer,
+                            trajectories,
+                            arbiter,
+                            dtypes,
+                            magnitude,
                             bounds_cache,
                         )
                         tol = {
@@ -562,7 +611,12 @@ def compare_trajectories(
                         slack = bounds.params_slack.get(step)
                 elif fixed is None and stage == "state":
                     bounds = _optimizer_bounds(
-                        problem, optimizer, trajectories, arbiter, dtypes, magnitude,
+                        problem,
+                        optimizer,
+                        trajectories,
+                        arbiter,
+                        dtypes,
+                        magnitude,
                         bounds_cache,
                     )
                     tol = {
@@ -571,8 +625,13 @@ def compare_trajectories(
                         for name, value in tree.items()
                     }
                 diffs = compare_trees(
-                    ta.stage(stage, step), tb.stage(stage, step), tol,
-                    stage=stage, step=step, actual_name=a, expected_name=b,
+                    ta.stage(stage, step),
+                    tb.stage(stage, step),
+                    tol,
+                    stage=stage,
+                    step=step,
+                    actual_name=a,
+                    expected_name=b,
                 )
                 extra = dict(slack or {})
                 if moved is not None and moved[a][stage] and moved[b][stage]:
@@ -620,10 +679,14 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
             {n: with_magnitude(g_tol, mags[n], largest[n]).allowed(0.0, largest[n]) for n in names}
         )
         grad_max.append(dict(largest))
-        param_bounds.append({
-            n: p_tol.allowed(0.0, float(np.max(np.abs(arbiter.params[step - 1][n]), initial=0.0)))
-            for n in names
-        })
+        param_bounds.append(
+            {
+                n: p_tol.allowed(
+                    0.0, float(np.max(np.abs(arbiter.params[step - 1][n]), initial=0.0))
+                )
+                for n in names
+            }
+        )
     states = [s or {} for s in arbiter.states] or [{}] * problem.steps
     u = sum(UNIT_ROUNDOFF[d] for d in dtypes)
     cache[key] = optimizer_bounds(optimizer, grad_bounds, grad_max, param_bounds, states, u)
@@ -637,8 +700,11 @@ def _with_leaf_slack(diff: LeafDiff, ta: Trajectory, tb: Trajectory, slack: Any)
         ta.stage(diff.stage, diff.step)[diff.name],
         tb.stage(diff.stage, diff.step)[diff.name],
         diff.tolerance,
-        stage=diff.stage, step=diff.step, name=diff.name,
-        actual_name=diff.actual, expected_name=diff.expected,
+        stage=diff.stage,
+        step=diff.step,
+        name=diff.name,
+        actual_name=diff.actual,
+        expected_name=diff.expected,
         slack=np.asarray(slack, dtype=np.float64),
     )
 
@@ -729,20 +795,26 @@ def _propagated(
     for name, trajectory in trajectories.items():
         params = {k: v.astype(np.float64) for k, v in trajectory.params[step - 2].items()}
         loss, grads = manual.loss_and_grads(params, x64, y64, spec)
+        out[name] = {"loss": {"loss": np.asarray(loss)}, "grads": grads, "params": {}, "state": {}}
+        if not (is_plain_sgd(optimizer) or trajectory.has_state(step - 1)):
+            # Its optimizer state is unknown: inventing one (zeros) would turn the step
+            # into another optimizer's and could allow a real difference. Loss and
+            # gradients, functions of the parameters alone, are still propagated.
+            continue
         state = (
-            {key: {k: v.astype(np.float64) for k, v in tree.items()}
-             for key, tree in trajectory.states[step - 2].items()}
+            {
+                key: {k: v.astype(np.float64) for k, v in tree.items()}
+                for key, tree in trajectory.states[step - 2].items()
+            }
             if trajectory.has_state(step - 1)
             else manual_init(optimizer, params)
         )
         new_params, new_state = manual_update(optimizer, params, grads, state, step)
-        out[name] = {
-            "loss": {"loss": np.asarray(loss)},
-            "grads": grads,
-            "params": new_params,
-            "state": {f"{key}.{k}": v for key, tree in new_state.items() for k, v in tree.items()}
-            if trajectory.has_state(step) else {},
-        }
+        out[name]["params"] = new_params
+        if trajectory.has_state(step):
+            out[name]["state"] = {
+                f"{key}.{k}": v for key, tree in new_state.items() for k, v in tree.items()
+            }
     return out
 
 

@@ -53,7 +53,15 @@ from equiv.harness import (
     Comparison,
     Trajectory,
     compare_trajectories,
+    resolve_optimizer,
     run_reference,
+)
+from equiv.losses import LOSSES
+from equiv.optimizers import (
+    OptimizerSpec,
+    make_optax,
+    make_torch_optimizer,
+    torch_optimizer_state,
 )
 from equiv.precision import comparison_scope
 from equiv.problem import Problem
@@ -77,7 +85,8 @@ def check_jax_port(
     learning_rate: float = 0.1,
     steps: int = 1,
     params: Any = None,
-    optimizer: optax.GradientTransformation | None = None,
+    optimizer: OptimizerSpec | None = None,
+    port_optimizer: optax.GradientTransformation | None = None,
     spec: MLPSpec | None = None,
     jit: bool = True,
     precision: str = "exact",
@@ -97,12 +106,14 @@ def check_jax_port(
         tensors or NumPy arrays of the model's dtype.
       layout: the layout of your params, ``"flax"`` (``Dense_0.kernel`` (in, out))
         or ``"torch"`` (the state_dict's names and shapes); see :mod:`equiv.convert`.
-      learning_rate: SGD's learning rate, for torch, the reference and (unless
-        ``optimizer`` is given) your port.
-      steps: how many SGD steps.
+      learning_rate: plain SGD's learning rate, when ``optimizer`` is None.
+      steps: how many training steps.
       params: your own conversion of the model's parameters (a JAX tree in
         ``layout``), to check it too; by default :func:`equiv.convert.torch_to_jax`.
-      optimizer: your own optax transformation; by default ``optax.sgd(learning_rate)``.
+      optimizer: an :class:`equiv.OptimizerSpec` (torch.optim's semantics) that torch,
+        the reference and, by default, your port use; plain SGD when None.
+      port_optimizer: your own optax transformation for your port, to check it too;
+        by default :func:`equiv.optimizers.make_optax` of ``optimizer``.
       spec: the architecture; read from a TorchMLP.
       jit: whether to ``jax.jit`` your ``value_and_grad``.
       precision: ``"exact"`` (IEEE float32 matmuls in a scope) or ``"native"``.
@@ -120,17 +131,38 @@ def check_jax_port(
     get_layout(layout)
     if not callable(loss_fn):
         raise type_error(f"loss_fn must be callable as loss_fn(params, x, y), got {loss_fn!r}")
+    if optimizer is not None and not isinstance(optimizer, OptimizerSpec):
+        raise type_error(
+            f"optimizer must be an equiv.OptimizerSpec (torch.optim's semantics, used by torch "
+            f"and the reference), got {type(optimizer).__name__}; pass your own optax "
+            "transformation as port_optimizer="
+        )
+    optimizer = resolve_optimizer(optimizer, learning_rate)
     with comparison_scope(spec.dtype, precision) as settings:
         trajectories = {
-            "torch": run_torch_model(model, problem, learning_rate),
+            "torch": run_torch_model(model, problem, optimizer.learning_rate, optimizer=optimizer),
             PORT: run_jax_port(
-                problem, loss_fn, layout, learning_rate,
-                params=params, optimizer=optimizer, jit=jit,
+                problem,
+                loss_fn,
+                layout,
+                optimizer.learning_rate,
+                params=params,
+                optimizer=port_optimizer or make_optax(optimizer),
+                jit=jit,
             ),
-            REFERENCE: _run_arbiter(model, problem, learning_rate),
+            REFERENCE: _run_arbiter(model, problem, optimizer),
         }
-    return _comparison(problem, learning_rate, trajectories, settings, model, rtol, atol,
-                       port=f"jax loss_fn, {layout} layout")
+    return _comparison(
+        problem,
+        optimizer.learning_rate,
+        trajectories,
+        settings,
+        model,
+        rtol,
+        atol,
+        port=f"jax loss_fn, {layout} layout",
+        optimizer=optimizer,
+    )
 
 
 def check_manual_backward(
@@ -176,10 +208,18 @@ def check_manual_backward(
         trajectories = {
             "torch": run_torch_model(model, problem, learning_rate),
             PORT: run_manual_port(problem, grad_fn, learning_rate, arrays=arrays),
-            REFERENCE: _run_arbiter(model, problem, learning_rate),
+            REFERENCE: _run_arbiter(model, problem, resolve_optimizer(None, learning_rate)),
         }
-    return _comparison(problem, learning_rate, trajectories, settings, model, rtol, atol,
-                       port=f"hand-written backward on {arrays}")
+    return _comparison(
+        problem,
+        learning_rate,
+        trajectories,
+        settings,
+        model,
+        rtol,
+        atol,
+        port=f"hand-written backward on {arrays}",
+    )
 
 
 def run_jax_port(
@@ -209,7 +249,15 @@ def run_jax_port(
     state = optimizer.init(params)
     out = Trajectory(name, spec.dtype)
     for x, y in problem.batches:
-        loss, grads = value_and_grad(params, jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))
+        y = y.numpy().astype(np.int32) if not y.is_floating_point() else y.numpy()
+        try:
+            loss, grads = value_and_grad(params, jnp.asarray(x.numpy()), jnp.asarray(y))
+        except (TypeError, KeyError, ValueError, IndexError) as error:
+            keys = ", ".join(".".join(k) for k in _paths(params))
+            raise value_error(
+                f"your loss_fn(params, x, y) failed: {type(error).__name__}: {error}. It must "
+                f"return a scalar; its params are in the {layout!r} layout: {keys}"
+            ) from error
         updates, state = optimizer.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         out.record(
@@ -238,8 +286,7 @@ def run_manual_port(
         if not isinstance(grads, Mapping) or set(grads) != set(params):
             given = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
             raise value_error(
-                f"grad_fn must return (loss, grads) with grads keyed {sorted(params)}, "
-                f"got {given}"
+                f"grad_fn must return (loss, grads) with grads keyed {sorted(params)}, got {given}"
             )
         grads = {k: _like(grads[k], params[k]) for k in params}
         params = manual.sgd_update(params, grads, learning_rate)
@@ -247,40 +294,64 @@ def run_manual_port(
     return out
 
 
-def run_torch_model(model: torch.nn.Module, problem: Problem, learning_rate: float,
-                    dtype: torch.dtype | None = None, name: str = "torch") -> Trajectory:
-    """A deep copy of ``model`` trained by ``torch.optim.SGD`` (optionally cast to ``dtype``)."""
+def run_torch_model(
+    model: torch.nn.Module,
+    problem: Problem,
+    learning_rate: float,
+    dtype: torch.dtype | None = None,
+    name: str = "torch",
+    optimizer: OptimizerSpec | None = None,
+) -> Trajectory:
+    """A deep copy of ``model`` trained by ``torch.optim`` (plain SGD at
+    ``learning_rate`` unless ``optimizer`` says otherwise), optionally cast to ``dtype``."""
     model = copy.deepcopy(model).cpu()
     if dtype is not None:
         model = model.to(dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    opt = make_torch_optimizer(resolve_optimizer(optimizer, learning_rate), model.parameters())
     loss_module = torch_loss_fn(problem.spec)
     out = Trajectory(name, str(next(model.parameters()).dtype).removeprefix("torch."))
     for x, y in problem.batches:
         if dtype is not None:
-            x, y = x.to(dtype), y.to(dtype)
-        loss, grads = torch_sgd_step(model, optimizer, loss_module, x, y)
-        out.record(loss, grads, model.state_dict())
+            x = x.to(dtype)
+            y = y.to(dtype) if y.is_floating_point() else y  # labels stay integers
+        loss, grads = torch_sgd_step(model, opt, loss_module, x, y)
+        out.record(
+            loss, grads, model.state_dict(), torch_optimizer_state(opt, model.named_parameters())
+        )
     return out
 
 
-def _run_arbiter(model: torch.nn.Module, problem: Problem, learning_rate: float) -> Trajectory:
+def _run_arbiter(model: torch.nn.Module, problem: Problem, optimizer: OptimizerSpec) -> Trajectory:
     if isinstance(model, TorchMLP):
-        return run_reference(problem, learning_rate)
-    return run_torch_model(model, problem, learning_rate, dtype=torch.float64, name=REFERENCE)
+        return run_reference(problem, optimizer.learning_rate, optimizer=optimizer)
+    return run_torch_model(
+        model,
+        problem,
+        optimizer.learning_rate,
+        dtype=torch.float64,
+        name=REFERENCE,
+        optimizer=optimizer,
+    )
 
 
-def _comparison(problem, learning_rate, trajectories, settings, model, rtol, atol, port):
+def _comparison(
+    problem, learning_rate, trajectories, settings, model, rtol, atol, port, optimizer=None
+):
     report = compare_trajectories(
-        problem, trajectories, learning_rate=learning_rate, rtol=rtol, atol=atol,
-        kinks=isinstance(model, TorchMLP), propagate=isinstance(model, TorchMLP),
+        problem,
+        trajectories,
+        learning_rate=learning_rate,
+        rtol=rtol,
+        atol=atol,
+        kinks=isinstance(model, TorchMLP),
+        propagate=isinstance(model, TorchMLP),
+        optimizer=optimizer,
     )
     arbiter = "hand-derived float64" if isinstance(model, TorchMLP) else "torch model in float64"
     report.settings.update(
-        {"dtype": problem.spec.dtype, "device": "cpu", **settings, "port": port,
-         "arbiter": arbiter}
+        {"dtype": problem.spec.dtype, "device": "cpu", **settings, "port": port, "arbiter": arbiter}
     )
-    return Comparison(problem, float(learning_rate), trajectories, report)
+    return Comparison(problem, float(learning_rate), trajectories, report, optimizer)
 
 
 def _problem(model, x, y, steps, spec, learning_rate) -> tuple[MLPSpec, Problem]:
@@ -298,10 +369,13 @@ def _problem(model, x, y, steps, spec, learning_rate) -> tuple[MLPSpec, Problem]
         raise value_error(f"learning_rate must be a positive number, got {learning_rate!r}")
     dtype = TORCH_DTYPES[spec.dtype]
     xs, ys = _per_step("x", x, steps), _per_step("y", y, steps)
+    labels = LOSSES[spec.loss].targets == "labels"
     batches = tuple(
         (
             _tensor(f"x[{i}]", xi, dtype, spec.sizes[0]),
-            _tensor(f"y[{i}]", yi, dtype, spec.sizes[-1]),
+            _labels(f"y[{i}]", yi, spec.sizes[-1])
+            if labels
+            else _tensor(f"y[{i}]", yi, dtype, spec.sizes[-1]),
         )
         for i, (xi, yi) in enumerate(zip(xs, ys, strict=False))
     )
@@ -329,20 +403,46 @@ def _per_step(name: str, value: Any, steps: int) -> list[Any]:
 def _tensor(name: str, value: Any, dtype: torch.dtype, width: int) -> torch.Tensor:
     tensor = torch.as_tensor(np.asarray(to_numpy(value))).detach().cpu().clone()
     if tensor.dtype != dtype:
+        short = str(dtype).removeprefix("torch.")
         raise value_error(
-            f"{name} is {str(tensor.dtype).removeprefix('torch.')} but the model is "
-            f"{str(dtype).removeprefix('torch.')}; convert it first, for example "
-            f"x.astype(np.{str(dtype).removeprefix('torch.')})"
+            f"{name} is {str(tensor.dtype).removeprefix('torch.')} but the model is {short}; "
+            f"convert it first, for example {name.split('[')[0]}.astype(np.{short}) or "
+            f"{name.split('[')[0]}.to(torch.{short})"
         )
     if tensor.ndim != 2 or tensor.shape[1] != width:
         raise value_error(f"{name} must have shape (batch, {width}), got {tuple(tensor.shape)}")
     return tensor
 
 
+def _labels(name: str, value: Any, classes: int) -> torch.Tensor:
+    """Integer class labels of shape (batch,), as torch's CrossEntropyLoss takes them."""
+    tensor = torch.as_tensor(np.asarray(to_numpy(value))).detach().cpu().clone()
+    if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.ndim != 1:
+        raise value_error(
+            f"{name} must hold integer class labels of shape (batch,) for cross_entropy, got "
+            f"{str(tensor.dtype).removeprefix('torch.')} of shape {tuple(tensor.shape)}; for "
+            "probability targets use MLPSpec(loss='cross_entropy_probs')"
+        )
+    if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= classes):
+        raise value_error(
+            f"{name} holds labels outside [0, {classes}): "
+            f"{int(tensor.min())} to {int(tensor.max())}"
+        )
+    return tensor.to(torch.int64)
+
+
+def _paths(tree: Any, prefix: tuple = ()) -> list[tuple]:
+    if isinstance(tree, Mapping):
+        return [p for k, v in tree.items() for p in _paths(v, (*prefix, str(k)))]
+    return [prefix]
+
+
 def _like(grad: Any, param: Any) -> Any:
     """The gradient as the same kind of array as the parameter, for the update."""
     if isinstance(param, torch.Tensor):
-        return grad.detach().clone() if isinstance(grad, torch.Tensor) else torch.as_tensor(
-            np.array(to_numpy(grad))
+        return (
+            grad.detach().clone()
+            if isinstance(grad, torch.Tensor)
+            else torch.as_tensor(np.array(to_numpy(grad)))
         )
     return np.array(to_numpy(grad))

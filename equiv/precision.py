@@ -102,6 +102,8 @@ def comparison_scope(dtype: str = "float32", precision: str = "exact") -> Iterat
       >>> jax.config.jax_enable_x64 == before
       True
     """
+    if dtype not in ("float32", "float64"):
+        raise value_error(f"unknown dtype {dtype!r}; expected 'float32' or 'float64'")
     if precision not in PRECISIONS:
         raise value_error(
             f"unknown precision {precision!r}; expected 'exact' (IEEE float32 matmuls, "

@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from equiv._messages import value_error
+from equiv._messages import type_error, value_error
 from equiv.losses import LOSSES, draw_targets
 from equiv.spec import MLPSpec
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
@@ -55,11 +55,17 @@ def make_problem(
       >>> problem.batches[0][0].shape, problem.params["fc2.bias"].shape
       (torch.Size([2, 4]), torch.Size([2]))
     """
+    if not isinstance(spec, MLPSpec):
+        raise type_error(
+            f"spec must be an equiv.MLPSpec such as MLPSpec((4, 3, 2)), got {type(spec).__name__}"
+        )
     for name, value, lowest in [("batch_size", batch_size, 1), ("steps", steps, 1)]:
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
             raise value_error(f"{name} must be an int of at least {lowest}, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise value_error(f"seed must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise value_error(
+            f"seed must be an int in [0, 2**64) as torch.manual_seed takes, got {seed!r}"
+        )
     dtype = TORCH_DTYPES[spec.dtype]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -73,16 +79,27 @@ def make_problem(
         )
     drawn = {name: p.detach().clone() for name, p in model.state_dict().items()}
     if params is not None:
-        wrong = {
-            name: tuple(params[name].shape) if name in params else "missing"
-            for name, p in drawn.items()
-            if name not in params or params[name].shape != p.shape or params[name].dtype != p.dtype
-        }
-        extra = sorted(set(params) - set(drawn))
-        if wrong or extra:
+        problems = []
+        for name, p in drawn.items():
+            given = params.get(name)
+            expected = f"{tuple(p.shape)} {str(p.dtype).removeprefix('torch.')}"
+            if given is None:
+                problems.append(f"{name}: missing (expected {expected})")
+            elif not isinstance(given, torch.Tensor):
+                problems.append(
+                    f"{name}: a {type(given).__name__}, expected a torch tensor "
+                    f"{expected} (torch.as_tensor(...))"
+                )
+            elif given.shape != p.shape or given.dtype != p.dtype:
+                problems.append(
+                    f"{name}: {tuple(given.shape)} "
+                    f"{str(given.dtype).removeprefix('torch.')}, expected {expected}"
+                )
+        problems += [f"{name}: unexpected" for name in sorted(set(params) - set(drawn))]
+        if problems:
             raise value_error(
                 f"params do not fit {spec.sizes} ({spec.dtype}, bias={spec.bias}): "
-                f"mismatched {wrong or 'none'}, unexpected {extra or 'none'}"
+                + "; ".join(problems)
             )
         drawn = {name: params[name].detach().cpu().clone() for name in drawn}
     return Problem(spec=spec, params=drawn, batches=batches)

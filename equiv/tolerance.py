@@ -80,6 +80,12 @@ class Tolerance:
     scaled: float = 0.0
     derivation: str = ""
 
+    def __post_init__(self) -> None:
+        for field in ("atol", "rtol", "scaled"):
+            value = getattr(self, field)
+            if not value >= 0:  # NaN fails too
+                raise value_error(f"Tolerance {field} must be a non-negative number, got {value}")
+
     def allowed(self, expected_abs: float, scale: float) -> float:
         return self.atol + self.rtol * expected_abs + self.scaled * scale
 

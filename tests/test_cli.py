@@ -324,3 +324,11 @@ def test_console_command_is_installed_and_runs_main():
     assert entry.value == "equiv.cli:main"
     assert entry.load() is main
     assert shutil.which("equiv-compare", path=str(Path(sys.executable).parent)), "not installed"
+
+
+def test_plot_path_errors_name_the_plot_option(tmp_path, capsys):
+    assert main(["--plot", str(tmp_path / "missing" / "x.png")]) == 2
+    assert capsys.readouterr().err.startswith("[equiv] --plot ")
+    assert main(["--plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("[equiv] --plot ") and "such as divergence.png" in err

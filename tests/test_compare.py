@@ -368,3 +368,10 @@ def test_chunk_maxima_reports_nonfinite_as_nonfinite():
     b[6] = np.nan
     out = fastcompare.chunk_maxima(a, b, np.dtype(np.float32), chunk=4)
     assert out["max_abs"][0] == 0 and np.isnan(out["max_abs"][1])
+
+
+@pytest.mark.parametrize("field", ["atol", "rtol", "scaled"])
+def test_negative_or_nan_tolerances_are_refused(field):
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=f"Tolerance {field} must be a non-negative"):
+            Tolerance(**{field: bad})

@@ -185,7 +185,7 @@ DEFECTS = [
            ("loss",)),
     Defect("bias gradient averaged, not summed over the batch",
            manual_check(bias_reduce=np.mean), "grads", BIASES),
-    Defect("learning rate off by 10", jax_check(port_loss(), optimizer=optax.sgd(10 * LR)),
+    Defect("learning rate off by 10", jax_check(port_loss(), port_optimizer=optax.sgd(10 * LR)),
            "params", ALL),
     Defect("two layers swapped", jax_check(port_loss(order=(1, 0, 2))), "loss", ("loss",)),
     Defect("gelu tanh approximation against exact", jax_check(port_loss(act=jax.nn.gelu)),

@@ -342,3 +342,37 @@ def test_progress_reports_each_phase_in_order():
     phases = []
     equiv.compare_backends(progress=phases.append)
     assert phases == ["torch", "manual", "jax", "reference", "compare"]
+
+
+def test_spec_must_be_an_mlpspec():
+    with pytest.raises(TypeError, match=r"^\[equiv\] spec must be an equiv.MLPSpec .* got tuple"):
+        equiv.compare_backends((4, 3, 2))
+    with pytest.raises(TypeError, match="got tuple"):
+        equiv.TorchMLP((4, 3, 2))
+    with pytest.raises(TypeError, match="got tuple"):
+        equiv.make_problem((4, 3, 2))
+
+
+def test_spec_and_problem_must_not_disagree():
+    problem = equiv.make_problem(equiv.MLPSpec((4, 3, 2)))
+    equiv.compare_backends(equiv.MLPSpec((4, 3, 2)), problem=problem).assert_agree()
+    with pytest.raises(ValueError, match="differs from problem.spec"):
+        equiv.compare_backends(equiv.MLPSpec((5, 3, 2)), problem=problem)
+
+
+def test_make_problem_says_what_does_not_fit():
+    spec = equiv.MLPSpec((4, 3, 2))
+    params = dict(equiv.make_problem(spec).params)
+    params["fc1.weight"] = params["fc1.weight"].double()
+    params["fc2.bias"] = params["fc2.bias"].numpy()
+    with pytest.raises(ValueError) as error:
+        equiv.make_problem(spec, params=params)
+    text = str(error.value)
+    assert "fc1.weight: (3, 4) float64, expected (3, 4) float32" in text
+    assert "fc2.bias: a ndarray, expected a torch tensor" in text
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_seed_range_matches_torch(seed):
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+        equiv.make_problem(equiv.MLPSpec(), seed=seed)

@@ -7,10 +7,11 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
-from equiv import MLPSpec, TorchMLP, manual
+from equiv import MLPSpec, OptimizerSpec, TorchMLP, manual
 from equiv.port import check_jax_port, check_manual_backward
 
 SPEC = MLPSpec((5, 4, 3))
@@ -78,8 +79,14 @@ def test_the_users_model_is_not_changed(equiv_seed):
     model, xs, ys = _model_and_batches(equiv_seed)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     check_jax_port(model, flax_loss, xs, ys, steps=2, learning_rate=0.5)
-    check_manual_backward(model, lambda p, x, y: manual.loss_and_grads(p, x, y, SPEC), xs, ys,
-                          steps=2, learning_rate=0.5)
+    check_manual_backward(
+        model,
+        lambda p, x, y: manual.loss_and_grads(p, x, y, SPEC),
+        xs,
+        ys,
+        steps=2,
+        learning_rate=0.5,
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 
@@ -151,23 +158,40 @@ def test_a_custom_module_is_arbitrated_by_itself_in_float64(equiv_seed):
 
 
 BAD_INPUT = [
-    ("batches", dict(steps=3), ValueError,
-     "[equiv] x holds 2 batches but steps=3; pass one batch (used for every step) or exactly "
-     "one per step"),
-    ("dtype", dict(x_dtype=np.float64), ValueError,
-     "[equiv] x[0] is float64 but the model is float32; convert it first, for example "
-     "x.astype(np.float32)"),
-    ("loss", dict(loss_fn="nope"), TypeError,
-     "[equiv] loss_fn must be callable as loss_fn(params, x, y), got 'nope'"),
+    (
+        "batches",
+        dict(steps=3),
+        ValueError,
+        "[equiv] x holds 2 batches but steps=3; pass one batch (used for every step) or exactly "
+        "one per step",
+    ),
+    (
+        "dtype",
+        dict(x_dtype=np.float64),
+        ValueError,
+        "[equiv] x[0] is float64 but the model is float32; convert it first, for example "
+        "x.astype(np.float32)",
+    ),
+    (
+        "loss",
+        dict(loss_fn="nope"),
+        TypeError,
+        "[equiv] loss_fn must be callable as loss_fn(params, x, y), got 'nope'",
+    ),
     ("steps", dict(steps=0), ValueError, "[equiv] steps must be an int of at least 1, got 0"),
-    ("lr", dict(learning_rate=-1.0), ValueError,
-     "[equiv] learning_rate must be a positive number, got -1.0"),
+    (
+        "lr",
+        dict(learning_rate=-1.0),
+        ValueError,
+        "[equiv] learning_rate must be a positive number, got -1.0",
+    ),
     ("layout", dict(layout="keras"), ValueError, "[equiv] unknown layout 'keras'"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,error,text", [c[1:] for c in BAD_INPUT],
-                         ids=[c[0] for c in BAD_INPUT])
+@pytest.mark.parametrize(
+    "kwargs,error,text", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT]
+)
 def test_bad_input_is_one_clear_error(kwargs, error, text, equiv_seed):
     model, xs, ys = _model_and_batches(equiv_seed)
     kwargs = dict(kwargs)
@@ -189,3 +213,80 @@ def test_a_model_without_spec_is_a_type_error(equiv_seed):
         "[equiv] cannot tell the architecture of Linear; pass "
         "spec=MLPSpec(sizes=(...), bias=..., dtype=...)"
     )
+
+
+def _flax_port(spec):
+    """The aligned JAX port of any equiv MLP, written as a user would (Flax layout)."""
+    from equiv import jax_mlp
+
+    def loss_fn(params, x, y):
+        return jax_mlp.loss_fn(params, x, y, spec)
+
+    return loss_fn
+
+
+def test_cross_entropy_ports_take_integer_labels(equiv_seed):
+    spec = MLPSpec((4, 6, 3), loss="cross_entropy", label_smoothing=0.1)
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, labels = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    check_jax_port(model, _flax_port(spec), x, labels, steps=2).assert_agree()
+    with pytest.raises(ValueError, match=r"y\[0\] must hold integer class labels of shape"):
+        check_jax_port(model, _flax_port(spec), x, labels.float())
+    with pytest.raises(ValueError, match=r"y\[0\] holds labels outside \[0, 3\)"):
+        check_jax_port(model, _flax_port(spec), x, labels + 3)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9),
+        OptimizerSpec("adam", learning_rate=1e-2),
+    ],
+    ids=["momentum", "adam"],
+)
+def test_ports_with_an_optimizer_are_checked_against_the_same_optimizer(optimizer, equiv_seed):
+    spec = MLPSpec((4, 3, 2))
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    result = check_jax_port(model, _flax_port(spec), x, y, steps=3, optimizer=optimizer)
+    result.assert_agree()
+    # The failing counterpart: the port's own optax chain without the momentum / moments.
+    wrong = check_jax_port(
+        model,
+        _flax_port(spec),
+        x,
+        y,
+        steps=3,
+        optimizer=optimizer,
+        port_optimizer=optax.sgd(optimizer.learning_rate),
+    )
+    assert not wrong.agree
+    assert {f.actual for f in wrong.report.failures} | {
+        f.expected for f in wrong.report.failures
+    } >= {"port"}
+
+
+def test_an_optax_transformation_as_optimizer_is_a_type_error():
+    model = TorchMLP(MLPSpec((4, 3, 2)))
+    with pytest.raises(TypeError, match="pass your own optax transformation as port_optimizer="):
+        check_jax_port(
+            model,
+            _flax_port(model.spec),
+            torch.randn(2, 4),
+            torch.randn(2, 2),
+            optimizer=optax.sgd(0.1),
+        )
+
+
+def test_a_failing_loss_fn_is_reported_with_the_layout_keys():
+    model = TorchMLP(MLPSpec((4, 3, 2)))
+
+    def wrong_keys(params, x, y):
+        return params["fc1"]["kernel"].sum()
+
+    with pytest.raises(
+        ValueError, match=r"your loss_fn\(params, x, y\) failed: KeyError.*Dense_0\.kernel"
+    ):
+        check_jax_port(model, wrong_keys, torch.randn(2, 4), torch.randn(2, 2))

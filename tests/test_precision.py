@@ -186,3 +186,9 @@ def test_exact_scope_works_after_the_new_torch_precision_api():
     with comparison_scope("float32", "exact"):
         assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+        with comparison_scope("float16"):
+            pass
