@@ -563,6 +563,11 @@ def compare_trajectories(
     arbiter = trajectories[REFERENCE if REFERENCE in trajectories else backends[-1]]
     magnitude = _magnitudes(problem, arbiter)
     bounds_cache: dict[tuple[str, str], Any] = {}
+    def carried(dtypes):  # the optimizer's carried bounds for a pair's dtypes (cached)
+        return _optimizer_bounds(
+            problem, optimizer, trajectories, arbiter, dtypes, magnitude, bounds_cache
+        )
+
     leaves: list[LeafDiff] = []
     for step in range(1, problem.steps + 1):
         moved = (
@@ -595,30 +600,14 @@ def compare_trajectories(
                         for name in problem.spec.param_names()
                     }
                     if not plain:
-                        bounds = _optimizer_bounds(
-                            problem,
-                            optimizer,
-                            trajectories,
-                            arbiter,
-                            dtypes,
-                            magnitude,
-                            bounds_cache,
-                        )
+                        bounds = carried(dtypes)
                         tol = {
                             name: _plus(t, bounds.params_atol[step][name], "optimizer carry")
                             for name, t in tol.items()
                         }
                         slack = bounds.params_slack.get(step)
                 elif fixed is None and stage == "state":
-                    bounds = _optimizer_bounds(
-                        problem,
-                        optimizer,
-                        trajectories,
-                        arbiter,
-                        dtypes,
-                        magnitude,
-                        bounds_cache,
-                    )
+                    bounds = carried(dtypes)
                     tol = {
                         f"{key}.{name}": _plus(tol, value, "gradient bound carried")
                         for key, tree in bounds.state[step].items()
