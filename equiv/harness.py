@@ -170,15 +170,33 @@ def run_torch(
     optimizer: OptimizerSpec | None = None,
 ) -> Trajectory:
     """``TorchMLP`` + autograd + ``torch.optim`` (single-tensor path)."""
-    opt_spec = resolve_optimizer(optimizer, learning_rate)
     torch_device, _ = resolve_device(device)
     model = torch_mlp_with_params(problem.spec, problem.params, torch_device)
-    opt = make_torch_optimizer(opt_spec, model.parameters())
+    return train_torch_model(
+        model, problem, resolve_optimizer(optimizer, learning_rate), device=torch_device
+    )
+
+
+def train_torch_model(
+    model: torch.nn.Module,
+    problem: Problem,
+    optimizer: OptimizerSpec,
+    *,
+    name: str = "torch",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Trajectory:
+    """Train ``model`` in place on the problem's batches with ``torch.optim``, recording
+    loss, gradients, parameters and optimizer state. With ``dtype``, inputs are cast
+    to it (integer labels stay integers); the model must already hold that dtype."""
+    opt = make_torch_optimizer(optimizer, model.parameters())
     loss_module = torch_loss_fn(problem.spec)
-    out = Trajectory("torch", problem.spec.dtype)
+    out = Trajectory(name, str(next(model.parameters()).dtype).removeprefix("torch."))
     for x, y in problem.batches:
-        x, y = x.to(torch_device), y.to(torch_device)
-        loss, grads = torch_sgd_step(model, opt, loss_module, x, y)
+        if dtype is not None:
+            x = x.to(dtype)
+            y = y.to(dtype) if y.is_floating_point() else y
+        loss, grads = torch_sgd_step(model, opt, loss_module, x.to(device), y.to(device))
         out.record(
             loss, grads, model.state_dict(), torch_optimizer_state(opt, model.named_parameters())
         )
@@ -563,6 +581,7 @@ def compare_trajectories(
     arbiter = trajectories[REFERENCE if REFERENCE in trajectories else backends[-1]]
     magnitude = _magnitudes(problem, arbiter)
     bounds_cache: dict[tuple[str, str], Any] = {}
+
     def carried(dtypes):  # the optimizer's carried bounds for a pair's dtypes (cached)
         return _optimizer_bounds(
             problem, optimizer, trajectories, arbiter, dtypes, magnitude, bounds_cache

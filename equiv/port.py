@@ -55,18 +55,17 @@ from equiv.harness import (
     compare_trajectories,
     resolve_optimizer,
     run_reference,
+    train_torch_model,
 )
 from equiv.losses import LOSSES
 from equiv.optimizers import (
     OptimizerSpec,
     make_optax,
-    make_torch_optimizer,
-    torch_optimizer_state,
 )
 from equiv.precision import comparison_scope
 from equiv.problem import Problem
 from equiv.spec import MLPSpec
-from equiv.torch_mlp import TORCH_DTYPES, TorchMLP, torch_loss_fn, torch_sgd_step
+from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
 
 #: The name your implementation carries in reports.
 PORT = "port"
@@ -307,18 +306,9 @@ def run_torch_model(
     model = copy.deepcopy(model).cpu()
     if dtype is not None:
         model = model.to(dtype)
-    opt = make_torch_optimizer(resolve_optimizer(optimizer, learning_rate), model.parameters())
-    loss_module = torch_loss_fn(problem.spec)
-    out = Trajectory(name, str(next(model.parameters()).dtype).removeprefix("torch."))
-    for x, y in problem.batches:
-        if dtype is not None:
-            x = x.to(dtype)
-            y = y.to(dtype) if y.is_floating_point() else y  # labels stay integers
-        loss, grads = torch_sgd_step(model, opt, loss_module, x, y)
-        out.record(
-            loss, grads, model.state_dict(), torch_optimizer_state(opt, model.named_parameters())
-        )
-    return out
+    return train_torch_model(
+        model, problem, resolve_optimizer(optimizer, learning_rate), name=name, dtype=dtype
+    )
 
 
 def _run_arbiter(model: torch.nn.Module, problem: Problem, optimizer: OptimizerSpec) -> Trajectory:
