@@ -5,10 +5,17 @@ Each measurement runs in a fresh subprocess so that its peak resident memory
 conversion time (first call and best of the repeats), the first jitted use of the
 result (compilation included: a jitted sum over every leaf, which reads every
 byte), and the peak resident memory above what the process held before converting.
-The baseline is ``np.copyto`` of the same bytes into buffers that already exist.
+The baselines are ``np.copyto`` of the same bytes into buffers that already exist
+(memory bandwidth alone) and into new ``np.empty`` buffers (what any conversion
+returning new arrays must also pay: the kernel maps and zeroes the new pages).
 
     python scripts/bench_convert.py                # sizes (4096,)*7: 100.7M params
     python scripts/bench_convert.py --sizes 1024,1024,1024 --repeats 2
+    python scripts/bench_convert.py --successive 8  # N conversions kept alive, each timed
+
+``--successive`` shows where first-touch costs come from: it keeps every result alive,
+so each conversion needs memory never used before in the process, and compares
+``torch_to_jax`` (torch layout) with ``tensor.clone()`` from torch's own allocator.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import time
 
 CASES = [
     ("np.copyto (existing buffers)", "copyto", None),
+    ("np.copyto (new np.empty buffers)", "copyto_new", None),
     ("torch_to_jax torch copy=False", "to_jax_shared", "torch"),
     ("torch_to_jax torch", "to_jax", "torch"),
     ("torch_to_jax equinox", "to_jax", "equinox"),
@@ -60,9 +68,9 @@ def measure(kind: str, layout: str | None, sizes: tuple[int, ...], repeats: int)
         target = TorchMLP(spec, device="meta").to_empty(device="cpu")
         for t in target.state_dict().values():
             t.zero_()  # touch the pages now, not inside the timed copy
-    elif kind == "copyto":
+    elif kind.startswith("copyto"):
         source = [t.numpy() for t in state.values()]
-        target = [np.zeros_like(a) for a in source]
+        target = [np.zeros_like(a) for a in source] if kind == "copyto" else None
     before = rss_mb()
 
     def once():
@@ -70,6 +78,11 @@ def measure(kind: str, layout: str | None, sizes: tuple[int, ...], repeats: int)
             for dst, src in zip(target, source, strict=True):
                 np.copyto(dst, src)
             return target
+        if kind == "copyto_new":
+            fresh = [np.empty_like(a) for a in source]
+            for dst, src in zip(fresh, source, strict=True):
+                np.copyto(dst, src)
+            return fresh
         if kind == "to_jax":
             return torch_to_jax(state, layout=layout)
         if kind == "to_jax_shared":
@@ -98,13 +111,44 @@ def measure(kind: str, layout: str | None, sizes: tuple[int, ...], repeats: int)
     }
 
 
+def successive(sizes: tuple[int, ...], count: int) -> None:
+    """Run inside the subprocess: ``count`` conversions kept alive, each timed."""
+    import torch
+
+    from equiv.convert import torch_to_jax
+    from equiv.spec import MLPSpec
+    from equiv.torch_mlp import TorchMLP
+
+    with torch.no_grad():
+        model = TorchMLP(MLPSpec(sizes), device="meta").to_empty(device="cpu")
+        for p in model.parameters():
+            p.normal_()
+    state = dict(model.state_dict())
+    convert = {
+        "tensor.clone() (torch's allocator)": lambda: [t.clone() for t in state.values()],
+        "torch_to_jax (torch layout)": lambda: torch_to_jax(state, layout="torch"),
+    }
+    for label, once in convert.items():
+        kept, times = [], []
+        for _ in range(count):
+            start = time.perf_counter()
+            kept.append(once())
+            times.append(time.perf_counter() - start)
+        print(f"{label:36} " + " ".join(f"{t:.3f}" for t in times) + " s")
+        del kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(["4096"] * 7))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--successive", type=int, metavar="N")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.sizes.split(","))
+    if args.successive:
+        successive(sizes, args.successive)
+        return 0
     if args.child:
         kind, layout = args.child
         result = measure(kind, None if layout == "-" else layout, sizes, args.repeats)

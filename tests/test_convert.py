@@ -337,6 +337,27 @@ def test_copy_false_cannot_share_a_transposed_kernel(equiv_seed):
     np.testing.assert_array_equal(params["Dense_0"]["bias"], model.fc1.bias.detach().numpy())
 
 
+def test_copy_is_adopted_by_jax_without_a_second_copy():
+    # A copying conversion holds one new buffer per leaf: JAX adopts the buffer
+    # equiv filled instead of copying it again. That needs a 64-byte-aligned start.
+    from equiv.convert import _host_copy
+
+    for source in (torch.randn(37, 5), torch.randn(37, 5).mT, torch.randn(3, dtype=torch.float64)):
+        with jax.enable_x64(source.dtype == torch.float64):
+            buffer = _host_copy(source)
+            assert torch.equal(buffer, source) and buffer.is_contiguous()
+            assert jnp.from_dlpack(buffer).unsafe_buffer_pointer() == buffer.data_ptr()
+
+
+def test_a_misaligned_buffer_would_be_copied_again():
+    # The failing counterpart: NumPy's own 16-byte alignment is not enough, so a
+    # plain np.empty buffer would cost JAX a second copy.
+    raw = np.empty(4 * 1024 + 64, np.uint8)
+    start = (-raw.ctypes.data % 64) + 16
+    misaligned = torch.from_numpy(raw[start : start + 4 * 1000]).view(torch.float32)
+    assert jnp.from_dlpack(misaligned).unsafe_buffer_pointer() != misaligned.data_ptr()
+
+
 def test_jax_to_torch_never_shares(equiv_seed):
     params = torch_to_jax(random_state(SPECS["notebook"], equiv_seed), layout="torch")
     state = jax_to_torch(params, layout="torch")

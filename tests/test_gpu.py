@@ -49,3 +49,21 @@ def test_canary_on_gpu(precision):
 def test_backends_agree_on_gpu(dtype):
     spec = equiv.MLPSpec((64, 512, 10), dtype=dtype)
     equiv.compare_backends(spec, batch_size=256, steps=2, device="cuda").assert_agree()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_converters_move_between_devices(layout):
+    from equiv.convert import jax_to_torch, torch_to_jax
+    from equiv.torch_mlp import TorchMLP
+
+    model = TorchMLP(equiv.MLPSpec((8, 16, 4))).cuda()
+    on_gpu = torch_to_jax(model, layout=layout)  # JAX's default device: the GPU
+    on_cpu = torch_to_jax(model, layout=layout, device=jax.devices("cpu")[0])
+    assert {d.platform for leaf in jax.tree.leaves(on_gpu) for d in leaf.devices()} == {"gpu"}
+    assert {d.platform for leaf in jax.tree.leaves(on_cpu) for d in leaf.devices()} == {"cpu"}
+    for params in (on_gpu, on_cpu):
+        back = jax_to_torch(params, layout=layout, device="cuda")
+        for name, tensor in model.state_dict().items():
+            assert back[name].device.type == "cuda" and torch.equal(back[name], tensor)
