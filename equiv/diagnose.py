@@ -16,16 +16,23 @@ difference has the shape of a known trap (see the README's "Numerical traps"):
   the weight decays differ (AdamW's default is 1e-2 in torch, 1e-4 in optax);
 * a small relative difference (1e-6 to 1e-2) in a model with GELU layers: one side
   uses the tanh approximation (``jax.nn.gelu``'s default), the other the exact erf
-  form (``torch.nn.GELU``'s default).
+  form (``torch.nn.GELU``'s default);
+* parameter updates that a known misreading of the optimizer reproduces
+  (:func:`diagnose_optimizer`): Adam's L2 taken for AdamW's decoupled decay or the
+  reverse, weight decay added after the momentum instead of before it, dampening
+  ignored, Nesterov toggled.
 
 Each detector returns a one- or two-line hint, or None.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from equiv.optimizers import OptimizerSpec, manual_init, manual_update
 
 #: The hint for a constant factor that matches no known trap.
 GENERIC = "A constant factor: look for a scaled loss, learning rate or reduction."
@@ -195,3 +202,160 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _float32_representable(a: np.ndarray) -> bool:
     return a.size > 0 and bool(np.all(a.astype(np.float32).astype(np.float64) == a))
+
+
+# ---------------------------------------------------------------------------
+# Optimizers: which known misreading of the optimizer reproduces a run's updates
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerVariant:
+    """A known way of getting an optimizer wrong, as an update rule.
+
+    The rule is ``spec``'s update (:func:`equiv.optimizers.manual_update`), then
+    ``decay_after · learning_rate · p`` subtracted: weight decay applied to the update
+    after the momentum rather than to the gradient before it.
+    """
+
+    what: str
+    spec: OptimizerSpec
+    decay_after: float = 0.0
+
+
+def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
+    """The known misreadings of ``spec`` that change its updates.
+
+    Example:
+      >>> spec = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1)
+      >>> [v.spec.name for v in optimizer_variants(spec)]
+      ['adamw']
+    """
+    lam, variants = spec.weight_decay, []
+    replace = dataclasses.replace
+    if spec.name == "adam" and lam:
+        variants.append(
+            OptimizerVariant(
+                f"decays the weights decoupled, as AdamW and optax.adamw do, where torch's "
+                f"Adam(weight_decay={lam:g}) adds {lam:g}·p to the gradient (L2): use "
+                f"optax.chain(optax.add_decayed_weights({lam:g}), optax.adam(...))",
+                replace(spec, name="adamw"),
+            )
+        )
+    if spec.name == "adamw" and lam:
+        variants.append(
+            OptimizerVariant(
+                f"adds {lam:g}·p to the gradient (L2, as torch's Adam(weight_decay) does) where "
+                f"AdamW decays the weights decoupled: use optax.adamw(..., weight_decay={lam:g})",
+                replace(spec, name="adam"),
+            )
+        )
+    if spec.name == "sgd" and spec.momentum and lam:
+        variants.append(
+            OptimizerVariant(
+                f"adds the weight decay {lam:g}·p after the momentum (optax.trace before "
+                "optax.add_decayed_weights) where torch adds it to the gradient before: "
+                "put optax.add_decayed_weights first",
+                replace(spec, weight_decay=0.0),
+                decay_after=lam,
+            )
+        )
+    if spec.name == "sgd" and spec.dampening:
+        variants.append(
+            OptimizerVariant(
+                f"ignores dampening={spec.dampening:g} (optax.sgd has none): torch's buffer is "
+                f"momentum·b + (1 - {spec.dampening:g})·g after step 1",
+                replace(spec, dampening=0.0),
+            )
+        )
+    if spec.name == "sgd" and spec.momentum and not spec.dampening:
+        variants.append(
+            OptimizerVariant(
+                f"uses nesterov={not spec.nesterov} where torch's SGD has nesterov="
+                f"{spec.nesterov} (optax.sgd(..., nesterov=...))",
+                replace(spec, nesterov=not spec.nesterov),
+            )
+        )
+    # A weight decay that is missing or has another value is not a variant: the
+    # per-leaf decay detector measures by how much the decays differ.
+    return variants
+
+
+#: A variant explains a run when its updates match the run's to this fraction of
+#: the largest update at every step, while the optimizer's own miss by more than ten
+#: times as much. A float32 run's update, read as p_after - p_before, carries about
+#: u·|p| = 6e-8·|p| of rounding: below 1e-4 of the update whenever a step moves the
+#: parameters by more than 6e-4 of their size (smaller steps: the detector stays
+#: silent rather than guess). The traps change the updates by 1e-2 to O(1) of their
+#: size (Adam's L2 vs decoupled decay 0.1 at lr 1e-2: about 0.1·|p|/|update|·1e-2).
+_UPDATE_EXPLAINED = 1e-4
+
+
+def diagnose_optimizer(
+    spec: OptimizerSpec,
+    initial: Mapping[str, np.ndarray],
+    grads: Sequence[Mapping[str, np.ndarray]],
+    params: Sequence[Mapping[str, np.ndarray]],
+) -> str | None:
+    """The known misreading of ``spec`` (:func:`optimizer_variants`) that reproduces a
+    run's parameter updates, or None.
+
+    Each variant is replayed in float64 on the run's own gradients, from the run's own
+    parameters before each step, carrying its own state: a wrong gradient does not
+    hide a wrong optimizer, nor the reverse.
+
+    Args:
+      spec: the optimizer the run should have used.
+      initial: the parameters before step 1, by torch name.
+      grads, params: per step, the run's gradients and its parameters after the step.
+
+    Example:
+      >>> import numpy as np
+      >>> spec = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, dampening=0.5)
+      >>> p0, g = {"w": np.array([1.0, -2.0])}, {"w": np.array([0.5, 0.25])}
+      >>> p1 = {"w": p0["w"] - 0.1 * g["w"]}  # torch: buffer = g at step 1
+      >>> p2 = {"w": p1["w"] - 0.1 * (0.9 + 1) * g["w"]}  # dampening ignored
+      >>> diagnose_optimizer(spec, p0, [g, g], [p1, p2]).split(" (")[0]
+      'ignores dampening=0.5'
+    """
+    variants = optimizer_variants(spec)
+    exact = OptimizerVariant("", spec)
+    if not (variants and params):
+        return None
+    if optimizer_residual(exact, initial, grads, params) <= 10 * _UPDATE_EXPLAINED:
+        return None
+    for variant in variants:
+        if optimizer_residual(variant, initial, grads, params) <= _UPDATE_EXPLAINED:
+            return variant.what
+    return None
+
+
+def optimizer_residual(
+    variant: OptimizerVariant,
+    initial: Mapping[str, np.ndarray],
+    grads: Sequence[Mapping[str, np.ndarray]],
+    params: Sequence[Mapping[str, np.ndarray]],
+) -> float:
+    """max over steps of max |variant's update - run's update| / max |run's update|."""
+    wide = lambda tree: {n: np.asarray(v, np.float64) for n, v in tree.items()}  # noqa: E731
+    before, state, worst = wide(initial), None, 0.0
+    for step, (g, after) in enumerate(zip(grads, params, strict=True), start=1):
+        g, after = wide(g), wide(after)
+        if state is None:
+            state = manual_init(variant.spec, before)
+        predicted, state = manual_update(variant.spec, before, g, state, step)
+        lr = variant.spec.learning_rate
+        scale = max(float(np.max(np.abs(after[n] - before[n]), initial=0.0)) for n in after)
+        miss = max(
+            float(
+                np.max(
+                    np.abs(predicted[n] - variant.decay_after * lr * before[n] - after[n]),
+                    initial=0.0,
+                )
+            )
+            for n in after
+        )
+        if scale == 0.0:
+            return 0.0 if miss == 0.0 else np.inf
+        worst = max(worst, miss / scale)
+        before = after
+    return worst

@@ -45,7 +45,7 @@ from equiv._messages import type_error, value_error
 from equiv.compare import LeafDiff, Report, compare_leaf, compare_trees, to_numpy
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.devices import resolve_device
-from equiv.diagnose import GENERIC, diagnose_trees
+from equiv.diagnose import GENERIC, diagnose_optimizer, diagnose_trees
 from equiv.kinks import KinkAnalysis, analyse_kinks, kinked
 from equiv.optimizers import (
     OptimizerSpec,
@@ -341,6 +341,12 @@ class Comparison:
                     if step == 1
                     else tb.params[step - 2]
                 )
+            cause = self._optimizer_cause(a, b) if stage in ("state", "params") else None
+            if cause:
+                found_at = (step, rank)
+                leaves = merged.setdefault(f"{cause} (from step {step} on)", [])
+                leaves.extend(n for n in names if n not in leaves)
+                continue
             try:
                 found = diagnose_trees(
                     ta.stage(stage, step),
@@ -367,6 +373,18 @@ class Comparison:
                 found_at = (step, rank)
                 merged.setdefault(key, []).append(leaf)
         return [f"{', '.join(leaves)}: {text}" for text, leaves in (merged or generic).items()]
+
+    def _optimizer_cause(self, a: str, b: str) -> str | None:
+        """Which of ``a`` and ``b`` a known misreading of the optimizer explains, and how
+        (:func:`equiv.diagnose.diagnose_optimizer`), or None."""
+        optimizer = resolve_optimizer(self.optimizer, self.learning_rate)
+        initial = {k: to_numpy(v) for k, v in self.problem.params.items()}
+        for backend in (a, b):
+            run = self.trajectories[backend]
+            what = diagnose_optimizer(optimizer, initial, run.grads, run.params)
+            if what:
+                return f"{backend}'s updates are torch's {optimizer.name} that {what}"
+        return None
 
     def arbiter_verdict(self) -> list[str]:
         """One line per backend: does it agree with the float64 reference, and if

@@ -132,16 +132,27 @@ MOM = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.1)
 DAMP = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, dampening=0.5)
 ADAMW = OptimizerSpec("adamw", learning_rate=1e-2)  # see the report: lr 0.1 exposes a gap
 ADAM_L2 = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1)
+ADAMW_DECAY = OptimizerSpec("adamw", learning_rate=1e-2, weight_decay=0.1)
+NESTEROV = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, nesterov=True)
 
 OPTIMIZER_TRAPS = [
     # AdamW's decoupled decay: torch 1e-2 vs optax's default 1e-4 differ by 9.9e-3·lr·p.
     ("adamw_decay_1e-4", ADAMW, optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8),
      "the weight decays differ by 0.0099"),
-    ("adam_weight_decay_is_not_adamw", ADAM_L2, optax.adamw(1e-2, weight_decay=0.1), None),
+    ("adam_weight_decay_is_not_adamw", ADAM_L2, optax.adamw(1e-2, weight_decay=0.1),
+     "port's updates are torch's adam that decays the weights decoupled"),
+    ("adamw_is_not_adam_l2", ADAMW_DECAY, optax.chain(
+        optax.add_decayed_weights(0.1), optax.adam(1e-2, b1=0.9, b2=0.999, eps=1e-8)),
+     "port's updates are torch's adamw that adds 0.1·p to the gradient"),
     ("decay_after_momentum",
      MOM, optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.1), optax.scale(-0.1)),
-     None),
-    ("dampening_ignored", DAMP, optax.sgd(0.1, momentum=0.9), None),
+     "port's updates are torch's sgd that adds the weight decay 0.1·p after the momentum"),
+    ("dampening_ignored", DAMP, optax.sgd(0.1, momentum=0.9),
+     "port's updates are torch's sgd that ignores dampening=0.5"),
+    ("nesterov_forgotten", NESTEROV, optax.sgd(0.1, momentum=0.9),
+     "port's updates are torch's sgd that uses nesterov=False"),
+    ("weight_decay_ignored", MOM, optax.sgd(0.1, momentum=0.9),
+     "the weight decays differ by -0.1"),
 ]
 
 
