@@ -159,8 +159,11 @@ def diagnose_trees(
     hints = []
     for name in failing:
         hint = diagnose_leaf(
-            name, actual[name], expected[name],
-            before=None if before is None else before[name], **kwargs,
+            name,
+            actual[name],
+            expected[name],
+            before=None if before is None else before[name],
+            **kwargs,
         )
         if hint:
             hints.append(hint)

@@ -102,7 +102,12 @@ def _work(a, b, ct, c, rtol, chunk, starts, out) -> None:
 
 
 def chunk_maxima(
-    a: np.ndarray, b: np.ndarray, dtype: np.dtype, *, c: float = 0.0, rtol: float = 0.0,
+    a: np.ndarray,
+    b: np.ndarray,
+    dtype: np.dtype,
+    *,
+    c: float = 0.0,
+    rtol: float = 0.0,
     chunk: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-chunk maxima of two flat arrays compared in ``dtype`` (see the module

@@ -249,8 +249,15 @@ def analyse_kinks(
             for b, j in np.argwhere(np.abs(zs[i]) <= bounds[i]):
                 by_example.setdefault(int(b), []).append((i, int(j)))
                 kinks.append(
-                    Kink(step, i + 1, int(b), int(j), float(zs[i][b, j]),
-                         float(bounds[i][b, j]), spec.activations[i])
+                    Kink(
+                        step,
+                        i + 1,
+                        int(b),
+                        int(j),
+                        float(zs[i][b, j]),
+                        float(bounds[i][b, j]),
+                        spec.activations[i],
+                    )
                 )
         loss_ref, g_ref = manual.loss_and_grads(p_ref, x, y, spec)
         p_next = manual.sgd_update(p_ref, g_ref, learning_rate)
@@ -266,9 +273,12 @@ def analyse_kinks(
                 d_grads[name] = d_grads[name] + grads_b[name]
             if worst is not None:
                 new_branches.append(
-                    (sum(float(np.sum(np.abs(v))) for v in worst.values()),
-                     manual.sgd_update(p_ref, {n: g_ref[n] + worst[n] for n in names},
-                                       learning_rate))
+                    (
+                        sum(float(np.sum(np.abs(v))) for v in worst.values()),
+                        manual.sgd_update(
+                            p_ref, {n: g_ref[n] + worst[n] for n in names}, learning_rate
+                        ),
+                    )
                 )
         for p_alt in branches:  # branches taken at earlier steps, carried on
             loss, grads = manual.loss_and_grads(p_alt, x, y, spec)

@@ -162,8 +162,15 @@ def header_lines(
         defaults = type(optimizer)(optimizer.name, learning_rate=optimizer.learning_rate)
         changed = [
             f"{field}={getattr(optimizer, field)}"
-            for field in ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps",
-                          "amsgrad")
+            for field in (
+                "momentum",
+                "dampening",
+                "nesterov",
+                "weight_decay",
+                "betas",
+                "eps",
+                "amsgrad",
+            )
             if getattr(optimizer, field) != getattr(defaults, field)
         ]
         extras = f" ({', '.join(changed)})" if changed else ""

@@ -230,8 +230,10 @@ def optimizer_bounds(
     carried_el: dict[str, Any] = {n: 0.0 for n in names}
     for t in range(1, len(grad_bounds) + 1):
         prev_p = {n: (param_bounds[t - 2][n] + carried[n]) if t > 1 else 0.0 for n in names}
-        ge = {n: grad_bounds[t - 1][n] + (wd * prev_p[n] if optimizer.name != "adamw" else 0.0)
-              for n in names}
+        ge = {
+            n: grad_bounds[t - 1][n] + (wd * prev_p[n] if optimizer.name != "adamw" else 0.0)
+            for n in names
+        }
         state: dict[str, dict[str, float]] = {}
         if optimizer.name == "sgd":
             mu, tau = optimizer.momentum, optimizer.dampening
@@ -245,8 +247,10 @@ def optimizer_bounds(
             out.params_atol[t] = dict(carried)
         else:
             m_b = {n: b1 * m_b[n] + (1 - b1) * ge[n] for n in names}
-            v_b = {n: b2 * v_b[n] + (1 - b2) * (2 * grad_max[t - 1][n] * ge[n] + ge[n] ** 2)
-                   for n in names}
+            v_b = {
+                n: b2 * v_b[n] + (1 - b2) * (2 * grad_max[t - 1][n] * ge[n] + ge[n] ** 2)
+                for n in names
+            }
             state["exp_avg"], state["exp_avg_sq"] = dict(m_b), dict(v_b)
             second_b = v_b
             if optimizer.amsgrad:
@@ -257,8 +261,9 @@ def optimizer_bounds(
             decay = abs(1 - lr * wd) if optimizer.name == "adamw" else 1.0
             slack = {}
             for n in names:
-                e = adam_update_slack(optimizer, t, ref["exp_avg"][n], second[n], m_b[n],
-                                      second_b[n], unit_roundoff)
+                e = adam_update_slack(
+                    optimizer, t, ref["exp_avg"][n], second[n], m_b[n], second_b[n], unit_roundoff
+                )
                 carried_el[n] = decay * carried_el[n] + e
                 slack[n] = carried_el[n]
                 carried[n] = float(np.max(carried_el[n], initial=0.0))

@@ -62,8 +62,10 @@ def main() -> None:
     a, b = make_trees(args.params)
     nbytes = sum(x.nbytes for x in a.values()) + sum(x.nbytes for x in b.values())
     n = sum(x.size for x in a.values())
-    print(f"two trees of {n:,} float32 parameters in {len(a)} leaves; "
-          f"{nbytes / 1e9:.2f} GB read per comparison; {torch.get_num_threads()} torch threads")
+    print(
+        f"two trees of {n:,} float32 parameters in {len(a)} leaves; "
+        f"{nbytes / 1e9:.2f} GB read per comparison; {torch.get_num_threads()} torch threads"
+    )
 
     derived = Tolerance(scaled=8 * math.sqrt(4096) * 2 * 2.0**-24, derivation="8·√4096·2u·max|x|")
     user = Tolerance(atol=1e-6, rtol=1e-5)
@@ -76,23 +78,36 @@ def main() -> None:
     start = time.perf_counter()
     equiv_run(derived)
     rows.append(("equiv compare_trees, derived tolerance, cold", time.perf_counter() - start))
-    rows.append(("equiv compare_trees, derived tolerance, warm",
-                 best_of(lambda: equiv_run(derived), args.repeats)))
+    rows.append(
+        (
+            "equiv compare_trees, derived tolerance, warm",
+            best_of(lambda: equiv_run(derived), args.repeats),
+        )
+    )
     start = time.perf_counter()
     equiv_run(user)
     rows.append(("equiv compare_trees, rtol/atol, cold", time.perf_counter() - start))
-    rows.append(("equiv compare_trees, rtol/atol, warm",
-                 best_of(lambda: equiv_run(user), args.repeats)))
+    rows.append(
+        ("equiv compare_trees, rtol/atol, warm", best_of(lambda: equiv_run(user), args.repeats))
+    )
 
     ta = {k: torch.from_numpy(v) for k, v in a.items()}
     tb = {k: torch.from_numpy(v) for k, v in b.items()}
-    rows.append(("equiv compare_trees on torch tensors, warm",
-                 best_of(lambda: compare_trees(ta, tb, derived), args.repeats)))
+    rows.append(
+        (
+            "equiv compare_trees on torch tensors, warm",
+            best_of(lambda: compare_trees(ta, tb, derived), args.repeats),
+        )
+    )
     ja = {k: jax.device_put(v) for k, v in a.items()}
     jb = {k: jax.device_put(v) for k, v in b.items()}
     jax.block_until_ready((ja, jb))
-    rows.append(("equiv compare_trees on JAX arrays, warm",
-                 best_of(lambda: compare_trees(ja, jb, derived), args.repeats)))
+    rows.append(
+        (
+            "equiv compare_trees on JAX arrays, warm",
+            best_of(lambda: compare_trees(ja, jb, derived), args.repeats),
+        )
+    )
 
     stock_repeats = max(1, min(args.repeats, 3))
 
@@ -107,9 +122,11 @@ def main() -> None:
         for k in ta:
             torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6)
 
-    for label, fn in (("chex.assert_trees_all_close", chex_run),
-                      ("np.testing.assert_allclose", numpy_run),
-                      ("torch.testing.assert_close", torch_run)):
+    for label, fn in (
+        ("chex.assert_trees_all_close", chex_run),
+        ("np.testing.assert_allclose", numpy_run),
+        ("torch.testing.assert_close", torch_run),
+    ):
         fn()  # warm
         rows.append((label, best_of(fn, stock_repeats)))
 
@@ -118,8 +135,10 @@ def main() -> None:
         print(f"{label:50s} {seconds:9.3f} {nbytes / seconds / 1e9:7.2f}")
     ours = dict(rows)["equiv compare_trees, derived tolerance, warm"]
     fastest_stock = min(s for label, s in rows if not label.startswith("equiv"))
-    print(f"equiv (derived tolerance, warm) is {fastest_stock / ours:.1f}x the fastest stock "
-          f"assert here ({nbytes / ours / 1e9:.1f} GB/s)")
+    print(
+        f"equiv (derived tolerance, warm) is {fastest_stock / ours:.1f}x the fastest stock "
+        f"assert here ({nbytes / ours / 1e9:.1f} GB/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,11 @@ def test_failure_block_lines():
         np.array([[1.0, 2.0], [3.0, 4.0]], np.float32),
         np.array([[1.0, 2.0], [3.5, 4.0]], np.float32),
         Tolerance(atol=0.25),
-        stage="grads", step=2, name="fc1.weight", actual_name="jax", expected_name="torch",
+        stage="grads",
+        step=2,
+        name="fc1.weight",
+        actual_name="jax",
+        expected_name="torch",
     )
     assert d.describe().splitlines() == [
         "grads at step 2, fc1.weight, shape (2, 2), float32: jax vs torch",
@@ -93,8 +97,14 @@ def test_scalar_leaf_index_is_empty():
 
 def test_shape_mismatch_is_a_value_error():
     with pytest.raises(ValueError) as info:
-        compare_leaf(np.zeros(3), np.zeros((3, 1)), T, name="fc2.bias", actual_name="jax",
-                     expected_name="torch")
+        compare_leaf(
+            np.zeros(3),
+            np.zeros((3, 1)),
+            T,
+            name="fc2.bias",
+            actual_name="jax",
+            expected_name="torch",
+        )
     assert str(info.value) == (
         "[equiv] fc2.bias: jax has shape (3,) but torch has (3, 1); results must have the "
         "same shape to be compared"
@@ -129,6 +139,7 @@ def test_torch_bfloat16_is_compared():
 
 
 # --- slack (near a kink) -------------------------------------------------------
+
 
 def test_slack_accepts_and_counts_ambiguous_elements():
     a, b = np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.5, 3.0])
@@ -175,15 +186,16 @@ def test_compare_trees_passes_slack_by_name():
 
 def test_compare_trees_names_missing_leaves():
     with pytest.raises(ValueError) as info:
-        compare_trees({"w": np.zeros(1)}, {"v": np.zeros(1)}, T, actual_name="jax",
-                      expected_name="torch")
+        compare_trees(
+            {"w": np.zeros(1)}, {"v": np.zeros(1)}, T, actual_name="jax", expected_name="torch"
+        )
     assert str(info.value) == (
-        "[equiv] jax and torch hold different leaves: missing from jax: ['v']; "
-        "not in torch: ['w']"
+        "[equiv] jax and torch hold different leaves: missing from jax: ['v']; not in torch: ['w']"
     )
 
 
 # --- reports, blame, JSON ----------------------------------------------------------
+
 
 def _report() -> Report:
     """torch and jax disagree at fc1.weight; the reference blames jax there."""
@@ -222,10 +234,12 @@ def test_failure_text_when_the_reference_blames_neither():
     ref = np.array([1.0])
     kw = dict(stage="params", step=1, name="w")
     leaves = [
-        compare_leaf(np.array([1.09]), np.array([0.91]), T, actual_name="torch",
-                     expected_name="jax", **kw),
-        compare_leaf(np.array([1.09]), ref, T, actual_name="torch", expected_name="reference",
-                     **kw),
+        compare_leaf(
+            np.array([1.09]), np.array([0.91]), T, actual_name="torch", expected_name="jax", **kw
+        ),
+        compare_leaf(
+            np.array([1.09]), ref, T, actual_name="torch", expected_name="reference", **kw
+        ),
         compare_leaf(np.array([0.91]), ref, T, actual_name="jax", expected_name="reference", **kw),
     ]
     lines = Report(leaves).failure_text().splitlines()
@@ -346,8 +360,9 @@ def test_fast_path_on_torch_and_jax_arrays(rng, monkeypatch):
     monkeypatch.setattr(fastcompare, "CHUNK", CHUNK)
     a, b = _pair(rng, 3 * CHUNK + 1)
     want = compare_leaf(a, b, Tolerance(scaled=1e-5), fast_threshold=a.size + 1)
-    got = compare_leaf(torch.from_numpy(a), jax.device_put(b), Tolerance(scaled=1e-5),
-                       fast_threshold=0)
+    got = compare_leaf(
+        torch.from_numpy(a), jax.device_put(b), Tolerance(scaled=1e-5), fast_threshold=0
+    )
     assert got == want and got.passed
 
 
@@ -356,8 +371,11 @@ def test_default_threshold_sends_small_leaves_to_numpy(monkeypatch):
         raise AssertionError("fast path used")
 
     monkeypatch.setattr(compare, "_fast_stats", boom)
-    compare_leaf(np.zeros(fastcompare.FAST_THRESHOLD - 1, np.float32),
-                 np.zeros(fastcompare.FAST_THRESHOLD - 1, np.float32), Tolerance())
+    compare_leaf(
+        np.zeros(fastcompare.FAST_THRESHOLD - 1, np.float32),
+        np.zeros(fastcompare.FAST_THRESHOLD - 1, np.float32),
+        Tolerance(),
+    )
     with pytest.raises(AssertionError, match="fast path used"):
         compare_leaf(np.zeros(4), np.zeros(4), Tolerance(), fast_threshold=4)
 

@@ -97,8 +97,10 @@ def _setup(seed: int, dtype: str = "float32", gelu: bool = False):
 
 def transposed_params(model, spec, xs, ys):  # the user's converter forgets fc2's transpose
     state = {k: jnp.asarray(v.numpy()) for k, v in model.state_dict().items()}
-    params = {f"Dense_{i}": {"kernel": state[f"fc{i + 1}.weight"].T,
-                             "bias": state[f"fc{i + 1}.bias"]} for i in range(3)}
+    params = {
+        f"Dense_{i}": {"kernel": state[f"fc{i + 1}.weight"].T, "bias": state[f"fc{i + 1}.bias"]}
+        for i in range(3)
+    }
     params["Dense_1"]["kernel"] = state["fc2.weight"]
     return check_jax_port(model, port_loss(), xs, ys, steps=STEPS, learning_rate=LR, params=params)
 
@@ -120,8 +122,11 @@ def flax_init_params(model, spec, xs, ys):  # the port initialised itself instea
 def step_twice(model, spec, xs, ys):  # the training loop calls the step twice per batch
     from equiv.problem import Problem
 
-    problem = Problem(spec, {k: v.clone() for k, v in model.state_dict().items()},
-                      tuple(zip(xs, ys, strict=False)))
+    problem = Problem(
+        spec,
+        {k: v.clone() for k, v in model.state_dict().items()},
+        tuple(zip(xs, ys, strict=False)),
+    )
     value_and_grad = jax.jit(jax.value_and_grad(port_loss()))
     optimizer = optax.sgd(LR)
     from equiv.convert import jax_to_torch, torch_to_jax
@@ -137,10 +142,16 @@ def step_twice(model, spec, xs, ys):  # the training loop calls the step twice p
             _, step_grads = value_and_grad(params, x, y)
             updates, state = optimizer.update(step_grads, state, params)
             params = optax.apply_updates(params, updates)
-        port.record(loss, jax_to_torch(grads, layout="flax", spec=spec),
-                    jax_to_torch(params, layout="flax", spec=spec))
-    trajectories = {"torch": run_torch(problem, LR), PORT: port,
-                    REFERENCE: run_reference(problem, LR)}
+        port.record(
+            loss,
+            jax_to_torch(grads, layout="flax", spec=spec),
+            jax_to_torch(params, layout="flax", spec=spec),
+        )
+    trajectories = {
+        "torch": run_torch(problem, LR),
+        PORT: port,
+        REFERENCE: run_reference(problem, LR),
+    }
     report = compare_trajectories(problem, trajectories, learning_rate=LR)
     from equiv.harness import Comparison
 
@@ -157,8 +168,9 @@ def jax_check(loss_fn, **kwargs):
 
 def manual_check(**knobs):
     def run(model, spec, xs, ys):
-        return check_manual_backward(model, manual_grads(spec, **knobs), xs, ys, steps=STEPS,
-                                     learning_rate=LR)
+        return check_manual_backward(
+            model, manual_grads(spec, **knobs), xs, ys, steps=STEPS, learning_rate=LR
+        )
 
     return run
 
@@ -176,24 +188,51 @@ class Defect:
 DEFECTS = [
     Defect("transpose forgotten on a square layer", transposed_params, "loss", ("loss",)),
     Defect("relu mask on the wrong side", manual_check(wrong_mask="side"), "grads", BELOW_TOP),
-    Defect("relu mask from the wrong tensor", manual_check(wrong_mask="tensor"), "grads",
-           BELOW_TOP),
-    Defect("mse summed instead of averaged", jax_check(port_loss(reduce=jnp.sum)), "loss",
-           ("loss",)),
-    Defect("half mse (optax.l2_loss)",
-           jax_check(port_loss(reduce=lambda d: jnp.mean(optax.l2_loss(jnp.sqrt(d))))), "loss",
-           ("loss",)),
-    Defect("bias gradient averaged, not summed over the batch",
-           manual_check(bias_reduce=np.mean), "grads", BIASES),
-    Defect("learning rate off by 10", jax_check(port_loss(), port_optimizer=optax.sgd(10 * LR)),
-           "params", ALL),
+    Defect(
+        "relu mask from the wrong tensor", manual_check(wrong_mask="tensor"), "grads", BELOW_TOP
+    ),
+    Defect(
+        "mse summed instead of averaged", jax_check(port_loss(reduce=jnp.sum)), "loss", ("loss",)
+    ),
+    Defect(
+        "half mse (optax.l2_loss)",
+        jax_check(port_loss(reduce=lambda d: jnp.mean(optax.l2_loss(jnp.sqrt(d))))),
+        "loss",
+        ("loss",),
+    ),
+    Defect(
+        "bias gradient averaged, not summed over the batch",
+        manual_check(bias_reduce=np.mean),
+        "grads",
+        BIASES,
+    ),
+    Defect(
+        "learning rate off by 10",
+        jax_check(port_loss(), port_optimizer=optax.sgd(10 * LR)),
+        "params",
+        ALL,
+    ),
     Defect("two layers swapped", jax_check(port_loss(order=(1, 0, 2))), "loss", ("loss",)),
-    Defect("gelu tanh approximation against exact", jax_check(port_loss(act=jax.nn.gelu)),
-           "loss", ("loss",), gelu=True),
-    Defect("float64 silently truncated to float32",
-           jax_check(port_loss(cast=jnp.float32)), "loss", ("loss",), dtype="float64"),
-    Defect("one gradient leaf scaled by 1 + 1e-4",
-           manual_check(scale={"fc2.weight": 1 + 1e-4}), "grads", ("fc2.weight",)),
+    Defect(
+        "gelu tanh approximation against exact",
+        jax_check(port_loss(act=jax.nn.gelu)),
+        "loss",
+        ("loss",),
+        gelu=True,
+    ),
+    Defect(
+        "float64 silently truncated to float32",
+        jax_check(port_loss(cast=jnp.float32)),
+        "loss",
+        ("loss",),
+        dtype="float64",
+    ),
+    Defect(
+        "one gradient leaf scaled by 1 + 1e-4",
+        manual_check(scale={"fc2.weight": 1 + 1e-4}),
+        "grads",
+        ("fc2.weight",),
+    ),
     Defect("missing bias", jax_check(port_loss(no_bias=(2,))), "loss", ("loss",)),
     Defect("wrong weight initialisation copied across", flax_init_params, "loss", ("loss",)),
     Defect("step applied twice", step_twice, "params", ALL),
@@ -229,12 +268,14 @@ def test_defect_is_caught_and_attributed(defect, equiv_seed):
     first = comparison.report.failures[0]
     assert (first.stage, first.step) == (defect.stage, 1)
     failing = {
-        d.name for d in comparison.report.failures
+        d.name
+        for d in comparison.report.failures
         if (d.stage, d.step, d.actual, d.expected) == (defect.stage, 1, PORT, REFERENCE)
     }
     assert failing == set(defect.leaves)
-    assert not [d for d in comparison.report.failures if d.actual == "torch" and
-                d.expected == REFERENCE]
+    assert not [
+        d for d in comparison.report.failures if d.actual == "torch" and d.expected == REFERENCE
+    ]
     with pytest.raises(AssertionError) as info:
         comparison.assert_agree()
     assert "  arbiter: port is off: " in str(info.value)

@@ -211,16 +211,31 @@ SGD_MOM_WD = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, weight_decay=
 @pytest.mark.parametrize(
     ("spec", "ran", "decay_after", "phrase"),
     [
-        (OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1),
-         OptimizerSpec("adamw", learning_rate=1e-2, weight_decay=0.1), 0.0, "decoupled"),
-        (OptimizerSpec("adamw", learning_rate=1e-2, weight_decay=0.1),
-         OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1), 0.0, "to the gradient"),
+        (
+            OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1),
+            OptimizerSpec("adamw", learning_rate=1e-2, weight_decay=0.1),
+            0.0,
+            "decoupled",
+        ),
+        (
+            OptimizerSpec("adamw", learning_rate=1e-2, weight_decay=0.1),
+            OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1),
+            0.0,
+            "to the gradient",
+        ),
         (SGD_MOM_WD, dataclasses.replace(SGD_MOM_WD, weight_decay=0.0), 0.1, "after the momentum"),
-        (OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, dampening=0.5),
-         OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9), 0.0, "ignores dampening=0.5"),
-        (OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9),
-         OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, nesterov=True), 0.0,
-         "nesterov=True"),
+        (
+            OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, dampening=0.5),
+            OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9),
+            0.0,
+            "ignores dampening=0.5",
+        ),
+        (
+            OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9),
+            OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, nesterov=True),
+            0.0,
+            "nesterov=True",
+        ),
     ],
     ids=["adam-as-adamw", "adamw-as-adam", "decay-after-momentum", "no-dampening", "nesterov"],
 )

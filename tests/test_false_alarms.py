@@ -54,10 +54,20 @@ class Tally:
     def write(self) -> None:
         path = f"/tmp/equiv_false_alarms_{self.name}.json"
         with open(path, "w") as f:
-            json.dump({"cases": self.cases, "worst_ratio": self.worst, "kinks": self.kinks,
-                       "worst_case": self.worst_case}, f, indent=1)
-        print(f"{self.name}: {self.cases} cases, worst ratio {self.worst:.3g}, "
-              f"kinks {self.kinks}, written to {path}")
+            json.dump(
+                {
+                    "cases": self.cases,
+                    "worst_ratio": self.worst,
+                    "kinks": self.kinks,
+                    "worst_case": self.worst_case,
+                },
+                f,
+                indent=1,
+            )
+        print(
+            f"{self.name}: {self.cases} cases, worst ratio {self.worst:.3g}, "
+            f"kinks {self.kinks}, written to {path}"
+        )
 
 
 def check_case(case, tally: Tally) -> None:
@@ -111,13 +121,19 @@ def breadth_cases(max_width: int, max_batch: int):
 
 def check_breadth_case(case, tally: Tally) -> None:
     comparison = compare_backends(
-        MLPSpec(case["sizes"], dtype=case["dtype"], activation=case["activation"],
-                loss=case["loss"], label_smoothing=0.1 if "cross" in case["loss"] else 0.0),
+        MLPSpec(
+            case["sizes"],
+            dtype=case["dtype"],
+            activation=case["activation"],
+            loss=case["loss"],
+            label_smoothing=0.1 if "cross" in case["loss"] else 0.0,
+        ),
         batch_size=case["batch"],
         seed=case["seed"],
         steps=case["steps"],
-        optimizer=OptimizerSpec(learning_rate=10.0 ** case["lr_exp"],
-                                **OPTIMIZERS[case["optimizer"]]),
+        optimizer=OptimizerSpec(
+            learning_rate=10.0 ** case["lr_exp"], **OPTIMIZERS[case["optimizer"]]
+        ),
     )
     tally.add(case, comparison)
     if tally.cases % 25 == 0:
@@ -125,31 +141,41 @@ def check_breadth_case(case, tally: Tally) -> None:
     comparison.assert_agree()
 
 
-@settings(max_examples=16, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=16, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(case=cases(max_width=64, max_batch=32))
 def test_correct_backends_are_never_flagged(case):
     check_case(case, FAST)
 
 
 @pytest.mark.slow
-@settings(max_examples=500, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=500,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(case=cases(max_width=512, max_batch=256))
 def test_correct_backends_are_never_flagged_full_sweep(case):
     check_case(case, FULL)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(case=breadth_cases(max_width=32, max_batch=16))
 def test_breadth_is_never_flagged(case):
     check_breadth_case(case, BREADTH_FAST)
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(case=breadth_cases(max_width=128, max_batch=64))
 def test_breadth_is_never_flagged_full_sweep(case):
     check_breadth_case(case, BREADTH_FULL)

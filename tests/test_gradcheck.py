@@ -19,7 +19,7 @@ SPECS = [
 
 def _batch(spec: MLPSpec, seed: int, batch: int = 8):
     problem = make_problem(spec, batch_size=batch, seed=seed)
-    (x, y), = problem.batches
+    ((x, y),) = problem.batches
     return problem.params, x, y
 
 

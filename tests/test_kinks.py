@@ -26,7 +26,7 @@ def _kinked_problem(seed: int):
     """A problem whose unit (EXAMPLE, UNIT) of fc1 has a float64 pre-activation ~1e-9."""
     problem = make_problem(SPEC, batch_size=4, seed=seed)
     params = {k: v.clone() for k, v in problem.params.items()}
-    (x, _), = problem.batches
+    ((x, _),) = problem.batches
     s = float(x[EXAMPLE].double() @ params["fc1.weight"][UNIT].double())
     params["fc1.bias"][UNIT] = -s  # rounded to float32: z = s + b is a rounding residual
     # make the unit matter: a large weight from it to the output
@@ -60,9 +60,11 @@ def _runs(problem, **flipped_kwargs):
 
 def test_the_constructed_unit_sits_on_the_kink(equiv_seed):
     problem = _kinked_problem(equiv_seed)
-    (x, _), = problem.batches
+    ((x, _),) = problem.batches
     zs, bounds = preactivation_bounds(
-        {k: v.double().numpy() for k, v in problem.params.items()}, x.double().numpy(), SPEC,
+        {k: v.double().numpy() for k, v in problem.params.items()},
+        x.double().numpy(),
+        SPEC,
         2.0**-24,
     )
     assert abs(zs[0][EXAMPLE, UNIT]) < 1e-7
@@ -84,7 +86,8 @@ def test_with_kink_handling_it_passes_and_is_reported_ambiguous(equiv_seed):
     assert report.settings["kinks"] >= 1
     assert any(f"fc1 output [{EXAMPLE}, {UNIT}]" in line for line in report.settings["kink_units"])
     leaf = next(
-        d for d in report.leaves
+        d
+        for d in report.leaves
         if (d.stage, d.name, d.actual, d.expected) == ("grads", "fc1.weight", "flipped", REFERENCE)
     )
     assert leaf.ambiguous > 0
@@ -111,7 +114,7 @@ def test_bounds_cover_float32_rounding(rng):
     # Measured: torch's float32 pre-activations against float64, elementwise.
     spec = MLPSpec((64, 256, 128, 4))
     problem = make_problem(spec, batch_size=32, seed=int(rng.integers(2**31)))
-    (x, _), = problem.batches
+    ((x, _),) = problem.batches
     _, z32 = manual.forward(problem.params, x, spec)
     p64 = {k: v.double().numpy() for k, v in problem.params.items()}
     zs, bounds = preactivation_bounds(p64, x.double().numpy(), spec, 2.0**-24)

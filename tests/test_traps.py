@@ -72,7 +72,8 @@ def test_float64_truncated_to_float32(equiv_seed):
     spec = SPEC.replace(dtype="float64")
     problem = make_problem(spec, batch_size=3, seed=equiv_seed)
     narrow = dataclasses.replace(
-        problem, spec=SPEC,
+        problem,
+        spec=SPEC,
         params={k: v.float() for k, v in problem.params.items()},
         batches=tuple((x.float(), y.float()) for x, y in problem.batches),
     )
@@ -96,9 +97,11 @@ def test_gelu_tanh_vs_exact(equiv_seed):
             h = jax.nn.gelu(h, approximate=approximate)
             o = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
             return jnp.mean((o - y) ** 2)
+
         return loss
 
     import jax  # noqa: PLC0415
+
     runs = {"torch": run_torch(problem, 0.1), REFERENCE: run_reference(problem, 0.1)}
     runs["port"] = run_jax_port(problem, port_loss(True), "flax", 0.1)  # jax.nn.gelu's default
     bad = compare_trajectories(problem, runs, learning_rate=0.1)
@@ -112,8 +115,10 @@ def test_gelu_tanh_vs_exact(equiv_seed):
 def _optimizer_trap(seed, spec_opt, naive_tx, steps=3, hint=None):
     problem = make_problem(SPEC, batch_size=3, seed=seed, steps=steps)
     lr = spec_opt.learning_rate
-    runs = {"torch": run_torch(problem, lr, optimizer=spec_opt),
-            REFERENCE: run_reference(problem, lr, optimizer=spec_opt)}
+    runs = {
+        "torch": run_torch(problem, lr, optimizer=spec_opt),
+        REFERENCE: run_reference(problem, lr, optimizer=spec_opt),
+    }
 
     def report(tx):
         runs["port"] = run_jax_port(problem, _mse, "flax", lr, optimizer=tx)
@@ -137,27 +142,51 @@ NESTEROV = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, nesterov=True)
 
 OPTIMIZER_TRAPS = [
     # AdamW's decoupled decay: torch 1e-2 vs optax's default 1e-4 differ by 9.9e-3·lr·p.
-    ("adamw_decay_1e-4", ADAMW, optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8),
-     "the weight decays differ by 0.0099"),
-    ("adam_weight_decay_is_not_adamw", ADAM_L2, optax.adamw(1e-2, weight_decay=0.1),
-     "port's updates are torch's adam that decays the weights decoupled"),
-    ("adamw_is_not_adam_l2", ADAMW_DECAY, optax.chain(
-        optax.add_decayed_weights(0.1), optax.adam(1e-2, b1=0.9, b2=0.999, eps=1e-8)),
-     "port's updates are torch's adamw that adds 0.1·p to the gradient"),
-    ("decay_after_momentum",
-     MOM, optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.1), optax.scale(-0.1)),
-     "port's updates are torch's sgd that adds the weight decay 0.1·p after the momentum"),
-    ("dampening_ignored", DAMP, optax.sgd(0.1, momentum=0.9),
-     "port's updates are torch's sgd that ignores dampening=0.5"),
-    ("nesterov_forgotten", NESTEROV, optax.sgd(0.1, momentum=0.9),
-     "port's updates are torch's sgd that uses nesterov=False"),
-    ("weight_decay_ignored", MOM, optax.sgd(0.1, momentum=0.9),
-     "the weight decays differ by -0.1"),
+    (
+        "adamw_decay_1e-4",
+        ADAMW,
+        optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8),
+        "the weight decays differ by 0.0099",
+    ),
+    (
+        "adam_weight_decay_is_not_adamw",
+        ADAM_L2,
+        optax.adamw(1e-2, weight_decay=0.1),
+        "port's updates are torch's adam that decays the weights decoupled",
+    ),
+    (
+        "adamw_is_not_adam_l2",
+        ADAMW_DECAY,
+        optax.chain(optax.add_decayed_weights(0.1), optax.adam(1e-2, b1=0.9, b2=0.999, eps=1e-8)),
+        "port's updates are torch's adamw that adds 0.1·p to the gradient",
+    ),
+    (
+        "decay_after_momentum",
+        MOM,
+        optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.1), optax.scale(-0.1)),
+        "port's updates are torch's sgd that adds the weight decay 0.1·p after the momentum",
+    ),
+    (
+        "dampening_ignored",
+        DAMP,
+        optax.sgd(0.1, momentum=0.9),
+        "port's updates are torch's sgd that ignores dampening=0.5",
+    ),
+    (
+        "nesterov_forgotten",
+        NESTEROV,
+        optax.sgd(0.1, momentum=0.9),
+        "port's updates are torch's sgd that uses nesterov=False",
+    ),
+    ("weight_decay_ignored", MOM, optax.sgd(0.1, momentum=0.9), "the weight decays differ by -0.1"),
 ]
 
 
-@pytest.mark.parametrize(("spec_opt", "naive_tx", "hint"), [t[1:] for t in OPTIMIZER_TRAPS],
-                         ids=[t[0] for t in OPTIMIZER_TRAPS])
+@pytest.mark.parametrize(
+    ("spec_opt", "naive_tx", "hint"),
+    [t[1:] for t in OPTIMIZER_TRAPS],
+    ids=[t[0] for t in OPTIMIZER_TRAPS],
+)
 def test_optimizer_traps(spec_opt, naive_tx, hint, equiv_seed):
     _optimizer_trap(equiv_seed, spec_opt, naive_tx, hint=hint)
 
