@@ -39,7 +39,9 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -172,8 +174,8 @@ def torch_to_jax(
       copy: ``False`` shares memory where no transpose is needed (DLPack, when the
         buffer is aligned). A torch in-place update (``optimizer.step()``) then
         changes the "immutable" JAX array too: share only what neither side mutates.
-      device: where to put the arrays; by default ``jax.devices()[0]``, JAX's
-        default device.
+      device: where to put the arrays; by default where the tensors are (CPU
+        tensors give CPU arrays, CUDA tensors arrays on the same GPU).
 
     Returns:
       A nested dict of ``jax.Array`` in ``layout``.
@@ -203,8 +205,7 @@ def torch_to_jax(
             "    >>> with jax.enable_x64(True):\n"
             "    ...     params = torch_to_jax(model)"
         )
-    target = device if device is not None else jax.devices()[0]
-    tree: dict[str, Any] = {}
+    leaves, fills = [], []
     for name in spec.param_names():
         tensor = state[name].detach()
         transpose = layout.transpose and name.endswith(".weight")
@@ -212,15 +213,22 @@ def torch_to_jax(
             # A view: the copy below transposes it (torch's blocked kernel, never
             # NumPy) into a new buffer, so nothing is shared whatever ``copy`` says.
             tensor = tensor.mT
-        if tensor.device.type == "cpu" or target.platform == "cpu":
-            if copy or transpose or tensor.device.type != "cpu":
-                tensor = _host_copy(tensor)
+        on_cpu = tensor.device.type == "cpu"
+        if on_cpu or (device is not None and device.platform == "cpu"):
+            if copy or transpose or not on_cpu:
+                buffer = _host_empty(tensor.shape, tensor.dtype)
+                fills.append((buffer, tensor))
+                tensor = buffer
         elif copy or transpose:
             tensor = tensor.clone(memory_format=torch.contiguous_format)
+        leaves.append((layout.path(name), tensor))
+    _fill(fills)
+    tree: dict[str, Any] = {}
+    for path, tensor in leaves:
         array = jnp.from_dlpack(tensor)
-        if array.devices() != {target}:
-            array = jax.device_put(array, target)
-        _set(tree, layout.path(name), array)
+        if device is not None and array.devices() != {device}:
+            array = jax.device_put(array, device)
+        _set(tree, path, array)
     return tree
 
 
@@ -246,7 +254,8 @@ def jax_to_torch(
         (``flax.nnx`` variables are unwrapped).
       layout: a name in :data:`LAYOUTS` or a :class:`Layout`.
       spec: the expected architecture; by default read from the weights.
-      device: torch device of new tensors (ignored with ``out``).
+      device: torch device of new tensors; by default where the arrays are
+        (ignored with ``out``).
       out: a module or state_dict to copy into, in place (one copy, no new
         tensors); it must match the same spec.
 
@@ -284,20 +293,20 @@ def jax_to_torch(
     if out is not None:
         target = _state_dict(out)
         check_entries({(n,): t for n, t in target.items()}, LAYOUTS["torch"], spec, what="out")
-    state = {}
-    with torch.no_grad():
-        for name in spec.param_names():
-            source = _as_torch(by_name[name])
-            if layout.transpose and name.endswith(".weight"):
-                source = source.mT
-            if out is not None:
-                state[name] = target[name].copy_(source)
-            elif torch.device(device or "cpu").type == "cpu":
-                state[name] = _host_copy(source)
-            else:
-                state[name] = source.to(
-                    device=device, memory_format=torch.contiguous_format, copy=True
-                )
+    state, fills = {}, []
+    for name in spec.param_names():
+        source = _as_torch(by_name[name])
+        if layout.transpose and name.endswith(".weight"):
+            source = source.mT
+        if out is not None:
+            state[name] = target[name]
+        elif (source.device if device is None else torch.device(device)).type == "cpu":
+            state[name] = _host_empty(source.shape, source.dtype)
+        else:
+            state[name] = source.to(device=device, memory_format=torch.contiguous_format, copy=True)
+            continue
+        fills.append((state[name], source))
+    _fill(fills)
     return state
 
 
@@ -439,33 +448,66 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 _XLA_CPU_ALIGNMENT = 64
 
 
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``tensor`` (any strides, any device) in new host memory.
+def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new, uninitialised, contiguous CPU tensor whose memory JAX can adopt.
 
     The memory comes from NumPy rather than torch's allocator because NumPy asks the
     kernel for transparent huge pages on allocations of 4 MiB and more
     (``madvise``): first touch then faults once per 2 MiB instead of once per 4 KiB.
-    New memory is what a copying conversion must return, and on these machines its
-    page faults, not the copy, were the cost: a 403 MB conversion took 98,310 faults
-    and ran at 3.6 GB/s from torch's allocator, 2,753 faults and 9.8 GB/s from here
-    (``python scripts/bench_convert.py``). The start is aligned for XLA:CPU so that
-    ``jnp.from_dlpack`` adopts the buffer; the copy itself is torch's ``copy_``
-    (parallel, and its blocked kernel for a transpose).
+    New memory is what a copying conversion must return, and its page faults, not
+    the copy, were the cost: 403 MB took 98,310 faults and ran at 3.6 GB/s from
+    torch's allocator, 2,753 faults and 9.8 GB/s from here (``python
+    scripts/bench_convert.py``). The start is aligned for XLA:CPU, so that
+    ``jnp.from_dlpack`` adopts the buffer instead of copying it.
 
     Example:
       >>> import torch
-      >>> weight = torch.arange(6.0).reshape(2, 3)
-      >>> kernel = _host_copy(weight.mT)
-      >>> kernel.is_contiguous(), torch.equal(kernel, weight.mT)
-      (True, True)
-      >>> kernel.data_ptr() % _XLA_CPU_ALIGNMENT
-      0
+      >>> buffer = _host_empty((2, 3), torch.float32)
+      >>> buffer.shape, buffer.is_contiguous(), buffer.data_ptr() % _XLA_CPU_ALIGNMENT
+      (torch.Size([2, 3]), True, 0)
     """
-    nbytes = tensor.numel() * tensor.element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + _XLA_CPU_ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % _XLA_CPU_ALIGNMENT
-    buffer = torch.from_numpy(raw[start : start + nbytes]).view(tensor.dtype)
-    return buffer.view(tensor.shape).copy_(tensor)
+    return torch.from_numpy(raw[start : start + nbytes]).view(dtype).view(shape)
+
+
+# Below this many bytes of transposing copies, starting threads costs more than
+# they save.
+_PARALLEL_MIN_BYTES = 1 << 22
+
+
+def _fill(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``target.copy_(source)`` for each pair, without autograd.
+
+    Transposing copies run on threads, one leaf each: torch's transposing kernel is
+    single-threaded (``jax_to_torch(..., out=module)`` in the flax layout: 2.8 GB/s
+    on one thread, 4.3 GB/s on two, ``python scripts/bench_convert.py``), while its
+    other copies already use every thread.
+
+    Example:
+      >>> import torch
+      >>> weight, kernel = torch.arange(6.0).reshape(2, 3), torch.empty(3, 2)
+      >>> _fill([(kernel, weight.mT)])
+      >>> torch.equal(kernel, weight.mT)
+      True
+    """
+
+    def copy(pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            pair[0].copy_(pair[1])
+
+    strided = [pair for pair in pairs if not pair[1].is_contiguous()]
+    for pair in pairs:
+        if pair[1].is_contiguous():
+            copy(pair)
+    workers = min(torch.get_num_threads(), len(strided))
+    if workers > 1 and sum(target.nbytes for target, _ in strided) >= _PARALLEL_MIN_BYTES:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(copy, strided))
+    else:
+        for pair in strided:
+            copy(pair)
 
 
 def _as_torch(array: jax.Array | np.ndarray) -> torch.Tensor:

@@ -228,17 +228,19 @@ class OptimizerVariant:
 def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
     """The known misreadings of ``spec`` that change its updates.
 
+    Each variant's ``what`` says what the misreading run does, then the fix.
+
     Example:
       >>> spec = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1)
       >>> [v.spec.name for v in optimizer_variants(spec)]
       ['adamw']
     """
-    lam, variants = spec.weight_decay, []
+    lam, mu, variants = spec.weight_decay, spec.momentum, []
     replace = dataclasses.replace
     if spec.name == "adam" and lam:
         variants.append(
             OptimizerVariant(
-                f"decays the weights decoupled, as AdamW and optax.adamw do, where torch's "
+                f"decays the weights decoupled, as AdamW and optax.adamw do; torch's "
                 f"Adam(weight_decay={lam:g}) adds {lam:g}·p to the gradient (L2): use "
                 f"optax.chain(optax.add_decayed_weights({lam:g}), optax.adam(...))",
                 replace(spec, name="adamw"),
@@ -247,34 +249,37 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
     if spec.name == "adamw" and lam:
         variants.append(
             OptimizerVariant(
-                f"adds {lam:g}·p to the gradient (L2, as torch's Adam(weight_decay) does) where "
-                f"AdamW decays the weights decoupled: use optax.adamw(..., weight_decay={lam:g})",
+                f"adds {lam:g}·p to the gradient (L2, as torch's Adam(weight_decay) does); "
+                f"torch's AdamW decays the weights decoupled: use "
+                f"optax.adamw(..., weight_decay={lam:g})",
                 replace(spec, name="adam"),
             )
         )
-    if spec.name == "sgd" and spec.momentum and lam:
+    if spec.name == "sgd" and mu and lam:
         variants.append(
             OptimizerVariant(
                 f"adds the weight decay {lam:g}·p after the momentum (optax.trace before "
-                "optax.add_decayed_weights) where torch adds it to the gradient before: "
-                "put optax.add_decayed_weights first",
+                "optax.add_decayed_weights); torch adds it to the gradient before the "
+                "momentum: put optax.add_decayed_weights first",
                 replace(spec, weight_decay=0.0),
                 decay_after=lam,
             )
         )
-    if spec.name == "sgd" and spec.dampening:
+    if spec.name == "sgd" and mu and spec.dampening:
         variants.append(
             OptimizerVariant(
-                f"ignores dampening={spec.dampening:g} (optax.sgd has none): torch's buffer is "
-                f"momentum·b + (1 - {spec.dampening:g})·g after step 1",
+                f"ignores dampening={spec.dampening:g} (optax.sgd has none); torch's buffer is "
+                f"{mu:g}·b + (1 - {spec.dampening:g})·g after step 1: use "
+                "equiv.optimizers.make_optax(spec), which has it",
                 replace(spec, dampening=0.0),
             )
         )
-    if spec.name == "sgd" and spec.momentum and not spec.dampening:
+    if spec.name == "sgd" and mu and not spec.dampening:
         variants.append(
             OptimizerVariant(
-                f"uses nesterov={not spec.nesterov} where torch's SGD has nesterov="
-                f"{spec.nesterov} (optax.sgd(..., nesterov=...))",
+                f"uses nesterov={not spec.nesterov}; torch's SGD here has nesterov="
+                f"{spec.nesterov}: use optax.sgd(..., momentum={mu:g}, "
+                f"nesterov={spec.nesterov})",
                 replace(spec, nesterov=not spec.nesterov),
             )
         )
@@ -284,12 +289,17 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
 
 
 #: A variant explains a run when its updates match the run's to this fraction of
-#: the largest update at every step, while the optimizer's own miss by more than ten
-#: times as much. A float32 run's update, read as p_after - p_before, carries about
-#: u·|p| = 6e-8·|p| of rounding: below 1e-4 of the update whenever a step moves the
-#: parameters by more than 6e-4 of their size (smaller steps: the detector stays
-#: silent rather than guess). The traps change the updates by 1e-2 to O(1) of their
-#: size (Adam's L2 vs decoupled decay 0.1 at lr 1e-2: about 0.1·|p|/|update|·1e-2).
+#: the largest update at every step. A float32 run's update, read as
+#: p_after - p_before, carries about u·|p| = 6e-8·|p| of rounding: below 1e-4 of
+#: the update whenever a step moves the parameters by more than 6e-4 of their size
+#: (with smaller steps the optimizer's own rule misses by more than the threshold
+#: too, and the detector stays silent rather than guess). A variant is named only
+#: if every mundane explanation misses by more than ten times the threshold: the
+#: optimizer itself, the optimizer without its weight decay or without its momentum,
+#: and the optimizer with the learning rate that best fits step 1. That rules out
+#: what step 1 cannot tell apart: Adam's first update is lr·sign(g) with or without
+#: L2 decay, Nesterov's first is (1 + momentum) times the plain one, and decay
+#: after momentum and dampening change nothing before step 2.
 _UPDATE_EXPLAINED = 1e-4
 
 
@@ -299,10 +309,10 @@ def diagnose_optimizer(
     grads: Sequence[Mapping[str, np.ndarray]],
     params: Sequence[Mapping[str, np.ndarray]],
 ) -> str | None:
-    """The known misreading of ``spec`` (:func:`optimizer_variants`) that reproduces a
-    run's parameter updates, or None.
+    """What the run does, if a known misreading of ``spec`` (:func:`optimizer_variants`)
+    reproduces its parameter updates and nothing more mundane does; else None.
 
-    Each variant is replayed in float64 on the run's own gradients, from the run's own
+    Each rule is replayed in float64 on the run's own gradients, from the run's own
     parameters before each step, carrying its own state: a wrong gradient does not
     hide a wrong optimizer, nor the reverse.
 
@@ -321,11 +331,20 @@ def diagnose_optimizer(
       'ignores dampening=0.5'
     """
     variants = optimizer_variants(spec)
-    exact = OptimizerVariant("", spec)
     if not (variants and params):
         return None
-    if optimizer_residual(exact, initial, grads, params) <= 10 * _UPDATE_EXPLAINED:
-        return None
+    mundane = [spec]
+    if spec.weight_decay:
+        mundane.append(dataclasses.replace(spec, weight_decay=0.0))
+    if spec.momentum:
+        mundane.append(dataclasses.replace(spec, momentum=0.0, dampening=0.0, nesterov=False))
+    fitted = _fitted_learning_rate(spec, initial, grads[0], params[0])
+    if fitted is not None:
+        mundane.append(dataclasses.replace(spec, learning_rate=fitted))
+    for other in mundane:
+        residual = optimizer_residual(OptimizerVariant("", other), initial, grads, params)
+        if residual <= 10 * _UPDATE_EXPLAINED:
+            return None
     for variant in variants:
         if optimizer_residual(variant, initial, grads, params) <= _UPDATE_EXPLAINED:
             return variant.what
@@ -338,11 +357,14 @@ def optimizer_residual(
     grads: Sequence[Mapping[str, np.ndarray]],
     params: Sequence[Mapping[str, np.ndarray]],
 ) -> float:
-    """max over steps of max |variant's update - run's update| / max |run's update|."""
-    wide = lambda tree: {n: np.asarray(v, np.float64) for n, v in tree.items()}  # noqa: E731
-    before, state, worst = wide(initial), None, 0.0
+    """max over steps of max |variant's update - run's update| / max |run's update|.
+
+    A step that moves nothing counts only if the variant moves something (then it
+    cannot explain the run); a non-finite value makes the residual infinite.
+    """
+    before, state, worst = _wide(initial), None, 0.0
     for step, (g, after) in enumerate(zip(grads, params, strict=True), start=1):
-        g, after = wide(g), wide(after)
+        g, after = _wide(g), _wide(after)
         if state is None:
             state = manual_init(variant.spec, before)
         predicted, state = manual_update(variant.spec, before, g, state, step)
@@ -357,8 +379,30 @@ def optimizer_residual(
             )
             for n in after
         )
+        if not (np.isfinite(miss) and np.isfinite(scale)):
+            return np.inf
         if scale == 0.0:
-            return 0.0 if miss == 0.0 else np.inf
-        worst = max(worst, miss / scale)
+            if miss != 0.0:
+                return np.inf
+        else:
+            worst = max(worst, miss / scale)
         before = after
     return worst
+
+
+def _fitted_learning_rate(spec, initial, grads, after) -> float | None:
+    """The learning rate that best explains step 1 (every update here is linear in it)."""
+    before = _wide(initial)
+    predicted, _ = manual_update(spec, before, _wide(grads), manual_init(spec, before), 1)
+    ours = np.concatenate([(predicted[n] - before[n]).ravel() for n in before])
+    after = _wide(after)
+    theirs = np.concatenate([(after[n] - before[n]).ravel() for n in before])
+    denom = float(np.vdot(ours, ours))
+    if denom == 0.0 or not np.isfinite(denom):
+        return None
+    fitted = spec.learning_rate * float(np.vdot(ours, theirs)) / denom
+    return fitted if fitted > 0 and np.isfinite(fitted) else None
+
+
+def _wide(tree: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {n: np.asarray(v, np.float64) for n, v in tree.items()}

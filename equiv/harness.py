@@ -293,6 +293,9 @@ class Comparison:
     trajectories: dict[str, Trajectory]
     report: Report
     optimizer: OptimizerSpec | None = None
+    _misreadings: dict[str, str | None] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def agree(self) -> bool:
@@ -376,14 +379,23 @@ class Comparison:
 
     def _optimizer_cause(self, a: str, b: str) -> str | None:
         """Which of ``a`` and ``b`` a known misreading of the optimizer explains, and how
-        (:func:`equiv.diagnose.diagnose_optimizer`), or None."""
+        (:func:`equiv.diagnose.diagnose_optimizer`), or None. Each backend's whole
+        trajectory is replayed once per comparison, whatever step failed first."""
         optimizer = resolve_optimizer(self.optimizer, self.learning_rate)
-        initial = {k: to_numpy(v) for k, v in self.problem.params.items()}
         for backend in (a, b):
-            run = self.trajectories[backend]
-            what = diagnose_optimizer(optimizer, initial, run.grads, run.params)
-            if what:
-                return f"{backend}'s updates are torch's {optimizer.name} that {what}"
+            if backend not in self._misreadings:
+                run = self.trajectories[backend]
+                initial = {k: to_numpy(v) for k, v in self.problem.params.items()}
+                try:
+                    what = diagnose_optimizer(optimizer, initial, run.grads, run.params)
+                except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
+                    what = None
+                self._misreadings[backend] = what
+            if self._misreadings[backend]:
+                return (
+                    f"{backend}'s updates are torch's {optimizer.name} misread: it "
+                    f"{self._misreadings[backend]}"
+                )
         return None
 
     def arbiter_verdict(self) -> list[str]:

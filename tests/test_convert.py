@@ -340,22 +340,60 @@ def test_copy_false_cannot_share_a_transposed_kernel(equiv_seed):
 def test_copy_is_adopted_by_jax_without_a_second_copy():
     # A copying conversion holds one new buffer per leaf: JAX adopts the buffer
     # equiv filled instead of copying it again. That needs a 64-byte-aligned start.
-    from equiv.convert import _host_copy
+    from equiv.convert import _fill, _host_empty
 
     for source in (torch.randn(37, 5), torch.randn(37, 5).mT, torch.randn(3, dtype=torch.float64)):
         with jax.enable_x64(source.dtype == torch.float64):
-            buffer = _host_copy(source)
+            buffer = _host_empty(source.shape, source.dtype)
+            _fill([(buffer, source)])
             assert torch.equal(buffer, source) and buffer.is_contiguous()
             assert jnp.from_dlpack(buffer).unsafe_buffer_pointer() == buffer.data_ptr()
 
 
 def test_a_misaligned_buffer_would_be_copied_again():
-    # The failing counterpart: NumPy's own 16-byte alignment is not enough, so a
-    # plain np.empty buffer would cost JAX a second copy.
+    # The premise of the alignment above, and its failing counterpart: NumPy's own
+    # 16-byte alignment is not enough for XLA:CPU, so a plain np.empty buffer would
+    # cost a second copy. If a JAX release adopts it, the alignment can go.
     raw = np.empty(4 * 1024 + 64, np.uint8)
     start = (-raw.ctypes.data % 64) + 16
     misaligned = torch.from_numpy(raw[start : start + 4 * 1000]).view(torch.float32)
     assert jnp.from_dlpack(misaligned).unsafe_buffer_pointer() != misaligned.data_ptr()
+
+
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_a_weight_stored_transposed_is_copied_too(layout):
+    # A weight whose storage is (in, out) makes weight.mT contiguous: the copy must
+    # still be a new buffer (`.mT.contiguous()` would have returned the storage).
+    state = random_state(SPECS["notebook"], 0)
+    state["fc1.weight"] = state["fc1.weight"].mT.contiguous().mT  # same values, transposed storage
+    params = torch_to_jax(state, layout=layout)
+    before = leaves(jax.tree.map(np.array, params))
+    for tensor in state.values():
+        tensor.add_(1.0)
+    assert all(np.array_equal(leaves(params)[k], before[k]) for k in before)
+
+
+def test_parallel_transposes_fill_every_leaf(monkeypatch):
+    # Large enough for the threaded path; the result equals the one-thread result.
+    from equiv import convert
+
+    spec = MLPSpec((300, 400, 500, 10))
+    state = random_state(spec, 0)
+    serial = torch_to_jax(state, layout="flax")
+    monkeypatch.setattr(convert, "_PARALLEL_MIN_BYTES", 0)
+    with_threads = torch_to_jax(state, layout="flax")
+    assert all(np.array_equal(leaves(with_threads)[k], v) for k, v in leaves(serial).items())
+    module = TorchMLP(spec)
+    jax_to_torch(with_threads, layout="flax", out=dict(module.named_parameters()))
+    assert_states_identical(dict(module.state_dict()), state)
+
+
+def test_default_device_is_where_the_data_is():
+    cpu = jax.devices("cpu")[0]
+    params = torch_to_jax(random_state(SPECS["notebook"], 0), layout="flax")
+    assert {d for leaf in jax.tree.leaves(params) for d in leaf.devices()} == {cpu}
+    state = jax_to_torch(params, layout="flax")
+    assert {t.device.type for t in state.values()} == {"cpu"}
 
 
 def test_jax_to_torch_never_shares(equiv_seed):

@@ -152,31 +152,31 @@ OPTIMIZER_TRAPS = [
         "adam_weight_decay_is_not_adamw",
         ADAM_L2,
         optax.adamw(1e-2, weight_decay=0.1),
-        "port's updates are torch's adam that decays the weights decoupled",
+        "port's updates are torch's adam misread: it decays the weights decoupled",
     ),
     (
         "adamw_is_not_adam_l2",
         ADAMW_DECAY,
         optax.chain(optax.add_decayed_weights(0.1), optax.adam(1e-2, b1=0.9, b2=0.999, eps=1e-8)),
-        "port's updates are torch's adamw that adds 0.1·p to the gradient",
+        "port's updates are torch's adamw misread: it adds 0.1·p to the gradient",
     ),
     (
         "decay_after_momentum",
         MOM,
         optax.chain(optax.trace(0.9), optax.add_decayed_weights(0.1), optax.scale(-0.1)),
-        "port's updates are torch's sgd that adds the weight decay 0.1·p after the momentum",
+        "port's updates are torch's sgd misread: it adds the weight decay 0.1·p after the momentum",
     ),
     (
         "dampening_ignored",
         DAMP,
         optax.sgd(0.1, momentum=0.9),
-        "port's updates are torch's sgd that ignores dampening=0.5",
+        "port's updates are torch's sgd misread: it ignores dampening=0.5",
     ),
     (
         "nesterov_forgotten",
         NESTEROV,
         optax.sgd(0.1, momentum=0.9),
-        "port's updates are torch's sgd that uses nesterov=False",
+        "port's updates are torch's sgd misread: it uses nesterov=False",
     ),
     ("weight_decay_ignored", MOM, optax.sgd(0.1, momentum=0.9), "the weight decays differ by -0.1"),
 ]
@@ -212,3 +212,18 @@ def test_leaky_relu_derivative_at_exact_zero():
     assert report.agree and report.settings["kinks"] >= 1
     # ... and says which convention that is.
     assert any("jax.nn.leaky_relu's is 1" in unit for unit in report.settings["kink_units"])
+
+
+def test_one_step_adamw_decay_is_not_called_l2(equiv_seed):
+    # One step (check_jax_port's default): Adam's first update is lr·sign(g), so L2
+    # decay would fit too; the cause named is the decay difference itself.
+    naive = optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8)
+    _optimizer_trap(equiv_seed, ADAMW, naive, steps=1, hint="the weight decays differ by 0.0099")
+    problem = make_problem(SPEC, batch_size=3, seed=equiv_seed, steps=1)
+    runs = {
+        "torch": run_torch(problem, 1e-2, optimizer=ADAMW),
+        REFERENCE: run_reference(problem, 1e-2, optimizer=ADAMW),
+        "port": run_jax_port(problem, _mse, "flax", 1e-2, optimizer=naive),
+    }
+    bad = compare_trajectories(problem, runs, learning_rate=1e-2, optimizer=ADAMW)
+    assert not any("misread" in h for h in Comparison(problem, 1e-2, runs, bad, ADAMW).hints())
