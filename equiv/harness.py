@@ -49,6 +49,7 @@ from equiv.diagnose import GENERIC, diagnose_optimizer, diagnose_trees
 from equiv.kinks import KinkAnalysis, analyse_kinks, kinked
 from equiv.optimizers import (
     OptimizerSpec,
+    is_plain_sgd,
     make_torch_optimizer,
     manual_init,
     manual_update,
@@ -139,13 +140,6 @@ weight_decay=0.0, betas=(0.9, 0.999), eps=1e-08, amsgrad=False)
             f"optimizer must be an equiv.OptimizerSpec, got {type(optimizer).__name__}"
         )
     return optimizer
-
-
-def is_plain_sgd(optimizer: OptimizerSpec | None) -> bool:
-    """SGD without momentum or weight decay: ``p - lr·g``, no state."""
-    return optimizer is None or (
-        optimizer.name == "sgd" and optimizer.momentum == 0 and optimizer.weight_decay == 0
-    )
 
 
 def _labels_or(y: Any, convert: Callable[[Any], Any]) -> Any:
@@ -563,13 +557,16 @@ def compare_trajectories(
     (:func:`equiv.tolerance.optimizer_bounds`).
 
     Kinks (:mod:`equiv.kinks`): with ``kinks=True``, kinked activations
-    (:func:`equiv.kinks.kinked`), the float64 reference present, plain SGD and
+    (:func:`equiv.kinks.kinked`), the float64 reference present and
     ``learning_rate`` given, the units whose pre-activation lies within rounding
     distance of the kink are found, and a leaf they move may differ by the slack
     of the other side of the kink on top of its bound (twice that between two
     backends). The report's settings count them (``settings["kinks"]``); a
-    difference elsewhere still fails. With another optimizer the analysis is OFF
-    (it carries parameters as plain SGD does) and ``settings["kinks"]`` says so.
+    difference elsewhere still fails. Plain SGD carries a branch's consequences to
+    later steps itself; other optimizers get slack at the flip step (parameters
+    and state through the optimizer) and rely on propagation for later steps, so
+    with ``propagate=False`` or user ``rtol``/``atol`` their analysis is off and
+    ``settings["kinks"]`` says so.
 
     Propagation (``propagate=True``, the spec's own MLP): from step 2 on, two
     backends compute their loss and gradients at parameters that already differ by
@@ -597,16 +594,19 @@ def compare_trajectories(
     analysis = None
     kink_note = None
     if kinks and REFERENCE in trajectories and learning_rate is not None and backends:
-        if plain:
+        if plain or (propagate and fixed is None):
             analysis = analyse_trajectory_kinks(
                 problem,
                 learning_rate,
                 [trajectories[b].dtype for b in backends],
                 trajectories[REFERENCE],
+                optimizer=None if plain else resolve_optimizer(optimizer, learning_rate),
+                backends=[trajectories[b] for b in backends],
             )
         elif kinked(problem.spec):
             kink_note = (
-                f"off: the kink analysis carries parameters as plain SGD does, not {optimizer.name}"
+                f"off: with {optimizer.name}, a branch taken at a kink is carried to later "
+                "steps by propagation, which is off here"
             )
     arbiter = trajectories[REFERENCE if REFERENCE in trajectories else backends[-1]]
     magnitude = _magnitudes(problem, arbiter)
@@ -675,7 +675,7 @@ def compare_trajectories(
                 if moved is not None and moved[a][stage] and moved[b][stage]:
                     for name, value in moved[a][stage].items():
                         extra[name] = extra.get(name, 0.0) + np.abs(value - moved[b][stage][name])
-                if analysis is not None and stage != "state":
+                if analysis is not None:
                     # Two backends may sit on different sides of a kink: twice the envelope.
                     factor = 1.0 if REFERENCE in (a, b) else 2.0
                     for d in diffs:
@@ -752,13 +752,18 @@ def analyse_trajectory_kinks(
     learning_rate: float,
     dtypes: Sequence[str],
     reference: Trajectory | None = None,
+    *,
+    optimizer: OptimizerSpec | None = None,
+    backends: Sequence[Trajectory] = (),
 ) -> KinkAnalysis:
     """:func:`equiv.kinks.analyse_kinks` for a problem compared in ``dtypes``.
 
     Before step ``s`` a backend's parameters may already differ from the reference
     by the parameter bound after step ``s - 1`` (:func:`derived_tolerance` against
     float64, times the leaf's magnitude); the bound on the pre-activations takes
-    that into account.
+    that into account. With an ``optimizer`` other than plain SGD, whose carried
+    differences that bound does not cover, the ``backends``' actual distance from
+    the reference counts too, where it is larger.
     """
     dtype = max(dtypes, key=lambda d: UNIT_ROUNDOFF[d])
     spec = problem.spec
@@ -768,9 +773,16 @@ def analyse_trajectory_kinks(
             return {}
         tol = derived_tolerance(spec, problem.batch_size, "params", step - 1, (dtype, "float64"))
         params = reference_params[step - 2]
-        return {
+        bound = {
             name: tol.scaled * float(np.max(np.abs(v), initial=0.0)) for name, v in params.items()
         }
+        if optimizer is None:
+            return bound
+        for run in backends:
+            for name, v in run.params[step - 2].items():
+                seen = float(np.max(np.abs(v.astype(np.float64) - params[name]), initial=0.0))
+                bound[name] = max(bound[name], seen)
+        return bound
 
     if not kinked(spec):
         return KinkAnalysis(kinks=[], slack={})
@@ -778,7 +790,13 @@ def analyse_trajectory_kinks(
         reference = run_reference(problem, learning_rate)
     reference_params = reference.params
     return analyse_kinks(
-        spec, problem.params, problem.batches, learning_rate, UNIT_ROUNDOFF[dtype], param_error
+        spec,
+        problem.params,
+        problem.batches,
+        learning_rate,
+        UNIT_ROUNDOFF[dtype],
+        param_error,
+        optimizer=optimizer,
     )
 
 

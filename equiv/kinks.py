@@ -55,6 +55,18 @@ gradients (through the changed parameters): the branch that moves the gradient
 most for each example is carried on (up to :data:`MAX_BRANCHES`, largest first),
 run without new flips, and its deviations from the reference are added to the
 later slack (first order: the effects of separate branches add).
+
+Other optimizers (momentum, weight decay, Adam, AdamW). The reference advances with
+the optimizer (:func:`equiv.optimizers.manual_update`, float64), and ambiguous units
+are found at its parameters as above. Every optimizer here updates each element from
+that element's gradient and state alone, and at a flip step an element's gradient
+lies in ``g_ref ± slack``: the parameters and the optimizer state after the step may
+differ from the reference's by the largest change of the update over that interval,
+taken at :data:`UPDATE_SAMPLES` evenly spaced points, ends included (exact for SGD,
+linear in ``g``; Adam's ``m̂/(√v̂ + ε)`` is smooth in ``g`` with one stationary
+point). Later steps carry nothing here: the harness's propagation allows, from step
+2 on, the step done exactly from each backend's own parameters and state, which
+covers a branch taken earlier; without propagation the analysis is off.
 """
 
 from __future__ import annotations
@@ -70,6 +82,7 @@ import numpy as np
 from equiv import manual
 from equiv.activations import ACTIVATIONS
 from equiv.losses import LOSSES
+from equiv.optimizers import OptimizerSpec, is_plain_sgd, manual_init, manual_update
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 from equiv.tolerance import SAFETY
 
@@ -77,6 +90,8 @@ from equiv.tolerance import SAFETY
 MAX_EXHAUSTIVE = 5
 #: At most this many alternative branches are carried to later steps.
 MAX_BRANCHES = 64
+#: Points of ``g_ref ± slack`` at which an optimizer's update is evaluated.
+UPDATE_SAMPLES = 33
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +222,7 @@ def analyse_kinks(
     learning_rate: float,
     unit_roundoff: float,
     param_error: Any = None,
+    optimizer: OptimizerSpec | None = None,
 ) -> KinkAnalysis:
     """Find the ambiguous units of every step and the slack their branches allow.
 
@@ -218,6 +234,8 @@ def analyse_kinks(
       unit_roundoff: ``u`` of the backends compared (the larger one for a mix).
       param_error: optional ``param_error(step) -> {name: max abs error}`` of the
         backends' parameters before ``step`` (for the bound on ``z``).
+      optimizer: anything but plain SGD: slack for the flip step only, its
+        parameters and state included (see the module's "Other optimizers").
 
     Example:
       >>> import numpy as np
@@ -231,6 +249,8 @@ def analyse_kinks(
       >>> analysis.slack_for("grads", 1, "fc1.weight").tolist()
       [[6.0, 18.0], [0.0, 0.0]]
     """
+    if not is_plain_sgd(optimizer):
+        return _analyse_with_optimizer(spec, params, batches, optimizer, unit_roundoff, param_error)
     names = spec.param_names()
     p_ref = {k: _f64(v) for k, v in params.items()}
     branches: list[dict[str, np.ndarray]] = []
@@ -242,23 +262,7 @@ def analyse_kinks(
         x, y = _f64(x), _target(y)
         errors = param_error(step) if param_error is not None else None
         zs, bounds = preactivation_bounds(p_ref, x, spec, unit_roundoff, errors)
-        by_example: dict[int, list[tuple[int, int]]] = {}
-        for i in range(spec.num_layers - 1):  # hidden layers only: no ReLU after the last
-            if not _kinked_layer(spec, spec.activations[i]):
-                continue
-            for b, j in np.argwhere(np.abs(zs[i]) <= bounds[i]):
-                by_example.setdefault(int(b), []).append((i, int(j)))
-                kinks.append(
-                    Kink(
-                        step,
-                        i + 1,
-                        int(b),
-                        int(j),
-                        float(zs[i][b, j]),
-                        float(bounds[i][b, j]),
-                        spec.activations[i],
-                    )
-                )
+        by_example = _ambiguous_units(spec, zs, bounds, step, kinks)
         loss_ref, g_ref = manual.loss_and_grads(p_ref, x, y, spec)
         p_next = manual.sgd_update(p_ref, g_ref, learning_rate)
         d_loss = np.zeros(())
@@ -295,6 +299,66 @@ def analyse_kinks(
         new_branches.sort(key=lambda item: -item[0])
         branches = [p for _, p in new_branches][:MAX_BRANCHES]
         p_ref = p_next
+    return KinkAnalysis(kinks=kinks, slack=slack, exhaustive=exhaustive)
+
+
+def _ambiguous_units(spec, zs, bounds, step, kinks) -> dict[int, list[tuple[int, int]]]:
+    """``{example: [(layer index, unit), ...]}`` within rounding of a kink; each is
+    appended to ``kinks``."""
+    by_example: dict[int, list[tuple[int, int]]] = {}
+    for i in range(spec.num_layers - 1):  # hidden layers only: no ReLU after the last
+        if not _kinked_layer(spec, spec.activations[i]):
+            continue
+        for b, j in np.argwhere(np.abs(zs[i]) <= bounds[i]):
+            by_example.setdefault(int(b), []).append((i, int(j)))
+            z, bound = float(zs[i][b, j]), float(bounds[i][b, j])
+            kinks.append(Kink(step, i + 1, int(b), int(j), z, bound, spec.activations[i]))
+    return by_example
+
+
+def _analyse_with_optimizer(spec, params, batches, optimizer, unit_roundoff, param_error):
+    """:func:`analyse_kinks` for any optimizer: slack at each flip step only."""
+    p_ref = {k: _f64(v) for k, v in params.items()}
+    state = manual_init(optimizer, p_ref)
+    kinks: list[Kink] = []
+    slack: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    exhaustive = True
+    for step, (x, y) in enumerate(batches, start=1):
+        x, y = _f64(x), _target(y)
+        errors = param_error(step) if param_error is not None else None
+        zs, bounds = preactivation_bounds(p_ref, x, spec, unit_roundoff, errors)
+        by_example = _ambiguous_units(spec, zs, bounds, step, kinks)
+        _, g_ref = manual.loss_and_grads(p_ref, x, y, spec)
+        p_next, s_next = manual_update(optimizer, p_ref, g_ref, state, step)
+        if by_example:
+            d_loss = np.zeros(())
+            d_grads = {name: np.zeros_like(v) for name, v in p_ref.items()}
+            for b, units in by_example.items():
+                loss_b, grads_b, _ = _example_envelope(p_ref, x, y, spec, zs, b, units)
+                exhaustive = exhaustive and len(units) <= MAX_EXHAUSTIVE
+                d_loss = d_loss + loss_b
+                d_grads = {name: d_grads[name] + grads_b[name] for name in d_grads}
+            d_params = {name: np.zeros_like(v) for name, v in p_ref.items()}
+            d_state = {
+                key: {n: np.zeros_like(v) for n, v in t.items()} for key, t in s_next.items()
+            }
+            for t in np.linspace(-1.0, 1.0, UPDATE_SAMPLES):
+                g = {name: g_ref[name] + t * d_grads[name] for name in g_ref}
+                p_t, s_t = manual_update(optimizer, p_ref, g, state, step)
+                for name in d_params:
+                    d_params[name] = np.maximum(d_params[name], np.abs(p_t[name] - p_next[name]))
+                for key, tree in s_t.items():
+                    for name, v in tree.items():
+                        d_state[key][name] = np.maximum(
+                            d_state[key][name], np.abs(v - s_next[key][name])
+                        )
+            slack[("loss", step)] = {"loss": d_loss}
+            slack[("grads", step)] = d_grads
+            slack[("params", step)] = d_params
+            slack[("state", step)] = {
+                f"{key}.{name}": v for key, tree in d_state.items() for name, v in tree.items()
+            }
+        p_ref, state = p_next, s_next
     return KinkAnalysis(kinks=kinks, slack=slack, exhaustive=exhaustive)
 
 

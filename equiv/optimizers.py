@@ -174,6 +174,17 @@ class OptimizerSpec:
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
 
 
+def is_plain_sgd(optimizer: OptimizerSpec | None) -> bool:
+    """SGD without momentum or weight decay: ``p - lr·g``, no state (None means that).
+
+    >>> is_plain_sgd(None), is_plain_sgd(OptimizerSpec("sgd", momentum=0.9))
+    (True, False)
+    """
+    return optimizer is None or (
+        optimizer.name == "sgd" and optimizer.momentum == 0 and optimizer.weight_decay == 0
+    )
+
+
 # ---------------------------------------------------------------- torch.optim
 
 

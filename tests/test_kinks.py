@@ -16,6 +16,7 @@ import torch
 from equiv import MLPSpec, Trajectory, compare_trajectories, make_problem, manual
 from equiv.harness import REFERENCE, RUNNERS
 from equiv.kinks import analyse_kinks, preactivation_bounds
+from equiv.optimizers import OptimizerSpec, manual_init, manual_update
 
 SPEC = MLPSpec((3, 4, 2))
 LR = 0.1
@@ -34,9 +35,13 @@ def _kinked_problem(seed: int):
     return dataclasses.replace(problem, params=params)
 
 
-def _manual_run(problem, flip: bool, scale: dict[str, float] | None = None) -> Trajectory:
-    """The hand-derived pass on float32 torch tensors, optionally on the other side of the kink."""
+def _manual_run(
+    problem, flip: bool, scale: dict[str, float] | None = None, optimizer=None
+) -> Trajectory:
+    """The hand-derived pass on float32 torch tensors, optionally on the other side of the
+    kink, with plain SGD or ``optimizer``."""
     params = {k: v.clone() for k, v in problem.params.items()}
+    state = manual_init(optimizer, params) if optimizer is not None else None
     out = Trajectory("flipped" if flip else "manual32", problem.spec.dtype)
     for step, (x, y) in enumerate(problem.batches, start=1):
         _, zs = manual.forward(params, x, problem.spec)
@@ -47,14 +52,21 @@ def _manual_run(problem, flip: bool, scale: dict[str, float] | None = None) -> T
             masks[0][EXAMPLE, UNIT] = not bool(z64[0][EXAMPLE, UNIT] > 0)
         loss, grads = manual.loss_and_grads(params, x, y, problem.spec, masks)
         grads = {k: g * (scale or {}).get(k, 1.0) for k, g in grads.items()}
-        params = manual.sgd_update(params, grads, LR)
-        out.record(loss, grads, params)
+        if optimizer is None:
+            params = manual.sgd_update(params, grads, LR)
+        else:
+            params, state = manual_update(optimizer, params, grads, state, step)
+        out.record(loss, grads, params, state)
     return out
 
 
-def _runs(problem, **flipped_kwargs):
-    runs = {name: RUNNERS[name](problem, LR) for name in ("torch", "jax", REFERENCE)}
-    runs["flipped"] = _manual_run(problem, flip=True, **flipped_kwargs)
+def _runs(problem, optimizer=None, **flipped_kwargs):
+    lr = LR if optimizer is None else optimizer.learning_rate
+    runs = {
+        name: RUNNERS[name](problem, lr, optimizer=optimizer)
+        for name in ("torch", "jax", REFERENCE)
+    }
+    runs["flipped"] = _manual_run(problem, flip=True, optimizer=optimizer, **flipped_kwargs)
     return runs
 
 
@@ -138,3 +150,51 @@ def test_masks_must_match_the_hidden_layers():
         "[equiv] masks needs one entry (an array or None) per hidden layer: 1 for sizes "
         "(3, 4, 2), got 0"
     )
+
+
+# ---------------------------------------------------------------------------
+# Other optimizers: slack at the flip step through the optimizer, propagation after
+
+OPTIMIZERS = {
+    "momentum": OptimizerSpec("sgd", learning_rate=LR, momentum=0.9, weight_decay=0.01),
+    "adam": OptimizerSpec("adam", learning_rate=1e-2),
+    "adamw": OptimizerSpec("adamw", learning_rate=1e-2),
+}
+
+
+def _compare(problem, runs, optimizer, **kwargs):
+    return compare_trajectories(
+        problem, runs, learning_rate=optimizer.learning_rate, optimizer=optimizer, **kwargs
+    )
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS)
+def test_other_optimizers_accept_either_side_over_three_steps(optimizer, equiv_seed):
+    problem = _kinked_problem(equiv_seed)
+    problem = dataclasses.replace(problem, batches=problem.batches * 3)
+    runs = _runs(problem, optimizer)
+    without = _compare(problem, runs, optimizer, kinks=False)
+    assert ("grads", 1, "fc1.weight") in {
+        (d.stage, d.step, d.name) for d in without.failures if d.actual == "flipped"
+    }
+    report = _compare(problem, runs, optimizer)
+    report.assert_agree()
+    assert report.settings["kinks"] >= 1
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS.values(), ids=OPTIMIZERS)
+def test_other_optimizers_still_catch_a_real_bug(optimizer, equiv_seed):
+    problem = _kinked_problem(equiv_seed)
+    runs = _runs(problem, optimizer, scale={"fc2.weight": 1 + 1e-3})
+    report = _compare(problem, runs, optimizer)
+    failing = {(d.stage, d.name) for d in report.failures if d.expected == REFERENCE}
+    assert ("grads", "fc2.weight") in failing
+    assert all(name.endswith("fc2.weight") for _, name in failing)  # its state too
+
+
+def test_other_optimizers_without_propagation_switch_the_analysis_off(equiv_seed):
+    problem = _kinked_problem(equiv_seed)
+    optimizer = OPTIMIZERS["momentum"]
+    report = _compare(problem, _runs(problem, optimizer), optimizer, propagate=False)
+    assert report.settings["kinks"].startswith("off:")
+    assert not report.agree  # the flipped side is then a failure, as without the analysis

@@ -115,9 +115,17 @@ def test_perturbed_state_fails():
     assert "exp_avg.fc2.bias" in report.failure_text()
 
 
-def test_kinks_switched_off_for_other_optimizers_is_recorded():
-    comparison = compare_backends(MLPSpec(SIZES), batch_size=3, steps=1, optimizer=ADAM)
-    assert comparison.report.settings["kinks"].startswith("off:")
+def test_kinks_under_other_optimizers_need_propagation():
+    comparison = compare_backends(MLPSpec(SIZES), batch_size=3, steps=2, optimizer=ADAM)
+    assert isinstance(comparison.report.settings["kinks"], int)
+    off = compare_trajectories(
+        comparison.problem,
+        comparison.trajectories,
+        learning_rate=ADAM.learning_rate,
+        optimizer=ADAM,
+        propagate=False,
+    )
+    assert off.settings["kinks"].startswith("off:")
     assert isinstance(compare_backends(MLPSpec(SIZES), batch_size=3).report.settings["kinks"], int)
 
 
