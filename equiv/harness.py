@@ -46,7 +46,7 @@ from equiv.compare import LeafDiff, Report, compare_leaf, compare_trees, to_nump
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.devices import resolve_device
 from equiv.diagnose import GENERIC, diagnose_optimizer, diagnose_trees
-from equiv.kinks import KinkAnalysis, analyse_kinks, kinked
+from equiv.kinks import Kink, KinkAnalysis, analyse_kinks, flip_envelope, kinked
 from equiv.optimizers import (
     OptimizerSpec,
     is_plain_sgd,
@@ -563,10 +563,13 @@ def compare_trajectories(
     of the other side of the kink on top of its bound (twice that between two
     backends). The report's settings count them (``settings["kinks"]``); a
     difference elsewhere still fails. Plain SGD carries a branch's consequences to
-    later steps itself; other optimizers get slack at the flip step (parameters
-    and state through the optimizer) and rely on propagation for later steps, so
-    with ``propagate=False`` or user ``rtol``/``atol`` their analysis is off and
-    ``settings["kinks"]`` says so.
+    later steps itself. With propagation on, from step 2 on, ambiguous units are
+    also looked for at each backend's own parameters and pushed through the
+    optimizer from its own state (:func:`equiv.kinks.flip_envelope`): a backend
+    that stays on its side of a kink while the reference moves away passes. Other
+    optimizers rely on that for every step after the first, so with
+    ``propagate=False``, user ``rtol``/``atol``, or a backend that reports no
+    optimizer state, their analysis is off and ``settings["kinks"]`` says why.
 
     Propagation (``propagate=True``, the spec's own MLP): from step 2 on, two
     backends compute their loss and gradients at parameters that already differ by
@@ -593,21 +596,27 @@ def compare_trajectories(
         pairs += [(name, REFERENCE) for name in backends]
     analysis = None
     kink_note = None
+    stateless = [
+        b
+        for b in backends
+        if not plain and not all(trajectories[b].has_state(s) for s in range(1, problem.steps))
+    ]
     if kinks and REFERENCE in trajectories and learning_rate is not None and backends:
-        if plain or (propagate and fixed is None):
+        if plain or (propagate and fixed is None and not stateless):
             analysis = analyse_trajectory_kinks(
                 problem,
                 learning_rate,
                 [trajectories[b].dtype for b in backends],
                 trajectories[REFERENCE],
                 optimizer=None if plain else resolve_optimizer(optimizer, learning_rate),
-                backends=[trajectories[b] for b in backends],
             )
         elif kinked(problem.spec):
-            kink_note = (
-                f"off: with {optimizer.name}, a branch taken at a kink is carried to later "
-                "steps by propagation, which is off here"
+            why = (
+                f"{', '.join(stateless)} report no optimizer state to carry it from"
+                if stateless
+                else "propagation, which carries it, is off"
             )
+            kink_note = f"off: with {optimizer.name}, a branch taken at a kink needs {why}"
     arbiter = trajectories[REFERENCE if REFERENCE in trajectories else backends[-1]]
     magnitude = _magnitudes(problem, arbiter)
     bounds_cache: dict[tuple[str, str], Any] = {}
@@ -618,12 +627,21 @@ def compare_trajectories(
         )
 
     leaves: list[LeafDiff] = []
+    flips: list[Kink] = []  # ambiguous units at the backends' own parameters, steps >= 2
     for step in range(1, problem.steps + 1):
         moved = (
-            _propagated(problem, trajectories, step, resolve_optimizer(optimizer, learning_rate))
+            _propagated(
+                problem,
+                trajectories,
+                step,
+                resolve_optimizer(optimizer, learning_rate),
+                kinks=analysis is not None,
+            )
             if propagate and step > 1 and fixed is None and learning_rate is not None
             else None
         )
+        if moved is not None:
+            flips += [k for name in moved for k in moved[name]["kinks"]]
         for stage in ("loss", "grads", "params", "state"):
             for a, b in pairs:
                 ta, tb = trajectories[a], trajectories[b]
@@ -674,7 +692,15 @@ def compare_trajectories(
                 extra = dict(slack or {})
                 if moved is not None and moved[a][stage] and moved[b][stage]:
                     for name, value in moved[a][stage].items():
-                        extra[name] = extra.get(name, 0.0) + np.abs(value - moved[b][stage][name])
+                        with np.errstate(invalid="ignore"):
+                            apart = np.abs(value - moved[b][stage][name])
+                        # A diverged backend's inf/NaN allows nothing: its values fail.
+                        apart = np.where(np.isfinite(apart), apart, 0.0)
+                        extra[name] = extra.get(name, 0.0) + apart
+                if moved is not None:  # either backend may sit on the other side of a kink
+                    for side in (a, b):
+                        for name, value in moved[side]["flips"].get(stage, {}).items():
+                            extra[name] = extra.get(name, 0.0) + value
                 if analysis is not None:
                     # Two backends may sit on different sides of a kink: twice the envelope.
                     factor = 1.0 if REFERENCE in (a, b) else 2.0
@@ -687,8 +713,9 @@ def compare_trajectories(
                 leaves += diffs
     report = Report(leaves)
     if analysis is not None:
-        report.settings["kinks"] = analysis.count
-        report.settings["kink_units"] = [k.describe() for k in analysis.kinks]
+        units = analysis.kinks + flips
+        report.settings["kinks"] = len(units)
+        report.settings["kink_units"] = [k.describe() for k in units]
     elif kink_note is not None:
         report.settings["kinks"] = kink_note
     return report
@@ -754,16 +781,13 @@ def analyse_trajectory_kinks(
     reference: Trajectory | None = None,
     *,
     optimizer: OptimizerSpec | None = None,
-    backends: Sequence[Trajectory] = (),
 ) -> KinkAnalysis:
     """:func:`equiv.kinks.analyse_kinks` for a problem compared in ``dtypes``.
 
     Before step ``s`` a backend's parameters may already differ from the reference
     by the parameter bound after step ``s - 1`` (:func:`derived_tolerance` against
     float64, times the leaf's magnitude); the bound on the pre-activations takes
-    that into account. With an ``optimizer`` other than plain SGD, whose carried
-    differences that bound does not cover, the ``backends``' actual distance from
-    the reference counts too, where it is larger.
+    that into account. With an ``optimizer`` other than plain SGD: step 1 only.
     """
     dtype = max(dtypes, key=lambda d: UNIT_ROUNDOFF[d])
     spec = problem.spec
@@ -773,16 +797,9 @@ def analyse_trajectory_kinks(
             return {}
         tol = derived_tolerance(spec, problem.batch_size, "params", step - 1, (dtype, "float64"))
         params = reference_params[step - 2]
-        bound = {
+        return {
             name: tol.scaled * float(np.max(np.abs(v), initial=0.0)) for name, v in params.items()
         }
-        if optimizer is None:
-            return bound
-        for run in backends:
-            for name, v in run.params[step - 2].items():
-                seen = float(np.max(np.abs(v.astype(np.float64) - params[name]), initial=0.0))
-                bound[name] = max(bound[name], seen)
-        return bound
 
     if not kinked(spec):
         return KinkAnalysis(kinks=[], slack={})
@@ -840,19 +857,49 @@ def _update_sizes(
 
 
 def _propagated(
-    problem: Problem, trajectories: dict[str, Trajectory], step: int, optimizer: OptimizerSpec
+    problem: Problem,
+    trajectories: dict[str, Trajectory],
+    step: int,
+    optimizer: OptimizerSpec,
+    *,
+    kinks: bool = False,
 ) -> dict:
     """Per backend, ``step`` done exactly (float64, hand-derived) from where that backend
-    stood before it: ``{"loss", "grads", "params", "state"}`` flat trees."""
+    stood before it: ``{"loss", "grads", "params", "state"}`` flat trees. With
+    ``kinks``, also ``"flips"`` (:func:`equiv.kinks.flip_envelope` at the backend's own
+    parameters and state, by stage) and ``"kinks"`` (the units found there)."""
     spec = problem.spec.replace(dtype="float64")
     x, y = problem.batches[step - 1]
     x64, y64 = to_numpy(x).astype(np.float64), _numpy_batch(y)
     out = {}
     for name, trajectory in trajectories.items():
         params = {k: v.astype(np.float64) for k, v in trajectory.params[step - 2].items()}
-        loss, grads = manual.loss_and_grads(params, x64, y64, spec)
-        out[name] = {"loss": {"loss": np.asarray(loss)}, "grads": grads, "params": {}, "state": {}}
-        if not (is_plain_sgd(optimizer) or trajectory.has_state(step - 1)):
+        with np.errstate(all="ignore"):  # a diverged backend's inf/NaN: the report says so
+            loss, grads = manual.loss_and_grads(params, x64, y64, spec)
+        out[name] = {
+            "loss": {"loss": np.asarray(loss)},
+            "grads": grads,
+            "params": {},
+            "state": {},
+            "flips": {},
+            "kinks": [],
+        }
+        known_state = is_plain_sgd(optimizer) or trajectory.has_state(step - 1)
+        finite = all(np.all(np.isfinite(v)) for v in params.values())
+        if kinks and known_state and finite and name != REFERENCE and kinked(spec):
+            before = trajectory.states[step - 2] if trajectory.has_state(step - 1) else None
+            out[name]["kinks"], out[name]["flips"], _ = flip_envelope(
+                spec,
+                params,
+                x64,
+                y64,
+                UNIT_ROUNDOFF[trajectory.dtype],
+                step,
+                optimizer,
+                before or manual_init(optimizer, params),
+                backend=name,
+            )
+        if not known_state:
             # Its optimizer state is unknown: inventing one (zeros) would turn the step
             # into another optimizer's and could allow a real difference. Loss and
             # gradients, functions of the parameters alone, are still propagated.
@@ -865,7 +912,8 @@ def _propagated(
             if trajectory.has_state(step - 1)
             else manual_init(optimizer, params)
         )
-        new_params, new_state = manual_update(optimizer, params, grads, state, step)
+        with np.errstate(all="ignore"):
+            new_params, new_state = manual_update(optimizer, params, grads, state, step)
         out[name]["params"] = new_params
         if trajectory.has_state(step):
             out[name]["state"] = {

@@ -56,17 +56,20 @@ most for each example is carried on (up to :data:`MAX_BRANCHES`, largest first),
 run without new flips, and its deviations from the reference are added to the
 later slack (first order: the effects of separate branches add).
 
-Other optimizers (momentum, weight decay, Adam, AdamW). The reference advances with
-the optimizer (:func:`equiv.optimizers.manual_update`, float64), and ambiguous units
-are found at its parameters as above. Every optimizer here updates each element from
-that element's gradient and state alone, and at a flip step an element's gradient
-lies in ``g_ref ± slack``: the parameters and the optimizer state after the step may
-differ from the reference's by the largest change of the update over that interval,
-taken at :data:`UPDATE_SAMPLES` evenly spaced points, ends included (exact for SGD,
-linear in ``g``; Adam's ``m̂/(√v̂ + ε)`` is smooth in ``g`` with one stationary
-point). Later steps carry nothing here: the harness's propagation allows, from step
-2 on, the step done exactly from each backend's own parameters and state, which
-covers a branch taken earlier; without propagation the analysis is off.
+Other optimizers (momentum, weight decay, Adam, AdamW) and later steps.
+:func:`flip_envelope` does one step at given parameters and optimizer state: it
+finds the ambiguous units there (rounding only), the loss and gradient envelope
+as above, and pushes the gradient's interval ``g ± slack`` through the optimizer.
+Every optimizer here updates each element from that element's gradient and state
+alone, so the parameters and state after the step may differ by the largest
+change of the update over the interval: taken at :data:`UPDATE_SAMPLES` evenly
+spaced points, ends included, and at the update's stationary points inside (Adam's
+``m/(√v + ε)`` has one; AMSGrad adds the gradient where ``v`` meets its running
+maximum). SGD's update is linear in ``g``, so its ends are exact. For such
+optimizers the analysis here covers step 1 only; from step 2 on, the harness's
+propagation runs :func:`flip_envelope` at each backend's own parameters and state
+(:func:`equiv.harness.compare_trajectories`), which also covers a backend that
+stays on its side of a kink while the reference moves away.
 """
 
 from __future__ import annotations
@@ -107,10 +110,13 @@ class Kink:
     bound: float
 
     activation: str = "relu"
+    #: Found at this backend's own parameters (from step 2 on), or "" at the reference's.
+    backend: str = ""
 
     def describe(self) -> str:
+        where = f" at {self.backend}'s parameters" if self.backend else ""
         text = (
-            f"step {self.step}, fc{self.layer} output [{self.example}, {self.unit}]: "
+            f"step {self.step}, fc{self.layer} output [{self.example}, {self.unit}]{where}: "
             f"z = {self.z:.3g}, within rounding bound {self.bound:.3g} of the kink"
         )
         if self.z == 0.0 and self.activation == "leaky_relu":
@@ -230,12 +236,12 @@ def analyse_kinks(
       spec: the MLP (kinked activations per :func:`kinked`).
       params: the initial parameters under torch names (any array type).
       batches: ``[(x, y), ...]``, one per step.
-      learning_rate: SGD's learning rate.
+      learning_rate: SGD's learning rate (plain SGD; an ``optimizer`` has its own).
       unit_roundoff: ``u`` of the backends compared (the larger one for a mix).
       param_error: optional ``param_error(step) -> {name: max abs error}`` of the
         backends' parameters before ``step`` (for the bound on ``z``).
-      optimizer: anything but plain SGD: slack for the flip step only, its
-        parameters and state included (see the module's "Other optimizers").
+      optimizer: anything but plain SGD: step 1 only, through the optimizer (see
+        the module's "Other optimizers"); ``param_error`` is then unused.
 
     Example:
       >>> import numpy as np
@@ -250,7 +256,7 @@ def analyse_kinks(
       [[6.0, 18.0], [0.0, 0.0]]
     """
     if not is_plain_sgd(optimizer):
-        return _analyse_with_optimizer(spec, params, batches, optimizer, unit_roundoff, param_error)
+        return _analyse_with_optimizer(spec, params, batches, optimizer, unit_roundoff)
     names = spec.param_names()
     p_ref = {k: _f64(v) for k, v in params.items()}
     branches: list[dict[str, np.ndarray]] = []
@@ -302,7 +308,143 @@ def analyse_kinks(
     return KinkAnalysis(kinks=kinks, slack=slack, exhaustive=exhaustive)
 
 
-def _ambiguous_units(spec, zs, bounds, step, kinks) -> dict[int, list[tuple[int, int]]]:
+def _analyse_with_optimizer(spec, params, batches, optimizer, unit_roundoff):
+    """:func:`analyse_kinks` for any optimizer but plain SGD: step 1 only (later steps
+    are :func:`flip_envelope` at each backend's own parameters, in the harness)."""
+    p0 = {k: _f64(v) for k, v in params.items()}
+    (x, y), *_ = batches
+    kinks, slack, exhaustive = flip_envelope(
+        spec, p0, x, y, unit_roundoff, 1, optimizer, manual_init(optimizer, p0)
+    )
+    return KinkAnalysis(
+        kinks=kinks,
+        slack={(stage, 1): leaves for stage, leaves in slack.items()},
+        exhaustive=exhaustive,
+    )
+
+
+def flip_envelope(
+    spec: MLPSpec,
+    params: Mapping[str, Any],
+    x: Any,
+    y: Any,
+    unit_roundoff: float,
+    step: int,
+    optimizer: OptimizerSpec,
+    state: Mapping[str, Mapping[str, Any]],
+    *,
+    backend: str = "",
+) -> tuple[list[Kink], dict[str, dict[str, np.ndarray]], bool]:
+    """The ambiguous units at ``params`` and how far their other sides may move one step.
+
+    Args:
+      spec, params, x, y: the model, the parameters the step starts from (a backend's
+        own, exactly as it holds them) and the batch.
+      unit_roundoff: ``u`` of the backend whose rounding may flip a unit.
+      step: 1-based step (the optimizer's bias corrections depend on it).
+      optimizer, state: the optimizer and its state before the step (torch names).
+      backend: recorded in each :class:`Kink`.
+
+    Returns:
+      ``(kinks, slack, exhaustive)``: ``slack[stage][leaf]`` for stages ``loss``,
+      ``grads``, ``params`` and ``state`` (leaves ``exp_avg.fc1.weight``...), empty
+      when no unit is ambiguous.
+
+    Example:
+      >>> import numpy as np
+      >>> spec = MLPSpec((2, 2, 1), dtype="float64")
+      >>> params = {"fc1.weight": np.eye(2), "fc1.bias": np.array([-1.0, 0.0]),
+      ...           "fc2.weight": np.ones((1, 2)), "fc2.bias": np.zeros(1)}
+      >>> x, y = np.array([[1.0, 3.0]]), np.array([[0.0]])
+      >>> adam = OptimizerSpec("adam", learning_rate=0.1)
+      >>> state = manual_init(adam, params)
+      >>> kinks, slack, _ = flip_envelope(spec, params, x, y, 2.0**-24, 1, adam, state)
+      >>> len(kinks), slack["params"]["fc1.weight"].round(3).tolist()
+      (1, [[0.1, 0.1], [0.0, 0.0]])
+    """
+    p = {k: _f64(v) for k, v in params.items()}
+    x, y = _f64(x), _target(y)
+    zs, bounds = preactivation_bounds(p, x, spec, unit_roundoff)
+    kinks: list[Kink] = []
+    by_example = _ambiguous_units(spec, zs, bounds, step, kinks, backend)
+    if not by_example:
+        return kinks, {}, True
+    d_loss = np.zeros(())
+    d_grads = {name: np.zeros_like(v) for name, v in p.items()}
+    exhaustive = True
+    for b, units in by_example.items():
+        loss_b, grads_b, _ = _example_envelope(p, x, y, spec, zs, b, units)
+        exhaustive = exhaustive and len(units) <= MAX_EXHAUSTIVE
+        d_loss = d_loss + loss_b
+        d_grads = {name: d_grads[name] + grads_b[name] for name in d_grads}
+    _, g_ref = manual.loss_and_grads(p, x, y, spec)
+    state = {key: {n: _f64(v) for n, v in tree.items()} for key, tree in state.items()}
+    d_params, d_state = _update_envelope(optimizer, p, g_ref, d_grads, state, step)
+    slack = {
+        "loss": {"loss": d_loss},
+        "grads": d_grads,
+        "params": d_params,
+        "state": {f"{key}.{n}": v for key, tree in d_state.items() for n, v in tree.items()},
+    }
+    return kinks, slack, exhaustive
+
+
+def _update_envelope(optimizer, p, g_ref, d_grads, state, step):
+    """Per element, the largest change of the parameters and state after the step
+    over gradients in ``g_ref ± d_grads`` (see the module's "Other optimizers")."""
+    p_ref, s_ref = manual_update(optimizer, p, g_ref, state, step)
+    lo = {n: g_ref[n] - d_grads[n] for n in g_ref}
+    hi = {n: g_ref[n] + d_grads[n] for n in g_ref}
+    points = [
+        {n: g_ref[n] + t * d_grads[n] for n in g_ref} for t in np.linspace(-1, 1, UPDATE_SAMPLES)
+    ]
+    points += [
+        {n: np.clip(g[n], lo[n], hi[n]) for n in g}
+        for g in _stationary_gradients(optimizer, p, state, g_ref)
+    ]
+    d_params = {n: np.zeros_like(v) for n, v in p.items()}
+    d_state = {key: {n: np.zeros_like(v) for n, v in tree.items()} for key, tree in s_ref.items()}
+    for g in points:
+        p_t, s_t = manual_update(optimizer, p, g, state, step)
+        for n in d_params:
+            d_params[n] = np.maximum(d_params[n], np.abs(p_t[n] - p_ref[n]))
+        for key, tree in s_t.items():
+            for n, v in tree.items():
+                d_state[key][n] = np.maximum(d_state[key][n], np.abs(v - s_ref[key][n]))
+    return d_params, d_state
+
+
+def _stationary_gradients(optimizer, p, state, g_ref) -> list[dict[str, np.ndarray]]:
+    """Gradients where Adam's update may peak inside an interval (unclipped).
+
+    With ``A = β₁·m``, ``B = β₂·v`` from the state before the step and ``γ`` the
+    gradient after L2 decay, the update is ``(A + (1-β₁)γ) / (√((B + (1-β₂)γ²)/c) + ε)``
+    and, for ε → 0, stationary at ``γ* = (1-β₁)·B / ((1-β₂)·A)``. AMSGrad's running
+    maximum ``v_max`` is met where ``B + (1-β₂)γ² = v_max``. Elements without such a
+    point keep ``g_ref``.
+    """
+    if optimizer.name == "sgd":
+        return []
+    beta1, beta2 = optimizer.betas
+    l2 = optimizer.weight_decay if optimizer.name == "adam" else 0.0
+    out = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = {n: beta1 * state["exp_avg"][n] for n in g_ref}
+        b = {n: beta2 * state["exp_avg_sq"][n] for n in g_ref}
+        star = {n: (1 - beta1) * b[n] / ((1 - beta2) * a[n]) for n in g_ref}
+        out.append(star)
+        if optimizer.amsgrad:
+            meet = {
+                n: np.sqrt(np.maximum(state["max_exp_avg_sq"][n] - b[n], 0.0) / (1 - beta2))
+                for n in g_ref
+            }
+            out += [meet, {n: -v for n, v in meet.items()}]
+    return [
+        {n: np.where(np.isfinite(g[n]), g[n] - l2 * p[n], g_ref[n]) for n in g_ref} for g in out
+    ]
+
+
+def _ambiguous_units(spec, zs, bounds, step, kinks, backend="") -> dict[int, list[tuple[int, int]]]:
     """``{example: [(layer index, unit), ...]}`` within rounding of a kink; each is
     appended to ``kinks``."""
     by_example: dict[int, list[tuple[int, int]]] = {}
@@ -312,54 +454,9 @@ def _ambiguous_units(spec, zs, bounds, step, kinks) -> dict[int, list[tuple[int,
         for b, j in np.argwhere(np.abs(zs[i]) <= bounds[i]):
             by_example.setdefault(int(b), []).append((i, int(j)))
             z, bound = float(zs[i][b, j]), float(bounds[i][b, j])
-            kinks.append(Kink(step, i + 1, int(b), int(j), z, bound, spec.activations[i]))
+            act = spec.activations[i]
+            kinks.append(Kink(step, i + 1, int(b), int(j), z, bound, act, backend))
     return by_example
-
-
-def _analyse_with_optimizer(spec, params, batches, optimizer, unit_roundoff, param_error):
-    """:func:`analyse_kinks` for any optimizer: slack at each flip step only."""
-    p_ref = {k: _f64(v) for k, v in params.items()}
-    state = manual_init(optimizer, p_ref)
-    kinks: list[Kink] = []
-    slack: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    exhaustive = True
-    for step, (x, y) in enumerate(batches, start=1):
-        x, y = _f64(x), _target(y)
-        errors = param_error(step) if param_error is not None else None
-        zs, bounds = preactivation_bounds(p_ref, x, spec, unit_roundoff, errors)
-        by_example = _ambiguous_units(spec, zs, bounds, step, kinks)
-        _, g_ref = manual.loss_and_grads(p_ref, x, y, spec)
-        p_next, s_next = manual_update(optimizer, p_ref, g_ref, state, step)
-        if by_example:
-            d_loss = np.zeros(())
-            d_grads = {name: np.zeros_like(v) for name, v in p_ref.items()}
-            for b, units in by_example.items():
-                loss_b, grads_b, _ = _example_envelope(p_ref, x, y, spec, zs, b, units)
-                exhaustive = exhaustive and len(units) <= MAX_EXHAUSTIVE
-                d_loss = d_loss + loss_b
-                d_grads = {name: d_grads[name] + grads_b[name] for name in d_grads}
-            d_params = {name: np.zeros_like(v) for name, v in p_ref.items()}
-            d_state = {
-                key: {n: np.zeros_like(v) for n, v in t.items()} for key, t in s_next.items()
-            }
-            for t in np.linspace(-1.0, 1.0, UPDATE_SAMPLES):
-                g = {name: g_ref[name] + t * d_grads[name] for name in g_ref}
-                p_t, s_t = manual_update(optimizer, p_ref, g, state, step)
-                for name in d_params:
-                    d_params[name] = np.maximum(d_params[name], np.abs(p_t[name] - p_next[name]))
-                for key, tree in s_t.items():
-                    for name, v in tree.items():
-                        d_state[key][name] = np.maximum(
-                            d_state[key][name], np.abs(v - s_next[key][name])
-                        )
-            slack[("loss", step)] = {"loss": d_loss}
-            slack[("grads", step)] = d_grads
-            slack[("params", step)] = d_params
-            slack[("state", step)] = {
-                f"{key}.{name}": v for key, tree in d_state.items() for name, v in tree.items()
-            }
-        p_ref, state = p_next, s_next
-    return KinkAnalysis(kinks=kinks, slack=slack, exhaustive=exhaustive)
 
 
 def _example_envelope(p_ref, x, y, spec, zs, b, units):

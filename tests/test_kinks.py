@@ -36,20 +36,24 @@ def _kinked_problem(seed: int):
 
 
 def _manual_run(
-    problem, flip: bool, scale: dict[str, float] | None = None, optimizer=None
+    problem, flip: bool, scale: dict[str, float] | None = None, optimizer=None, persist=False
 ) -> Trajectory:
     """The hand-derived pass on float32 torch tensors, optionally on the other side of the
-    kink, with plain SGD or ``optimizer``."""
+    kink (at step 1, or with ``persist`` at every step where its own pre-activation is
+    within its own rounding bound), with plain SGD or ``optimizer``."""
     params = {k: v.clone() for k, v in problem.params.items()}
     state = manual_init(optimizer, params) if optimizer is not None else None
     out = Trajectory("flipped" if flip else "manual32", problem.spec.dtype)
     for step, (x, y) in enumerate(problem.batches, start=1):
         _, zs = manual.forward(params, x, problem.spec)
         masks = [z > 0 for z in zs[:-1]]
-        if flip and step == 1:  # the side opposite to the exact (float64) pre-activation's
-            p64 = {k: v.double() for k, v in params.items()}
-            _, z64 = manual.forward(p64, x.double(), problem.spec)
-            masks[0][EXAMPLE, UNIT] = not bool(z64[0][EXAMPLE, UNIT] > 0)
+        if flip and (step == 1 or persist):
+            # the side opposite to the exact (float64) pre-activation's
+            p64 = {k: v.double().numpy() for k, v in params.items()}
+            z64, bound = preactivation_bounds(p64, x.double().numpy(), problem.spec, 2.0**-24)
+            z, bound = z64[0][EXAMPLE, UNIT], bound[0][EXAMPLE, UNIT]
+            if step == 1 or abs(z) <= bound:
+                masks[0][EXAMPLE, UNIT] = not bool(z > 0)
         loss, grads = manual.loss_and_grads(params, x, y, problem.spec, masks)
         grads = {k: g * (scale or {}).get(k, 1.0) for k, g in grads.items()}
         if optimizer is None:
@@ -198,3 +202,53 @@ def test_other_optimizers_without_propagation_switch_the_analysis_off(equiv_seed
     report = _compare(problem, _runs(problem, optimizer), optimizer, propagate=False)
     assert report.settings["kinks"].startswith("off:")
     assert not report.agree  # the flipped side is then a failure, as without the analysis
+
+
+def _stuck_kink_problem(seed: int, steps: int = 3):
+    """A kinked unit that no other example activates, just above 0: a backend on the
+    inactive side gives its row no gradient, so the row (and its z) stays put while
+    the reference's moves away."""
+    problem = make_problem(SPEC, batch_size=4, seed=seed)
+    params = {k: v.clone() for k, v in problem.params.items()}
+    ((x, _),) = problem.batches
+    s = float(x[EXAMPLE].double() @ params["fc1.weight"][UNIT].double())
+    b = np.float32(-s)
+    while s + float(b) <= 0:
+        b = np.nextafter(b, np.float32(np.inf))
+    params["fc1.bias"][UNIT] = float(b)
+    params["fc2.weight"][:, UNIT] = torch.tensor([1.5, -1.0])
+    z = x.double() @ params["fc1.weight"][UNIT].double() + params["fc1.bias"][UNIT].double()
+    assert all(z[k] < 0 for k in range(len(z)) if k != EXAMPLE)  # the construction holds
+    return dataclasses.replace(problem, params=params, batches=problem.batches * steps)
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+@pytest.mark.parametrize(
+    "optimizer",
+    [OptimizerSpec("sgd", learning_rate=LR), *OPTIMIZERS.values()],
+    ids=["sgd", *OPTIMIZERS],
+)
+def test_a_backend_that_stays_on_its_side_passes(optimizer, seed):
+    # Its own pre-activation stays within its own rounding bound at every step: each
+    # flip is legitimate. Found at the backend's own parameters, not the reference's.
+    problem = _stuck_kink_problem(seed)
+    runs = _runs(problem, optimizer, persist=True)
+    assert not _compare(problem, runs, optimizer, kinks=False).agree
+    report = _compare(problem, runs, optimizer)
+    report.assert_agree()
+    assert any("at flipped's parameters" in unit for unit in report.settings["kink_units"])
+
+
+def test_a_diverged_backend_fails_without_slack_or_warnings(equiv_seed):
+    # An inf in one backend's parameters: no unit is called ambiguous there (no
+    # RuntimeWarning either, which this suite turns into errors), and it fails.
+    problem = _kinked_problem(equiv_seed)
+    problem = dataclasses.replace(problem, batches=problem.batches * 2)
+    optimizer = OPTIMIZERS["adam"]
+    runs = _runs(problem, optimizer)
+    runs["flipped"].params[0]["fc1.weight"][0, 0] = np.inf
+    report = _compare(problem, runs, optimizer)
+    assert ("params", 1, "fc1.weight") in {
+        (d.stage, d.step, d.name) for d in report.failures if d.actual == "flipped"
+    }
+    assert not any("flipped's parameters" in unit for unit in report.settings["kink_units"])
