@@ -597,26 +597,27 @@ def compare_trajectories(
     analysis = None
     kink_note = None
     stateless = [
-        b
-        for b in backends
-        if not plain and not all(trajectories[b].has_state(s) for s in range(1, problem.steps))
+        b for b in backends if not _state_known(optimizer, trajectories[b], range(1, problem.steps))
     ]
+    propagating = propagate and fixed is None
     if kinks and REFERENCE in trajectories and learning_rate is not None and backends:
-        if plain or (propagate and fixed is None and not stateless):
+        if plain or propagating:
             analysis = analyse_trajectory_kinks(
                 problem,
                 learning_rate,
                 [trajectories[b].dtype for b in backends],
                 trajectories[REFERENCE],
                 optimizer=None if plain else resolve_optimizer(optimizer, learning_rate),
+                # With propagation, later steps are analysed at each backend's own
+                # parameters: the reference's step 1 is all that is left to do here
+                # (carrying its branches on as well would count them twice).
+                first_step_only=propagating,
             )
         elif kinked(problem.spec):
-            why = (
-                f"{', '.join(stateless)} report no optimizer state to carry it from"
-                if stateless
-                else "propagation, which carries it, is off"
+            kink_note = (
+                f"off: with {optimizer.name}, a branch taken at a kink is carried to later "
+                "steps by propagation, which is off here"
             )
-            kink_note = f"off: with {optimizer.name}, a branch taken at a kink needs {why}"
     arbiter = trajectories[REFERENCE if REFERENCE in trajectories else backends[-1]]
     magnitude = _magnitudes(problem, arbiter)
     bounds_cache: dict[tuple[str, str], Any] = {}
@@ -716,6 +717,11 @@ def compare_trajectories(
         units = analysis.kinks + flips
         report.settings["kinks"] = len(units)
         report.settings["kink_units"] = [k.describe() for k in units]
+        if stateless and problem.steps > 1:
+            report.settings["kinks_limited"] = (
+                f"{', '.join(stateless)} report no optimizer state: kinks at their own "
+                "parameters after step 1 are not analysed"
+            )
     elif kink_note is not None:
         report.settings["kinks"] = kink_note
     return report
@@ -781,13 +787,15 @@ def analyse_trajectory_kinks(
     reference: Trajectory | None = None,
     *,
     optimizer: OptimizerSpec | None = None,
+    first_step_only: bool = False,
 ) -> KinkAnalysis:
     """:func:`equiv.kinks.analyse_kinks` for a problem compared in ``dtypes``.
 
     Before step ``s`` a backend's parameters may already differ from the reference
     by the parameter bound after step ``s - 1`` (:func:`derived_tolerance` against
     float64, times the leaf's magnitude); the bound on the pre-activations takes
-    that into account. With an ``optimizer`` other than plain SGD: step 1 only.
+    that into account. With an ``optimizer`` other than plain SGD, or with
+    ``first_step_only``: step 1 only.
     """
     dtype = max(dtypes, key=lambda d: UNIT_ROUNDOFF[d])
     spec = problem.spec
@@ -809,7 +817,7 @@ def analyse_trajectory_kinks(
     return analyse_kinks(
         spec,
         problem.params,
-        problem.batches,
+        problem.batches[:1] if first_step_only else problem.batches,
         learning_rate,
         UNIT_ROUNDOFF[dtype],
         param_error,
@@ -884,10 +892,12 @@ def _propagated(
             "flips": {},
             "kinks": [],
         }
-        known_state = is_plain_sgd(optimizer) or trajectory.has_state(step - 1)
-        finite = all(np.all(np.isfinite(v)) for v in params.values())
+        known_state = _state_known(optimizer, trajectory, [step - 1])
+        state_before = trajectory.states[step - 2] if trajectory.has_state(step - 1) else {}
+        finite = all(np.all(np.isfinite(v)) for v in params.values()) and all(
+            np.all(np.isfinite(v)) for tree in state_before.values() for v in tree.values()
+        )
         if kinks and known_state and finite and name != REFERENCE and kinked(spec):
-            before = trajectory.states[step - 2] if trajectory.has_state(step - 1) else None
             out[name]["kinks"], out[name]["flips"], _ = flip_envelope(
                 spec,
                 params,
@@ -896,7 +906,7 @@ def _propagated(
                 UNIT_ROUNDOFF[trajectory.dtype],
                 step,
                 optimizer,
-                before or manual_init(optimizer, params),
+                state_before or manual_init(optimizer, params),
                 backend=name,
             )
         if not known_state:
@@ -920,6 +930,14 @@ def _propagated(
                 f"{key}.{k}": v for key, tree in new_state.items() for k, v in tree.items()
             }
     return out
+
+
+def _state_known(optimizer: OptimizerSpec | None, trajectory: Trajectory, steps) -> bool:
+    """Whether ``trajectory``'s optimizer state after each of ``steps`` is known:
+    recorded, or there is none to keep (plain SGD, SGD with weight decay only)."""
+    if optimizer is None or not optimizer.state_names:
+        return True
+    return all(trajectory.has_state(step) for step in steps)
 
 
 def _check_backends(backends: Sequence[str]) -> tuple[str, ...]:

@@ -95,6 +95,9 @@ MAX_EXHAUSTIVE = 5
 MAX_BRANCHES = 64
 #: Points of ``g_ref ± slack`` at which an optimizer's update is evaluated.
 UPDATE_SAMPLES = 33
+#: Fixed-point iterations for Adam's stationary point with ε (converges in a few:
+#: ε·s is tiny beside √v wherever the point matters).
+_STATIONARY_ITERATIONS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,7 +403,7 @@ def _update_envelope(optimizer, p, g_ref, d_grads, state, step):
     ]
     points += [
         {n: np.clip(g[n], lo[n], hi[n]) for n in g}
-        for g in _stationary_gradients(optimizer, p, state, g_ref)
+        for g in _stationary_gradients(optimizer, p, state, g_ref, step)
     ]
     d_params = {n: np.zeros_like(v) for n, v in p.items()}
     d_state = {key: {n: np.zeros_like(v) for n, v in tree.items()} for key, tree in s_ref.items()}
@@ -414,24 +417,33 @@ def _update_envelope(optimizer, p, g_ref, d_grads, state, step):
     return d_params, d_state
 
 
-def _stationary_gradients(optimizer, p, state, g_ref) -> list[dict[str, np.ndarray]]:
+def _stationary_gradients(optimizer, p, state, g_ref, step) -> list[dict[str, np.ndarray]]:
     """Gradients where Adam's update may peak inside an interval (unclipped).
 
-    With ``A = β₁·m``, ``B = β₂·v`` from the state before the step and ``γ`` the
-    gradient after L2 decay, the update is ``(A + (1-β₁)γ) / (√((B + (1-β₂)γ²)/c) + ε)``
-    and, for ε → 0, stationary at ``γ* = (1-β₁)·B / ((1-β₂)·A)``. AMSGrad's running
-    maximum ``v_max`` is met where ``B + (1-β₂)γ² = v_max``. Elements without such a
-    point keep ``g_ref``.
+    With ``A = β₁·m``, ``B = β₂·v`` from the state before the step, ``γ`` the gradient
+    after L2 decay, ``D = √(B + (1-β₂)γ²)`` and ``s = √(1 - β₂^step)``, the update is
+    proportional to ``(A + (1-β₁)γ) / (D + ε·s)``, stationary where
+    ``γ = (1-β₁)·(B + ε·s·D) / ((1-β₂)·A)``: solved by fixed-point iteration from
+    its ``ε = 0`` value. AMSGrad's running maximum ``v_max`` is met where
+    ``B + (1-β₂)γ² = v_max``. Elements without such a point keep ``g_ref``.
     """
     if optimizer.name == "sgd":
         return []
     beta1, beta2 = optimizer.betas
     l2 = optimizer.weight_decay if optimizer.name == "adam" else 0.0
+    eps_s = optimizer.eps * math.sqrt(1 - beta2**step)
     out = []
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         a = {n: beta1 * state["exp_avg"][n] for n in g_ref}
         b = {n: beta2 * state["exp_avg_sq"][n] for n in g_ref}
         star = {n: (1 - beta1) * b[n] / ((1 - beta2) * a[n]) for n in g_ref}
+        for _ in range(_STATIONARY_ITERATIONS):
+            star = {
+                n: (1 - beta1)
+                * (b[n] + eps_s * np.sqrt(b[n] + (1 - beta2) * star[n] ** 2))
+                / ((1 - beta2) * a[n])
+                for n in g_ref
+            }
         out.append(star)
         if optimizer.amsgrad:
             meet = {

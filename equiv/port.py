@@ -61,6 +61,7 @@ from equiv.losses import LOSSES
 from equiv.optimizers import (
     OptimizerSpec,
     make_optax,
+    optax_state_to_torch_names,
 )
 from equiv.precision import comparison_scope
 from equiv.problem import Problem
@@ -148,6 +149,7 @@ def check_jax_port(
                 params=params,
                 optimizer=port_optimizer or make_optax(optimizer),
                 jit=jit,
+                state_spec=optimizer,
             ),
             REFERENCE: _run_arbiter(model, problem, optimizer),
         }
@@ -231,12 +233,16 @@ def run_jax_port(
     optimizer: optax.GradientTransformation | None = None,
     jit: bool = True,
     name: str = PORT,
+    state_spec: OptimizerSpec | None = None,
 ) -> Trajectory:
     """Your loss function under ``jax.value_and_grad`` and optax, as a :class:`Trajectory`
     (gradients and parameters converted back to torch names).
 
     The trajectory carries the problem's dtype, so a port that silently computes
-    in float32 is held to float64's bound and fails.
+    in float32 is held to float64's bound and fails. With ``state_spec``, the optax
+    state is recorded under torch's names too
+    (:func:`equiv.optimizers.optax_state_to_torch_names`) when it holds the moments
+    that optimizer keeps; otherwise, as without it, no state is recorded.
     """
     spec = problem.spec
     if params is None:
@@ -263,8 +269,22 @@ def run_jax_port(
             loss,
             jax_to_torch(grads, layout=layout, spec=spec),
             jax_to_torch(params, layout=layout, spec=spec),
+            _torch_named_state(state_spec, state, layout, spec),
         )
     return out
+
+
+def _torch_named_state(state_spec, state, layout, spec) -> dict | None:
+    """The optax state under torch's names, or None where it does not hold
+    ``state_spec``'s moments (a chain of your own may keep others, or none)."""
+    if state_spec is None or not state_spec.state_names:
+        return None
+    try:
+        return optax_state_to_torch_names(
+            state_spec, state, lambda tree: jax_to_torch(tree, layout=layout, spec=spec)
+        )
+    except ValueError:
+        return None
 
 
 def run_manual_port(

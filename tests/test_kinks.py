@@ -36,7 +36,12 @@ def _kinked_problem(seed: int):
 
 
 def _manual_run(
-    problem, flip: bool, scale: dict[str, float] | None = None, optimizer=None, persist=False
+    problem,
+    flip: bool,
+    scale: dict[str, float] | None = None,
+    optimizer=None,
+    persist=False,
+    scale_from=1,
 ) -> Trajectory:
     """The hand-derived pass on float32 torch tensors, optionally on the other side of the
     kink (at step 1, or with ``persist`` at every step where its own pre-activation is
@@ -55,7 +60,8 @@ def _manual_run(
             if step == 1 or abs(z) <= bound:
                 masks[0][EXAMPLE, UNIT] = not bool(z > 0)
         loss, grads = manual.loss_and_grads(params, x, y, problem.spec, masks)
-        grads = {k: g * (scale or {}).get(k, 1.0) for k, g in grads.items()}
+        if step >= scale_from:
+            grads = {k: g * (scale or {}).get(k, 1.0) for k, g in grads.items()}
         if optimizer is None:
             params = manual.sgd_update(params, grads, LR)
         else:
@@ -252,3 +258,58 @@ def test_a_diverged_backend_fails_without_slack_or_warnings(equiv_seed):
         (d.stage, d.step, d.name) for d in report.failures if d.actual == "flipped"
     }
     assert not any("flipped's parameters" in unit for unit in report.settings["kink_units"])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_bug_from_step_two_is_not_hidden_by_step_one_branches(seed):
+    # Plain SGD with propagation: a branch taken at step 1 is covered at step 2 by
+    # the step redone at each backend's own parameters; carrying the reference's
+    # branches on as well counted it twice and let a 1e-3 gradient bug through.
+    problem = _kinked_problem(seed)
+    problem = dataclasses.replace(problem, batches=problem.batches * 3)
+    runs = _runs(problem)
+    runs["buggy"] = _manual_run(problem, flip=False, scale={"fc2.bias": 1 + 1e-3}, scale_from=2)
+    report = compare_trajectories(problem, runs, learning_rate=LR)
+    assert ("grads", 2, "fc2.bias") in {
+        (d.stage, d.step, d.name) for d in report.failures if d.actual == "buggy"
+    }
+
+
+def test_non_finite_optimizer_state_fails_cleanly(equiv_seed):
+    problem = _kinked_problem(equiv_seed)
+    problem = dataclasses.replace(problem, batches=problem.batches * 2)
+    optimizer = OPTIMIZERS["adam"]
+    runs = _runs(problem, optimizer, persist=True)
+    runs["flipped"].states[0]["exp_avg_sq"]["fc1.weight"][0, 0] = np.inf
+    report = _compare(problem, runs, optimizer)
+    assert not report.agree
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("scale", [1e-8, 1e-2])
+def test_the_update_envelope_finds_adams_peak(scale, decay, amsgrad):
+    # Against a dense scan of the interval: the sampled envelope (33 points plus
+    # the stationary points) must not miss the largest change of the update.
+    from equiv.kinks import _update_envelope
+
+    rng = np.random.default_rng(0)
+    optimizer = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=decay, amsgrad=amsgrad)
+    shape = (2000,)
+    p = {"w": rng.standard_normal(shape)}
+    state = {
+        "exp_avg": {"w": scale * rng.standard_normal(shape)},
+        "exp_avg_sq": {"w": scale**2 * rng.random(shape)},
+    }
+    if amsgrad:
+        state["max_exp_avg_sq"] = {"w": state["exp_avg_sq"]["w"] * (1 + rng.random(shape))}
+    g_ref = {"w": scale * rng.standard_normal(shape)}
+    d = {"w": scale * 2 * rng.random(shape)}
+    envelope, _ = _update_envelope(optimizer, p, g_ref, d, state, 3)
+    base, _ = manual_update(optimizer, p, g_ref, state, 3)
+    dense = np.zeros(shape)
+    for t in np.linspace(-1, 1, 4001):
+        moved, _ = manual_update(optimizer, p, {"w": g_ref["w"] + t * d["w"]}, state, 3)
+        dense = np.maximum(dense, np.abs(moved["w"] - base["w"]))
+    ulps = 4 * np.finfo(np.float64).eps * np.abs(p["w"])  # float64 rounding of p - lr·u
+    assert np.all(envelope["w"] >= dense * (1 - 1e-6) - ulps)

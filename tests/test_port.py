@@ -290,3 +290,25 @@ def test_a_failing_loss_fn_is_reported_with_the_layout_keys():
         ValueError, match=r"your loss_fn\(params, x, y\) failed: KeyError.*Dense_0\.kernel"
     ):
         check_jax_port(model, wrong_keys, torch.randn(2, 4), torch.randn(2, 2))
+
+
+def test_a_port_records_its_optax_state_under_torch_names():
+    # With its state known, a port's later steps are propagated (and kinks analysed)
+    # from where it stands; a chain holding other moments records none.
+    from equiv.jax_mlp import loss_fn
+    from equiv.optimizers import make_optax
+    from equiv.port import run_jax_port
+    from equiv.problem import make_problem
+
+    spec = MLPSpec((3, 4, 2))
+    adam = OptimizerSpec("adam", learning_rate=1e-2)
+    problem = make_problem(spec, batch_size=4, seed=0, steps=2)
+
+    def loss(params, x, y):
+        return loss_fn(params, x, y, spec)
+
+    run = run_jax_port(problem, loss, "flax", 1e-2, optimizer=make_optax(adam), state_spec=adam)
+    assert sorted(run.states[1]) == ["exp_avg", "exp_avg_sq"]
+    assert sorted(run.states[1]["exp_avg"]) == sorted(spec.param_names())
+    other = run_jax_port(problem, loss, "flax", 1e-2, optimizer=optax.sgd(1e-2), state_spec=adam)
+    assert other.states == [None, None]
