@@ -562,14 +562,15 @@ def compare_trajectories(
     distance of the kink are found, and a leaf they move may differ by the slack
     of the other side of the kink on top of its bound (twice that between two
     backends). The report's settings count them (``settings["kinks"]``); a
-    difference elsewhere still fails. Plain SGD carries a branch's consequences to
-    later steps itself. With propagation on, from step 2 on, ambiguous units are
-    also looked for at each backend's own parameters and pushed through the
-    optimizer from its own state (:func:`equiv.kinks.flip_envelope`): a backend
-    that stays on its side of a kink while the reference moves away passes. Other
-    optimizers rely on that for every step after the first, so with
-    ``propagate=False``, user ``rtol``/``atol``, or a backend that reports no
-    optimizer state, their analysis is off and ``settings["kinks"]`` says why.
+    difference elsewhere still fails. With propagation on, the reference's
+    parameters are analysed at step 1, and from step 2 on each backend's own
+    parameters, pushed through the optimizer from its own state
+    (:func:`equiv.kinks.flip_envelope`): a backend that stays on its side of a
+    kink while the reference moves away passes. A backend without a recorded
+    optimizer state is analysed at step 1 only (``settings["kinks_limited"]``).
+    Without propagation (``propagate=False`` or user ``rtol``/``atol``) plain SGD
+    carries the reference's branches to later steps itself, and for other
+    optimizers the analysis is off and ``settings["kinks"]`` says why.
 
     Propagation (``propagate=True``, the spec's own MLP): from step 2 on, two
     backends compute their loss and gradients at parameters that already differ by

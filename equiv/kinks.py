@@ -49,7 +49,8 @@ is ``slack ≥ |branch - reference|`` for every branch. A backend near branch ``
 satisfies ``|x - ref| ≤ |x - β| + |β - ref| ≤ bound + slack``; two backends on
 different branches differ by at most ``bound + 2·slack``.
 
-Later steps. The parameters after step ``s`` carry ``learning_rate`` times the
+Later steps, plain SGD without the harness's propagation (with it, see below).
+The parameters after step ``s`` carry ``learning_rate`` times the
 gradient slack of every step so far. A branch taken at one step also moves later
 gradients (through the changed parameters): the branch that moves the gradient
 most for each example is carried on (up to :data:`MAX_BRANCHES`, largest first),
@@ -66,7 +67,8 @@ change of the update over the interval: taken at :data:`UPDATE_SAMPLES` evenly
 spaced points, ends included, and at the update's stationary points inside (Adam's
 ``m/(√v + ε)`` has one; AMSGrad adds the gradient where ``v`` meets its running
 maximum). SGD's update is linear in ``g``, so its ends are exact. For such
-optimizers the analysis here covers step 1 only; from step 2 on, the harness's
+optimizers (and for plain SGD when the harness propagates) the analysis here covers
+step 1 only; from step 2 on, the harness's
 propagation runs :func:`flip_envelope` at each backend's own parameters and state
 (:func:`equiv.harness.compare_trajectories`), which also covers a backend that
 stays on its side of a kink while the reference moves away.
