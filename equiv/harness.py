@@ -893,24 +893,7 @@ def _propagated(
             "flips": {},
             "kinks": [],
         }
-        known_state = _state_known(optimizer, trajectory, [step - 1])
-        state_before = trajectory.states[step - 2] if trajectory.has_state(step - 1) else {}
-        finite = all(np.all(np.isfinite(v)) for v in params.values()) and all(
-            np.all(np.isfinite(v)) for tree in state_before.values() for v in tree.values()
-        )
-        if kinks and known_state and finite and name != REFERENCE and kinked(spec):
-            out[name]["kinks"], out[name]["flips"], _ = flip_envelope(
-                spec,
-                params,
-                x64,
-                y64,
-                UNIT_ROUNDOFF[trajectory.dtype],
-                step,
-                optimizer,
-                state_before or manual_init(optimizer, params),
-                backend=name,
-            )
-        if not known_state:
+        if not _state_known(optimizer, trajectory, [step - 1]):
             # Its optimizer state is unknown: inventing one (zeros) would turn the step
             # into another optimizer's and could allow a real difference. Loss and
             # gradients, functions of the parameters alone, are still propagated.
@@ -923,6 +906,21 @@ def _propagated(
             if trajectory.has_state(step - 1)
             else manual_init(optimizer, params)
         )
+        finite = all(np.all(np.isfinite(v)) for v in params.values()) and all(
+            np.all(np.isfinite(v)) for tree in state.values() for v in tree.values()
+        )
+        if kinks and finite and name != REFERENCE and kinked(spec):
+            out[name]["kinks"], out[name]["flips"], _ = flip_envelope(
+                spec,
+                params,
+                x64,
+                y64,
+                UNIT_ROUNDOFF[trajectory.dtype],
+                step,
+                optimizer,
+                state,
+                backend=name,
+            )
         with np.errstate(all="ignore"):
             new_params, new_state = manual_update(optimizer, params, grads, state, step)
         out[name]["params"] = new_params

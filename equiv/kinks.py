@@ -276,16 +276,10 @@ def analyse_kinks(
         by_example = _ambiguous_units(spec, zs, bounds, step, kinks)
         loss_ref, g_ref = manual.loss_and_grads(p_ref, x, y, spec)
         p_next = manual.sgd_update(p_ref, g_ref, learning_rate)
-        d_loss = np.zeros(())
-        d_grads = {name: np.zeros_like(v) for name, v in p_ref.items()}
+        d_loss, d_grads, worsts, complete = _batch_envelope(p_ref, x, y, spec, zs, by_example)
+        exhaustive = exhaustive and complete
         new_branches = []
-        for b, units in by_example.items():
-            # Examples add up in the mean: a flip moves only its own example's term.
-            loss_b, grads_b, worst = _example_envelope(p_ref, x, y, spec, zs, b, units)
-            exhaustive = exhaustive and len(units) <= MAX_EXHAUSTIVE
-            d_loss = d_loss + loss_b
-            for name in names:
-                d_grads[name] = d_grads[name] + grads_b[name]
+        for worst in worsts:
             if worst is not None:
                 new_branches.append(
                     (
@@ -374,14 +368,7 @@ def flip_envelope(
     by_example = _ambiguous_units(spec, zs, bounds, step, kinks, backend)
     if not by_example:
         return kinks, {}, True
-    d_loss = np.zeros(())
-    d_grads = {name: np.zeros_like(v) for name, v in p.items()}
-    exhaustive = True
-    for b, units in by_example.items():
-        loss_b, grads_b, _ = _example_envelope(p, x, y, spec, zs, b, units)
-        exhaustive = exhaustive and len(units) <= MAX_EXHAUSTIVE
-        d_loss = d_loss + loss_b
-        d_grads = {name: d_grads[name] + grads_b[name] for name in d_grads}
+    d_loss, d_grads, _, exhaustive = _batch_envelope(p, x, y, spec, zs, by_example)
     _, g_ref = manual.loss_and_grads(p, x, y, spec)
     state = {key: {n: _f64(v) for n, v in tree.items()} for key, tree in state.items()}
     d_params, d_state = _update_envelope(optimizer, p, g_ref, d_grads, state, step)
@@ -471,6 +458,22 @@ def _ambiguous_units(spec, zs, bounds, step, kinks, backend="") -> dict[int, lis
             act = spec.activations[i]
             kinks.append(Kink(step, i + 1, int(b), int(j), z, bound, act, backend))
     return by_example
+
+
+def _batch_envelope(p, x, y, spec, zs, by_example):
+    """Every ambiguous example's envelope, summed: examples add up in the mean, so a
+    flip moves only its own example's term. Returns ``(|Δloss|, {name: |Δgrad|},
+    [worst branch per example], exhaustive)``."""
+    d_loss = np.zeros(())
+    d_grads = {name: np.zeros_like(v) for name, v in p.items()}
+    worsts, exhaustive = [], True
+    for b, units in by_example.items():
+        loss_b, grads_b, worst = _example_envelope(p, x, y, spec, zs, b, units)
+        exhaustive = exhaustive and len(units) <= MAX_EXHAUSTIVE
+        d_loss = d_loss + loss_b
+        d_grads = {name: d_grads[name] + grads_b[name] for name in d_grads}
+        worsts.append(worst)
+    return d_loss, d_grads, worsts, exhaustive
 
 
 def _example_envelope(p_ref, x, y, spec, zs, b, units):
