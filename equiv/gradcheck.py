@@ -11,8 +11,13 @@ Each leaf gets its own directions (``v`` zero outside the leaf), so a failure na
 the leaf whose gradient is wrong; ``v`` is Gaussian, scaled by the leaf's RMS, so
 ``h`` is a relative step.
 
-Derived tolerance. Along a direction where no ReLU changes side, ``L(p + t·v)`` is
-a polynomial in ``t``, so ``D(h) = ⟨g, v⟩ + a·h² + O(h⁴)``: the truncation error.
+The loss is the spec's own (:data:`equiv.losses.LOSSES`), so the check covers every
+activation and loss the backends support.
+
+Derived tolerance. Along a direction where no kinked unit changes side (and no
+output crosses the threshold of ``huber`` or ``smooth_l1``), ``L(p + t·v)`` is smooth
+in ``t`` (a polynomial for ReLU and MSE), so ``D(h) = ⟨g, v⟩ + a·h² + O(h⁴)``: the
+truncation error.
 The computed loss carries a rounding error at most ``r`` (below), so a computed
 ``D(h)`` is off by at most ``r/h`` more. From ``D(2h) - D(h) = 3a·h² ± (r/h + r/2h)``::
 
@@ -20,10 +25,11 @@ The computed loss carries a rounding error at most ``r`` (below), so a computed
 
 plus the rounding of the inner product itself, ``c·u·√n·Σ|g_j v_j|``. ``r`` comes
 from the elementwise bound on the outputs of :func:`equiv.kinks.preactivation_bounds`
-(``ε_L``, float64): ``r = mean(2·|out - y|·ε_L + ε_L²) + c·u·√N·L`` for the mean
-over ``N`` elements. ``h = u^{1/3}`` balances the two terms. A direction along which
-some pre-activation changes sign within ``2h`` (a kink) breaks the polynomial and is
-replaced by a fresh one (counted in ``skipped``).
+(``ε_L``, float64): ``r = Σ|∂L/∂out|·ε_L + c₂·Σε_L² + c·u·√N·M`` over the ``N``
+output elements, ``M`` the loss's magnitude (for MSE ``r = mean(2·|out - y|·ε_L) + ...``).
+``h = u^{1/3}`` balances the two terms. A direction along which some pre-activation
+changes sign within ``2h``, or an output crosses the loss's threshold (a kink), breaks
+the expansion and is replaced by a fresh one (counted in ``skipped``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import numpy as np
 from equiv import manual
 from equiv._messages import message, value_error
 from equiv.kinks import preactivation_bounds
+from equiv.losses import LOSSES
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 from equiv.tolerance import SAFETY
 
@@ -153,12 +160,15 @@ def check_gradients(
         raise value_error(f"directions must be an int of at least 1, got {directions!r}")
     spec = spec.replace(dtype="float64")
     params = {k: _f64(v) for k, v in params.items()}
-    x, y = _f64(x), _f64(y)
+    # Integer class labels stay integers; everything else is computed in float64.
+    x = _f64(x)
+    y = np.asarray(_to_numpy(y)) if LOSSES[spec.loss].targets == "labels" else _f64(y)
     grad_fn = grad_fn or (lambda p, xb, yb: manual.loss_and_grads(p, xb, yb, spec))
     _, grads = grad_fn(params, x, y)
     grads = {k: _f64(v) for k, v in grads.items()}
     rng = np.random.default_rng(seed)
     base_masks = _masks(params, x, spec)
+    base_branches = _loss_branches(params, x, y, spec)
     projections, skipped = [], 0
     for name in spec.param_names():
         leaf = params[name]
@@ -166,13 +176,14 @@ def check_gradients(
         for d in range(directions):
             for _ in range(MAX_TRIES):
                 v = rng.standard_normal(leaf.shape) * scale
-                if _no_kink(params, name, v, x, spec, base_masks):
+                if _no_kink(params, name, v, x, y, spec, base_masks, base_branches):
                     break
                 skipped += 1
             else:
                 raise value_error(
-                    f"every direction for {name} crosses a ReLU kink within the finite "
-                    "difference step; perturb the parameters or the batch"
+                    f"every direction for {name} crosses a kink (of an activation, or of the "
+                    f"{spec.loss} loss) within the finite difference step; perturb the "
+                    "parameters or the batch"
                 )
             projections.append(_project(params, grads, name, d, v, x, y, spec))
     return GradCheck(projections, skipped)
@@ -200,16 +211,42 @@ def _project(params, grads, name, d, v, x, y, spec) -> Projection:
 
 def _loss(params, x, y, spec) -> float:
     out, _ = manual.forward(params, x, spec)
-    return float(np.mean((out - y) ** 2))
+    loss, _ = LOSSES[spec.loss].value_and_grad(out, y, spec)
+    return float(loss)
 
 
 def _loss_rounding(params, x, y, spec) -> float:
-    """Bound ``r`` on the rounding error of the computed float64 loss."""
+    """Bound ``r`` on the rounding error of the computed float64 loss.
+
+    The outputs are off by at most ``ε`` (elementwise): the loss moves by at most
+    ``Σ|∂L/∂o|·ε`` plus a second-order term, ``c·Σε²`` with ``c`` at least every loss's
+    second derivative per element (2 for ``mse_sum``; the means divide by ``n``;
+    ``1/β`` for ``smooth_l1``). The loss's own arithmetic adds ``c·u·√N`` times its
+    magnitude (:attr:`equiv.losses.Loss.magnitude`; for MSE ``mean(d²)`` itself: the
+    subtraction ``d = o - y`` is one rounding relative to ``d``).
+    """
     zs, bounds = preactivation_bounds(params, x, spec, U64)
     out, eps = zs[-1], bounds[-1]
-    diff = np.abs(out - y)
-    loss = float(np.mean(diff * diff))
-    return float(np.mean(2 * diff * eps + eps * eps)) + SAFETY * U64 * math.sqrt(diff.size) * loss
+    loss_fn = LOSSES[spec.loss]
+    loss, grad_out = loss_fn.value_and_grad(out, y, spec)
+    if spec.loss in ("mse", "mse_sum"):
+        magnitude = abs(float(loss))
+    else:
+        magnitude = float(loss_fn.magnitude(out, y, spec)[0])
+    curvature = max(2.0, 1.0 / spec.smooth_l1_beta if spec.loss == "smooth_l1" else 0.0)
+    return (
+        float(np.sum(np.abs(grad_out) * eps) + curvature * np.sum(eps * eps))
+        + SAFETY * U64 * math.sqrt(out.size) * magnitude
+    )
+
+
+def _loss_branches(params, x, y, spec) -> np.ndarray | None:
+    """Which side of its own kink each output element is on (``huber``, ``smooth_l1``)."""
+    threshold = {"huber": spec.huber_delta, "smooth_l1": spec.smooth_l1_beta}.get(spec.loss)
+    if threshold is None:
+        return None
+    out, _ = manual.forward(params, x, spec)
+    return np.abs(out - y) <= threshold
 
 
 def _masks(params, x, spec) -> list[np.ndarray]:
@@ -217,17 +254,23 @@ def _masks(params, x, spec) -> list[np.ndarray]:
     return [z > 0 for z in zs[:-1]]
 
 
-def _no_kink(params, name, v, x, spec, base_masks) -> bool:
+def _no_kink(params, name, v, x, y, spec, base_masks, base_branches) -> bool:
     for t in (-2 * STEP, -STEP, STEP, 2 * STEP):
         moved = dict(params)
         moved[name] = params[name] + t * v
         masks = _masks(moved, x, spec)
         if any(not np.array_equal(m, b) for m, b in zip(masks, base_masks, strict=True)):
             return False
+        if base_branches is not None and not np.array_equal(
+            _loss_branches(moved, x, y, spec), base_branches
+        ):
+            return False
     return True
 
 
+def _to_numpy(x: Any) -> Any:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+
 def _f64(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.array(x, dtype=np.float64)
+    return np.array(_to_numpy(x), dtype=np.float64)

@@ -9,7 +9,7 @@ elements of ``o`` (batch · outputs), ``B`` the batch.
 * ``mse_sum``: Σ (o - y)²; gradient 2(o - y).
 * ``cross_entropy`` (integer labels) and ``cross_entropy_probs`` (probability
   targets): mean over the batch of -Σ_c q_c log softmax(o)_c; gradient
-  (softmax(o) - q) / B.
+  (softmax(o)·Σ_c q_c - q) / B, which is (softmax(o) - q) / B for rows summing to 1.
 * ``bce_with_logits``: mean of max(o, 0) - o·y + log(1 + e^-|o|); gradient (σ(o) - y) / n.
 * ``huber``: mean of ½d² if |d| ≤ δ else δ(|d| - ½δ), d = o - y; gradient clip(d, -δ, δ) / n.
 * ``smooth_l1``: mean of ½d²/β if |d| < β else |d| - ½β; gradient d/β if |d| < β else
@@ -97,7 +97,10 @@ def _cross_entropy(o, y, spec):
         q = (1.0 - eps) * q + eps / o.shape[1]
     log_p = _log_softmax(xp, o)
     loss = xp.mean(-xp.sum(q * log_p, axis=1))
-    return loss, (xp.exp(log_p) - q) / o.shape[0]
+    # Σ_c q_c·softmax(o) - q: targets whose rows do not sum to exactly 1 (float32
+    # probabilities read in float64) are differentiated as torch's autograd does.
+    total = xp.sum(q, axis=1, keepdims=True)
+    return loss, (xp.exp(log_p) * total - q) / o.shape[0]
 
 
 def _bce_with_logits(o, y, spec):
@@ -147,7 +150,8 @@ def _cross_entropy_magnitude(o, y, spec):
     log_p = _log_softmax(xp, o)
     row_max = xp.max(xp.abs(o), axis=1, keepdims=True)
     loss = xp.mean(xp.sum(q * (xp.abs(log_p) + 2.0 * row_max), axis=1) + row_max[:, 0])
-    return loss, (xp.exp(log_p) + xp.abs(q) + 1.0 / o.shape[1]) / o.shape[0]
+    total = xp.sum(xp.abs(q), axis=1, keepdims=True)
+    return loss, (xp.exp(log_p) * total + xp.abs(q) + 1.0 / o.shape[1]) / o.shape[0]
 
 
 def _bce_magnitude(o, y, spec):

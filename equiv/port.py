@@ -2,11 +2,14 @@
 
 You have a torch model and wrote its JAX version (or a backward pass by hand).
 :func:`check_jax_port` converts the model's parameters, takes gradients of *your*
-loss function with ``jax.grad``, runs the SGD step(s) with ``optax``, and compares
-the loss, every gradient and every updated parameter, leaf by leaf under torch's
-names, with the torch model trained by ``torch.optim.SGD`` and with the float64
-hand-derived reference (the arbiter, which says which side is off).
+loss function with ``jax.grad``, runs the training step(s) with ``optax`` (plain
+SGD, or the optimizer you name), and compares the loss, every gradient, every
+updated parameter and the optimizer's state, leaf by leaf under torch's names, with
+the torch model trained by ``torch.optim`` and with the float64 hand-derived
+reference (the arbiter, which says which side is off).
 :func:`check_manual_backward` does the same for ``(params, x, y) -> (loss, grads)``.
+The model may be equiv's :class:`~equiv.TorchMLP` or any stack of ``nn.Linear``
+layers and supported activations (:func:`equiv.mlp_from_module` reads it).
 
 Batches: ``x`` and ``y`` are either one batch (arrays of shape (B, in) and
 (B, out)), used for every one of ``steps`` steps, or two sequences of ``steps``
@@ -48,6 +51,7 @@ from equiv import manual
 from equiv._messages import type_error, value_error
 from equiv.compare import to_numpy
 from equiv.convert import get_layout, jax_to_torch, torch_to_jax
+from equiv.from_module import mlp_from_module
 from equiv.harness import (
     REFERENCE,
     Comparison,
@@ -60,13 +64,16 @@ from equiv.harness import (
 from equiv.losses import LOSSES
 from equiv.optimizers import (
     OptimizerSpec,
+    is_plain_sgd,
     make_optax,
+    manual_init,
+    manual_update,
     optax_state_to_torch_names,
 )
 from equiv.precision import comparison_scope
 from equiv.problem import Problem
 from equiv.spec import MLPSpec
-from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
+from equiv.torch_mlp import TORCH_DTYPES, TorchMLP, torch_mlp_with_params
 
 #: The name your implementation carries in reports.
 PORT = "port"
@@ -82,7 +89,7 @@ def check_jax_port(
     y: Any,
     *,
     layout: str = "flax",
-    learning_rate: float = 0.1,
+    learning_rate: float | None = None,
     steps: int = 1,
     params: Any = None,
     optimizer: OptimizerSpec | None = None,
@@ -97,16 +104,20 @@ def check_jax_port(
     with the torch model's and with the float64 reference.
 
     Args:
-      model: the torch model: an :class:`equiv.TorchMLP`, or any module whose
-        state_dict uses its names (``fc1.weight``, ...) with ``spec`` given. For a
-        module other than a TorchMLP the arbiter is the module itself run in
-        float64 (autograd), since the hand-derived pass only knows equiv's MLP.
+      model: the torch model: an :class:`equiv.TorchMLP`; a stack of ``nn.Linear``
+        layers and supported activations under any names (an ``nn.Sequential``,
+        say), read by :func:`equiv.mlp_from_module` into a TorchMLP with the same
+        parameters (its forward pass checked on a probe batch); or any module whose
+        state_dict uses equiv's names (``fc1.weight``, ...) with ``spec`` given, whose
+        arbiter is then the module itself run in float64 (autograd), since the
+        hand-derived pass only knows equiv's MLP.
       loss_fn: your ``loss_fn(params, x, y) -> scalar``, params in ``layout``.
       x, y: one batch, or one batch per step (see the module docstring); torch
         tensors or NumPy arrays of the model's dtype.
       layout: the layout of your params, ``"flax"`` (``Dense_0.kernel`` (in, out))
         or ``"torch"`` (the state_dict's names and shapes); see :mod:`equiv.convert`.
-      learning_rate: plain SGD's learning rate, when ``optimizer`` is None.
+      learning_rate: plain SGD's learning rate (0.1 when None) when ``optimizer`` is
+        None; with an ``optimizer``, leave it out or give the optimizer's own.
       steps: how many training steps.
       params: your own conversion of the model's parameters (a JAX tree in
         ``layout``), to check it too; by default :func:`equiv.convert.torch_to_jax`.
@@ -114,7 +125,8 @@ def check_jax_port(
         the reference and, by default, your port use; plain SGD when None.
       port_optimizer: your own optax transformation for your port, to check it too;
         by default :func:`equiv.optimizers.make_optax` of ``optimizer``.
-      spec: the architecture; read from a TorchMLP.
+      spec: the architecture; read from a TorchMLP or a Linear stack (give it to set
+        the loss: its sizes, activations and bias must match the module's).
       jit: whether to ``jax.jit`` your ``value_and_grad``.
       precision: ``"exact"`` (IEEE float32 matmuls in a scope) or ``"native"``.
       rtol, atol: fixed tolerances, both or neither (default: derived).
@@ -127,6 +139,8 @@ def check_jax_port(
       ValueError: bad batches, layout, steps or learning rate.
       TypeError: a model without a spec.
     """
+    learning_rate = _learning_rate(learning_rate, optimizer)
+    model, spec = _as_mlp(model, spec)
     spec, problem = _problem(model, x, y, steps, spec, learning_rate)
     get_layout(layout)
     if not callable(loss_fn):
@@ -172,8 +186,9 @@ def check_manual_backward(
     x: Any,
     y: Any,
     *,
-    learning_rate: float = 0.1,
+    learning_rate: float | None = None,
     steps: int = 1,
+    optimizer: OptimizerSpec | None = None,
     arrays: str = "numpy",
     spec: MLPSpec | None = None,
     precision: str = "exact",
@@ -181,13 +196,17 @@ def check_manual_backward(
     atol: float | None = None,
 ) -> Comparison:
     """Compare your hand-written ``grad_fn(params, x, y) -> (loss, grads)`` with the
-    torch model and the float64 reference, over ``steps`` SGD steps.
+    torch model and the float64 reference, over ``steps`` optimizer steps.
 
     ``params`` and ``grads`` are dicts under torch's names (``fc1.weight`` of shape
     (out, in), ...). Your function receives NumPy arrays (``arrays="numpy"``) or
     torch tensors (``arrays="torch"``) in the model's dtype, and may return NumPy
-    arrays, torch tensors or JAX arrays. The update ``p - learning_rate · g`` is
-    applied for you (as ``torch.optim.SGD`` rounds it, for torch tensors).
+    arrays, torch tensors or JAX arrays. The update is applied for you: plain SGD
+    ``p - learning_rate · g`` (0.1 when None), or ``optimizer`` (an
+    :class:`equiv.OptimizerSpec`, by the hand-written update
+    :func:`equiv.optimizers.manual_update`, rounded as ``torch.optim`` rounds it
+    for torch tensors), whose state is compared too. ``model`` and ``spec`` are read
+    as in :func:`check_jax_port`.
 
     Example:
       >>> import torch
@@ -200,16 +219,25 @@ def check_manual_backward(
       >>> check_manual_backward(model, grad_fn, torch.randn(8, 4), torch.randn(8, 2)).agree
       True
     """
+    learning_rate = _learning_rate(learning_rate, optimizer)
+    model, spec = _as_mlp(model, spec)
     spec, problem = _problem(model, x, y, steps, spec, learning_rate)
+    if optimizer is not None and not isinstance(optimizer, OptimizerSpec):
+        raise type_error(
+            f"optimizer must be an equiv.OptimizerSpec, got {type(optimizer).__name__}"
+        )
+    optimizer = resolve_optimizer(optimizer, learning_rate)
     if arrays not in ("numpy", "torch"):
         raise value_error(f"arrays must be 'numpy' or 'torch', got {arrays!r}")
     if not callable(grad_fn):
         raise type_error(f"grad_fn must be callable as grad_fn(params, x, y), got {grad_fn!r}")
     with comparison_scope(spec.dtype, precision) as settings:
         trajectories = {
-            "torch": run_torch_model(model, problem, learning_rate),
-            PORT: run_manual_port(problem, grad_fn, learning_rate, arrays=arrays),
-            REFERENCE: _run_arbiter(model, problem, resolve_optimizer(None, learning_rate)),
+            "torch": run_torch_model(model, problem, learning_rate, optimizer=optimizer),
+            PORT: run_manual_port(
+                problem, grad_fn, learning_rate, arrays=arrays, optimizer=optimizer
+            ),
+            REFERENCE: _run_arbiter(model, problem, optimizer),
         }
     return _comparison(
         problem,
@@ -220,6 +248,7 @@ def check_manual_backward(
         rtol,
         atol,
         port=f"hand-written backward on {arrays}",
+        optimizer=optimizer,
     )
 
 
@@ -294,13 +323,17 @@ def run_manual_port(
     *,
     arrays: str = "numpy",
     name: str = PORT,
+    optimizer: OptimizerSpec | None = None,
 ) -> Trajectory:
-    """Your ``grad_fn`` and the SGD update, as a :class:`Trajectory`."""
+    """Your ``grad_fn`` and the update (plain SGD at ``learning_rate``, or the
+    hand-written ``optimizer``), as a :class:`Trajectory`."""
     spec = problem.spec
     convert = (lambda t: t.detach().clone()) if arrays == "torch" else (lambda t: t.numpy().copy())
     params = {k: convert(v) for k, v in problem.params.items()}
+    optimizer = resolve_optimizer(optimizer, learning_rate)
+    state = manual_init(optimizer, params)
     out = Trajectory(name, spec.dtype)
-    for x, y in problem.batches:
+    for step, (x, y) in enumerate(problem.batches, start=1):
         loss, grads = grad_fn(params, convert(x), convert(y))
         if not isinstance(grads, Mapping) or set(grads) != set(params):
             given = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
@@ -308,8 +341,11 @@ def run_manual_port(
                 f"grad_fn must return (loss, grads) with grads keyed {sorted(params)}, got {given}"
             )
         grads = {k: _like(grads[k], params[k]) for k in params}
-        params = manual.sgd_update(params, grads, learning_rate)
-        out.record(loss, grads, params)
+        if is_plain_sgd(optimizer):
+            params = manual.sgd_update(params, grads, optimizer.learning_rate)
+        else:
+            params, state = manual_update(optimizer, params, grads, state, step)
+        out.record(loss, grads, params, state or None)
     return out
 
 
@@ -362,6 +398,46 @@ def _comparison(
         {"dtype": problem.spec.dtype, "device": "cpu", **settings, "port": port, "arbiter": arbiter}
     )
     return Comparison(problem, float(learning_rate), trajectories, report, optimizer)
+
+
+def _learning_rate(learning_rate: float | None, optimizer: OptimizerSpec | None) -> float:
+    """Plain SGD's learning rate (0.1 by default); with an optimizer, its own."""
+    if not isinstance(optimizer, OptimizerSpec):  # None, or refused by the caller's check
+        return 0.1 if learning_rate is None else learning_rate
+    own = optimizer.learning_rate
+    if learning_rate is not None and learning_rate != own:
+        raise value_error(
+            f"learning_rate={learning_rate!r} but the optimizer's is {own!r}; the optimizer's "
+            "is the one used: leave learning_rate out or make them the same"
+        )
+    return own
+
+
+def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
+    """``model`` as it is when it is a TorchMLP or already uses equiv's names with
+    ``spec`` given; a Linear stack under other names read into a TorchMLP with the
+    same parameters (:func:`equiv.mlp_from_module`), so that the hand-derived float64
+    pass arbitrates. A given ``spec`` then sets the loss; its structure must match."""
+    if not isinstance(model, torch.nn.Module) or isinstance(model, TorchMLP):
+        return model, spec
+    if isinstance(getattr(model, "spec", None), MLPSpec) or (
+        spec is not None and set(model.state_dict()) == set(spec.param_names())
+    ):
+        return model, spec
+    read, params = mlp_from_module(model)
+    if spec is not None:
+        differs = [
+            f"{field}: the module has {getattr(read, field)!r}, spec says {getattr(spec, field)!r}"
+            for field in ("sizes", "activations", "bias", "dtype")
+            if getattr(read, field) != getattr(spec, field)
+        ]
+        if differs:
+            raise value_error(
+                f"spec does not describe {type(model).__name__}: {'; '.join(differs)}. Leave "
+                "spec out to read it from the module, or fix it"
+            )
+        read = spec
+    return torch_mlp_with_params(read, params), read
 
 
 def _problem(model, x, y, steps, spec, learning_rate) -> tuple[MLPSpec, Problem]:

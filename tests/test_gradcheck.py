@@ -1,12 +1,13 @@
 """The float64 gradient check by random projections: passes the hand-derived
-backward, catches a backward wrong by 1e-3 relative in one leaf and names it."""
+backward, catches a backward wrong by 1e-3 relative in one leaf and names it, for
+every loss (the check differentiates the spec's own loss)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from equiv import MLPSpec, make_problem, manual
+from equiv import LOSSES, MLPSpec, make_problem, manual
 from equiv.gradcheck import check_gradients
 
 SPECS = [
@@ -14,7 +15,24 @@ SPECS = [
     MLPSpec((6, 5, 5, 5, 3)),  # deep and narrow
     MLPSpec((64, 512, 8)),  # wide: 32k weights, still a handful of forward passes
     MLPSpec((7, 9, 4), bias=False),
+    # every other loss, with smooth and kinked activations; huber and smooth_l1 with
+    # thresholds that put outputs on both sides of their own kink
+    *(
+        MLPSpec(
+            (5, 6, 3),
+            activation=("tanh", "gelu", "elu", "leaky_relu", "silu", "sigmoid")[i % 6],
+            loss=name,
+            label_smoothing=0.1 if name == "cross_entropy" else 0.0,
+            huber_delta=0.5,
+            smooth_l1_beta=0.5,
+        )
+        for i, name in enumerate(n for n in LOSSES if n != "mse")
+    ),
 ]
+
+
+def _ids(spec: MLPSpec) -> str:
+    return "x".join(map(str, spec.sizes)) + ("" if spec.loss == "mse" else f"-{spec.loss}")
 
 
 def _batch(spec: MLPSpec, seed: int, batch: int = 8):
@@ -23,7 +41,7 @@ def _batch(spec: MLPSpec, seed: int, batch: int = 8):
     return problem.params, x, y
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "x".join(map(str, s.sizes)))
+@pytest.mark.parametrize("spec", SPECS, ids=_ids)
 def test_hand_derived_backward_passes(spec, equiv_seed):
     params, x, y = _batch(spec, equiv_seed)
     check = check_gradients(params, x, y, spec, seed=equiv_seed)
@@ -32,7 +50,7 @@ def test_hand_derived_backward_passes(spec, equiv_seed):
     assert check.worst_ratio < 1.0
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "x".join(map(str, s.sizes)))
+@pytest.mark.parametrize("spec", SPECS, ids=_ids)
 def test_one_leaf_wrong_by_1e_3_is_caught_and_named(spec, equiv_seed):
     params, x, y = _batch(spec, equiv_seed)
     leaf = spec.param_names()[0]  # fc1.weight: the leaf furthest from the loss
@@ -79,3 +97,18 @@ def test_to_dict_is_json_ready(equiv_seed):
     data = json.loads(json.dumps(check_gradients(params, x, y, SPECS[0]).to_dict()))
     assert data["agree"] is True and len(data["projections"]) == 8
     assert np.isfinite(data["worst_ratio"])
+
+
+def test_a_loss_kink_under_an_output_is_detected(equiv_seed):
+    # smooth_l1's threshold set to one output's |o - y|: every direction moving that
+    # output crosses the loss's own kink, so the check refuses rather than difference
+    # across it; with the threshold far away no direction is replaced.
+    spec = MLPSpec((4, 3, 2), loss="smooth_l1")
+    params, x, y = _batch(spec, equiv_seed)
+    p64 = {k: v.double().numpy() for k, v in params.items()}
+    out, _ = manual.forward(p64, x.double().numpy(), spec.replace(dtype="float64"))
+    on_kink = spec.replace(smooth_l1_beta=float(abs(out[0, 0] - y[0, 0].double().item())))
+    with pytest.raises(ValueError, match="of the smooth_l1 loss"):
+        check_gradients(params, x, y, on_kink, seed=equiv_seed)
+    far = check_gradients(params, x, y, spec.replace(smooth_l1_beta=1e3), seed=equiv_seed)
+    assert far.agree and far.skipped == 0

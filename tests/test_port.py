@@ -205,14 +205,112 @@ def test_bad_input_is_one_clear_error(kwargs, error, text, equiv_seed):
     assert str(info.value).startswith(text)
 
 
-def test_a_model_without_spec_is_a_type_error(equiv_seed):
+def test_a_module_that_is_not_a_linear_stack_is_refused_by_name(equiv_seed):
     _, xs, ys = _model_and_batches(equiv_seed)
-    with pytest.raises(TypeError) as info:
-        check_jax_port(torch.nn.Linear(5, 3), flax_loss, xs, ys, steps=2)
-    assert str(info.value) == (
-        "[equiv] cannot tell the architecture of Linear; pass "
-        "spec=MLPSpec(sizes=(...), bias=..., dtype=...)"
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Dropout(), torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError) as info:
+        check_jax_port(net, flax_loss, xs, ys, steps=2)
+    assert str(info.value).startswith(
+        "[equiv] submodule '1' is Dropout, which equiv cannot express; supported: nn.Linear"
     )
+    with pytest.raises(TypeError) as info:
+        check_jax_port("model", flax_loss, xs, ys, steps=2)
+    assert str(info.value) == "[equiv] model must be a torch.nn.Module, got str"
+
+
+def _sequential(seed: int) -> torch.nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+
+
+def tanh_flax_loss(params, x, y):
+    h = jnp.tanh(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+    return jnp.mean((out - y) ** 2)
+
+
+def test_a_sequential_is_read_and_arbitrated_by_the_hand_derived_pass(equiv_seed):
+    net = _sequential(equiv_seed)
+    _, xs, ys = _model_and_batches(equiv_seed)
+    state = torch.random.get_rng_state()
+    report = check_jax_port(net, tanh_flax_loss, xs, ys, steps=2)
+    assert torch.equal(state, torch.random.get_rng_state())  # reading it draws nothing
+    report.assert_agree()
+    assert report.report.settings["arbiter"] == "hand-derived float64"
+    assert report.problem.spec == MLPSpec((5, 4, 3), activation="tanh")
+    wrong = check_jax_port(net, flax_loss, xs, ys, steps=2)  # ReLU where the model has tanh
+    assert ("grads", 1) in {(d.stage, d.step) for d in wrong.report.failures}
+
+
+def test_a_spec_for_a_sequential_sets_the_loss_and_must_match_it(equiv_seed):
+    net = _sequential(equiv_seed)
+    _, xs, _ = _model_and_batches(equiv_seed)
+    labels = [torch.tensor([0, 2, 1, 1, 0, 2])] * 2
+    spec = MLPSpec((5, 4, 3), activation="tanh", loss="cross_entropy")
+
+    def ce_loss(params, x, y):
+        h = jnp.tanh(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+        out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+    check_jax_port(net, ce_loss, xs, labels, steps=2, spec=spec).assert_agree()
+    with pytest.raises(ValueError) as info:
+        check_jax_port(net, ce_loss, xs, labels, steps=2, spec=MLPSpec((5, 4, 3)))
+    assert str(info.value) == (
+        "[equiv] spec does not describe Sequential: activations: the module has ('tanh',), "
+        "spec says ('relu',). Leave spec out to read it from the module, or fix it"
+    )
+
+
+def test_a_learning_rate_that_contradicts_the_optimizer_is_refused(equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed)
+    adam = OptimizerSpec("adam", learning_rate=1e-2)
+    check_jax_port(model, flax_loss, xs, ys, steps=2, optimizer=adam, learning_rate=1e-2)
+    with pytest.raises(ValueError) as info:
+        check_jax_port(model, flax_loss, xs, ys, steps=2, optimizer=adam, learning_rate=0.5)
+    assert str(info.value) == (
+        "[equiv] learning_rate=0.5 but the optimizer's is 0.01; the optimizer's is the one "
+        "used: leave learning_rate out or make them the same"
+    )
+
+
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-2),
+        OptimizerSpec("adamw", learning_rate=1e-2),
+    ],
+    ids=["momentum", "adamw"],
+)
+def test_a_manual_backward_with_an_optimizer_is_checked_state_included(
+    optimizer, arrays, equiv_seed
+):
+    model, xs, ys = _model_and_batches(equiv_seed, steps=3)
+
+    def grad_fn(params, x, y):
+        return manual.loss_and_grads(params, x, y, SPEC)
+
+    report = check_manual_backward(
+        model, grad_fn, xs, ys, steps=3, optimizer=optimizer, arrays=arrays
+    )
+    report.assert_agree()
+    assert any(d.stage == "state" for d in report.report.leaves)
+
+    def wrong(params, x, y):  # 1e-3 off in one leaf
+        loss, grads = manual.loss_and_grads(params, x, y, SPEC)
+        return loss, {**grads, "fc2.weight": grads["fc2.weight"] * (1 + 1e-3)}
+
+    report = check_manual_backward(
+        model, wrong, xs, ys, steps=3, optimizer=optimizer, arrays=arrays
+    )
+    failing = {(d.stage, d.name) for d in report.report.failures if d.expected == "reference"}
+    assert ("grads", "fc2.weight") in failing
+    assert {name for _, name in failing} <= {
+        "fc2.weight",
+        *(f"{key}.fc2.weight" for key in ("momentum_buffer", "exp_avg", "exp_avg_sq")),
+    }
 
 
 def _flax_port(spec):
