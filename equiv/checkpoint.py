@@ -26,11 +26,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -47,6 +45,7 @@ from equiv.convert import (
     get_layout,
     torch_to_jax,
 )
+from equiv.files import atomic_path
 from equiv.spec import MLPSpec
 
 LAYOUT_KEY = "equiv.layout"
@@ -80,7 +79,7 @@ def save_torch(
         {(n,): t for n, t in state.items()}, LAYOUTS["torch"], spec, what="state_dict"
     )
     tensors = {n: state[n].detach().cpu().contiguous() for n in spec.param_names()}
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         if kind in _PICKLES:
             torch.save(tensors, tmp)
         else:
@@ -143,7 +142,7 @@ def save_jax(
         arrays[".".join(key)] = np.ascontiguousarray(jax.device_get(flat[key]))
     import safetensors.numpy
 
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         safetensors.numpy.save_file(arrays, tmp, metadata={LAYOUT_KEY: layout.name})
 
 
@@ -243,25 +242,3 @@ def _kind(path: PathLike, allowed: tuple[str, ...]) -> str:
 
 # ---------------------------------------------------------------------------
 # Writing
-
-
-@contextlib.contextmanager
-def _atomic(path: PathLike) -> Iterator[str]:
-    """Yield a temporary name beside ``path``; on success move it over ``path``."""
-    path = os.path.abspath(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path)
-    )
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the mode an ordinary write would.
-        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise

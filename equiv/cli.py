@@ -23,13 +23,13 @@ import contextlib
 import json
 import math
 import os
-import secrets
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from equiv._messages import PREFIX, message
 from equiv.activations import ACTIVATIONS
+from equiv.files import atomic_path, create_beside
 from equiv.harness import BACKENDS, compare_backends
 from equiv.losses import LOSSES
 from equiv.optimizers import OPTIMIZERS, OptimizerSpec
@@ -343,7 +343,7 @@ def check_writable(path: str, option: str = "--json") -> None:
     if not os.path.isdir(folder):
         raise UsageError(f"{option} {path!r}: the folder {folder!r} does not exist")
     try:
-        probe = _create_temp(folder, os.path.basename(path))
+        probe = create_beside(path)
     except OSError as error:
         raise UsageError(
             f"{option} {path!r}: cannot write in {folder!r}: {error.strerror}"
@@ -359,26 +359,9 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     Non-finite numbers become the strings ``"nan"``, ``"inf"``, ``"-inf"`` (as in
     :meth:`equiv.compare.Report.to_dict`), since JSON has no spelling for them.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = _create_temp(folder, os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(_finite(data), file, indent=2, allow_nan=False)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
-def _create_temp(folder: str, name: str) -> tuple[int, str]:
-    # os.open with mode 0o666 lets the umask decide the permissions, as for any
-    # file the user creates (tempfile.mkstemp would leave the report at 0o600).
-    temp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
-    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
+    with atomic_path(path) as temp, open(temp, "w", encoding="utf-8") as file:
+        json.dump(_finite(data), file, indent=2, allow_nan=False)
+        file.write("\n")
 
 
 def _finite(obj: Any) -> Any:

@@ -7,9 +7,9 @@ global backend or state is touched. matplotlib is an optional dependency
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
+
+from equiv.files import atomic_path
 
 
 def divergence_series(report: Any) -> dict[str, dict[str, list[tuple[int, float, float]]]]:
@@ -31,6 +31,18 @@ def divergence_series(report: Any) -> dict[str, dict[str, list[tuple[int, float,
     return series
 
 
+def log_floor(values: list[float]) -> float:
+    """Where a log axis draws an exact 0: a decade below the smallest positive value
+    (1e-20 when there is none), not at some fixed tiny number that would squash
+    every other point into the top of the panel.
+
+    >>> log_floor([0.0, 3e-7, 1e-5]), log_floor([0.0])
+    (3e-08, 1e-20)
+    """
+    positive = [v for v in values if v > 0]
+    return min(positive) / 10 if positive else 1e-20
+
+
 def plot_divergence(comparison: Any, path: str) -> str:
     """Write a PNG: per stage, the worst absolute difference and the worst ratio to
     the bound at each step, one line per pair of backends. Returns ``path``.
@@ -39,6 +51,7 @@ def plot_divergence(comparison: Any, path: str) -> str:
     failed plot leaves nothing half-written.
     """
     from matplotlib.figure import Figure  # optional dependency, imported on use
+    from matplotlib.ticker import MaxNLocator
 
     series = divergence_series(comparison.report)
     stages = list(series)
@@ -46,26 +59,27 @@ def plot_divergence(comparison: Any, path: str) -> str:
     axes = figure.subplots(2, len(stages), squeeze=False)
     for column, stage in enumerate(stages):
         top, bottom = axes[0][column], axes[1][column]
-        for pair, points in series[stage].items():
-            steps = [p[0] for p in points]
-            # A difference of exactly 0 has no place on a log axis: draw it at the floor.
-            top.plot(steps, [max(p[1], 1e-300) for p in points], marker="o", label=pair)
-            bottom.plot(steps, [max(p[2], 1e-300) for p in points], marker="o", label=pair)
+        for row, axis in ((1, top), (2, bottom)):
+            floor = log_floor([p[row] for points in series[stage].values() for p in points])
+            for pair, points in series[stage].items():
+                steps = [p[0] for p in points]
+                axis.plot(steps, [max(p[row], floor) for p in points], marker="o", label=pair)
+            axis.set_yscale("log")
+            if any(p[row] == 0 for points in series[stage].values() for p in points):
+                axis.annotate(
+                    f"exactly 0 drawn at {floor:.0e}",
+                    (0.98, 0.08),
+                    xycoords="axes fraction",
+                    horizontalalignment="right",
+                    fontsize="small",
+                )
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
         top.set_title(stage)
-        top.set_yscale("log")
         top.set_ylabel("worst |difference|")
-        bottom.set_yscale("log")
         bottom.axhline(1.0, color="red", linestyle="--", linewidth=1)
         bottom.set_ylabel("worst ratio to the bound (fails above 1)")
         bottom.set_xlabel("step")
     axes[0][0].legend(fontsize="small")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=".equiv-plot-", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as temp:
         figure.savefig(temp, format="png", dpi=100)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
     return path

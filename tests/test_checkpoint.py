@@ -302,3 +302,34 @@ def test_module_is_accepted(tmp_path):
     model = TorchMLP(SPEC)
     checkpoint.save_torch(model, tmp_path / "m.safetensors")
     assert_states_identical(load_torch(tmp_path / "m.safetensors"), dict(model.state_dict()))
+
+
+def test_writing_through_a_link_keeps_the_link(tmp_path):
+    target = tmp_path / "real.safetensors"
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    save_torch(random_state(SPEC, 0), link)
+    assert link.is_symlink() and target.is_file()
+    assert_states_identical(load_torch(link), random_state(SPEC, 0))
+
+
+def test_a_read_only_file_is_refused_and_kept(tmp_path, monkeypatch):
+    path = tmp_path / "mlp.safetensors"
+    save_torch(random_state(SPEC, 0), path)
+    os.chmod(path, 0o444)
+    # As root every file is writable (access() says so, and an ordinary write would
+    # succeed): the refusal is what any other user sees.
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(path) else real_access(p, mode)
+    )
+    with pytest.raises(PermissionError, match="the file is read-only"):
+        save_torch(random_state(SPEC, 1), path)
+    assert_states_identical(load_torch(path), random_state(SPEC, 0))
+
+
+def test_a_missing_folder_is_named_not_the_temporary_file(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        save_torch(random_state(SPEC, 0), tmp_path / "nodir" / "x.safetensors")
+    assert str(info.value).endswith(f"the folder {tmp_path / 'nodir'} does not exist")
+    assert ".tmp" not in str(info.value)

@@ -46,3 +46,19 @@ def test_plot_into_a_missing_folder_fails_and_leaves_nothing(comparison, tmp_pat
     with pytest.raises(OSError):
         plot_divergence(comparison, str(tmp_path / "missing" / "x.png"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_png_gets_an_ordinary_files_mode(comparison, tmp_path):
+    import os
+
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_bytes(b"")  # the mode the umask gives any new file
+    path = plot_divergence(comparison, str(tmp_path / "divergence.png"))
+    assert os.stat(path).st_mode & 0o777 == os.stat(ordinary).st_mode & 0o777
+
+
+def test_exact_zeros_sit_a_decade_below_the_smallest_difference():
+    from equiv.plot import log_floor
+
+    assert log_floor([0.0, 2e-7, 5e-3]) == pytest.approx(2e-8)
+    assert log_floor([0.0, 0.0]) == 1e-20  # nothing positive: any decade will do
