@@ -7,9 +7,9 @@ anywhere removes the temporary file and leaves the destination as it was.
 
 It behaves as an ordinary write would otherwise: a symbolic link is written
 through (the link stays), a read-only destination is refused, an existing
-destination keeps its mode and a new one gets ``0o666`` less the process's umask (the temporary file is
-created with ``os.open(..., 0o666)``, so the kernel applies the umask: reading
-the umask would mean setting it, a global change).
+destination keeps its mode and a new one gets ``0o666`` less the process's umask
+(the temporary file is created with ``os.open(..., 0o666)``, so the kernel applies
+the umask: reading the umask would mean setting it, a global change).
 """
 
 from __future__ import annotations
