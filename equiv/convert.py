@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from equiv._messages import type_error, value_error
+from equiv.devices import jax_device, torch_device
 from equiv.spec import DTYPES, MLPSpec
 
 _LAYER = r"(0|[1-9]\d*)"  # no leading zeros: "Dense_00" must not alias "Dense_0"
@@ -161,7 +162,7 @@ def torch_to_jax(
     *,
     spec: MLPSpec | None = None,
     copy: bool = True,
-    device: jax.Device | None = None,
+    device: jax.Device | str | None = None,
 ) -> dict[str, Any]:
     """Convert a torch MLP (module or state_dict, names ``fc1.weight``...) to a JAX tree.
 
@@ -172,10 +173,12 @@ def torch_to_jax(
       spec: the expected architecture. Without it, a module's ``spec`` attribute is
         used, else sizes are read from the weights and their consistency checked.
       copy: ``False`` shares memory where no transpose is needed (DLPack, when the
-        buffer is aligned). A torch in-place update (``optimizer.step()``) then
+        buffer is aligned; a tensor that is not contiguous, an ``expand``-ed one
+        say, is copied). A torch in-place update (``optimizer.step()``) then
         changes the "immutable" JAX array too: share only what neither side mutates.
-      device: where to put the arrays; by default where the tensors are (CPU
-        tensors give CPU arrays, CUDA tensors arrays on the same GPU).
+      device: where to put the arrays: a ``jax.Device`` or a name (``"cpu"``,
+        ``"gpu:N"``, ``"cuda:N"``); by default where the tensors are (CPU tensors
+        give CPU arrays, CUDA tensors arrays on the same GPU).
 
     Returns:
       A nested dict of ``jax.Array`` in ``layout``.
@@ -192,6 +195,8 @@ def torch_to_jax(
       (2, 3)
     """
     layout = get_layout(layout)
+    if device is not None:
+        device = jax_device(device)  # a bad name fails here, before any copy
     state = _state_dict(module_or_state_dict)
     if spec is None and isinstance(module_or_state_dict, torch.nn.Module):
         spec = getattr(module_or_state_dict, "spec", None)
@@ -215,11 +220,11 @@ def torch_to_jax(
             tensor = tensor.mT
         on_cpu = tensor.device.type == "cpu"
         if on_cpu or (device is not None and device.platform == "cpu"):
-            if copy or transpose or not on_cpu:
+            if copy or transpose or not on_cpu or not tensor.is_contiguous():
                 buffer = _host_empty(tensor.shape, tensor.dtype)
                 fills.append((buffer, tensor))
                 tensor = buffer
-        elif copy or transpose:
+        elif copy or transpose or not tensor.is_contiguous():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         leaves.append((layout.path(name), tensor))
     _fill(fills)
@@ -254,8 +259,9 @@ def jax_to_torch(
         (``flax.nnx`` variables are unwrapped).
       layout: a name in :data:`LAYOUTS` or a :class:`Layout`.
       spec: the expected architecture; by default read from the weights.
-      device: torch device of new tensors; by default where the arrays are
-        (ignored with ``out``).
+      device: torch device of new tensors, a ``torch.device`` or a name (``"cpu"``,
+        ``"cuda:N"``, ``"gpu:N"``); by default where the arrays are (ignored with
+        ``out``).
       out: a module or state_dict to copy into, in place (one copy, no new
         tensors); it must match the same spec.
 
@@ -273,6 +279,8 @@ def jax_to_torch(
       torch.Size([2, 3])
     """
     layout = get_layout(layout)
+    if device is not None:
+        device = torch_device(device)  # a bad name fails here, before any copy
     if not isinstance(params, Mapping):
         raise type_error(
             f"params must be a dict-like JAX tree, got {type(params).__name__}; for a flax "

@@ -1,4 +1,9 @@
-"""Device names: ``"cpu"``, ``"cuda"``/``"cuda:N"`` (torch) = ``"gpu"``/``"gpu:N"`` (JAX)."""
+"""Device names: ``"cpu"``, ``"cuda"``/``"cuda:N"`` (torch) = ``"gpu"``/``"gpu:N"`` (JAX).
+
+:func:`resolve_device` needs both frameworks to see the device (a comparison runs
+in both); :func:`jax_device` and :func:`torch_device` need only their own (a
+conversion puts its result on one side). Both names work on either side.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,62 @@ from equiv._messages import value_error
 _DEVICE = re.compile(r"(cpu|cuda|gpu)(?::(\d+))?")
 
 
+def _parse(device: str) -> tuple[str, int]:
+    match = _DEVICE.fullmatch(str(device))
+    if match is None:
+        raise value_error(
+            f"unknown device {device!r}; expected 'cpu', 'cuda', 'cuda:N', 'gpu' or 'gpu:N'"
+        )
+    return match.group(1), int(match.group(2) or 0)
+
+
+def _jax_gpus() -> list[jax.Device]:
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+def jax_device(device: str | jax.Device) -> jax.Device:
+    """The JAX device a name (or a ``jax.Device``, returned as is) stands for.
+
+    >>> jax_device("cpu").platform
+    'cpu'
+    """
+    if isinstance(device, jax.Device):
+        return device
+    kind, index = _parse(device)
+    if kind == "cpu":
+        return jax.devices("cpu")[0]
+    gpus = _jax_gpus()
+    if index >= len(gpus):
+        raise value_error(
+            f"device {device!r} is not available to JAX, which sees {len(gpus)} GPU(s); use "
+            "'cpu', or install a CUDA build of jax"
+        )
+    return gpus[index]
+
+
+def torch_device(device: str | torch.device) -> torch.device:
+    """The torch device a name (or a ``torch.device``, returned as is) stands for.
+
+    >>> torch_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(device, torch.device):
+        return device
+    kind, index = _parse(device)
+    if kind == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise value_error(
+            f"device {device!r} is not available to torch, which sees {count} CUDA device(s); "
+            "use 'cpu', or install a CUDA build of torch"
+        )
+    return torch.device("cuda", index)
+
+
 def resolve_device(device: str) -> tuple[torch.device, jax.Device]:
     """The torch and JAX devices a name stands for; ValueError if one is missing.
 
@@ -19,19 +80,11 @@ def resolve_device(device: str) -> tuple[torch.device, jax.Device]:
     >>> torch_device.type, jax_device.platform
     ('cpu', 'cpu')
     """
-    match = _DEVICE.fullmatch(str(device))
-    if match is None:
-        raise value_error(
-            f"unknown device {device!r}; expected 'cpu', 'cuda', 'cuda:N', 'gpu' or 'gpu:N'"
-        )
-    kind, index = match.group(1), int(match.group(2) or 0)
+    kind, index = _parse(device)
     if kind == "cpu":
         return torch.device("cpu"), jax.devices("cpu")[0]
     torch_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    try:
-        jax_gpus = jax.devices("gpu")
-    except RuntimeError:
-        jax_gpus = []
+    jax_gpus = _jax_gpus()
     if index >= torch_count or index >= len(jax_gpus):
         raise value_error(
             f"device {device!r} is not available: torch sees {torch_count} CUDA device(s) "

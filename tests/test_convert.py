@@ -434,3 +434,44 @@ def _dotted(tree) -> dict:
         ".".join(str(k.key) for k in path): leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
+
+
+def test_devices_are_taken_by_name_on_either_side():
+    state = random_state(MLPSpec((3, 4, 2)), 0)
+    for name in ("cpu", jax.devices("cpu")[0]):
+        tree = torch_to_jax(state, layout="flax", device=name)
+        assert tree["Dense_0"]["kernel"].devices() == {jax.devices("cpu")[0]}
+    for name in ("cpu", torch.device("cpu")):
+        back = jax_to_torch(tree, layout="flax", device=name)
+        assert back["fc1.weight"].device == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_missing_or_unknown_device_is_refused_before_any_copy(monkeypatch):
+    import equiv.convert
+
+    state = random_state(MLPSpec((3, 4, 2)), 0)
+    tree = torch_to_jax(state, layout="flax")
+    monkeypatch.setattr(equiv.convert, "_fill", lambda pairs: pytest.fail("copied first"))
+    with pytest.raises(ValueError) as info:
+        torch_to_jax(state, device="gpu:0")
+    assert str(info.value).startswith(
+        "[equiv] device 'gpu:0' is not available to JAX, which sees 0 GPU(s)"
+    )
+    with pytest.raises(ValueError) as info:
+        jax_to_torch(tree, device="cuda:1")
+    assert str(info.value).startswith(
+        "[equiv] device 'cuda:1' is not available to torch, which sees 0 CUDA device(s)"
+    )
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        torch_to_jax(state, device="tpu")
+
+
+def test_copy_false_copies_a_tensor_that_is_not_contiguous():
+    # An expand()-ed bias has stride 0: no array can share it, so it is copied.
+    state = random_state(MLPSpec((3, 4, 2)), 0)
+    state["fc1.bias"] = torch.randn(1).expand(4)
+    tree = torch_to_jax(state, layout="torch", copy=False)
+    np.testing.assert_array_equal(np.asarray(tree["fc1.bias"]), state["fc1.bias"].numpy())
+    state["fc1.weight"].add_(1.0)  # the contiguous leaves are still shared
+    np.testing.assert_array_equal(np.asarray(tree["fc1.weight"]), state["fc1.weight"].numpy())
