@@ -78,7 +78,15 @@ def save_torch(
     spec = check_entries(
         {(n,): t for n, t in state.items()}, LAYOUTS["torch"], spec, what="state_dict"
     )
-    tensors = {n: state[n].detach().cpu().contiguous() for n in spec.param_names()}
+    tensors, seen = {}, set()
+    for n in spec.param_names():
+        tensor = state[n].detach().cpu().contiguous()
+        # safetensors refuses tensors that share memory (tied weights): each entry of
+        # the file is its own copy, as it is when read back.
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[n] = tensor
     with atomic_path(path) as tmp:
         if kind in _PICKLES:
             torch.save(tensors, tmp)

@@ -87,9 +87,10 @@ def mlp_from_module(
     activations: list[str] = []
     fields: dict[str, float] = {}
     pending: str | None = None
+    _refuse_shared(module)
     for name, child in module.named_modules():
-        if child is module or list(child.children()):
-            continue  # containers: their leaves are visited
+        if list(child.children()):
+            continue  # containers: their leaves are visited (a bare Linear is one leaf)
         if isinstance(child, nn.Linear):
             if layers:
                 activations.append(pending or "identity")
@@ -121,7 +122,9 @@ def mlp_from_module(
     if pending is not None:
         raise value_error(
             "an activation follows the last Linear layer; equiv's MLP ends with "
-            "a Linear layer (put the activation in the loss instead)"
+            "a Linear layer (put the activation in the loss instead). If your forward "
+            "reuses one activation module between layers, or calls the layers in another "
+            "order than they are registered, write the model as an nn.Sequential"
         )
     sizes = [layers[0].in_features]
     for i, layer in enumerate(layers):
@@ -155,6 +158,33 @@ def mlp_from_module(
     if check:
         _check_forward(module, spec, params)
     return spec, params
+
+
+def _refuse_shared(module: nn.Module) -> None:
+    """Refuse a layer used twice or parameters tied together (they would be read as
+    independent layers, which train differently), naming both places."""
+    seen: dict[int, str] = {}
+    for name, child in module.named_modules(remove_duplicate=False):
+        if isinstance(child, nn.Linear):
+            if id(child) in seen:
+                raise value_error(
+                    f"Linear {name!r} is the same module as {seen[id(child)]!r}; equiv's MLP "
+                    "has independent layers: give each its own nn.Linear"
+                )
+            seen[id(child)] = name
+    storage: dict[tuple, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if param.device.type == "meta" or param.numel() == 0:
+            continue  # no memory to share
+        # The same view of the same memory (not merely one storage: a flat buffer of
+        # parameters packed side by side is fine).
+        key = (param.device, param.data_ptr(), tuple(param.shape), param.stride())
+        if key in storage:
+            raise value_error(
+                f"parameters {storage[key]!r} and {name!r} share memory (tied weights); "
+                "equiv's MLP has independent parameters, which train differently from tied ones"
+            )
+        storage[key] = name
 
 
 def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:

@@ -333,3 +333,11 @@ def test_a_missing_folder_is_named_not_the_temporary_file(tmp_path):
         save_torch(random_state(SPEC, 0), tmp_path / "nodir" / "x.safetensors")
     assert str(info.value).endswith(f"the folder {tmp_path / 'nodir'} does not exist")
     assert ".tmp" not in str(info.value)
+
+
+def test_tied_tensors_are_written_as_copies(tmp_path):
+    state = random_state(MLPSpec((3, 3, 3)), 0)
+    state["fc2.weight"] = state["fc1.weight"]  # one tensor under two names
+    for suffix in (".safetensors", ".pt"):
+        save_torch(state, tmp_path / f"tied{suffix}")
+        assert_states_identical(load_torch(tmp_path / f"tied{suffix}"), state)

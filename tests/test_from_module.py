@@ -74,6 +74,46 @@ def test_leaky_relu_slope_is_carried():
     assert spec.negative_slope == 0.2
 
 
+def _reused() -> nn.Module:
+    layer = nn.Linear(3, 3)
+    return nn.Sequential(layer, nn.ReLU(), layer)
+
+
+def _tied() -> nn.Module:
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    return nn.Sequential(first, nn.ReLU(), second)
+
+
+class SharedActivation(nn.Module):  # layers in a ModuleList, one activation module reused
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 1)])
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x))
+        return self.layers[-1](x)
+
+
+def test_a_bare_linear_is_a_one_layer_mlp():
+    layer = nn.Linear(3, 2, dtype=torch.float64)
+    spec, params = mlp_from_module(layer)
+    assert spec.sizes == (3, 2) and spec.dtype == "float64"
+    assert torch.equal(params["fc1.weight"], layer.weight)
+
+
+def test_parameters_packed_in_one_buffer_are_not_called_tied():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False))
+    flat = torch.randn(6)
+    with torch.no_grad():  # both weights as views of one flat buffer, side by side
+        model[0].weight = nn.Parameter(flat[:4].view(2, 2))
+        model[2].weight = nn.Parameter(flat[4:].view(1, 2))
+    spec, _ = mlp_from_module(model)
+    assert spec.sizes == (2, 2, 1)
+
+
 @pytest.mark.parametrize(
     "model,phrase",
     [
@@ -101,8 +141,21 @@ def test_leaky_relu_slope_is_carried():
             "negative_slope differs between layers",
         ),
         (Reordered(), "does not match its Linear layers and activations"),
+        (_reused(), "Linear '2' is the same module as '0'"),
+        (_tied(), "parameters '0.weight' and '2.weight' share memory (tied weights)"),
+        (SharedActivation(), "reuses one activation module between layers"),
     ],
-    ids=["dropout", "two-activations", "trailing-activation", "widths", "slopes", "reordered"],
+    ids=[
+        "dropout",
+        "two-activations",
+        "trailing-activation",
+        "widths",
+        "slopes",
+        "reordered",
+        "reused-layer",
+        "tied-weights",
+        "shared-activation",
+    ],
 )
 def test_refusals_name_the_problem(model, phrase):
     with pytest.raises(ValueError, match="^\\[equiv\\] ") as error:
