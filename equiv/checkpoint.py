@@ -110,14 +110,20 @@ def load_torch(
       ValueError: unreadable or truncated file, a pickle holding anything but
         tensors, or missing, extra, mis-shaped or mis-typed entries.
     """
+    return _load_state(path, spec, file_layout, contiguous=True)
+
+
+def _load_state(path, spec, file_layout, *, contiguous: bool) -> dict[str, torch.Tensor]:
+    """The file's tensors under torch's names; a transposed layout's weights as
+    contiguous copies, or (``contiguous=False``) as views of the file's tensors."""
     flat, layout = _read(path, file_layout)
     spec = check_entries(flat, layout, spec, what=f"checkpoint {os.fspath(path)}")
     state = {}
     for key, tensor in flat.items():
         name = layout.torch_name(key)
-        state[name] = (
-            tensor.mT.contiguous() if layout.transpose and name.endswith(".weight") else tensor
-        )
+        if layout.transpose and name.endswith(".weight"):
+            tensor = tensor.mT.contiguous() if contiguous else tensor.mT
+        state[name] = tensor
     return {name: state[name] for name in spec.param_names()}
 
 
@@ -160,18 +166,26 @@ def load_jax(
     *,
     spec: MLPSpec | None = None,
     file_layout: str | Layout | None = None,
-    device: jax.Device | None = None,
+    device: jax.Device | str | None = None,
+    copy: bool = True,
 ) -> dict[str, Any]:
     """Read a checkpoint (any layout, or a torch ``.pt``) as a JAX tree in ``layout``.
+
+    One copy of the parameters is made: a plain one when the file is in ``layout``,
+    a transposing one otherwise (never two). safetensors reads a file as a private
+    memory map; with ``copy=False`` the arrays adopt it where the layouts allow
+    (no copy, pages read lazily): they then change, or fault, if the file is
+    rewritten in place. equiv's own writers replace files atomically, which is safe.
 
     float64 files need JAX's x64 mode, as for :func:`equiv.convert.torch_to_jax`.
 
     Raises:
       ValueError: as :func:`load_torch`, or float64 data while x64 is off.
     """
-    state = load_torch(path, spec=spec, file_layout=file_layout)
-    # The tensors were just read and nothing else holds them: sharing is safe.
-    return torch_to_jax(state, layout=layout, spec=spec, copy=False, device=device)
+    # Transposed weights are read as views: converting them back to the file's own
+    # layout is then a plain copy (or none), not two transposes.
+    state = _load_state(path, spec, file_layout, contiguous=False)
+    return torch_to_jax(state, layout=layout, spec=spec, copy=copy, device=device)
 
 
 # ---------------------------------------------------------------------------

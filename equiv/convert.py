@@ -216,15 +216,16 @@ def torch_to_jax(
         transpose = layout.transpose and name.endswith(".weight")
         if transpose:
             # A view: the copy below transposes it (torch's blocked kernel, never
-            # NumPy) into a new buffer, so nothing is shared whatever ``copy`` says.
+            # NumPy) into a new buffer. Only a view that is already contiguous (a
+            # weight with one row or column, or one stored transposed) can be shared.
             tensor = tensor.mT
         on_cpu = tensor.device.type == "cpu"
         if on_cpu or (device is not None and device.platform == "cpu"):
-            if copy or transpose or not on_cpu or not tensor.is_contiguous():
+            if copy or not on_cpu or not tensor.is_contiguous():
                 buffer = _host_empty(tensor.shape, tensor.dtype)
                 fills.append((buffer, tensor))
                 tensor = buffer
-        elif copy or transpose or not tensor.is_contiguous():
+        elif copy or not tensor.is_contiguous():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
         leaves.append((layout.path(name), tensor))
     _fill(fills)

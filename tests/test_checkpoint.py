@@ -341,3 +341,27 @@ def test_tied_tensors_are_written_as_copies(tmp_path):
     for suffix in (".safetensors", ".pt"):
         save_torch(state, tmp_path / f"tied{suffix}")
         assert_states_identical(load_torch(tmp_path / f"tied{suffix}"), state)
+
+
+def test_loading_copies_once_and_adopts_the_file_only_when_asked(tmp_path, monkeypatch):
+    import equiv.convert
+
+    state = random_state(SPEC, 0)
+    path = tmp_path / "flax.safetensors"
+    save_jax(torch_to_jax(state, layout="flax"), path, layout="flax")
+    copied = []
+    real_fill = equiv.convert._fill
+    monkeypatch.setattr(
+        equiv.convert, "_fill", lambda pairs: copied.extend(pairs) or real_fill(pairs)
+    )
+    adopted = load_jax(path, layout="flax", copy=False)
+    assert copied == []  # the file's (in, out) kernels are the tree's
+    same = load_jax(path, layout="flax")  # one plain copy of each leaf, no transpose
+    assert len(copied) == len(SPEC.param_names())
+    assert all(source.is_contiguous() for _, source in copied)
+    copied.clear()
+    other = load_jax(path, layout="torch", copy=False)  # only the weights need a copy
+    assert [target.shape for target, _ in copied] == [(3, 4), (2, 3)]
+    assert not any(source.is_contiguous() for _, source in copied)  # transposing
+    for tree, layout in ((adopted, "flax"), (same, "flax"), (other, "torch")):
+        assert_states_identical(jax_to_torch(tree, layout=layout), state)
