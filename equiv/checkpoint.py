@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import torch
 
-from equiv._messages import type_error, value_error
+from equiv._messages import PREFIX, type_error, value_error
 from equiv.convert import (
     LAYOUTS,
     Layout,
@@ -219,7 +219,11 @@ def _read(path: PathLike, file_layout: str | Layout | None) -> tuple[dict, Layou
             f"file_layout={get_layout(file_layout).name!r} was given; drop file_layout to use "
             "the recorded one"
         )
-    layout = get_layout(recorded or file_layout or "torch")
+    try:
+        layout = get_layout(recorded or file_layout or "torch")
+    except ValueError as exc:
+        reason = str(exc).removeprefix(PREFIX)
+        raise value_error(f"{shown} records layout {recorded!r}: {reason}") from None
     split = (
         (lambda key: (key,))
         if "/" not in layout.weight_path
@@ -240,7 +244,8 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
             f"torch.load(weights_only=True) refused it: {reason})"
         ) from exc
     except (RuntimeError, EOFError) as exc:
-        raise value_error(f"{path} is not a readable torch file: {exc}") from exc
+        reason = str(exc) or f"{type(exc).__name__} (empty or truncated)"
+        raise value_error(f"{path} is not a readable torch file: {reason}") from exc
     if not isinstance(loaded, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in loaded.values()
     ):

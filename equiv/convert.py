@@ -345,6 +345,14 @@ def check_entries(
             problems.append(f"  unexpected: {'.'.join(path)!r} (shape {_shape(value)})")
         else:
             known[name] = value
+    if not known and entries:
+        found = [".".join(path) for path in entries]
+        shown = ", ".join(map(repr, found[:6])) + (", ..." if len(found) > 6 else "")
+        raise value_error(
+            f"{what}: none of its {len(found)} entries is a parameter of the {layout.name} "
+            f"layout, which names them {'.'.join(layout.path('fc1.weight'))!r}, ...; found "
+            f"{shown}. {_naming_hint(entries)}"
+        )
     if spec is None:
         spec = _infer_spec(known, layout)
     expected = spec.param_shapes()
@@ -365,13 +373,41 @@ def check_entries(
     ]
     if problems:
         example = ", ".join(".".join(layout.path(n)) for n in ("fc1.weight", "fc1.bias"))
+        other = sorted({_dtype(v) for v in known.values()} - set(DTYPES))
+        advice = (
+            f"\nequiv compares float32 and float64 only, not {', '.join(other)}: convert "
+            "first (tensor.float(), array.astype(np.float32))"
+            if other
+            else ""
+        )
         raise value_error(
             f"{what} does not match the MLP {spec.sizes} (bias={spec.bias}, {spec.dtype}):\n"
             + "\n".join(problems)
             + f"\nPass spec=MLPSpec(...) to state the architecture; the {layout.name} layout "
-            f"names parameters {example}, ..."
+            f"names parameters {example}, ..." + advice
         )
     return spec
+
+
+def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:
+    """What to do about entries that no parameter name of the layout matches."""
+    paths = list(entries)
+    if all(len(p) > 1 and p[0] == "params" for p in paths):
+        return "This is a flax variables dict: pass variables['params']"
+    dotted = [".".join(p) for p in paths]  # a file's keys and a tree's paths alike
+    for name, other in LAYOUTS.items():
+        if all(
+            other.torch_name((d,)) is not None or other.torch_name(tuple(d.split("."))) is not None
+            for d in dotted
+        ):
+            return (
+                f"These are the names of the {name!r} layout: say so (layout={name!r}, or "
+                f"file_layout={name!r} for a file)"
+            )
+    return (
+        "A torch module with other names (an nn.Sequential's '0.weight') is read by "
+        "equiv.mlp_from_module; a layout of your own is an equiv.Layout"
+    )
 
 
 def _infer_spec(known: Mapping[str, Any], layout: Layout) -> MLPSpec:

@@ -99,7 +99,7 @@ def test_foreign_safetensors_file_uses_file_layout(tmp_path, equiv_seed):
     path = tmp_path / "foreign.safetensors"
     safetensors.torch.save_file(flax_keys, path)  # no equiv metadata
     assert_states_identical(load_torch(path, file_layout="flax"), state)
-    with pytest.raises(ValueError, match=r"^\[equiv\] found no layer parameters"):
+    with pytest.raises(ValueError, match="the names of the 'flax' layout: say so"):
         load_torch(path)  # read as the default torch layout: nothing matches
 
 
@@ -365,3 +365,33 @@ def test_loading_copies_once_and_adopts_the_file_only_when_asked(tmp_path, monke
     assert not any(source.is_contiguous() for _, source in copied)  # transposing
     for tree, layout in ((adopted, "flax"), (same, "flax"), (other, "torch")):
         assert_states_identical(jax_to_torch(tree, layout=layout), state)
+
+
+def test_a_file_of_other_names_says_what_it_holds_and_what_to_do(tmp_path):
+    path = tmp_path / "seq.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(3, 2)).state_dict(), path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path)
+    text = str(info.value)
+    assert text.startswith(f"[equiv] checkpoint {path}: none of its 2 entries is a parameter")
+    assert "found '0.weight', '0.bias'" in text and "equiv.mlp_from_module" in text
+
+
+def test_empty_files_bad_layouts_and_half_precision_are_explained(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a readable torch file: EOFError"):
+        load_torch(empty)
+    keras = tmp_path / "keras.safetensors"
+    safetensors.torch.save_file(
+        {"fc1.weight": torch.ones(2, 3)}, keras, metadata={checkpoint.LAYOUT_KEY: "keras"}
+    )
+    with pytest.raises(ValueError) as info:
+        load_torch(keras)
+    assert str(info.value).startswith(f"[equiv] {keras} records layout 'keras': unknown layout")
+    half = tmp_path / "half.safetensors"
+    safetensors.torch.save_file(
+        {"fc1.weight": torch.ones(2, 3).half(), "fc1.bias": torch.ones(2).half()}, half
+    )
+    with pytest.raises(ValueError, match="float32 and float64 only, not float16: convert"):
+        load_torch(half)
