@@ -181,7 +181,10 @@ def torch_to_jax(
         give CPU arrays, CUDA tensors arrays on the same GPU).
 
     Returns:
-      A nested dict of ``jax.Array`` in ``layout``.
+      A nested dict of ``jax.Array`` in ``layout``, in memory JAX adopted through
+      DLPack. Keep them referenced until your script ends: dropped while a jitted
+      call still reads them, their release at interpreter shutdown can abort the
+      process (README, "Limits").
 
     Raises:
       TypeError: not a module or a mapping of tensors.

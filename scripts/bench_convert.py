@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -152,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         kind, layout = args.child
         result = measure(kind, None if layout == "-" else layout, sizes, args.repeats)
-        print(json.dumps(result))
-        return 0
+        print(json.dumps(result), flush=True)
+        # Leave without interpreter shutdown: an XLA worker may still be releasing a
+        # DLPack-imported buffer, whose deleter (torch's, NumPy's) takes the GIL and
+        # aborts the process when that happens during finalization (README, Limits).
+        os._exit(0)
     count = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
     megabytes = count * 4 / 1e6
     print(
