@@ -339,17 +339,20 @@ def check_writable(path: str, option: str = "--json") -> None:
     example = "report.json" if option == "--json" else "divergence.png"
     if os.path.isdir(path):
         raise UsageError(f"{option} {path!r} is a folder; give a file path such as {example}")
-    folder = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)  # where atomic_path will write: through a link
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise UsageError(f"{option} {path!r}: the folder {folder!r} does not exist")
     try:
-        probe = create_beside(path)
+        probe = create_beside(target)
     except OSError as error:
         raise UsageError(
             f"{option} {path!r}: cannot write in {folder!r}: {error.strerror}"
         ) from None
     os.close(probe[0])
     os.unlink(probe[1])
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise UsageError(f"{option} {path!r} is read-only")
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:

@@ -22,8 +22,10 @@ layout       JAX tree                                         weight
 
 Conversions copy by default. A JAX array that shares memory with a torch tensor
 changes when torch updates the tensor in place (``optimizer.step()``), so sharing
-is the caller's explicit choice (``copy=False``), possible only without a
-transpose. float64 stays float64: JAX truncates it to float32 unless x64 is on, so
+is the caller's explicit choice (``copy=False``), possible wherever the result needs
+no new layout: every leaf of the torch and equinox layouts, the biases of flax and
+nnx, and a weight that is already stored transposed (or has one row or column).
+float64 stays float64: JAX truncates it to float32 unless x64 is on, so
 a float64 conversion outside x64 mode is refused rather than silently truncated.
 
 Example:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from array_api_compat import array_namespace
 from torch import nn
 
 from equiv._messages import type_error, value_error
@@ -172,34 +173,81 @@ def _refuse_shared(module: nn.Module) -> None:
                     "has independent layers: give each its own nn.Linear"
                 )
             seen[id(child)] = name
+    linear = {id(p) for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    for name, param in module.named_parameters():
+        if id(param) not in linear:
+            raise value_error(
+                f"parameter {name!r} belongs to no nn.Linear; equiv's MLP has only the Linear "
+                "layers' weights and biases, so it would be left out of the check"
+            )
+        if not param.requires_grad:
+            raise value_error(
+                f"parameter {name!r} is frozen (requires_grad=False); equiv's MLP trains every "
+                "parameter: unfreeze it, or check the trainable part on its own"
+            )
+    for name, _ in module.named_buffers():
+        raise value_error(
+            f"buffer {name!r} is state equiv's MLP does not have (Linear layers and "
+            "activations keep none); remove it, or check the model without it"
+        )
     storage: dict[tuple, str] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         if param.device.type == "meta" or param.numel() == 0:
             continue  # no memory to share
-        # The same view of the same memory (not merely one storage: a flat buffer of
-        # parameters packed side by side is fine).
-        key = (param.device, param.data_ptr(), tuple(param.shape), param.stride())
-        if key in storage:
-            raise value_error(
-                f"parameters {storage[key]!r} and {name!r} share memory (tied weights); "
-                "equiv's MLP has independent parameters, which train differently from tied ones"
-            )
-        storage[key] = name
+        # Overlapping memory, a transposed view included (a flat buffer of parameters
+        # packed side by side does not overlap and is fine).
+        start = param.data_ptr()
+        extent = sum((n - 1) * abs(st) for n, st in zip(param.shape, param.stride(), strict=True))
+        span = (param.device, start, start + (extent + 1) * param.element_size())
+        for other, other_name in storage.items():
+            if other[0] == span[0] and span[1] < other[2] and other[1] < span[2]:
+                raise value_error(
+                    f"parameters {other_name!r} and {name!r} share memory (tied weights); "
+                    "equiv's MLP has independent parameters, which train differently from "
+                    "tied ones"
+                )
+        storage[span] = name
 
 
 def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:
-    from equiv import manual  # the hand-derived forward, in float64
+    """The module and the spec on a float64 probe batch: the same output, and the same
+    gradients of a random projection of it (a forward that detaches, or scales by a
+    constant, matches the output but not the gradients)."""
+    from equiv import manual  # the hand-derived pass, in float64
 
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
-    device = next(module.parameters()).device
-    with torch.no_grad():  # on a float64 copy: the user's module is left as it is
-        theirs = copy.deepcopy(module).to(torch.float64)(probe.to(device)).cpu()
-    ours, _ = manual.forward({k: v.double().cpu() for k, v in params.items()}, probe, spec)
+    theirs_model = copy.deepcopy(module).to(torch.float64)  # the user's module is left as is
+    device = next(theirs_model.parameters()).device
+    with torch.enable_grad():
+        out = theirs_model(probe.to(device))
+        projection = torch.randn(out.shape, dtype=torch.float64, generator=generator)
+        layers = [m for m in theirs_model.modules() if isinstance(m, nn.Linear)]
+        tensors = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        theirs_grads = torch.autograd.grad(
+            (out * projection.to(device)).sum(), tensors, allow_unused=True
+        )
+    # A parameter the output does not reach has no gradient: zero, for the comparison.
+    theirs_grads = [
+        torch.zeros_like(t) if g is None else g for t, g in zip(tensors, theirs_grads, strict=True)
+    ]
+    p64 = {k: v.detach().double().cpu() for k, v in params.items()}
+    ours, _, acts = manual._forward(p64, probe, spec, [None] * (spec.num_layers - 1))
+    xp = array_namespace(probe)
+    ours_grads = manual._backward(xp, p64, probe, projection, acts, spec, abs_weights=False)
     scale = float(ours.abs().max()) or 1.0
-    if float((theirs - ours).abs().max()) > 1e-10 * scale:
+    if float((out.detach().cpu() - ours).abs().max()) > 1e-10 * scale:
         raise value_error(
             "the module's forward pass does not match its Linear layers and activations applied "
             "in registration order (a forward that calls them in another order, or does more); "
             "write it as an nn.Sequential, or pass check=False if you are sure"
         )
+    for name, theirs_grad in zip(spec.param_names(), theirs_grads, strict=True):
+        ours_grad = ours_grads[name]
+        grad_scale = float(ours_grad.abs().max()) or 1.0
+        if float((theirs_grad.cpu() - ours_grad).abs().max()) > 1e-10 * grad_scale:
+            raise value_error(
+                f"the module's gradients differ from its layers' for {name} (a forward that "
+                "detaches, or does more than its Linear layers and activations); write it as "
+                "an nn.Sequential, or pass check=False if you are sure"
+            )

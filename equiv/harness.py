@@ -595,6 +595,8 @@ def compare_trajectories(
       True
     """
     fixed = user_tolerance(rtol, atol)
+    if learning_rate is None and optimizer is not None:
+        learning_rate = optimizer.learning_rate  # the optimizer's own, when it is given
     plain = is_plain_sgd(optimizer)
     backends = [name for name in trajectories if name != REFERENCE]
     pairs = list(itertools.combinations(backends, 2))

@@ -7,6 +7,7 @@ global backend or state is touched. matplotlib is an optional dependency
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from equiv.files import atomic_path
@@ -36,10 +37,10 @@ def log_floor(values: list[float]) -> float:
     (1e-20 when there is none), not at some fixed tiny number that would squash
     every other point into the top of the panel.
 
-    >>> log_floor([0.0, 3e-7, 1e-5]), log_floor([0.0])
-    (3e-08, 1e-20)
+    >>> log_floor([0.0, 3e-7, 1e-5]), log_floor([0.0]), log_floor([0.0, float("inf")])
+    (3e-08, 1e-20, 1e-20)
     """
-    positive = [v for v in values if v > 0]
+    positive = [v for v in values if 0 < v < math.inf]  # an inf has no place either
     return min(positive) / 10 if positive else 1e-20
 
 

@@ -400,6 +400,10 @@ def _comparison(
     return Comparison(problem, float(learning_rate), trajectories, report, optimizer)
 
 
+#: The fields of a spec that describe its loss rather than its layers.
+_LOSS_FIELDS = ("loss", "label_smoothing", "huber_delta", "smooth_l1_beta")
+
+
 def _learning_rate(learning_rate: float | None, optimizer: OptimizerSpec | None) -> float:
     """Plain SGD's learning rate (0.1 by default); with an optimizer, its own."""
     if not isinstance(optimizer, OptimizerSpec):  # None, or refused by the caller's check
@@ -426,9 +430,11 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
         return model, spec
     read, params = mlp_from_module(model)
     if spec is not None:
+        # The spec sets the loss; everything else is the module's and must agree.
+        loss = {field: getattr(spec, field) for field in _LOSS_FIELDS}
         differs = [
             f"{field}: the module has {getattr(read, field)!r}, spec says {getattr(spec, field)!r}"
-            for field in ("sizes", "activations", "bias", "dtype")
+            for field in ("sizes", "activations", "bias", "dtype", "negative_slope", "elu_alpha")
             if getattr(read, field) != getattr(spec, field)
         ]
         if differs:
@@ -436,7 +442,7 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
                 f"spec does not describe {type(model).__name__}: {'; '.join(differs)}. Leave "
                 "spec out to read it from the module, or fix it"
             )
-        read = spec
+        read = read.replace(**loss)
     return torch_mlp_with_params(read, params), read
 
 

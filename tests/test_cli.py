@@ -332,3 +332,25 @@ def test_plot_path_errors_name_the_plot_option(tmp_path, capsys):
     assert main(["--plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("[equiv] --plot ") and "such as divergence.png" in err
+
+
+def test_a_link_into_a_missing_folder_or_a_read_only_file_fails_before_running(
+    tmp_path, capsys, monkeypatch
+):
+    import os
+
+    import equiv.cli
+
+    monkeypatch.setattr(equiv.cli, "compare_backends", lambda **kw: pytest.fail("it ran"))
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "missing" / "report.json")
+    assert main(["--json", str(link)]) == 2
+    assert "the folder" in capsys.readouterr().err
+    locked = tmp_path / "locked.json"
+    locked.write_text("{}")
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m)
+    )
+    assert main(["--json", str(locked)]) == 2
+    assert capsys.readouterr().err.strip().endswith("is read-only")

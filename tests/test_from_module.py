@@ -97,6 +97,43 @@ class SharedActivation(nn.Module):  # layers in a ModuleList, one activation mod
         return self.layers[-1](x)
 
 
+def _tied_transposed() -> nn.Module:
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = nn.Parameter(first.weight.T)  # the same memory, transposed
+    return nn.Sequential(first, nn.ReLU(), second)
+
+
+class Scaled(nn.Module):  # a learnable scale outside the Linear layers (1 at first)
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 3), nn.Linear(3, 1)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) * self.scale
+
+
+def _frozen() -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    model[0].requires_grad_(False)
+    return model
+
+
+class WithBuffer(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+        self.register_buffer("step", torch.zeros(()))
+
+
+class Detached(nn.Module):  # the same output, but no gradient reaches fc1
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)).detach())
+
+
 def test_a_bare_linear_is_a_one_layer_mlp():
     layer = nn.Linear(3, 2, dtype=torch.float64)
     spec, params = mlp_from_module(layer)
@@ -144,6 +181,11 @@ def test_parameters_packed_in_one_buffer_are_not_called_tied():
         (_reused(), "Linear '2' is the same module as '0'"),
         (_tied(), "parameters '0.weight' and '2.weight' share memory (tied weights)"),
         (SharedActivation(), "reuses one activation module between layers"),
+        (_tied_transposed(), "parameters '0.weight' and '2.weight' share memory"),
+        (Scaled(), "parameter 'scale' belongs to no nn.Linear"),
+        (_frozen(), "parameter '0.weight' is frozen (requires_grad=False)"),
+        (WithBuffer(), "buffer 'step' is state equiv's MLP does not have"),
+        (Detached(), "the module's gradients differ from its layers' for fc1.weight"),
     ],
     ids=[
         "dropout",
@@ -155,6 +197,11 @@ def test_parameters_packed_in_one_buffer_are_not_called_tied():
         "reused-layer",
         "tied-weights",
         "shared-activation",
+        "tied-transposed",
+        "extra-parameter",
+        "frozen",
+        "buffer",
+        "detached",
     ],
 )
 def test_refusals_name_the_problem(model, phrase):

@@ -372,3 +372,21 @@ def test_adams_stationary_point_accounts_for_eps(monkeypatch):
     assert flatness() < 1e-3
     monkeypatch.setattr(equiv.kinks, "_STATIONARY_ITERATIONS", 0)
     assert flatness() > 0.1
+
+
+def test_an_optimizer_without_learning_rate_uses_its_own(equiv_seed):
+    # compare_trajectories(optimizer=...) alone: propagation needs a learning rate, and
+    # the optimizer's is the one the runs used.
+    problem = _kinked_problem(equiv_seed)
+    problem = dataclasses.replace(problem, batches=problem.batches * 3)
+    optimizer = OPTIMIZERS["adam"]
+    runs = {
+        name: RUNNERS[name](problem, optimizer.learning_rate, optimizer=optimizer)
+        for name in ("torch", "jax", REFERENCE)
+    }
+    given = compare_trajectories(
+        problem, runs, learning_rate=optimizer.learning_rate, optimizer=optimizer
+    )
+    implied = compare_trajectories(problem, runs, optimizer=optimizer)
+    assert implied.agree and given.agree
+    assert [d.ratio for d in implied.leaves] == [d.ratio for d in given.leaves]

@@ -261,6 +261,11 @@ def test_a_spec_for_a_sequential_sets_the_loss_and_must_match_it(equiv_seed):
         "[equiv] spec does not describe Sequential: activations: the module has ('tanh',), "
         "spec says ('relu',). Leave spec out to read it from the module, or fix it"
     )
+    leaky = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.LeakyReLU(0.3), torch.nn.Linear(4, 3)
+    )
+    with pytest.raises(ValueError, match="negative_slope: the module has 0.3, spec says 0.01"):
+        check_jax_port(leaky, ce_loss, xs, labels, spec=MLPSpec((5, 4, 3), activation="leaky_relu"))
 
 
 def test_a_learning_rate_that_contradicts_the_optimizer_is_refused(equiv_seed):
