@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -723,7 +724,13 @@ def compare_trajectories(
                     step=step,
                     actual_name=a,
                     expected_name=b,
-                    slack={n: v for n, v in extra.items() if np.any(np.asarray(v) > 0)},
+                    # Capped where it would overflow the dtype the leaves are compared
+                    # in (float32's largest value allows all that inf would).
+                    slack={
+                        n: np.minimum(v, _SLACK_MAX)
+                        for n, v in extra.items()
+                        if np.any(np.asarray(v) > 0)
+                    },
                 )
                 leaves += diffs
     report = Report(leaves)
@@ -741,9 +748,14 @@ def compare_trajectories(
     return report
 
 
+#: The largest slack handed to a comparison: float32's largest value, so that it
+#: stays finite in the dtype the leaves are compared in.
+_SLACK_MAX = float(np.finfo(np.float32).max)
+
+
 def _plus(tol: Tolerance, extra: float, why: str) -> Tolerance:
-    if extra == 0.0:
-        return tol
+    if extra == 0.0 or not math.isfinite(extra):
+        return tol  # a diverged run's carried bound (inf, NaN) allows nothing more
     return dataclasses.replace(
         tol, atol=tol.atol + extra, derivation=tol.derivation + f" + {extra:.3g} ({why})"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 import equiv
-from equiv import harness, jax_mlp
+from equiv import MLPSpec, OptimizerSpec, compare_backends, harness, jax_mlp
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.harness import REFERENCE, Comparison, Trajectory, compare_trajectories
 
@@ -376,3 +377,26 @@ def test_make_problem_says_what_does_not_fit():
 def test_seed_range_matches_torch(seed):
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
         equiv.make_problem(equiv.MLPSpec(), seed=seed)
+
+
+@pytest.mark.parametrize(
+    "spec,learning_rate,optimizer",
+    [
+        (MLPSpec((4, 8, 8, 3)), 30.0, None),
+        (
+            MLPSpec((4, 8, 8, 3), dtype="float64"),
+            1e6,
+            OptimizerSpec("sgd", learning_rate=1e6, momentum=0.9),
+        ),
+    ],
+    ids=["float32-sgd", "float64-momentum"],
+)
+def test_a_diverging_run_gets_a_report_not_an_exception(spec, learning_rate, optimizer):
+    # Allowances between two diverging backends overflow float32, and the carried
+    # optimizer bounds become NaN: neither may crash the comparison.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        comparison = compare_backends(
+            spec, batch_size=4, seed=0, steps=8, learning_rate=learning_rate, optimizer=optimizer
+        )
+    assert comparison.report.leaves
