@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from array_api_compat import array_namespace
 from torch import nn
 
 from equiv._messages import type_error, value_error
@@ -88,7 +87,7 @@ def mlp_from_module(
     activations: list[str] = []
     fields: dict[str, float] = {}
     pending: str | None = None
-    _refuse_shared(module)
+    _refuse_what_the_mlp_lacks(module)
     for name, child in module.named_modules():
         if list(child.children()):
             continue  # containers: their leaves are visited (a bare Linear is one leaf)
@@ -161,9 +160,10 @@ def mlp_from_module(
     return spec, params
 
 
-def _refuse_shared(module: nn.Module) -> None:
-    """Refuse a layer used twice or parameters tied together (they would be read as
-    independent layers, which train differently), naming both places."""
+def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:
+    """Refuse, by name, what equiv's MLP cannot hold and would silently drop: a layer
+    used twice, tied parameters, parameters outside the Linear layers, frozen ones,
+    buffers."""
     seen: dict[int, str] = {}
     for name, child in module.named_modules(remove_duplicate=False):
         if isinstance(child, nn.Linear):
@@ -174,7 +174,13 @@ def _refuse_shared(module: nn.Module) -> None:
                 )
             seen[id(child)] = name
     linear = {id(p) for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
-    for name, param in module.named_parameters():
+    for name, _ in module.named_buffers():
+        raise value_error(
+            f"buffer {name!r} is state equiv's MLP does not have (Linear layers and "
+            "activations keep none); remove it, or check the model without it"
+        )
+    spans: dict[tuple, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) not in linear:
             raise value_error(
                 f"parameter {name!r} belongs to no nn.Linear; equiv's MLP has only the Linear "
@@ -185,13 +191,6 @@ def _refuse_shared(module: nn.Module) -> None:
                 f"parameter {name!r} is frozen (requires_grad=False); equiv's MLP trains every "
                 "parameter: unfreeze it, or check the trainable part on its own"
             )
-    for name, _ in module.named_buffers():
-        raise value_error(
-            f"buffer {name!r} is state equiv's MLP does not have (Linear layers and "
-            "activations keep none); remove it, or check the model without it"
-        )
-    storage: dict[tuple, str] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
         if param.device.type == "meta" or param.numel() == 0:
             continue  # no memory to share
         # Overlapping memory, a transposed view included (a flat buffer of parameters
@@ -199,55 +198,61 @@ def _refuse_shared(module: nn.Module) -> None:
         start = param.data_ptr()
         extent = sum((n - 1) * abs(st) for n, st in zip(param.shape, param.stride(), strict=True))
         span = (param.device, start, start + (extent + 1) * param.element_size())
-        for other, other_name in storage.items():
+        for other, other_name in spans.items():
             if other[0] == span[0] and span[1] < other[2] and other[1] < span[2]:
                 raise value_error(
                     f"parameters {other_name!r} and {name!r} share memory (tied weights); "
                     "equiv's MLP has independent parameters, which train differently from "
                     "tied ones"
                 )
-        storage[span] = name
+        spans[span] = name
 
 
 def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:
-    """The module and the spec on a float64 probe batch: the same output, and the same
-    gradients of a random projection of it (a forward that detaches, or scales by a
-    constant, matches the output but not the gradients)."""
-    from equiv import manual  # the hand-derived pass, in float64
+    """The module and the spec's MLP on a float64 probe batch: the same output, and the
+    same gradients of a random projection of it (a forward that detaches, or scales by
+    a constant, matches the output but not the gradients)."""
+    from equiv.torch_mlp import torch_mlp_with_params  # no import cycle at module level
 
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
-    theirs_model = copy.deepcopy(module).to(torch.float64)  # the user's module is left as is
-    device = next(theirs_model.parameters()).device
-    with torch.enable_grad():
-        out = theirs_model(probe.to(device))
-        projection = torch.randn(out.shape, dtype=torch.float64, generator=generator)
-        layers = [m for m in theirs_model.modules() if isinstance(m, nn.Linear)]
-        tensors = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-        theirs_grads = torch.autograd.grad(
-            (out * projection.to(device)).sum(), tensors, allow_unused=True
-        )
-    # A parameter the output does not reach has no gradient: zero, for the comparison.
-    theirs_grads = [
-        torch.zeros_like(t) if g is None else g for t, g in zip(tensors, theirs_grads, strict=True)
-    ]
-    p64 = {k: v.detach().double().cpu() for k, v in params.items()}
-    ours, _, acts = manual._forward(p64, probe, spec, [None] * (spec.num_layers - 1))
-    xp = array_namespace(probe)
-    ours_grads = manual._backward(xp, p64, probe, projection, acts, spec, abs_weights=False)
-    scale = float(ours.abs().max()) or 1.0
-    if float((out.detach().cpu() - ours).abs().max()) > 1e-10 * scale:
+    projection = torch.randn(8, spec.sizes[-1], dtype=torch.float64, generator=generator)
+    theirs = copy.deepcopy(module).to(torch.float64)  # the user's module is left as is
+    ours = torch_mlp_with_params(
+        spec.replace(dtype="float64"), {k: v.double().cpu() for k, v in params.items()}
+    )
+    (out, grads), (out_ours, grads_ours) = (
+        _output_and_grads(model, probe, projection) for model in (theirs, ours)
+    )
+    if float((out - out_ours).abs().max()) > 1e-10 * (float(out_ours.abs().max()) or 1.0):
         raise value_error(
             "the module's forward pass does not match its Linear layers and activations applied "
             "in registration order (a forward that calls them in another order, or does more); "
             "write it as an nn.Sequential, or pass check=False if you are sure"
         )
-    for name, theirs_grad in zip(spec.param_names(), theirs_grads, strict=True):
-        ours_grad = ours_grads[name]
-        grad_scale = float(ours_grad.abs().max()) or 1.0
-        if float((theirs_grad.cpu() - ours_grad).abs().max()) > 1e-10 * grad_scale:
+    for name, theirs_grad, ours_grad in zip(spec.param_names(), grads, grads_ours, strict=True):
+        scale = float(ours_grad.abs().max()) or 1.0
+        if float((theirs_grad - ours_grad).abs().max()) > 1e-10 * scale:
             raise value_error(
                 f"the module's gradients differ from its layers' for {name} (a forward that "
                 "detaches, or does more than its Linear layers and activations); write it as "
                 "an nn.Sequential, or pass check=False if you are sure"
             )
+
+
+def _output_and_grads(model: nn.Module, probe: torch.Tensor, projection: torch.Tensor):
+    """``model(probe)`` and the gradients of ``<output, projection>`` with respect to its
+    Linear layers' parameters, in registration order (zero where none reaches them)."""
+    device = next(model.parameters()).device
+    tensors = [
+        p
+        for layer in model.modules()
+        if isinstance(layer, nn.Linear)
+        for p in (layer.weight, layer.bias)
+        if p is not None
+    ]
+    with torch.enable_grad():
+        out = model(probe.to(device))
+        grads = torch.autograd.grad((out * projection.to(device)).sum(), tensors, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
+    return out.detach().cpu(), [g.cpu() for g in grads]
