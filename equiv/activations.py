@@ -59,6 +59,10 @@ class Activation:
     negative: Callable[[Any, Array, float], tuple[Array, Array]] | None = None
     # A bound on |h'(z)|: how much an error in z can grow through the activation.
     lipschitz: Callable[[float], float] = lambda param: 1.0
+    # (xp, z, param) -> the size of the terms h and h' are computed from, as torch,
+    # JAX and the formulas above evaluate them; None: |h| and |h'|. Where they cancel
+    # (1 - tanh² z at large |z|) the float error is u times the terms, not the result.
+    term_sizes: Callable[[Any, Array, float], tuple[Array, Array]] | None = None
 
     def value_and_derivative(
         self, xp: Any, z: Array, param: float, branch: Array | None = None
@@ -79,6 +83,43 @@ class Activation:
         # Evaluate the negative branch only where it is taken (0 elsewhere: no overflow).
         value, slope = self.negative(xp, xp.where(branch, xp.zeros_like(z), z), param)
         return xp.where(branch, z, value), xp.where(branch, xp.ones_like(z), slope)
+
+    def curvature(self, xp: Any, z: Array, param: float) -> Array:
+        """``|h''(z)|``, by a central difference of ``h'`` on ``z``'s own side of any kink
+        (the other side is :mod:`equiv.kinks`'s business): how fast an error in ``z``
+        moves the slope the backward pass multiplies by. For float64 inputs; the step
+        ``1e-4·max(|z|, 1)`` keeps the difference's own error near 1e-9 relative.
+
+        >>> import numpy as np
+        >>> tanh = ACTIVATIONS["tanh"]
+        >>> z = np.array([0.0, 0.5])
+        >>> np.allclose(tanh.curvature(np, z, 0.0), np.abs(-2 * np.tanh(z) / np.cosh(z) ** 2))
+        True
+        >>> ACTIVATIONS["relu"].curvature(np, np.array([-1.0, 0.0, 1e-9]), 0.0).tolist()
+        [0.0, 0.0, 0.0]
+        """
+        step = 1e-4 * xp.maximum(xp.abs(z), xp.ones_like(z))
+        side = (z > 0) if self.negative is not None else None
+        _, up = self.value_and_derivative(xp, z + step, param, side)
+        _, down = self.value_and_derivative(xp, z - step, param, side)
+        return xp.abs(up - down) / (2.0 * step)
+
+    def evaluation_sizes(self, xp: Any, z: Array, param: float) -> tuple[Array, Array]:
+        """What the float error of evaluating ``h(z)`` and ``h'(z)`` scales with: at
+        least ``|h|`` and ``|h'|``, more where the formula cancels. torch and JAX both
+        compute tanh's slope as ``1 - tanh²z``, which is 0 in float32 from ``|z| ≈ 9``
+        while the true slope is 6e-8: an error of ``u`` times ``1 + tanh²z``.
+
+        >>> import numpy as np
+        >>> tanh = ACTIVATIONS["tanh"]
+        >>> [round(float(a[0]), 6) for a in tanh.evaluation_sizes(np, np.array([9.0]), 0.0)]
+        [1.0, 2.0]
+        """
+        value, slope = self.value_and_derivative(xp, z, param)
+        if self.term_sizes is None:
+            return xp.abs(value), xp.abs(slope)
+        value_terms, slope_terms = self.term_sizes(xp, z, param)
+        return xp.maximum(xp.abs(value), value_terms), xp.maximum(xp.abs(slope), slope_terms)
 
     def param(self, spec: Any) -> float:
         """The hyper-parameter ``spec`` gives this activation (0.0 if it has none)."""
@@ -113,6 +154,42 @@ def _gelu_tanh_derivative(xp, z, _):
 def _silu_derivative(xp, z, _):
     s = _sigmoid(xp, z)
     return s * (1.0 + z * (1.0 - s))
+
+
+def _elu_terms(xp, z, p):
+    # JAX differentiates α·expm1(z) as α·(expm1(z) + 1): a sum near -α + α for z << 0.
+    m = xp.expm1(xp.where(z > 0, 0 * z, z))
+    return xp.abs(xp.where(z > 0, z, p * m)), xp.where(z > 0, _ones(xp, z), p * (1.0 - m))
+
+
+def _tanh_terms(xp, z, _):
+    t = xp.tanh(z)
+    return xp.abs(t), 1.0 + t * t  # 1 - t²
+
+
+def _sigmoid_terms(xp, z, _):
+    s = _sigmoid(xp, z)
+    return s, s  # σ(1 - σ): 1 - σ carries u·σ, times σ; σ(1 - σ) + σ² = σ
+
+
+def _gelu_terms(xp, z, _):
+    # ½z(1 + erf(z/√2)) and ½(1 + erf) + z·φ(z): 1 + erf cancels for z << 0.
+    erf = xp.abs(_erf(xp, z / math.sqrt(2.0)))
+    phi = xp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return 0.5 * xp.abs(z) * (1.0 + erf), 0.5 * (1.0 + erf) + xp.abs(z) * phi
+
+
+def _gelu_tanh_terms(xp, z, _):
+    _, t = _gelu_tanh_parts(xp, z)
+    t = xp.abs(t)
+    chain = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)
+    return 0.5 * xp.abs(z) * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * xp.abs(z) * (1.0 + t * t) * chain
+
+
+def _silu_terms(xp, z, _):
+    # σ·(1 + z(1 - σ)) (torch) or σ + z·σ(1 - σ) (JAX): σ·(1 + |z|) either way.
+    s = _sigmoid(xp, z)
+    return xp.abs(z) * s, s * (1.0 + xp.abs(z))
 
 
 def _ones(xp, z):
@@ -152,6 +229,7 @@ ACTIVATIONS: dict[str, Activation] = {
             param_field="elu_alpha",  # a kink unless alpha == 1
             negative=lambda xp, z, p: (p * xp.expm1(z), p * xp.exp(z)),
             lipschitz=lambda p: max(1.0, p),
+            term_sizes=_elu_terms,
         ),
         Activation(
             "tanh",
@@ -159,6 +237,7 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda z, p: jnp.tanh(z),
             lambda xp, z, p: xp.tanh(z),
             lambda xp, z, p: 1.0 - xp.tanh(z) * xp.tanh(z),
+            term_sizes=_tanh_terms,
         ),
         Activation(
             "sigmoid",
@@ -166,6 +245,7 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda z, p: jax.nn.sigmoid(z),
             lambda xp, z, p: _sigmoid(xp, z),
             lambda xp, z, p: _sigmoid(xp, z) * (1.0 - _sigmoid(xp, z)),
+            term_sizes=_sigmoid_terms,
         ),
         Activation(
             "gelu",
@@ -177,6 +257,7 @@ ACTIVATIONS: dict[str, Activation] = {
                 + z * xp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
             ),
             lipschitz=lambda p: 1.13,  # max of Φ(z) + z·φ(z), at z = √2: 1.1289
+            term_sizes=_gelu_terms,
         ),
         Activation(
             "gelu_tanh",
@@ -185,6 +266,7 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda xp, z, p: 0.5 * z * (1.0 + _gelu_tanh_parts(xp, z)[1]),
             _gelu_tanh_derivative,
             lipschitz=lambda p: 1.13,
+            term_sizes=_gelu_tanh_terms,
         ),
         Activation(
             "silu",
@@ -193,6 +275,7 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda xp, z, p: z * _sigmoid(xp, z),
             _silu_derivative,
             lipschitz=lambda p: 1.1,  # max of σ(z)(1 + z(1 - σ(z))): 1.0998
+            term_sizes=_silu_terms,
         ),
         Activation(
             "identity",

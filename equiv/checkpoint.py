@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 from collections.abc import Mapping
@@ -253,7 +254,13 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
             f"{path} holds a {type(loaded).__name__}, not a state_dict of tensors; save "
             "model.state_dict() (for a training checkpoint, the entry holding it)"
         )
-    return dict(loaded)
+    # torch.save keeps ties: tensors that shared memory when saved share it when
+    # loaded, so an in-place update of one would change the others. Untie them.
+    storages = collections.Counter(t.untyped_storage().data_ptr() for t in loaded.values())
+    return {
+        name: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else t
+        for name, t in loaded.items()
+    }
 
 
 def _kind(path: PathLike, allowed: tuple[str, ...]) -> str:

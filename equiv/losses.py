@@ -52,9 +52,11 @@ class Loss:
     torch_module: Callable[[Any], nn.Module]  # spec -> module
     jax_fn: Callable[[jax.Array, jax.Array, Any], jax.Array]  # (o, y, spec) -> scalar
     value_and_grad: Callable[[Array, Array, Any], tuple[Array, Array]]  # (o, y, spec)
-    # (o, y, spec) -> the size of what the loss and each entry of its gradient are
-    # computed from (no cancellation): what their rounding errors scale with.
-    magnitude: Callable[[Array, Array, Any], tuple[Array, Array]]
+    # (o, y, spec, o_size) -> the size of what the loss and each entry of its gradient
+    # are computed from (no cancellation): what their rounding errors scale with.
+    # o_size (>= |o|, default |o|) is the size of what the outputs were summed from:
+    # their own rounding error scales with it (equiv.manual.magnitudes).
+    magnitude: Callable[..., tuple[Array, Array]]
     # "mean": one example's term is divided by the batch; "sum": it is not.
     reduction: str = "mean"
 
@@ -130,12 +132,12 @@ def _smooth_l1(o, y, spec):
 
 
 def _values_magnitude(weight):
-    """For losses of d = o - y: the loss and gradient with |o| + |y| for |d| where
-    ``weight(|d|, s, spec)`` gives each element's factor on ``s = |o| + |y|``."""
+    """For losses of d = o - y: the loss and gradient with |o|⁺ + |y| for |d| where
+    ``weight(|d|, s, spec)`` gives each element's factor on ``s = |o|⁺ + |y|``."""
 
-    def magnitude(o, y, spec):
+    def magnitude(o, y, spec, o_size=None):
         xp = array_namespace(o)
-        s = xp.abs(o) + xp.abs(y)
+        s = (xp.abs(o) if o_size is None else o_size) + xp.abs(y)
         loss_factor, grad_factor = weight(xp, xp.abs(o - y), s, spec)
         reduce = xp.sum if spec.loss == "mse_sum" else xp.mean
         scale = 1.0 if spec.loss == "mse_sum" else 1.0 / (o.shape[0] * o.shape[1])
@@ -144,21 +146,28 @@ def _values_magnitude(weight):
     return magnitude
 
 
-def _cross_entropy_magnitude(o, y, spec):
+def _cross_entropy_magnitude(o, y, spec, o_size=None):
+    # An error δ in the logits moves log p by at most 2·max δ per row and p by
+    # p·2·max δ: the gradient's size gains 2·p·Σq times the row's largest output size.
     xp = array_namespace(o)
     q = _one_hot(xp, y, o.shape[1], o) if spec.loss == "cross_entropy" else y
     log_p = _log_softmax(xp, o)
-    row_max = xp.max(xp.abs(o), axis=1, keepdims=True)
+    size = xp.abs(o) if o_size is None else o_size
+    row_max = xp.max(size, axis=1, keepdims=True)
     loss = xp.mean(xp.sum(q * (xp.abs(log_p) + 2.0 * row_max), axis=1) + row_max[:, 0])
     total = xp.sum(xp.abs(q), axis=1, keepdims=True)
-    return loss, (xp.exp(log_p) * total + xp.abs(q) + 1.0 / o.shape[1]) / o.shape[0]
+    p = xp.exp(log_p)
+    return loss, (p * total * (1.0 + 2.0 * row_max) + xp.abs(q) + 1.0 / o.shape[1]) / o.shape[0]
 
 
-def _bce_magnitude(o, y, spec):
+def _bce_magnitude(o, y, spec, o_size=None):
+    # σ moves by at most σ'(o) = e/(1 + e)² times an error in o (e = exp(-|o|)).
     xp = array_namespace(o)
     e = xp.exp(-xp.abs(o))
-    loss = xp.mean(xp.abs(o) * (1.0 + xp.abs(y)) + xp.log1p(e))
-    return loss, (1.0 + xp.abs(y)) / (o.shape[0] * o.shape[1])
+    size = xp.abs(o) if o_size is None else o_size
+    loss = xp.mean(size * (1.0 + xp.abs(y)) + xp.log1p(e))
+    slope = e / ((1.0 + e) * (1.0 + e))
+    return loss, (1.0 + xp.abs(y) + slope * size) / (o.shape[0] * o.shape[1])
 
 
 def _jax_cross_entropy(o, y, spec):

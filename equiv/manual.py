@@ -86,19 +86,44 @@ def loss_and_grads(
     xp = array_namespace(x)
     out, zs, acts = _forward(params, x, spec, _check_masks(masks, spec))
     loss, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
-    grads = _backward(xp, params, x, dz, acts, spec, abs_weights=False)
+    grads = _backward(xp, params, x, dz, acts, spec)
     return loss, grads
 
 
 def magnitudes(
     params: Mapping[str, Array], x: Array, y: Array, spec: MLPSpec
 ) -> tuple[Array, dict[str, Array]]:
-    """The size of what each result sums, for rounding bounds: the backward pass
-    above with every term replaced by its absolute value (``|dW_i| = |dz_i|ᵀ|h_{i-1}|``,
-    ``|db_i| = Σ|dz_i|``, ``|dh| = |dz|·|W|``, ``|dz| = |dh|·|h'(z)|``), starting from
-    the loss's own magnitude (:attr:`equiv.losses.Loss.magnitude`; for MSE
-    ``|h_L| + |y|`` in place of ``h_L - y``). A sum that cancels is small while its
-    rounding error is not: this is what that error scales with.
+    r"""What the rounding error of the loss and of each gradient scales with.
+
+    Each quantity ``q`` the passes compute gets a size ``|q|⁺ ≥ |q|`` such that its
+    float error is at most about ``u·√k·|q|⁺`` (:mod:`equiv.tolerance` adds the
+    constant). A sum that cancels is small while its error is not, and an error made
+    early is carried on: ``|q|⁺`` is the first-order error propagation of the passes
+    above. Forward, a pre-activation's size is the root sum of squares of the terms
+    it sums, each at its input's size (the error of a sum grows like √k times that,
+    and the bound carries the √k; :func:`equiv.kinks.preactivation_bounds` sizes
+    them the same way)::
+
+        |h_0|⁺ = |x|,   |z_i|⁺ = max(|z_i|, √(|h_{i-1}|⁺²·W_i²ᵀ + b_i²))
+        |h_i|⁺ = max(|h_i|ₑ, |h'(z_i)|·|z_i|⁺)
+
+    where ``|h|ₑ ≥ |h|`` and ``|h'|ₑ ≥ |h'|`` are what evaluating the activation and
+    its slope costs (:meth:`equiv.activations.Activation.evaluation_sizes`: torch and
+    JAX compute tanh's slope as ``1 - tanh²z``, whose float32 error is ``u`` however
+    small the slope). Backward, sums of absolute values, starting from ``|dz_L|⁺``,
+    the loss's gradient size at ``|h_L|⁺`` (:attr:`equiv.losses.Loss.magnitude`; for
+    MSE ``2·(|h_L|⁺ + |y|)/n`` where ``h_L - y`` cancels)::
+
+        |dW_i|⁺ = |dz_i|⁺ᵀ|h_{i-1}| + |dz_i|ᵀ(|h_{i-1}|⁺ - |h_{i-1}|),   |db_i|⁺ = Σ_batch |dz_i|⁺
+        |dh|⁺ = |dz_i|⁺·|W_i|
+        |dz_{i-1}|⁺ = |dh|⁺·|h'(z)| + |dh|·(|h'(z)|ₑ - |h'(z)| + |h''(z)|·|z_{i-1}|⁺)
+
+    The second terms carry an error made upstream through a product, ``δ(a·b) =
+    δa·b + a·δb``, with the *values* ``|dz|``, ``|dh|`` as the other factor: a product
+    of two sizes would count the error twice over. The slope is off by its own
+    evaluation and by ``|h''|`` (:meth:`equiv.activations.Activation.curvature`) times
+    the error of ``z``. Where nothing cancels every ``|q|⁺`` is the sum of absolute
+    values of what ``q`` sums, but for that last term.
 
     >>> import numpy as np
     >>> spec = MLPSpec((1, 1), dtype="float64")
@@ -108,13 +133,52 @@ def magnitudes(
     [0.0]
     >>> magnitudes(params, x, y, spec)[1]["fc1.bias"].tolist()  # (3 + 3) · 2 / 2
     [6.0]
+
+    A hidden unit that cancels (``z = 2 - 2``, so ``h = tanh(z) = 0``) carries the
+    size of its terms, ``|h|⁺ = √(2² + 2²)``, into the next layer's weight gradient,
+    ``dW_2 = dz_2·h`` (``dz_2 = 2·(0 - 1) = -2``):
+
+    >>> spec = MLPSpec((2, 1, 1), dtype="float64", bias=False, activation="tanh")
+    >>> params = {"fc1.weight": np.array([[1.0, -1.0]]), "fc2.weight": np.array([[1.0]])}
+    >>> x, y = np.array([[2.0, 2.0]]), np.array([[1.0]])
+    >>> loss_and_grads(params, x, y, spec)[1]["fc2.weight"].tolist()
+    [[0.0]]
+    >>> magnitudes(params, x, y, spec)[1]["fc2.weight"].round(4).tolist()  # |dz_2|·|h|⁺ = 2·√8
+    [[5.6569]]
     """
     xp = array_namespace(x)
-    out, zs, acts = _forward(params, x, spec, [None] * (spec.num_layers - 1))
-    loss, dz = LOSSES[spec.loss].magnitude(out, y, spec)
-    acts = [(xp.abs(h), xp.abs(d)) for h, d in acts]
-    grads = _backward(xp, params, xp.abs(x), dz, acts, spec, abs_weights=True)
-    return loss, grads
+    last = spec.num_layers
+    out, zs, acts = _forward(params, x, spec, [None] * (last - 1))
+    h_sizes, z_sizes, slope_errors = [xp.abs(x)], [], []
+    for i, z in enumerate(zs, start=1):
+        weight = params[f"fc{i}.weight"]
+        squares = xp.matmul(h_sizes[-1] ** 2, xp.matrix_transpose(weight * weight))
+        if spec.bias:
+            squares = squares + params[f"fc{i}.bias"] ** 2
+        z_sizes.append(xp.maximum(xp.abs(z), xp.sqrt(squares)))
+        if i < last:
+            act, slope = ACTIVATIONS[spec.activations[i - 1]], acts[i - 1][1]
+            value_size, slope_size = act.evaluation_sizes(xp, z, act.param(spec))
+            h_sizes.append(xp.maximum(value_size, xp.abs(slope) * z_sizes[-1]))
+            # How far the slope may be off: its own evaluation, and z's error through h''.
+            curvature = act.curvature(xp, z, act.param(spec))
+            slope_errors.append(slope_size - xp.abs(slope) + curvature * z_sizes[-1])
+    loss, dz_size = LOSSES[spec.loss].magnitude(out, y, spec, z_sizes[-1])
+    _, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
+    grads: dict[str, Array] = {}
+    for i in range(last, 0, -1):
+        h = xp.abs(x) if i == 1 else xp.abs(acts[i - 2][0])
+        carried = xp.matmul(xp.matrix_transpose(xp.abs(dz)), h_sizes[i - 1] - h)
+        grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz_size), h) + carried
+        if spec.bias:
+            grads[f"fc{i}.bias"] = xp.sum(dz_size, axis=0)
+        if i > 1:
+            weight = params[f"fc{i}.weight"]
+            dh, dh_size = xp.matmul(dz, weight), xp.matmul(dz_size, xp.abs(weight))
+            slope = acts[i - 2][1]
+            dz_size = dh_size * xp.abs(slope) + xp.abs(dh) * slope_errors[i - 2]
+            dz = dh * slope
+    return loss, {name: grads[name] for name in spec.param_names()}
 
 
 def _forward(params, x, spec, masks):
@@ -135,7 +199,7 @@ def _forward(params, x, spec, masks):
     return h, zs, acts
 
 
-def _backward(xp, params, x, dz, acts, spec, *, abs_weights):
+def _backward(xp, params, x, dz, acts, spec):
     grads: dict[str, Array] = {}
     for i in range(spec.num_layers, 0, -1):
         h_prev = x if i == 1 else acts[i - 2][0]
@@ -143,9 +207,7 @@ def _backward(xp, params, x, dz, acts, spec, *, abs_weights):
         if spec.bias:
             grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
         if i > 1:
-            weight = params[f"fc{i}.weight"]
-            dh = xp.matmul(dz, xp.abs(weight) if abs_weights else weight)
-            dz = dh * acts[i - 2][1]
+            dz = xp.matmul(dz, params[f"fc{i}.weight"]) * acts[i - 2][1]
     return {name: grads[name] for name in spec.param_names()}
 
 

@@ -27,10 +27,14 @@ Cancellation. A sum that cancels is small while its rounding error is not: the
 error of ``Σ_b dz_b h_b`` scales with ``Σ_b |dz_b|·|h_b|``, not with the result (found
 by the false-alarm sweep: a 1×1 layer over a batch of 20 whose weight gradient
 nearly cancelled, 1.3 times a bound relative to ``max|g|``). So ``max|q|`` above is
-the larger of the leaf's own magnitude and the magnitude of what it sums,
-:func:`equiv.manual.magnitudes` of the float64 values (the backward pass on absolute
-values; for the loss ``mean(|f(x) - y|·(|f(x)| + |y|))``, since ``f(x) - y`` cancels
-too). :func:`with_magnitude` adds the excess as an absolute term.
+the larger of the leaf's own magnitude and the size its error scales with,
+:func:`equiv.manual.magnitudes` of the float64 values: the error propagated to first
+order through both passes, each sum at the size of its terms (for the loss
+``mean(|f(x) - y|·(|f(x)|⁺ + |y|))``, since ``f(x) - y`` cancels too). A hidden
+unit that cancels counts as well: ``z = 1.0001·a - a`` is O(1) while its float32
+error is O(u·a), and ``h'(z)`` moves by ``|h''(z)|`` times that (found in review: a
+2-2-1 tanh MLP with ``a = 10⁴`` was off by 84 times a bound that ignored it).
+:func:`with_magnitude` adds the excess as an absolute term.
 
 Parameters after an update. ``p_s = p_{s-1} - lr·g_s`` can cancel: ``|p_s|`` may be far
 smaller than ``|p_{s-1}|`` and ``|lr·g_s|`` (found by the false-alarm sweep: a 1×1

@@ -92,3 +92,86 @@ def test_forced_branch_takes_the_other_side(name):
     assert natural[1].tolist() != flipped[1].tolist()  # the derivative changes side
     assert flipped[1][0] == 1.0  # z > 0 branch forced at z < 0
     assert np.allclose(flipped[0], z, atol=1e-8)  # values agree near the kink
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_curvature_matches_jax_second_derivative(name):
+    # Curvature moves the slope under an error in z (equiv.manual.magnitudes): a central
+    # difference of h', checked against jax.grad(jax.grad(h)). The difference's
+    # truncation error is step²/6·|h'''| with step = 1e-4·max(|z|, 1): at most
+    # 1.1e-8·|h'''| over Z (z = 2.5), and |h'''| <= 2 for all of these (tanh's at 0),
+    # so 2e-8 absolute (measured: 6.6e-9, tanh); the rounding, ~u·|h'|/step, is 1e-12.
+    # Not relative: h'' crosses 0. The kink itself (|z| <= 1e-9) is kinks.py's business.
+    act = ACTIVATIONS[name]
+    z = Z[np.abs(Z) > 1e-6] if act.kink else Z
+    with jax.enable_x64(True):
+        fn = lambda t: act.jax_fn(t, act.param(SPEC))  # noqa: E731
+        expected = np.abs(np.asarray(jax.vmap(jax.grad(jax.grad(fn)))(jnp.asarray(z))))
+    got = act.curvature(np, z, act.param(SPEC))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-8)
+
+
+def test_curvature_check_fails_on_a_wrong_slope():
+    # The paired failing case: the same check against the curvature of a different
+    # activation (tanh read as sigmoid) fails by far more than the tolerance.
+    z = Z[np.abs(Z) < 5]
+    with jax.enable_x64(True):
+        wrong = np.abs(np.asarray(jax.vmap(jax.grad(jax.grad(jax.nn.sigmoid)))(jnp.asarray(z))))
+    got = ACTIVATIONS["tanh"].curvature(np, z, 0.0)
+    assert np.abs(got - wrong).max() > 0.1
+
+
+# Float32 points from 1e-8 to 20 on both sides: the kink, ordinary values, saturation.
+Z32 = np.float32(np.concatenate([-np.logspace(-8, 1.3, 2000), np.logspace(-8, 1.3, 2000)]))
+
+
+def float32_evaluations(name):
+    """h and h' in float32 by torch autograd, jax.grad and the hand-derived formulas."""
+    act = ACTIVATIONS[name]
+    p = act.param(SPEC)
+    z = torch.tensor(Z32, requires_grad=True)
+    h = act.torch_module(p)(z)
+    (dz,) = torch.autograd.grad(h.sum(), z)
+    fn = lambda t: act.jax_fn(t, p)  # noqa: E731
+    zj = jnp.asarray(Z32)
+    manual = act.value_and_derivative(torch, torch.tensor(Z32), p)
+    return {
+        "torch": (h.detach().numpy(), dz.numpy()),
+        "jax": (np.asarray(fn(zj)), np.asarray(jax.vmap(jax.grad(fn))(zj))),
+        "manual": (manual[0].numpy(), manual[1].numpy()),
+    }
+
+
+def evaluation_error_ratio(name, sizes):
+    """Greatest float32 error of h and h' (vs float64) over u·size, over every backend."""
+    act = ACTIVATIONS[name]
+    z = Z32.astype(np.float64)
+    exact = act.value_and_derivative(np, z, act.param(SPEC))
+    worst = 0.0
+    for h, d in float32_evaluations(name).values():
+        for got, want, size in zip((h, d), exact, sizes, strict=True):
+            error = np.abs(got.astype(np.float64) - want)
+            worst = max(worst, float(np.max(error / np.maximum(2.0**-24 * size, 1e-300))))
+    return worst
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_evaluation_sizes_cover_float32_evaluation(name):
+    # To first order a chain of n rounded operations is off by at most n·u times the
+    # size of its terms. The longest chain here is torch's erf GELU backward (x/√2, erf,
+    # 1 + erf, ½·, x², exp, ·1/√(2π), x·φ, cdf + x·φ, ·grad): 10 roundings, erf's own
+    # error (< 1 ulp) among them. Measured worst: 8.1 (that slope at z = -0.019),
+    # 4.6 (JAX's elu near 0), every other activation at most 3.6.
+    chain = 10
+    act = ACTIVATIONS[name]
+    sizes = act.evaluation_sizes(np, Z32.astype(np.float64), act.param(SPEC))
+    assert evaluation_error_ratio(name, sizes) <= chain
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "elu"])
+def test_result_sizes_do_not_cover_float32_evaluation(name):
+    # The failing twin: sizing by the result alone (|h|, |h'|) misses the cancellation
+    # (1 - tanh²z, 1 + erf(z/√2), expm1(z) + 1 in JAX's elu) by orders of magnitude.
+    act = ACTIVATIONS[name]
+    h, d = act.value_and_derivative(np, Z32.astype(np.float64), act.param(SPEC))
+    assert evaluation_error_ratio(name, (np.abs(h), np.abs(d))) > 100

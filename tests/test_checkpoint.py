@@ -343,6 +343,20 @@ def test_tied_tensors_are_written_as_copies(tmp_path):
         assert_states_identical(load_torch(tmp_path / f"tied{suffix}"), state)
 
 
+def test_tied_tensors_in_an_outside_pt_file_load_untied(tmp_path):
+    # A file from plain torch.save keeps the tie; load_torch must not hand it on, or an
+    # in-place step on one parameter would silently change the other.
+    state = random_state(MLPSpec((3, 3, 3)), 0)
+    state["fc2.weight"] = state["fc1.weight"]
+    torch.save(state, tmp_path / "tied.pt")
+    raw = torch.load(tmp_path / "tied.pt", weights_only=True)
+    assert raw["fc1.weight"].data_ptr() == raw["fc2.weight"].data_ptr()  # the trap is real
+    loaded = load_torch(tmp_path / "tied.pt")
+    assert_states_identical(loaded, state)
+    loaded["fc1.weight"].add_(1.0)
+    torch.testing.assert_close(loaded["fc2.weight"], state["fc2.weight"], rtol=0, atol=0)
+
+
 def test_loading_copies_once_and_adopts_the_file_only_when_asked(tmp_path, monkeypatch):
     import equiv.convert
 

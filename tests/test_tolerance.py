@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from equiv import MLPSpec, compare_backends
+from equiv import MLPSpec, OptimizerSpec, compare_backends
 from equiv.tolerance import (
     SAFETY,
     Tolerance,
@@ -52,29 +52,92 @@ def test_half_a_user_tolerance_is_refused(rtol, atol):
     )
 
 
-# Found by the false-alarm sweep (tests/test_false_alarms.py) before the fixes.
+# Correct backends that sweeps flagged before the fixes: (id, spec fields, problem and
+# optimizer). The first, from tests/test_false_alarms.py, a 1×1 layer's gradient sum
+# that cancels; the second, from a sweep of 224 float32 optimizer configurations (8
+# optimizers × 7 losses × learning rates 0.5, 0.05 × batch 1, 8), gelu_tanh's slope
+# 1 - t², which cancels where the unit saturates (ratio 1.61 on 800fff4).
 SWEEP_FINDS = [
-    ("gradient sum cancels", dict(sizes=(1, 1), batch_size=20, seed=20, learning_rate=1.0)),
+    ("gradient sum cancels", dict(sizes=(1, 1)), dict(batch_size=20, seed=20, learning_rate=1.0)),
+    (
+        "activation slope cancels",
+        dict(sizes=(4, 8, 3), activation="gelu_tanh", loss="mse_sum"),
+        dict(
+            batch_size=1,
+            seed=60,
+            steps=3,
+            optimizer=OptimizerSpec(
+                learning_rate=0.5, name="sgd", momentum=0.9, dampening=0.3, weight_decay=0.01
+            ),
+        ),
+    ),
 ]
+IDS = [c[0] for c in SWEEP_FINDS]
 
 
-@pytest.mark.parametrize("case", [c[1] for c in SWEEP_FINDS], ids=[c[0] for c in SWEEP_FINDS])
-def test_sweep_finds_now_agree(case):
-    kwargs = dict(case)
-    spec = MLPSpec(kwargs.pop("sizes"))
-    comparison = compare_backends(spec, **kwargs)
-    comparison.assert_agree()
+@pytest.mark.parametrize("spec, run", [c[1:] for c in SWEEP_FINDS], ids=IDS)
+def test_sweep_finds_now_agree(spec, run):
+    compare_backends(MLPSpec(**spec), **run).assert_agree()
 
 
-@pytest.mark.parametrize("case", [c[1] for c in SWEEP_FINDS], ids=[c[0] for c in SWEEP_FINDS])
-def test_sweep_finds_still_catch_a_1e_4_bug(case):
-    from equiv.harness import REFERENCE, RUNNERS, compare_trajectories
+@pytest.mark.parametrize("spec, run", [c[1:] for c in SWEEP_FINDS], ids=IDS)
+def test_sweep_finds_still_catch_a_1e_4_bug(spec, run):
+    from equiv.harness import REFERENCE, RUNNERS, compare_trajectories, resolve_optimizer
     from equiv.problem import make_problem
 
-    kwargs = dict(case)
-    spec = MLPSpec(kwargs.pop("sizes"))
-    problem = make_problem(spec, batch_size=kwargs["batch_size"], seed=kwargs["seed"])
-    runs = {n: RUNNERS[n](problem, kwargs["learning_rate"]) for n in ("torch", REFERENCE)}
+    spec = MLPSpec(**spec)
+    problem = make_problem(
+        spec, batch_size=run["batch_size"], seed=run["seed"], steps=run.get("steps", 1)
+    )
+    optimizer = resolve_optimizer(run.get("optimizer"), run.get("learning_rate", 0.1))
+    runs = {
+        n: RUNNERS[n](problem, optimizer.learning_rate, optimizer=optimizer)
+        for n in ("torch", REFERENCE)
+    }
     runs["torch"].grads[0]["fc1.bias"] = runs["torch"].grads[0]["fc1.bias"] * (1 + 1e-4)
-    report = compare_trajectories(problem, runs, learning_rate=kwargs["learning_rate"])
-    assert {(d.stage, d.name) for d in report.failures} == {("grads", "fc1.bias")}
+    report = compare_trajectories(problem, runs, optimizer=optimizer)
+    assert {(d.stage, d.name, d.step) for d in report.failures} == {("grads", "fc1.bias", 1)}
+
+
+def _hidden_unit_cancels(activation: str, a: float = 1e4):
+    """A 2-2-1 MLP whose first hidden unit sums ``1.0001·a - a``: its pre-activation is
+    O(1) while the float32 error of the sum is O(u·a), so every float32 backend's
+    ``h'(z)`` of that unit is off by ``|h''|·u·a`` relative to the float64 reference."""
+    import torch
+
+    from equiv.problem import Problem
+
+    spec = MLPSpec((2, 2, 1), activation=activation)
+    params = {
+        "fc1.weight": torch.tensor([[1.0001, -1.0], [0.3, -0.2]]),
+        "fc1.bias": torch.tensor([0.1, -0.2]),
+        "fc2.weight": torch.tensor([[0.7, -0.4]]),
+        "fc2.bias": torch.tensor([0.05]),
+    }
+    x = torch.tensor([[a, a], [1.37 * a, 1.37 * a]])
+    y = torch.tensor([[0.3], [-0.2]])
+    return spec, Problem(spec, params, ((x, y),))
+
+
+# Before the forward sizes and the curvature term of equiv.manual.magnitudes these
+# raised false alarms at a = 1e4: worst ratios 84.5 (tanh), 14.0 (gelu), 43.3 (silu),
+# and 1.42 for tanh at a = 100 (measured on 800fff4 with this problem).
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "silu"])
+@pytest.mark.parametrize("a", [100.0, 1e4])
+def test_hidden_unit_cancellation_agrees(activation, a):
+    spec, problem = _hidden_unit_cancels(activation, a)
+    compare_backends(spec, problem=problem).assert_agree()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "silu"])
+def test_hidden_unit_cancellation_still_catches_a_bug(activation):
+    # The wider bounds stay useful: a 5% error in the output layer's weight gradient
+    # is caught. Their size there, relative to max|g|, measured: 1.8e-2 (tanh, whose
+    # cancelling unit has h'' = 0.6 at z = 1.1), 3.3e-5 (gelu), 3.0e-5 (silu).
+    from equiv.harness import REFERENCE, RUNNERS, compare_trajectories
+
+    spec, problem = _hidden_unit_cancels(activation)
+    runs = {n: RUNNERS[n](problem, 0.1) for n in ("torch", REFERENCE)}
+    runs["torch"].grads[0]["fc2.weight"] = runs["torch"].grads[0]["fc2.weight"] * 1.05
+    report = compare_trajectories(problem, runs, learning_rate=0.1)
+    assert {(d.stage, d.name) for d in report.failures} == {("grads", "fc2.weight")}
