@@ -59,10 +59,10 @@ class Activation:
     negative: Callable[[Any, Array, float], tuple[Array, Array]] | None = None
     # A bound on |h'(z)|: how much an error in z can grow through the activation.
     lipschitz: Callable[[float], float] = lambda param: 1.0
-    # (xp, z, param) -> the size of the terms h and h' are computed from, as torch,
+    # (xp, z, param, u) -> the size of the terms h and h' are computed from, as torch,
     # JAX and the formulas above evaluate them; None: |h| and |h'|. Where they cancel
     # (1 - tanh² z at large |z|) the float error is u times the terms, not the result.
-    term_sizes: Callable[[Any, Array, float], tuple[Array, Array]] | None = None
+    term_sizes: Callable[[Any, Array, float, float], tuple[Array, Array]] | None = None
 
     def value_and_derivative(
         self, xp: Any, z: Array, param: float, branch: Array | None = None
@@ -104,21 +104,26 @@ class Activation:
         _, down = self.value_and_derivative(xp, z - step, param, side)
         return xp.abs(up - down) / (2.0 * step)
 
-    def evaluation_sizes(self, xp: Any, z: Array, param: float) -> tuple[Array, Array]:
-        """What the float error of evaluating ``h(z)`` and ``h'(z)`` scales with: at
-        least ``|h|`` and ``|h'|``, more where the formula cancels. torch and JAX both
-        compute tanh's slope as ``1 - tanh²z``, which is 0 in float32 from ``|z| ≈ 9``
-        while the true slope is 6e-8: an error of ``u`` times ``1 + tanh²z``.
+    def evaluation_sizes(
+        self, xp: Any, z: Array, param: float, unit_roundoff: float
+    ) -> tuple[Array, Array]:
+        """What the float error of evaluating ``h(z)`` and ``h'(z)`` in a dtype of unit
+        roundoff ``unit_roundoff`` scales with: at least ``|h|`` and ``|h'|``, more where
+        the formula cancels. torch and JAX compute tanh's slope as ``1 - tanh²z``: at
+        ``z = 4`` the slope is 1.3e-3, and float32's rounding of ``tanh z`` leaves an
+        error of ``u·(1 + tanh²z)``, 4.5e-5 of it. From ``z ≈ 9.2``, where ``1 - tanh z``
+        is below ``u/4``, float32's ``tanh z`` is exactly 1 and the error is only the
+        slope itself.
 
         >>> import numpy as np
-        >>> tanh = ACTIVATIONS["tanh"]
-        >>> [round(float(a[0]), 6) for a in tanh.evaluation_sizes(np, np.array([9.0]), 0.0)]
-        [1.0, 2.0]
+        >>> tanh, u = ACTIVATIONS["tanh"], 2.0**-24
+        >>> [a.round(3).tolist() for a in tanh.evaluation_sizes(np, np.array([4.0, 10.0]), 0.0, u)]
+        [[0.999, 1.0], [1.999, 0.138]]
         """
         value, slope = self.value_and_derivative(xp, z, param)
         if self.term_sizes is None:
             return xp.abs(value), xp.abs(slope)
-        value_terms, slope_terms = self.term_sizes(xp, z, param)
+        value_terms, slope_terms = self.term_sizes(xp, z, param, unit_roundoff)
         return xp.maximum(xp.abs(value), value_terms), xp.maximum(xp.abs(slope), slope_terms)
 
     def param(self, spec: Any) -> float:
@@ -139,6 +144,12 @@ def _erf(xp, z):
     return np.vectorize(math.erf, otypes=[z.dtype])(z)
 
 
+def _erfc(xp, z):
+    if is_torch_array(z):
+        return z.erfc()
+    return np.vectorize(math.erfc, otypes=[z.dtype])(z)
+
+
 def _gelu_tanh_parts(xp, z):
     inner = _SQRT_2_OVER_PI * (z + _GELU_C * z * z * z)
     return inner, xp.tanh(inner)
@@ -156,40 +167,69 @@ def _silu_derivative(xp, z, _):
     return s * (1.0 + z * (1.0 - s))
 
 
-def _elu_terms(xp, z, p):
+def _rounds_to_one(xp, gap, lost, terms, u):
+    """The error size of a sum that cancels as ``r → 1`` (``1 - r``, ``1 + erf``...):
+    ``terms`` (the rounding of ``r`` and of the sum) while ``r`` is apart from 1, and
+    only ``lost / u`` once the true gap ``1 - |r|`` is below ``u/4``, where float
+    ``r`` is exactly ±1, the sum exactly 0, and its error the true result ``lost``
+    (``tests/test_activations.py`` checks this on torch's and JAX's kernels)."""
+    return xp.where(gap < 0.25 * u, lost / u, terms)
+
+
+def _tanh_gap(xp, z):
+    e = xp.exp(-2.0 * xp.abs(z))
+    return 2.0 * e / (1.0 + e)  # 1 - |tanh z|, without cancelling
+
+
+def _elu_terms(xp, z, p, u):
     # JAX differentiates α·expm1(z) as α·(expm1(z) + 1): a sum near -α + α for z << 0.
-    m = xp.expm1(xp.where(z > 0, 0 * z, z))
-    return xp.abs(xp.where(z > 0, z, p * m)), xp.where(z > 0, _ones(xp, z), p * (1.0 - m))
+    zn = xp.where(z > 0, 0 * z, z)
+    m, e = xp.expm1(zn), xp.exp(zn)
+    slope = _rounds_to_one(xp, e, e, 1.0 - m, u)
+    return xp.abs(xp.where(z > 0, z, p * m)), xp.where(z > 0, _ones(xp, z), p * slope)
 
 
-def _tanh_terms(xp, z, _):
-    t = xp.tanh(z)
-    return xp.abs(t), 1.0 + t * t  # 1 - t²
+def _tanh_terms(xp, z, _, u):
+    t, gap = xp.tanh(z), _tanh_gap(xp, z)
+    return xp.abs(t), _rounds_to_one(xp, gap, gap * (2.0 - gap), 1.0 + t * t, u)  # 1 - t²
 
 
-def _sigmoid_terms(xp, z, _):
-    s = _sigmoid(xp, z)
-    return s, s  # σ(1 - σ): 1 - σ carries u·σ, times σ; σ(1 - σ) + σ² = σ
+def _sigmoid_terms(xp, z, _, u):
+    # σ(1 - σ): 1 - σ carries u·σ, times σ (σ(1 - σ) + σ² = σ), until σ rounds to 1.
+    s, gap = _sigmoid(xp, z), _sigmoid(xp, -z)
+    return s, _rounds_to_one(xp, gap, s * gap, s, u)
 
 
-def _gelu_terms(xp, z, _):
-    # ½z(1 + erf(z/√2)) and ½(1 + erf) + z·φ(z): 1 + erf cancels for z << 0.
+def _gelu_terms(xp, z, _, u):
+    # ½z(1 + erf(z/√2)) and ½(1 + erf) + z·φ(z): 1 + erf = 2Φ(z) cancels for z << 0.
+    # The value is exact 0 once erf rounds to -1; torch's slope is not: it is off by
+    # up to u/2 down to z = -6 (multiples of 2⁻²⁵ there), so it keeps the full terms.
     erf = xp.abs(_erf(xp, z / math.sqrt(2.0)))
+    cdf = 0.5 * _erfc(xp, -z / math.sqrt(2.0))  # Φ(z), without cancelling
+    gap = xp.where(z < 0, 2.0 * cdf, 1.0 + 0 * z)
     phi = xp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    return 0.5 * xp.abs(z) * (1.0 + erf), 0.5 * (1.0 + erf) + xp.abs(z) * phi
+    value = xp.abs(z) * _rounds_to_one(xp, gap, cdf, 0.5 * (1.0 + erf), u)
+    return value, 0.5 * (1.0 + erf) + xp.abs(z) * phi
 
 
-def _gelu_tanh_terms(xp, z, _):
-    _, t = _gelu_tanh_parts(xp, z)
-    t = xp.abs(t)
+def _gelu_tanh_terms(xp, z, _, u):
+    # ½z(1 + t) and ½(1 + t) + ½z(1 - t²)·√(2/π)(1 + 3c z²), t = tanh(inner): 1 + t
+    # cancels for z << 0, 1 - t² for |z| >> 0.
+    inner, t = _gelu_tanh_parts(xp, z)
+    gap = _tanh_gap(xp, inner)
+    half = _rounds_to_one(
+        xp, xp.where(z < 0, gap, 1.0 + 0 * z), 0.5 * (1.0 + t), 0.5 * (1.0 + xp.abs(t)), u
+    )
+    square = _rounds_to_one(xp, gap, gap * (2.0 - gap), 1.0 + t * t, u)
     chain = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)
-    return 0.5 * xp.abs(z) * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * xp.abs(z) * (1.0 + t * t) * chain
+    return xp.abs(z) * half, half + 0.5 * xp.abs(z) * square * chain
 
 
-def _silu_terms(xp, z, _):
-    # σ·(1 + z(1 - σ)) (torch) or σ + z·σ(1 - σ) (JAX): σ·(1 + |z|) either way.
-    s = _sigmoid(xp, z)
-    return xp.abs(z) * s, s * (1.0 + xp.abs(z))
+def _silu_terms(xp, z, _, u):
+    # σ·(1 + z(1 - σ)) (torch) or σ + z·σ(1 - σ) (JAX): σ·(1 + |z|) either way, but
+    # z(1 - σ) is exact 0 once σ rounds to 1.
+    s, gap = _sigmoid(xp, z), _sigmoid(xp, -z)
+    return xp.abs(z) * s, s * (1.0 + xp.abs(z) * _rounds_to_one(xp, gap, gap, _ones(xp, z), u))
 
 
 def _ones(xp, z):

@@ -843,7 +843,7 @@ def _magnitudes(problem: Problem, trajectory: Trajectory) -> dict:
     params = {k: to_numpy(v).astype(np.float64) for k, v in problem.params.items()}
     for step, (x, y) in enumerate(problem.batches, start=1):
         x64, y64 = to_numpy(x).astype(np.float64), _numpy_batch(y)
-        loss, grads = manual.magnitudes(params, x64, y64, spec)
+        loss, grads = manual.magnitudes(params, x64, y64, spec, problem.spec.unit_roundoff)
         ref_loss, ref_grads = manual.loss_and_grads(params, x64, y64, spec)
         out[("loss", step)] = ({"loss": float(loss)}, {"loss": float(abs(ref_loss))})
         out[("grads", step)] = (

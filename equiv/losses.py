@@ -232,7 +232,8 @@ LOSSES: dict[str, Loss] = {
             _values_magnitude(
                 lambda xp, a, s, spec: (
                     xp.minimum(a, spec.huber_delta),
-                    xp.minimum(s, spec.huber_delta),
+                    # d itself inside the threshold (its error scales with s), ±δ beyond
+                    xp.where(a <= spec.huber_delta, s, xp.minimum(s, spec.huber_delta)),
                 )
             ),
         ),
@@ -247,7 +248,11 @@ LOSSES: dict[str, Loss] = {
             _values_magnitude(
                 lambda xp, a, s, spec: (
                     xp.minimum(a / spec.smooth_l1_beta, 1.0 + 0 * a),
-                    xp.minimum(s / spec.smooth_l1_beta, 1.0 + 0 * s),
+                    xp.where(
+                        a < spec.smooth_l1_beta,
+                        s / spec.smooth_l1_beta,
+                        xp.minimum(s / spec.smooth_l1_beta, 1.0 + 0 * s),
+                    ),
                 )
             ),
         ),

@@ -91,7 +91,11 @@ def loss_and_grads(
 
 
 def magnitudes(
-    params: Mapping[str, Array], x: Array, y: Array, spec: MLPSpec
+    params: Mapping[str, Array],
+    x: Array,
+    y: Array,
+    spec: MLPSpec,
+    unit_roundoff: float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     r"""What the rounding error of the loss and of each gradient scales with.
 
@@ -105,12 +109,13 @@ def magnitudes(
     them the same way)::
 
         |h_0|⁺ = |x|,   |z_i|⁺ = max(|z_i|, √(|h_{i-1}|⁺²·W_i²ᵀ + b_i²))
-        |h_i|⁺ = max(|h_i|ₑ, |h'(z_i)|·|z_i|⁺)
+        |h_i|⁺ = max(|h_i|ₑ, (|h'(z_i)| + ½|h''(z_i)|·u·|z_i|⁺)·|z_i|⁺)
 
     where ``|h|ₑ ≥ |h|`` and ``|h'|ₑ ≥ |h'|`` are what evaluating the activation and
-    its slope costs (:meth:`equiv.activations.Activation.evaluation_sizes`: torch and
-    JAX compute tanh's slope as ``1 - tanh²z``, whose float32 error is ``u`` however
-    small the slope). Backward, sums of absolute values, starting from ``|dz_L|⁺``,
+    its slope costs in the backends' dtype, of unit roundoff ``unit_roundoff`` (default
+    the spec's; :meth:`equiv.activations.Activation.evaluation_sizes`: torch and JAX
+    compute tanh's slope as ``1 - tanh²z``, whose float32 error is ``u`` until
+    ``tanh z`` rounds to 1). Backward, sums of absolute values, starting from ``|dz_L|⁺``,
     the loss's gradient size at ``|h_L|⁺`` (:attr:`equiv.losses.Loss.magnitude`; for
     MSE ``2·(|h_L|⁺ + |y|)/n`` where ``h_L - y`` cancels)::
 
@@ -147,6 +152,7 @@ def magnitudes(
     [[5.6569]]
     """
     xp = array_namespace(x)
+    u = spec.unit_roundoff if unit_roundoff is None else unit_roundoff
     last = spec.num_layers
     out, zs, acts = _forward(params, x, spec, [None] * (last - 1))
     h_sizes, z_sizes, slope_errors = [xp.abs(x)], [], []
@@ -158,10 +164,13 @@ def magnitudes(
         z_sizes.append(xp.maximum(xp.abs(z), xp.sqrt(squares)))
         if i < last:
             act, slope = ACTIVATIONS[spec.activations[i - 1]], acts[i - 1][1]
-            value_size, slope_size = act.evaluation_sizes(xp, z, act.param(spec))
-            h_sizes.append(xp.maximum(value_size, xp.abs(slope) * z_sizes[-1]))
-            # How far the slope may be off: its own evaluation, and z's error through h''.
+            value_size, slope_size = act.evaluation_sizes(xp, z, act.param(spec), u)
+            # z's error moves h by h'·δz + ½h''·δz², δz ~ u·|z|⁺: the second term is what
+            # is left where the slope is 0 (gelu at z = -0.75) and |z|⁺ >> |z|.
             curvature = act.curvature(xp, z, act.param(spec))
+            moved = (xp.abs(slope) + 0.5 * curvature * u * z_sizes[-1]) * z_sizes[-1]
+            h_sizes.append(xp.maximum(value_size, moved))
+            # How far the slope may be off: its own evaluation, and z's error through h''.
             slope_errors.append(slope_size - xp.abs(slope) + curvature * z_sizes[-1])
     loss, dz_size = LOSSES[spec.loss].magnitude(out, y, spec, z_sizes[-1])
     _, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)

@@ -33,7 +33,10 @@ order through both passes, each sum at the size of its terms (for the loss
 ``mean(|f(x) - y|·(|f(x)|⁺ + |y|))``, since ``f(x) - y`` cancels too). A hidden
 unit that cancels counts as well: ``z = 1.0001·a - a`` is O(1) while its float32
 error is O(u·a), and ``h'(z)`` moves by ``|h''(z)|`` times that (found in review: a
-2-2-1 tanh MLP with ``a = 10⁴`` was off by 84 times a bound that ignored it).
+2-2-1 tanh MLP with ``a = 10⁴`` was off by 84 times a bound that ignored it); so
+do activation formulas that cancel (``1 - tanh²z``, see
+:meth:`equiv.activations.Activation.evaluation_sizes`) and, where the slope is 0,
+the second-order move ``½|h''|·δz²``.
 :func:`with_magnitude` adds the excess as an absolute term.
 
 Parameters after an update. ``p_s = p_{s-1} - lr·g_s`` can cancel: ``|p_s|`` may be far
