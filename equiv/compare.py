@@ -305,7 +305,7 @@ def _scale_part(a: np.ndarray, b: np.ndarray, ct: np.dtype) -> Any:
 
 def _bound_constant(tolerance: Tolerance, scale: Any, ct: np.dtype) -> Any:
     """``atol + scaled·S``, rounded once to the compute dtype."""
-    return ct.type(tolerance.atol + tolerance.scaled * float(scale))
+    return ct.type(tolerance.atol + tolerance.scaled * max(float(scale), tolerance.floor))
 
 
 def _quotient(num: np.ndarray, den: Any) -> np.ndarray:

@@ -53,6 +53,11 @@ the scaled one (:func:`params_tolerance`)::
 
     c·√k·(u₁+u₂)·(s·max|p_s| + Σ_{t≤s} t·max|Δp_t|)
 
+Underflow. Below the smallest normal number ``tiny`` a result is off by up to ``tiny``
+absolutely, not ``u`` relatively: ``max|x|`` is taken no smaller than ``tiny/u``
+(:func:`underflow_scale`; 2e-31 for float32). Found in review: a float32 sigmoid unit
+at ``z = -120`` has gradients near 1e-52, which float32 flushes to 0.
+
 ``k`` is the longest reduction that produced the value: the widest layer input
 or output (forward ``h Wᵀ`` reduces over the input width, backward ``dz W`` over
 the output width), the batch (``dW = dzᵀ h`` and ``db = Σ dz`` reduce over it) and,
@@ -86,15 +91,17 @@ class Tolerance:
     rtol: float = 0.0
     scaled: float = 0.0
     derivation: str = ""
+    # The least S: below tiny/u a float no longer holds a value to u (underflow).
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
-        for field in ("atol", "rtol", "scaled"):
+        for field in ("atol", "rtol", "scaled", "floor"):
             value = getattr(self, field)
             if not value >= 0:  # NaN fails too
                 raise value_error(f"Tolerance {field} must be a non-negative number, got {value}")
 
     def allowed(self, expected_abs: float, scale: float) -> float:
-        return self.atol + self.rtol * expected_abs + self.scaled * scale
+        return self.atol + self.rtol * expected_abs + self.scaled * max(scale, self.floor)
 
     def describe(self) -> str:
         if self.derivation:
@@ -151,7 +158,19 @@ def derived_tolerance(
     return Tolerance(
         scaled=scaled,
         derivation=f"{SAFETY:g}·√{k}·(u₁+u₂)·{step}·max|x|",
+        floor=max(underflow_scale(d) for d in dtypes),
     )
+
+
+def underflow_scale(dtype: str) -> float:
+    """``tiny/u``: below it a value's rounding error is no longer ``u`` times the value
+    but up to ``tiny``, the smallest normal number (flushed to zero, as XLA does on
+    the CPU), so a derived bound takes ``max|x|`` no smaller than this.
+
+    >>> f"{underflow_scale('float32'):.3g}"
+    '1.97e-31'
+    """
+    return float(np.finfo(dtype).tiny) / UNIT_ROUNDOFF[dtype]
 
 
 def params_tolerance(base: Tolerance, update_sizes: list[float]) -> Tolerance:

@@ -226,3 +226,65 @@ def test_unit_cancelling_at_slope_zero_still_catches_a_bug(activation):
     # fc2.weight's bound, relative to max|g|, measured: 1.1e-3 (gelu), 6.4e-4 (silu).
     _, problem = _unit_cancels_at_slope_zero(activation, 1.13e5)
     assert failures_with_a_bug(problem, "fc2.weight", 1.05) == {("grads", "fc2.weight", 1)}
+
+
+def _one_unit_at(activation: str, z: float, dtype: str = "float32"):
+    """A 1-1-1 MLP whose hidden unit sits at ``z`` (x = 1)."""
+    import torch
+
+    from equiv.problem import Problem
+    from equiv.torch_mlp import TORCH_DTYPES
+
+    spec = MLPSpec((1, 1, 1), activation=activation, dtype=dtype)
+
+    def tensor(values):
+        return torch.tensor(values, dtype=TORCH_DTYPES[dtype])
+
+    params = {
+        "fc1.weight": tensor([[1.0]]),
+        "fc1.bias": tensor([z - 1.0]),
+        "fc2.weight": tensor([[0.7]]),
+        "fc2.bias": tensor([0.1]),
+    }
+    return spec, Problem(spec, params, ((tensor([[1.0]]), tensor([[0.3]])),))
+
+
+# Found in review. In float64 JAX's tanh is 1 - 7u, not 1, for tanh arguments in
+# [19.41, 20): sizes that trusted float32's rounding to exactly ±1 there gave ratios
+# 2.1 and 4.7 (tanh), 2.6 and 5.6e14 (gelu_tanh). A float32 sigmoid unit at z = -120
+# has gradients near 1e-52, which float32 flushes to 0: ratio 1.7e4 without the
+# underflow floor (equiv.tolerance.underflow_scale).
+SATURATED = [
+    ("tanh", 19.5, "float64"),
+    ("tanh", 19.9, "float64"),
+    ("gelu_tanh", 7.3, "float64"),
+    ("gelu_tanh", -7.3, "float64"),
+    ("sigmoid", -120.0, "float32"),
+    ("silu", -120.0, "float32"),
+]
+
+
+@pytest.mark.parametrize("activation, z, dtype", SATURATED)
+def test_saturated_and_underflowing_units_agree(activation, z, dtype):
+    spec, problem = _one_unit_at(activation, z, dtype)
+    compare_backends(spec, problem=problem).assert_agree()
+
+
+def test_jax_float64_tanh_does_not_round_to_one_where_float32_would():
+    # Why float64 keeps the full terms: the premise of the saturation rule fails.
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+        t = float(jax.jit(jnp.tanh)(jnp.float64(19.5)))
+    assert 1.0 - t > 2.0**-53  # the true gap, 2e-17, is below u/4 = 2.8e-17
+
+
+@pytest.mark.parametrize("activation, z", [("sigmoid", -20.0), ("tanh", 5.0)])
+def test_units_above_the_underflow_floor_still_catch_a_bug(activation, z):
+    # The floor (2e-31 for float32) does not blunt small values above it: fc1's
+    # gradients here are 5.8e-10 (sigmoid) and 1.3e-4 (tanh), their bounds 1.1e-5 and
+    # 5.3e-3 of that (tanh's slope 1 - t² is off by u however small), so a 5% error
+    # is caught. (At z = 8 tanh's float32 slope is off by 13%: no check is possible.)
+    _, problem = _one_unit_at(activation, z)
+    assert failures_with_a_bug(problem, "fc1.bias", 1.05) == {("grads", "fc1.bias", 1)}
