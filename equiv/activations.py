@@ -40,7 +40,7 @@ from torch import nn
 
 Array = Any
 _GELU_C = 0.044715
-_FLOAT32_U = 2.0**-24
+_FLOAT32_U = float(np.finfo(np.float32).eps) / 2  # u of float32
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -142,16 +142,21 @@ def _sigmoid(xp, z):
 
 
 def _erf(xp, z):
-    # The array API has no erf: torch has one, NumPy does not (math.erf per element).
+    # The array API has no erf: torch has one, NumPy does not; SciPy's (a dependency
+    # of JAX) is vectorized, where a per-element math.erf took most of a GELU bound.
     if is_torch_array(z):
         return z.erf()
-    return np.vectorize(math.erf, otypes=[z.dtype])(z)
+    from scipy import special
+
+    return special.erf(z)
 
 
 def _erfc(xp, z):
     if is_torch_array(z):
         return z.erfc()
-    return np.vectorize(math.erfc, otypes=[z.dtype])(z)
+    from scipy import special
+
+    return special.erfc(z)
 
 
 def _gelu_tanh_parts(xp, z):
