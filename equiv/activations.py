@@ -64,6 +64,10 @@ class Activation:
     # JAX and the formulas above evaluate them; None: |h| and |h'|. Where they cancel
     # (1 - tanh² z at large |z|) the float error is u times the terms, not the result.
     term_sizes: Callable[[Any, Array, float, float], tuple[Array, Array]] | None = None
+    # Where h'(z) = 0, torch's and JAX's backward selects 0 instead of multiplying
+    # (torch's threshold_backward, JAX's relu JVP): an infinite upstream gradient then
+    # gives 0, not NaN. See :meth:`chain`.
+    selects_zero: bool = False
 
     def value_and_derivative(
         self, xp: Any, z: Array, param: float, branch: Array | None = None
@@ -84,6 +88,25 @@ class Activation:
         # Evaluate the negative branch only where it is taken (0 elsewhere: no overflow).
         value, slope = self.negative(xp, xp.where(branch, xp.zeros_like(z), z), param)
         return xp.where(branch, z, value), xp.where(branch, xp.ones_like(z), slope)
+
+    def chain(self, xp: Any, upstream: Array, slope: Array) -> Array:
+        """``upstream · h'(z)``, the backward pass's chain rule, as torch and JAX apply it.
+
+        The same product everywhere, except where the slope is 0 of an activation whose
+        backward selects rather than multiplies (``relu``): there it is exactly 0 even
+        when ``upstream`` overflowed to ``inf`` in a diverging run (a product gives NaN,
+        as torch's and JAX's do for ``tanh`` and the others).
+
+        >>> import numpy as np
+        >>> slope = np.array([0.0, 1.0])
+        >>> ACTIVATIONS["relu"].chain(np, np.array([np.inf, 2.0]), slope).tolist()
+        [0.0, 2.0]
+        >>> ACTIVATIONS["leaky_relu"].chain(np, np.array([3.0, 2.0]), slope).tolist()
+        [0.0, 2.0]
+        """
+        if self.selects_zero:  # select first: no inf · 0 is ever formed
+            upstream = xp.where(slope == 0, xp.zeros_like(upstream), upstream)
+        return upstream * slope
 
     def curvature(self, xp: Any, z: Array, param: float) -> Array:
         """``|h''(z)|``, by a central difference of ``h'`` on ``z``'s own side of any kink
@@ -259,6 +282,7 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda xp, z, p: xp.where(z > 0, _ones(xp, z), xp.zeros_like(z)),
             kink=True,
             negative=lambda xp, z, p: (xp.zeros_like(z), xp.zeros_like(z)),
+            selects_zero=True,
         ),
         Activation(
             "leaky_relu",

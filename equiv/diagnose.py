@@ -28,6 +28,7 @@ Each detector returns a one- or two-line hint, or None.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -187,13 +188,23 @@ def _factor_cause(ratio: float, stage: str, numel_output: int | None, batch: int
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> float | None:
-    """The r with a ≈ r·b when that explains the difference and r is not 1."""
+    """The r with a ≈ r·b when that explains the difference and r is not 1.
+
+    Scaled to the larger magnitude first: a diverging run's 1e200s would overflow
+    ``b·b`` and make r NaN.
+
+    >>> _ratio(np.array([2e200, 4e200]), np.array([1e200, 2e200]))
+    2.0
+    """
+    scale = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0)))
+    if not 0.0 < scale < math.inf:
+        return None
+    a, b = a / scale, b / scale
     denom = float(np.vdot(b, b))
     if denom == 0.0:
         return None
     r = float(np.vdot(a, b)) / denom
-    scale = max(float(np.max(np.abs(a))), float(np.max(np.abs(b))))
-    if abs(r - 1.0) < 1e-3 or np.max(np.abs(a - r * b)) > _EXPLAINED * scale:
+    if not math.isfinite(r) or abs(r - 1.0) < 1e-3 or np.max(np.abs(a - r * b)) > _EXPLAINED:
         return None
     return r
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -74,6 +74,19 @@ State = dict[str, dict[str, np.ndarray]]
 
 BACKENDS = ("torch", "manual", "jax")
 REFERENCE = "reference"
+
+#: The stages in the order a step computes them, as :meth:`Comparison.overflow_note`
+#: names them.
+_OVERFLOW_ORDER = {
+    "loss": "loss",
+    "grads": "gradients",
+    "state": "optimizer state",
+    "params": "parameters",
+}
+
+
+def _nonfinite(tree: Mapping[str, np.ndarray]) -> bool:
+    return any(not np.all(np.isfinite(v)) for v in tree.values())
 
 
 @dataclasses.dataclass
@@ -315,11 +328,16 @@ class Comparison:
         Only the first (step, stage) whose failures match a known trap speaks: later
         differences are consequences of the first (a halved gradient also halves the
         update). A bare constant factor is named only when no known trap matches at
-        the first failing step. Leaves with the same hint are named together.
+        the first failing step. Leaves with the same hint are named together. From
+        the step at which every backend's loss overflows, :meth:`overflow_note` speaks
+        instead.
         """
         groups: dict[tuple[int, int, str, str], list[str]] = {}
         order = {"loss": 0, "grads": 1, "state": 2, "params": 3}
+        overflowed = self.overflowed_at()
         for d in self.report.failures:
+            if overflowed is not None and d.step >= overflowed[0]:
+                continue  # overflow, not a trap: overflow_note says so
             if d.actual in self.trajectories and d.expected in self.trajectories:
                 key = (d.step, order[d.stage], d.actual, d.expected)
                 groups.setdefault(key, []).append(d.name)
@@ -370,7 +388,58 @@ class Comparison:
                     continue
                 found_at = (step, rank)
                 merged.setdefault(key, []).append(leaf)
-        return [f"{', '.join(leaves)}: {text}" for text, leaves in (merged or generic).items()]
+        causes = [f"{', '.join(leaves)}: {text}" for text, leaves in (merged or generic).items()]
+        overflow = self.overflow_note()
+        return ([overflow] if overflow else []) + causes
+
+    def overflowed_at(self) -> tuple[int, str] | None:
+        """The first ``(step, stage)`` at which every backend (the float64 reference
+        aside) holds an inf or NaN in some leaf of that stage, or None."""
+        runs = [t for name, t in self.trajectories.items() if name != REFERENCE]
+        for step in range(1, self.problem.steps + 1):
+            for stage in _OVERFLOW_ORDER:
+                trees = [t.stage(stage, step) for t in runs if len(t.losses) >= step]
+                trees = [tree for tree in trees if tree]
+                if trees and all(_nonfinite(tree) for tree in trees):
+                    return step, stage
+        return None
+
+    def overflow_note(self) -> str | None:
+        """Why failures from :meth:`overflowed_at` on say nothing about the code, or None.
+
+        A diverging run overflows: its rounding errors outgrow what the derived bounds
+        model (the error sizes overflow too), and ``inf - inf`` or ``0 · inf`` give NaN
+        wherever two libraries order their arithmetic differently.
+        """
+        found = self.overflowed_at()
+        if found is None or not any(d.step >= found[0] for d in self.report.failures):
+            return None
+        step, stage = found
+        what, dtype = _OVERFLOW_ORDER[stage], self.problem.spec.dtype
+        reference = self.trajectories.get(REFERENCE)
+        held = None
+        if reference is not None and len(reference.losses) >= step:
+            tree = reference.stage(stage, step)
+            held = (
+                None if _nonfinite(tree) else max(float(np.max(np.abs(v))) for v in tree.values())
+            )
+        why = (
+            f"{dtype} cannot hold this run"
+            if held is not None and held > float(np.finfo(dtype).max)
+            else "an intermediate result overflows before the result does"
+        )
+        where = (
+            f"every backend's {what} overflows {dtype} at step {step}, while the float64 "
+            f"reference's stays finite (largest {held:.3g}): {why}"
+            if held is not None
+            else f"the run diverged: its {what} holds inf or NaN at step {step} in every "
+            "backend" + (" and the float64 reference" if reference is not None else "")
+        )
+        fewer = f"compare fewer steps (--steps {step - 1}) or " if step > 1 else ""
+        return (
+            f"{where}. From there the differences are overflow, not evidence about the "
+            f"implementations: {fewer}lower the learning rate."
+        )
 
     def _optimizer_cause(self, a: str, b: str) -> str | None:
         """Which of ``a`` and ``b`` a known misreading of the optimizer explains, and how
@@ -725,9 +794,11 @@ def compare_trajectories(
                     actual_name=a,
                     expected_name=b,
                     # Capped where it would overflow the dtype the leaves are compared
-                    # in (float32's largest value allows all that inf would).
+                    # in (float32's largest value allows all that inf would). A NaN
+                    # (an envelope that overflowed float64 in a diverging run, inf - inf)
+                    # allows nothing: the numbers then fail and the report shows them.
                     slack={
-                        n: np.minimum(v, _SLACK_MAX)
+                        n: np.minimum(np.nan_to_num(v, nan=0.0, posinf=_SLACK_MAX), _SLACK_MAX)
                         for n, v in extra.items()
                         if np.any(np.asarray(v) > 0)
                     },
@@ -870,7 +941,10 @@ def _update_sizes(
             finite = delta[np.isfinite(delta)]
             size = max(size, float(np.max(finite, initial=0.0)))
         mags, largest = magnitude[("grads", t)]
-        sizes.append(size * max(1.0, mags[name] / largest[name] if largest[name] > 0 else 1.0))
+        widen = mags[name] / largest[name] if largest[name] > 0 else 1.0
+        # What did not move carries no error, however large the terms (0 · inf in a
+        # run whose float64 sizes overflowed); an overflowed ratio (NaN) widens nothing.
+        sizes.append(size * widen if size > 0 and widen > 1.0 else size)
     return sizes
 
 

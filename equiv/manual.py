@@ -184,9 +184,11 @@ def magnitudes(
         if i > 1:
             weight = params[f"fc{i}.weight"]
             dh, dh_size = xp.matmul(dz, weight), xp.matmul(dz_size, xp.abs(weight))
-            slope = acts[i - 2][1]
-            dz_size = dh_size * xp.abs(slope) + xp.abs(dh) * slope_errors[i - 2]
-            dz = dh * slope
+            act, slope = ACTIVATIONS[spec.activations[i - 2]], acts[i - 2][1]
+            dz_size = act.chain(xp, dh_size, xp.abs(slope)) + act.chain(
+                xp, xp.abs(dh), slope_errors[i - 2]
+            )
+            dz = act.chain(xp, dh, slope)
     return loss, {name: grads[name] for name in spec.param_names()}
 
 
@@ -216,7 +218,8 @@ def _backward(xp, params, x, dz, acts, spec):
         if spec.bias:
             grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
         if i > 1:
-            dz = xp.matmul(dz, params[f"fc{i}.weight"]) * acts[i - 2][1]
+            act = ACTIVATIONS[spec.activations[i - 2]]
+            dz = act.chain(xp, xp.matmul(dz, params[f"fc{i}.weight"]), acts[i - 2][1])
     return {name: grads[name] for name in spec.param_names()}
 
 

@@ -56,6 +56,43 @@ def test_jax_matches_torch_except_leaky_relu_at_zero(name):
         assert not differs.any(), Z[differs]
 
 
+# Far out on both sides, where the slopes underflow or saturate to exactly 0 or 1.
+Z_FAR = np.array([-800.0, -40.0, -1.0, 0.0, 1.0, 40.0, 800.0])
+
+
+def torch_backward(name, upstream):
+    act = ACTIVATIONS[name]
+    z = torch.tensor(Z_FAR, requires_grad=True)
+    act.torch_module(act.param(SPEC))(z).backward(torch.as_tensor(upstream))
+    return z.grad.numpy()
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_chain_rule_matches_torch_when_the_upstream_gradient_overflowed(name):
+    # A diverging run overflows the upstream gradient to inf. torch's ReLU backward
+    # then gives 0 at dead units (a select), tanh's NaN where 1 - tanh² is 0 (a
+    # product): the hand-derived backward must do the same, element by element.
+    act = ACTIVATIONS[name]
+    upstream = np.full_like(Z_FAR, np.inf)
+    _, slope = act.value_and_derivative(np, Z_FAR, act.param(SPEC))
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(
+            act.chain(np, upstream, slope), torch_backward(name, upstream)
+        )
+    finite = np.linspace(-2.0, 2.0, Z_FAR.size)
+    np.testing.assert_array_equal(act.chain(np, finite, slope), finite * slope)
+
+
+def test_a_plain_product_gives_nan_where_torch_relu_gives_zero():
+    # The failing twin: multiplying by relu's slope turns inf · 0 into NaN.
+    upstream = np.full_like(Z_FAR, np.inf)
+    _, slope = ACTIVATIONS["relu"].value_and_derivative(np, Z_FAR, 0.0)
+    with np.errstate(invalid="ignore"):
+        product = upstream * slope
+    expected = torch_backward("relu", upstream)
+    assert np.isnan(product[Z_FAR <= 0]).all() and (expected[Z_FAR <= 0] == 0).all()
+
+
 def test_hand_derived_runs_on_torch_tensors():
     z = torch.tensor(Z)
     for name, act in ACTIVATIONS.items():

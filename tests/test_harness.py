@@ -388,15 +388,67 @@ def test_seed_range_matches_torch(seed):
             1e6,
             OptimizerSpec("sgd", learning_rate=1e6, momentum=0.9),
         ),
+        (MLPSpec((4, 8, 8, 3), activation="leaky_relu"), 30.0, None),
     ],
-    ids=["float32-sgd", "float64-momentum"],
+    ids=["float32-sgd", "float64-momentum", "float32-leaky-relu"],
 )
 def test_a_diverging_run_gets_a_report_not_an_exception(spec, learning_rate, optimizer):
     # Allowances between two diverging backends overflow float32, and the carried
-    # optimizer bounds become NaN: neither may crash the comparison.
+    # optimizer bounds become NaN: neither may crash the comparison. In the leaky
+    # ReLU run, a leaf that did not move at step 5 has gradient terms of size inf
+    # (float64 overflowed): 0 · inf once made its bound NaN.
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         comparison = compare_backends(
-            spec, batch_size=4, seed=0, steps=8, learning_rate=learning_rate, optimizer=optimizer
+            spec, batch_size=4, seed=0, steps=10, learning_rate=learning_rate, optimizer=optimizer
         )
     assert comparison.report.leaves
+
+
+@pytest.mark.parametrize(
+    "spec,steps,note",
+    [
+        (
+            MLPSpec((4, 8, 8, 3)),
+            5,
+            "every backend's loss overflows float32 at step 4, while the float64 reference's "
+            "stays finite (largest 1.58e+59): float32 cannot hold this run",
+        ),
+        (
+            MLPSpec((4, 8, 8, 3), activation="gelu_tanh", dtype="float64"),
+            5,
+            "the run diverged: its loss holds inf or NaN at step 5 in every backend and the "
+            "float64 reference",
+        ),
+    ],
+    ids=["float32-overflow", "float64-diverged"],
+)
+def test_an_overflowing_run_is_named_as_such_not_blamed_on_a_trap(spec, steps, note):
+    # Past the overflow, differences are inf - inf and 0 · inf, and the trap
+    # diagnostics read nonsense into them (a learning-rate factor of NaN, a weight
+    # decay of 1e187): the only hint is the overflow's.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        comparison = compare_backends(spec, batch_size=4, seed=0, steps=steps, learning_rate=30.0)
+        assert not comparison.agree
+        hints = comparison.hints()
+    assert len(hints) == 1 and hints[0].startswith(note), hints
+    assert "--steps" in hints[0] and "lower the learning rate" in hints[0]
+
+
+def test_a_relu_run_that_overflows_float64_still_agrees():
+    # Loss 1e212 by step 11: the float64 kink envelope overflows (inf - inf = NaN),
+    # which once raised "slack must be finite", and the upstream gradient overflows to
+    # inf, where the hand-derived backward gave inf · 0 = NaN at dead units while
+    # torch's and JAX's ReLU backward select 0. Neither is a disagreement.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        comparison = compare_backends(
+            MLPSpec((4, 8, 8, 3), dtype="float64"),
+            batch_size=4,
+            seed=0,
+            steps=12,
+            learning_rate=30.0,
+        )
+    assert comparison.trajectories["torch"].stage("loss", 12)["loss"] > 1e200
+    assert comparison.agree, comparison.report.failures()[:3]
