@@ -139,23 +139,47 @@ class Activation:
         is below ``u/4``, float32's ``tanh z`` is exactly 1 and the error is only the
         slope itself.
 
+        Underflow: kernels may flush a result below ``tiny/u`` to 0 (torch's float32
+        gelu slope at ``z = -13`` is 0, the true one -1e-36), an error of up to
+        ``tiny/u``: no size is below ``tiny/u²`` (3.3e-24 in float32). It matters
+        where an underflowed slope meets a huge upstream gradient (sigmoid at
+        ``z = -100`` times 1e13 in a diverging run).
+
         >>> import numpy as np
         >>> tanh, u = ACTIVATIONS["tanh"], 2.0**-24
         >>> [a.round(3).tolist() for a in tanh.evaluation_sizes(np, np.array([4.0, 10.0]), 0.0, u)]
         [[0.999, 1.0], [1.999, 0.138]]
+        >>> float(ACTIVATIONS["sigmoid"].evaluation_sizes(np, np.array([-100.0]), 0.0, u)[1][0])
+        3.3...e-24
         """
         value, slope = self.value_and_derivative(xp, z, param)
         if self.term_sizes is None:
-            return xp.abs(value), xp.abs(slope)
-        # Saturation (a sum that cancels to exactly 0) is checked on float32 kernels
-        # only; in float64 JAX's tanh is 1 - 7u, not 1, up to z = 20: keep the terms.
-        checked = unit_roundoff if unit_roundoff >= _FLOAT32_U else 0.0
-        value_terms, slope_terms = self.term_sizes(xp, z, param, checked)
-        return xp.maximum(xp.abs(value), value_terms), xp.maximum(xp.abs(slope), slope_terms)
+            value_size, slope_size = xp.abs(value), xp.abs(slope)
+        else:
+            # Saturation (a sum that cancels to exactly 0) is checked on float32 kernels
+            # only; in float64 JAX's tanh is 1 - 7u, not 1, up to z = 20: keep the terms.
+            checked = unit_roundoff if unit_roundoff >= _FLOAT32_U else 0.0
+            value_terms, slope_terms = self.term_sizes(xp, z, param, checked)
+            value_size = xp.maximum(xp.abs(value), value_terms)
+            slope_size = xp.maximum(xp.abs(slope), slope_terms)
+        floor = underflow_size(unit_roundoff)
+        return xp.clip(value_size, min=floor), xp.clip(slope_size, min=floor)
 
     def param(self, spec: Any) -> float:
         """The hyper-parameter ``spec`` gives this activation (0.0 if it has none)."""
         return float(getattr(spec, self.param_field)) if self.param_field else 0.0
+
+
+def underflow_size(unit_roundoff: float) -> float:
+    """``tiny/u²`` of the dtype whose unit roundoff is ``unit_roundoff`` (float32 at or
+    above float32's ``u``, else float64): the size whose error ``u·size`` is ``tiny/u``,
+    what a kernel may lose by flushing a result to 0.
+
+    >>> f"{underflow_size(2.0**-24):.3g}", f"{underflow_size(2.0**-53):.3g}"
+    ('3.31e-24', '1.81e-276')
+    """
+    dtype = np.float32 if unit_roundoff >= _FLOAT32_U else np.float64
+    return float(np.finfo(dtype).tiny) / unit_roundoff**2
 
 
 def _sigmoid(xp, z):

@@ -741,7 +741,8 @@ def compare_trajectories(
                 elif fixed is None and stage == "params":
                     tol = {
                         name: params_tolerance(
-                            tol, _update_sizes(problem, (ta, tb), name, step, magnitude)
+                            tol,
+                            _update_sizes(problem, (ta, tb), name, step, magnitude, learning_rate),
                         )
                         for name in problem.spec.param_names()
                     }
@@ -926,10 +927,22 @@ def _magnitudes(problem: Problem, trajectory: Trajectory) -> dict:
 
 
 def _update_sizes(
-    problem: Problem, trajectories: Sequence[Trajectory], name: str, step: int, magnitude: dict
+    problem: Problem,
+    trajectories: Sequence[Trajectory],
+    name: str,
+    step: int,
+    magnitude: dict,
+    learning_rate: float | None = None,
 ) -> list[float]:
     """``max|p_t - p_{t-1}|`` of leaf ``name`` for ``t = 1..step``, the larger of two sides,
-    times how much larger the magnitude of its gradient's terms is than the gradient."""
+    with the gradient's share of it, ``lr·max|g_t|``, widened by how much larger the
+    magnitude of the gradient's terms is than the gradient: ``+ lr·(|g_t|⁺ - max|g_t|)``.
+
+    Only that share: a weight decay of 1e4 per step next to a gradient of 1e-32 whose
+    float32 slope underflowed (``|g|⁺`` 1e-18) is not off by 1e4·1e14. Without a
+    learning rate the whole update counts as the gradient's. Momentum and Adam carry
+    gradient errors into later updates through :func:`equiv.tolerance.optimizer_bounds`.
+    """
     sizes = []
     for t in range(1, step + 1):
         size = 0.0
@@ -942,9 +955,10 @@ def _update_sizes(
             size = max(size, float(np.max(finite, initial=0.0)))
         mags, largest = magnitude[("grads", t)]
         widen = mags[name] / largest[name] if largest[name] > 0 else 1.0
+        share = size if learning_rate is None else min(size, learning_rate * largest[name])
         # What did not move carries no error, however large the terms (0 · inf in a
         # run whose float64 sizes overflowed); an overflowed ratio (NaN) widens nothing.
-        sizes.append(size * widen if size > 0 and widen > 1.0 else size)
+        sizes.append(size + (widen - 1.0) * share if share > 0 and widen > 1.0 else size)
     return sizes
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from equiv.activations import ACTIVATIONS
+from equiv.activations import ACTIVATIONS, underflow_size
 from equiv.spec import MLPSpec
 
 SPEC = MLPSpec((3, 4, 2), negative_slope=0.1, elu_alpha=1.7)
@@ -166,9 +166,10 @@ def test_curvature_check_catches_a_one_sided_difference():
 LOG80 = np.log10(80.0)
 Z32 = np.float32(np.concatenate([-np.logspace(-8, LOG80, 3000), np.logspace(-8, LOG80, 3000)]))
 U32 = 2.0**-24
-# Underflow is outside the model: an error below tiny/u = 2e-31 (float32's smallest
-# normal number over u) is u times a value that float32 no longer holds to u. Kernels
-# flush such values early: torch's gelu slope at z = -13 is 0, the true one -1e-36.
+# Underflow: kernels flush values below tiny/u = 2e-31 (float32's smallest normal
+# number over u) early: torch's gelu slope at z = -13 is 0, the true one -1e-36. The
+# evaluation sizes cover it (no size below tiny/u²); the failing twins below set
+# such errors aside, to show the cancellation alone.
 FLOOR32 = float(np.finfo(np.float32).tiny) / U32
 
 
@@ -189,15 +190,16 @@ def float32_evaluations(name):
     }
 
 
-def evaluation_error_ratio(name, sizes):
-    """Greatest float32 error of h and h' (vs float64) over u·size, over every backend."""
+def evaluation_error_ratio(name, sizes, floor=FLOOR32):
+    """Greatest float32 error of h and h' (vs float64) over u·size, over every backend,
+    errors below ``floor`` (underflow) set aside."""
     act = ACTIVATIONS[name]
     z = Z32.astype(np.float64)
     exact = act.value_and_derivative(np, z, act.param(SPEC))
     worst = 0.0
     for h, d in float32_evaluations(name).values():
         for got, want, size in zip((h, d), exact, sizes, strict=True):
-            error = np.maximum(np.abs(got.astype(np.float64) - want) - FLOOR32, 0.0)
+            error = np.maximum(np.abs(got.astype(np.float64) - want) - floor, 0.0)
             worst = max(worst, float(np.max(error / np.maximum(U32 * size, 1e-300))))
     return worst
 
@@ -216,7 +218,23 @@ def test_evaluation_sizes_cover_float32_evaluation(name):
     chain = 12
     act = ACTIVATIONS[name]
     sizes = act.evaluation_sizes(np, Z32.astype(np.float64), act.param(SPEC), U32)
-    assert evaluation_error_ratio(name, sizes) <= chain
+    assert evaluation_error_ratio(name, sizes, floor=0.0) <= chain
+
+
+@pytest.mark.parametrize("name", ["gelu", "elu"])
+def test_sizes_without_the_underflow_floor_miss_flushed_results(name):
+    # The failing twin of the floor: where a kernel flushes a result below tiny/u to 0
+    # (gelu's slope at z = -13, JAX's elu), sizes that follow the true
+    # value down miss by orders of magnitude.
+    act = ACTIVATIONS[name]
+    z = Z32.astype(np.float64)
+    sizes = act.evaluation_sizes(np, z, act.param(SPEC), U32)
+    exact = act.value_and_derivative(np, z, act.param(SPEC))
+    floor = underflow_size(U32)
+    bare = tuple(
+        np.where(size <= floor, np.abs(e), size) for size, e in zip(sizes, exact, strict=True)
+    )
+    assert evaluation_error_ratio(name, bare, floor=0.0) > 100
 
 
 @pytest.mark.parametrize("name", ["tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "elu"])

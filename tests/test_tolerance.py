@@ -108,6 +108,32 @@ def test_sweep_finds_still_catch_a_1e_4_bug(spec, run):
     assert failures == {("grads", "fc1.bias", 1)}
 
 
+# From a random sweep of 600 s (sizes, activations, losses, optimizers, learning rates
+# up to 300): a sigmoid unit at z ≈ -100 whose float32 slope underflows to 0 while the
+# upstream gradient is 1e13, so the float64 reference's 1.5e-32 for that weight is
+# beyond what float32 can hold. The bound sized it as rounding (1.6e-34): ratio 93.7.
+UNDERFLOW_FIND = (
+    MLPSpec((2, 7, 2), activation="sigmoid", bias=False),
+    dict(batch_size=8, seed=126, steps=5),
+    OptimizerSpec("sgd", learning_rate=182.5096, weight_decay=1e-2),
+)
+
+
+def test_an_underflowed_slope_under_a_huge_upstream_gradient_agrees():
+    spec, run, optimizer = UNDERFLOW_FIND
+    compare_backends(spec, optimizer=optimizer, **run).assert_agree()
+
+
+def test_the_underflow_find_still_catches_a_1e_4_bug():
+    from equiv.problem import make_problem
+
+    spec, run, optimizer = UNDERFLOW_FIND
+    problem = make_problem(spec, **run)
+    assert failures_with_a_bug(problem, "fc1.weight", 1 + 1e-4, 1, optimizer) == {
+        ("grads", "fc1.weight", 1)
+    }
+
+
 def _hidden_unit_cancels(activation: str, a: float = 1e4):
     """A 2-2-1 MLP whose first hidden unit sums ``1.0001·a - a``: its pre-activation is
     O(1) while the float32 error of the sum is O(u·a), so every float32 backend's
