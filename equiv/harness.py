@@ -75,9 +75,9 @@ State = dict[str, dict[str, np.ndarray]]
 BACKENDS = ("torch", "manual", "jax")
 REFERENCE = "reference"
 
-#: The stages in the order a step computes them, as :meth:`Comparison.overflow_note`
-#: names them.
-_OVERFLOW_ORDER = {
+#: The stages in the order a step computes them, named as
+#: :meth:`Comparison.overflow_note` names them.
+_STAGE_NAMES = {
     "loss": "loss",
     "grads": "gradients",
     "state": "optimizer state",
@@ -329,8 +329,8 @@ class Comparison:
         differences are consequences of the first (a halved gradient also halves the
         update). A bare constant factor is named only when no known trap matches at
         the first failing step. Leaves with the same hint are named together. From
-        the step at which every backend's loss overflows, :meth:`overflow_note` speaks
-        instead.
+        the step at which every backend overflows (:meth:`overflowed_at`),
+        :meth:`overflow_note` speaks instead.
         """
         groups: dict[tuple[int, int, str, str], list[str]] = {}
         order = {"loss": 0, "grads": 1, "state": 2, "params": 3}
@@ -397,7 +397,7 @@ class Comparison:
         aside) holds an inf or NaN in some leaf of that stage, or None."""
         runs = [t for name, t in self.trajectories.items() if name != REFERENCE]
         for step in range(1, self.problem.steps + 1):
-            for stage in _OVERFLOW_ORDER:
+            for stage in _STAGE_NAMES:
                 trees = [t.stage(stage, step) for t in runs if len(t.losses) >= step]
                 trees = [tree for tree in trees if tree]
                 if trees and all(_nonfinite(tree) for tree in trees):
@@ -415,7 +415,7 @@ class Comparison:
         if found is None or not any(d.step >= found[0] for d in self.report.failures):
             return None
         step, stage = found
-        what, dtype = _OVERFLOW_ORDER[stage], self.problem.spec.dtype
+        what, dtype = _STAGE_NAMES[stage], self.problem.spec.dtype
         reference = self.trajectories.get(REFERENCE)
         held = None
         if reference is not None and len(reference.losses) >= step:

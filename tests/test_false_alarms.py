@@ -6,7 +6,10 @@ batch 1 to 256), seeds, float32 and float64, learning rates over three decades
 reference and requires every comparison to agree. The full sweep (>= 500 cases)
 is marked ``slow``: ``pytest -m slow tests/test_false_alarms.py``. A second sweep
 draws activations, losses and optimizers too (200 cases under ``slow``, a few in
-the default run). It writes the case
+the default run). A third drives them at learning rates from 1 to 300, where runs
+blow up: there no comparison may fail before the step at which every backend
+overflows (``Comparison.overflowed_at``), and one that fails from there on must say
+so (300 cases under ``slow``). It writes the case
 count, the worst ratio to the bound and the kinks met to
 /tmp/equiv_false_alarms_<name>.json.
 """
@@ -14,7 +17,9 @@ count, the worst ratio to the bound and the kinks met to
 from __future__ import annotations
 
 import json
+import warnings
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -88,6 +93,8 @@ FAST = Tally("fast")
 FULL = Tally("slow")
 BREADTH_FAST = Tally("breadth_fast")
 BREADTH_FULL = Tally("breadth_slow")
+LARGE_LR_FAST = Tally("large_lr_fast")
+LARGE_LR_FULL = Tally("large_lr_slow")
 
 # Optimizer configurations of the breadth sweep; the learning rate is drawn separately.
 OPTIMIZERS = [
@@ -141,6 +148,53 @@ def check_breadth_case(case, tally: Tally) -> None:
     comparison.assert_agree()
 
 
+def large_lr_cases():
+    """The breadth sweep's draws at learning rates 1 to 300 and up to 5 steps, where
+    training blows up within a few steps (found by a random sweep at such rates: an
+    underflowed sigmoid slope under a 1e13 gradient, a crash on a NaN envelope)."""
+    return st.fixed_dictionaries(
+        {
+            "sizes": st.lists(spread(16), min_size=2, max_size=4).map(tuple),
+            "batch": spread(8),
+            "dtype": st.sampled_from(["float32", "float64"]),
+            "activation": st.sampled_from(list(ACTIVATIONS)),
+            "loss": st.sampled_from(list(LOSSES)),
+            "optimizer": st.integers(0, len(OPTIMIZERS) - 1),
+            "lr_exp": st.floats(0.0, 2.5),
+            "steps": st.integers(1, 5),
+            "seed": st.integers(0, 2**31 - 1),
+        }
+    )
+
+
+def check_large_lr_case(case, tally: Tally) -> None:
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflow is the point here
+        comparison = compare_backends(
+            MLPSpec(
+                case["sizes"], dtype=case["dtype"], activation=case["activation"], loss=case["loss"]
+            ),
+            batch_size=case["batch"],
+            seed=case["seed"],
+            steps=case["steps"],
+            optimizer=OptimizerSpec(
+                learning_rate=10.0 ** case["lr_exp"], **OPTIMIZERS[case["optimizer"]]
+            ),
+        )
+        overflowed = comparison.overflowed_at()
+        limit = overflowed[0] if overflowed else case["steps"] + 1
+        early = [d for d in comparison.report.failures if d.step < limit]
+        tally.cases += 1
+        finite = [d.ratio for d in comparison.report.leaves if d.step < limit]
+        if max(finite, default=0.0) > tally.worst:
+            tally.worst, tally.worst_case = max(finite), case
+        if tally.cases % 25 == 0:
+            tally.write()
+        assert not early, comparison.report.failure_text()
+        if comparison.report.failures:
+            assert comparison.hints()[0] == comparison.overflow_note()
+
+
 @settings(
     max_examples=16, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -181,9 +235,29 @@ def test_breadth_is_never_flagged_full_sweep(case):
     check_breadth_case(case, BREADTH_FULL)
 
 
+@settings(
+    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(case=large_lr_cases())
+def test_large_learning_rates_fail_only_where_the_run_overflows(case):
+    check_large_lr_case(case, LARGE_LR_FAST)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(case=large_lr_cases())
+def test_large_learning_rates_fail_only_where_the_run_overflows_full_sweep(case):
+    check_large_lr_case(case, LARGE_LR_FULL)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def write_figures():
     yield
-    for tally in (FAST, FULL, BREADTH_FAST, BREADTH_FULL):
+    for tally in (FAST, FULL, BREADTH_FAST, BREADTH_FULL, LARGE_LR_FAST, LARGE_LR_FULL):
         if tally.cases:
             tally.write()

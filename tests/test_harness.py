@@ -452,3 +452,17 @@ def test_a_relu_run_that_overflows_float64_still_agrees():
         )
     assert comparison.trajectories["torch"].stage("loss", 12)["loss"] > 1e200
     assert comparison.agree, comparison.report.failures()[:3]
+
+
+def test_compiled_train_steps_are_cached_but_bounded():
+    # Unbounded, every configuration of a long sweep kept its compiled code (36 memory
+    # mappings each) until Linux's 65,530 ran out at about 1,800 of them.
+    from equiv import jax_mlp
+
+    opt = OptimizerSpec("sgd", learning_rate=0.1)
+    first = jax_mlp.make_train_step(MLPSpec((2, 1)), opt)[0]
+    assert jax_mlp.make_train_step(MLPSpec((2, 1)), opt)[0] is first  # reused
+    for width in range(2, jax_mlp.TRAIN_STEP_CACHE + 3):
+        jax_mlp.make_train_step(MLPSpec((2, width, 1)), opt)
+    assert jax_mlp.make_train_step.cache_info().currsize <= jax_mlp.TRAIN_STEP_CACHE
+    assert jax_mlp.make_train_step(MLPSpec((2, 1)), opt)[0] is not first  # evicted
