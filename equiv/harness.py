@@ -32,9 +32,10 @@ array sharing its buffer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -697,7 +698,7 @@ def compare_trajectories(
                 "steps by propagation, which is off here"
             )
     arbiter = trajectories[REFERENCE if REFERENCE in trajectories else backends[-1]]
-    magnitude = _magnitudes(problem, arbiter)
+    magnitude = _magnitudes(problem, trajectories.values())
     bounds_cache: dict[tuple[str, str], Any] = {}
 
     def carried(dtypes):  # the optimizer's carried bounds for a pair's dtypes (cached)
@@ -907,23 +908,67 @@ def analyse_trajectory_kinks(
     )
 
 
-def _magnitudes(problem: Problem, trajectory: Trajectory) -> dict:
+def _magnitudes(problem: Problem, trajectories: Iterable[Trajectory]) -> dict:
     """Per (stage, step): ``{leaf: max of manual.magnitudes}``, ``{leaf: max|value|}``,
-    in float64 at the parameters ``trajectory`` starts each step from."""
+    in float64 at the parameters each trajectory starts the step from, the largest
+    over them. Each backend computes a step at its own parameters, and its errors
+    scale with the sizes there: trajectories part in a chaotic run (a float32 tanh
+    unit saturated to exactly ±1 at a backend's parameters, and so a gradient lost
+    entirely, was not saturated at the reference's: found at learning rate 178)."""
     out = {}
+    trajectories = list(trajectories)
     spec = problem.spec.replace(dtype="float64")
-    params = {k: to_numpy(v).astype(np.float64) for k, v in problem.params.items()}
+    initial = {k: to_numpy(v).astype(np.float64) for k, v in problem.params.items()}
+    starts = [initial]
     for step, (x, y) in enumerate(problem.batches, start=1):
         x64, y64 = to_numpy(x).astype(np.float64), _numpy_batch(y)
-        loss, grads = manual.magnitudes(params, x64, y64, spec, problem.spec.unit_roundoff)
-        ref_loss, ref_grads = manual.loss_and_grads(params, x64, y64, spec)
-        out[("loss", step)] = ({"loss": float(loss)}, {"loss": float(abs(ref_loss))})
-        out[("grads", step)] = (
-            {k: float(np.max(v, initial=0.0)) for k, v in grads.items()},
-            {k: float(np.max(np.abs(v), initial=0.0)) for k, v in ref_grads.items()},
-        )
-        params = {k: v.astype(np.float64) for k, v in trajectory.params[step - 1].items()}
+        found = []
+        for params in starts:
+            with np.errstate(all="ignore"):
+                loss, grads = manual.loss_and_grads(params, x64, y64, spec)
+            found.append(_sizes_at(problem, params, x64, y64, loss, grads))
+        out[("loss", step)] = _larger_sizes(*(f["loss"] for f in found))
+        out[("grads", step)] = _larger_sizes(*(f["grads"] for f in found))
+        unique = {}  # backends that agree bit for bit are sized once
+        for t in trajectories:
+            if len(t.params) >= step:
+                held = t.params[step - 1]
+                key = tuple(_digest(v) for v in held.values())
+                if key not in unique:
+                    unique[key] = {k: v.astype(np.float64) for k, v in held.items()}
+        starts = list(unique.values()) or starts
     return out
+
+
+def _digest(array: np.ndarray) -> tuple[str, bytes]:
+    """The dtype and a 128-bit hash of the bytes, read in place."""
+    data = np.ascontiguousarray(array)
+    return str(data.dtype), hashlib.blake2b(data.data, digest_size=16).digest()
+
+
+def _sizes_at(problem: Problem, params, x64, y64, loss, grads) -> dict:
+    """``{"loss": (sizes, largest), "grads": (sizes, largest)}`` per leaf at ``params``
+    (float64): the max of :func:`equiv.manual.magnitudes` and of the values' ``|·|``."""
+    spec = problem.spec.replace(dtype="float64")
+    with np.errstate(all="ignore"):  # a diverged backend: the report says so
+        size_loss, size_grads = manual.magnitudes(
+            params, x64, y64, spec, problem.spec.unit_roundoff
+        )
+    return {
+        "loss": ({"loss": float(size_loss)}, {"loss": float(abs(loss))}),
+        "grads": (
+            {k: float(np.max(v, initial=0.0)) for k, v in size_grads.items()},
+            {k: float(np.max(np.abs(v), initial=0.0)) for k, v in grads.items()},
+        ),
+    }
+
+
+def _larger_sizes(*sizes: tuple[dict, dict]) -> tuple[dict, dict]:
+    """Per leaf, the larger of several ``(sizes, largest)`` (NaN, a diverged side, ignored)."""
+    return tuple(
+        {k: float(np.fmax.reduce([part[i][k] for part in sizes])) for k in sizes[0][i]}
+        for i in (0, 1)
+    )
 
 
 def _update_sizes(

@@ -134,6 +134,33 @@ def test_the_underflow_find_still_catches_a_1e_4_bug():
     }
 
 
+# From the large-learning-rate sweep (tests/test_false_alarms.py), shrunk by
+# hypothesis: at lr 178 the trajectories part, and at step 4 the float32 backends'
+# one tanh unit is saturated to exactly ±1 (its gradient lost entirely: 2e5 against
+# 0) while at the reference's parameters it was not. Sized at the reference's
+# parameters only, the bound missed it by 2e5; now sized at every backend's own.
+CHAOTIC_FIND = (
+    MLPSpec((1, 1, 1), activation="tanh"),
+    dict(batch_size=7, seed=306, steps=4),
+    OptimizerSpec("sgd", learning_rate=10**2.25, momentum=0.8, nesterov=True),
+)
+
+
+def test_a_unit_saturated_only_at_a_backends_own_parameters_agrees():
+    spec, run, optimizer = CHAOTIC_FIND
+    compare_backends(spec, optimizer=optimizer, **run).assert_agree()
+
+
+def test_the_chaotic_find_still_catches_a_1e_4_bug():
+    from equiv.problem import make_problem
+
+    spec, run, optimizer = CHAOTIC_FIND
+    problem = make_problem(spec, **run)
+    assert failures_with_a_bug(problem, "fc1.weight", 1 + 1e-4, 1, optimizer) == {
+        ("grads", "fc1.weight", 1)
+    }
+
+
 def _hidden_unit_cancels(activation: str, a: float = 1e4):
     """A 2-2-1 MLP whose first hidden unit sums ``1.0001·a - a``: its pre-activation is
     O(1) while the float32 error of the sum is O(u·a), so every float32 backend's
