@@ -9,8 +9,9 @@ backend the float64 reference blames (:meth:`Report.blame`).
 
 Rules, the same in both code paths:
 
-* An element mismatches when ``|a - b| > bound`` (bound from the tolerance, plus any
-  ``slack``); the ratio is the greatest ``|a - b| / bound``.
+* An element mismatches when ``|a - b| > bound`` (bound from the tolerance and any
+  per-element ``atol_elementwise``, plus any ``slack``); the ratio is the greatest
+  ``|a - b| / bound``.
 * NaN and Inf: the non-finite entries must sit at the same places with the same
   value (NaN with NaN, +Inf with +Inf); any other placement is a mismatch, and a
   NaN on one side only is one.
@@ -22,7 +23,8 @@ Speed. Leaves of at least :data:`equiv.fastcompare.FAST_THRESHOLD` elements go
 first through :mod:`equiv.fastcompare`, which computes per-chunk maxima in cache
 on several threads; the full path then recomputes only the chunks that hold the
 greatest differences (for their indices), and takes over the whole leaf when it
-fails, holds a NaN or Inf, or has ``slack``. Both paths give identical statistics.
+fails, holds a NaN or Inf, or has ``slack`` or ``atol_elementwise``. Both paths give
+identical statistics.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ def compare_leaf(
     actual_name: str = "actual",
     expected_name: str = "expected",
     slack: Any = None,
+    atol_elementwise: Any = None,
     fast_threshold: int | None = None,
 ) -> LeafDiff:
     """Compare two arrays of the same shape elementwise.
@@ -177,6 +180,9 @@ def compare_leaf(
       slack: None, or a non-negative finite array broadcastable to the leaf: extra
         allowed difference per element (for units near a ReLU kink). Elements that
         pass only thanks to it are counted in ``ambiguous``.
+      atol_elementwise: None, or a non-negative finite array broadcastable to the leaf:
+        an absolute term of the bound per element, added to ``tolerance``'s (the
+        harness's error sizes per element). Unlike ``slack``, part of the bound proper.
       fast_threshold: leaves with at least this many elements use the XLA kernel;
         default :data:`equiv.fastcompare.FAST_THRESHOLD`.
 
@@ -184,7 +190,8 @@ def compare_leaf(
       A :class:`LeafDiff`.
 
     Raises:
-      ValueError: shapes differ, or ``slack`` is negative, NaN or of another shape.
+      ValueError: shapes differ, or ``slack`` or ``atol_elementwise`` is negative, NaN
+        or of another shape.
       TypeError: complex or non-numeric input.
 
     Example:
@@ -195,6 +202,10 @@ def compare_leaf(
       >>> compare_leaf(np.array([1.0, 2.0]), np.array([1.0, 2.5]), Tolerance(atol=0.1),
       ...              slack=np.array([0.0, 0.5])).ambiguous
       1
+      >>> d = compare_leaf(np.array([1.0, 2.0]), np.array([1.0, 2.5]), Tolerance(atol=0.1),
+      ...                  atol_elementwise=np.array([0.0, 0.5]))
+      >>> d.passed, d.ambiguous, round(d.allowed, 3)
+      (True, 0, 0.6)
     """
     a, b = to_numpy(actual), to_numpy(expected)
     if a.shape != b.shape:
@@ -207,18 +218,24 @@ def compare_leaf(
     ct = compute_dtype(a, b)
     dtype = str(a.dtype) if a.dtype == b.dtype else f"{a.dtype}/{b.dtype}"
     flat_slack = None if slack is None else _check_slack(slack, a.shape, ct, name)
+    flat_atol = (
+        None
+        if atol_elementwise is None
+        else _check_slack(atol_elementwise, a.shape, ct, name, "atol_elementwise")
+    )
     fa, fb = a.reshape(-1), b.reshape(-1)
     threshold = fastcompare.FAST_THRESHOLD if fast_threshold is None else fast_threshold
     stats = None
     if (
         flat_slack is None
+        and flat_atol is None
         and fa.size >= threshold
         and fa.size
         and not (tolerance.rtol > 0 and tolerance.scaled > 0)
     ):
         stats = _fast_stats(fa, fb, tolerance, ct)
     if stats is None:
-        stats = _numpy_stats(fa, fb, tolerance, flat_slack, ct)
+        stats = _numpy_stats(fa, fb, tolerance, flat_slack, ct, flat_atol)
     if a.size:
         abs_index = tuple(int(i) for i in np.unravel_index(stats.i_abs, a.shape))
         rel_index = tuple(int(i) for i in np.unravel_index(stats.i_rel, a.shape))
@@ -277,19 +294,21 @@ class _Stats:
         return out
 
 
-def _check_slack(slack: Any, shape: tuple[int, ...], ct: np.dtype, name: str) -> np.ndarray:
+def _check_slack(
+    slack: Any, shape: tuple[int, ...], ct: np.dtype, name: str, what: str = "slack"
+) -> np.ndarray:
     s = to_numpy(slack)
     try:
         s = np.broadcast_to(s, shape)
     except ValueError:
         raise value_error(
-            f"{name or 'leaf'}: slack of shape {s.shape} does not broadcast to the leaf's "
+            f"{name or 'leaf'}: {what} of shape {s.shape} does not broadcast to the leaf's "
             f"shape {shape}; give one extra allowed difference per element (or a scalar)"
         ) from None
     s = s.astype(ct).reshape(-1)
     if not np.all(np.isfinite(s) & (s >= 0)):
         raise value_error(
-            f"{name or 'leaf'}: slack must be finite and non-negative; got values from "
+            f"{name or 'leaf'}: {what} must be finite and non-negative; got values from "
             f"{np.nanmin(s, initial=np.inf)} to {np.nanmax(s, initial=-np.inf)}"
             f"{' and NaN' if np.isnan(s).any() else ''}"
         )
@@ -304,8 +323,10 @@ def _scale_part(a: np.ndarray, b: np.ndarray, ct: np.dtype) -> Any:
 
 
 def _bound_constant(tolerance: Tolerance, scale: Any, ct: np.dtype) -> Any:
-    """``atol + scaled·S``, rounded once to the compute dtype."""
-    return ct.type(tolerance.atol + tolerance.scaled * max(float(scale), tolerance.floor))
+    """``atol + scaled·S``, rounded once to the compute dtype (its largest value where
+    the bound is beyond it: every finite difference passes either way)."""
+    bound = tolerance.atol + tolerance.scaled * max(float(scale), tolerance.floor)
+    return ct.type(min(bound, float(np.finfo(ct).max)))
 
 
 def _quotient(num: np.ndarray, den: Any) -> np.ndarray:
@@ -315,7 +336,7 @@ def _quotient(num: np.ndarray, den: Any) -> np.ndarray:
     return np.where(np.isnan(q), np.zeros((), q.dtype), q)
 
 
-def _stats_part(a, b, c, rtol, slack, ct, offset: int) -> _Stats:
+def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
     a, b = a.astype(ct, copy=False), b.astype(ct, copy=False)
     finite = np.isfinite(a) & np.isfinite(b)
     same_nonfinite = ~finite & ((a == b) | (np.isnan(a) & np.isnan(b)))
@@ -324,6 +345,8 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int) -> _Stats:
         diff = np.where(finite, np.abs(a - b), ct.type(0))
     abs_b = np.where(finite, np.abs(b), ct.type(0))
     allowed = c + rtol * abs_b if rtol else c
+    if atol is not None:
+        allowed = allowed + atol
     held = allowed if slack is None else allowed + slack
     over = np.where(bad, np.inf, _quotient(diff, held)).astype(ct, copy=False)
     rel = _quotient(diff, abs_b)
@@ -353,7 +376,7 @@ def _chunks(lo: int, hi: int) -> list[tuple[int, int]]:
     return [(i, min(i + CHUNK, hi)) for i in range(lo, hi, CHUNK)]
 
 
-def _numpy_stats(a, b, tolerance: Tolerance, slack, ct: np.dtype) -> _Stats:
+def _numpy_stats(a, b, tolerance: Tolerance, slack, ct: np.dtype, atol=None) -> _Stats:
     """The reference path: NumPy, chunk by chunk (bounded temporaries)."""
     if a.size == 0:
         return _Stats()
@@ -361,7 +384,16 @@ def _numpy_stats(a, b, tolerance: Tolerance, slack, ct: np.dtype) -> _Stats:
     c, rtol = _bound_constant(tolerance, scale, ct), ct.type(tolerance.rtol)
     out = None
     for i, j in _chunks(0, a.size):
-        part = _stats_part(a[i:j], b[i:j], c, rtol, None if slack is None else slack[i:j], ct, i)
+        part = _stats_part(
+            a[i:j],
+            b[i:j],
+            c,
+            rtol,
+            None if slack is None else slack[i:j],
+            ct,
+            i,
+            None if atol is None else atol[i:j],
+        )
         out = part if out is None else out.then(part)
     return out
 
@@ -551,11 +583,12 @@ def compare_trees(
     actual_name: str = "actual",
     expected_name: str = "expected",
     slack: Mapping[str, Any] | None = None,
+    atol_elementwise: Mapping[str, Any] | None = None,
     fast_threshold: int | None = None,
 ) -> list[LeafDiff]:
     """Compare two flat ``{name: array}`` trees leaf by leaf (names must match).
 
-    ``slack`` optionally maps leaf names to the extra allowed difference of
+    ``slack`` and ``atol_elementwise`` optionally map leaf names to the arrays of
     :func:`compare_leaf`; ``fast_threshold`` is passed on.
 
     Example:
@@ -587,6 +620,7 @@ def compare_trees(
                 actual_name=actual_name,
                 expected_name=expected_name,
                 slack=None if slack is None else slack.get(name),
+                atol_elementwise=None if atol_elementwise is None else atol_elementwise.get(name),
                 fast_threshold=fast_threshold,
             )
         )

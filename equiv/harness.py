@@ -32,11 +32,12 @@ array sharing its buffer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -736,9 +737,12 @@ def compare_trajectories(
                     step,
                     dtypes,
                 )
+                elementwise = None
                 if fixed is None and stage in ("loss", "grads"):
-                    mags, largest = magnitude[(stage, step)]
-                    tol = {name: with_magnitude(tol, mags[name], largest[name]) for name in mags}
+                    sizes = magnitude[(stage, step)]
+                    parts = {name: _elementwise_sizes(tol, sizes, name) for name in sizes.each}
+                    tol = {name: part[0] for name, part in parts.items()}
+                    elementwise = {name: part[1] for name, part in parts.items()}
                 elif fixed is None and stage == "params":
                     tol = {
                         name: params_tolerance(
@@ -804,6 +808,7 @@ def compare_trajectories(
                         for n, v in extra.items()
                         if np.any(np.asarray(v) > 0)
                     },
+                    atol_elementwise=elementwise,
                 )
                 leaves += diffs
     report = Report(leaves)
@@ -844,7 +849,7 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
     for step in range(1, problem.steps + 1):
         g_tol = derived_tolerance(spec, problem.batch_size, "grads", step, dtypes)
         p_tol = derived_tolerance(spec, problem.batch_size, "params", step, dtypes)
-        mags, largest = magnitude[("grads", step)]
+        mags, largest, _ = magnitude[("grads", step)]
         grad_bounds.append(
             {n: with_magnitude(g_tol, mags[n], largest[n]).allowed(0.0, largest[n]) for n in names}
         )
@@ -946,29 +951,64 @@ def _digest(array: np.ndarray) -> tuple[str, bytes]:
     return str(data.dtype), hashlib.blake2b(data.data, digest_size=16).digest()
 
 
-def _sizes_at(problem: Problem, params, x64, y64, loss, grads) -> dict:
-    """``{"loss": (sizes, largest), "grads": (sizes, largest)}`` per leaf at ``params``
-    (float64): the max of :func:`equiv.manual.magnitudes` and of the values' ``|·|``."""
+class Sizes(NamedTuple):
+    """What a stage's rounding errors scale with, per leaf (float64, at the sized
+    parameters): ``most`` the greatest of :func:`equiv.manual.magnitudes`, ``largest``
+    the greatest ``|value|``, ``each`` the magnitudes element by element."""
+
+    most: dict[str, float]
+    largest: dict[str, float]
+    each: dict[str, np.ndarray]
+
+
+def _sizes_at(problem: Problem, params, x64, y64, loss, grads) -> dict[str, Sizes]:
+    """``{"loss": Sizes, "grads": Sizes}`` at ``params`` (float64)."""
     spec = problem.spec.replace(dtype="float64")
     with np.errstate(all="ignore"):  # a diverged backend: the report says so
         size_loss, size_grads = manual.magnitudes(
             params, x64, y64, spec, problem.spec.unit_roundoff
         )
     return {
-        "loss": ({"loss": float(size_loss)}, {"loss": float(abs(loss))}),
-        "grads": (
+        "loss": Sizes(
+            {"loss": float(size_loss)},
+            {"loss": float(abs(loss))},
+            {"loss": np.asarray(size_loss, np.float64)},
+        ),
+        "grads": Sizes(
             {k: float(np.max(v, initial=0.0)) for k, v in size_grads.items()},
             {k: float(np.max(np.abs(v), initial=0.0)) for k, v in grads.items()},
+            {k: np.asarray(v, np.float64) for k, v in size_grads.items()},
         ),
     }
 
 
-def _larger_sizes(*sizes: tuple[dict, dict]) -> tuple[dict, dict]:
-    """Per leaf, the larger of several ``(sizes, largest)`` (NaN, a diverged side, ignored)."""
-    return tuple(
-        {k: float(np.fmax.reduce([part[i][k] for part in sizes])) for k in sizes[0][i]}
-        for i in (0, 1)
+def _larger_sizes(*sizes: Sizes) -> Sizes:
+    """Per leaf (and element), the larger of several :class:`Sizes` (NaN, a diverged
+    side, ignored)."""
+    first = sizes[0]
+    return Sizes(
+        {k: float(np.fmax.reduce([part.most[k] for part in sizes])) for k in first.most},
+        {k: float(np.fmax.reduce([part.largest[k] for part in sizes])) for k in first.largest},
+        {k: functools.reduce(np.fmax, [part.each[k] for part in sizes]) for k in first.each},
     )
+
+
+def _elementwise_sizes(tol: Tolerance, sizes: Sizes, name: str) -> tuple[Tolerance, np.ndarray]:
+    """The bound's per-element term for leaf ``name``: ``scaled·(|q_e|⁺ - max|q|)`` where
+    an element's size exceeds the leaf's greatest value, 0 elsewhere, with the
+    derivation noted. Per element, so that one poorly conditioned unit does not widen
+    the rows that are not (a leaf-wide term did: ``with_magnitude``)."""
+    with np.errstate(invalid="ignore"):
+        extra = tol.scaled * np.maximum(sizes.each[name] - sizes.largest[name], 0.0)
+    # Overflowed sizes allow nothing; the rest is capped where it would overflow the
+    # dtype of the comparison (float32's largest value allows all that inf would).
+    extra = np.minimum(np.where(np.isfinite(extra), extra, 0.0), _SLACK_MAX)
+    top = float(np.max(extra, initial=0.0))
+    if top == 0.0:
+        return tol, extra
+    # "≤": a term per element, at most this (a scalar leaf: exactly this).
+    note = f" + {'≤' if extra.ndim else ''}{top:.3g} (cancellation)"
+    return dataclasses.replace(tol, derivation=tol.derivation + note), extra
 
 
 def _update_sizes(
@@ -998,7 +1038,7 @@ def _update_sizes(
             delta = np.abs(traj.params[t - 1][name].astype(np.float64) - before)
             finite = delta[np.isfinite(delta)]
             size = max(size, float(np.max(finite, initial=0.0)))
-        mags, largest = magnitude[("grads", t)]
+        mags, largest, _ = magnitude[("grads", t)]
         widen = mags[name] / largest[name] if largest[name] > 0 else 1.0
         share = size if learning_rate is None else min(size, learning_rate * largest[name])
         # What did not move carries no error, however large the terms (0 · inf in a
