@@ -37,7 +37,11 @@ error is O(u·a), and ``h'(z)`` moves by ``|h''(z)|`` times that (found in revie
 do activation formulas that cancel (``1 - tanh²z``, see
 :meth:`equiv.activations.Activation.evaluation_sizes`) and, where the slope is 0,
 the second-order move ``½|h''|·δz²``.
-:func:`with_magnitude` adds the excess as an absolute term.
+The harness adds the excess element by element for the loss and gradients
+(``atol_elementwise`` of :func:`equiv.compare.compare_leaf`), so that one poorly
+conditioned unit widens its own elements only; :func:`with_magnitude` adds the leaf's
+largest excess as one absolute term where one number per leaf is needed (the
+optimizer's carried bounds).
 
 Parameters after an update. ``p_s = p_{s-1} - lr·g_s`` can cancel: ``|p_s|`` may be far
 smaller than ``|p_{s-1}|`` and ``|lr·g_s|`` (found by the false-alarm sweep: a 1×1

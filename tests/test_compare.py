@@ -393,3 +393,38 @@ def test_negative_or_nan_tolerances_are_refused(field):
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match=f"Tolerance {field} must be a non-negative"):
             Tolerance(**{field: bad})
+
+
+# --- a per-element absolute term (error sizes element by element) ---------------
+
+
+def test_atol_elementwise_is_part_of_the_bound_not_an_ambiguity():
+    a, b = np.array([1.0, 2.0, 3.0]), np.array([1.5, 2.5, 3.0])
+    d = compare_leaf(a, b, T, atol_elementwise=np.array([0.0, 0.5, 0.0]))
+    # Element 1 passes on its own term, element 0 fails on the leaf's: a per-element
+    # term elsewhere hides nothing, and nothing is counted as near a kink.
+    assert (d.passed, d.mismatched, d.ambiguous, d.max_abs_index) == (False, 1, 0, (0,))
+    assert d.allowed == pytest.approx(0.1)
+    assert compare_leaf(a, b, T, atol_elementwise=np.array([0.5, 0.5, 0.0])).passed
+
+
+def test_atol_elementwise_forces_the_full_path_with_identical_statistics():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(4096)
+    b = a + rng.standard_normal(4096) * 1e-3
+    extra = np.abs(rng.standard_normal(4096)) * 1e-3
+    fast = compare_leaf(a, b, T, atol_elementwise=extra, fast_threshold=1)
+    slow = compare_leaf(a, b, T, atol_elementwise=extra, fast_threshold=10**9)
+    assert fast == slow
+
+
+@pytest.mark.parametrize("bad", [np.array([-1.0, 0.0]), np.array([nan, 0.0]), np.zeros(3)])
+def test_bad_atol_elementwise_is_a_value_error(bad):
+    with pytest.raises(ValueError, match=r"^\[equiv\] w: atol_elementwise"):
+        compare_leaf(np.zeros(2), np.zeros(2), T, name="w", atol_elementwise=bad)
+
+
+def test_compare_trees_passes_atol_elementwise_by_name():
+    a, b = {"w": np.zeros(2), "v": np.zeros(2)}, {"w": np.full(2, 0.3), "v": np.full(2, 0.3)}
+    diffs = compare_trees(a, b, T, atol_elementwise={"w": np.full(2, 0.3)})
+    assert [(d.name, d.passed, d.ambiguous) for d in diffs] == [("w", True, 0), ("v", False, 0)]

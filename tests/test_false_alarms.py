@@ -27,6 +27,17 @@ from hypothesis import strategies as st
 from equiv import ACTIVATIONS, LOSSES, MLPSpec, OptimizerSpec, compare_backends
 
 
+def sweep(examples: int):
+    """Hypothesis settings of every sweep here: derandomized (the same cases each run),
+    no deadline, ``examples`` cases."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 def spread(top: int):
     """1..top, with half the draws up to 32 so that the sweep stays within minutes."""
     return st.one_of(st.integers(1, min(top, 32)), st.integers(1, top))
@@ -195,61 +206,40 @@ def check_large_lr_case(case, tally: Tally) -> None:
             assert comparison.hints()[0] == comparison.overflow_note()
 
 
-@settings(
-    max_examples=16, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+@sweep(16)
 @given(case=cases(max_width=64, max_batch=32))
 def test_correct_backends_are_never_flagged(case):
     check_case(case, FAST)
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=500,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@sweep(500)
 @given(case=cases(max_width=512, max_batch=256))
 def test_correct_backends_are_never_flagged_full_sweep(case):
     check_case(case, FULL)
 
 
-@settings(
-    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+@sweep(8)
 @given(case=breadth_cases(max_width=32, max_batch=16))
 def test_breadth_is_never_flagged(case):
     check_breadth_case(case, BREADTH_FAST)
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@sweep(200)
 @given(case=breadth_cases(max_width=128, max_batch=64))
 def test_breadth_is_never_flagged_full_sweep(case):
     check_breadth_case(case, BREADTH_FULL)
 
 
-@settings(
-    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+@sweep(8)
 @given(case=large_lr_cases())
 def test_large_learning_rates_fail_only_where_the_run_overflows(case):
     check_large_lr_case(case, LARGE_LR_FAST)
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@sweep(300)
 @given(case=large_lr_cases())
 def test_large_learning_rates_fail_only_where_the_run_overflows_full_sweep(case):
     check_large_lr_case(case, LARGE_LR_FULL)

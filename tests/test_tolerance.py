@@ -108,53 +108,48 @@ def test_sweep_finds_still_catch_a_1e_4_bug(spec, run):
     assert failures == {("grads", "fc1.bias", 1)}
 
 
-# From a random sweep of 600 s (sizes, activations, losses, optimizers, learning rates
-# up to 300): a sigmoid unit at z ≈ -100 whose float32 slope underflows to 0 while the
-# upstream gradient is 1e13, so the float64 reference's 1.5e-32 for that weight is
-# beyond what float32 can hold. The bound sized it as rounding (1.6e-34): ratio 93.7.
-UNDERFLOW_FIND = (
-    MLPSpec((2, 7, 2), activation="sigmoid", bias=False),
-    dict(batch_size=8, seed=126, steps=5),
-    OptimizerSpec("sgd", learning_rate=182.5096, weight_decay=1e-2),
+# Correct backends that sweeps at learning rates above 100 flagged before the fixes:
+# (id, spec, problem, optimizer).
+LARGE_RATE_FINDS = [
+    (
+        # A random sweep of 600 s (sizes, activations, losses, optimizers, learning rates
+        # up to 300): a sigmoid unit at z ≈ -100 whose float32 slope underflows to 0
+        # while the upstream gradient is 1e13, so the float64 reference's 1.5e-32 for
+        # that weight is beyond what float32 can hold. The bound sized it as rounding
+        # (1.6e-34): ratio 93.7.
+        "underflowed slope",
+        MLPSpec((2, 7, 2), activation="sigmoid", bias=False),
+        dict(batch_size=8, seed=126, steps=5),
+        OptimizerSpec("sgd", learning_rate=182.5096, weight_decay=1e-2),
+    ),
+    (
+        # The large-learning-rate sweep (tests/test_false_alarms.py), shrunk by
+        # hypothesis: at lr 178 the trajectories part, and at step 4 the float32
+        # backends' one tanh unit is saturated to exactly ±1 (its gradient lost
+        # entirely: 2e5 against 0) while at the reference's parameters it was not.
+        # Sized at the reference's parameters only, the bound missed it by 2e5.
+        "saturated at a backend's own parameters",
+        MLPSpec((1, 1, 1), activation="tanh"),
+        dict(batch_size=7, seed=306, steps=4),
+        OptimizerSpec("sgd", learning_rate=10**2.25, momentum=0.8, nesterov=True),
+    ),
+]
+LARGE_RATE_IDS = [c[0] for c in LARGE_RATE_FINDS]
+
+
+@pytest.mark.parametrize(
+    "spec, run, optimizer", [c[1:] for c in LARGE_RATE_FINDS], ids=LARGE_RATE_IDS
 )
-
-
-def test_an_underflowed_slope_under_a_huge_upstream_gradient_agrees():
-    spec, run, optimizer = UNDERFLOW_FIND
+def test_large_rate_finds_now_agree(spec, run, optimizer):
     compare_backends(spec, optimizer=optimizer, **run).assert_agree()
 
 
-def test_the_underflow_find_still_catches_a_1e_4_bug():
-    from equiv.problem import make_problem
-
-    spec, run, optimizer = UNDERFLOW_FIND
-    problem = make_problem(spec, **run)
-    assert failures_with_a_bug(problem, "fc1.weight", 1 + 1e-4, 1, optimizer) == {
-        ("grads", "fc1.weight", 1)
-    }
-
-
-# From the large-learning-rate sweep (tests/test_false_alarms.py), shrunk by
-# hypothesis: at lr 178 the trajectories part, and at step 4 the float32 backends'
-# one tanh unit is saturated to exactly ±1 (its gradient lost entirely: 2e5 against
-# 0) while at the reference's parameters it was not. Sized at the reference's
-# parameters only, the bound missed it by 2e5; now sized at every backend's own.
-CHAOTIC_FIND = (
-    MLPSpec((1, 1, 1), activation="tanh"),
-    dict(batch_size=7, seed=306, steps=4),
-    OptimizerSpec("sgd", learning_rate=10**2.25, momentum=0.8, nesterov=True),
+@pytest.mark.parametrize(
+    "spec, run, optimizer", [c[1:] for c in LARGE_RATE_FINDS], ids=LARGE_RATE_IDS
 )
-
-
-def test_a_unit_saturated_only_at_a_backends_own_parameters_agrees():
-    spec, run, optimizer = CHAOTIC_FIND
-    compare_backends(spec, optimizer=optimizer, **run).assert_agree()
-
-
-def test_the_chaotic_find_still_catches_a_1e_4_bug():
+def test_large_rate_finds_still_catch_a_1e_4_bug(spec, run, optimizer):
     from equiv.problem import make_problem
 
-    spec, run, optimizer = CHAOTIC_FIND
     problem = make_problem(spec, **run)
     assert failures_with_a_bug(problem, "fc1.weight", 1 + 1e-4, 1, optimizer) == {
         ("grads", "fc1.weight", 1)
