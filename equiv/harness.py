@@ -91,6 +91,10 @@ def _nonfinite(tree: Mapping[str, np.ndarray]) -> bool:
     return any(not np.all(np.isfinite(v)) for v in tree.values())
 
 
+def _largest(tree: Mapping[str, np.ndarray]) -> float:
+    return max((float(np.max(np.abs(v), initial=0.0)) for v in tree.values()), default=0.0)
+
+
 @dataclasses.dataclass
 class Trajectory:
     """What one backend computed: per step the loss, the gradients (before the
@@ -392,17 +396,62 @@ class Comparison:
                 merged.setdefault(key, []).append(leaf)
         causes = [f"{', '.join(leaves)}: {text}" for text, leaves in (merged or generic).items()]
         overflow = self.overflow_note()
+        if not causes and overflow is None:
+            causes = self._nonfinite_cause(overflowed)
         return ([overflow] if overflow else []) + causes
 
+    def _nonfinite_cause(self, overflowed: tuple[int, str] | None) -> list[str]:
+        """For the first failure with inf or NaN on one side only (before any overflow
+        of every backend): which side, where, and how large the other side is there."""
+        order = list(_STAGE_NAMES)
+        for d in sorted(self.report.failures, key=lambda d: (d.step, order.index(d.stage))):
+            if overflowed is not None and d.step >= overflowed[0]:
+                break
+            if not d.nonfinite_mismatched or not {d.actual, d.expected} <= set(self.trajectories):
+                continue
+            a = self.trajectories[d.actual].stage(d.stage, d.step).get(d.name)
+            b = self.trajectories[d.expected].stage(d.stage, d.step).get(d.name)
+            if a is None or b is None or np.shape(a) != np.shape(b):
+                continue
+            for bad, good, bad_name, good_name in (
+                (a, b, d.actual, d.expected),
+                (b, a, d.expected, d.actual),
+            ):
+                lone = ~np.isfinite(bad) & np.isfinite(good)
+                if lone.any():
+                    what = _STAGE_NAMES[d.stage]
+                    top = float(np.max(np.abs(np.asarray(good, np.float64)[lone])))
+                    return [
+                        f"{d.name}: {bad_name}'s {what} hold inf or NaN at {int(lone.sum())} "
+                        f"entries where {good_name}'s are finite (at most {top:.3g} there), "
+                        f"at step {d.step}: {bad_name}'s arithmetic overflowed or divided by "
+                        f"zero where {good_name}'s did not (a square of a value beyond "
+                        f"{math.sqrt(float(np.finfo(self.problem.spec.dtype).max)):.2g} "
+                        "overflows)."
+                    ]
+        return []
+
     def overflowed_at(self) -> tuple[int, str] | None:
-        """The first ``(step, stage)`` at which every backend (the float64 reference
-        aside) holds an inf or NaN in some leaf of that stage, or None."""
+        """The first ``(step, stage)`` at which the run overflowed: every backend holds
+        an inf or NaN in that stage and the float64 reference either does too (the run
+        diverged) or holds a value beyond the dtype's range (the dtype cannot hold the
+        run); without a reference, at least two backends must. None otherwise: inf or
+        NaN in one backend, or against a reference that stays in range, may be a bug."""
         runs = [t for name, t in self.trajectories.items() if name != REFERENCE]
+        reference = self.trajectories.get(REFERENCE)
+        top = float(np.finfo(self.problem.spec.dtype).max)
         for step in range(1, self.problem.steps + 1):
             for stage in _STAGE_NAMES:
                 trees = [t.stage(stage, step) for t in runs if len(t.losses) >= step]
                 trees = [tree for tree in trees if tree]
-                if trees and all(_nonfinite(tree) for tree in trees):
+                if not trees or not all(_nonfinite(tree) for tree in trees):
+                    continue
+                if reference is None or len(reference.losses) < step:
+                    if len(trees) >= 2:
+                        return step, stage
+                    continue
+                held = reference.stage(stage, step)
+                if _nonfinite(held) or _largest(held) > top:
                     return step, stage
         return None
 
@@ -418,23 +467,18 @@ class Comparison:
             return None
         step, stage = found
         what, dtype = _STAGE_NAMES[stage], self.problem.spec.dtype
+        plural = stage in ("grads", "params")
+        verb, holds = ("overflow", "hold") if plural else ("overflows", "holds")
         reference = self.trajectories.get(REFERENCE)
         held = None
         if reference is not None and len(reference.losses) >= step:
             tree = reference.stage(stage, step)
-            held = (
-                None if _nonfinite(tree) else max(float(np.max(np.abs(v))) for v in tree.values())
-            )
-        why = (
-            f"{dtype} cannot hold this run"
-            if held is not None and held > float(np.finfo(dtype).max)
-            else "an intermediate result overflows before the result does"
-        )
+            held = None if _nonfinite(tree) else _largest(tree)
         where = (
-            f"every backend's {what} overflows {dtype} at step {step}, while the float64 "
-            f"reference's stays finite (largest {held:.3g}): {why}"
+            f"every backend's {what} {verb} {dtype} at step {step}, where the float64 "
+            f"reference holds values up to {held:.3g}: {dtype} cannot hold this run"
             if held is not None
-            else f"the run diverged: its {what} holds inf or NaN at step {step} in every "
+            else f"the run diverged: its {what} {holds} inf or NaN at step {step} in every "
             "backend" + (" and the float64 reference" if reference is not None else "")
         )
         fewer = f"compare fewer steps (--steps {step - 1}) or " if step > 1 else ""

@@ -411,8 +411,8 @@ def test_a_diverging_run_gets_a_report_not_an_exception(spec, learning_rate, opt
         (
             MLPSpec((4, 8, 8, 3)),
             5,
-            "every backend's loss overflows float32 at step 4, while the float64 reference's "
-            "stays finite (largest 1.58e+59): float32 cannot hold this run",
+            "every backend's loss overflows float32 at step 4, where the float64 reference "
+            "holds values up to 1.58e+59: float32 cannot hold this run",
         ),
         (
             MLPSpec((4, 8, 8, 3), activation="gelu_tanh", dtype="float64"),
@@ -466,3 +466,32 @@ def test_compiled_train_steps_are_cached_but_bounded():
         jax_mlp.make_train_step(MLPSpec((2, width, 1)), opt)
     assert jax_mlp.make_train_step.cache_info().currsize <= jax_mlp.TRAIN_STEP_CACHE
     assert jax_mlp.make_train_step(MLPSpec((2, 1)), opt)[0] is not first  # evicted
+
+
+def _hints_with_torch_grad(value: float) -> list[str]:
+    """Hints when torch's fc1.weight[0, 0] gradient at step 1 is ``value``."""
+    from equiv.harness import REFERENCE, RUNNERS, Comparison, compare_trajectories
+
+    problem = equiv.make_problem(MLPSpec((4, 3, 2)), batch_size=2, seed=0)
+    runs = {n: RUNNERS[n](problem, 0.1) for n in ("torch", REFERENCE)}
+    grads = runs["torch"].grads[0]
+    grads["fc1.weight"] = grads["fc1.weight"].copy()
+    grads["fc1.weight"][0, 0] = value
+    with np.errstate(invalid="ignore"):
+        report = compare_trajectories(problem, runs, learning_rate=0.1)
+    return Comparison(problem, 0.1, runs, report).hints()
+
+
+def test_inf_or_nan_on_one_side_only_is_named_with_its_place():
+    # JAX's float32 gelu_tanh backward gives NaN where torch's and the float64
+    # reference's gradients are 0 (|z| beyond 1e13 in a diverging run): the hint says
+    # which side and how large the other side is there.
+    hints = _hints_with_torch_grad(float("nan"))
+    assert hints and hints[0].startswith(
+        "fc1.weight: torch's gradients hold inf or NaN at 1 entries where reference's are finite"
+    ), hints
+    assert "at step 1" in hints[0]
+
+
+def test_a_finite_difference_gets_no_overflow_hint():
+    assert not any("inf or NaN" in h for h in _hints_with_torch_grad(123.0))
