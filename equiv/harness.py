@@ -791,7 +791,17 @@ def compare_trajectories(
                     tol = {
                         name: params_tolerance(
                             tol,
-                            _update_sizes(problem, (ta, tb), name, step, magnitude, learning_rate),
+                            _update_sizes(
+                                problem,
+                                (ta, tb),
+                                name,
+                                step,
+                                magnitude,
+                                learning_rate,
+                                resolve_optimizer(optimizer, learning_rate)
+                                if learning_rate is not None
+                                else None,
+                            ),
                         )
                         for name in problem.spec.param_names()
                     }
@@ -1062,15 +1072,25 @@ def _update_sizes(
     step: int,
     magnitude: dict,
     learning_rate: float | None = None,
+    optimizer: OptimizerSpec | None = None,
 ) -> list[float]:
     """``max|p_t - p_{t-1}|`` of leaf ``name`` for ``t = 1..step``, the larger of two sides,
-    with the gradient's share of it, ``lr·max|g_t|``, widened by how much larger the
-    magnitude of the gradient's terms is than the gradient: ``+ lr·(|g_t|⁺ - max|g_t|)``.
+    plus what the gradient's error moves the update by beyond that, in the gradient's
+    terms' sizes ``|g_t|⁺`` against ``max|g_t|``:
 
-    Only that share: a weight decay of 1e4 per step next to a gradient of 1e-32 whose
-    float32 slope underflowed (``|g|⁺`` 1e-18) is not off by 1e4·1e14. Without a
-    learning rate the whole update counts as the gradient's. Momentum and Adam carry
-    gradient errors into later updates through :func:`equiv.tolerance.optimizer_bounds`.
+    * SGD (any momentum, dampening, weight decay): the update is ``lr·g`` plus terms
+      that do not depend on this gradient, so ``+ lr·(|g_t|⁺ - max|g_t|)`` (times
+      ``1 + momentum`` with Nesterov), whatever the update's own size. A weight decay
+      of 1e4 per step beside a gradient of 1e-32 whose float32 slope underflowed
+      (``|g|⁺`` 1e-18) is not off by 1e4·1e14; a step whose float32 gradient was lost
+      entirely (a sigmoid saturated to exactly 1, so the update is 0) is off by all of
+      ``lr·|g|``, however small the update it took.
+    * Adam and AdamW normalise the gradient: the update moves relatively, by
+      ``|g_t|⁺ / max|g_t|`` times its size.
+
+    Without a learning rate (a hand-built comparison) the whole update counts as the
+    gradient's, relatively. Momentum and Adam carry gradient errors into later updates
+    through :func:`equiv.tolerance.optimizer_bounds`.
     """
     sizes = []
     for t in range(1, step + 1):
@@ -1084,9 +1104,14 @@ def _update_sizes(
             size = max(size, float(np.max(finite, initial=0.0)))
         mags, largest, _ = magnitude[("grads", t)]
         widen = mags[name] / largest[name] if largest[name] > 0 else 1.0
-        share = size if learning_rate is None else min(size, learning_rate * largest[name])
-        # What did not move carries no error, however large the terms (0 · inf in a
-        # run whose float64 sizes overflowed); an overflowed ratio (NaN) widens nothing.
+        if learning_rate is None or (optimizer is not None and optimizer.name != "sgd"):
+            share = size  # relative: the update scales with the gradient
+        else:
+            nesterov = optimizer is not None and optimizer.nesterov
+            share = learning_rate * (1.0 + optimizer.momentum if nesterov else 1.0)
+            share *= largest[name]
+        # An overflowed ratio (NaN, a run whose float64 sizes overflowed) widens nothing,
+        # and neither does a zero share (0 · inf).
         sizes.append(size + (widen - 1.0) * share if share > 0 and widen > 1.0 else size)
     return sizes
 

@@ -133,6 +133,16 @@ LARGE_RATE_FINDS = [
         dict(batch_size=7, seed=306, steps=4),
         OptimizerSpec("sgd", learning_rate=10**2.25, momentum=0.8, nesterov=True),
     ),
+    (
+        # The same sweep, later: a float32 sigmoid unit saturates to exactly 1, its
+        # gradient (and so the float32 update) is lost entirely, while the float64 step
+        # from the same parameters moves fc1.weight by 1.8e6. The update's error was
+        # sized relative to the update taken (0): ratio 977.
+        "gradient lost, update 0",
+        MLPSpec((2, 1, 1, 1), activation="sigmoid"),
+        dict(batch_size=1, seed=1, steps=4),
+        OptimizerSpec("sgd", learning_rate=10**2.25),
+    ),
 ]
 LARGE_RATE_IDS = [c[0] for c in LARGE_RATE_FINDS]
 
