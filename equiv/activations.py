@@ -89,13 +89,15 @@ class Activation:
         value, slope = self.negative(xp, xp.where(branch, xp.zeros_like(z), z), param)
         return xp.where(branch, z, value), xp.where(branch, xp.ones_like(z), slope)
 
-    def chain(self, xp: Any, upstream: Array, slope: Array) -> Array:
-        """``upstream · h'(z)``, the backward pass's chain rule, as torch and JAX apply it.
+    def chain(self, xp: Any, upstream: Array, slope: Array, where: Array | None = None) -> Array:
+        """``upstream · slope``, the backward pass's chain rule, as torch and JAX apply it.
 
-        The same product everywhere, except where the slope is 0 of an activation whose
-        backward selects rather than multiplies (``relu``): there it is exactly 0 even
-        when ``upstream`` overflowed to ``inf`` in a diverging run (a product gives NaN,
-        as torch's and JAX's do for ``tanh`` and the others).
+        The same product everywhere, except where the activation's slope ``where``
+        (default ``slope`` itself) is 0 for an activation whose backward selects rather
+        than multiplies (``relu``): there it is exactly 0 even when ``upstream``
+        overflowed to ``inf`` in a diverging run (a product gives NaN, as torch's and
+        JAX's do for ``tanh`` and the others). At a NaN pre-activation torch's ReLU
+        passes the gradient through; JAX's and this select 0.
 
         >>> import numpy as np
         >>> slope = np.array([0.0, 1.0])
@@ -105,7 +107,8 @@ class Activation:
         [0.0, 2.0]
         """
         if self.selects_zero:  # select first: no inf · 0 is ever formed
-            upstream = xp.where(slope == 0, xp.zeros_like(upstream), upstream)
+            gate = slope if where is None else where
+            upstream = xp.where(gate == 0, xp.zeros_like(upstream), upstream)
         return upstream * slope
 
     def curvature(self, xp: Any, z: Array, param: float) -> Array:

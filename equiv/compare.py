@@ -323,10 +323,10 @@ def _scale_part(a: np.ndarray, b: np.ndarray, ct: np.dtype) -> Any:
 
 
 def _bound_constant(tolerance: Tolerance, scale: Any, ct: np.dtype) -> Any:
-    """``atol + scaled·S``, rounded once to the compute dtype (its largest value where
-    the bound is beyond it: every finite difference passes either way)."""
+    """``atol + scaled·S``, rounded once to the compute dtype (inf where the bound is
+    beyond its range: every difference passes, as inf allows, without a warning)."""
     bound = tolerance.atol + tolerance.scaled * max(float(scale), tolerance.floor)
-    return ct.type(min(bound, float(np.finfo(ct).max)))
+    return ct.type(bound) if bound <= float(np.finfo(ct).max) else ct.type(np.inf)
 
 
 def _quotient(num: np.ndarray, den: Any) -> np.ndarray:
@@ -344,9 +344,10 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
     with np.errstate(over="ignore", invalid="ignore"):
         diff = np.where(finite, np.abs(a - b), ct.type(0))
     abs_b = np.where(finite, np.abs(b), ct.type(0))
-    allowed = c + rtol * abs_b if rtol else c
-    if atol is not None:
-        allowed = allowed + atol
+    with np.errstate(over="ignore"):  # two terms near the dtype's largest: inf allows all
+        allowed = c + rtol * abs_b if rtol else c
+        if atol is not None:
+            allowed = allowed + atol
     held = allowed if slack is None else allowed + slack
     over = np.where(bad, np.inf, _quotient(diff, held)).astype(ct, copy=False)
     rel = _quotient(diff, abs_b)

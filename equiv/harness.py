@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -89,6 +88,12 @@ _STAGE_NAMES = {
 
 def _nonfinite(tree: Mapping[str, np.ndarray]) -> bool:
     return any(not np.all(np.isfinite(v)) for v in tree.values())
+
+
+def _at_or_after(diff: LeafDiff, when: tuple[int, str]) -> bool:
+    """Whether ``diff`` comes at or after ``(step, stage)`` in the order a step computes."""
+    order = list(_STAGE_NAMES)
+    return (diff.step, order.index(diff.stage)) >= (when[0], order.index(when[1]))
 
 
 def _largest(tree: Mapping[str, np.ndarray]) -> float:
@@ -342,7 +347,7 @@ class Comparison:
         order = {"loss": 0, "grads": 1, "state": 2, "params": 3}
         overflowed = self.overflowed_at()
         for d in self.report.failures:
-            if overflowed is not None and d.step >= overflowed[0]:
+            if overflowed is not None and _at_or_after(d, overflowed):
                 continue  # overflow, not a trap: overflow_note says so
             if d.actual in self.trajectories and d.expected in self.trajectories:
                 key = (d.step, order[d.stage], d.actual, d.expected)
@@ -405,7 +410,7 @@ class Comparison:
         of every backend): which side, where, and how large the other side is there."""
         order = list(_STAGE_NAMES)
         for d in sorted(self.report.failures, key=lambda d: (d.step, order.index(d.stage))):
-            if overflowed is not None and d.step >= overflowed[0]:
+            if overflowed is not None and _at_or_after(d, overflowed):
                 break
             if not d.nonfinite_mismatched or not {d.actual, d.expected} <= set(self.trajectories):
                 continue
@@ -424,19 +429,18 @@ class Comparison:
                     return [
                         f"{d.name}: {bad_name}'s {what} hold inf or NaN at {int(lone.sum())} "
                         f"entries where {good_name}'s are finite (at most {top:.3g} there), "
-                        f"at step {d.step}: {bad_name}'s arithmetic overflowed or divided by "
-                        f"zero where {good_name}'s did not (a square of a value beyond "
-                        f"{math.sqrt(float(np.finfo(self.problem.spec.dtype).max)):.2g} "
-                        "overflows)."
+                        f"at step {d.step}: {bad_name}'s arithmetic overflowed, divided by "
+                        f"zero or took an invalid operation where {good_name}'s did not."
                     ]
         return []
 
     def overflowed_at(self) -> tuple[int, str] | None:
         """The first ``(step, stage)`` at which the run overflowed: every backend holds
-        an inf or NaN in that stage and the float64 reference either does too (the run
-        diverged) or holds a value beyond the dtype's range (the dtype cannot hold the
-        run); without a reference, at least two backends must. None otherwise: inf or
-        NaN in one backend, or against a reference that stays in range, may be a bug."""
+        an inf or NaN in that stage, and either at least two backends do (independent
+        implementations that agree on it: the dtype, not a bug) or the float64
+        reference does too (the run diverged) or holds a value beyond the dtype's range.
+        None otherwise: inf or NaN in a lone backend against a reference in range may
+        be a bug."""
         runs = [t for name, t in self.trajectories.items() if name != REFERENCE]
         reference = self.trajectories.get(REFERENCE)
         top = float(np.finfo(self.problem.spec.dtype).max)
@@ -446,13 +450,12 @@ class Comparison:
                 trees = [tree for tree in trees if tree]
                 if not trees or not all(_nonfinite(tree) for tree in trees):
                     continue
-                if reference is None or len(reference.losses) < step:
-                    if len(trees) >= 2:
-                        return step, stage
-                    continue
-                held = reference.stage(stage, step)
-                if _nonfinite(held) or _largest(held) > top:
+                if len(trees) >= 2:
                     return step, stage
+                if reference is not None and len(reference.losses) >= step:
+                    held = reference.stage(stage, step)
+                    if _nonfinite(held) or _largest(held) > top:
+                        return step, stage
         return None
 
     def overflow_note(self) -> str | None:
@@ -463,7 +466,7 @@ class Comparison:
         wherever two libraries order their arithmetic differently.
         """
         found = self.overflowed_at()
-        if found is None or not any(d.step >= found[0] for d in self.report.failures):
+        if found is None or not any(_at_or_after(d, found) for d in self.report.failures):
             return None
         step, stage = found
         what, dtype = _STAGE_NAMES[stage], self.problem.spec.dtype
@@ -474,9 +477,14 @@ class Comparison:
         if reference is not None and len(reference.losses) >= step:
             tree = reference.stage(stage, step)
             held = None if _nonfinite(tree) else _largest(tree)
+        why = (
+            f"{dtype} cannot hold this run"
+            if held is not None and held > float(np.finfo(dtype).max)
+            else f"an intermediate result is beyond {dtype}'s range"
+        )
         where = (
             f"every backend's {what} {verb} {dtype} at step {step}, where the float64 "
-            f"reference holds values up to {held:.3g}: {dtype} cannot hold this run"
+            f"reference holds values up to {held:.3g}: {why}"
             if held is not None
             else f"the run diverged: its {what} {holds} inf or NaN at step {step} in every "
             "backend" + (" and the float64 reference" if reference is not None else "")
@@ -743,7 +751,7 @@ def compare_trajectories(
                 "steps by propagation, which is off here"
             )
     arbiter = trajectories[REFERENCE if REFERENCE in trajectories else backends[-1]]
-    magnitude = _magnitudes(problem, trajectories.values())
+    magnitude = _magnitudes(problem, trajectories.values()) if fixed is None else {}
     bounds_cache: dict[tuple[str, str], Any] = {}
 
     def carried(dtypes):  # the optimizer's carried bounds for a pair's dtypes (cached)
@@ -786,7 +794,7 @@ def compare_trajectories(
                     sizes = magnitude[(stage, step)]
                     parts = {name: _elementwise_sizes(tol, sizes, name) for name in sizes.each}
                     tol = {name: part[0] for name, part in parts.items()}
-                    elementwise = {name: part[1] for name, part in parts.items()}
+                    elementwise = {n: part[1] for n, part in parts.items() if part[1] is not None}
                 elif fixed is None and stage == "params":
                     tol = {
                         name: params_tolerance(
@@ -797,7 +805,6 @@ def compare_trajectories(
                                 name,
                                 step,
                                 magnitude,
-                                learning_rate,
                                 resolve_optimizer(optimizer, learning_rate)
                                 if learning_rate is not None
                                 else None,
@@ -903,9 +910,14 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
     for step in range(1, problem.steps + 1):
         g_tol = derived_tolerance(spec, problem.batch_size, "grads", step, dtypes)
         p_tol = derived_tolerance(spec, problem.batch_size, "params", step, dtypes)
-        mags, largest, _ = magnitude[("grads", step)]
+        largest, excess, _ = magnitude[("grads", step)]
         grad_bounds.append(
-            {n: with_magnitude(g_tol, mags[n], largest[n]).allowed(0.0, largest[n]) for n in names}
+            {
+                n: with_magnitude(g_tol, largest[n] + excess[n], largest[n]).allowed(
+                    0.0, largest[n]
+                )
+                for n in names
+            }
         )
         grad_max.append(dict(largest))
         param_bounds.append(
@@ -967,99 +979,122 @@ def analyse_trajectory_kinks(
     )
 
 
-def _magnitudes(problem: Problem, trajectories: Iterable[Trajectory]) -> dict:
-    """Per (stage, step): ``{leaf: max of manual.magnitudes}``, ``{leaf: max|value|}``,
-    in float64 at the parameters each trajectory starts the step from, the largest
-    over them. Each backend computes a step at its own parameters, and its errors
-    scale with the sizes there: trajectories part in a chaotic run (a float32 tanh
-    unit saturated to exactly ±1 at a backend's parameters, and so a gradient lost
-    entirely, was not saturated at the reference's: found at learning rate 178)."""
-    out = {}
-    trajectories = list(trajectories)
-    spec = problem.spec.replace(dtype="float64")
-    initial = {k: to_numpy(v).astype(np.float64) for k, v in problem.params.items()}
-    starts = [initial]
-    for step, (x, y) in enumerate(problem.batches, start=1):
-        x64, y64 = to_numpy(x).astype(np.float64), _numpy_batch(y)
-        found = []
-        for params in starts:
-            with np.errstate(all="ignore"):
-                loss, grads = manual.loss_and_grads(params, x64, y64, spec)
-            found.append(_sizes_at(problem, params, x64, y64, loss, grads))
-        out[("loss", step)] = _larger_sizes(*(f["loss"] for f in found))
-        out[("grads", step)] = _larger_sizes(*(f["grads"] for f in found))
-        unique = {}  # backends that agree bit for bit are sized once
-        for t in trajectories:
-            if len(t.params) >= step:
-                held = t.params[step - 1]
-                key = tuple(_digest(v) for v in held.values())
-                if key not in unique:
-                    unique[key] = {k: v.astype(np.float64) for k, v in held.items()}
-        starts = list(unique.values()) or starts
-    return out
-
-
-def _digest(array: np.ndarray) -> tuple[str, bytes]:
-    """The dtype and a 128-bit hash of the bytes, read in place."""
-    data = np.ascontiguousarray(array)
-    return str(data.dtype), hashlib.blake2b(data.data, digest_size=16).digest()
+#: A backend's parameters are sized on their own (:func:`_magnitudes`) once they part
+#: from every start already sized by more than this, relative to the leaf's largest
+#: value. Below it the sizes, continuous in the parameters, differ by as little; float32
+#: backends of a stable run stay near 1e-7, a chaotic run's part by orders more.
+_PARTED = 2.0**-16
 
 
 class Sizes(NamedTuple):
-    """What a stage's rounding errors scale with, per leaf (float64, at the sized
-    parameters): ``most`` the greatest of :func:`equiv.manual.magnitudes`, ``largest``
-    the greatest ``|value|``, ``each`` the magnitudes element by element."""
+    """What a stage's rounding errors scale with, beyond the values themselves (float64,
+    the largest over the sized parameters): per leaf, ``largest`` its greatest
+    ``|value|``, ``excess`` how far the greatest of :func:`equiv.manual.magnitudes`
+    exceeds it, and ``each`` per element how far that element's size exceeds it (None
+    where no element does). Each excess is taken at one set of parameters before the
+    largest over them, so a backend that drifted (large values) cannot cancel another's
+    excess."""
 
-    most: dict[str, float]
     largest: dict[str, float]
-    each: dict[str, np.ndarray]
+    excess: dict[str, float]
+    each: dict[str, np.ndarray | None]
 
 
-def _sizes_at(problem: Problem, params, x64, y64, loss, grads) -> dict[str, Sizes]:
+def _magnitudes(problem: Problem, trajectories: Iterable[Trajectory]) -> dict:
+    """Per (stage, step): :class:`Sizes` at the parameters the reference starts the
+    step from and at every backend's that parted from those (:data:`_PARTED`). Each
+    backend computes a step at its own parameters, and its errors scale with the sizes
+    there: a chaotic run's trajectories part (a float32 tanh unit saturated to exactly
+    ±1 at a backend's parameters, and so a gradient lost entirely, was not saturated
+    at the reference's: found at learning rate 178)."""
+    out = {}
+    trajectories = list(trajectories)
+    starts = [{k: to_numpy(v).astype(np.float64) for k, v in problem.params.items()}]
+    for step, (x, y) in enumerate(problem.batches, start=1):
+        x64, y64 = to_numpy(x).astype(np.float64), _numpy_batch(y)
+        found = [_sizes_at(problem, params, x64, y64) for params in starts]
+        out[("loss", step)] = _larger_sizes(*(f["loss"] for f in found))
+        out[("grads", step)] = _larger_sizes(*(f["grads"] for f in found))
+        starts = []
+        # The reference first (trajectories list it last), then whoever parted from it.
+        for t in sorted(trajectories, key=lambda t: t.backend != REFERENCE):
+            if len(t.params) >= step:
+                held = {k: np.asarray(v) for k, v in t.params[step - 1].items()}
+                if not any(_close_params(held, other) for other in starts):
+                    starts.append({k: v.astype(np.float64) for k, v in held.items()})
+        if not starts:
+            break
+    return out
+
+
+def _close_params(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    """Whether every leaf of ``a`` is within :data:`_PARTED` of ``b``'s (relative to
+    ``b``'s largest value); non-finite parameters are never close."""
+    for name, value in a.items():
+        other = b[name]
+        with np.errstate(all="ignore"):
+            apart = float(np.max(np.abs(value - other), initial=0.0))
+        scale = float(np.max(np.abs(other), initial=0.0))
+        if not apart <= _PARTED * scale:  # NaN fails too
+            return False
+    return True
+
+
+def _sizes_at(problem: Problem, params, x64, y64) -> dict[str, Sizes]:
     """``{"loss": Sizes, "grads": Sizes}`` at ``params`` (float64)."""
     spec = problem.spec.replace(dtype="float64")
     with np.errstate(all="ignore"):  # a diverged backend: the report says so
+        loss, grads = manual.loss_and_grads(params, x64, y64, spec)
         size_loss, size_grads = manual.magnitudes(
             params, x64, y64, spec, problem.spec.unit_roundoff
         )
-    return {
-        "loss": Sizes(
-            {"loss": float(size_loss)},
-            {"loss": float(abs(loss))},
-            {"loss": np.asarray(size_loss, np.float64)},
-        ),
-        "grads": Sizes(
-            {k: float(np.max(v, initial=0.0)) for k, v in size_grads.items()},
-            {k: float(np.max(np.abs(v), initial=0.0)) for k, v in grads.items()},
-            {k: np.asarray(v, np.float64) for k, v in size_grads.items()},
-        ),
-    }
+    out = {}
+    for stage, values, sizes in (
+        ("loss", {"loss": loss}, {"loss": size_loss}),
+        ("grads", grads, size_grads),
+    ):
+        largest, excess, each = {}, {}, {}
+        for name, value in values.items():
+            top = float(np.max(np.abs(value), initial=0.0))
+            size = np.asarray(sizes[name], np.float64)
+            with np.errstate(invalid="ignore"):
+                over = np.maximum(size - top, 0.0)  # NaN where either is inf or NaN
+            over = np.where(np.isfinite(over), over, 0.0)  # overflowed: allows nothing
+            largest[name], excess[name] = top, float(np.max(over, initial=0.0))
+            each[name] = over if excess[name] > 0 else None
+        out[stage] = Sizes(largest, excess, each)
+    return out
 
 
 def _larger_sizes(*sizes: Sizes) -> Sizes:
-    """Per leaf (and element), the larger of several :class:`Sizes` (NaN, a diverged
-    side, ignored)."""
+    """Per leaf and element, the larger of several :class:`Sizes` (NaN ignored)."""
     first = sizes[0]
+
+    def each(name: str) -> np.ndarray | None:
+        parts = [part.each[name] for part in sizes if part.each[name] is not None]
+        return functools.reduce(np.fmax, parts) if parts else None
+
     return Sizes(
-        {k: float(np.fmax.reduce([part.most[k] for part in sizes])) for k in first.most},
         {k: float(np.fmax.reduce([part.largest[k] for part in sizes])) for k in first.largest},
-        {k: functools.reduce(np.fmax, [part.each[k] for part in sizes]) for k in first.each},
+        {k: float(np.fmax.reduce([part.excess[k] for part in sizes])) for k in first.excess},
+        {k: each(k) for k in first.each},
     )
 
 
-def _elementwise_sizes(tol: Tolerance, sizes: Sizes, name: str) -> tuple[Tolerance, np.ndarray]:
+def _elementwise_sizes(
+    tol: Tolerance, sizes: Sizes, name: str
+) -> tuple[Tolerance, np.ndarray | None]:
     """The bound's per-element term for leaf ``name``: ``scaled·(|q_e|⁺ - max|q|)`` where
-    an element's size exceeds the leaf's greatest value, 0 elsewhere, with the
-    derivation noted. Per element, so that one poorly conditioned unit does not widen
-    the rows that are not (a leaf-wide term did: ``with_magnitude``)."""
-    with np.errstate(invalid="ignore"):
-        extra = tol.scaled * np.maximum(sizes.each[name] - sizes.largest[name], 0.0)
-    # Overflowed sizes allow nothing; the rest is capped where it would overflow the
-    # dtype of the comparison (float32's largest value allows all that inf would).
-    extra = np.minimum(np.where(np.isfinite(extra), extra, 0.0), _SLACK_MAX)
+    an element's size exceeds the leaf's greatest value, none elsewhere (None: no such
+    element, and big leaves keep the fast comparison), with the derivation noted. Per
+    element, so that one poorly conditioned unit does not widen the rows that are not
+    (a leaf-wide term did: ``with_magnitude``)."""
+    if sizes.each[name] is None:
+        return tol, None
+    # Capped where it would overflow the dtype of the comparison (float32's largest
+    # value allows all that inf would).
+    extra = np.minimum(tol.scaled * sizes.each[name], _SLACK_MAX)
     top = float(np.max(extra, initial=0.0))
-    if top == 0.0:
-        return tol, extra
     # "≤": a term per element, at most this (a scalar leaf: exactly this).
     note = f" + {'≤' if extra.ndim else ''}{top:.3g} (cancellation)"
     return dataclasses.replace(tol, derivation=tol.derivation + note), extra
@@ -1071,7 +1106,6 @@ def _update_sizes(
     name: str,
     step: int,
     magnitude: dict,
-    learning_rate: float | None = None,
     optimizer: OptimizerSpec | None = None,
 ) -> list[float]:
     """``max|p_t - p_{t-1}|`` of leaf ``name`` for ``t = 1..step``, the larger of two sides,
@@ -1088,9 +1122,9 @@ def _update_sizes(
     * Adam and AdamW normalise the gradient: the update moves relatively, by
       ``|g_t|⁺ / max|g_t|`` times its size.
 
-    Without a learning rate (a hand-built comparison) the whole update counts as the
-    gradient's, relatively. Momentum and Adam carry gradient errors into later updates
-    through :func:`equiv.tolerance.optimizer_bounds`.
+    Without an optimizer (a hand-built comparison without a learning rate) the whole
+    update counts as the gradient's, relatively. Momentum and Adam carry gradient
+    errors into later updates through :func:`equiv.tolerance.optimizer_bounds`.
     """
     sizes = []
     for t in range(1, step + 1):
@@ -1099,20 +1133,21 @@ def _update_sizes(
             before = (
                 to_numpy(problem.params[name]) if t == 1 else traj.params[t - 2][name]
             ).astype(np.float64)
-            delta = np.abs(traj.params[t - 1][name].astype(np.float64) - before)
+            with np.errstate(invalid="ignore"):  # inf - inf in a diverged run
+                delta = np.abs(traj.params[t - 1][name].astype(np.float64) - before)
             finite = delta[np.isfinite(delta)]
             size = max(size, float(np.max(finite, initial=0.0)))
-        mags, largest, _ = magnitude[("grads", t)]
-        widen = mags[name] / largest[name] if largest[name] > 0 else 1.0
-        if learning_rate is None or (optimizer is not None and optimizer.name != "sgd"):
-            share = size  # relative: the update scales with the gradient
+        largest, excess, _ = magnitude[("grads", t)]
+        if optimizer is None or optimizer.name != "sgd":
+            # Relative: the update scales with the gradient.
+            extra = size * excess[name] / largest[name] if largest[name] > 0 else 0.0
         else:
-            nesterov = optimizer is not None and optimizer.nesterov
-            share = learning_rate * (1.0 + optimizer.momentum if nesterov else 1.0)
-            share *= largest[name]
-        # An overflowed ratio (NaN, a run whose float64 sizes overflowed) widens nothing,
-        # and neither does a zero share (0 · inf).
-        sizes.append(size + (widen - 1.0) * share if share > 0 and widen > 1.0 else size)
+            rate = optimizer.learning_rate
+            extra = rate * (1.0 + optimizer.momentum if optimizer.nesterov else 1.0)
+            extra *= excess[name]
+        # A term that overflowed (a gradient at 1e-300 beside sizes of 1e10) allows
+        # nothing: Adam's own bounds cap its update's difference at 2·lr·R_t.
+        sizes.append(size + extra if math.isfinite(extra) else size)
     return sizes
 
 

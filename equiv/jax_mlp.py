@@ -55,16 +55,16 @@ def loss_fn(params: Params, x: jax.Array, y: jax.Array, spec: MLPSpec) -> jax.Ar
 #: memory mappings of compiled code; unbounded, a sweep of about 1,800 distinct
 #: configurations in one process exhausted Linux's 65,530 (XLA: "LLVM ERROR: Unable
 #: to allocate section memory").
-TRAIN_STEP_CACHE = 64
+_TRAIN_STEP_CACHE = 64
 
 
-@functools.lru_cache(maxsize=TRAIN_STEP_CACHE)
+@functools.lru_cache(maxsize=_TRAIN_STEP_CACHE)
 def make_train_step(spec: MLPSpec, optimizer: OptimizerSpec) -> tuple[Callable[..., Any], Any]:
     """A jitted ``step(params, opt_state, x, y) -> (loss, grads, params, opt_state)``
     with ``jax.value_and_grad`` of :func:`loss_fn` and
     :func:`equiv.optimizers.make_optax`; returns it with the optax transformation.
 
-    Cached per (spec, optimizer), for the last :data:`TRAIN_STEP_CACHE` of them: every
+    Cached per (spec, optimizer), for the last 64 of them: every
     comparison of one configuration reuses one compiled function (jit still
     recompiles for a new shape, dtype or precision), and a long sweep's memory stays
     bounded.

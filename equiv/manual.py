@@ -185,8 +185,9 @@ def magnitudes(
             weight = params[f"fc{i}.weight"]
             dh, dh_size = xp.matmul(dz, weight), xp.matmul(dz_size, xp.abs(weight))
             act, slope = ACTIVATIONS[spec.activations[i - 2]], acts[i - 2][1]
+            # A selecting backward (relu) is exact where its slope is 0: no error there.
             dz_size = act.chain(xp, dh_size, xp.abs(slope)) + act.chain(
-                xp, xp.abs(dh), slope_errors[i - 2]
+                xp, xp.abs(dh), slope_errors[i - 2], where=slope
             )
             dz = act.chain(xp, dh, slope)
     return loss, {name: grads[name] for name in spec.param_names()}

@@ -428,3 +428,14 @@ def test_compare_trees_passes_atol_elementwise_by_name():
     a, b = {"w": np.zeros(2), "v": np.zeros(2)}, {"w": np.full(2, 0.3), "v": np.full(2, 0.3)}
     diffs = compare_trees(a, b, T, atol_elementwise={"w": np.full(2, 0.3)})
     assert [(d.name, d.passed, d.ambiguous) for d in diffs] == [("w", True, 0), ("v", False, 0)]
+
+
+def test_a_bound_beyond_the_dtypes_range_allows_everything_without_a_warning():
+    # float32: 3e38 - (-3e38) is inf; a bound of 1e39 (beyond float32's range) must
+    # still allow it, as inf does, and adding a per-element term must not warn.
+    a = np.array([3e38, 1.0], np.float32)
+    b = np.array([-3e38, 1.0], np.float32)
+    assert compare_leaf(a, b, Tolerance(atol=1e39)).passed
+    d = compare_leaf(a, a, Tolerance(atol=3e38), atol_elementwise=np.array([3e38, 0.0]))
+    assert d.passed
+    assert not compare_leaf(a, b, Tolerance(atol=1e38)).passed  # within range: it fails

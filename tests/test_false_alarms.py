@@ -193,10 +193,17 @@ def check_large_lr_case(case, tally: Tally) -> None:
             ),
         )
         overflowed = comparison.overflowed_at()
-        limit = overflowed[0] if overflowed else case["steps"] + 1
-        early = [d for d in comparison.report.failures if d.step < limit]
+        order = ["loss", "grads", "state", "params"]  # as a step computes them
+        limit = (
+            (overflowed[0], order.index(overflowed[1])) if overflowed else (case["steps"] + 1, 0)
+        )
+
+        def before(d) -> bool:
+            return (d.step, order.index(d.stage)) < limit
+
+        early = [d for d in comparison.report.failures if before(d)]
         tally.cases += 1
-        finite = [d.ratio for d in comparison.report.leaves if d.step < limit]
+        finite = [d.ratio for d in comparison.report.leaves if before(d)]
         if max(finite, default=0.0) > tally.worst:
             tally.worst, tally.worst_case = max(finite), case
         if tally.cases % 25 == 0:

@@ -462,9 +462,9 @@ def test_compiled_train_steps_are_cached_but_bounded():
     opt = OptimizerSpec("sgd", learning_rate=0.1)
     first = jax_mlp.make_train_step(MLPSpec((2, 1)), opt)[0]
     assert jax_mlp.make_train_step(MLPSpec((2, 1)), opt)[0] is first  # reused
-    for width in range(2, jax_mlp.TRAIN_STEP_CACHE + 3):
+    for width in range(2, jax_mlp._TRAIN_STEP_CACHE + 3):
         jax_mlp.make_train_step(MLPSpec((2, width, 1)), opt)
-    assert jax_mlp.make_train_step.cache_info().currsize <= jax_mlp.TRAIN_STEP_CACHE
+    assert jax_mlp.make_train_step.cache_info().currsize <= jax_mlp._TRAIN_STEP_CACHE
     assert jax_mlp.make_train_step(MLPSpec((2, 1)), opt)[0] is not first  # evicted
 
 
@@ -495,3 +495,19 @@ def test_inf_or_nan_on_one_side_only_is_named_with_its_place():
 
 def test_a_finite_difference_gets_no_overflow_hint():
     assert not any("inf or NaN" in h for h in _hints_with_torch_grad(123.0))
+
+
+def test_a_drifted_backend_does_not_cancel_anothers_size_excess():
+    # Sizes are merged as excesses over each start's own values: a backend that
+    # drifted to large values (B) must not cancel the excess of another's (A), which
+    # merging the sizes and the values separately, then subtracting, did (found in
+    # review: a per-element term 100 times too small).
+    from equiv.harness import Sizes, _elementwise_sizes, _larger_sizes
+    from equiv.tolerance import Tolerance
+
+    tol = Tolerance(scaled=1e-6)
+    a = Sizes({"g": 1.0}, {"g": 99.0}, {"g": np.array([99.0, 0.0])})
+    b = Sizes({"g": 1000.0}, {"g": 0.0}, {"g": None})
+    _, extra = _elementwise_sizes(tol, _larger_sizes(a, b), "g")
+    np.testing.assert_allclose(extra, [9.9e-5, 0.0])
+    assert _elementwise_sizes(tol, b, "g")[1] is None  # no excess: no per-element term
