@@ -782,17 +782,29 @@ def compare_trajectories(
                     continue  # plain SGD keeps no state
                 dtypes = (ta.dtype, tb.dtype)
                 slack = None
+                # From step 2 on a pair of backends may also differ by how far apart
+                # their own float64 steps are, computed (below): the float64 rounding of
+                # those two steps then counts as well (in a float64 run as much as the
+                # backends' own: a loss of 4e69 at lr 91 was off by 7.6 times a bound
+                # without it).
+                local = moved is not None and b == REFERENCE and bool(moved[a][stage])
+                parted = moved is not None and not local and moved[a][stage] and moved[b][stage]
                 tol = fixed or derived_tolerance(
                     problem.spec,
                     problem.batch_size,
                     "grads" if stage == "state" else stage,
                     step,
-                    dtypes,
+                    dtypes + (("float64", "float64") if parted else ()),
                 )
+                if parted and fixed is None:
+                    tol = dataclasses.replace(
+                        tol, derivation=tol.derivation.replace("(u₁+u₂)", "(u₁+u₂+2u₆₄)")
+                    )
                 elementwise = None
+                cap = _largest_of(dtypes)
                 if fixed is None and stage in ("loss", "grads"):
                     sizes = magnitude[(stage, step)]
-                    parts = {name: _elementwise_sizes(tol, sizes, name) for name in sizes.each}
+                    parts = {name: _elementwise_sizes(tol, sizes, name, cap) for name in sizes.each}
                     tol = {name: part[0] for name, part in parts.items()}
                     elementwise = {n: part[1] for n, part in parts.items() if part[1] is not None}
                 elif fixed is None and stage == "params":
@@ -831,10 +843,9 @@ def compare_trajectories(
                 # steps legitimately left (a branch taken at a kink included) then
                 # cannot mask a bug of this step, as an allowance between two
                 # trajectories can (a triangle bound: opposite signs cancel).
-                local = moved is not None and b == REFERENCE and bool(moved[a][stage])
                 expected = moved[a][stage] if local else tb.stage(stage, step)
                 extra = dict(slack or {})
-                if moved is not None and not local and moved[a][stage] and moved[b][stage]:
+                if parted:
                     for name, value in moved[a][stage].items():
                         with np.errstate(invalid="ignore"):
                             apart = np.abs(value - moved[b][stage][name])
@@ -861,11 +872,12 @@ def compare_trajectories(
                     actual_name=a,
                     expected_name=b,
                     # Capped where it would overflow the dtype the leaves are compared
-                    # in (float32's largest value allows all that inf would). A NaN
-                    # (an envelope that overflowed float64 in a diverging run, inf - inf)
+                    # in (its largest value allows all that inf would; float64 unless
+                    # both are float32: a float64 run's 8.9e56 is no cap). A NaN (an
+                    # envelope that overflowed float64 in a diverging run, inf - inf)
                     # allows nothing: the numbers then fail and the report shows them.
                     slack={
-                        n: np.minimum(np.nan_to_num(v, nan=0.0, posinf=_SLACK_MAX), _SLACK_MAX)
+                        n: np.minimum(np.nan_to_num(v, nan=0.0, posinf=cap), cap)
                         for n, v in extra.items()
                         if np.any(np.asarray(v) > 0)
                     },
@@ -887,9 +899,11 @@ def compare_trajectories(
     return report
 
 
-#: The largest slack handed to a comparison: float32's largest value, so that it
-#: stays finite in the dtype the leaves are compared in.
-_SLACK_MAX = float(np.finfo(np.float32).max)
+def _largest_of(dtypes: Sequence[str]) -> float:
+    """The largest value of the dtype two leaves of ``dtypes`` are compared in (their
+    promotion, at least float32): what a slack or bound term is capped at, so that it
+    stays finite there."""
+    return float(np.finfo(np.result_type(*dtypes, np.float32)).max)
 
 
 def _plus(tol: Tolerance, extra: float, why: str) -> Tolerance:
@@ -1082,7 +1096,7 @@ def _larger_sizes(*sizes: Sizes) -> Sizes:
 
 
 def _elementwise_sizes(
-    tol: Tolerance, sizes: Sizes, name: str
+    tol: Tolerance, sizes: Sizes, name: str, cap: float = float(np.finfo(np.float32).max)
 ) -> tuple[Tolerance, np.ndarray | None]:
     """The bound's per-element term for leaf ``name``: ``scaled·(|q_e|⁺ - max|q|)`` where
     an element's size exceeds the leaf's greatest value, none elsewhere (None: no such
@@ -1091,9 +1105,9 @@ def _elementwise_sizes(
     (a leaf-wide term did: ``with_magnitude``)."""
     if sizes.each[name] is None:
         return tol, None
-    # Capped where it would overflow the dtype of the comparison (float32's largest
-    # value allows all that inf would).
-    extra = np.minimum(tol.scaled * sizes.each[name], _SLACK_MAX)
+    # Capped where it would overflow the dtype of the comparison (``cap``, its largest
+    # value, allows all that inf would).
+    extra = np.minimum(tol.scaled * sizes.each[name], cap)
     top = float(np.max(extra, initial=0.0))
     # "≤": a term per element, at most this (a scalar leaf: exactly this).
     note = f" + {'≤' if extra.ndim else ''}{top:.3g} (cancellation)"

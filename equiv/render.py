@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -404,4 +405,21 @@ def _pack(label: str, items: list[str], width: int, sep: str = ", ") -> list[str
             lines.append(current + sep.rstrip())
             current = indent + item
     lines.append(current)
-    return lines
+    # An item longer than a line on its own is folded at spaces, deeper indented.
+    return [part for line in lines for part in _fold(line, width, indent + "  ")]
+
+
+def _fold(line: str, width: int, indent: str) -> list[str]:
+    """``line`` cut at spaces into pieces of at most ``width`` (where a word allows),
+    the continuations indented by ``indent``."""
+    if len(line) <= width:
+        return [line]
+    return textwrap.wrap(
+        line,
+        width,
+        subsequent_indent=indent,
+        initial_indent="",
+        break_long_words=False,
+        break_on_hyphens=False,
+        drop_whitespace=True,
+    ) or [line]

@@ -143,6 +143,15 @@ LARGE_RATE_FINDS = [
         dict(batch_size=1, seed=1, steps=4),
         OptimizerSpec("sgd", learning_rate=10**2.25),
     ),
+    (
+        # A random sweep at lr 1e-3 to 300: a float64 run whose loss reaches 3.6e260. Two
+        # backends may differ by how far apart their own float64 steps are (computed),
+        # but that allowance was capped at float32's largest value, 3.4e38: ratio 1.14.
+        "float64 beyond float32's range",
+        MLPSpec((2, 4, 1), activation="leaky_relu", loss="mse_sum", dtype="float64"),
+        dict(batch_size=8, seed=696, steps=5),
+        OptimizerSpec("sgd", learning_rate=16.7203, weight_decay=1e-2),
+    ),
 ]
 LARGE_RATE_IDS = [c[0] for c in LARGE_RATE_FINDS]
 
