@@ -90,10 +90,13 @@ def _nonfinite(tree: Mapping[str, np.ndarray]) -> bool:
     return any(not np.all(np.isfinite(v)) for v in tree.values())
 
 
+#: Each stage's place in the order a step computes them.
+_STAGE_RANK = {stage: rank for rank, stage in enumerate(_STAGE_NAMES)}
+
+
 def _at_or_after(diff: LeafDiff, when: tuple[int, str]) -> bool:
     """Whether ``diff`` comes at or after ``(step, stage)`` in the order a step computes."""
-    order = list(_STAGE_NAMES)
-    return (diff.step, order.index(diff.stage)) >= (when[0], order.index(when[1]))
+    return (diff.step, _STAGE_RANK[diff.stage]) >= (when[0], _STAGE_RANK[when[1]])
 
 
 def _largest(tree: Mapping[str, np.ndarray]) -> float:
@@ -344,7 +347,7 @@ class Comparison:
         :meth:`overflow_note` speaks instead.
         """
         groups: dict[tuple[int, int, str, str], list[str]] = {}
-        order = {"loss": 0, "grads": 1, "state": 2, "params": 3}
+        order = _STAGE_RANK
         overflowed = self.overflowed_at()
         for d in self.report.failures:
             if overflowed is not None and _at_or_after(d, overflowed):
@@ -400,7 +403,7 @@ class Comparison:
                 found_at = (step, rank)
                 merged.setdefault(key, []).append(leaf)
         causes = [f"{', '.join(leaves)}: {text}" for text, leaves in (merged or generic).items()]
-        overflow = self.overflow_note()
+        overflow = self.overflow_note(overflowed)
         if not causes and overflow is None:
             causes = self._nonfinite_cause(overflowed)
         return ([overflow] if overflow else []) + causes
@@ -408,8 +411,7 @@ class Comparison:
     def _nonfinite_cause(self, overflowed: tuple[int, str] | None) -> list[str]:
         """For the first failure with inf or NaN on one side only (before any overflow
         of every backend): which side, where, and how large the other side is there."""
-        order = list(_STAGE_NAMES)
-        for d in sorted(self.report.failures, key=lambda d: (d.step, order.index(d.stage))):
+        for d in sorted(self.report.failures, key=lambda d: (d.step, _STAGE_RANK[d.stage])):
             if overflowed is not None and _at_or_after(d, overflowed):
                 break
             if not d.nonfinite_mismatched or not {d.actual, d.expected} <= set(self.trajectories):
@@ -458,14 +460,15 @@ class Comparison:
                         return step, stage
         return None
 
-    def overflow_note(self) -> str | None:
+    def overflow_note(self, found: tuple[int, str] | None = None) -> str | None:
         """Why failures from :meth:`overflowed_at` on say nothing about the code, or None.
 
         A diverging run overflows: its rounding errors outgrow what the derived bounds
         model (the error sizes overflow too), and ``inf - inf`` or ``0 · inf`` give NaN
-        wherever two libraries order their arithmetic differently.
+        wherever two libraries order their arithmetic differently. ``found``: what
+        :meth:`overflowed_at` returned, when the caller has it.
         """
-        found = self.overflowed_at()
+        found = found or self.overflowed_at()
         if found is None or not any(_at_or_after(d, found) for d in self.report.failures):
             return None
         step, stage = found
