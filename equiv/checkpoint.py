@@ -244,8 +244,16 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
             f"{path} holds more than tensors and was not unpickled (a pickle can run code; "
             f"torch.load(weights_only=True) refused it: {reason})"
         ) from exc
-    except (RuntimeError, EOFError) as exc:
-        reason = str(exc) or f"{type(exc).__name__} (empty or truncated)"
+    except OSError:
+        raise  # missing or unreadable: the OS's message says which
+    except Exception as exc:  # noqa: BLE001 - any other failure is a damaged file
+        # A damaged zip or pickle stream fails in torch.load wherever the damage is
+        # met: RuntimeError and EOFError for truncation, and UnicodeDecodeError,
+        # KeyError, IndexError or ValueError for a changed byte (found by fuzzing:
+        # tests/test_checkpoint.py). All of them mean one thing to the caller.
+        reason = str(exc) or "empty or truncated"
+        if not isinstance(exc, RuntimeError):
+            reason = f"{type(exc).__name__}: {reason}"
         raise value_error(f"{path} is not a readable torch file: {reason}") from exc
     if not isinstance(loaded, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in loaded.values()
