@@ -8,7 +8,8 @@ Exit status:
 * 0: every backend agrees with every other (and with the float64 reference);
 * 1: some leaf disagrees (the report lists every failing leaf);
 * 2: bad input (a width below 1, an unknown dtype, device, precision or backend, a
-  malformed number, ``--rtol`` without ``--atol``, an unwritable ``--json`` path):
+  malformed number, ``--rtol`` without ``--atol``, an unwritable ``--json`` path, a
+  comparison that cannot fit in this machine's memory, :mod:`equiv.memory`):
   one ``[equiv] ...`` line on stderr, no traceback, nothing computed.
 
 Example:

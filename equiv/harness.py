@@ -49,6 +49,7 @@ from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.devices import resolve_device
 from equiv.diagnose import GENERIC, diagnose_optimizer, diagnose_trees
 from equiv.kinks import Kink, KinkAnalysis, analyse_kinks, flip_envelope, kinked
+from equiv.memory import check_fits
 from equiv.optimizers import (
     OptimizerSpec,
     is_plain_sgd,
@@ -59,7 +60,7 @@ from equiv.optimizers import (
     torch_optimizer_state,
 )
 from equiv.precision import comparison_scope
-from equiv.problem import Problem, make_problem
+from equiv.problem import Problem, check_counts, make_problem
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 from equiv.tolerance import (
     Tolerance,
@@ -629,6 +630,19 @@ def compare_backends(
         learning_rate = optimizer.learning_rate
     user_tolerance(rtol, atol)  # fail early on a half-given tolerance
     resolve_device(device)  # fail early, before any work, on a missing device
+    if problem is None:
+        check_counts(batch_size=batch_size, steps=steps, seed=seed)
+    else:
+        batch_size, steps = len(problem.batches[0][0]), len(problem.batches)
+    # What every backend's trajectory will hold, before anything is drawn or run.
+    check_fits(
+        spec,
+        batch_size=batch_size,
+        steps=steps,
+        backends=backends,
+        reference=reference,
+        optimizer=optimizer,
+    )
     if problem is None:
         problem = make_problem(spec, batch_size=batch_size, seed=seed, steps=steps)
     names = list(backends) + ([REFERENCE] if reference else [])

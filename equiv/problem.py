@@ -16,6 +16,7 @@ import torch
 
 from equiv._messages import type_error, value_error
 from equiv.losses import LOSSES, draw_targets
+from equiv.memory import check_fits
 from equiv.spec import MLPSpec
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
 
@@ -35,6 +36,25 @@ class Problem:
     @property
     def batch_size(self) -> int:
         return self.batches[0][0].shape[0]
+
+
+def check_counts(*, batch_size: int, steps: int, seed: int) -> None:
+    """Raise ``ValueError`` unless ``batch_size`` and ``steps`` are ints of at least 1
+    and ``seed`` an int that ``torch.manual_seed`` takes.
+
+    Example:
+      >>> check_counts(batch_size=0, steps=1, seed=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: [equiv] batch_size must be an int of at least 1, got 0
+    """
+    for name, value, lowest in [("batch_size", batch_size, 1), ("steps", steps, 1)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise value_error(f"{name} must be an int of at least {lowest}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise value_error(
+            f"seed must be an int in [0, 2**64) as torch.manual_seed takes, got {seed!r}"
+        )
 
 
 def make_problem(
@@ -59,13 +79,10 @@ def make_problem(
         raise type_error(
             f"spec must be an equiv.MLPSpec such as MLPSpec((4, 3, 2)), got {type(spec).__name__}"
         )
-    for name, value, lowest in [("batch_size", batch_size, 1), ("steps", steps, 1)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-            raise value_error(f"{name} must be an int of at least {lowest}, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise value_error(
-            f"seed must be an int in [0, 2**64) as torch.manual_seed takes, got {seed!r}"
-        )
+    check_counts(batch_size=batch_size, steps=steps, seed=seed)
+    # Before drawing: a batch beyond memory (or beyond torch's int64 sizes) is refused
+    # with what it needs instead of failing in the allocator.
+    check_fits(spec, batch_size=batch_size, steps=steps, backends=(), reference=False)
     dtype = TORCH_DTYPES[spec.dtype]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
