@@ -19,11 +19,11 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from equiv._messages import value_error
 from equiv.optimizers import OptimizerSpec
 from equiv.spec import MLPSpec
-
-_ITEMSIZE = {"float32": 4, "float64": 8}
 
 # cgroup (container) memory limits, v2 then v1; "max" or a huge number means none.
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
@@ -75,10 +75,10 @@ def comparison_floor(
       >>> comparison_floor(MLPSpec((4, 3, 2)), batch_size=2, steps=1, backends=3, reference=True)
       1044
     """
-    itemsize = _ITEMSIZE[spec.dtype]
-    parameters = sum(math.prod(shape) for shape in spec.param_shapes().values())
+    itemsize, reference_itemsize = np.dtype(spec.dtype).itemsize, np.dtype(np.float64).itemsize
+    parameters = _parameters(spec)
     trees = 2 + (len(optimizer.state_names) if optimizer is not None else 0)
-    per_step = parameters * trees * (backends * itemsize + (8 if reference else 0))
+    per_step = parameters * trees * (backends * itemsize + (reference_itemsize if reference else 0))
     inputs = steps * batch_size * spec.sizes[0] * itemsize
     return steps * per_step + parameters * itemsize + inputs
 
@@ -118,7 +118,7 @@ def check_fits(
     )
     if needed <= available:
         return
-    parameters = sum(math.prod(shape) for shape in spec.param_shapes().values())
+    parameters = _parameters(spec)
     keepers = [f"{len(backends)} backend{'s' if len(backends) != 1 else ''}"] if backends else []
     keepers += ["the float64 reference"] if reference else []
     state = " and the optimizer state" if optimizer is not None and optimizer.state_names else ""
@@ -134,6 +134,10 @@ def check_fits(
         f"{_size(available)}: use fewer steps, fewer backends, a smaller batch or a "
         "smaller model"
     )
+
+
+def _parameters(spec: MLPSpec) -> int:
+    return sum(math.prod(shape) for shape in spec.param_shapes().values())
 
 
 def _size(nbytes: float) -> str:

@@ -45,7 +45,8 @@ def code_blocks(text: str) -> list[tuple[str, str, int]]:
     return blocks
 
 
-BLOCKS = code_blocks(README.read_text(encoding="utf-8"))
+TEXT = README.read_text(encoding="utf-8")
+BLOCKS = code_blocks(TEXT)
 PYTHON = [(code, line) for lang, code, line in BLOCKS if lang == "python"]
 
 
@@ -116,9 +117,8 @@ def test_command_lines_parse():
 
 def test_listed_options_are_the_command_lines_options():
     # The "Options:" paragraph of "The command line" against the parser, both ways.
-    text = README.read_text(encoding="utf-8")
-    start = text.index("Options: ")
-    paragraph = text[start : text.index("\n\n", start)]
+    start = TEXT.index("Options: ")
+    paragraph = TEXT[start : TEXT.index("\n\n", start)]
     listed = set(re.findall(r"--[a-z][a-z0-9-]*", paragraph))
     parser = build_parser()
     known = {f for action in parser._actions for f in action.option_strings if f[:2] == "--"}
@@ -129,9 +129,8 @@ def test_listed_options_are_the_command_lines_options():
 
 def quoted_output(after: str) -> list[str]:
     """The lines of the first unlabelled block that follows the text ``after``."""
-    text = README.read_text(encoding="utf-8")
-    start = text.index(after)
-    block = next(code for lang, code, line in code_blocks(text[start:]) if lang == "")
+    start = TEXT.index(after)
+    block = next(code for lang, code, line in code_blocks(TEXT[start:]) if lang == "")
     return block.splitlines()
 
 
