@@ -68,6 +68,56 @@ class Activation:
     # (torch's threshold_backward, JAX's relu JVP): an infinite upstream gradient then
     # gives 0, not NaN. See :meth:`chain`.
     selects_zero: bool = False
+    # Where |h'| or |h''| has a local maximum (the zeros of h'' and h'''), found on a
+    # grid of step 1e-5 over [-12, 12]: with the ends of an interval, where the
+    # greatest values over it lie. See :meth:`envelope`.
+    peaks: tuple[float, ...] = ()
+
+    def has_kink(self, param: float) -> bool:
+        """Whether the slope jumps at 0 (ELU's does not at ``alpha = 1``).
+
+        >>> elu = ACTIVATIONS["elu"]
+        >>> ACTIVATIONS["relu"].has_kink(0.0), elu.has_kink(1.0), elu.has_kink(0.5)
+        (True, False, True)
+        """
+        return self.kink and not (self.param_field == "elu_alpha" and param == 1.0)
+
+    def envelope(self, xp: Any, z: Array, radius: Array, param: float) -> tuple[Array, Array]:
+        """The greatest ``|h'|`` and ``|h''|`` over ``[z - radius, z + radius]``, on
+        ``z``'s own side of a kink (the other side is :mod:`equiv.kinks`'s business):
+        how far an error of up to ``radius`` in ``z`` can move ``h`` and ``h'``, per unit
+        of it (mean value theorem). Taken at ``z``, the two ends and the :attr:`peaks`
+        inside, so it is never less than at ``z`` itself. Where ``radius`` is wide, a
+        saturated unit (``tanh`` at ``z = -2505``, slope exactly 0) may in fact sit
+        anywhere up to the steep middle: found by a random sweep, a diverging float64
+        run whose weights reached 1e42, where one backend's sum gave ``z = 3.8`` and
+        another's ``-2505``.
+
+        >>> import numpy as np
+        >>> tanh = ACTIVATIONS["tanh"]
+        >>> z, radius = np.array([-2505.0, 5.0]), np.array([3000.0, 1e-3])
+        >>> slope, curvature = tanh.envelope(np, z, radius, 0.0)
+        >>> slope.round(4).tolist(), curvature.round(4).tolist()  # the middle; near 5: tiny
+        ([1.0, 0.0002], [0.7698, 0.0004])
+        """
+        lo, hi = z - radius, z + radius
+        side = None
+        if self.has_kink(param):
+            side = z > 0
+            zero = xp.zeros_like(z)
+            lo = xp.where(side, xp.maximum(lo, zero), lo)
+            hi = xp.where(side, hi, xp.minimum(hi, zero))
+        points = [z, lo, hi] + [
+            xp.where((lo < peak) & (peak < hi), xp.full_like(z, peak), z) for peak in self.peaks
+        ]
+        slope, curvature = xp.zeros_like(z), xp.zeros_like(z)
+        for point in points:
+            _, d = self.value_and_derivative(xp, point, param, side)
+            c = self.curvature(xp, point, param, side)
+            # NaN (an infinite end) is no value: comparisons with it are False.
+            slope = xp.where(xp.abs(d) > slope, xp.abs(d), slope)
+            curvature = xp.where(c > curvature, c, curvature)
+        return slope, curvature
 
     def value_and_derivative(
         self, xp: Any, z: Array, param: float, branch: Array | None = None
@@ -111,9 +161,10 @@ class Activation:
             upstream = xp.where(gate == 0, xp.zeros_like(upstream), upstream)
         return upstream * slope
 
-    def curvature(self, xp: Any, z: Array, param: float) -> Array:
+    def curvature(self, xp: Any, z: Array, param: float, branch: Array | None = None) -> Array:
         """``|h''(z)|``, by a central difference of ``h'`` on ``z``'s own side of any kink
-        (the other side is :mod:`equiv.kinks`'s business): how fast an error in ``z``
+        (the other side is :mod:`equiv.kinks`'s business; ``branch`` as in
+        :meth:`value_and_derivative` picks it): how fast an error in ``z``
         moves the slope the backward pass multiplies by. For float64 inputs; the step
         ``1e-4·max(|z|, 1)`` keeps the difference's own error near 1e-9 relative.
 
@@ -126,7 +177,7 @@ class Activation:
         [0.0, 0.0, 0.0]
         """
         step = 1e-4 * xp.maximum(xp.abs(z), xp.ones_like(z))
-        side = (z > 0) if self.negative is not None else None
+        side = None if self.negative is None else (z > 0) if branch is None else branch
         _, up = self.value_and_derivative(xp, z + step, param, side)
         _, down = self.value_and_derivative(xp, z - step, param, side)
         return xp.abs(up - down) / (2.0 * step)
@@ -333,6 +384,7 @@ ACTIVATIONS: dict[str, Activation] = {
             negative=lambda xp, z, p: (p * xp.expm1(z), p * xp.exp(z)),
             lipschitz=lambda p: max(1.0, p),
             term_sizes=_elu_terms,
+            peaks=(0.0,),  # h'' jumps from alpha to 0 there
         ),
         Activation(
             "tanh",
@@ -341,6 +393,7 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda xp, z, p: xp.tanh(z),
             lambda xp, z, p: 1.0 - xp.tanh(z) * xp.tanh(z),
             term_sizes=_tanh_terms,
+            peaks=(-0.65848, 0.0, 0.65848),
         ),
         Activation(
             "sigmoid",
@@ -349,6 +402,7 @@ ACTIVATIONS: dict[str, Activation] = {
             lambda xp, z, p: _sigmoid(xp, z),
             lambda xp, z, p: _sigmoid(xp, z) * (1.0 - _sigmoid(xp, z)),
             term_sizes=_sigmoid_terms,
+            peaks=(-1.31696, 0.0, 1.31696),
         ),
         Activation(
             "gelu",
@@ -361,6 +415,7 @@ ACTIVATIONS: dict[str, Activation] = {
             ),
             lipschitz=lambda p: 1.13,  # max of Φ(z) + z·φ(z), at z = √2: 1.1289
             term_sizes=_gelu_terms,
+            peaks=(-2.0, -1.41421, 0.0, 1.41421, 2.0),
         ),
         Activation(
             "gelu_tanh",
@@ -370,6 +425,7 @@ ACTIVATIONS: dict[str, Activation] = {
             _gelu_tanh_derivative,
             lipschitz=lambda p: 1.13,
             term_sizes=_gelu_tanh_terms,
+            peaks=(-2.01348, -1.4185, 0.0, 1.4185, 2.01348),
         ),
         Activation(
             "silu",
@@ -379,6 +435,7 @@ ACTIVATIONS: dict[str, Activation] = {
             _silu_derivative,
             lipschitz=lambda p: 1.1,  # max of σ(z)(1 + z(1 - σ(z))): 1.0998
             term_sizes=_silu_terms,
+            peaks=(-3.43584, -2.39936, 0.0, 2.39936, 3.43584),
         ),
         Activation(
             "identity",

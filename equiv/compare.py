@@ -183,7 +183,7 @@ def compare_leaf(
       atol_elementwise: None, or a non-negative finite array broadcastable to the leaf:
         an absolute term of the bound per element, added to ``tolerance``'s (the
         harness's error sizes per element). Unlike ``slack``, part of the bound proper.
-      fast_threshold: leaves with at least this many elements use the XLA kernel;
+      fast_threshold: leaves with at least this many elements take the fast path;
         default :data:`equiv.fastcompare.FAST_THRESHOLD`.
 
     Returns:

@@ -39,6 +39,7 @@ bit for bit where the gradients do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ from equiv._messages import value_error
 from equiv.activations import ACTIVATIONS
 from equiv.losses import LOSSES
 from equiv.spec import MLPSpec
+from equiv.tolerance import SAFETY
 
 Array = Any
 Masks = Sequence[Any] | None
@@ -155,7 +157,8 @@ def magnitudes(
     u = spec.unit_roundoff if unit_roundoff is None else unit_roundoff
     last = spec.num_layers
     out, zs, acts = _forward(params, x, spec, [None] * (last - 1))
-    h_sizes, z_sizes, slope_errors = [xp.abs(x)], [], []
+    h_sizes, z_sizes, slope_errors, steepest_slopes = [xp.abs(x)], [], [], []
+    reaches = [xp.abs(x)]  # the greatest |h| a backend may hold (MVT over z's interval)
     for i, z in enumerate(zs, start=1):
         weight = params[f"fc{i}.weight"]
         squares = xp.matmul(h_sizes[-1] ** 2, xp.matrix_transpose(weight * weight))
@@ -169,24 +172,37 @@ def magnitudes(
             # is left where the slope is 0 (gelu at z = -0.75) and |z|⁺ >> |z|.
             curvature = act.curvature(xp, z, act.param(spec))
             moved = (xp.abs(slope) + 0.5 * curvature * u * z_sizes[-1]) * z_sizes[-1]
+            # Where a backend's z may be far off (the radius of equiv.kinks), h' and h''
+            # are taken at their greatest over that interval: a unit saturated at the
+            # reference's z may sit on the steep middle in a backend's.
+            radius = SAFETY * u * math.sqrt(spec.sizes[i - 1]) * (z_sizes[-1] + xp.abs(z))
+            steepest, most_curved = act.envelope(xp, z, radius, act.param(spec))
+            moved = xp.maximum(moved, steepest * z_sizes[-1])
             h_sizes.append(xp.maximum(value_size, moved))
             # How far the slope may be off: its own evaluation, and z's error through h''.
-            slope_errors.append(slope_size - xp.abs(slope) + curvature * z_sizes[-1])
+            slope_errors.append(slope_size - xp.abs(slope) + most_curved * z_sizes[-1])
+            steepest_slopes.append(steepest)
+            reaches.append(xp.abs(acts[i - 1][0]) + steepest * radius)
     loss, dz_size = LOSSES[spec.loss].magnitude(out, y, spec, z_sizes[-1])
     _, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
     grads: dict[str, Array] = {}
     for i in range(last, 0, -1):
         h = xp.abs(x) if i == 1 else xp.abs(acts[i - 2][0])
         carried = xp.matmul(xp.matrix_transpose(xp.abs(dz)), h_sizes[i - 1] - h)
-        grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz_size), h) + carried
+        # δ(dz·h) ≤ δdz·(|h| + δh) + |dz|·δh: dz's error meets the backend's h, which
+        # may be far from the reference's 0 (a diverging run, found by a random sweep).
+        grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz_size), reaches[i - 1]) + carried
         if spec.bias:
             grads[f"fc{i}.bias"] = xp.sum(dz_size, axis=0)
         if i > 1:
             weight = params[f"fc{i}.weight"]
             dh, dh_size = xp.matmul(dz, weight), xp.matmul(dz_size, xp.abs(weight))
             act, slope = ACTIVATIONS[spec.activations[i - 2]], acts[i - 2][1]
+            # δ(dh·h') ≤ δdh·max|h'| + |dh|·δh', max over z's interval: exact, no product
+            # of two errors dropped (a unit saturated at the reference's z but not at a
+            # backend's multiplies a far-off upstream gradient by a slope that is not 0).
             # A selecting backward (relu) is exact where its slope is 0: no error there.
-            dz_size = act.chain(xp, dh_size, xp.abs(slope)) + act.chain(
+            dz_size = act.chain(xp, dh_size, steepest_slopes[i - 2], where=slope) + act.chain(
                 xp, xp.abs(dh), slope_errors[i - 2], where=slope
             )
             dz = act.chain(xp, dh, slope)

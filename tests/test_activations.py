@@ -148,6 +148,50 @@ def test_curvature_matches_jax_second_derivative(name):
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-8)
 
 
+def dense_envelope(act, z: float, radius: float, param: float) -> tuple[float, float]:
+    """The greatest |h'| and |h''| on a grid over the interval (on z's own side of a
+    kink), computed independently of the peaks table: 20,001 points across it, and
+    every multiple of 1e-4 in it within [-12, 12], where the peaks lie."""
+    lo, hi = z - radius, z + radius
+    if act.has_kink(param):
+        lo, hi = (max(lo, 1e-12), hi) if z > 0 else (lo, min(hi, -1e-12))
+    fine = np.arange(-12.0, 12.0, 1e-4)
+    grid = np.concatenate([np.linspace(lo, hi, 20_001), fine[(fine >= lo) & (fine <= hi)]])
+    _, slope = act.value_and_derivative(np, grid, param)
+    return float(np.abs(slope).max()), float(act.curvature(np, grid, param).max())
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_envelope_is_the_greatest_slope_and_curvature_over_the_interval(name):
+    # The peaks table (points where |h'| or |h''| peaks) against a dense grid: over
+    # intervals that hold a peak, straddle one, or lie in a tail, the envelope is at
+    # least the grid's maximum (less 1e-9: a peak between grid points) and at most
+    # 1e-6 above it (the table's 5 decimals place a peak within 1e-5).
+    act = ACTIVATIONS[name]
+    param = act.param(SPEC)
+    rng = np.random.default_rng(0)
+    centres = np.concatenate([rng.uniform(-6, 6, 40), [-2505.0, -30.0, 0.3, 40.0]])
+    radii = np.concatenate([10.0 ** rng.uniform(-3, 1, 40), [3000.0, 29.5, 0.2, 1.0]])
+    slope, curvature = act.envelope(np, centres, radii, param)
+    for i, (z, r) in enumerate(zip(centres, radii, strict=True)):
+        dense_slope, dense_curvature = dense_envelope(act, z, r, param)
+        assert dense_slope - 1e-9 <= slope[i] <= dense_slope + 1e-6, (z, r)
+        assert dense_curvature - 1e-9 <= curvature[i] <= dense_curvature + 1e-6, (z, r)
+
+
+def test_envelope_without_the_peaks_misses_the_steep_middle():
+    # The paired failing case: the ends and z alone miss tanh's slope and curvature
+    # peaks inside a wide interval around a saturated unit.
+    import dataclasses
+
+    tanh = ACTIVATIONS["tanh"]
+    bare = dataclasses.replace(tanh, peaks=())
+    z, radius = np.array([-2505.0]), np.array([3000.0])
+    found = [float(a[0]) for a in tanh.envelope(np, z, radius, 0.0)]
+    assert found == pytest.approx([1.0, 0.7698], abs=1e-4)
+    assert max(float(a[0]) for a in bare.envelope(np, z, radius, 0.0)) < 0.01
+
+
 def test_curvature_check_catches_a_one_sided_difference():
     # The paired failing case: a forward difference of h' (truncation step/2·|h''|,
     # about 1e-4 at z = 0.3 for tanh) fails the 2e-8 the central difference meets.

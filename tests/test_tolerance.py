@@ -384,3 +384,82 @@ def test_units_above_the_underflow_floor_still_catch_a_bug(activation, z):
     # is caught. (At z = 8 tanh's float32 slope is off by 13%: no check is possible.)
     _, problem = _one_unit_at(activation, z)
     assert failures_with_a_bug(problem, "fc1.bias", 1.05) == {("grads", "fc1.bias", 1)}
+
+
+def _saturated_unit_on_a_cancelling_sum():
+    """Two float64 examples through a 4-2-1 tanh MLP. In the first, hidden unit 0 sums
+    ``1e20 - 1e20 - 30``: summed in that order it is -30 (tanh saturated to exactly -1,
+    slope exactly 0), summed from the other end it is 0 (slope 1). Both are correct
+    float64 results of the same sum; found by a random sweep in a diverging float64 run
+    whose weights reached 1e42, where torch's F.linear gave 3.8 and NumPy's -2505.
+    The second example is well conditioned and alone reaches column 3 of fc1.weight.
+    Returns the problem, the reference's trajectory and a function giving a correct
+    port's (the inputs summed in reverse order), optionally with one gradient element
+    of fc1.weight scaled by 1 + 1e-4."""
+    import numpy as np
+    import torch
+
+    from equiv.harness import REFERENCE, RUNNERS, resolve_optimizer
+    from equiv.problem import Problem
+
+    f64 = torch.float64
+    spec = MLPSpec((4, 2, 1), activation="tanh", dtype="float64", bias=False)
+    params = {
+        "fc1.weight": torch.tensor([[1e20, -1e20, 1.0, 0.5], [0.3, -0.2, 0.01, 0.7]], dtype=f64),
+        "fc2.weight": torch.tensor([[1.0, 0.5]], dtype=f64),
+    }
+    x = torch.tensor([[1.0, 1.0, -30.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=f64)
+    y = torch.tensor([[0.5], [-0.3]], dtype=f64)
+    problem = Problem(spec, params, ((x, y),))
+    optimizer = resolve_optimizer(None, 0.1)
+    order = [2, 1, 0, 3]
+    back = np.argsort(order)
+    reversed_sum = Problem(
+        spec,
+        {"fc1.weight": params["fc1.weight"][:, order], "fc2.weight": params["fc2.weight"]},
+        ((x[:, order], y),),
+    )
+
+    def port(bug=None):
+        run = RUNNERS["torch"](reversed_sum, 0.1, optimizer=optimizer)
+        run.grads[0]["fc1.weight"] = run.grads[0]["fc1.weight"][:, back].copy()
+        run.params[0]["fc1.weight"] = run.params[0]["fc1.weight"][:, back]
+        if bug is not None:
+            run.grads[0]["fc1.weight"][bug] *= 1 + 1e-4
+        return run
+
+    reference = RUNNERS[REFERENCE](problem, 0.1, optimizer=optimizer)
+    # The premise: the port's first sum really lands on the steep middle.
+    assert float(port().losses[0]) != float(reference.losses[0])
+    return problem, reference, port, optimizer
+
+
+def test_a_unit_saturated_at_the_reference_but_not_in_a_port_agrees():
+    # Before the slope envelope over z's interval (and the products of two errors it
+    # keeps, equiv.manual.magnitudes), this correct port failed the loss, both
+    # gradients and fc2.weight after the step, ratios 4e13 to 2e14.
+    from equiv.harness import REFERENCE, compare_trajectories
+
+    problem, reference, port, optimizer = _saturated_unit_on_a_cancelling_sum()
+    report = compare_trajectories(
+        problem, {"port": port(), REFERENCE: reference}, optimizer=optimizer
+    )
+    assert report.agree, report.failure_text()
+
+
+@pytest.mark.parametrize("element", [(0, 3), (1, 3)])
+def test_a_unit_saturated_at_the_reference_leaves_the_sharp_elements_sharp(element):
+    # Column 3 of fc1.weight comes from the well-conditioned example alone: a 1e-4 bug
+    # there is caught (ratios 4e8 and 1e9); the same bug in a column the uncertain sum
+    # reaches passes, as the sum's float64 error allows.
+    from equiv.harness import REFERENCE, compare_trajectories
+
+    problem, reference, port, optimizer = _saturated_unit_on_a_cancelling_sum()
+
+    def failures(bug):
+        runs = {"port": port(bug), REFERENCE: reference}
+        report = compare_trajectories(problem, runs, optimizer=optimizer)
+        return {(d.stage, d.name) for d in report.failures}
+
+    assert failures(element) == {("grads", "fc1.weight")}
+    assert failures((1, 0)) == set()
