@@ -95,6 +95,12 @@ def _nonfinite(tree: Mapping[str, np.ndarray]) -> bool:
 _STAGE_RANK = {stage: rank for rank, stage in enumerate(_STAGE_NAMES)}
 
 
+def _earliest(*whens: tuple[int, str] | None) -> tuple[int, str] | None:
+    """The earliest of several ``(step, stage)`` (None: none)."""
+    found = [w for w in whens if w is not None]
+    return min(found, key=lambda w: (w[0], _STAGE_RANK[w[1]]), default=None)
+
+
 def _at_or_after(diff: LeafDiff, when: tuple[int, str]) -> bool:
     """Whether ``diff`` comes at or after ``(step, stage)`` in the order a step computes."""
     return (diff.step, _STAGE_RANK[diff.stage]) >= (when[0], _STAGE_RANK[when[1]])
@@ -349,10 +355,11 @@ class Comparison:
         """
         groups: dict[tuple[int, int, str, str], list[str]] = {}
         order = _STAGE_RANK
-        overflowed = self.overflowed_at()
+        overflowed, unbounded = self.overflowed_at(), self.unbounded_at()
+        limit = _earliest(overflowed, unbounded)
         for d in self.report.failures:
-            if overflowed is not None and _at_or_after(d, overflowed):
-                continue  # overflow, not a trap: overflow_note says so
+            if limit is not None and _at_or_after(d, limit):
+                continue  # overflow, not a trap: the note below says so
             if d.actual in self.trajectories and d.expected in self.trajectories:
                 key = (d.step, order[d.stage], d.actual, d.expected)
                 groups.setdefault(key, []).append(d.name)
@@ -404,10 +411,44 @@ class Comparison:
                 found_at = (step, rank)
                 merged.setdefault(key, []).append(leaf)
         causes = [f"{', '.join(leaves)}: {text}" for text, leaves in (merged or generic).items()]
-        overflow = self.overflow_note(overflowed)
-        if not causes and overflow is None:
-            causes = self._nonfinite_cause(overflowed)
-        return ([overflow] if overflow else []) + causes
+        note = (
+            self.overflow_note(overflowed)
+            if limit is not None and limit == overflowed
+            else self.unbounded_note(unbounded)
+        )
+        if not causes and note is None:
+            causes = self._nonfinite_cause(limit)
+        return ([note] if note else []) + causes
+
+    def analysis_limit(self) -> tuple[int, str] | None:
+        """The first ``(step, stage)`` from which failures are not evidence about the
+        implementations: the earlier of :meth:`overflowed_at` and :meth:`unbounded_at`,
+        or None."""
+        return _earliest(self.overflowed_at(), self.unbounded_at())
+
+    def unbounded_at(self) -> tuple[int, str] | None:
+        """The first ``(step, stage)`` whose rounding-error sizes
+        (:func:`equiv.manual.magnitudes`) overflow float64 at the reference's or some
+        backend's parameters, or None. The values may all be finite: the analysis says
+        that their rounding errors are beyond what it can bound (a chaotic run: found
+        by a random sweep, a float64 run whose weights reached 1e42 and whose
+        pre-activations were off by thousands between libraries)."""
+        found = self.report.settings.get("sizes_overflow")
+        return (int(found[0]), str(found[1])) if found else None
+
+    def unbounded_note(self, found: tuple[int, str] | None = None) -> str | None:
+        """Why failures from :meth:`unbounded_at` on say nothing about the code, or None."""
+        found = found or self.unbounded_at()
+        if found is None or not any(_at_or_after(d, found) for d in self.report.failures):
+            return None
+        step, stage = found
+        fewer = f"compare fewer steps (--steps {step - 1}) or " if step > 1 else ""
+        return (
+            f"the rounding errors of the {_STAGE_NAMES[stage]} at step {step} are beyond what "
+            "equiv can bound: their estimated sizes overflow float64 (the run diverged). "
+            "From there a bound allows nothing it cannot compute, and a difference is not "
+            f"evidence about the implementations: {fewer}lower the learning rate."
+        )
 
     def _nonfinite_cause(self, overflowed: tuple[int, str] | None) -> list[str]:
         """For the first failure with inf or NaN on one side only (before any overflow
@@ -902,6 +943,10 @@ def compare_trajectories(
                 )
                 leaves += diffs
     report = Report(leaves)
+    unbounded = [(step, stage) for (stage, step), sizes in magnitude.items() if sizes.overflowed]
+    if unbounded:  # where the error analysis itself gives out (Comparison.unbounded_at)
+        step, stage = min(unbounded, key=lambda at: (at[0], _STAGE_RANK[at[1]]))
+        report.settings["sizes_overflow"] = [step, stage]
     if analysis is not None:
         units = analysis.kinks + flips
         report.settings["kinks"] = len(units)
@@ -941,7 +986,7 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
     for step in range(1, problem.steps + 1):
         g_tol = derived_tolerance(spec, problem.batch_size, "grads", step, dtypes)
         p_tol = derived_tolerance(spec, problem.batch_size, "params", step, dtypes)
-        largest, excess, _ = magnitude[("grads", step)]
+        largest, excess = magnitude[("grads", step)][:2]
         grad_bounds.append(
             {
                 n: with_magnitude(g_tol, largest[n] + excess[n], largest[n]).allowed(
@@ -1029,6 +1074,8 @@ class Sizes(NamedTuple):
     largest: dict[str, float]
     excess: dict[str, float]
     each: dict[str, np.ndarray | None]
+    # Whether some element's size overflowed float64 (it then allows nothing).
+    overflowed: bool = False
 
 
 def _magnitudes(problem: Problem, trajectories: Iterable[Trajectory]) -> dict:
@@ -1084,16 +1131,18 @@ def _sizes_at(problem: Problem, params, x64, y64) -> dict[str, Sizes]:
         ("loss", {"loss": loss}, {"loss": size_loss}),
         ("grads", grads, size_grads),
     ):
-        largest, excess, each = {}, {}, {}
+        largest, excess, each, overflowed = {}, {}, {}, False
         for name, value in values.items():
             top = float(np.max(np.abs(value), initial=0.0))
             size = np.asarray(sizes[name], np.float64)
             with np.errstate(invalid="ignore"):
                 over = np.maximum(size - top, 0.0)  # NaN where either is inf or NaN
-            over = np.where(np.isfinite(over), over, 0.0)  # overflowed: allows nothing
+            finite = np.isfinite(over)
+            overflowed = overflowed or not (finite.all() or not np.all(np.isfinite(value)))
+            over = np.where(finite, over, 0.0)  # overflowed: allows nothing
             largest[name], excess[name] = top, float(np.max(over, initial=0.0))
             each[name] = over if excess[name] > 0 else None
-        out[stage] = Sizes(largest, excess, each)
+        out[stage] = Sizes(largest, excess, each, overflowed)
     return out
 
 
@@ -1109,6 +1158,7 @@ def _larger_sizes(*sizes: Sizes) -> Sizes:
         {k: float(np.fmax.reduce([part.largest[k] for part in sizes])) for k in first.largest},
         {k: float(np.fmax.reduce([part.excess[k] for part in sizes])) for k in first.excess},
         {k: each(k) for k in first.each},
+        any(part.overflowed for part in sizes),
     )
 
 
@@ -1168,7 +1218,7 @@ def _update_sizes(
                 delta = np.abs(traj.params[t - 1][name].astype(np.float64) - before)
             finite = delta[np.isfinite(delta)]
             size = max(size, float(np.max(finite, initial=0.0)))
-        largest, excess, _ = magnitude[("grads", t)]
+        largest, excess = magnitude[("grads", t)][:2]
         if optimizer is None or optimizer.name != "sgd":
             # Relative: the update scales with the gradient.
             extra = size * excess[name] / largest[name] if largest[name] > 0 else 0.0

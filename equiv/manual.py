@@ -160,11 +160,9 @@ def magnitudes(
     h_sizes, z_sizes, slope_errors, steepest_slopes = [xp.abs(x)], [], [], []
     reaches = [xp.abs(x)]  # the greatest |h| a backend may hold (MVT over z's interval)
     for i, z in enumerate(zs, start=1):
-        weight = params[f"fc{i}.weight"]
-        squares = xp.matmul(h_sizes[-1] ** 2, xp.matrix_transpose(weight * weight))
-        if spec.bias:
-            squares = squares + params[f"fc{i}.bias"] ** 2
-        z_sizes.append(xp.maximum(xp.abs(z), xp.sqrt(squares)))
+        z_sizes.append(
+            xp.maximum(xp.abs(z), _root_sum_of_squares(xp, h_sizes[-1], params, i, spec))
+        )
         if i < last:
             act, slope = ACTIVATIONS[spec.activations[i - 1]], acts[i - 1][1]
             value_size, slope_size = act.evaluation_sizes(xp, z, act.param(spec), u)
@@ -207,6 +205,28 @@ def magnitudes(
             )
             dz = act.chain(xp, dh, slope)
     return loss, {name: grads[name] for name in spec.param_names()}
+
+
+def _root_sum_of_squares(xp, h_size, params, i: int, spec: MLPSpec):
+    """``√(|h|⁺²·W_i²ᵀ + b_i²)``, scaled per example and per unit before squaring, so
+    that it overflows only where the result does (squares of 1e160 would, and a run
+    whose every size is finite would look beyond analysis).
+
+    >>> import numpy as np
+    >>> params = {"fc1.weight": np.array([[1e200, 1e200]]), "fc1.bias": np.array([0.0])}
+    >>> _root_sum_of_squares(np, np.array([[1.0, 1.0]]), params, 1, MLPSpec((2, 1)))
+    array([[1.41421356e+200]])
+    """
+    weight = params[f"fc{i}.weight"]
+    unit = xp.max(xp.abs(weight), axis=1)
+    unit = xp.where(unit > 0, unit, xp.ones_like(unit))
+    example = xp.max(h_size, axis=1, keepdims=True)
+    example = xp.where(example > 0, example, xp.ones_like(example))
+    scaled = (weight / unit[:, None]) ** 2
+    squares = xp.matmul((h_size / example) ** 2, xp.matrix_transpose(scaled))
+    if spec.bias:
+        squares = squares + (params[f"fc{i}.bias"] / (example * unit)) ** 2
+    return xp.sqrt(squares) * example * unit
 
 
 def _forward(params, x, spec, masks):

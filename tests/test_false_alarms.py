@@ -8,7 +8,8 @@ is marked ``slow``: ``pytest -m slow tests/test_false_alarms.py``. A second swee
 draws activations, losses and optimizers too (200 cases under ``slow``, a few in
 the default run). A third drives them at learning rates from 1 to 300, where runs
 blow up: there no comparison may fail before the step at which every backend
-overflows (``Comparison.overflowed_at``), and one that fails from there on must say
+overflows (``Comparison.overflowed_at``) or its error sizes do (``unbounded_at``), and
+one that fails from there on must say
 so (300 cases under ``slow``). It writes the case
 count, the worst ratio to the bound and the kinks met to
 /tmp/equiv_false_alarms_<name>.json.
@@ -192,11 +193,11 @@ def check_large_lr_case(case, tally: Tally) -> None:
                 learning_rate=10.0 ** case["lr_exp"], **OPTIMIZERS[case["optimizer"]]
             ),
         )
-        overflowed = comparison.overflowed_at()
+        # The run overflowed, or its error sizes did: the first is where its differences
+        # stop being evidence (Comparison.analysis_limit).
+        stop = comparison.analysis_limit()
         order = ["loss", "grads", "state", "params"]  # as a step computes them
-        limit = (
-            (overflowed[0], order.index(overflowed[1])) if overflowed else (case["steps"] + 1, 0)
-        )
+        limit = (stop[0], order.index(stop[1])) if stop else (case["steps"] + 1, 0)
 
         def before(d) -> bool:
             return (d.step, order.index(d.stage)) < limit
@@ -210,7 +211,12 @@ def check_large_lr_case(case, tally: Tally) -> None:
             tally.write()
         assert not early, comparison.report.failure_text()
         if comparison.report.failures:
-            assert comparison.hints()[0] == comparison.overflow_note()
+            note = (
+                comparison.overflow_note()
+                if stop == comparison.overflowed_at()
+                else comparison.unbounded_note()
+            )
+            assert comparison.hints()[0] == note
 
 
 @sweep(16)

@@ -511,3 +511,68 @@ def test_a_drifted_backend_does_not_cancel_anothers_size_excess():
     _, extra = _elementwise_sizes(tol, _larger_sizes(a, b), "g")
     np.testing.assert_allclose(extra, [9.9e-5, 0.0])
     assert _elementwise_sizes(tol, b, "g")[1] is None  # no excess: no per-element term
+
+
+def _comparison_of_a_reversed_sum(a: float):
+    """A float64 port that sums a cancelling pre-activation ``a - a - 30`` from the
+    other end (0 instead of -30, so tanh's slope 1 instead of 0), against the
+    reference: at a = 1e200 the error sizes of the gradients overflow float64 (that of
+    fc2.weight is the output's 1e200 times the hidden unit's reach 5e185), though every
+    value is finite."""
+    import torch
+
+    from equiv.harness import REFERENCE, RUNNERS, Comparison, compare_trajectories
+    from equiv.problem import Problem
+
+    f64 = torch.float64
+    spec = MLPSpec((3, 1, 1), activation="tanh", dtype="float64", bias=False)
+    weight = torch.tensor([[a, -a, 1.0]], dtype=f64)
+    x, y = torch.tensor([[1.0, 1.0, -30.0]], dtype=f64), torch.tensor([[0.5]], dtype=f64)
+    params = {"fc1.weight": weight, "fc2.weight": torch.tensor([[1.0]], dtype=f64)}
+    problem = Problem(spec, params, ((x, y),))
+    flipped = Problem(spec, {**params, "fc1.weight": weight.flip(1)}, ((x.flip(1), y),))
+    port = RUNNERS["torch"](flipped, 0.1)
+    port.grads[0]["fc1.weight"] = port.grads[0]["fc1.weight"][:, ::-1].copy()
+    port.params[0]["fc1.weight"] = port.params[0]["fc1.weight"][:, ::-1].copy()
+    runs = {"port": port, REFERENCE: RUNNERS[REFERENCE](problem, 0.1)}
+    with np.errstate(all="ignore"):
+        report = compare_trajectories(problem, runs, learning_rate=0.1)
+    return Comparison(problem, 0.1, runs, report)
+
+
+def test_error_sizes_beyond_float64_are_named_not_blamed():
+    # Every value is finite, but the analysis cannot bound the loss's error: the
+    # port's differences (its sum is as correct as the reference's) get that note, and
+    # no trap is read into them.
+    comparison = _comparison_of_a_reversed_sum(1e200)
+    assert comparison.overflowed_at() is None
+    assert comparison.unbounded_at() == (1, "grads") == comparison.analysis_limit()
+    assert not comparison.agree
+    hints = comparison.hints()
+    assert len(hints) == 1 and hints[0].startswith(
+        "the rounding errors of the gradients at step 1 are beyond what equiv can bound"
+    ), hints
+
+
+def test_error_sizes_within_float64_bound_the_same_port():
+    # The twin: at a = 1e20 the sizes are finite, the port agrees and nothing is noted.
+    comparison = _comparison_of_a_reversed_sum(1e20)
+    assert comparison.unbounded_at() is None and comparison.agree
+    assert comparison.unbounded_note() is None
+
+
+def test_sizes_of_large_finite_values_do_not_overflow():
+    # Squares of 1e160 overflow; the sizes are scaled before squaring, so a run whose
+    # values are large but whose errors are not stays within analysis.
+    from equiv import manual
+
+    spec = MLPSpec((2, 2, 1), activation="tanh", dtype="float64")
+    params = {
+        "fc1.weight": np.array([[1e160, 2e160], [3e160, -1e160]]),
+        "fc1.bias": np.zeros(2),
+        "fc2.weight": np.array([[1e-170, 1e-170]]),
+        "fc2.bias": np.zeros(1),
+    }
+    x, y = np.array([[1.0, 1.0]]), np.array([[0.0]])
+    loss, grads = manual.magnitudes(params, x, y, spec)
+    assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
