@@ -111,7 +111,7 @@ def magnitudes(
     them the same way)::
 
         |h_0|⁺ = |x|,   |z_i|⁺ = max(|z_i|, √(|h_{i-1}|⁺²·W_i²ᵀ + b_i²))
-        |h_i|⁺ = max(|h_i|ₑ, (|h'(z_i)| + ½|h''(z_i)|·u·|z_i|⁺)·|z_i|⁺)
+        |h_i|⁺ = max(|h_i|ₑ, (|h'(z_i)| + ½|h''(z_i)|·u·|z_i|⁺)·|z_i|⁺, max_I|h'|·|z_i|⁺)
 
     where ``|h|ₑ ≥ |h|`` and ``|h'|ₑ ≥ |h'|`` are what evaluating the activation and
     its slope costs in the backends' dtype, of unit roundoff ``unit_roundoff`` (default
@@ -121,16 +121,22 @@ def magnitudes(
     the loss's gradient size at ``|h_L|⁺`` (:attr:`equiv.losses.Loss.magnitude`; for
     MSE ``2·(|h_L|⁺ + |y|)/n`` where ``h_L - y`` cancels)::
 
-        |dW_i|⁺ = |dz_i|⁺ᵀ|h_{i-1}| + |dz_i|ᵀ(|h_{i-1}|⁺ - |h_{i-1}|),   |db_i|⁺ = Σ_batch |dz_i|⁺
+        |dW_i|⁺ = |dz_i|⁺ᵀ·r_{i-1} + |dz_i|ᵀ(|h_{i-1}|⁺ - |h_{i-1}|),   |db_i|⁺ = Σ_batch |dz_i|⁺
         |dh|⁺ = |dz_i|⁺·|W_i|
-        |dz_{i-1}|⁺ = |dh|⁺·|h'(z)| + |dh|·(|h'(z)|ₑ - |h'(z)| + |h''(z)|·|z_{i-1}|⁺)
+        |dz_{i-1}|⁺ = |dh|⁺·max_I|h'| + |dh|·(|h'(z)|ₑ - |h'(z)| + max_I|h''|·|z_{i-1}|⁺)
 
     The second terms carry an error made upstream through a product, ``δ(a·b) =
-    δa·b + a·δb``, with the *values* ``|dz|``, ``|dh|`` as the other factor: a product
-    of two sizes would count the error twice over. The slope is off by its own
+    δa·(b + δb) + a·δb``, with the *values* ``|dz|``, ``|dh|`` as the other factor: a
+    product of two sizes would count the error twice over. The slope is off by its own
     evaluation and by ``|h''|`` (:meth:`equiv.activations.Activation.curvature`) times
-    the error of ``z``. Where nothing cancels every ``|q|⁺`` is the sum of absolute
-    values of what ``q`` sums, but for that last term.
+    the error of ``z``. ``max_I`` is the greatest over the interval ``I = z ± ε`` a
+    backend's ``z`` may lie in, ``ε = SAFETY·u·√n·(|z|⁺ + |z|)`` as in
+    :mod:`equiv.kinks` (:meth:`equiv.activations.Activation.envelope`), and ``r = |h| +
+    max_I|h'|·ε`` the greatest ``|h|`` there: a unit saturated at the reference's ``z``
+    may sit on the steep middle in a backend's, where its slope is not 0 and its value
+    far off. Where ``ε`` is small these are ``|h'(z)|``, ``|h''(z)|`` and ``|h|`` to
+    first order. Where nothing cancels every ``|q|⁺`` is the sum of absolute values of
+    what ``q`` sums, but for the slope's error.
 
     >>> import numpy as np
     >>> spec = MLPSpec((1, 1), dtype="float64")
