@@ -356,7 +356,10 @@ ACTIVATIONS: dict[str, Activation] = {
             "relu",
             lambda p: nn.ReLU(),
             lambda z, p: jax.nn.relu(z),
-            lambda xp, z, p: xp.where(z > 0, z, xp.zeros_like(z)),
+            # z <= 0, not z > 0: a NaN passes through, as torch's and JAX's ReLU pass
+            # it (found by a random sweep: a float32 run past overflow whose NaNs this
+            # zeroed gave a finite loss of 1.1 where the others gave NaN).
+            lambda xp, z, p: xp.where(z <= 0, xp.zeros_like(z), z),
             lambda xp, z, p: xp.where(z > 0, _ones(xp, z), xp.zeros_like(z)),
             kink=True,
             negative=lambda xp, z, p: (xp.zeros_like(z), xp.zeros_like(z)),

@@ -380,16 +380,17 @@ def optimizer_residual(
             state = manual_init(variant.spec, before)
         predicted, state = manual_update(variant.spec, before, g, state, step)
         lr = variant.spec.learning_rate
-        scale = max(float(np.max(np.abs(after[n] - before[n]), initial=0.0)) for n in after)
-        miss = max(
-            float(
-                np.max(
-                    np.abs(predicted[n] - variant.decay_after * lr * before[n] - after[n]),
-                    initial=0.0,
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: checked below
+            scale = max(float(np.max(np.abs(after[n] - before[n]), initial=0.0)) for n in after)
+            miss = max(
+                float(
+                    np.max(
+                        np.abs(predicted[n] - variant.decay_after * lr * before[n] - after[n]),
+                        initial=0.0,
+                    )
                 )
+                for n in after
             )
-            for n in after
-        )
         if not (np.isfinite(miss) and np.isfinite(scale)):
             return np.inf
         if scale == 0.0:

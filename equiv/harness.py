@@ -350,8 +350,11 @@ class Comparison:
         differences are consequences of the first (a halved gradient also halves the
         update). A bare constant factor is named only when no known trap matches at
         the first failing step. Leaves with the same hint are named together. From
-        the step at which every backend overflows (:meth:`overflowed_at`),
-        :meth:`overflow_note` speaks instead.
+        the step at which every backend overflows (:meth:`overflowed_at`) or the error
+        sizes do (:meth:`unbounded_at`), :meth:`overflow_note` or
+        :meth:`unbounded_note` speaks instead, after any cause found before it (inf or
+        NaN on one side only included: JAX's float32 silu backward gives NaN where
+        ``upstream · z`` overflows and torch's is finite, a step before the run does).
         """
         groups: dict[tuple[int, int, str, str], list[str]] = {}
         order = _STAGE_RANK
@@ -416,9 +419,9 @@ class Comparison:
             if limit is not None and limit == overflowed
             else self.unbounded_note(unbounded)
         )
-        if not causes and note is None:
+        if not causes:  # inf or NaN on one side before the run overflowed
             causes = self._nonfinite_cause(limit)
-        return ([note] if note else []) + causes
+        return causes + ([note] if note else [])  # in the order they happened
 
     def analysis_limit(self) -> tuple[int, str] | None:
         """The first ``(step, stage)`` from which failures are not evidence about the

@@ -214,25 +214,34 @@ def magnitudes(
 
 
 def _root_sum_of_squares(xp, h_size, params, i: int, spec: MLPSpec):
-    """``√(|h|⁺²·W_i²ᵀ + b_i²)``, scaled per example and per unit before squaring, so
-    that it overflows only where the result does (squares of 1e160 would, and a run
-    whose every size is finite would look beyond analysis).
+    """``√(|h|⁺²·W_i²ᵀ + b_i²)``, each term divided before squaring by the largest it
+    can be for that example and unit (``max|h|·max|W_j|`` or ``|b_j|``), so that it
+    overflows only where the result does: squares of 1e160 would, and a run whose
+    every size is finite would look beyond analysis. (Scaling by ``max|h|·max|W_j|``
+    alone overflowed a bias over a dead unit's 1e-300, found by the false-alarm sweep.)
 
     >>> import numpy as np
     >>> params = {"fc1.weight": np.array([[1e200, 1e200]]), "fc1.bias": np.array([0.0])}
     >>> _root_sum_of_squares(np, np.array([[1.0, 1.0]]), params, 1, MLPSpec((2, 1)))
     array([[1.41421356e+200]])
+    >>> params = {"fc1.weight": np.array([[1.0, 1.0]]), "fc1.bias": np.array([3.0])}
+    >>> _root_sum_of_squares(np, np.array([[1e-300, 0.0]]), params, 1, MLPSpec((2, 1)))
+    array([[3.]])
     """
+    one = xp.ones_like
     weight = params[f"fc{i}.weight"]
     unit = xp.max(xp.abs(weight), axis=1)
-    unit = xp.where(unit > 0, unit, xp.ones_like(unit))
+    unit = xp.where(unit > 0, unit, one(unit))
     example = xp.max(h_size, axis=1, keepdims=True)
-    example = xp.where(example > 0, example, xp.ones_like(example))
+    example = xp.where(example > 0, example, one(example))
+    reach = example * unit  # (batch, out): the largest a product term can be
+    scale = xp.maximum(reach, xp.abs(params[f"fc{i}.bias"])) if spec.bias else reach
+    scale = xp.where(scale > 0, scale, one(scale))
     scaled = (weight / unit[:, None]) ** 2
-    squares = xp.matmul((h_size / example) ** 2, xp.matrix_transpose(scaled))
+    squares = xp.matmul((h_size / example) ** 2, xp.matrix_transpose(scaled)) * (reach / scale) ** 2
     if spec.bias:
-        squares = squares + (params[f"fc{i}.bias"] / (example * unit)) ** 2
-    return xp.sqrt(squares) * example * unit
+        squares = squares + (params[f"fc{i}.bias"] / scale) ** 2
+    return xp.sqrt(squares) * scale
 
 
 def _forward(params, x, spec, masks):

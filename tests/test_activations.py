@@ -93,6 +93,33 @@ def test_a_plain_product_gives_nan_where_torch_relu_gives_zero():
     assert np.isnan(product[Z_FAR <= 0]).all() and (expected[Z_FAR <= 0] == 0).all()
 
 
+# Past overflow: what each activation makes of NaN and of the infinities.
+Z_NONFINITE = np.array([np.nan, -np.inf, np.inf])
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_nan_and_inf_pass_through_as_in_torch_and_jax(name):
+    # A float32 run past overflow: torch's and JAX's ReLU pass a NaN on, and a backend
+    # that zeroed it gave a finite loss where they gave NaN (found by a random sweep).
+    act = ACTIVATIONS[name]
+    param = act.param(SPEC)
+    with torch.no_grad():
+        expected = act.torch_module(param)(torch.tensor(Z_NONFINITE)).numpy()
+    with jax.enable_x64(True):
+        from_jax = np.asarray(act.jax_fn(jnp.asarray(Z_NONFINITE), param))
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.testing.assert_array_equal(act.value(np, Z_NONFINITE, param), expected)
+    np.testing.assert_array_equal(from_jax, expected)
+
+
+def test_a_relu_that_selects_on_z_above_0_zeroes_nan():
+    # The failing twin: the select the hand-derived ReLU once used.
+    with torch.no_grad():
+        expected = torch.relu(torch.tensor(Z_NONFINITE)).numpy()
+    zeroed = np.where(Z_NONFINITE > 0, Z_NONFINITE, 0.0)
+    assert np.isnan(expected[0]) and zeroed[0] == 0.0
+
+
 def test_hand_derived_runs_on_torch_tensors():
     z = torch.tensor(Z)
     for name, act in ACTIVATIONS.items():

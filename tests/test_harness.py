@@ -576,3 +576,51 @@ def test_sizes_of_large_finite_values_do_not_overflow():
     x, y = np.array([[1.0, 1.0]]), np.array([[0.0]])
     loss, grads = manual.magnitudes(params, x, y, spec)
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
+
+
+def test_a_dead_units_tiny_size_is_not_called_unbounded():
+    # Found by the false-alarm sweep: a dead ReLU unit's size is the underflow floor
+    # tiny/u² (1.8e-276); scaling the next layer's sums by it alone made the bias term's
+    # square overflow, the loss "unbounded" and the bound allow nothing (ratio 1.68).
+    # The twin is test_error_sizes_beyond_float64_are_named_not_blamed.
+    comparison = compare_backends(
+        MLPSpec((27, 27, 1, 6, 23, 1), dtype="float64"),
+        batch_size=21,
+        seed=2814,
+        learning_rate=0.0556,
+    )
+    assert comparison.unbounded_at() is None
+    comparison.assert_agree()
+
+
+def test_a_lone_nan_before_the_overflow_is_named_first():
+    # Found by a random sweep: at step 7 JAX's float32 silu backward gives NaN where
+    # upstream · z overflows (torch's and the reference's gradients are finite, at most
+    # 4.2e28), a step before every backend's loss overflows. The hints name JAX's NaN
+    # first, then the overflow; the twin (no lone NaN first) is the overflow note alone.
+    from equiv import OptimizerSpec
+
+    def compare(steps: int):
+        spec = MLPSpec(
+            (2, 3, 17, 3, 2), activation=("silu", "silu", "leaky_relu"), loss="mse_sum", bias=False
+        )
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return compare_backends(
+                spec,
+                batch_size=2,
+                seed=884335394,
+                steps=steps,
+                optimizer=OptimizerSpec("sgd", learning_rate=0.5936480514802078, momentum=0.9),
+            )
+
+    comparison = compare(9)
+    assert comparison.overflowed_at() == (8, "loss")
+    hints = comparison.hints()
+    assert len(hints) == 2 and hints[1] == comparison.overflow_note(), hints
+    assert hints[0].startswith("fc1.weight: jax's gradients hold inf or NaN"), hints
+    assert "at step 7" in hints[0]
+    reference = comparison.trajectories["reference"].grads[6]["fc1.weight"]
+    assert np.isfinite(reference).all() and np.abs(reference).max() < 3.4e38
+    # The twin: with the silu gradient kept finite by comparing to step 6, nothing fails.
+    compare(6).assert_agree()
