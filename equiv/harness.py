@@ -431,11 +431,13 @@ class Comparison:
 
     def unbounded_at(self) -> tuple[int, str] | None:
         """The first ``(step, stage)`` whose rounding-error sizes
-        (:func:`equiv.manual.magnitudes`) overflow float64 at the reference's or some
-        backend's parameters, or None. The values may all be finite: the analysis says
-        that their rounding errors are beyond what it can bound (a chaotic run: found
-        by a random sweep, a float64 run whose weights reached 1e42 and whose
-        pre-activations were off by thousands between libraries)."""
+        (:func:`equiv.manual.magnitudes`), or float64 values, overflow at the
+        reference's or some backend's parameters while those are finite, or None. The
+        backends' values may all be finite: the analysis says that their rounding
+        errors are beyond what it can bound (a chaotic run: found by a random sweep, a
+        float64 run whose weights reached 1e42 and whose pre-activations were off by
+        thousands between libraries; another whose loss overflowed in torch and the
+        reference but came out 2.7e243 in JAX)."""
         found = self.report.settings.get("sizes_overflow")
         return (int(found[0]), str(found[1])) if found else None
 
@@ -448,7 +450,8 @@ class Comparison:
         fewer = f"compare fewer steps (--steps {step - 1}) or " if step > 1 else ""
         return (
             f"the rounding errors of the {_STAGE_NAMES[stage]} at step {step} are beyond what "
-            "equiv can bound: their estimated sizes overflow float64 (the run diverged). "
+            "equiv can bound: they, or the values themselves, overflow float64 at finite "
+            "parameters (the run diverged). "
             "From there a bound allows nothing it cannot compute, and a difference is not "
             f"evidence about the implementations: {fewer}lower the learning rate."
         )
@@ -1077,7 +1080,8 @@ class Sizes(NamedTuple):
     largest: dict[str, float]
     excess: dict[str, float]
     each: dict[str, np.ndarray | None]
-    # Whether some element's size overflowed float64 (it then allows nothing).
+    # Whether some element's size, or value, overflowed float64 at finite parameters
+    # (it then allows nothing).
     overflowed: bool = False
 
 
@@ -1129,6 +1133,13 @@ def _sizes_at(problem: Problem, params, x64, y64) -> dict[str, Sizes]:
         size_loss, size_grads = manual.magnitudes(
             params, x64, y64, spec, problem.spec.unit_roundoff
         )
+    # At finite parameters an inf or NaN size, or value, is float64 giving out: the
+    # analysis cannot bound what it cannot compute (a float64 run whose cancelling
+    # 1e123 sums put a unit on ELU's linear side in torch and the reference, whose
+    # losses overflowed, and on its flat side in JAX, whose loss was 2.7e243: found by
+    # a random sweep). At parameters that are themselves inf or NaN the run overflowed
+    # (Comparison.overflowed_at), or a backend has a bug: neither is the analysis's.
+    computable = all(np.all(np.isfinite(v)) for v in params.values())
     out = {}
     for stage, values, sizes in (
         ("loss", {"loss": loss}, {"loss": size_loss}),
@@ -1141,7 +1152,7 @@ def _sizes_at(problem: Problem, params, x64, y64) -> dict[str, Sizes]:
             with np.errstate(invalid="ignore"):
                 over = np.maximum(size - top, 0.0)  # NaN where either is inf or NaN
             finite = np.isfinite(over)
-            overflowed = overflowed or not (finite.all() or not np.all(np.isfinite(value)))
+            overflowed = overflowed or (computable and not finite.all())
             over = np.where(finite, over, 0.0)  # overflowed: allows nothing
             largest[name], excess[name] = top, float(np.max(over, initial=0.0))
             each[name] = over if excess[name] > 0 else None

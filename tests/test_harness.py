@@ -624,3 +624,36 @@ def test_a_lone_nan_before_the_overflow_is_named_first():
     assert np.isfinite(reference).all() and np.abs(reference).max() < 3.4e38
     # The twin: with the silu gradient kept finite by comparing to step 6, nothing fails.
     compare(6).assert_agree()
+
+
+def test_float64_values_that_overflow_at_finite_parameters_are_named_not_blamed():
+    # Found by a random sweep: at step 6 a cancelling sum of 1e123 terms put an ELU unit
+    # on its linear side in torch, the hand-derived pass and the reference, whose float64
+    # losses overflowed, and on its flat side in JAX, whose loss came out 2.7e243. The
+    # parameters are finite; the analysis cannot compute there: the note, no blame. The
+    # twin: five steps agree.
+    from equiv import OptimizerSpec
+
+    def compare(steps: int):
+        spec = MLPSpec(
+            (64, 33, 33, 64, 8),
+            activation=("gelu_tanh", "sigmoid", "elu"),
+            loss="mse_sum",
+            dtype="float64",
+        )
+        optimizer = OptimizerSpec(
+            "sgd", learning_rate=2.6246923134582816, momentum=0.9, nesterov=True, weight_decay=1e-3
+        )
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return compare_backends(
+                spec, batch_size=1, seed=1541419810, steps=steps, optimizer=optimizer
+            )
+
+    comparison = compare(6)
+    assert comparison.overflowed_at() is None  # JAX's loss is finite
+    assert comparison.analysis_limit() == comparison.unbounded_at() == (6, "loss")
+    assert not comparison.agree
+    assert all(d.step == 6 for d in comparison.report.failures)
+    assert comparison.hints() == [comparison.unbounded_note()]
+    compare(5).assert_agree()
