@@ -1001,6 +1001,17 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
                 for n in names
             }
         )
+        if optimizer.name == "adam" and optimizer.weight_decay:
+            # L2 decay: the moments take g + λ·p, which may be far larger than g (a
+            # float64 Adam run whose gradient was exactly 0 in torch and 5e-13 in JAX,
+            # against λ·p = 0.05: its second moment differed by 4.8e-17 where 1.2e-17
+            # was allowed; random sweep). max|g + λ·p| ≤ max|g| + λ·max|p|.
+            before = problem.params if step == 1 else arbiter.params[step - 2]
+            decay = optimizer.weight_decay
+            largest = {
+                n: largest[n] + decay * float(np.max(np.abs(to_numpy(before[n])), initial=0.0))
+                for n in names
+            }
         grad_max.append(dict(largest))
         param_bounds.append(
             {

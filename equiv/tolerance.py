@@ -238,7 +238,8 @@ def optimizer_bounds(
     Args:
       optimizer: an :class:`equiv.optimizers.OptimizerSpec`.
       grad_bounds: per step, per leaf, the allowed gradient difference ``G_t``.
-      grad_max: per step, per leaf, ``max|g_t|`` (float64 reference).
+      grad_max: per step, per leaf, ``max|g_t|`` (float64 reference) of the gradient
+        the moments take: ``g + λ·p`` under Adam's L2 ``weight_decay``.
       param_bounds: per step, per leaf, the rounding part of the parameters' bound.
       states: per step, the float64 optimizer state after the step (Adam's ``m, v``).
       unit_roundoff: ``u₁ + u₂`` of the pair (for Adam's bias corrections).

@@ -657,3 +657,39 @@ def test_float64_values_that_overflow_at_finite_parameters_are_named_not_blamed(
     assert all(d.step == 6 for d in comparison.report.failures)
     assert comparison.hints() == [comparison.unbounded_note()]
     compare(5).assert_agree()
+
+
+def _adam_with_l2_decay(steps: int):
+    """A float64 Adam run (amsgrad, L2 ``weight_decay`` 1e-2, learning rate 4.9) in
+    which fc4's gradient at step 2 is exactly 0 in torch (tanh saturated to 1) and
+    5e-13 in JAX, against a decay term λ·p of 0.05 (random sweep)."""
+    spec = MLPSpec(
+        (2, 1, 5, 64, 33, 1),
+        activation=("leaky_relu", "sigmoid", "tanh", "tanh"),
+        dtype="float64",
+        bias=False,
+    )
+    optimizer = OptimizerSpec(
+        "adam", learning_rate=4.882322026732382, amsgrad=True, weight_decay=1e-2
+    )
+    return compare_backends(spec, batch_size=1, seed=1521633558, steps=steps, optimizer=optimizer)
+
+
+def test_adam_l2_decay_sizes_the_second_moment_by_the_gradient_it_takes():
+    # The moments take g + λ·p: the second moment's bound is carried by max|g + λ·p|,
+    # not max|g| (0 here, where it allowed 1.2e-17 and JAX's was 4.8e-17 off).
+    comparison = _adam_with_l2_decay(2)
+    comparison.assert_agree()
+    # The twin: a second moment off by ten times what is now allowed is caught.
+    leaf = "exp_avg_sq.fc4.weight"
+    allowed = next(
+        d.allowed
+        for d in comparison.report.leaves
+        if (d.stage, d.step, d.name, d.actual, d.expected) == ("state", 2, leaf, "torch", "jax")
+    )
+    runs = dict(comparison.trajectories)
+    off = runs["jax"].states[1]["exp_avg_sq"]["fc4.weight"]
+    off[19, 54] += 10 * allowed
+    report = compare_trajectories(comparison.problem, runs, optimizer=comparison.optimizer)
+    failed = {(d.stage, d.step, d.name) for d in report.failures if "jax" in (d.actual, d.expected)}
+    assert ("state", 2, leaf) in failed, report.failure_text()
