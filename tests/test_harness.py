@@ -597,9 +597,7 @@ def test_a_lone_nan_before_the_overflow_is_named_first():
     # Found by a random sweep: at step 7 JAX's float32 silu backward gives NaN where
     # upstream · z overflows (torch's and the reference's gradients are finite, at most
     # 4.2e28), a step before every backend's loss overflows. The hints name JAX's NaN
-    # first, then the overflow; the twin (no lone NaN first) is the overflow note alone.
-    from equiv import OptimizerSpec
-
+    # first, then the overflow. The twin: six steps, before any NaN, agree.
     def compare(steps: int):
         spec = MLPSpec(
             (2, 3, 17, 3, 2), activation=("silu", "silu", "leaky_relu"), loss="mse_sum", bias=False
@@ -622,7 +620,7 @@ def test_a_lone_nan_before_the_overflow_is_named_first():
     assert "at step 7" in hints[0]
     reference = comparison.trajectories["reference"].grads[6]["fc1.weight"]
     assert np.isfinite(reference).all() and np.abs(reference).max() < 3.4e38
-    # The twin: with the silu gradient kept finite by comparing to step 6, nothing fails.
+    # The twin: up to step 6 the silu gradient is finite everywhere and nothing fails.
     compare(6).assert_agree()
 
 
@@ -632,8 +630,6 @@ def test_float64_values_that_overflow_at_finite_parameters_are_named_not_blamed(
     # losses overflowed, and on its flat side in JAX, whose loss came out 2.7e243. The
     # parameters are finite; the analysis cannot compute there: the note, no blame. The
     # twin: five steps agree.
-    from equiv import OptimizerSpec
-
     def compare(steps: int):
         spec = MLPSpec(
             (64, 33, 33, 64, 8),
