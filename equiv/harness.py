@@ -429,6 +429,13 @@ class Comparison:
         or None."""
         return _earliest(self.overflowed_at(), self.unbounded_at())
 
+    def leaves_before_limit(self) -> list[LeafDiff]:
+        """The report's leaves before :meth:`analysis_limit` (all where there is none):
+        the comparisons that are evidence about the implementations. A diverging run
+        may fail only from its limit on (``tests/test_false_alarms.py``)."""
+        limit = self.analysis_limit()
+        return [d for d in self.report.leaves if limit is None or not _at_or_after(d, limit)]
+
     def unbounded_at(self) -> tuple[int, str] | None:
         """The first ``(step, stage)`` whose rounding-error sizes
         (:func:`equiv.manual.magnitudes`), or float64 values, overflow at the
@@ -456,11 +463,11 @@ class Comparison:
             f"evidence about the implementations: {fewer}lower the learning rate."
         )
 
-    def _nonfinite_cause(self, overflowed: tuple[int, str] | None) -> list[str]:
-        """For the first failure with inf or NaN on one side only (before any overflow
-        of every backend): which side, where, and how large the other side is there."""
+    def _nonfinite_cause(self, limit: tuple[int, str] | None) -> list[str]:
+        """For the first failure with inf or NaN on one side only (before ``limit``,
+        :meth:`analysis_limit`): which side, where, and how large the other side is there."""
         for d in sorted(self.report.failures, key=lambda d: (d.step, _STAGE_RANK[d.stage])):
-            if overflowed is not None and _at_or_after(d, overflowed):
+            if limit is not None and _at_or_after(d, limit):
                 break
             if not d.nonfinite_mismatched or not {d.actual, d.expected} <= set(self.trajectories):
                 continue
@@ -951,8 +958,7 @@ def compare_trajectories(
     report = Report(leaves)
     unbounded = [(step, stage) for (stage, step), sizes in magnitude.items() if sizes.overflowed]
     if unbounded:  # where the error analysis itself gives out (Comparison.unbounded_at)
-        step, stage = min(unbounded, key=lambda at: (at[0], _STAGE_RANK[at[1]]))
-        report.settings["sizes_overflow"] = [step, stage]
+        report.settings["sizes_overflow"] = list(_earliest(*unbounded))
     if analysis is not None:
         units = analysis.kinks + flips
         report.settings["kinks"] = len(units)

@@ -36,7 +36,6 @@ OPTIMIZERS = [
     {"name": "adamw"},
     {"name": "adamw", "betas": (0.8, 0.99), "eps": 1e-6},
 ]
-ORDER = ["loss", "grads", "state", "params"]  # as a step computes them
 
 
 def draw(rng: np.random.Generator) -> dict:
@@ -84,14 +83,8 @@ def run(case: dict):
 
 def early_failures(comparison) -> tuple[list, float]:
     """Failures before the analysis limit, and the worst ratio there."""
-    stop = comparison.analysis_limit()
-    limit = (stop[0], ORDER.index(stop[1])) if stop else (10**9, 0)
-
-    def before(d) -> bool:
-        return (d.step, ORDER.index(d.stage)) < limit
-
-    early = [d for d in comparison.report.failures if before(d)]
-    return early, max((d.ratio for d in comparison.report.leaves if before(d)), default=0.0)
+    leaves = comparison.leaves_before_limit()
+    return [d for d in leaves if not d.passed], max((d.ratio for d in leaves), default=0.0)
 
 
 def main(argv: list[str] | None = None) -> int:

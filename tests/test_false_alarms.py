@@ -196,15 +196,10 @@ def check_large_lr_case(case, tally: Tally) -> None:
         # The run overflowed, or its error sizes did: the first is where its differences
         # stop being evidence (Comparison.analysis_limit).
         stop = comparison.analysis_limit()
-        order = ["loss", "grads", "state", "params"]  # as a step computes them
-        limit = (stop[0], order.index(stop[1])) if stop else (case["steps"] + 1, 0)
-
-        def before(d) -> bool:
-            return (d.step, order.index(d.stage)) < limit
-
-        early = [d for d in comparison.report.failures if before(d)]
+        evidence = comparison.leaves_before_limit()
+        early = [d for d in evidence if not d.passed]
         tally.cases += 1
-        finite = [d.ratio for d in comparison.report.leaves if before(d)]
+        finite = [d.ratio for d in evidence]
         if max(finite, default=0.0) > tally.worst:
             tally.worst, tally.worst_case = max(finite), case
         if tally.cases % 25 == 0:

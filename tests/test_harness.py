@@ -652,7 +652,12 @@ def test_float64_values_that_overflow_at_finite_parameters_are_named_not_blamed(
     assert not comparison.agree
     assert all(d.step == 6 for d in comparison.report.failures)
     assert comparison.hints() == [comparison.unbounded_note()]
-    compare(5).assert_agree()
+    evidence = comparison.leaves_before_limit()  # steps 1 to 5: all pass
+    assert evidence and all(d.passed and d.step < 6 for d in evidence)
+    assert len(evidence) < len(comparison.report.leaves)
+    five = compare(5)
+    five.assert_agree()
+    assert five.leaves_before_limit() == five.report.leaves  # no limit: every leaf
 
 
 def _adam_with_l2_decay(steps: int):
