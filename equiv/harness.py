@@ -1200,7 +1200,21 @@ def _elementwise_sizes(
     an element's size exceeds the leaf's greatest value, none elsewhere (None: no such
     element, and big leaves keep the fast comparison), with the derivation noted. Per
     element, so that one poorly conditioned unit does not widen the rows that are not
-    (a leaf-wide term did: ``with_magnitude``)."""
+    (a leaf-wide term did: ``with_magnitude``).
+
+    The bound's scale ``S`` is also taken no smaller than the leaf's greatest float64
+    value (``sizes.largest``, the ``max|q|`` of :mod:`equiv.tolerance`): the excesses
+    are measured above it, so ``S`` plus an element's excess is at least that element's
+    size only if ``S`` reaches it. ``S`` is read off the two compared leaves, and two
+    float32 leaves can both fall far short of it: where the greatest float64 value is
+    itself cancellation (2.8e-15 out of terms of 4e-8) that float32 returns as 0,
+    ``S`` was the 5e-31 of a sigmoid tail's gradients whose own size is 2.6e-15
+    (found by a random sweep: manual vs JAX off by 1.7 times the bound, while each
+    was within its own of the float64 step, whose value set ``S``).
+    """
+    top = sizes.largest[name]
+    if math.isfinite(top) and top > tol.floor:  # overflowed: allows nothing (Sizes)
+        tol = dataclasses.replace(tol, floor=min(top, cap))
     if sizes.each[name] is None:
         return tol, None
     # Capped where it would overflow the dtype of the comparison (``cap``, its largest

@@ -39,7 +39,10 @@ do activation formulas that cancel (``1 - tanh²z``, see
 the second-order move ``½|h''|·δz²``.
 The harness adds the excess element by element for the loss and gradients
 (``atol_elementwise`` of :func:`equiv.compare.compare_leaf`), so that one poorly
-conditioned unit widens its own elements only; :func:`with_magnitude` adds the leaf's
+conditioned unit widens its own elements only, and takes ``S`` no smaller than the
+float64 leaf's greatest value, above which those excesses are measured (two float32
+leaves can both fall far short of it where that value is itself cancellation that
+float32 returns as 0); :func:`with_magnitude` adds the leaf's
 largest excess as one absolute term where one number per leaf is needed (the
 optimizer's carried bounds).
 

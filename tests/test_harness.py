@@ -451,7 +451,7 @@ def test_a_relu_run_that_overflows_float64_still_agrees():
             learning_rate=30.0,
         )
     assert comparison.trajectories["torch"].stage("loss", 12)["loss"] > 1e200
-    assert comparison.agree, comparison.report.failures()[:3]
+    assert comparison.agree, comparison.report.failures[:3]
 
 
 def test_compiled_train_steps_are_cached_but_bounded():
@@ -511,6 +511,73 @@ def test_a_drifted_backend_does_not_cancel_anothers_size_excess():
     _, extra = _elementwise_sizes(tol, _larger_sizes(a, b), "g")
     np.testing.assert_allclose(extra, [9.9e-5, 0.0])
     assert _elementwise_sizes(tol, b, "g")[1] is None  # no excess: no per-element term
+
+
+def test_the_scale_is_no_smaller_than_the_leafs_greatest_float64_value():
+    # Excesses are measured above the float64 leaf's greatest value, so the bound's
+    # scale must reach it (else an element's size is undercounted); an overflowed one
+    # gives no floor (it would allow everything).
+    from equiv.harness import Sizes, _elementwise_sizes
+    from equiv.tolerance import Tolerance
+
+    tol = Tolerance(scaled=1e-6, floor=1e-30)
+    assert (
+        _elementwise_sizes(tol, Sizes({"g": 3e-15}, {"g": 0.0}, {"g": None}), "g")[0].floor == 3e-15
+    )
+    for top in (float("inf"), float("nan"), 1e-40):
+        assert (
+            _elementwise_sizes(tol, Sizes({"g": top}, {"g": 0.0}, {"g": None}), "g")[0].floor
+            == 1e-30
+        )
+
+
+def _sigmoid_tail_case() -> Comparison:
+    """Found by ``scripts/random_sweep.py --seed 30``: at step 2 fc2.bias's gradients
+    are about 5e-31 (a sigmoid at z = -71), off by 0.04% between backends, while the
+    leaf's greatest float64 value (2.8e-15) is cancellation that float32 returns as 0.
+    Scaled by the float32 leaves' own 5e-31, manual vs JAX was off by 1.7 times the
+    bound; each backend was within its bound of the float64 step, scaled by 2.8e-15."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return compare_backends(
+            MLPSpec((33, 64, 33, 64, 8), activation=["gelu", "gelu", "sigmoid"], loss="smooth_l1"),
+            batch_size=2,
+            seed=1705773391,
+            steps=2,
+            optimizer=OptimizerSpec(
+                "adamw", learning_rate=2.5097136770306268, betas=(0.8, 0.99), eps=1e-6
+            ),
+        )
+
+
+def test_tiny_gradients_under_a_sigmoid_tail_agree():
+    comparison = _sigmoid_tail_case()
+    assert comparison.agree, comparison.report.failures[:3]
+
+
+def test_an_error_beyond_the_floored_scale_in_those_gradients_is_caught():
+    # The twin: the floor raises the bound to c·√k·(u₁+u₂)·2.8e-15 and no further, so
+    # manual's gradient at that element moved by 10 times it fails.
+    comparison = _sigmoid_tail_case()
+    (leaf,) = [
+        d
+        for d in comparison.report.leaves
+        if (d.stage, d.step, d.name, d.actual, d.expected)
+        == ("grads", 2, "fc2.bias", "manual", "jax")
+    ]
+    runs = comparison.trajectories
+    grads = runs["manual"].grads[1]
+    grads["fc2.bias"] = grads["fc2.bias"].copy()
+    grads["fc2.bias"][19] += np.float32(10 * leaf.allowed)
+    with np.errstate(all="ignore"):
+        report = compare_trajectories(
+            comparison.problem,
+            runs,
+            learning_rate=comparison.learning_rate,
+            optimizer=comparison.optimizer,
+        )
+    failed = {(d.stage, d.step, d.name, d.actual) for d in report.failures}
+    assert ("grads", 2, "fc2.bias", "manual") in failed, report.failures[:3]
 
 
 def _comparison_of_a_reversed_sum(a: float):
