@@ -73,6 +73,10 @@ from equiv.tolerance import (
 from equiv.torch_mlp import torch_loss_fn, torch_mlp_with_params, torch_sgd_step
 
 State = dict[str, dict[str, np.ndarray]]
+#: ``(params, x, y) -> (loss, grads)``: torch-named NumPy trees (:attr:`Trajectory.unjitted`).
+UnjittedFn = Callable[
+    [dict[str, np.ndarray], np.ndarray, np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]
+]
 
 BACKENDS = ("torch", "manual", "jax")
 REFERENCE = "reference"
@@ -115,7 +119,12 @@ class Trajectory:
     """What one backend computed: per step the loss, the gradients (before the
     update), the parameters after it and the optimizer state after it, as NumPy
     arrays under torch's names (state: ``{state name: {param name: array}}``;
-    ``None`` for a backend that does not report its state)."""
+    ``None`` for a backend that does not report its state).
+
+    ``unjitted``, where set (JAX backends that compile their step), recomputes
+    ``(loss, grads)`` op by op under ``jax.disable_jit`` from torch-named NumPy
+    parameters and a batch, in the settings the run had: a hint then tells an inf
+    or NaN that XLA's compilation made from one that the formula itself makes."""
 
     backend: str
     dtype: str
@@ -123,6 +132,7 @@ class Trajectory:
     grads: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     params: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     states: list[State | None] = dataclasses.field(default_factory=list)
+    unjitted: UnjittedFn | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def record(
         self,
@@ -175,15 +185,6 @@ weight_decay=0.0, betas=(0.9, 0.999), eps=1e-08, amsgrad=False)
             f"optimizer must be an equiv.OptimizerSpec, got {type(optimizer).__name__}"
         )
     return optimizer
-
-
-def _labels_or(y: Any, convert: Callable[[Any], Any]) -> Any:
-    """Integer labels unchanged, anything else through ``convert``."""
-    if isinstance(y, torch.Tensor) and not y.is_floating_point():
-        return y
-    if isinstance(y, np.ndarray) and not np.issubdtype(y.dtype, np.floating):
-        return y
-    return convert(y)
 
 
 def _numpy_batch(y: Any) -> np.ndarray:
@@ -270,11 +271,14 @@ def run_jax(
     def to_torch(tree):
         return jax_to_torch(tree, layout="flax", spec=spec)
 
+    out.unjitted = unjitted_replay(
+        lambda p, x, y: jax.value_and_grad(jax_mlp.loss_fn)(p, x, y, spec),
+        lambda p: torch_to_jax(p, layout="flax", spec=spec, device=jax_device),
+        to_torch,
+        jax_device,
+    )
     for x, y in problem.batches:
-        y = _labels_or(y.numpy(), lambda t: t).copy()
-        if not np.issubdtype(y.dtype, np.floating):
-            y = y.astype(np.int32)  # JAX's default integer: no x64 truncation warning
-        x, y = (jax.device_put(t, jax_device) for t in (x.numpy(), y))
+        x, y = (jax.device_put(t, jax_device) for t in (x.numpy(), jax_labels(y)))
         loss, grads, params, opt_state = step(params, opt_state, x, y)
         out.record(
             loss,
@@ -283,6 +287,36 @@ def run_jax(
             optax_state_to_torch_names(opt_spec, opt_state, to_torch),
         )
     return out
+
+
+def jax_labels(y: torch.Tensor) -> np.ndarray:
+    """A batch's targets for JAX: integer labels as int32 (JAX's default integer, no
+    x64 truncation warning), anything else as is."""
+    y = y.numpy()
+    return y.copy() if np.issubdtype(y.dtype, np.floating) else y.astype(np.int32)
+
+
+def unjitted_replay(
+    value_and_grad: Callable[[Any, jax.Array, jax.Array], tuple[Any, Any]],
+    to_tree: Callable[[dict[str, torch.Tensor]], Any],
+    to_torch: Callable[[Any], dict[str, Any]],
+    device: Any = None,
+) -> UnjittedFn:
+    """A :attr:`Trajectory.unjitted` for a JAX backend: ``value_and_grad(tree, x, y)``
+    run op by op (``jax.disable_jit``) from torch-named NumPy parameters, under the
+    x64 and matmul-precision settings in force now (when the run is recorded), which
+    the hint that calls it later no longer has."""
+    x64 = bool(jax.config.jax_enable_x64)
+    matmul = jax.config.jax_default_matmul_precision
+
+    def replay(params, x, y):
+        with jax.enable_x64(x64), jax.default_matmul_precision(matmul), jax.disable_jit():
+            tree = to_tree({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
+            x, y = (jax.device_put(np.asarray(t), device) for t in (x, y))
+            loss, grads = value_and_grad(tree, x, y)
+            return np.asarray(loss), {k: to_numpy(v) for k, v in to_torch(grads).items()}
+
+    return replay
 
 
 def run_reference(
@@ -488,8 +522,47 @@ class Comparison:
                         f"entries where {good_name}'s are finite (at most {top:.3g} there), "
                         f"at step {d.step}: {bad_name}'s arithmetic overflowed, divided by "
                         f"zero or took an invalid operation where {good_name}'s did not."
+                        + self._unjitted_note(bad_name, d, lone)
                     ]
         return []
+
+    def _unjitted_note(self, backend: str, d: LeafDiff, lone: np.ndarray) -> str:
+        """Whether ``backend``'s step ``d.step``, run op by op from the same parameters
+        (:attr:`Trajectory.unjitted`), is finite where its compiled step was not: then
+        XLA's compilation changed the arithmetic, not the formula (found by a random
+        sweep: JAX's jitted float64 cross-entropy gave -inf for a loss of 1.7e27, as
+        XLA fused a 1-wide layer's product into ``o - max(o)`` as a fused
+        multiply-add, so the largest logit minus itself was -5.4e9 and every exp
+        underflowed; op by op the loss was finite). "" where there is no replay."""
+        trajectory = self.trajectories[backend]
+        if trajectory.unjitted is None or d.stage not in ("loss", "grads"):
+            return ""
+        params = (
+            {k: to_numpy(v) for k, v in self.problem.params.items()}
+            if d.step == 1
+            else trajectory.params[d.step - 2]
+        )
+        x, y = self.problem.batches[d.step - 1]
+        try:
+            with np.errstate(all="ignore"):
+                loss, grads = trajectory.unjitted(params, x.numpy(), jax_labels(y))
+        except Exception as error:  # a hint must not raise: it says why it has no replay
+            return f" (Its op-by-op replay failed: {type(error).__name__}: {error}.)"
+        value = loss if d.stage == "loss" else grads.get(d.name)
+        if value is None or np.shape(value) != np.shape(lone):
+            return ""
+        replayed = np.asarray(value)[lone]
+        if np.isfinite(replayed).all():
+            top = float(np.max(np.abs(replayed.astype(np.float64))))
+            return (
+                f" Run op by op (jax.disable_jit) from the same parameters they are finite "
+                f"(at most {top:.3g}): XLA's compilation changed the arithmetic (a fusion, "
+                f"such as a fused multiply-add), not the formula."
+            )
+        return (
+            " Run op by op (jax.disable_jit) from the same parameters they are inf or NaN "
+            "too: the formula itself, not XLA's compilation."
+        )
 
     def overflowed_at(self) -> tuple[int, str] | None:
         """The first ``(step, stage)`` at which the run overflowed: every backend holds

@@ -57,9 +57,11 @@ from equiv.harness import (
     Comparison,
     Trajectory,
     compare_trajectories,
+    jax_labels,
     resolve_optimizer,
     run_reference,
     train_torch_model,
+    unjitted_replay,
 )
 from equiv.losses import LOSSES
 from equiv.optimizers import (
@@ -282,10 +284,15 @@ def run_jax_port(
         value_and_grad = jax.jit(value_and_grad)
     state = optimizer.init(params)
     out = Trajectory(name, spec.dtype)
+    if jit:
+        out.unjitted = unjitted_replay(
+            jax.value_and_grad(loss_fn),
+            lambda p: torch_to_jax(p, layout=layout, spec=spec),
+            lambda tree: jax_to_torch(tree, layout=layout, spec=spec),
+        )
     for x, y in problem.batches:
-        y = y.numpy().astype(np.int32) if not y.is_floating_point() else y.numpy()
         try:
-            loss, grads = value_and_grad(params, jnp.asarray(x.numpy()), jnp.asarray(y))
+            loss, grads = value_and_grad(params, jnp.asarray(x.numpy()), jnp.asarray(jax_labels(y)))
         except (TypeError, KeyError, ValueError, IndexError) as error:
             keys = ", ".join(".".join(k) for k in _paths(params))
             raise value_error(

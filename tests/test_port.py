@@ -415,3 +415,25 @@ def test_a_port_records_its_optax_state_under_torch_names():
     assert sorted(run.states[1]["exp_avg"]) == sorted(spec.param_names())
     other = run_jax_port(problem, loss, "flax", 1e-2, optimizer=optax.sgd(1e-2), state_spec=adam)
     assert other.states == [None, None]
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_a_jitted_port_is_replayed_op_by_op_for_the_hints(jit, equiv_seed):
+    # A jitted port can be rerun op by op (Trajectory.unjitted), so an inf or NaN that
+    # XLA's compilation made is told from one the formula makes; unjitted, there is
+    # nothing to tell apart.
+    model, xs, ys = _model_and_batches(equiv_seed)
+    comparison = check_jax_port(model, flax_loss, xs, ys, learning_rate=0.3, steps=2, jit=jit)
+    trajectory = comparison.trajectories["port"]
+    if not jit:
+        assert trajectory.unjitted is None
+        return
+    params = comparison.trajectories["port"].params[0]  # where step 2 starts
+    x, y = comparison.problem.batches[1]
+    loss, grads = trajectory.unjitted(params, x.numpy(), y.numpy())
+    # Compiled and op by op, float32 sums may be ordered differently: a few roundings
+    # of O(1) values (u = 6e-8) apart, far inside 1e-5 relative and 1e-7 absolute; a
+    # replay from the wrong parameters or batch is off by O(0.1).
+    np.testing.assert_allclose(loss, trajectory.losses[1], rtol=1e-6)
+    for name, value in trajectory.grads[1].items():
+        np.testing.assert_allclose(grads[name], value, rtol=1e-5, atol=1e-7)
