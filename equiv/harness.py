@@ -289,6 +289,13 @@ def run_jax(
     return out
 
 
+def _params_before(problem: Problem, trajectory: Trajectory, step: int) -> dict[str, np.ndarray]:
+    """The parameters ``trajectory`` started 1-based ``step`` from, as NumPy arrays."""
+    if step == 1:
+        return {k: to_numpy(v) for k, v in problem.params.items()}
+    return trajectory.params[step - 2]
+
+
 def jax_labels(y: torch.Tensor) -> np.ndarray:
     """A batch's targets for JAX: integer labels as int32 (JAX's default integer, no
     x64 truncation warning), anything else as is."""
@@ -537,11 +544,7 @@ class Comparison:
         trajectory = self.trajectories[backend]
         if trajectory.unjitted is None or d.stage not in ("loss", "grads"):
             return ""
-        params = (
-            {k: to_numpy(v) for k, v in self.problem.params.items()}
-            if d.step == 1
-            else trajectory.params[d.step - 2]
-        )
+        params = _params_before(self.problem, trajectory, d.step)
         x, y = self.problem.batches[d.step - 1]
         try:
             with np.errstate(all="ignore"):
@@ -1085,11 +1088,10 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
             # float64 Adam run whose gradient was exactly 0 in torch and 5e-13 in JAX,
             # against λ·p = 0.05: its second moment differed by 4.8e-17 where 1.2e-17
             # was allowed; random sweep). max|g + λ·p| ≤ max|g| + λ·max|p|.
-            before = problem.params if step == 1 else arbiter.params[step - 2]
+            before = _params_before(problem, arbiter, step)
             decay = optimizer.weight_decay
             largest = {
-                n: largest[n] + decay * float(np.max(np.abs(to_numpy(before[n])), initial=0.0))
-                for n in names
+                n: largest[n] + decay * float(np.max(np.abs(before[n]), initial=0.0)) for n in names
             }
         grad_max.append(dict(largest))
         param_bounds.append(

@@ -280,16 +280,15 @@ def run_jax_port(
         params = torch_to_jax(problem.params, layout=layout, spec=spec)
     optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
     value_and_grad = jax.value_and_grad(loss_fn)
-    if jit:
-        value_and_grad = jax.jit(value_and_grad)
     state = optimizer.init(params)
     out = Trajectory(name, spec.dtype)
     if jit:
         out.unjitted = unjitted_replay(
-            jax.value_and_grad(loss_fn),
+            value_and_grad,
             lambda p: torch_to_jax(p, layout=layout, spec=spec),
             lambda tree: jax_to_torch(tree, layout=layout, spec=spec),
         )
+        value_and_grad = jax.jit(value_and_grad)
     for x, y in problem.batches:
         try:
             loss, grads = value_and_grad(params, jnp.asarray(x.numpy()), jnp.asarray(jax_labels(y)))
