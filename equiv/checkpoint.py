@@ -2,7 +2,8 @@
 
 A file holds one MLP's parameters under the names of one layout (see
 :mod:`equiv.convert`) and records that layout in its metadata
-(``"equiv.layout"``), so a file written from torch loads into JAX and back. A
+(``"equiv.layout"``, with its paths, so that a :class:`~equiv.convert.Layout` of
+your own reads back too), so a file written from torch loads into JAX and back. A
 safetensors file without that entry (written by another tool) is read in the
 layout the caller names with ``file_layout`` (``"torch"`` by default). Everything
 read is checked before it is returned: names, shapes and dtypes, every problem
@@ -44,12 +45,16 @@ from equiv.convert import (
     _state_dict,
     check_entries,
     get_layout,
+    module_spec,
     torch_to_jax,
 )
 from equiv.files import atomic_path
 from equiv.spec import MLPSpec
 
 LAYOUT_KEY = "equiv.layout"
+# The layout's definition, beside its name: a Layout of the caller's own has no entry
+# in LAYOUTS to look the name up in.
+_LAYOUT_FIELDS = ("weight_path", "bias_path", "transpose")
 _SAFETENSORS = (".safetensors",)
 _PICKLES = (".pt", ".pth")
 
@@ -74,8 +79,8 @@ def save_torch(
     """
     kind = _kind(path, _SAFETENSORS + _PICKLES)
     state = _state_dict(module_or_state_dict)
-    if spec is None and isinstance(module_or_state_dict, torch.nn.Module):
-        spec = getattr(module_or_state_dict, "spec", None)
+    if spec is None:
+        spec = module_spec(module_or_state_dict)
     spec = check_entries(
         {(n,): t for n, t in state.items()}, LAYOUTS["torch"], spec, what="state_dict"
     )
@@ -94,7 +99,7 @@ def save_torch(
         else:
             import safetensors.torch
 
-            safetensors.torch.save_file(tensors, tmp, metadata={LAYOUT_KEY: "torch"})
+            safetensors.torch.save_file(tensors, tmp, metadata=_metadata(LAYOUTS["torch"]))
 
 
 def load_torch(
@@ -158,7 +163,40 @@ def save_jax(
     import safetensors.numpy
 
     with atomic_path(path) as tmp:
-        safetensors.numpy.save_file(arrays, tmp, metadata={LAYOUT_KEY: layout.name})
+        safetensors.numpy.save_file(arrays, tmp, metadata=_metadata(layout))
+
+
+def _metadata(layout: Layout) -> dict[str, str]:
+    """The layout a file is written in, as safetensors metadata (strings only)."""
+    fields = {f"{LAYOUT_KEY}.{field}": str(getattr(layout, field)) for field in _LAYOUT_FIELDS}
+    return {LAYOUT_KEY: layout.name, **fields}
+
+
+def _recorded_layout(
+    metadata: Mapping[str, str], given: Layout | None, shown: str
+) -> Layout | None:
+    """The layout a file records: its definition when written with one, else the
+    built-in (or given) layout of that name; None when it records none."""
+    name = metadata.get(LAYOUT_KEY)
+    if name is None:
+        return None
+    fields = {field: metadata.get(f"{LAYOUT_KEY}.{field}") for field in _LAYOUT_FIELDS}
+    if None not in fields.values() and fields["transpose"] in ("True", "False"):
+        try:
+            return Layout(
+                name, fields["weight_path"], fields["bias_path"], fields["transpose"] == "True"
+            )
+        except ValueError as exc:
+            reason = str(exc).removeprefix(PREFIX)
+            raise value_error(f"{shown} records a damaged layout {name!r}: {reason}") from None
+    if name in LAYOUTS:
+        return LAYOUTS[name]
+    if given is not None and given.name == name:
+        return given
+    raise value_error(
+        f"{shown} records layout {name!r} but not its paths: pass file_layout=Layout({name!r}, "
+        "...) with the paths it was written with"
+    )
 
 
 def load_jax(
@@ -209,22 +247,16 @@ def _read(path: PathLike, file_layout: str | Layout | None) -> tuple[dict, Layou
         if isinstance(exc, FileNotFoundError):
             raise
         raise value_error(f"{shown} is not a readable safetensors file: {exc}") from exc
-    recorded = metadata.get(LAYOUT_KEY)
-    if (
-        recorded is not None
-        and file_layout is not None
-        and get_layout(file_layout).name != recorded
-    ):
+    given = None if file_layout is None else get_layout(file_layout)
+    recorded = _recorded_layout(metadata, given, shown)
+    if recorded is not None and given is not None and given != recorded:
+        # Names tell built-in layouts apart; two definitions under one name need more.
+        show = repr if given.name == recorded.name else (lambda layout: repr(layout.name))
         raise value_error(
-            f"{shown} records layout {recorded!r}, but "
-            f"file_layout={get_layout(file_layout).name!r} was given; drop file_layout to use "
-            "the recorded one"
+            f"{shown} records layout {show(recorded)}, but file_layout={show(given)} was "
+            "given; drop file_layout to use the recorded one"
         )
-    try:
-        layout = get_layout(recorded or file_layout or "torch")
-    except ValueError as exc:
-        reason = str(exc).removeprefix(PREFIX)
-        raise value_error(f"{shown} records layout {recorded!r}: {reason}") from None
+    layout = recorded or given or LAYOUTS["torch"]
     split = (
         (lambda key: (key,))
         if "/" not in layout.weight_path
@@ -261,6 +293,13 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
         raise value_error(
             f"{path} holds a {type(loaded).__name__}, not a state_dict of tensors; save "
             "model.state_dict() (for a training checkpoint, the entry holding it)"
+        )
+    keys = [k for k in loaded if not isinstance(k, str)]
+    if keys:
+        raise value_error(
+            f"{path} holds a state_dict whose keys are not all names: "
+            f"{', '.join(f'{k!r} ({type(k).__name__})' for k in keys[:6])}; equiv reads "
+            "parameters by name ('fc1.weight', ...)"
         )
     # torch.save keeps ties: tensors that shared memory when saved share it when
     # loaded, so an in-place update of one would change the others. Untie them.

@@ -203,8 +203,8 @@ def torch_to_jax(
     if device is not None:
         device = jax_device(device)  # a bad name fails here, before any copy
     state = _state_dict(module_or_state_dict)
-    if spec is None and isinstance(module_or_state_dict, torch.nn.Module):
-        spec = getattr(module_or_state_dict, "spec", None)
+    if spec is None:
+        spec = module_spec(module_or_state_dict)
     entries = {(name,): tensor for name, tensor in state.items()}
     spec = check_entries(entries, LAYOUTS["torch"], spec, what="state_dict")
     wide = [name for name, t in state.items() if t.dtype == torch.float64]
@@ -307,6 +307,13 @@ def jax_to_torch(
     if out is not None:
         target = _state_dict(out)
         check_entries({(n,): t for n, t in target.items()}, LAYOUTS["torch"], spec, what="out")
+        tied = overlapping({name: target[name] for name in spec.param_names()})
+        if tied:
+            raise value_error(
+                f"out: {tied[0]!r} and {tied[1]!r} share memory (tied weights), so copying "
+                "into one would overwrite the other; untie them, or convert without out= "
+                "and load the result with load_state_dict"
+            )
     state, fills = {}, []
     for name in spec.param_names():
         source = _as_torch(by_name[name])
@@ -437,7 +444,8 @@ def _infer_spec(known: Mapping[str, Any], layout: Layout) -> MLPSpec:
             sizes[i] = sizes[i] or _shape(bias)[0]
     dtypes = [_dtype(v) for _, v in sorted(known.items()) if _dtype(v) in DTYPES]
     return MLPSpec(
-        sizes=tuple(size or 1 for size in sizes),  # a width no entry shows: any value
+        # A width no entry shows: any value (the check then names the entry missing).
+        sizes=tuple(1 if size is None else size for size in sizes),
         bias=any(n.endswith(".bias") for n in known),
         dtype=dtypes[0] if dtypes else "float32",
     )
@@ -456,17 +464,79 @@ def _dtype(value: Any) -> str:
 
 
 def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """A module's or a mapping's tensors by name, each holding values that can be read."""
     if isinstance(obj, torch.nn.Module):
-        return dict(obj.state_dict())
-    if isinstance(obj, Mapping):
+        state = dict(obj.state_dict(keep_vars=True))
+    elif isinstance(obj, Mapping):
+        keys = [k for k in obj if not isinstance(k, str)]
+        if keys:
+            raise type_error(
+                f"state_dict keys must be strings such as 'fc1.weight'; got "
+                f"{', '.join(f'{k!r} ({type(k).__name__})' for k in keys)}"
+            )
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise type_error(
                 f"state_dict values must be torch tensors; {', '.join(map(repr, bad))} "
                 f"{'is' if len(bad) == 1 else 'are'} not. To convert a JAX tree, use jax_to_torch"
             )
-        return dict(obj)
-    raise type_error(f"expected a torch.nn.Module or a state_dict, got {type(obj).__name__}")
+        state = dict(obj)
+    else:
+        raise type_error(f"expected a torch.nn.Module or a state_dict, got {type(obj).__name__}")
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
+            raise value_error(
+                f"{name!r} is an uninitialised lazy parameter (nn.LazyLinear) and holds no "
+                "values yet: run one forward pass to materialise it first"
+            )
+        if tensor.device.type == "meta":
+            raise value_error(
+                f"{name!r} is on the meta device and holds no values: materialise the module "
+                "first (module.to_empty(device='cpu'), then load its weights)"
+            )
+    return {name: tensor.detach() for name, tensor in state.items()}
+
+
+def module_spec(module: Any) -> MLPSpec | None:
+    """The :class:`MLPSpec` a module carries (equiv's :class:`TorchMLP` does), in the
+    dtype its parameters have now (``model.double()`` changes them, not the spec);
+    None for anything else, an attribute called ``spec`` of another type included.
+
+    >>> import torch
+    >>> from equiv.torch_mlp import TorchMLP
+    >>> module_spec(TorchMLP(MLPSpec((4, 3, 2))).double()).dtype
+    'float64'
+    """
+    spec = getattr(module, "spec", None)
+    if not isinstance(module, torch.nn.Module) or not isinstance(spec, MLPSpec):
+        return None
+    dtypes = {_dtype(p) for p in module.parameters()}
+    if len(dtypes) == 1 and dtypes <= set(DTYPES):
+        return spec.replace(dtype=dtypes.pop())
+    return spec  # mixed or unsupported: the check of the entries names them
+
+
+def overlapping(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """The names of two tensors whose memory overlaps (tied weights, a view of
+    another), or None. Tensors packed side by side in one flat buffer do not overlap.
+
+    >>> import torch
+    >>> weight = torch.zeros(2, 3)
+    >>> overlapping({"a": weight, "b": weight.T, "c": torch.zeros(2)})
+    ('a', 'b')
+    """
+    spans: list[tuple[torch.device, int, int, str]] = []
+    for name, tensor in tensors.items():
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue  # no memory to share
+        start = tensor.data_ptr()
+        extent = sum((n - 1) * abs(st) for n, st in zip(tensor.shape, tensor.stride(), strict=True))
+        end = start + (extent + 1) * tensor.element_size()
+        for device, other_start, other_end, other in spans:
+            if device == tensor.device and start < other_end and other_start < end:
+                return other, name
+        spans.append((tensor.device, start, end, name))
+    return None
 
 
 def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -563,6 +633,9 @@ def _fill(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 def _as_torch(array: jax.Array | np.ndarray) -> torch.Tensor:
     """A torch view of an array (DLPack or NumPy, no copy): callers copy it."""
     if isinstance(array, np.ndarray):
+        if any(stride < 0 for stride in array.strides):
+            # torch has no negative strides (a reversed view, x[::-1]): one more copy.
+            array = np.ascontiguousarray(array)
         return torch.from_numpy(array)
     return torch.from_dlpack(array)
 
@@ -604,8 +677,8 @@ def torch_to_equinox(
 
     layers = _equinox_layers(model)
     state = _state_dict(module_or_state_dict)
-    if spec is None and isinstance(module_or_state_dict, torch.nn.Module):
-        spec = getattr(module_or_state_dict, "spec", None)
+    if spec is None:
+        spec = module_spec(module_or_state_dict)
     spec = check_entries(
         {(n,): t for n, t in state.items()}, LAYOUTS["torch"], spec, what="state_dict"
     )

@@ -43,7 +43,13 @@ def jax_device(device: str | jax.Device) -> jax.Device:
         return device
     kind, index = _parse(device)
     if kind == "cpu":
-        return jax.devices("cpu")[0]
+        cpus = jax.devices("cpu")
+        if index >= len(cpus):
+            raise value_error(
+                f"device {device!r} is not available to JAX, which sees {len(cpus)} CPU "
+                "device(s); use 'cpu'"
+            )
+        return cpus[index]
     gpus = _jax_gpus()
     if index >= len(gpus):
         raise value_error(
@@ -63,6 +69,8 @@ def torch_device(device: str | torch.device) -> torch.device:
         return device
     kind, index = _parse(device)
     if kind == "cpu":
+        if index:
+            raise value_error(f"device {device!r}: torch has one CPU device, 'cpu'")
         return torch.device("cpu")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
@@ -82,7 +90,7 @@ def resolve_device(device: str) -> tuple[torch.device, jax.Device]:
     """
     kind, index = _parse(device)
     if kind == "cpu":
-        return torch.device("cpu"), jax.devices("cpu")[0]
+        return torch_device(device), jax_device(device)
     torch_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     jax_gpus = _jax_gpus()
     if index >= torch_count or index >= len(jax_gpus):

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from equiv._messages import type_error, value_error
+from equiv.convert import overlapping
 from equiv.spec import MLPSpec
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -179,8 +180,29 @@ def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:
             f"buffer {name!r} is state equiv's MLP does not have (Linear layers and "
             "activations keep none); remove it, or check the model without it"
         )
-    spans: dict[tuple, str] = {}
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Linear):
+            other = [
+                n for n, _ in child.named_parameters(recurse=False) if n not in ("weight", "bias")
+            ]
+            if other:
+                raise value_error(
+                    f"Linear {name!r} holds parameters {', '.join(other)} besides its weight and "
+                    "bias: its weight is computed from them (weight_norm?), and equiv's MLP "
+                    "would train it as a plain weight. Remove the reparametrization first "
+                    "(torch.nn.utils.remove_weight_norm), or use torch.nn.utils.parametrize"
+                )
     for name, param in module.named_parameters(remove_duplicate=False):
+        if isinstance(param, nn.parameter.UninitializedTensorMixin):
+            raise value_error(
+                f"parameter {name!r} is an uninitialised lazy parameter (nn.LazyLinear): run "
+                "one forward pass to materialise it first"
+            )
+        if param.device.type == "meta":
+            raise value_error(
+                f"parameter {name!r} is on the meta device and holds no values: materialise "
+                "the module first (module.to_empty(device='cpu'), then load its weights)"
+            )
         if id(param) not in linear:
             raise value_error(
                 f"parameter {name!r} belongs to no nn.Linear; equiv's MLP has only the Linear "
@@ -191,21 +213,14 @@ def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:
                 f"parameter {name!r} is frozen (requires_grad=False); equiv's MLP trains every "
                 "parameter: unfreeze it, or check the trainable part on its own"
             )
-        if param.device.type == "meta" or param.numel() == 0:
-            continue  # no memory to share
-        # Overlapping memory, a transposed view included (a flat buffer of parameters
-        # packed side by side does not overlap and is fine).
-        start = param.data_ptr()
-        extent = sum((n - 1) * abs(st) for n, st in zip(param.shape, param.stride(), strict=True))
-        span = (param.device, start, start + (extent + 1) * param.element_size())
-        for other, other_name in spans.items():
-            if other[0] == span[0] and span[1] < other[2] and other[1] < span[2]:
-                raise value_error(
-                    f"parameters {other_name!r} and {name!r} share memory (tied weights); "
-                    "equiv's MLP has independent parameters, which train differently from "
-                    "tied ones"
-                )
-        spans[span] = name
+    # Overlapping memory, a transposed view included (a flat buffer of parameters
+    # packed side by side does not overlap and is fine).
+    tied = overlapping(dict(module.named_parameters(remove_duplicate=False)))
+    if tied:
+        raise value_error(
+            f"parameters {tied[0]!r} and {tied[1]!r} share memory (tied weights); equiv's MLP "
+            "has independent parameters, which train differently from tied ones"
+        )
 
 
 def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:
@@ -214,6 +229,12 @@ def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Ten
     a constant, matches the output but not the gradients)."""
     from equiv.torch_mlp import torch_mlp_with_params  # no import cycle at module level
 
+    if type(module).forward is nn.Module.forward:
+        raise value_error(
+            f"{type(module).__name__} has no forward pass to check (an nn.ModuleList or "
+            "nn.ModuleDict only holds layers): wrap them in nn.Sequential(*layers), or pass "
+            "check=False to take the layers in registration order"
+        )
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
     projection = torch.randn(8, spec.sizes[-1], dtype=torch.float64, generator=generator)

@@ -50,7 +50,7 @@ import torch
 from equiv import manual
 from equiv._messages import type_error, value_error
 from equiv.compare import to_numpy
-from equiv.convert import get_layout, jax_to_torch, torch_to_jax
+from equiv.convert import get_layout, jax_to_torch, module_spec, torch_to_jax
 from equiv.from_module import mlp_from_module
 from equiv.harness import (
     REFERENCE,
@@ -430,7 +430,7 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
     pass arbitrates. A given ``spec`` then sets the loss; its structure must match."""
     if not isinstance(model, torch.nn.Module) or isinstance(model, TorchMLP):
         return model, spec
-    if isinstance(getattr(model, "spec", None), MLPSpec) or (
+    if module_spec(model) is not None or (
         spec is not None and set(model.state_dict()) == set(spec.param_names())
     ):
         return model, spec
@@ -455,7 +455,8 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
 def _problem(model, x, y, steps, spec, learning_rate) -> tuple[MLPSpec, Problem]:
     if not isinstance(model, torch.nn.Module):
         raise type_error(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    spec = spec or getattr(model, "spec", None)
+    if spec is None:
+        spec = module_spec(model)
     if not isinstance(spec, MLPSpec):
         raise type_error(
             f"cannot tell the architecture of {type(model).__name__}; pass "

@@ -17,7 +17,7 @@ import safetensors.torch  # noqa: E402
 
 from equiv import checkpoint  # noqa: E402
 from equiv.checkpoint import load_jax, load_torch, save_jax, save_torch  # noqa: E402
-from equiv.convert import LAYOUTS, jax_to_torch, torch_to_jax  # noqa: E402
+from equiv.convert import LAYOUTS, Layout, jax_to_torch, torch_to_jax  # noqa: E402
 from equiv.spec import MLPSpec  # noqa: E402
 from equiv.torch_mlp import TORCH_DTYPES  # noqa: E402
 
@@ -116,6 +116,32 @@ def test_file_layout_contradicting_the_file_is_refused(tmp_path):
     )
 
 
+def test_a_layout_of_ones_own_reads_back_from_what_the_file_records(tmp_path, equiv_seed):
+    mine = Layout("mine", "block{i}/w", "block{i}/b", transpose=True)
+    state = random_state(SPEC, equiv_seed)
+    path = tmp_path / "mine.safetensors"
+    save_jax(torch_to_jax(state, layout=mine), path, layout=mine)
+    assert_states_identical(load_torch(path), state)  # no file_layout needed
+    assert_trees_identical(load_jax(path, layout=mine), torch_to_jax(state, layout=mine))
+    assert_states_identical(load_torch(path, file_layout=mine), state)
+    other = Layout("mine", "block{i}/w", "block{i}/b", transpose=False)  # same name
+    with pytest.raises(ValueError) as info:
+        load_torch(path, file_layout=other)
+    assert str(info.value).startswith(f"[equiv] {path} records layout Layout(name='mine', ")
+    assert "transpose=True), but file_layout=Layout(name='mine', " in str(info.value)
+
+
+def test_a_file_recording_only_a_layouts_name_reads_with_that_layout_given(tmp_path):
+    mine = Layout("mine", "block{i}.w", "block{i}.b", transpose=False)
+    path = tmp_path / "named.safetensors"
+    state = random_state(SPEC, 0)
+    files = {mine.path(n)[0]: t for n, t in state.items()}
+    safetensors.torch.save_file(files, path, metadata={checkpoint.LAYOUT_KEY: "mine"})
+    assert_states_identical(load_torch(path, file_layout=mine), state)
+    with pytest.raises(ValueError, match="records layout 'mine' but not its paths"):
+        load_torch(path)
+
+
 # ---------------------------------------------------------------------------
 # Pickles are never unpickled beyond tensors
 
@@ -162,6 +188,17 @@ def test_pickle_of_a_non_state_dict_is_refused(tmp_path):
     assert str(info.value) == (
         f"[equiv] {path} holds a list, not a state_dict of tensors; save model.state_dict() "
         "(for a training checkpoint, the entry holding it)"
+    )
+
+
+def test_a_pickled_dict_keyed_by_other_than_names_is_refused(tmp_path):
+    path = tmp_path / "numbered.pt"
+    torch.save({0: torch.zeros(3, 4), "fc1.bias": torch.zeros(3)}, path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path)
+    assert str(info.value) == (
+        f"[equiv] {path} holds a state_dict whose keys are not all names: 0 (int); equiv "
+        "reads parameters by name ('fc1.weight', ...)"
     )
 
 
@@ -445,7 +482,10 @@ def test_empty_files_bad_layouts_and_half_precision_are_explained(tmp_path):
     )
     with pytest.raises(ValueError) as info:
         load_torch(keras)
-    assert str(info.value).startswith(f"[equiv] {keras} records layout 'keras': unknown layout")
+    assert str(info.value).startswith(
+        f"[equiv] {keras} records layout 'keras' but not its paths: pass "
+        "file_layout=Layout('keras', ...)"
+    )
     half = tmp_path / "half.safetensors"
     safetensors.torch.save_file(
         {"fc1.weight": torch.ones(2, 3).half(), "fc1.bias": torch.ones(2).half()}, half

@@ -480,3 +480,91 @@ def test_copy_false_copies_a_tensor_that_is_not_contiguous():
     np.testing.assert_array_equal(np.asarray(tree["fc1.bias"]), state["fc1.bias"].numpy())
     state["fc1.weight"].add_(1.0)  # the contiguous leaves are still shared
     np.testing.assert_array_equal(np.asarray(tree["fc1.weight"]), state["fc1.weight"].numpy())
+
+
+def test_out_with_tied_weights_is_refused_before_any_copy():
+    params = torch_to_jax(random_state(SPECS["square"], 0), layout="flax")
+    tied = TorchMLP(SPECS["square"])
+    tied.fc2.weight = tied.fc1.weight  # one tensor under two names
+    before = tied.fc1.weight.detach().clone()
+    with pytest.raises(ValueError) as info:
+        jax_to_torch(params, layout="flax", out=tied)
+    assert str(info.value).startswith(
+        "[equiv] out: 'fc1.weight' and 'fc2.weight' share memory (tied weights)"
+    )
+    assert torch.equal(tied.fc1.weight, before)  # nothing was written
+    untied = TorchMLP(SPECS["square"])
+    jax_to_torch(params, layout="flax", out=untied)
+    np.testing.assert_array_equal(untied.fc2.weight.detach().numpy(), params["Dense_1"]["kernel"].T)
+
+
+def test_only_overlapping_memory_counts_as_shared():
+    from equiv.convert import overlapping
+
+    flat = torch.zeros(10)
+    packed = {"a": flat[:4].view(2, 2), "b": flat[4:].view(2, 3)}  # side by side
+    assert overlapping(packed) is None
+    assert overlapping({**packed, "c": flat[3:5]}) == ("a", "c")  # straddles both
+    assert overlapping({"w": flat[:6].view(2, 3), "t": flat[:6].view(2, 3).T}) == ("w", "t")
+
+
+def test_a_modules_spec_is_read_in_its_current_dtype_and_only_if_it_is_one(x64):
+    model = TorchMLP(SPECS["notebook"]).double()  # the spec it was built with says float32
+    params = torch_to_jax(model, layout="torch")
+    assert params["fc1.weight"].dtype == jnp.float64
+    assert_states_identical(jax_to_torch(params, layout="torch"), dict(model.state_dict()))
+
+    class Named(torch.nn.Module):  # an attribute called spec that is not an MLPSpec
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+            self.spec = {"hidden": 3}
+
+    other = Named()
+    assert torch_to_jax(other, layout="torch")["fc2.bias"].shape == (2,)
+    with pytest.raises(ValueError, match="wrong dtype: 'fc1.weight' expected float32, got float64"):
+        torch_to_jax(model, layout="torch", spec=SPECS["notebook"])  # a spec given is kept
+
+
+def test_tensors_without_values_and_unnamed_entries_are_refused():
+    meta = TorchMLP(SPECS["notebook"], device="meta")
+    params = torch_to_jax(random_state(SPECS["notebook"], 0), layout="flax")
+    for convert in (
+        lambda: torch_to_jax(meta),
+        lambda: jax_to_torch(params, layout="flax", out=meta),
+    ):
+        with pytest.raises(ValueError, match="'fc1.weight' is on the meta device and holds no"):
+            convert()
+    lazy = torch.nn.Module()
+    lazy.fc1 = torch.nn.LazyLinear(3)
+    with pytest.raises(ValueError, match="'fc1.weight' is an uninitialised lazy parameter"):
+        torch_to_jax(lazy)
+    lazy.fc1(torch.ones(1, 4))
+    assert torch_to_jax(lazy)["Dense_0"]["kernel"].shape == (4, 3)
+    with pytest.raises(TypeError, match=r"keys must be strings .*; got 0 \(int\)"):
+        torch_to_jax({0: torch.ones(3, 4)})
+
+
+def test_a_reversed_numpy_view_converts():
+    kernel = np.arange(12, dtype=np.float32).reshape(4, 3)
+    state = jax_to_torch({"Dense_0": {"kernel": kernel[::-1]}}, layout="flax")
+    np.testing.assert_array_equal(state["fc1.weight"].numpy(), kernel[::-1].T)
+
+
+def test_a_zero_width_is_named_as_such():
+    with pytest.raises(ValueError, match=r"every width must be at least 1, got sizes=\(0, 3\)"):
+        torch_to_jax({"fc1.weight": torch.ones(3, 0)}, layout="torch")
+
+
+def test_a_cpu_index_beyond_the_cpus_is_refused():
+    from equiv.devices import jax_device, resolve_device, torch_device
+
+    count = len(jax.devices("cpu"))
+    assert jax_device(f"cpu:{count - 1}") == jax.devices("cpu")[-1]
+    with pytest.raises(ValueError, match=f"which sees {count} CPU device"):
+        jax_device(f"cpu:{count}")
+    with pytest.raises(ValueError, match="torch has one CPU device"):
+        torch_device("cpu:1")
+    with pytest.raises(ValueError, match="torch has one CPU device"):
+        resolve_device("cpu:1")
+    assert torch_device("cpu:0") == torch.device("cpu")

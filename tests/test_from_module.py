@@ -151,6 +151,17 @@ def test_parameters_packed_in_one_buffer_are_not_called_tied():
     assert spec.sizes == (2, 2, 1)
 
 
+def _weight_norm() -> nn.Module:
+    """torch's old weight_norm: the Linear's weight is recomputed from weight_g and
+    weight_v before each call, so a copy of the weight would train as something else."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, still in use
+        first = nn.utils.weight_norm(nn.Linear(3, 3))
+    return nn.Sequential(first, nn.ReLU(), nn.Linear(3, 1))
+
+
 @pytest.mark.parametrize(
     "model,phrase",
     [
@@ -186,6 +197,19 @@ def test_parameters_packed_in_one_buffer_are_not_called_tied():
         (_frozen(), "parameter '0.weight' is frozen (requires_grad=False)"),
         (WithBuffer(), "buffer 'step' is state equiv's MLP does not have"),
         (Detached(), "the module's gradients differ from its layers' for fc1.weight"),
+        (_weight_norm(), "Linear '0' holds parameters weight_g, weight_v besides its weight"),
+        (
+            nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 1)),
+            "parameter '0.weight' is an uninitialised lazy parameter",
+        ),
+        (
+            nn.Sequential(nn.Linear(3, 3, device="meta"), nn.ReLU(), nn.Linear(3, 1)),
+            "parameter '0.weight' is on the meta device and holds no values",
+        ),
+        (
+            nn.ModuleList([nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1)]),
+            "ModuleList has no forward pass to check",
+        ),
     ],
     ids=[
         "dropout",
@@ -202,12 +226,26 @@ def test_parameters_packed_in_one_buffer_are_not_called_tied():
         "frozen",
         "buffer",
         "detached",
+        "weight-norm",
+        "lazy",
+        "meta",
+        "module-list",
     ],
 )
 def test_refusals_name_the_problem(model, phrase):
     with pytest.raises(ValueError, match="^\\[equiv\\] ") as error:
         mlp_from_module(model)
     assert phrase in str(error.value)
+
+
+def test_materialised_lazy_layers_and_an_unchecked_module_list_are_read():
+    lazy = nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 1))
+    lazy(torch.randn(2, 5))  # the first call materialises the weights
+    assert mlp_from_module(lazy)[0].sizes == (5, 3, 1)
+    layers = nn.ModuleList([nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)])
+    spec, params = mlp_from_module(layers, check=False)  # registration order, as asked
+    assert spec.sizes == (4, 3, 1) and spec.activations == ("tanh",)
+    assert torch.equal(params["fc2.weight"], layers[2].weight)
 
 
 def test_not_a_module_is_a_type_error():
