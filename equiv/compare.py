@@ -14,7 +14,10 @@ Rules, the same in both code paths:
   ``|a - b| / bound``.
 * NaN and Inf: the non-finite entries must sit at the same places with the same
   value (NaN with NaN, +Inf with +Inf); any other placement is a mismatch, and a
-  NaN on one side only is one.
+  NaN on one side only is one. The one exception is overflow: an Inf (the way it
+  points) or a NaN (Inf − Inf) against a finite value passes where the bound
+  reaches past the largest finite value of its dtype, beyond which that dtype
+  holds no value.
 * Arithmetic runs in the dtype the two inputs promote to (at least float32):
   float32 against float32 in float32 (a difference of two close float32 values
   is exact), anything against float64 in float64.
@@ -336,7 +339,13 @@ def _quotient(num: np.ndarray, den: Any) -> np.ndarray:
     return np.where(np.isnan(q), np.zeros((), q.dtype), q)
 
 
+def _largest(dtype: np.dtype) -> float:
+    """The largest finite value of a float dtype (beyond it, a value rounds to Inf)."""
+    return float(np.finfo(dtype).max) if dtype.kind == "f" else math.inf
+
+
 def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
+    top_a, top_b = _largest(a.dtype), _largest(b.dtype)
     a, b = a.astype(ct, copy=False), b.astype(ct, copy=False)
     finite = np.isfinite(a) & np.isfinite(b)
     same_nonfinite = ~finite & ((a == b) | (np.isnan(a) & np.isnan(b)))
@@ -345,11 +354,13 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
         diff = np.where(finite, np.abs(a - b), ct.type(0))
     abs_b = np.where(finite, np.abs(b), ct.type(0))
     with np.errstate(over="ignore"):  # two terms near the dtype's largest: inf allows all
-        allowed = c + rtol * abs_b if rtol else c
+        allowed = c + rtol * np.where(np.isfinite(b), np.abs(b), ct.type(0)) if rtol else c
         if atol is not None:
             allowed = allowed + atol
     held = allowed if slack is None else allowed + slack
-    over = np.where(bad, np.inf, _quotient(diff, held)).astype(ct, copy=False)
+    over = np.where(finite, _quotient(diff, held), ct.type(0)).astype(ct, copy=False)
+    if bad.any():
+        over, bad = _overflow_within_bound(a, b, top_a, top_b, held, over, bad, ct)
     rel = _quotient(diff, abs_b)
     i_abs, i_rel = int(np.argmax(diff)), int(np.argmax(rel))
     ambiguous = 0
@@ -366,6 +377,34 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
         ratio=np.max(over),
         allowed=np.broadcast_to(held, diff.shape)[i_abs],
     )
+
+
+def _overflow_within_bound(a, b, top_a, top_b, held, over, bad, ct):
+    """Pass an Inf or NaN against a finite value ``f`` where the bound allows a value
+    past the largest finite one of the non-finite side's dtype: that dtype rounds
+    every value beyond it to Inf, and an overflowed intermediate turns into NaN
+    (Inf − Inf), so either is what a value within the bound may give. An Inf must
+    point the way it overflowed (``±f + bound ≥ largest``, the Inf's sign); a NaN
+    may have overflowed either way (``|f| + bound ≥ largest``). The ratio is the
+    least difference the overflow stands for over the bound (at most 1). A NaN or an
+    Inf the bound does not reach, and an Inf against the other Inf or a NaN, keep
+    the ratio inf: a bound that never leaves the dtype's range allows no overflow
+    (JAX's NaN ``silu`` backward beside torch's 0 is caught).
+    """
+    held = np.broadcast_to(held, a.shape)
+    over = np.where(bad, ct.type(np.inf), over)
+    for lost, other, top in ((a, b, top_a), (b, a, top_b)):
+        one_sided = bad & np.isfinite(other)
+        if not one_sided.any():
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            toward = np.where(np.isnan(lost), np.abs(other), np.sign(lost).astype(ct) * other)
+            need = np.maximum(ct.type(top) - toward, ct.type(0))  # to the dtype's edge
+            ratio = _quotient(need, held)
+        reached = one_sided & (ratio <= 1)
+        over = np.where(reached, ratio, over)
+        bad = bad & ~reached
+    return over, bad
 
 
 def _no_nan(x: np.ndarray) -> np.ndarray:

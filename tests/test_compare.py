@@ -45,6 +45,42 @@ CASES = [
 ]
 
 
+F32_MAX = float(np.finfo(np.float32).max)  # 3.40e38
+
+# An Inf or NaN in float32 against a finite value passes only where the bound
+# reaches past float32's largest value: the overflow stands for a value the bound
+# allows. (id, actual, expected, atol, passed, ratio): float32 actual, float64 expected.
+OVERFLOWS = [
+    ("Inf the bound reaches", inf, 3.0e38, 0.5e38, True, (F32_MAX - 3.0e38) / 0.5e38),
+    ("Inf the bound falls short of", inf, 3.0e38, 0.3e38, False, inf),
+    ("Inf the other way", -inf, 3.0e38, 0.5e38, False, inf),
+    ("-Inf the bound reaches", -inf, -3.0e38, 0.5e38, True, (F32_MAX - 3.0e38) / 0.5e38),
+    ("Inf past a value already beyond float32", inf, 1e183, 1e170, True, 0.0),
+    ("NaN either way", nan, -3.0e38, 0.5e38, True, (F32_MAX - 3.0e38) / 0.5e38),
+    ("NaN the bound falls short of", nan, 0.0, 1e30, False, inf),
+    ("NaN beside a NaN-free zero and an infinite bound", nan, 0.0, inf, True, 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    "actual, expected, atol, passed, ratio",
+    [c[1:] for c in OVERFLOWS],
+    ids=[c[0] for c in OVERFLOWS],
+)
+def test_an_overflow_passes_only_where_the_bound_reaches_past_the_dtype(
+    actual, expected, atol, passed, ratio
+):
+    tolerance = Tolerance(atol=atol) if math.isfinite(atol) else Tolerance(atol=1.0, scaled=inf)
+    for a, b in ((actual, expected), (expected, actual)):  # either side may overflow
+        if not math.isfinite(b):
+            a, b = np.array([a], np.float64), np.array([b], np.float32)
+        else:
+            a, b = np.array([a], np.float32), np.array([b], np.float64)
+        d = compare_leaf(a, b, tolerance)
+        assert (d.passed, d.nonfinite_mismatched) == (passed, 0 if passed else 1)
+        assert d.ratio == pytest.approx(ratio, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "actual, expected, tol, passed, mismatched, nonfinite",
     [c[1:] for c in CASES],
