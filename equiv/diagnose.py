@@ -113,6 +113,13 @@ def diagnose_leaf(
                 "AdamW decays decoupled)."
             )
         return _gelu_hint(name, a, b, activations)
+    if stage == "grads" and (not a.any()) != (not b.any()):
+        zero, other = (first, second) if not a.any() else (second, first)
+        return (
+            f"{name}: {zero}'s gradient is zero where {other}'s is not: in {zero} the loss does "
+            "not reach this parameter (left unused or replaced by a constant, or cut off by "
+            "stop_gradient or detach)."
+        )
     ratio = _ratio(a, b)
     if ratio is None:
         return _gelu_hint(name, a, b, activations)
@@ -184,6 +191,12 @@ def _factor_cause(ratio: float, stage: str, numel_output: int | None, batch: int
         )
     if near(batch) and batch not in (1,):
         return "A factor of the batch size: a mean over the batch where the other sums."
+    outputs = numel_output // batch if numel_output and batch else None
+    if near(outputs) and outputs not in (1, 2):
+        return (
+            "A factor of the output width: a sum over the outputs where the other takes the "
+            "mean (MSE summed per sample, then averaged over the batch)."
+        )
     return GENERIC
 
 

@@ -122,10 +122,13 @@ def mlp_from_module(
         raise value_error(f"found no nn.Linear in {type(module).__name__}")
     if pending is not None:
         raise value_error(
-            "an activation follows the last Linear layer; equiv's MLP ends with "
-            "a Linear layer (put the activation in the loss instead). If your forward "
-            "reuses one activation module between layers, or calls the layers in another "
-            "order than they are registered, write the model as an nn.Sequential"
+            "the last submodule registered is an activation, after the last Linear layer; "
+            "equiv reads submodules in registration order, and its MLP ends with a Linear "
+            "layer (put a final activation in the loss instead). If your forward reuses one "
+            "activation module between layers (one self.relu for all), or calls the layers "
+            "in another order than they are registered, write the model as an "
+            "nn.Sequential; or, with Linear layers named fc1, fc2, ..., pass "
+            "spec=equiv.MLPSpec(...) to check_jax_port"
         )
     sizes = [layers[0].in_features]
     for i, layer in enumerate(layers):
@@ -223,18 +226,14 @@ def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:
         )
 
 
-def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:
-    """The module and the spec's MLP on a float64 probe batch: the same output, and the
-    same gradients of a random projection of it (a forward that detaches, or scales by
-    a constant, matches the output but not the gradients)."""
+def forward_mismatch(
+    module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]
+) -> str | None:
+    """How the module differs from the spec's MLP on a float64 probe batch (its output,
+    or the gradients of a random projection of it: a forward that detaches, or scales
+    by a constant, matches the output but not the gradients), or None."""
     from equiv.torch_mlp import torch_mlp_with_params  # no import cycle at module level
 
-    if type(module).forward is nn.Module.forward:
-        raise value_error(
-            f"{type(module).__name__} has no forward pass to check (an nn.ModuleList or "
-            "nn.ModuleDict only holds layers): wrap them in nn.Sequential(*layers), or pass "
-            "check=False to take the layers in registration order"
-        )
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
     projection = torch.randn(8, spec.sizes[-1], dtype=torch.float64, generator=generator)
@@ -246,19 +245,38 @@ def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Ten
         _output_and_grads(model, probe, projection) for model in (theirs, ours)
     )
     if float((out - out_ours).abs().max()) > 1e-10 * (float(out_ours.abs().max()) or 1.0):
-        raise value_error(
-            "the module's forward pass does not match its Linear layers and activations applied "
-            "in registration order (a forward that calls them in another order, or does more); "
-            "write it as an nn.Sequential, or pass check=False if you are sure"
-        )
+        return "its output differs"
     for name, theirs_grad, ours_grad in zip(spec.param_names(), grads, grads_ours, strict=True):
         scale = float(ours_grad.abs().max()) or 1.0
         if float((theirs_grad - ours_grad).abs().max()) > 1e-10 * scale:
-            raise value_error(
-                f"the module's gradients differ from its layers' for {name} (a forward that "
-                "detaches, or does more than its Linear layers and activations); write it as "
-                "an nn.Sequential, or pass check=False if you are sure"
-            )
+            return f"its gradients differ for {name}"
+    return None
+
+
+def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:
+    """Refuse a module whose forward pass is not the MLP read from its submodules."""
+    if type(module).forward is nn.Module.forward:
+        raise value_error(
+            f"{type(module).__name__} has no forward pass to check (an nn.ModuleList or "
+            "nn.ModuleDict only holds layers): wrap them in nn.Sequential(*layers), or pass "
+            "check=False to take the layers in registration order"
+        )
+    mismatch = forward_mismatch(module, spec, params)
+    if mismatch is None:
+        return
+    functional = (
+        " No activation module was found: activations called as functions in forward "
+        "(F.relu, torch.tanh) are not submodules and cannot be read; use modules (nn.ReLU())."
+        if spec.num_layers > 1 and set(spec.activations) == {"identity"}
+        else ""
+    )
+    raise value_error(
+        f"the module's forward pass is not its Linear layers and activations applied in "
+        f"registration order: run on a float64 probe batch, {mismatch} (a forward that "
+        f"calls them in another order, detaches, or does more).{functional} Write it as an "
+        "nn.Sequential; or, with Linear layers named fc1, fc2, ..., pass "
+        "spec=equiv.MLPSpec(...) to check_jax_port; or pass check=False if you are sure"
+    )
 
 
 def _output_and_grads(model: nn.Module, probe: torch.Tensor, projection: torch.Tensor):

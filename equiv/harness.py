@@ -47,8 +47,9 @@ from equiv._messages import type_error, value_error
 from equiv.compare import LeafDiff, Report, compare_trees, to_numpy
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.devices import resolve_device
-from equiv.diagnose import GENERIC, diagnose_optimizer, diagnose_trees
+from equiv.diagnose import GENERIC, diagnose_leaf, diagnose_optimizer, diagnose_trees
 from equiv.kinks import Kink, KinkAnalysis, analyse_kinks, flip_envelope, kinked
+from equiv.losses import LOSSES
 from equiv.memory import check_fits
 from equiv.optimizers import (
     OptimizerSpec,
@@ -124,7 +125,11 @@ class Trajectory:
     ``unjitted``, where set (JAX backends that compile their step), recomputes
     ``(loss, grads)`` op by op under ``jax.disable_jit`` from torch-named NumPy
     parameters and a batch, in the settings the run had: a hint then tells an inf
-    or NaN that XLA's compilation made from one that the formula itself makes."""
+    or NaN that XLA's compilation made from one that the formula itself makes.
+
+    ``initial``, where set (a port given its own conversion of the parameters), is
+    what the backend started from, under torch's names: a hint then compares it
+    with the model's own start, before any step could blur a difference."""
 
     backend: str
     dtype: str
@@ -133,6 +138,9 @@ class Trajectory:
     params: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     states: list[State | None] = dataclasses.field(default_factory=list)
     unjitted: UnjittedFn | None = dataclasses.field(default=None, repr=False, compare=False)
+    initial: dict[str, np.ndarray] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     def record(
         self,
@@ -289,6 +297,58 @@ def run_jax(
     return out
 
 
+_GELU_SWAP = {"gelu": "gelu_tanh", "gelu_tanh": "gelu"}
+_GELU_ADVICE = (
+    "torch.nn.GELU() is exact (erf) and nn.GELU(approximate='tanh') is not; jax.nn.gelu "
+    "defaults to approximate=True: use jax.nn.gelu(x, approximate=False) for the exact one"
+)
+
+
+def _model_variants(
+    spec: MLPSpec, params: dict[str, np.ndarray]
+) -> Iterable[tuple[str, str, MLPSpec, dict[str, np.ndarray]]]:
+    """Known ways of computing another model than ``spec`` (the porting mistakes a
+    single step's loss tells apart): ``(what it does, advice, the spec, changed
+    parameters)``.
+
+    * the other GELU (tanh's approximation for the exact erf, or the reverse), in
+      every GELU layer, then in each one;
+    * a square weight used transposed (``x @ W`` where torch computes ``x @ Wᵀ``:
+      the shapes cannot tell);
+    * a bias left out;
+    * two layers of the same shape used in each other's place.
+    """
+    layers = [i for i, name in enumerate(spec.activations) if name in _GELU_SWAP]
+    for changed in [layers] + ([[i] for i in layers] if len(layers) > 1 else []):
+        if not changed:
+            continue
+        acts = tuple(_GELU_SWAP[n] if i in changed else n for i, n in enumerate(spec.activations))
+        kind = "the tanh approximation" if acts[changed[0]] == "gelu_tanh" else "the exact erf"
+        where = "every GELU layer" if changed == layers else f"the GELU after fc{changed[0] + 1}"
+        what = f"computes GELU with {kind} in {where}"
+        yield what, _GELU_ADVICE, spec.replace(activation=acts), {}
+    for i in range(1, spec.num_layers + 1):
+        weight = params[f"fc{i}.weight"]
+        if weight.shape[0] == weight.shape[1] > 1:
+            yield (
+                f"uses fc{i}.weight transposed",
+                "A square weight hides a forgotten transpose: torch computes x @ W.T with W "
+                "(out, in), while a Flax kernel is (in, out) and used as x @ kernel",
+                spec,
+                {f"fc{i}.weight": weight.T},
+            )
+        if spec.bias:
+            bias = params[f"fc{i}.bias"]
+            yield f"leaves out fc{i}.bias", "", spec, {f"fc{i}.bias": np.zeros_like(bias)}
+    for i, j in itertools.combinations(range(1, spec.num_layers + 1), 2):
+        if params[f"fc{i}.weight"].shape == params[f"fc{j}.weight"].shape:
+            kinds = ("weight", "bias") if spec.bias else ("weight",)
+            swapped = {
+                f"fc{a}.{k}": params[f"fc{b}.{k}"] for a, b in ((i, j), (j, i)) for k in kinds
+            }
+            yield f"uses fc{i} and fc{j} in each other's place", "", spec, swapped
+
+
 def _params_before(problem: Problem, trajectory: Trajectory, step: int) -> dict[str, np.ndarray]:
     """The parameters ``trajectory`` started 1-based ``step`` from, as NumPy arrays."""
     if step == 1:
@@ -366,6 +426,9 @@ class Comparison:
     _misreadings: dict[str, str | None] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _variants: dict[str, str | None] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def agree(self) -> bool:
@@ -401,6 +464,9 @@ class Comparison:
         order = _STAGE_RANK
         overflowed, unbounded = self.overflowed_at(), self.unbounded_at()
         limit = _earliest(overflowed, unbounded)
+        start = self._start_causes()
+        if start and self.report.failures:
+            return start  # every later difference follows from the start
         for d in self.report.failures:
             if limit is not None and _at_or_after(d, limit):
                 continue  # overflow, not a trap: the note below says so
@@ -417,16 +483,20 @@ class Comparison:
             stage = next(k for k, v in order.items() if v == rank)
             ta, tb = self.trajectories[a], self.trajectories[b]
             before = None
-            if stage == "params":
+            if stage == "params" and (step, order["grads"], a, b) not in groups:
+                # Only where the gradients agree can a different update be the
+                # learning rate's or the weight decay's (a zero gradient, a
+                # stop_gradient, gives a zero update whatever the learning rate).
                 before = (
                     {k: to_numpy(v).astype(np.float64) for k, v in self.problem.params.items()}
                     if step == 1
                     else tb.params[step - 2]
                 )
             cause = self._optimizer_cause(a, b) if stage in ("state", "params") else None
+            cause = f"{cause} (from step {step} on)" if cause else self._variant_cause(a, b)
             if cause:
                 found_at = (step, rank)
-                leaves = merged.setdefault(f"{cause} (from step {step} on)", [])
+                leaves = merged.setdefault(cause, [])
                 leaves.extend(n for n in names if n not in leaves)
                 continue
             try:
@@ -440,7 +510,6 @@ class Comparison:
                     dtype=spec.dtype,
                     numel_output=numel,
                     batch_size=self.problem.batch_size,
-                    activations=spec.activations,
                     learning_rate=self.learning_rate,
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
@@ -647,6 +716,78 @@ class Comparison:
                 return (
                     f"{backend}'s updates are torch's {optimizer.name} misread: it "
                     f"{self._misreadings[backend]}"
+                )
+        return None
+
+    def _start_causes(self) -> list[str]:
+        """For each backend that started from parameters of its own (``initial``), the
+        leaves that differ from the model's: a square weight transposed named as such
+        (after a step the update hides it), the others together with how far off."""
+        causes = []
+        model = {k: to_numpy(v).astype(np.float64) for k, v in self.problem.params.items()}
+        for backend, run in self.trajectories.items():
+            if run.initial is None:
+                continue
+            other = []
+            for name, ours in model.items():
+                if name not in run.initial:
+                    continue  # a leaf the run itself could not find: its error says so
+                theirs = np.asarray(run.initial[name], np.float64)
+                if theirs.shape == ours.shape and np.array_equal(theirs, ours):
+                    continue
+                square = theirs.ndim == 2 and theirs.shape[0] == theirs.shape[1] > 1
+                if square and theirs.shape == ours.shape and np.array_equal(theirs, ours.T):
+                    names = (backend, "the model")
+                    found = diagnose_leaf(name, theirs, ours, stage="start", names=names)
+                    causes.append(found or f"{name}: {backend} holds the model's transposed")
+                elif theirs.shape == ours.shape:
+                    other.append(f"{name} (by up to {np.max(np.abs(theirs - ours)):.3g})")
+                else:
+                    other.append(f"{name} (shape {theirs.shape}, not {ours.shape})")
+            if other:
+                causes.append(
+                    f"{backend} starts from parameters other than the model's: "
+                    f"{', '.join(other)}. Check the conversion you passed as params"
+                )
+        return causes
+
+    def _variant_cause(self, a: str, b: str) -> str | None:
+        """Which of ``a`` and ``b`` computes a known variant of the model (the other
+        GELU, a square weight used transposed, a bias left out), tested rather than
+        guessed: its step-1 loss must be the float64 loss of that variant, ten times
+        nearer it than the float64 loss of the model. None otherwise. (A guess from
+        the size of the difference alone named GELU for a forgotten transpose or
+        bias: found in a user trial.)"""
+        for backend in (a, b):
+            if backend not in self._variants:
+                self._variants[backend] = self._variant_of(backend)
+            if self._variants[backend]:
+                return f"{backend} {self._variants[backend]}"
+        return None
+
+    def _variant_of(self, backend: str) -> str | None:
+        run = self.trajectories[backend]
+        if not run.losses or not np.isfinite(run.losses[0]):
+            return None
+        spec = self.problem.spec.replace(dtype="float64")
+        params = {k: to_numpy(v).astype(np.float64) for k, v in self.problem.params.items()}
+        x, y = (to_numpy(v) for v in self.problem.batches[0])
+        x = x.astype(np.float64)
+        y = y if LOSSES[spec.loss].targets == "labels" else y.astype(np.float64)
+
+        def loss(variant: MLPSpec, changed: dict[str, np.ndarray]) -> float:
+            with np.errstate(all="ignore"):
+                return float(manual.loss_and_grads({**params, **changed}, x, y, variant)[0])
+
+        own, theirs = loss(spec, {}), float(run.losses[0])
+        for what, advice, variant, changed in _model_variants(spec, params):
+            other = loss(variant, changed)
+            near = abs(theirs - other) <= 1e-3 * abs(other)  # not a coincidence
+            if other != own and near and abs(theirs - other) * 10 <= abs(theirs - own):
+                return (
+                    f"{what}: its step-1 loss {theirs:.9g} is the float64 loss of the model "
+                    f"computed that way ({other:.9g}), not of the model ({own:.9g})."
+                    + (f" {advice}." if advice else "")
                 )
         return None
 

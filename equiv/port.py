@@ -50,8 +50,8 @@ import torch
 from equiv import manual
 from equiv._messages import type_error, value_error
 from equiv.compare import to_numpy
-from equiv.convert import get_layout, jax_to_torch, module_spec, torch_to_jax
-from equiv.from_module import mlp_from_module
+from equiv.convert import _flatten, get_layout, jax_to_torch, module_spec, torch_to_jax
+from equiv.from_module import forward_mismatch, mlp_from_module
 from equiv.harness import (
     REFERENCE,
     Comparison,
@@ -141,6 +141,13 @@ def check_jax_port(
       ValueError: bad batches, layout, steps or learning rate.
       TypeError: a model without a spec.
     """
+    if port_optimizer is not None and optimizer is None and learning_rate is None:
+        raise value_error(
+            "port_optimizer is your port's optimizer; say what torch and the reference run "
+            "too: optimizer=equiv.OptimizerSpec(...) with its torch.optim settings, or "
+            "learning_rate= for plain SGD (without either they would train with SGD at 0.1, "
+            "whatever your port_optimizer does)"
+        )
     learning_rate = _learning_rate(learning_rate, optimizer)
     model, spec = _as_mlp(model, spec)
     spec, problem = _problem(model, x, y, steps, spec, learning_rate)
@@ -276,12 +283,15 @@ def run_jax_port(
     that optimizer keeps; otherwise, as without it, no state is recorded.
     """
     spec = problem.spec
-    if params is None:
+    given = params is not None
+    if not given:
         params = torch_to_jax(problem.params, layout=layout, spec=spec)
     optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
     value_and_grad = jax.value_and_grad(loss_fn)
     state = optimizer.init(params)
     out = Trajectory(name, spec.dtype)
+    if given:
+        out.initial = {k: to_numpy(v) for k, v in _as_torch_names(params, layout, spec).items()}
     if jit:
         out.unjitted = unjitted_replay(
             value_and_grad,
@@ -306,6 +316,20 @@ def run_jax_port(
             jax_to_torch(params, layout=layout, spec=spec),
             _torch_named_state(state_spec, state, layout, spec),
         )
+    return out
+
+
+def _as_torch_names(params: Any, layout: str, spec: MLPSpec) -> dict[str, Any]:
+    """A tree in ``layout`` under torch's names, exactly as given: nothing is checked
+    or transposed but the layout's own transpose, so a mistake in it stays visible."""
+    layout = get_layout(layout)
+    flat = _flatten(params) if isinstance(params, Mapping) else {}
+    out = {}
+    for name in spec.param_names():
+        leaf = flat.get(layout.path(name))
+        if leaf is not None:
+            leaf = np.asarray(jax.device_get(leaf))
+            out[name] = leaf.T if layout.transpose and name.endswith(".weight") else leaf
     return out
 
 
@@ -430,9 +454,20 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
     pass arbitrates. A given ``spec`` then sets the loss; its structure must match."""
     if not isinstance(model, torch.nn.Module) or isinstance(model, TorchMLP):
         return model, spec
-    if module_spec(model) is not None or (
-        spec is not None and set(model.state_dict()) == set(spec.param_names())
-    ):
+    if module_spec(model) is not None:
+        return model, spec
+    if spec is not None and set(model.state_dict()) == set(spec.param_names()):
+        # equiv's names already: the spec says what the forward pass computes, and is
+        # checked against it (a ReLU module given a tanh spec was accepted silently).
+        params = {k: v.detach() for k, v in model.state_dict().items()}
+        mismatch = forward_mismatch(model, spec, params)
+        if mismatch:
+            raise value_error(
+                f"spec does not describe {type(model).__name__}: run on a float64 probe "
+                f"batch beside the spec's MLP with its parameters, {mismatch}. Fix the "
+                f"spec (activations {spec.activations}, bias={spec.bias}), or leave it out "
+                "to read the module"
+            )
         return model, spec
     read, params = mlp_from_module(model)
     if spec is not None:

@@ -167,8 +167,21 @@ UNRELATED = [
             before=W,
         ),
     ),
-    ("zero-reference", dict(name="fc1.bias", actual=G, expected=np.zeros(4), stage="grads")),
 ]
+
+
+def test_a_gradient_that_is_zero_on_one_side_only_is_named():
+    hint = diagnose_leaf("fc1.bias", G, np.zeros(4), stage="grads", names=("torch", "port"))
+    assert hint == (
+        "fc1.bias: port's gradient is zero where torch's is not: in port the loss does not "
+        "reach this parameter (left unused or replaced by a constant, or cut off by "
+        "stop_gradient or detach)."
+    )
+    # The twin: both zero, or neither (a tenth of it: a constant factor), names no cut.
+    assert diagnose_leaf("fc1.bias", np.zeros(4), np.zeros(4), stage="grads") is None
+    assert "reach" not in diagnose_leaf("fc1.bias", G, G / 10, stage="grads")
+    # Parameters after a step: a zero is a value like any other.
+    assert diagnose_leaf("fc1.bias", G, np.zeros(4), stage="params") is None
 
 
 @pytest.mark.parametrize("kwargs", [c[1] for c in UNRELATED], ids=[c[0] for c in UNRELATED])

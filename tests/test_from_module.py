@@ -173,7 +173,10 @@ def _weight_norm() -> nn.Module:
             nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Tanh(), nn.Linear(3, 1)),
             "activation '2' (tanh) comes right after another activation",
         ),
-        (nn.Sequential(nn.Linear(3, 3), nn.ReLU()), "an activation follows the last Linear"),
+        (
+            nn.Sequential(nn.Linear(3, 3), nn.ReLU()),
+            "the last submodule registered is an activation, after the last Linear",
+        ),
         (
             nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(3, 1)),
             "Linear layer 2 takes 3 inputs but the layer before it gives 4",
@@ -188,7 +191,7 @@ def _weight_norm() -> nn.Module:
             ),
             "negative_slope differs between layers",
         ),
-        (Reordered(), "does not match its Linear layers and activations"),
+        (Reordered(), "forward pass is not its Linear layers and activations applied in"),
         (_reused(), "Linear '2' is the same module as '0'"),
         (_tied(), "parameters '0.weight' and '2.weight' share memory (tied weights)"),
         (SharedActivation(), "reuses one activation module between layers"),
@@ -196,7 +199,7 @@ def _weight_norm() -> nn.Module:
         (Scaled(), "parameter 'scale' belongs to no nn.Linear"),
         (_frozen(), "parameter '0.weight' is frozen (requires_grad=False)"),
         (WithBuffer(), "buffer 'step' is state equiv's MLP does not have"),
-        (Detached(), "the module's gradients differ from its layers' for fc1.weight"),
+        (Detached(), "float64 probe batch, its gradients differ for fc1.weight"),
         (_weight_norm(), "Linear '0' holds parameters weight_g, weight_v besides its weight"),
         (
             nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 1)),
@@ -246,6 +249,24 @@ def test_materialised_lazy_layers_and_an_unchecked_module_list_are_read():
     spec, params = mlp_from_module(layers, check=False)  # registration order, as asked
     assert spec.sizes == (4, 3, 1) and spec.activations == ("tanh",)
     assert torch.equal(params["fc2.weight"], layers[2].weight)
+
+
+def test_activations_called_as_functions_are_named_as_the_likely_reason():
+    class Functional(nn.Module):  # F.relu in forward: no activation submodule to read
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    with pytest.raises(ValueError) as error:
+        mlp_from_module(Functional())
+    assert "No activation module was found: activations called as functions" in str(error.value)
+    assert "pass spec=equiv.MLPSpec(...) to check_jax_port" in str(error.value)
+    with pytest.raises(ValueError) as error:  # the twin: a module, in the wrong order
+        mlp_from_module(Reordered())
+    assert "No activation module was found" not in str(error.value)
 
 
 def test_not_a_module_is_a_type_error():

@@ -157,6 +157,40 @@ def test_a_custom_module_is_arbitrated_by_itself_in_float64(equiv_seed):
     assert report.trajectories["reference"].dtype == "float64"
 
 
+def test_a_spec_that_contradicts_a_module_with_equivs_names_is_refused(equiv_seed):
+    # Found in a user trial: a tanh spec for a ReLU module agreed, the spec unread.
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
+            self.relu = torch.nn.ReLU()
+
+        def forward(self, x):
+            return self.fc2(self.relu(self.fc1(x)))
+
+    net = Net()
+    _, xs, ys = _model_and_batches(equiv_seed)
+    with pytest.raises(ValueError) as info:
+        check_jax_port(net, flax_loss, xs, ys, steps=2, spec=SPEC.replace(activation="tanh"))
+    assert str(info.value) == (
+        "[equiv] spec does not describe Net: run on a float64 probe batch beside the spec's MLP "
+        "with its parameters, its output differs. Fix the spec (activations ('tanh',), "
+        "bias=True), or leave it out to read the module"
+    )
+    check_jax_port(net, flax_loss, xs, ys, steps=2, spec=SPEC).assert_agree()  # the twin
+
+
+def test_a_port_optimizer_alone_is_refused_torch_would_run_plain_sgd(equiv_seed):
+    model, xs, ys = _model_and_batches(equiv_seed)
+    with pytest.raises(ValueError, match="port_optimizer is your port's optimizer; say what"):
+        check_jax_port(model, flax_loss, xs, ys, steps=2, port_optimizer=optax.sgd(0.05))
+    for given in (dict(learning_rate=0.05), dict(optimizer=OptimizerSpec("sgd", 0.05))):
+        report = check_jax_port(
+            model, flax_loss, xs, ys, steps=2, port_optimizer=optax.sgd(0.05), **given
+        )
+        report.assert_agree()
+
+
 BAD_INPUT = [
     (
         "batches",
