@@ -111,6 +111,16 @@ def _at_or_after(diff: LeafDiff, when: tuple[int, str]) -> bool:
     return (diff.step, _STAGE_RANK[diff.stage]) >= (when[0], _STAGE_RANK[when[1]])
 
 
+def _is_evidence(
+    d: LeafDiff, limit: tuple[int, str] | None, own: Mapping[str, tuple[int, str]]
+) -> bool:
+    """Whether ``d`` comes before the run's analysis limit and before the overflow of
+    either backend it compares (:meth:`Comparison.backend_overflows`)."""
+    if limit is not None and _at_or_after(d, limit):
+        return False
+    return not any(side in own and _at_or_after(d, own[side]) for side in (d.actual, d.expected))
+
+
 def _largest(tree: Mapping[str, np.ndarray]) -> float:
     return max((float(np.max(np.abs(v), initial=0.0)) for v in tree.values()), default=0.0)
 
@@ -467,9 +477,10 @@ class Comparison:
         start = self._start_causes()
         if start and self.report.failures:
             return start  # every later difference follows from the start
+        own = self.backend_overflows()
         for d in self.report.failures:
-            if limit is not None and _at_or_after(d, limit):
-                continue  # overflow, not a trap: the note below says so
+            if not _is_evidence(d, limit, own):
+                continue  # overflow, not a trap: the notes below say so
             if d.actual in self.trajectories and d.expected in self.trajectories:
                 key = (d.step, order[d.stage], d.actual, d.expected)
                 groups.setdefault(key, []).append(d.name)
@@ -530,8 +541,35 @@ class Comparison:
             else self.unbounded_note(unbounded)
         )
         if not causes:  # inf or NaN on one side before the run overflowed
-            causes = self._nonfinite_cause(limit)
-        return causes + ([note] if note else [])  # in the order they happened
+            causes = self._nonfinite_cause(limit, own)
+        return causes + self._backend_overflow_notes(own, limit) + ([note] if note else [])
+
+    def _backend_overflow_notes(
+        self, own: Mapping[str, tuple[int, str]], limit: tuple[int, str] | None
+    ) -> list[str]:
+        """One line per backend that overflowed on its own with failures after it."""
+        notes = []
+        for name, (step, stage) in own.items():
+            if limit is not None and (step, _STAGE_RANK[stage]) >= (
+                limit[0],
+                _STAGE_RANK[limit[1]],
+            ):
+                continue  # the run's own note speaks
+            if not any(
+                name in (d.actual, d.expected) and _at_or_after(d, (step, stage))
+                for d in self.report.failures
+            ):
+                continue
+            held = _largest(self.trajectories[REFERENCE].stage(stage, step))
+            notes.append(
+                f"{name} holds inf or NaN in its {_STAGE_NAMES[stage]} at step {step}, where the "
+                f"float64 reference, which it followed until then, holds values up to "
+                f"{held:.3g}: beyond what {self.problem.spec.dtype} holds. From there {name}'s "
+                "differences are overflow, not evidence about the code: "
+                + (f"compare fewer steps (--steps {step - 1}) or " if step > 1 else "")
+                + "lower the learning rate."
+            )
+        return notes
 
     def analysis_limit(self) -> tuple[int, str] | None:
         """The first ``(step, stage)`` from which failures are not evidence about the
@@ -540,11 +578,54 @@ class Comparison:
         return _earliest(self.overflowed_at(), self.unbounded_at())
 
     def leaves_before_limit(self) -> list[LeafDiff]:
-        """The report's leaves before :meth:`analysis_limit` (all where there is none):
+        """The report's leaves before :meth:`analysis_limit` (all where there is none),
+        less those of a backend from its own overflow on (:meth:`backend_overflows`):
         the comparisons that are evidence about the implementations. A diverging run
         may fail only from its limit on (``tests/test_false_alarms.py``)."""
-        limit = self.analysis_limit()
-        return [d for d in self.report.leaves if limit is None or not _at_or_after(d, limit)]
+        limit, own = self.analysis_limit(), self.backend_overflows()
+        return [d for d in self.report.leaves if _is_evidence(d, limit, own)]
+
+    def backend_overflows(self) -> dict[str, tuple[int, str]]:
+        """For each backend that overflows on its own: the first ``(step, stage)`` at
+        which it holds an inf or NaN, if it agreed with the float64 reference on every
+        comparison before (the reference computed its trajectory) and the reference's
+        values there are beyond the dtype's range (or inf or NaN). Its dtype cannot hold
+        them, so from there its differences with any backend are overflow, not evidence,
+        even where a backend on another trajectory stays finite (found by a random
+        sweep: torch's and the hand-derived float32 gradients were NaN, ``inf · 0`` at
+        a dead unit, where the reference's were 8.7e167 and JAX, parted from them by
+        XLA's flushing of subnormals, was finite). An inf or NaN against a reference in
+        range may be a bug, and stays evidence."""
+        reference = self.trajectories.get(REFERENCE)
+        if reference is None:
+            return {}
+        top = float(np.finfo(self.problem.spec.dtype).max)
+        found = {}
+        for name, run in self.trajectories.items():
+            if name == REFERENCE:
+                continue
+            steps = min(len(run.losses), len(reference.losses))
+            first = next(
+                (
+                    (step, stage)
+                    for step in range(1, steps + 1)
+                    for stage in _STAGE_NAMES
+                    if run.stage(stage, step) and _nonfinite(run.stage(stage, step))
+                ),
+                None,
+            )
+            if first is None:
+                continue
+            held = reference.stage(first[1], first[0])
+            if not held or not (_nonfinite(held) or _largest(held) > top):
+                continue
+            parted = any(
+                {d.actual, d.expected} == {name, REFERENCE} and not _at_or_after(d, first)
+                for d in self.report.failures
+            )
+            if not parted:
+                found[name] = first
+        return found
 
     def unbounded_at(self) -> tuple[int, str] | None:
         """The first ``(step, stage)`` whose rounding-error sizes
@@ -573,12 +654,15 @@ class Comparison:
             f"evidence about the implementations: {fewer}lower the learning rate."
         )
 
-    def _nonfinite_cause(self, limit: tuple[int, str] | None) -> list[str]:
+    def _nonfinite_cause(
+        self, limit: tuple[int, str] | None, own: Mapping[str, tuple[int, str]] | None = None
+    ) -> list[str]:
         """For the first failure with inf or NaN on one side only (before ``limit``,
-        :meth:`analysis_limit`): which side, where, and how large the other side is there."""
+        :meth:`analysis_limit`, and a backend's own overflow, :meth:`backend_overflows`):
+        which side, where, and how large the other side is there."""
         for d in sorted(self.report.failures, key=lambda d: (d.step, _STAGE_RANK[d.stage])):
-            if limit is not None and _at_or_after(d, limit):
-                break
+            if not _is_evidence(d, limit, own or {}):
+                continue
             if not d.nonfinite_mismatched or not {d.actual, d.expected} <= set(self.trajectories):
                 continue
             a = self.trajectories[d.actual].stage(d.stage, d.step).get(d.name)

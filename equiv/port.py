@@ -116,8 +116,10 @@ def check_jax_port(
       loss_fn: your ``loss_fn(params, x, y) -> scalar``, params in ``layout``.
       x, y: one batch, or one batch per step (see the module docstring); torch
         tensors or NumPy arrays of the model's dtype.
-      layout: the layout of your params, ``"flax"`` (``Dense_0.kernel`` (in, out))
-        or ``"torch"`` (the state_dict's names and shapes); see :mod:`equiv.convert`.
+      layout: the layout of your params: ``"flax"`` (``Dense_0.kernel`` (in, out)),
+        ``"nnx"`` (``fc1.kernel`` (in, out)), ``"equinox"`` (``layers.0.weight``
+        (out, in)), ``"torch"`` (the state_dict's names and shapes), or an
+        :class:`equiv.convert.Layout` of your own; see :mod:`equiv.convert`.
       learning_rate: plain SGD's learning rate (0.1 when None) when ``optimizer`` is
         None; with an ``optimizer``, leave it out or give the optimizer's own.
       steps: how many training steps.

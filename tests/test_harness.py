@@ -769,12 +769,51 @@ def test_a_lone_nan_before_the_overflow_is_named_first():
     assert np.isnan(comparison.trajectories["torch"].losses[7])
     hints = comparison.hints()
     assert len(hints) == 1 and comparison.overflow_note() is None, hints
+    assert "jax" not in comparison.backend_overflows()  # the reference is in range there
     assert hints[0].startswith("fc1.weight: jax's gradients hold inf or NaN"), hints
     assert "at step 7" in hints[0]
     reference = comparison.trajectories["reference"].grads[6]["fc1.weight"]
     assert np.isfinite(reference).all() and np.abs(reference).max() < 3.4e38
     # The twin: up to step 6 the silu gradient is finite everywhere and nothing fails.
     compare(6).assert_agree()
+
+
+def test_a_backend_that_overflows_on_the_references_trajectory_is_not_evidence():
+    # Found by a random sweep (--seed 40): at steps 15 and 16 XLA flushed a subnormal
+    # ELU slope to 0 (allowed: the bound models kernels that flush), so JAX's run
+    # parted from the others. At step 17 torch's and the hand-derived float32 loss and
+    # gradients are NaN (inf · 0 at dead units) where the reference, on their
+    # trajectory, holds 5.3e186; JAX's are finite. Those are overflow: named, and not
+    # evidence. The twin: sixteen steps agree; and a lone NaN against a reference in
+    # range stays evidence (test_a_lone_nan_before_the_overflow_is_named_first).
+    def compare(steps: int):
+        spec = MLPSpec(
+            (3, 5, 5, 64, 1, 8),
+            activation=("relu", "identity", "gelu", "elu"),
+            loss="mse_sum",
+        )
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return compare_backends(
+                spec,
+                batch_size=1,
+                seed=80821462,
+                steps=steps,
+                optimizer=OptimizerSpec("sgd", learning_rate=2.8557490502314473),
+            )
+
+    comparison = compare(17)
+    assert not comparison.agree  # the verdict still fails: float32 cannot hold this run
+    assert comparison.backend_overflows() == {"torch": (17, "loss"), "manual": (17, "loss")}
+    assert comparison.analysis_limit() is None  # JAX's run is finite: no run-wide limit
+    assert [d for d in comparison.leaves_before_limit() if not d.passed] == []
+    assert comparison.trajectories["reference"].losses[16] > 1e186
+    hints = comparison.hints()
+    assert len(hints) == 2 and hints[0].startswith(
+        "torch holds inf or NaN in its loss at step 17, where the float64 reference, which it "
+        "followed until then, holds values up to 5.31e+186"
+    ), hints
+    compare(16).assert_agree()
 
 
 def test_float64_values_that_overflow_at_finite_parameters_are_named_not_blamed():
