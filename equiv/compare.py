@@ -14,10 +14,10 @@ Rules, the same in both code paths:
   ``|a - b| / bound``.
 * NaN and Inf: the non-finite entries must sit at the same places with the same
   value (NaN with NaN, +Inf with +Inf); any other placement is a mismatch, and a
-  NaN on one side only is one. The one exception is overflow: an Inf (the way it
-  points) or a NaN (Inf − Inf) against a finite value passes where the bound
-  reaches past the largest finite value of its dtype, beyond which that dtype
-  holds no value.
+  NaN on one side only is one. The one exception is overflow: an Inf against a
+  finite value passes where the bound reaches past the largest finite value of the
+  Inf's dtype, the way the Inf points: that dtype rounds every value beyond it to
+  Inf. A NaN is never a rounded value.
 * Arithmetic runs in the dtype the two inputs promote to (at least float32):
   float32 against float32 in float32 (a difference of two close float32 values
   is exact), anything against float64 in float64.
@@ -380,25 +380,23 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
 
 
 def _overflow_within_bound(a, b, top_a, top_b, held, over, bad, ct):
-    """Pass an Inf or NaN against a finite value ``f`` where the bound allows a value
-    past the largest finite one of the non-finite side's dtype: that dtype rounds
-    every value beyond it to Inf, and an overflowed intermediate turns into NaN
-    (Inf − Inf), so either is what a value within the bound may give. An Inf must
-    point the way it overflowed (``±f + bound ≥ largest``, the Inf's sign); a NaN
-    may have overflowed either way (``|f| + bound ≥ largest``). The ratio is the
-    least difference the overflow stands for over the bound (at most 1). A NaN or an
-    Inf the bound does not reach, and an Inf against the other Inf or a NaN, keep
-    the ratio inf: a bound that never leaves the dtype's range allows no overflow
-    (JAX's NaN ``silu`` backward beside torch's 0 is caught).
+    """Pass an Inf against a finite value ``f`` where the bound allows a value past the
+    largest finite one of the Inf's dtype, the way the Inf points (``±f + bound ≥
+    largest``): that dtype rounds every value beyond it to Inf, so the Inf is the
+    correctly rounded value of one the bound allows. The ratio is the least difference
+    the Inf stands for over the bound (at most 1). A NaN is never a rounded value
+    (``inf − inf`` gives it), and neither is an Inf the bound does not reach or one
+    against the other Inf: their ratio stays inf (JAX's NaN ``silu`` backward beside
+    torch's 0 is caught, and a run whose float32 values are all NaN does not agree).
     """
     held = np.broadcast_to(held, a.shape)
     over = np.where(bad, ct.type(np.inf), over)
     for lost, other, top in ((a, b, top_a), (b, a, top_b)):
-        one_sided = bad & np.isfinite(other)
+        one_sided = bad & np.isinf(lost) & np.isfinite(other)
         if not one_sided.any():
             continue
         with np.errstate(over="ignore", invalid="ignore"):
-            toward = np.where(np.isnan(lost), np.abs(other), np.sign(lost).astype(ct) * other)
+            toward = np.sign(lost).astype(ct) * other
             need = np.maximum(ct.type(top) - toward, ct.type(0))  # to the dtype's edge
             ratio = _quotient(need, held)
         reached = one_sided & (ratio <= 1)

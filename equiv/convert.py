@@ -79,6 +79,10 @@ class Layout:
     transpose: bool
 
     def __post_init__(self) -> None:
+        if not isinstance(self.transpose, bool):
+            raise type_error(
+                f"Layout {self.name!r}: transpose must be True or False, got {self.transpose!r}"
+            )
         for template in (self.weight_path, self.bias_path):
             if (template.count("{i}") + template.count("{j}")) != 1:
                 raise value_error(

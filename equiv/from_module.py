@@ -193,7 +193,7 @@ def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:
                     f"Linear {name!r} holds parameters {', '.join(other)} besides its weight and "
                     "bias: its weight is computed from them (weight_norm?), and equiv's MLP "
                     "would train it as a plain weight. Remove the reparametrization first "
-                    "(torch.nn.utils.remove_weight_norm), or use torch.nn.utils.parametrize"
+                    "(torch.nn.utils.remove_weight_norm)"
                 )
     for name, param in module.named_parameters(remove_duplicate=False):
         if isinstance(param, nn.parameter.UninitializedTensorMixin):
@@ -227,11 +227,16 @@ def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:
 
 
 def forward_mismatch(
-    module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]
+    module: nn.Module,
+    spec: MLPSpec,
+    params: dict[str, torch.Tensor],
+    names: list[str] | None = None,
 ) -> str | None:
     """How the module differs from the spec's MLP on a float64 probe batch (its output,
     or the gradients of a random projection of it: a forward that detaches, or scales
-    by a constant, matches the output but not the gradients), or None."""
+    by a constant, matches the output but not the gradients), or None. ``names``: the
+    module's parameter names for ``spec.param_names()``, in that order; by default its
+    Linear layers' in registration order (how :func:`mlp_from_module` reads them)."""
     from equiv.torch_mlp import torch_mlp_with_params  # no import cycle at module level
 
     generator = torch.Generator().manual_seed(0)
@@ -241,9 +246,16 @@ def forward_mismatch(
     ours = torch_mlp_with_params(
         spec.replace(dtype="float64"), {k: v.double().cpu() for k, v in params.items()}
     )
-    (out, grads), (out_ours, grads_ours) = (
-        _output_and_grads(model, probe, projection) for model in (theirs, ours)
-    )
+    if names is None:
+        names = [
+            f"{prefix}.{kind}" if prefix else kind
+            for prefix, layer in module.named_modules()
+            if isinstance(layer, nn.Linear)
+            for kind in ("weight", "bias")
+            if getattr(layer, kind) is not None
+        ]
+    out, grads = _output_and_grads(theirs, probe, projection, names)
+    out_ours, grads_ours = _output_and_grads(ours, probe, projection, spec.param_names())
     if float((out - out_ours).abs().max()) > 1e-10 * (float(out_ours.abs().max()) or 1.0):
         return "its output differs"
     for name, theirs_grad, ours_grad in zip(spec.param_names(), grads, grads_ours, strict=True):
@@ -279,17 +291,14 @@ def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Ten
     )
 
 
-def _output_and_grads(model: nn.Module, probe: torch.Tensor, projection: torch.Tensor):
-    """``model(probe)`` and the gradients of ``<output, projection>`` with respect to its
-    Linear layers' parameters, in registration order (zero where none reaches them)."""
+def _output_and_grads(
+    model: nn.Module, probe: torch.Tensor, projection: torch.Tensor, names: list[str]
+):
+    """``model(probe)`` and the gradients of ``<output, projection>`` with respect to
+    its parameters ``names``, in that order (zero where none reaches them)."""
     device = next(model.parameters()).device
-    tensors = [
-        p
-        for layer in model.modules()
-        if isinstance(layer, nn.Linear)
-        for p in (layer.weight, layer.bias)
-        if p is not None
-    ]
+    named = dict(model.named_parameters())
+    tensors = [named[name] for name in names]
     with torch.enable_grad():
         out = model(probe.to(device))
         grads = torch.autograd.grad((out * projection.to(device)).sum(), tensors, allow_unused=True)

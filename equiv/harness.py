@@ -308,6 +308,81 @@ def run_jax(
 
 
 _GELU_SWAP = {"gelu": "gelu_tanh", "gelu_tanh": "gelu"}
+#: Floating-point operations the variant hints may spend: about 2e10, a few seconds
+#: of float64 forward passes (``_model_variants``; a 100M-parameter model at batch 32
+#: gets the GELU variants and the first few others).
+_VARIANT_FLOPS = 2e10
+#: Step-1 values further than this from the model's (relative, greatest over the loss
+#: and every gradient, :func:`_tree_distance`) are looked into: a thousand unit
+#: roundoffs, beyond what rounding gives at step 1 in all but very deep or wide models.
+_VARIANT_NOISE = {
+    "float32": 1e3 * UNIT_ROUNDOFF["float32"],
+    "float64": 1e3 * UNIT_ROUNDOFF["float64"],
+}
+#: A variant explains a run whose step-1 values are this near its own (and ten times
+#: nearer than the model's): far above float32 rounding, far below what the variants
+#: change (1e-4 relative for the GELUs, O(1) for the others).
+_VARIANT_MATCH = 1e-5
+
+
+def matching_variant(
+    spec: MLPSpec,
+    params: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    theirs: Mapping[str, np.ndarray],
+    *,
+    noise: float = 0.0,
+) -> str | None:
+    """Which known variant of the float64 model (``_model_variants``) a backend's step
+    1 is, as a hint, or None: ``theirs`` (its loss under ``"loss"`` and its gradients)
+    must be within ``_VARIANT_MATCH`` of the variant's, relative, in the loss and every
+    gradient, and ten times nearer than the model's. Steps within ``noise`` of the
+    model's are not looked into."""
+
+    def step_one(variant: MLPSpec, changed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with np.errstate(all="ignore"):
+            loss, grads = manual.loss_and_grads({**params, **changed}, x, y, variant)
+        return {"loss": np.asarray(loss), **grads}
+
+    own = step_one(spec, {})
+    apart = _tree_distance(theirs, own)
+    if not apart > noise:
+        return None  # step 1 is the model's, up to rounding: no variant to look for
+    # Each variant costs a float64 forward and backward pass of the first batch; at
+    # most _VARIANT_FLOPS of them in all (a few seconds), the likeliest first.
+    cost = 6.0 * x.shape[0] * sum(v.size for v in params.values())
+    budget = max(1, int(_VARIANT_FLOPS // max(cost, 1.0)))
+    for what, advice, variant, changed, reported in itertools.islice(
+        _model_variants(spec, params), budget
+    ):
+        other = step_one(variant, changed)
+        other = {"loss": other.pop("loss"), **reported(other)}
+        near = _tree_distance(theirs, other)
+        # The loss and every gradient must be the variant's (a single scalar matched by
+        # chance: a scaled weight was named a missing bias in a deep model, in review).
+        if near <= _VARIANT_MATCH and near * 10 <= apart:
+            loss = float(theirs["loss"])
+            return (
+                f"{what}: its step-1 loss {loss:.9g} and gradients are the float64 ones "
+                f"of the model computed that way (loss {float(other['loss']):.9g}, "
+                f"gradients within {near:.2g} relative), not the model's (loss "
+                f"{float(own['loss']):.9g}, {apart:.2g} apart)." + (f" {advice}." if advice else "")
+            )
+    return None
+
+
+def _tree_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """The greatest over the leaves of ``max|a - b| / max|b|`` (0 where both are 0)."""
+    worst = 0.0
+    for name, expected in b.items():
+        e = np.asarray(expected, np.float64)
+        diff = float(np.max(np.abs(np.asarray(a[name], np.float64) - e), initial=0.0))
+        scale = float(np.max(np.abs(e), initial=0.0))
+        worst = max(worst, diff / scale if scale else (math.inf if diff else 0.0))
+    return worst
+
+
 _GELU_ADVICE = (
     "torch.nn.GELU() is exact (erf) and nn.GELU(approximate='tanh') is not; jax.nn.gelu "
     "defaults to approximate=True: use jax.nn.gelu(x, approximate=False) for the exact one"
@@ -316,18 +391,24 @@ _GELU_ADVICE = (
 
 def _model_variants(
     spec: MLPSpec, params: dict[str, np.ndarray]
-) -> Iterable[tuple[str, str, MLPSpec, dict[str, np.ndarray]]]:
+) -> Iterable[tuple[str, str, MLPSpec, dict[str, np.ndarray], Callable[[dict], dict]]]:
     """Known ways of computing another model than ``spec`` (the porting mistakes a
-    single step's loss tells apart): ``(what it does, advice, the spec, changed
-    parameters)``.
+    single step tells apart): ``(what it does, advice, the spec, changed parameters,
+    the gradients as such a port reports them)``, the last a function of the
+    variant's gradients (a weight used transposed reports its gradient transposed
+    back, a bias left out reports 0, swapped layers report each other's).
 
     * the other GELU (tanh's approximation for the exact erf, or the reverse), in
       every GELU layer, then in each one;
     * a square weight used transposed (``x @ W`` where torch computes ``x @ Wᵀ``:
       the shapes cannot tell);
     * a bias left out;
-    * two layers of the same shape used in each other's place.
+    * two neighbouring layers of the same shape used in each other's place.
     """
+
+    def same(grads: dict) -> dict:
+        return grads
+
     layers = [i for i, name in enumerate(spec.activations) if name in _GELU_SWAP]
     for changed in [layers] + ([[i] for i in layers] if len(layers) > 1 else []):
         if not changed:
@@ -336,27 +417,41 @@ def _model_variants(
         kind = "the tanh approximation" if acts[changed[0]] == "gelu_tanh" else "the exact erf"
         where = "every GELU layer" if changed == layers else f"the GELU after fc{changed[0] + 1}"
         what = f"computes GELU with {kind} in {where}"
-        yield what, _GELU_ADVICE, spec.replace(activation=acts), {}
+        yield what, _GELU_ADVICE, spec.replace(activation=acts), {}, same
     for i in range(1, spec.num_layers + 1):
         weight = params[f"fc{i}.weight"]
         if weight.shape[0] == weight.shape[1] > 1:
+            name = f"fc{i}.weight"
             yield (
-                f"uses fc{i}.weight transposed",
+                f"uses {name} transposed",
                 "A square weight hides a forgotten transpose: torch computes x @ W.T with W "
                 "(out, in), while a Flax kernel is (in, out) and used as x @ kernel",
                 spec,
-                {f"fc{i}.weight": weight.T},
+                {name: weight.T},
+                lambda grads, name=name: {**grads, name: grads[name].T},
             )
         if spec.bias:
-            bias = params[f"fc{i}.bias"]
-            yield f"leaves out fc{i}.bias", "", spec, {f"fc{i}.bias": np.zeros_like(bias)}
-    for i, j in itertools.combinations(range(1, spec.num_layers + 1), 2):
+            name = f"fc{i}.bias"
+            yield (
+                f"leaves out {name}",
+                "",
+                spec,
+                {name: np.zeros_like(params[name])},
+                lambda grads, name=name: {**grads, name: np.zeros_like(grads[name])},
+            )
+    for i, j in itertools.pairwise(range(1, spec.num_layers + 1)):  # neighbours
         if params[f"fc{i}.weight"].shape == params[f"fc{j}.weight"].shape:
             kinds = ("weight", "bias") if spec.bias else ("weight",)
-            swapped = {
-                f"fc{a}.{k}": params[f"fc{b}.{k}"] for a, b in ((i, j), (j, i)) for k in kinds
-            }
-            yield f"uses fc{i} and fc{j} in each other's place", "", spec, swapped
+            pairs = ((i, j), (j, i))
+            swapped = {f"fc{a}.{k}": params[f"fc{b}.{k}"] for a, b in pairs for k in kinds}
+
+            def back(grads: dict, pairs=pairs, kinds=kinds) -> dict:
+                return {
+                    **grads,
+                    **{f"fc{a}.{k}": grads[f"fc{b}.{k}"] for a, b in pairs for k in kinds},
+                }
+
+            yield f"uses fc{i} and fc{j} in each other's place", "", spec, swapped, back
 
 
 def _params_before(problem: Problem, trajectory: Trajectory, step: int) -> dict[str, np.ndarray]:
@@ -434,6 +529,9 @@ class Comparison:
     report: Report
     optimizer: OptimizerSpec | None = None
     _misreadings: dict[str, str | None] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _overflow_sizes: dict[str, float] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     _variants: dict[str, str | None] = dataclasses.field(
@@ -560,11 +658,11 @@ class Comparison:
                 for d in self.report.failures
             ):
                 continue
-            held = _largest(self.trajectories[REFERENCE].stage(stage, step))
+            held = self._overflow_sizes.get(name, math.inf)
             notes.append(
                 f"{name} holds inf or NaN in its {_STAGE_NAMES[stage]} at step {step}, where the "
-                f"float64 reference, which it followed until then, holds values up to "
-                f"{held:.3g}: beyond what {self.problem.spec.dtype} holds. From there {name}'s "
+                f"float64 values from its own parameters reach {held:.3g}: beyond what "
+                f"{self.problem.spec.dtype} holds. From there {name}'s "
                 "differences are overflow, not evidence about the code: "
                 + (f"compare fewer steps (--steps {step - 1}) or " if step > 1 else "")
                 + "lower the learning rate."
@@ -587,45 +685,72 @@ class Comparison:
 
     def backend_overflows(self) -> dict[str, tuple[int, str]]:
         """For each backend that overflows on its own: the first ``(step, stage)`` at
-        which it holds an inf or NaN, if it agreed with the float64 reference on every
-        comparison before (the reference computed its trajectory) and the reference's
-        values there are beyond the dtype's range (or inf or NaN). Its dtype cannot hold
-        them, so from there its differences with any backend are overflow, not evidence,
-        even where a backend on another trajectory stays finite (found by a random
-        sweep: torch's and the hand-derived float32 gradients were NaN, ``inf · 0`` at
-        a dead unit, where the reference's were 8.7e167 and JAX, parted from them by
-        XLA's flushing of subnormals, was finite). An inf or NaN against a reference in
-        range may be a bug, and stays evidence."""
-        reference = self.trajectories.get(REFERENCE)
-        if reference is None:
-            return {}
-        top = float(np.finfo(self.problem.spec.dtype).max)
+        which it holds an inf or NaN, where the float64 values at its own parameters
+        are beyond the dtype's range (or inf or NaN). Its dtype cannot hold them, so
+        from there its differences with any backend are overflow, not evidence, even
+        where a backend on another trajectory stays finite (found by random sweeps:
+        torch's float32 gradients were NaN, ``inf · 0`` at a dead unit, where the
+        float64 ones at torch's parameters were 8.7e167 while JAX, parted by XLA's
+        flushing of subnormals, stayed finite; and the reverse, JAX's loss inf where
+        the float64 loss at JAX's parted parameters was 6.8e74 and torch's 2.5e23).
+
+        The float64 values of the loss and gradients come from the hand-derived pass
+        at the parameters the backend started that step from; for the parameters and
+        optimizer state, from the reference, when the backend agreed with it on every
+        comparison before. An inf or NaN where those values are in range may be a bug,
+        and stays evidence."""
         found = {}
         for name, run in self.trajectories.items():
             if name == REFERENCE:
                 continue
-            steps = min(len(run.losses), len(reference.losses))
             first = next(
                 (
                     (step, stage)
-                    for step in range(1, steps + 1)
+                    for step in range(1, len(run.losses) + 1)
                     for stage in _STAGE_NAMES
                     if run.stage(stage, step) and _nonfinite(run.stage(stage, step))
                 ),
                 None,
             )
-            if first is None:
-                continue
-            held = reference.stage(first[1], first[0])
-            if not held or not (_nonfinite(held) or _largest(held) > top):
-                continue
-            parted = any(
-                {d.actual, d.expected} == {name, REFERENCE} and not _at_or_after(d, first)
-                for d in self.report.failures
-            )
-            if not parted:
-                found[name] = first
+            if first is not None:
+                held = self._float64_at_own_start(name, *first)
+                if held is not None and not held <= float(np.finfo(self.problem.spec.dtype).max):
+                    found[name] = first
+                    self._overflow_sizes[name] = held
         return found
+
+    def _float64_at_own_start(self, name: str, step: int, stage: str) -> float | None:
+        """The greatest float64 value of ``stage`` at step ``step`` computed from the
+        parameters ``name`` started it from (inf for an inf or NaN), or None where it
+        cannot be computed."""
+        run = self.trajectories[name]
+        if stage in ("loss", "grads"):
+            spec = self.problem.spec.replace(dtype="float64")
+            x, y = (to_numpy(v) for v in self.problem.batches[step - 1])
+            y = y if LOSSES[spec.loss].targets == "labels" else y.astype(np.float64)
+            try:
+                before = {
+                    k: v.astype(np.float64)
+                    for k, v in _params_before(self.problem, run, step).items()
+                }
+                with np.errstate(all="ignore"):
+                    loss, grads = manual.loss_and_grads(before, x.astype(np.float64), y, spec)
+            except (KeyError, ValueError, IndexError):  # a hand-built trajectory
+                return None
+            values = {"loss": np.asarray(loss)} if stage == "loss" else grads
+        else:
+            reference = self.trajectories.get(REFERENCE)
+            if reference is None or len(reference.losses) < step:
+                return None
+            if any(
+                {d.actual, d.expected} == {name, REFERENCE} and not _at_or_after(d, (step, stage))
+                for d in self.report.failures
+            ):
+                return None  # parted: the reference did not compute this trajectory
+            values = reference.stage(stage, step)
+            if not values:
+                return None
+        return math.inf if _nonfinite(values) else _largest(values)
 
     def unbounded_at(self) -> tuple[int, str] | None:
         """The first ``(step, stage)`` whose rounding-error sizes
@@ -851,29 +976,17 @@ class Comparison:
 
     def _variant_of(self, backend: str) -> str | None:
         run = self.trajectories[backend]
-        if not run.losses or not np.isfinite(run.losses[0]):
+        if backend == REFERENCE or not run.losses or not run.grads:
+            return None
+        theirs = {"loss": np.asarray(run.losses[0], np.float64), **run.grads[0]}
+        if _nonfinite(theirs):
             return None
         spec = self.problem.spec.replace(dtype="float64")
         params = {k: to_numpy(v).astype(np.float64) for k, v in self.problem.params.items()}
         x, y = (to_numpy(v) for v in self.problem.batches[0])
-        x = x.astype(np.float64)
         y = y if LOSSES[spec.loss].targets == "labels" else y.astype(np.float64)
-
-        def loss(variant: MLPSpec, changed: dict[str, np.ndarray]) -> float:
-            with np.errstate(all="ignore"):
-                return float(manual.loss_and_grads({**params, **changed}, x, y, variant)[0])
-
-        own, theirs = loss(spec, {}), float(run.losses[0])
-        for what, advice, variant, changed in _model_variants(spec, params):
-            other = loss(variant, changed)
-            near = abs(theirs - other) <= 1e-3 * abs(other)  # not a coincidence
-            if other != own and near and abs(theirs - other) * 10 <= abs(theirs - own):
-                return (
-                    f"{what}: its step-1 loss {theirs:.9g} is the float64 loss of the model "
-                    f"computed that way ({other:.9g}), not of the model ({own:.9g})."
-                    + (f" {advice}." if advice else "")
-                )
-        return None
+        noise = _VARIANT_NOISE[self.problem.spec.dtype]
+        return matching_variant(spec, params, x.astype(np.float64), y, theirs, noise=noise)
 
     def arbiter_verdict(self) -> list[str]:
         """One line per backend: does it agree with the float64 reference, and if

@@ -462,7 +462,7 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
         # equiv's names already: the spec says what the forward pass computes, and is
         # checked against it (a ReLU module given a tanh spec was accepted silently).
         params = {k: v.detach() for k, v in model.state_dict().items()}
-        mismatch = forward_mismatch(model, spec, params)
+        mismatch = forward_mismatch(model, spec, params, names=spec.param_names())
         if mismatch:
             raise value_error(
                 f"spec does not describe {type(model).__name__}: run on a float64 probe "

@@ -252,6 +252,13 @@ def test_layout_templates_are_checked(template, message):
     assert str(info.value).startswith(message)
 
 
+def test_a_layout_transpose_that_is_not_a_bool_is_refused():
+    # A 1 would be written to a checkpoint as "1" and not read back as the layout.
+    with pytest.raises(TypeError, match="transpose must be True or False, got 1"):
+        Layout("mine", "w{i}", "b{i}", transpose=1)
+    assert Layout("mine", "w{i}", "b{i}", transpose=True).transpose is True
+
+
 def test_unknown_layout_is_refused():
     with pytest.raises(ValueError) as info:
         torch_to_jax({}, layout="haiku")

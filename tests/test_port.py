@@ -179,6 +179,16 @@ def test_a_spec_that_contradicts_a_module_with_equivs_names_is_refused(equiv_see
     )
     check_jax_port(net, flax_loss, xs, ys, steps=2, spec=SPEC).assert_agree()  # the twin
 
+    class Registered(torch.nn.Module):  # fc2 registered first: matched by name, not order
+        def __init__(self):
+            super().__init__()
+            self.fc2, self.fc1 = torch.nn.Linear(4, 3), torch.nn.Linear(5, 4)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    check_jax_port(Registered(), flax_loss, xs, ys, steps=2, spec=SPEC).assert_agree()
+
 
 def test_a_port_optimizer_alone_is_refused_torch_would_run_plain_sgd(equiv_seed):
     model, xs, ys = _model_and_batches(equiv_seed)
