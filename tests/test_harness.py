@@ -740,24 +740,32 @@ def test_a_dead_units_tiny_size_is_not_called_unbounded():
     comparison.assert_agree()
 
 
+def _diverging(spec: MLPSpec, optimizer: OptimizerSpec, *, batch_size: int, seed: int):
+    """``compare(steps)`` for a random sweep's diverging case, its warnings silenced."""
+
+    def compare(steps: int):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return compare_backends(
+                spec, batch_size=batch_size, seed=seed, steps=steps, optimizer=optimizer
+            )
+
+    return compare
+
+
 def test_a_lone_nan_before_the_overflow_is_named_first():
     # Found by a random sweep: at step 7 JAX's float32 silu backward gives NaN where
     # upstream · z overflows (torch's and the reference's gradients are finite, at most
     # 4.2e28), a step before every backend's loss overflows. The hints name JAX's NaN
     # first, then the overflow. The twin: six steps, before any NaN, agree.
-    def compare(steps: int):
-        spec = MLPSpec(
+    compare = _diverging(
+        MLPSpec(
             (2, 3, 17, 3, 2), activation=("silu", "silu", "leaky_relu"), loss="mse_sum", bias=False
-        )
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return compare_backends(
-                spec,
-                batch_size=2,
-                seed=884335394,
-                steps=steps,
-                optimizer=OptimizerSpec("sgd", learning_rate=0.5936480514802078, momentum=0.9),
-            )
+        ),
+        OptimizerSpec("sgd", learning_rate=0.5936480514802078, momentum=0.9),
+        batch_size=2,
+        seed=884335394,
+    )
 
     comparison = compare(9)
     assert comparison.overflowed_at() == (8, "loss")
@@ -780,21 +788,14 @@ def test_a_backend_that_overflows_on_the_references_trajectory_is_not_evidence()
     # trajectory, holds 5.3e186; JAX's are finite. Those are overflow: named, and not
     # evidence. The twin: sixteen steps agree; and a lone NaN against a reference in
     # range stays evidence (test_a_lone_nan_before_the_overflow_is_named_first).
-    def compare(steps: int):
-        spec = MLPSpec(
-            (3, 5, 5, 64, 1, 8),
-            activation=("relu", "identity", "gelu", "elu"),
-            loss="mse_sum",
-        )
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return compare_backends(
-                spec,
-                batch_size=1,
-                seed=80821462,
-                steps=steps,
-                optimizer=OptimizerSpec("sgd", learning_rate=2.8557490502314473),
-            )
+    compare = _diverging(
+        MLPSpec(
+            (3, 5, 5, 64, 1, 8), activation=("relu", "identity", "gelu", "elu"), loss="mse_sum"
+        ),
+        OptimizerSpec("sgd", learning_rate=2.8557490502314473),
+        batch_size=1,
+        seed=80821462,
+    )
 
     comparison = compare(17)
     assert not comparison.agree  # the verdict still fails: float32 cannot hold this run
@@ -816,24 +817,19 @@ def test_a_backend_that_overflows_on_a_parted_trajectory_is_not_evidence():
     # JAX's float32 loss is inf and its gradients NaN where torch's are 2.5e23 and 0.
     # The float64 loss at JAX's own parameters is 6.8e74: overflow, not evidence. The
     # twin: nine steps agree.
-    def compare(steps: int):
-        spec = MLPSpec(
+    compare = _diverging(
+        MLPSpec(
             (5, 2, 5, 3),
             activation=("relu", "elu"),
             loss="mse_sum",
             bias=False,
             negative_slope=0.2,
             elu_alpha=0.5,
-        )
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return compare_backends(
-                spec,
-                batch_size=7,
-                seed=1333182695,
-                steps=steps,
-                optimizer=OptimizerSpec("sgd", learning_rate=0.4952769398271648),
-            )
+        ),
+        OptimizerSpec("sgd", learning_rate=0.4952769398271648),
+        batch_size=7,
+        seed=1333182695,
+    )
 
     comparison = compare(10)
     assert not comparison.agree and comparison.analysis_limit() is None
@@ -853,21 +849,19 @@ def test_float64_values_that_overflow_at_finite_parameters_are_named_not_blamed(
     # losses overflowed, and on its flat side in JAX, whose loss came out 2.7e243. The
     # parameters are finite; the analysis cannot compute there: the note, no blame. The
     # twin: five steps agree.
-    def compare(steps: int):
-        spec = MLPSpec(
+    compare = _diverging(
+        MLPSpec(
             (64, 33, 33, 64, 8),
             activation=("gelu_tanh", "sigmoid", "elu"),
             loss="mse_sum",
             dtype="float64",
-        )
-        optimizer = OptimizerSpec(
+        ),
+        OptimizerSpec(
             "sgd", learning_rate=2.6246923134582816, momentum=0.9, nesterov=True, weight_decay=1e-3
-        )
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return compare_backends(
-                spec, batch_size=1, seed=1541419810, steps=steps, optimizer=optimizer
-            )
+        ),
+        batch_size=1,
+        seed=1541419810,
+    )
 
     comparison = compare(6)
     assert comparison.overflowed_at() is None  # JAX's loss is finite
