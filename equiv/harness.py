@@ -561,7 +561,9 @@ class Comparison:
         Only the first (step, stage) whose failures match a known trap speaks: later
         differences are consequences of the first (a halved gradient also halves the
         update). A bare constant factor is named only when no known trap matches at
-        the first failing step. Leaves with the same hint are named together. From
+        the first failing step. Leaves with the same hint are named together, and where
+        the float64 reference fails a backend at that step only the pairs against the
+        reference speak (the same cause, once). From
         the step at which every backend overflows (:meth:`overflowed_at`) or the error
         sizes do (:meth:`unbounded_at`), :meth:`overflow_note` or
         :meth:`unbounded_note` speaks instead, after any cause found before it (inf or
@@ -582,6 +584,15 @@ class Comparison:
             if d.actual in self.trajectories and d.expected in self.trajectories:
                 key = (d.step, order[d.stage], d.actual, d.expected)
                 groups.setdefault(key, []).append(d.name)
+        # Where the float64 reference speaks at a (step, stage), only the pairs against
+        # it do: "torch vs port" says again what "port vs reference" says (found in a
+        # user trial: a dozen near-identical lines).
+        judged = {key[:2] for key in groups if REFERENCE in key[2:]}
+        groups = {
+            key: names
+            for key, names in groups.items()
+            if REFERENCE in key[2:] or key[:2] not in judged
+        }
         spec = self.problem.spec
         numel = self.problem.batch_size * spec.sizes[-1]
         found_at, merged, generic = None, {}, {}

@@ -212,7 +212,7 @@ DEFECTS = [
         jax_check(port_loss(stop=(0,))),
         "grads",
         ("fc1.weight", "fc1.bias"),
-        hint="fc1.weight, fc1.bias: port's gradient is zero where torch's is not",
+        hint="fc1.weight, fc1.bias: port's gradient is zero where reference's is not",
     ),
     Defect(
         "mse summed over the outputs, averaged over the batch",
@@ -396,3 +396,23 @@ def test_a_mistake_outside_the_variants_is_not_named_one(seed):
     flipped = _step_one(spec, {**params, f"fc{k}.weight": params[f"fc{k}.weight"].T}, x, y)
     flipped[f"fc{k}.weight"] = flipped[f"fc{k}.weight"].T  # as the port reports it
     assert _named_variant(spec, params, x, y, flipped) == f"uses fc{k}.weight transposed"
+
+
+def test_where_the_reference_judges_only_its_pairs_give_hints(equiv_seed):
+    # Found in a user trial: each cause came once per pair, "torch vs port" repeating
+    # "port vs reference". The twin: without a reference, the pair between backends speaks.
+    from equiv.compare import Report
+    from equiv.harness import Comparison
+
+    spec, model, xs, ys = _setup(equiv_seed)
+    comparison = jax_check(port_loss(reduce=jnp.sum))(model, spec, xs, ys)
+    hints = comparison.hints()
+    assert len(hints) == 1 and hints[0].endswith("(step 1, port vs reference)"), hints
+    alone = Comparison(
+        comparison.problem,
+        comparison.learning_rate,
+        {k: v for k, v in comparison.trajectories.items() if k != REFERENCE},
+        Report([d for d in comparison.report.leaves if REFERENCE not in (d.actual, d.expected)]),
+    )
+    hints = alone.hints()
+    assert len(hints) == 1 and hints[0].endswith("(step 1, torch vs port)"), hints

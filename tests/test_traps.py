@@ -147,7 +147,7 @@ OPTIMIZER_TRAPS = [
         "adamw_decay_1e-4",
         ADAMW,
         optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8),
-        "the weight decays differ by 0.0099",
+        "the weight decays differ by -0.0099 (port's minus reference's",
     ),
     (
         "adam_weight_decay_is_not_adamw",
@@ -219,7 +219,8 @@ def test_one_step_adamw_decay_is_not_called_l2(equiv_seed):
     # One step (check_jax_port's default): Adam's first update is lr·sign(g), so L2
     # decay would fit too; the cause named is the decay difference itself.
     naive = optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8)
-    _optimizer_trap(equiv_seed, ADAMW, naive, steps=1, hint="the weight decays differ by 0.0099")
+    hint = "the weight decays differ by -0.0099 (port's minus reference's"
+    _optimizer_trap(equiv_seed, ADAMW, naive, steps=1, hint=hint)
     problem = make_problem(SPEC, batch_size=3, seed=equiv_seed, steps=1)
     runs = {
         "torch": run_torch(problem, 1e-2, optimizer=ADAMW),
