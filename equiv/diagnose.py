@@ -241,12 +241,15 @@ class OptimizerVariant:
 
     The rule is ``spec``'s update (:func:`equiv.optimizers.manual_update`), then
     ``decay_after · learning_rate · p`` subtracted: weight decay applied to the update
-    after the momentum rather than to the gradient before it.
+    after the momentum rather than to the gradient before it. A nonzero ``eps_root``
+    is Adam's ε moved inside the square root: ``m̂ / √(v̂ + ε)`` for torch's
+    ``m̂ / (√v̂ + ε)`` (optax's ``eps_root`` taken for its ``eps``).
     """
 
     what: str
     spec: OptimizerSpec
     decay_after: float = 0.0
+    eps_root: float = 0.0
 
 
 def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
@@ -256,8 +259,8 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
 
     Example:
       >>> spec = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1)
-      >>> [v.spec.name for v in optimizer_variants(spec)]
-      ['adamw']
+      >>> [v.what.split(",")[0] for v in optimizer_variants(spec)]
+      ['decays the weights decoupled', 'puts eps=1e-08 inside the square root']
     """
     lam, mu, variants = spec.weight_decay, spec.momentum, []
     replace = dataclasses.replace
@@ -305,6 +308,16 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
                 f"{spec.nesterov}: use optax.sgd(..., momentum={mu:g}, "
                 f"nesterov={spec.nesterov})",
                 replace(spec, nesterov=not spec.nesterov),
+            )
+        )
+    if spec.name in ("adam", "adamw") and not spec.amsgrad and spec.eps and spec.betas[1] > 0:
+        variants.append(
+            OptimizerVariant(
+                f"puts eps={spec.eps:g} inside the square root, m̂/√(v̂ + eps) (optax's "
+                f"eps_root); torch divides by √v̂ + eps: use optax.adam(..., eps={spec.eps:g}, "
+                "eps_root=0.0)",
+                replace(spec, eps=0.0),
+                eps_root=spec.eps,
             )
         )
     # A weight decay that is missing or has another value is not a variant: the
@@ -391,7 +404,10 @@ def optimizer_residual(
         g, after = _wide(g), _wide(after)
         if state is None:
             state = manual_init(variant.spec, before)
-        predicted, state = manual_update(variant.spec, before, g, state, step)
+        if variant.eps_root:
+            predicted, state = _eps_root_update(variant, before, g, state, step)
+        else:
+            predicted, state = manual_update(variant.spec, before, g, state, step)
         lr = variant.spec.learning_rate
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: checked below
             scale = max(float(np.max(np.abs(after[n] - before[n]), initial=0.0)) for n in after)
@@ -413,6 +429,22 @@ def optimizer_residual(
             worst = max(worst, miss / scale)
         before = after
     return worst
+
+
+def _eps_root_update(variant: OptimizerVariant, before, g, state, step: int):
+    """Adam's update with ``ε`` inside the square root, by torch's own rule with ``ε = 0``:
+    its second moment is shifted by ``ε·(1 - β₂ᵗ)`` for the step (so that
+    ``√(v̂ + ε) = √((v + ε·(1 - β₂ᵗ)) / (1 - β₂ᵗ))``), and the state kept unshifted."""
+    eps, beta2 = variant.eps_root, variant.spec.betas[1]
+    shift = eps * (1 - beta2 ** float(step))
+    # manual_update computes v_t = β₂·v + (1 - β₂)·g²: shift the v it starts from.
+    shifted = {
+        **state,
+        "exp_avg_sq": {n: v + shift / beta2 for n, v in state["exp_avg_sq"].items()},
+    }
+    predicted, new = manual_update(variant.spec, before, g, shifted, step)
+    new["exp_avg_sq"] = {n: v - shift for n, v in new["exp_avg_sq"].items()}
+    return predicted, new
 
 
 def _fitted_learning_rate(spec, initial, grads, after) -> float | None:

@@ -140,6 +140,7 @@ ADAMW = OptimizerSpec("adamw", learning_rate=1e-2)  # see the report: lr 0.1 exp
 ADAM_L2 = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1)
 ADAMW_DECAY = OptimizerSpec("adamw", learning_rate=1e-2, weight_decay=0.1)
 NESTEROV = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, nesterov=True)
+ADAM_EPS = OptimizerSpec("adam", learning_rate=1e-2, eps=1e-3)
 
 OPTIMIZER_TRAPS = [
     # AdamW's decoupled decay: torch 1e-2 vs optax's default 1e-4 differ by 9.9e-3·lr·p.
@@ -180,6 +181,12 @@ OPTIMIZER_TRAPS = [
         "port's updates are torch's sgd misread: it uses nesterov=False",
     ),
     ("weight_decay_ignored", MOM, optax.sgd(0.1, momentum=0.9), "the weight decays differ by -0.1"),
+    (  # optax's eps_root taken for its eps (found in a user trial: caught, no cause named)
+        "adam_eps_inside_the_square_root",
+        ADAM_EPS,
+        optax.adam(1e-2, eps=0.0, eps_root=1e-3),
+        "port's updates are torch's adam misread: it puts eps=0.001 inside the square root",
+    ),
 ]
 
 
