@@ -488,17 +488,23 @@ def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
     else:
         raise type_error(f"expected a torch.nn.Module or a state_dict, got {type(obj).__name__}")
     for name, tensor in state.items():
-        if isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
-            raise value_error(
-                f"{name!r} is an uninitialised lazy parameter (nn.LazyLinear) and holds no "
-                "values yet: run one forward pass to materialise it first"
-            )
-        if tensor.device.type == "meta":
-            raise value_error(
-                f"{name!r} is on the meta device and holds no values: materialise the module "
-                "first (module.to_empty(device='cpu'), then load its weights)"
-            )
+        refuse_without_values(name, tensor)
     return {name: tensor.detach() for name, tensor in state.items()}
+
+
+def refuse_without_values(name: str, tensor: torch.Tensor) -> None:
+    """A ``ValueError`` naming ``tensor`` if it holds no values to read: an
+    uninitialised lazy parameter, or one on the meta device."""
+    if isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
+        raise value_error(
+            f"{name!r} is an uninitialised lazy parameter (nn.LazyLinear) and holds no "
+            "values yet: run one forward pass to materialise it first"
+        )
+    if tensor.device.type == "meta":
+        raise value_error(
+            f"{name!r} is on the meta device and holds no values: materialise the module "
+            "first (module.to_empty(device='cpu'), then load its weights)"
+        )
 
 
 def module_spec(module: Any) -> MLPSpec | None:

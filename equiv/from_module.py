@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from equiv._messages import type_error, value_error
-from equiv.convert import overlapping
+from equiv.convert import overlapping, refuse_without_values
 from equiv.spec import MLPSpec
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -196,16 +196,7 @@ def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:
                     "(torch.nn.utils.remove_weight_norm)"
                 )
     for name, param in module.named_parameters(remove_duplicate=False):
-        if isinstance(param, nn.parameter.UninitializedTensorMixin):
-            raise value_error(
-                f"parameter {name!r} is an uninitialised lazy parameter (nn.LazyLinear): run "
-                "one forward pass to materialise it first"
-            )
-        if param.device.type == "meta":
-            raise value_error(
-                f"parameter {name!r} is on the meta device and holds no values: materialise "
-                "the module first (module.to_empty(device='cpu'), then load its weights)"
-            )
+        refuse_without_values(name, param)
         if id(param) not in linear:
             raise value_error(
                 f"parameter {name!r} belongs to no nn.Linear; equiv's MLP has only the Linear "

@@ -309,16 +309,13 @@ def run_jax(
 
 _GELU_SWAP = {"gelu": "gelu_tanh", "gelu_tanh": "gelu"}
 #: Floating-point operations the variant hints may spend: about 2e10, a few seconds
-#: of float64 forward passes (``_model_variants``; a 100M-parameter model at batch 32
-#: gets the GELU variants and the first few others).
+#: of float64 forward and backward passes (``_model_variants``; a 100M-parameter model
+#: at batch 32 gets the first variant only).
 _VARIANT_FLOPS = 2e10
 #: Step-1 values further than this from the model's (relative, greatest over the loss
 #: and every gradient, :func:`_tree_distance`) are looked into: a thousand unit
 #: roundoffs, beyond what rounding gives at step 1 in all but very deep or wide models.
-_VARIANT_NOISE = {
-    "float32": 1e3 * UNIT_ROUNDOFF["float32"],
-    "float64": 1e3 * UNIT_ROUNDOFF["float64"],
-}
+_VARIANT_NOISE = {dtype: 1e3 * u for dtype, u in UNIT_ROUNDOFF.items()}
 #: A variant explains a run whose step-1 values are this near its own (and ten times
 #: nearer than the model's): far above float32 rounding, far below what the variants
 #: change (1e-4 relative for the GELUs, O(1) for the others).
@@ -454,6 +451,20 @@ def _model_variants(
             yield f"uses fc{i} and fc{j} in each other's place", "", spec, swapped, back
 
 
+def _float64_batch(problem: Problem, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batch ``step`` (1-based) for the hand-derived float64 pass: inputs in float64,
+    targets too unless they are labels."""
+    spec = problem.spec
+    x, y = (to_numpy(v) for v in problem.batches[step - 1])
+    y = y if LOSSES[spec.loss].targets == "labels" else y.astype(np.float64)
+    return x.astype(np.float64), y
+
+
+def _float64_params(problem: Problem) -> dict[str, np.ndarray]:
+    """The problem's initial parameters in float64."""
+    return {k: to_numpy(v).astype(np.float64) for k, v in problem.params.items()}
+
+
 def _params_before(problem: Problem, trajectory: Trajectory, step: int) -> dict[str, np.ndarray]:
     """The parameters ``trajectory`` started 1-based ``step`` from, as NumPy arrays."""
     if step == 1:
@@ -531,8 +542,8 @@ class Comparison:
     _misreadings: dict[str, str | None] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    _overflow_sizes: dict[str, float] = dataclasses.field(
-        default_factory=dict, init=False, repr=False, compare=False
+    _own_overflows: dict[str, tuple[int, str, float]] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
     )
     _variants: dict[str, str | None] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -607,11 +618,7 @@ class Comparison:
                 # Only where the gradients agree can a different update be the
                 # learning rate's or the weight decay's (a zero gradient, a
                 # stop_gradient, gives a zero update whatever the learning rate).
-                before = (
-                    {k: to_numpy(v).astype(np.float64) for k, v in self.problem.params.items()}
-                    if step == 1
-                    else tb.params[step - 2]
-                )
+                before = _float64_params(self.problem) if step == 1 else tb.params[step - 2]
             cause = self._optimizer_cause(a, b) if stage in ("state", "params") else None
             cause = f"{cause} (from step {step} on)" if cause else self._variant_cause(a, b)
             if cause:
@@ -651,25 +658,19 @@ class Comparison:
         )
         if not causes:  # inf or NaN on one side before the run overflowed
             causes = self._nonfinite_cause(limit, own)
-        return causes + self._backend_overflow_notes(own, limit) + ([note] if note else [])
+        return causes + self._backend_overflow_notes(limit) + ([note] if note else [])
 
-    def _backend_overflow_notes(
-        self, own: Mapping[str, tuple[int, str]], limit: tuple[int, str] | None
-    ) -> list[str]:
+    def _backend_overflow_notes(self, limit: tuple[int, str] | None) -> list[str]:
         """One line per backend that overflowed on its own with failures after it."""
         notes = []
-        for name, (step, stage) in own.items():
-            if limit is not None and (step, _STAGE_RANK[stage]) >= (
-                limit[0],
-                _STAGE_RANK[limit[1]],
-            ):
+        for name, (step, stage, held) in self._overflows().items():
+            if limit is not None and _earliest(limit, (step, stage)) == limit:
                 continue  # the run's own note speaks
             if not any(
                 name in (d.actual, d.expected) and _at_or_after(d, (step, stage))
                 for d in self.report.failures
             ):
                 continue
-            held = self._overflow_sizes.get(name, math.inf)
             notes.append(
                 f"{name} holds inf or NaN in its {_STAGE_NAMES[stage]} at step {step}, where the "
                 f"float64 values from its own parameters reach {held:.3g}: beyond what "
@@ -710,6 +711,13 @@ class Comparison:
         optimizer state, from the reference, when the backend agreed with it on every
         comparison before. An inf or NaN where those values are in range may be a bug,
         and stays evidence."""
+        return {name: (step, stage) for name, (step, stage, _) in self._overflows().items()}
+
+    def _overflows(self) -> dict[str, tuple[int, str, float]]:
+        """:meth:`backend_overflows` with the float64 size found there, computed once
+        (each needs a float64 pass)."""
+        if self._own_overflows is not None:
+            return self._own_overflows
         found = {}
         for name, run in self.trajectories.items():
             if name == REFERENCE:
@@ -726,8 +734,8 @@ class Comparison:
             if first is not None:
                 held = self._float64_at_own_start(name, *first)
                 if held is not None and not held <= float(np.finfo(self.problem.spec.dtype).max):
-                    found[name] = first
-                    self._overflow_sizes[name] = held
+                    found[name] = (*first, held)
+        self._own_overflows = found
         return found
 
     def _float64_at_own_start(self, name: str, step: int, stage: str) -> float | None:
@@ -737,15 +745,12 @@ class Comparison:
         run = self.trajectories[name]
         if stage in ("loss", "grads"):
             spec = self.problem.spec.replace(dtype="float64")
-            x, y = (to_numpy(v) for v in self.problem.batches[step - 1])
-            y = y if LOSSES[spec.loss].targets == "labels" else y.astype(np.float64)
+            x, y = _float64_batch(self.problem, step)
             try:
-                before = {
-                    k: v.astype(np.float64)
-                    for k, v in _params_before(self.problem, run, step).items()
-                }
+                start = _params_before(self.problem, run, step)
+                before = {k: v.astype(np.float64) for k, v in start.items()}
                 with np.errstate(all="ignore"):
-                    loss, grads = manual.loss_and_grads(before, x.astype(np.float64), y, spec)
+                    loss, grads = manual.loss_and_grads(before, x, y, spec)
             except (KeyError, ValueError, IndexError):  # a hand-built trajectory
                 return None
             values = {"loss": np.asarray(loss)} if stage == "loss" else grads
@@ -791,13 +796,13 @@ class Comparison:
         )
 
     def _nonfinite_cause(
-        self, limit: tuple[int, str] | None, own: Mapping[str, tuple[int, str]] | None = None
+        self, limit: tuple[int, str] | None, own: Mapping[str, tuple[int, str]]
     ) -> list[str]:
         """For the first failure with inf or NaN on one side only (before ``limit``,
         :meth:`analysis_limit`, and a backend's own overflow, :meth:`backend_overflows`):
         which side, where, and how large the other side is there."""
         for d in sorted(self.report.failures, key=lambda d: (d.step, _STAGE_RANK[d.stage])):
-            if not _is_evidence(d, limit, own or {}):
+            if not _is_evidence(d, limit, own):
                 continue
             if not d.nonfinite_mismatched or not {d.actual, d.expected} <= set(self.trajectories):
                 continue
@@ -944,7 +949,7 @@ class Comparison:
         leaves that differ from the model's: a square weight transposed named as such
         (after a step the update hides it), the others together with how far off."""
         causes = []
-        model = {k: to_numpy(v).astype(np.float64) for k, v in self.problem.params.items()}
+        model = _float64_params(self.problem)
         for backend, run in self.trajectories.items():
             if run.initial is None:
                 continue
@@ -972,12 +977,10 @@ class Comparison:
         return causes
 
     def _variant_cause(self, a: str, b: str) -> str | None:
-        """Which of ``a`` and ``b`` computes a known variant of the model (the other
-        GELU, a square weight used transposed, a bias left out), tested rather than
-        guessed: its step-1 loss must be the float64 loss of that variant, ten times
-        nearer it than the float64 loss of the model. None otherwise. (A guess from
-        the size of the difference alone named GELU for a forgotten transpose or
-        bias: found in a user trial.)"""
+        """Which of ``a`` and ``b`` computes a known variant of the model
+        (:func:`matching_variant`, cached per backend), or None. (A guess from the
+        size of the difference alone named GELU for a forgotten transpose or bias:
+        found in a user trial.)"""
         for backend in (a, b):
             if backend not in self._variants:
                 self._variants[backend] = self._variant_of(backend)
@@ -993,11 +996,9 @@ class Comparison:
         if _nonfinite(theirs):
             return None
         spec = self.problem.spec.replace(dtype="float64")
-        params = {k: to_numpy(v).astype(np.float64) for k, v in self.problem.params.items()}
-        x, y = (to_numpy(v) for v in self.problem.batches[0])
-        y = y if LOSSES[spec.loss].targets == "labels" else y.astype(np.float64)
+        x, y = _float64_batch(self.problem, 1)
         noise = _VARIANT_NOISE[self.problem.spec.dtype]
-        return matching_variant(spec, params, x.astype(np.float64), y, theirs, noise=noise)
+        return matching_variant(spec, _float64_params(self.problem), x, y, theirs, noise=noise)
 
     def arbiter_verdict(self) -> list[str]:
         """One line per backend: does it agree with the float64 reference, and if

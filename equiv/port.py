@@ -50,7 +50,7 @@ import torch
 from equiv import manual
 from equiv._messages import type_error, value_error
 from equiv.compare import to_numpy
-from equiv.convert import _flatten, get_layout, jax_to_torch, module_spec, torch_to_jax
+from equiv.convert import get_layout, jax_to_torch, module_spec, torch_to_jax
 from equiv.from_module import forward_mismatch, mlp_from_module
 from equiv.harness import (
     REFERENCE,
@@ -293,7 +293,8 @@ def run_jax_port(
     state = optimizer.init(params)
     out = Trajectory(name, spec.dtype)
     if given:
-        out.initial = {k: to_numpy(v) for k, v in _as_torch_names(params, layout, spec).items()}
+        start = jax_to_torch(params, layout=layout, spec=spec)
+        out.initial = {k: to_numpy(v) for k, v in start.items()}
     if jit:
         out.unjitted = unjitted_replay(
             value_and_grad,
@@ -318,20 +319,6 @@ def run_jax_port(
             jax_to_torch(params, layout=layout, spec=spec),
             _torch_named_state(state_spec, state, layout, spec),
         )
-    return out
-
-
-def _as_torch_names(params: Any, layout: str, spec: MLPSpec) -> dict[str, Any]:
-    """A tree in ``layout`` under torch's names, exactly as given: nothing is checked
-    or transposed but the layout's own transpose, so a mistake in it stays visible."""
-    layout = get_layout(layout)
-    flat = _flatten(params) if isinstance(params, Mapping) else {}
-    out = {}
-    for name in spec.param_names():
-        leaf = flat.get(layout.path(name))
-        if leaf is not None:
-            leaf = np.asarray(jax.device_get(leaf))
-            out[name] = leaf.T if layout.transpose and name.endswith(".weight") else leaf
     return out
 
 

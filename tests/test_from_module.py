@@ -203,11 +203,11 @@ def _weight_norm() -> nn.Module:
         (_weight_norm(), "Linear '0' holds parameters weight_g, weight_v besides its weight"),
         (
             nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.Linear(3, 1)),
-            "parameter '0.weight' is an uninitialised lazy parameter",
+            "'0.weight' is an uninitialised lazy parameter",
         ),
         (
             nn.Sequential(nn.Linear(3, 3, device="meta"), nn.ReLU(), nn.Linear(3, 1)),
-            "parameter '0.weight' is on the meta device and holds no values",
+            "'0.weight' is on the meta device and holds no values",
         ),
         (
             nn.ModuleList([nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1)]),
