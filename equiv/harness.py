@@ -72,6 +72,13 @@ from equiv.tolerance import (
     with_magnitude,
 )
 from equiv.torch_mlp import torch_loss_fn, torch_mlp_with_params, torch_sgd_step
+from equiv.variants import (
+    VARIANT_FLOPS,
+    VARIANT_MATCH,
+    VARIANT_NOISE,
+    matching_variant,
+    tree_distance,
+)
 
 State = dict[str, dict[str, np.ndarray]]
 #: ``(params, x, y) -> (loss, grads)``: torch-named NumPy trees (:attr:`Trajectory.unjitted`).
@@ -305,150 +312,6 @@ def run_jax(
             optax_state_to_torch_names(opt_spec, opt_state, to_torch),
         )
     return out
-
-
-_GELU_SWAP = {"gelu": "gelu_tanh", "gelu_tanh": "gelu"}
-#: Floating-point operations the variant hints may spend: about 2e10, a few seconds
-#: of float64 forward and backward passes (``_model_variants``; a 100M-parameter model
-#: at batch 32 gets the first variant only).
-_VARIANT_FLOPS = 2e10
-#: Step-1 values further than this from the model's (relative, greatest over the loss
-#: and every gradient, :func:`_tree_distance`) are looked into: a thousand unit
-#: roundoffs, beyond what rounding gives at step 1 in all but very deep or wide models.
-_VARIANT_NOISE = {dtype: 1e3 * u for dtype, u in UNIT_ROUNDOFF.items()}
-#: A variant explains a run whose step-1 values are this near its own (and ten times
-#: nearer than the model's): far above float32 rounding, far below what the variants
-#: change (1e-4 relative for the GELUs, O(1) for the others).
-_VARIANT_MATCH = 1e-5
-
-
-def matching_variant(
-    spec: MLPSpec,
-    params: dict[str, np.ndarray],
-    x: np.ndarray,
-    y: np.ndarray,
-    theirs: Mapping[str, np.ndarray],
-    *,
-    noise: float = 0.0,
-) -> str | None:
-    """Which known variant of the float64 model (``_model_variants``) a backend's step
-    1 is, as a hint, or None: ``theirs`` (its loss under ``"loss"`` and its gradients)
-    must be within ``_VARIANT_MATCH`` of the variant's, relative, in the loss and every
-    gradient, and ten times nearer than the model's. Steps within ``noise`` of the
-    model's are not looked into."""
-
-    def step_one(variant: MLPSpec, changed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with np.errstate(all="ignore"):
-            loss, grads = manual.loss_and_grads({**params, **changed}, x, y, variant)
-        return {"loss": np.asarray(loss), **grads}
-
-    own = step_one(spec, {})
-    apart = _tree_distance(theirs, own)
-    if not apart > noise:
-        return None  # step 1 is the model's, up to rounding: no variant to look for
-    # Each variant costs a float64 forward and backward pass of the first batch; at
-    # most _VARIANT_FLOPS of them in all (a few seconds), the likeliest first.
-    cost = 6.0 * x.shape[0] * sum(v.size for v in params.values())
-    budget = max(1, int(_VARIANT_FLOPS // max(cost, 1.0)))
-    for what, advice, variant, changed, reported in itertools.islice(
-        _model_variants(spec, params), budget
-    ):
-        other = step_one(variant, changed)
-        other = {"loss": other.pop("loss"), **reported(other)}
-        near = _tree_distance(theirs, other)
-        # The loss and every gradient must be the variant's (a single scalar matched by
-        # chance: a scaled weight was named a missing bias in a deep model, in review).
-        if near <= _VARIANT_MATCH and near * 10 <= apart:
-            loss = float(theirs["loss"])
-            return (
-                f"{what}: its step-1 loss {loss:.9g} and gradients are the float64 ones "
-                f"of the model computed that way (loss {float(other['loss']):.9g}, "
-                f"gradients within {near:.2g} relative), not the model's (loss "
-                f"{float(own['loss']):.9g}, {apart:.2g} apart)." + (f" {advice}." if advice else "")
-            )
-    return None
-
-
-def _tree_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    """The greatest over the leaves of ``max|a - b| / max|b|`` (0 where both are 0)."""
-    worst = 0.0
-    for name, expected in b.items():
-        e = np.asarray(expected, np.float64)
-        diff = float(np.max(np.abs(np.asarray(a[name], np.float64) - e), initial=0.0))
-        scale = float(np.max(np.abs(e), initial=0.0))
-        worst = max(worst, diff / scale if scale else (math.inf if diff else 0.0))
-    return worst
-
-
-_GELU_ADVICE = (
-    "torch.nn.GELU() is exact (erf) and nn.GELU(approximate='tanh') is not; jax.nn.gelu "
-    "defaults to approximate=True: use jax.nn.gelu(x, approximate=False) for the exact one"
-)
-
-
-def _model_variants(
-    spec: MLPSpec, params: dict[str, np.ndarray]
-) -> Iterable[tuple[str, str, MLPSpec, dict[str, np.ndarray], Callable[[dict], dict]]]:
-    """Known ways of computing another model than ``spec`` (the porting mistakes a
-    single step tells apart): ``(what it does, advice, the spec, changed parameters,
-    the gradients as such a port reports them)``, the last a function of the
-    variant's gradients (a weight used transposed reports its gradient transposed
-    back, a bias left out reports 0, swapped layers report each other's).
-
-    * the other GELU (tanh's approximation for the exact erf, or the reverse), in
-      every GELU layer, then in each one;
-    * a square weight used transposed (``x @ W`` where torch computes ``x @ Wᵀ``:
-      the shapes cannot tell);
-    * a bias left out;
-    * two neighbouring layers of the same shape used in each other's place.
-    """
-
-    def same(grads: dict) -> dict:
-        return grads
-
-    layers = [i for i, name in enumerate(spec.activations) if name in _GELU_SWAP]
-    for changed in [layers] + ([[i] for i in layers] if len(layers) > 1 else []):
-        if not changed:
-            continue
-        acts = tuple(_GELU_SWAP[n] if i in changed else n for i, n in enumerate(spec.activations))
-        kind = "the tanh approximation" if acts[changed[0]] == "gelu_tanh" else "the exact erf"
-        where = "every GELU layer" if changed == layers else f"the GELU after fc{changed[0] + 1}"
-        what = f"computes GELU with {kind} in {where}"
-        yield what, _GELU_ADVICE, spec.replace(activation=acts), {}, same
-    for i in range(1, spec.num_layers + 1):
-        weight = params[f"fc{i}.weight"]
-        if weight.shape[0] == weight.shape[1] > 1:
-            name = f"fc{i}.weight"
-            yield (
-                f"uses {name} transposed",
-                "A square weight hides a forgotten transpose: torch computes x @ W.T with W "
-                "(out, in), while a Flax kernel is (in, out) and used as x @ kernel",
-                spec,
-                {name: weight.T},
-                lambda grads, name=name: {**grads, name: grads[name].T},
-            )
-        if spec.bias:
-            name = f"fc{i}.bias"
-            yield (
-                f"leaves out {name}",
-                "",
-                spec,
-                {name: np.zeros_like(params[name])},
-                lambda grads, name=name: {**grads, name: np.zeros_like(grads[name])},
-            )
-    for i, j in itertools.pairwise(range(1, spec.num_layers + 1)):  # neighbours
-        if params[f"fc{i}.weight"].shape == params[f"fc{j}.weight"].shape:
-            kinds = ("weight", "bias") if spec.bias else ("weight",)
-            pairs = ((i, j), (j, i))
-            swapped = {f"fc{a}.{k}": params[f"fc{b}.{k}"] for a, b in pairs for k in kinds}
-
-            def back(grads: dict, pairs=pairs, kinds=kinds) -> dict:
-                return {
-                    **grads,
-                    **{f"fc{a}.{k}": grads[f"fc{b}.{k}"] for a, b in pairs for k in kinds},
-                }
-
-            yield f"uses fc{i} and fc{j} in each other's place", "", spec, swapped, back
 
 
 def _float64_batch(problem: Problem, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -936,13 +799,51 @@ class Comparison:
                     what = diagnose_optimizer(optimizer, initial, run.grads, run.params)
                 except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                     what = None
-                self._misreadings[backend] = what
+                if what:
+                    what = f"{backend}'s updates are torch's {optimizer.name} misread: it {what}"
+                self._misreadings[backend] = what or self._stepped_twice(backend, optimizer)
             if self._misreadings[backend]:
-                return (
-                    f"{backend}'s updates are torch's {optimizer.name} misread: it "
-                    f"{self._misreadings[backend]}"
-                )
+                return self._misreadings[backend]
         return None
+
+    def _stepped_twice(self, backend: str, optimizer: OptimizerSpec) -> str | None:
+        """Whether ``backend``'s first update is two of the optimizer's on the first
+        batch, the gradients recomputed in between (a training step called twice per
+        batch), as a hint, or None: its update must be within ``VARIANT_MATCH`` of the
+        float64 two-step one, relative, and ten times nearer than the one-step one.
+        (The update, not the parameters: a step is small beside the weights.)"""
+        run = self.trajectories[backend]
+        spec = self.problem.spec
+        cost = 12.0 * self.problem.batch_size * sum(v.numel() for v in self.problem.params.values())
+        if backend == REFERENCE or not run.params or cost > VARIANT_FLOPS:
+            return None
+        batch = self.problem.batches[0]
+        twice = dataclasses.replace(self.problem, spec=spec.replace(dtype="float64"))
+        twice = dataclasses.replace(twice, batches=(batch, batch))
+        with np.errstate(all="ignore"):
+            steps = run_reference(twice, self.learning_rate, optimizer=optimizer).params
+        start = _float64_params(self.problem)
+        try:
+            first = run.params[0].items()
+            theirs = {k: to_numpy(v).astype(np.float64) - start[k] for k, v in first}
+            once, two = ({k: p[k] - start[k] for k in theirs} for p in steps)
+        except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
+            return None
+        if _nonfinite(theirs):
+            return None
+        near, apart = tree_distance(theirs, two), tree_distance(theirs, once)
+        # Twice the one-step update (a learning rate twice the model's) must be ten
+        # times further too: where the gradients barely move the two cannot be told
+        # apart, and the factor hint names both.
+        doubled = tree_distance(theirs, {k: 2 * v for k, v in once.items()})
+        if not (near <= VARIANT_MATCH and near * 10 <= min(apart, doubled)):
+            return None
+        return (
+            f"{backend} applies two {optimizer.name} updates to the first batch, the "
+            f"gradients recomputed in between: its step-1 update is the float64 "
+            f"two-step one within {near:.2g} relative, not the one-step one ({apart:.2g} "
+            "apart). Check that the training step is called once per batch"
+        )
 
     def _start_causes(self) -> list[str]:
         """For each backend that started from parameters of its own (``initial``), the
@@ -997,8 +898,18 @@ class Comparison:
             return None
         spec = self.problem.spec.replace(dtype="float64")
         x, y = _float64_batch(self.problem, 1)
-        noise = _VARIANT_NOISE[self.problem.spec.dtype]
-        return matching_variant(spec, _float64_params(self.problem), x, y, theirs, noise=noise)
+        noise = VARIANT_NOISE[self.problem.spec.dtype]
+        # A hand-written backward (check_manual_backward) is likelier wrong there.
+        hand_written = str(self.report.settings.get("port", "")).startswith("hand-written")
+        return matching_variant(
+            spec,
+            _float64_params(self.problem),
+            x,
+            y,
+            theirs,
+            noise=noise,
+            backward_first=hand_written and backend != "torch",
+        )
 
     def arbiter_verdict(self) -> list[str]:
         """One line per backend: does it agree with the float64 reference, and if

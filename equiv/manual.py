@@ -40,7 +40,7 @@ bit for bit where the gradients do.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from array_api_compat import array_namespace, is_torch_array
@@ -262,7 +262,7 @@ def _forward(params, x, spec, masks):
     return h, zs, acts
 
 
-def _backward(xp, params, x, dz, acts, spec):
+def _backward(xp, params, x, dz, acts, spec, slope_of=None):
     grads: dict[str, Array] = {}
     for i in range(spec.num_layers, 0, -1):
         h_prev = x if i == 1 else acts[i - 2][0]
@@ -271,8 +271,47 @@ def _backward(xp, params, x, dz, acts, spec):
             grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
         if i > 1:
             act = ACTIVATIONS[spec.activations[i - 2]]
-            dz = act.chain(xp, xp.matmul(dz, params[f"fc{i}.weight"]), acts[i - 2][1])
+            dh = xp.matmul(dz, params[f"fc{i}.weight"])
+            slope = acts[i - 2][1] if slope_of is None else slope_of(i - 1, dh)
+            dz = act.chain(xp, dh, slope)
     return {name: grads[name] for name in spec.param_names()}
+
+
+def miswritten_loss_and_grads(
+    params: Mapping[str, Array],
+    x: Array,
+    y: Array,
+    spec: MLPSpec,
+    *,
+    slope_of: Callable[[int, Array, list[Array], list[tuple[Array, Array]]], Array] | None = None,
+    backward_params: Mapping[str, Array] | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """:func:`loss_and_grads` with its backward pass written wrong on purpose, the
+    forward pass and the loss untouched: how :mod:`equiv.variants` computes the
+    mistakes a hand-written backward makes.
+
+    ``slope_of(k, dh, zs, acts)`` replaces hidden layer ``k``'s slope ``h'(z_k)``
+    (1-based; ``dh`` the upstream gradient ``∂loss/∂h_k``, ``zs`` and ``acts`` as
+    :func:`forward` computes them: ``acts[k - 1] = (h_k, h'(z_k))``);
+    ``backward_params`` replaces weights in the chain ``dh_{i-1} = dz_i W_i`` only.
+
+    >>> import numpy as np
+    >>> spec = MLPSpec((1, 1, 1), dtype="float64")
+    >>> params = {"fc1.weight": np.array([[-1.0]]), "fc1.bias": np.array([0.0]),
+    ...           "fc2.weight": np.array([[2.0]]), "fc2.bias": np.array([0.0])}
+    >>> x, y = np.array([[1.0]]), np.array([[1.0]])
+    >>> loss_and_grads(params, x, y, spec)[1]["fc1.weight"].tolist()  # ReLU closed: 0
+    [[0.0]]
+    >>> no_mask = lambda k, dh, zs, acts: np.ones_like(dh)
+    >>> miswritten_loss_and_grads(params, x, y, spec, slope_of=no_mask)[1]["fc1.weight"].tolist()
+    [[-4.0]]
+    """
+    xp = array_namespace(x)
+    out, zs, acts = _forward(params, x, spec, _check_masks(None, spec))
+    loss, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
+    chained = {**params, **(backward_params or {})}
+    slopes = None if slope_of is None else (lambda k, dh: slope_of(k, dh, zs, acts))
+    return loss, _backward(xp, chained, x, dz, acts, spec, slopes)
 
 
 def sgd_update(

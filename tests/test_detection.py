@@ -53,21 +53,35 @@ def port_loss(
     return loss_fn
 
 
-def manual_grads(spec=SPEC, wrong_mask=None, bias_reduce=None, scale=None):
-    """A hand-written backward (NumPy) with knobs; the correct one with no knob set."""
+def manual_grads(
+    spec=SPEC, wrong_mask=None, bias_reduce=None, scale=None, flipped=(), chain_flipped=()
+):
+    """A hand-written backward (NumPy) with knobs; the correct one with no knob set.
+    ``flipped``: layers whose weight gradient is written ``h.T @ dz``; ``chain_flipped``:
+    layers chained through ``W.T``. A tanh spec takes tanh's slope, ``wrong_mask="z"``
+    writes it ``1 - z**2``."""
 
     def grad_fn(params, x, y):
         out, zs = manual.forward(params, x, spec)
         diff = out - y
         dz = diff * (2.0 / diff.size)
         grads = {}
+        tanh = spec.activation == "tanh"
         for i in range(spec.num_layers, 0, -1):
-            h_prev = x if i == 1 else np.maximum(zs[i - 2], 0)
-            grads[f"fc{i}.weight"] = dz.T @ h_prev
+            h_prev = x if i == 1 else np.tanh(zs[i - 2]) if tanh else np.maximum(zs[i - 2], 0)
+            grads[f"fc{i}.weight"] = h_prev.T @ dz if i in flipped else dz.T @ h_prev
             grads[f"fc{i}.bias"] = (bias_reduce or np.sum)(dz, axis=0)
             if i > 1:
-                dh = dz @ params[f"fc{i}.weight"]
-                mask = {None: zs[i - 2] > 0, "side": zs[i - 2] < 0, "tensor": dh > 0}[wrong_mask]
+                weight = params[f"fc{i}.weight"]
+                dh = dz @ (weight.T if i in chain_flipped else weight)
+                z = zs[i - 2]
+                mask = {
+                    None: 1 - np.tanh(z) ** 2 if tanh else z > 0,
+                    "side": z < 0,
+                    "tensor": dh > 0,
+                    "none": 1.0,
+                    "z": 1 - z**2,
+                }[wrong_mask]
                 dz = dh * mask
         for name, factor in (scale or {}).items():
             grads[name] = grads[name] * factor
@@ -89,9 +103,9 @@ class GeluMLP(torch.nn.Module):
         return self.fc3(torch.nn.functional.gelu(self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
 
 
-def _setup(seed: int, dtype: str = "float32", gelu: bool = False):
+def _setup(seed: int, dtype: str = "float32", gelu: bool = False, activation: str = "relu"):
     # The GELU model's spec says so: a spec that contradicts the module is refused.
-    spec = SPEC.replace(dtype=dtype, activation="gelu" if gelu else "relu")
+    spec = SPEC.replace(dtype=dtype, activation="gelu" if gelu else activation)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = GeluMLP(spec) if gelu else TorchMLP(spec)
@@ -189,6 +203,7 @@ class Defect:
     leaves: tuple[str, ...]  # the leaves failing there, port vs reference
     dtype: str = "float32"
     gelu: bool = False
+    activation: str = "relu"  # equiv's TorchMLP with this activation unless gelu
     hint: str | None = None  # what the first likely cause must say, where one is known
 
 
@@ -221,9 +236,52 @@ DEFECTS = [
         ("loss",),
         hint="A factor of the output width",
     ),
-    Defect("relu mask on the wrong side", manual_check(wrong_mask="side"), "grads", BELOW_TOP),
     Defect(
-        "relu mask from the wrong tensor", manual_check(wrong_mask="tensor"), "grads", BELOW_TOP
+        "relu mask on the wrong side",
+        manual_check(wrong_mask="side"),
+        "grads",
+        BELOW_TOP,
+        hint="port takes relu's slope on the wrong side of 0 (z < 0 for z > 0) after fc1, fc2 "
+        "in the backward pass",
+    ),
+    Defect(
+        "relu mask from the wrong tensor",
+        manual_check(wrong_mask="tensor"),
+        "grads",
+        BELOW_TOP,
+        hint="port takes relu's slope at the upstream gradient dh instead of z after fc1, fc2 "
+        "in the backward pass",
+    ),
+    Defect(
+        "relu mask left out of the backward",
+        manual_check(wrong_mask="none"),
+        "grads",
+        BELOW_TOP,
+        hint="port leaves out relu's slope (the mask z > 0) after fc1, fc2 in the backward pass",
+    ),
+    Defect(
+        "tanh slope written 1 - z² in the backward",
+        manual_check(wrong_mask="z"),
+        "grads",
+        BELOW_TOP,
+        activation="tanh",
+        hint="port feeds z to tanh's slope written for its output (1 - h² as 1 - z²) after "
+        "fc1, fc2 in the backward pass",
+    ),
+    Defect(
+        "square weight's gradient written h.T @ dz",
+        manual_check(flipped=(2,)),
+        "grads",
+        ("fc2.weight",),
+        hint="port reports fc2.weight's gradient transposed (h.T @ dz for dz.T @ h) in the "
+        "backward pass",
+    ),
+    Defect(
+        "backward chained through a square weight's transpose",
+        manual_check(chain_flipped=(2,)),
+        "grads",
+        ("fc1.weight", "fc1.bias"),
+        hint="port multiplies by fc2.weight transposed (dz @ W.T for dz @ W) in the backward pass",
     ),
     Defect(
         "mse summed instead of averaged", jax_check(port_loss(reduce=jnp.sum)), "loss", ("loss",)
@@ -288,7 +346,13 @@ DEFECTS = [
         ("loss",),
         hint="port starts from parameters other than the model's: fc1.weight (by up to",
     ),
-    Defect("step applied twice", step_twice, "params", ALL),
+    Defect(
+        "step applied twice",
+        step_twice,
+        "params",
+        ALL,
+        hint="port applies two sgd updates to the first batch, the gradients recomputed",
+    ),
 ]
 
 
@@ -304,6 +368,8 @@ def test_the_correct_ports_agree(equiv_seed):
     spec, model, xs, ys = _setup(equiv_seed)
     jax_check(port_loss())(model, spec, xs, ys).assert_agree()
     manual_check()(model, spec, xs, ys).assert_agree()
+    spec, model, xs, ys = _setup(equiv_seed, activation="tanh")
+    manual_check()(model, spec, xs, ys).assert_agree()
     spec, model, xs, ys = _setup(equiv_seed, gelu=True)
     jax_check(port_loss(act=lambda z: jax.nn.gelu(z, approximate=False)))(
         model, spec, xs, ys
@@ -315,7 +381,7 @@ def test_the_correct_ports_agree(equiv_seed):
 @pytest.mark.parametrize("defect", DEFECTS, ids=[d.name for d in DEFECTS])
 def test_defect_is_caught_and_attributed(defect, equiv_seed):
     RESULTS[defect.name] = False
-    spec, model, xs, ys = _setup(equiv_seed, defect.dtype, defect.gelu)
+    spec, model, xs, ys = _setup(equiv_seed, defect.dtype, defect.gelu, defect.activation)
     comparison = defect.run(model, spec, xs, ys)
     assert not comparison.agree
     first = comparison.report.failures[0]
@@ -356,6 +422,16 @@ def test_a_gelu_model_gets_the_gelu_hint_only_when_the_port_computes_the_other_g
     assert "port computes GELU with the tanh approximation" in hints[0], hints
 
 
+def test_a_doubled_learning_rate_is_not_a_step_applied_twice(equiv_seed):
+    # The twin of the "step applied twice" defect: an update twice the model's, from
+    # the same gradients, is the learning rate's, not a second step's.
+    spec, model, xs, ys = _setup(equiv_seed)
+    doubled = jax_check(port_loss(), port_optimizer=optax.sgd(2 * LR))(model, spec, xs, ys)
+    hints = doubled.hints()
+    assert "(or the step was applied twice)" in hints[0], hints
+    assert not any("applies two" in h for h in hints), hints
+
+
 def test_at_least_twelve_distinct_defects():
     assert len({d.name for d in DEFECTS}) == len(DEFECTS) >= 12
 
@@ -367,7 +443,7 @@ def _step_one(spec, params, x, y):
 
 
 def _named_variant(spec, params, x, y, theirs):
-    from equiv.harness import matching_variant
+    from equiv.variants import matching_variant
 
     found = matching_variant(spec, params, x, y, theirs)
     return None if found is None else found.split(":")[0]
@@ -396,6 +472,15 @@ def test_a_mistake_outside_the_variants_is_not_named_one(seed):
     flipped = _step_one(spec, {**params, f"fc{k}.weight": params[f"fc{k}.weight"].T}, x, y)
     flipped[f"fc{k}.weight"] = flipped[f"fc{k}.weight"].T  # as the port reports it
     assert _named_variant(spec, params, x, y, flipped) == f"uses fc{k}.weight transposed"
+    # A hand-written backward's mistakes: one gradient off by 5% is none of them; the
+    # mask left out after one layer is named, that layer only.
+    off = _step_one(spec, params, x, y)
+    off[f"fc{k}.weight"] = off[f"fc{k}.weight"] * 1.05
+    assert _named_variant(spec, params, x, y, off) is None
+    no_mask = {"slope_of": lambda j, dh, zs, acts: np.ones_like(dh) if j == k else acts[j - 1][1]}
+    loss, grads = manual.miswritten_loss_and_grads(params, x, y, spec, **no_mask)
+    named = _named_variant(spec, params, x, y, {"loss": loss, **grads})
+    assert named == f"leaves out relu's slope (the mask z > 0) after fc{k} in the backward pass"
 
 
 def test_where_the_reference_judges_only_its_pairs_give_hints(equiv_seed):

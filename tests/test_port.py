@@ -378,6 +378,11 @@ def test_cross_entropy_ports_take_integer_labels(equiv_seed):
     model = TorchMLP(spec)
     x, labels = torch.randn(8, 4), torch.randint(0, 3, (8,))
     check_jax_port(model, _flax_port(spec), x, labels, steps=2).assert_agree()
+    # The failing twin: optax's integer-label cross-entropy, which has no smoothing.
+    unsmoothed = check_jax_port(model, _flax_port(spec.replace(label_smoothing=0.0)), x, labels)
+    hints = unsmoothed.hints()
+    assert not unsmoothed.agree
+    assert "loss: port leaves out the label smoothing (0.1)" in hints[0], hints
     with pytest.raises(ValueError, match=r"y\[0\] must hold integer class labels of shape"):
         check_jax_port(model, _flax_port(spec), x, labels.float())
     with pytest.raises(ValueError, match=r"y\[0\] holds labels outside \[0, 3\)"):

@@ -1,0 +1,333 @@
+"""Known porting mistakes, computed rather than guessed.
+
+A port that computes another model than torch's, or a hand-written backward pass that
+differentiates it wrongly, leaves a step-1 loss and gradients that are exactly those of
+the mistaken computation. Each known mistake is therefore *computed*, in float64 by the
+hand-derived pass of :mod:`equiv.manual`, and named only when a backend's step 1 is that
+mistake's, in the loss and in every gradient (:func:`matching_variant`). A guess from the
+size of a difference alone named the tanh GELU for a forgotten transpose (found in a user
+trial); a match of the loss alone named a weight scaled by 1.05 a missing bias (found in
+review).
+
+Two families (:func:`variants`):
+
+* mistakes in the model (:func:`model_variants`): the other GELU, a square weight used
+  transposed, a bias left out, neighbouring layers swapped, label smoothing left out;
+* mistakes in a hand-written backward pass, the forward pass and loss untouched
+  (:func:`backward_variants`): an activation's slope left out, taken on the other side
+  of the kink, at the upstream gradient, at the output ``h`` instead of ``z``, or another
+  layer's; the value ``h`` in its place; an output-form slope (``1 - h²``) fed ``z``; a
+  square weight transposed in the chain; a square weight's gradient reported transposed.
+
+>>> import numpy as np
+>>> from equiv import MLPSpec, manual
+>>> spec = MLPSpec((3, 3, 1), dtype="float64")
+>>> rng = np.random.default_rng(0)
+>>> params = {"fc1.weight": rng.normal(size=(3, 3)), "fc1.bias": rng.normal(size=3),
+...           "fc2.weight": rng.normal(size=(1, 3)), "fc2.bias": rng.normal(size=1)}
+>>> x, y = rng.normal(size=(4, 3)), rng.normal(size=(4, 1))
+>>> def no_mask(k, dh, zs, acts):
+...     return np.ones_like(dh)
+>>> loss, grads = manual.miswritten_loss_and_grads(params, x, y, spec, slope_of=no_mask)
+>>> print(matching_variant(spec, params, x, y, {"loss": loss, **grads}).split(":")[0])
+leaves out relu's slope (the mask z > 0) after fc1 in the backward pass
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+
+from equiv import manual
+from equiv.activations import ACTIVATIONS
+from equiv.spec import UNIT_ROUNDOFF, MLPSpec
+
+#: Floating-point operations the variants may spend: about 2e10, a few seconds of
+#: float64 forward and backward passes (a 100M-parameter model at batch 32 gets the
+#: first variant only).
+VARIANT_FLOPS = 2e10
+#: Step-1 values further than this from the model's (relative, greatest over the loss
+#: and every gradient, :func:`tree_distance`) are looked into: a thousand unit
+#: roundoffs, beyond what rounding gives at step 1 in all but very deep or wide models.
+VARIANT_NOISE = {dtype: 1e3 * u for dtype, u in UNIT_ROUNDOFF.items()}
+#: A variant explains a run whose step-1 values are this near its own (and ten times
+#: nearer than the model's): far above float32 rounding, far below what the variants
+#: change (1e-4 relative for the GELUs, O(1) for the others).
+VARIANT_MATCH = 1e-5
+
+Tree = Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One known mistake: ``what`` the mistaken code does (a phrase after the backend's
+    name), ``advice`` on the fix ("" for none), and ``step_one()``: its float64 step-1
+    loss (under ``"loss"``) and gradients as such code reports them."""
+
+    what: str
+    advice: str
+    step_one: Callable[[], dict[str, np.ndarray]]
+
+
+def matching_variant(
+    spec: MLPSpec,
+    params: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    theirs: Tree,
+    *,
+    noise: float = 0.0,
+    backward_first: bool = False,
+) -> str | None:
+    """Which known mistake (:func:`variants`) a backend's step 1 is, as a hint, or
+    None: ``theirs`` (its loss under ``"loss"`` and its gradients) must be within
+    :data:`VARIANT_MATCH` of the mistake's, relative, in the loss and every gradient,
+    and ten times nearer than the model's. Steps within ``noise`` of the model's are
+    not looked into. ``backward_first``: try a hand-written backward's mistakes before
+    the model's (for a big model the flop budget may reach only the first few)."""
+    own = _step_one(spec, params, x, y)
+    apart = tree_distance(theirs, own)
+    if not apart > noise:
+        return None  # step 1 is the model's, up to rounding: no variant to look for
+    # Each variant costs a float64 forward and backward pass of the first batch; at
+    # most VARIANT_FLOPS of them in all (a few seconds), the likeliest first.
+    cost = 6.0 * x.shape[0] * sum(v.size for v in params.values())
+    budget = max(1, int(VARIANT_FLOPS // max(cost, 1.0)))
+    for variant in itertools.islice(variants(spec, params, x, y, backward_first), budget):
+        with np.errstate(all="ignore"):
+            other = variant.step_one()
+        near = tree_distance(theirs, other)
+        # The loss and every gradient must be the variant's (a single scalar matched by
+        # chance: a scaled weight was named a missing bias in a deep model, in review).
+        if near <= VARIANT_MATCH and near * 10 <= apart:
+            loss = float(theirs["loss"])
+            advice = f" {variant.advice}." if variant.advice else ""
+            return (
+                f"{variant.what}: its step-1 loss {loss:.9g} and gradients are the float64 "
+                f"ones of the model computed that way (loss {float(other['loss']):.9g}, "
+                f"gradients within {near:.2g} relative), not the model's (loss "
+                f"{float(own['loss']):.9g}, {apart:.2g} apart).{advice}"
+            )
+    return None
+
+
+def tree_distance(a: Tree, b: Tree) -> float:
+    """The greatest over the leaves of ``max|a - b| / max|b|`` (0 where both are 0).
+
+    >>> tree_distance({"w": np.array([1.0, 2.5])}, {"w": np.array([1.0, 2.0])})
+    0.25
+    """
+    worst = 0.0
+    for name, expected in b.items():
+        e = np.asarray(expected, np.float64)
+        diff = float(np.max(np.abs(np.asarray(a[name], np.float64) - e), initial=0.0))
+        scale = float(np.max(np.abs(e), initial=0.0))
+        worst = max(worst, diff / scale if scale else (math.inf if diff else 0.0))
+    return worst
+
+
+def variants(
+    spec: MLPSpec, params: dict[str, np.ndarray], x, y, backward_first: bool = False
+) -> Iterator[Variant]:
+    """Every known mistake for this model and batch, the likeliest first."""
+    families = [model_variants(spec, params, x, y), backward_variants(spec, params, x, y)]
+    return itertools.chain(*(families[::-1] if backward_first else families))
+
+
+def _step_one(spec: MLPSpec, params, x, y, **miswritten) -> dict[str, np.ndarray]:
+    with np.errstate(all="ignore"):
+        if miswritten:
+            loss, grads = manual.miswritten_loss_and_grads(params, x, y, spec, **miswritten)
+        else:
+            loss, grads = manual.loss_and_grads(params, x, y, spec)
+    return {"loss": np.asarray(loss), **grads}
+
+
+_GELU_SWAP = {"gelu": "gelu_tanh", "gelu_tanh": "gelu"}
+_GELU_ADVICE = (
+    "torch.nn.GELU() is exact (erf) and nn.GELU(approximate='tanh') is not; jax.nn.gelu "
+    "defaults to approximate=True: use jax.nn.gelu(x, approximate=False) for the exact one"
+)
+
+
+def model_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Iterator[Variant]:
+    """Ways of computing another model than ``spec`` that a single step tells apart,
+    each with its gradients as such a port reports them (a weight used transposed
+    reports its gradient transposed back, a bias left out reports 0, swapped layers
+    report each other's):
+
+    * the other GELU (tanh's approximation for the exact erf, or the reverse), in
+      every GELU layer, then in each one;
+    * a square weight used transposed (``x @ W`` where torch computes ``x @ Wᵀ``:
+      the shapes cannot tell);
+    * a bias left out;
+    * two neighbouring layers of the same shape used in each other's place;
+    * cross-entropy's label smoothing left out.
+    """
+
+    def variant(what, advice, other_spec, changed, reported=lambda grads: grads) -> Variant:
+        def step_one() -> dict[str, np.ndarray]:
+            values = _step_one(other_spec, {**params, **changed}, x, y)
+            return {"loss": values.pop("loss"), **reported(values)}
+
+        return Variant(what, advice, step_one)
+
+    layers = [i for i, name in enumerate(spec.activations) if name in _GELU_SWAP]
+    for changed in [layers] + ([[i] for i in layers] if len(layers) > 1 else []):
+        if not changed:
+            continue
+        acts = tuple(_GELU_SWAP[n] if i in changed else n for i, n in enumerate(spec.activations))
+        kind = "the tanh approximation" if acts[changed[0]] == "gelu_tanh" else "the exact erf"
+        where = "every GELU layer" if changed == layers else f"the GELU after fc{changed[0] + 1}"
+        what = f"computes GELU with {kind} in {where}"
+        yield variant(what, _GELU_ADVICE, spec.replace(activation=acts), {})
+    if spec.loss == "cross_entropy" and spec.label_smoothing > 0:
+        yield variant(
+            f"leaves out the label smoothing ({spec.label_smoothing:g})",
+            "torch's CrossEntropyLoss(label_smoothing=ε) mixes ε/classes into every "
+            "target; optax.softmax_cross_entropy_with_integer_labels has no smoothing: "
+            "use optax.smooth_labels on one-hot targets with softmax_cross_entropy",
+            spec.replace(label_smoothing=0.0),
+            {},
+        )
+    for i in range(1, spec.num_layers + 1):
+        weight = params[f"fc{i}.weight"]
+        if weight.shape[0] == weight.shape[1] > 1:
+            name = f"fc{i}.weight"
+            yield variant(
+                f"uses {name} transposed",
+                "A square weight hides a forgotten transpose: torch computes x @ W.T with W "
+                "(out, in), while a Flax kernel is (in, out) and used as x @ kernel",
+                spec,
+                {name: weight.T},
+                lambda grads, name=name: {**grads, name: grads[name].T},
+            )
+        if spec.bias:
+            name = f"fc{i}.bias"
+            yield variant(
+                f"leaves out {name}",
+                "",
+                spec,
+                {name: np.zeros_like(params[name])},
+                lambda grads, name=name: {**grads, name: np.zeros_like(grads[name])},
+            )
+    for i, j in itertools.pairwise(range(1, spec.num_layers + 1)):  # neighbours
+        if params[f"fc{i}.weight"].shape == params[f"fc{j}.weight"].shape:
+            kinds = ("weight", "bias") if spec.bias else ("weight",)
+            pairs = ((i, j), (j, i))
+            swapped = {f"fc{a}.{k}": params[f"fc{b}.{k}"] for a, b in pairs for k in kinds}
+
+            def back(grads: dict, pairs=pairs, kinds=kinds) -> dict:
+                return {
+                    **grads,
+                    **{f"fc{a}.{k}": grads[f"fc{b}.{k}"] for a, b in pairs for k in kinds},
+                }
+
+            yield variant(f"uses fc{i} and fc{j} in each other's place", "", spec, swapped, back)
+
+
+# A slope written wrong in a hand-written backward: (what it does, which activations it
+# changes, slope(act, param, k, dh, zs, acts) -> the slope used for hidden layer k).
+_SLOPE_MISTAKES = (
+    (
+        "leaves out {act}'s slope{mask}",
+        lambda a: a.name != "identity",
+        lambda a, p, k, dh, zs, acts: np.ones_like(dh),
+    ),
+    (
+        "takes {act}'s slope on the wrong side of 0 (z < 0 for z > 0)",
+        lambda a: a.kink,
+        lambda a, p, k, dh, zs, acts: a.value_and_derivative(np, zs[k - 1], p, zs[k - 1] <= 0)[1],
+    ),
+    (
+        "takes {act}'s slope at the upstream gradient dh instead of z",
+        lambda a: a.name != "identity",
+        lambda a, p, k, dh, zs, acts: a.derivative(np, dh, p),
+    ),
+    (
+        "multiplies by {act}'s output h instead of its slope",
+        lambda a: a.name != "identity",
+        lambda a, p, k, dh, zs, acts: acts[k - 1][0],
+    ),
+    (
+        "takes {act}'s slope at its output h instead of z",
+        lambda a: a.name not in ("identity", "relu", "leaky_relu"),  # same slope there
+        lambda a, p, k, dh, zs, acts: a.derivative(np, acts[k - 1][0], p),
+    ),
+    (
+        "feeds z to {act}'s slope written for its output (1 - h² as 1 - z²)",
+        lambda a: a.name == "tanh",
+        lambda a, p, k, dh, zs, acts: 1.0 - zs[k - 1] ** 2,
+    ),
+    (
+        "feeds z to {act}'s slope written for its output (h(1 - h) as z(1 - z))",
+        lambda a: a.name == "sigmoid",
+        lambda a, p, k, dh, zs, acts: zs[k - 1] * (1.0 - zs[k - 1]),
+    ),
+)
+
+
+def backward_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Iterator[Variant]:
+    """Mistakes of a hand-written backward pass, the forward pass and the loss the
+    model's: each slope mistake (:data:`_SLOPE_MISTAKES`) after every hidden layer it
+    applies to (one helper used everywhere), then after each one; another hidden
+    layer's slope (a neighbour of the same width: an index off by one); a square
+    weight transposed in the chain ``dh = dz W``; a square weight's gradient reported
+    transposed (``hᵀ dz``, shape (in, out), where torch's is ``dzᵀ h``)."""
+    hidden = range(1, spec.num_layers)
+
+    def act(k: int):
+        return ACTIVATIONS[spec.activations[k - 1]]
+
+    def variant(what, reported=lambda grads: grads, **miswritten) -> Variant:
+        def step_one() -> dict[str, np.ndarray]:
+            values = _step_one(spec, params, x, y, **miswritten)
+            return {"loss": values.pop("loss"), **reported(values)}
+
+        return Variant(f"{what} in the backward pass", "", step_one)
+
+    def slopes(mistake, layers):
+        def slope_of(k, dh, zs, acts):
+            if k not in layers:
+                return acts[k - 1][1]
+            a = act(k)
+            return mistake(a, a.param(spec), k, dh, zs, acts)
+
+        return slope_of
+
+    for form, applies, mistake in _SLOPE_MISTAKES:
+        layers = [k for k in hidden if applies(act(k))]
+        for chosen in [layers] + ([[k] for k in layers] if len(layers) > 1 else []):
+            if not chosen:
+                continue
+            names = sorted({spec.activations[k - 1] for k in chosen})
+            where = ", ".join(f"fc{k}" for k in chosen)
+            what = form.format(
+                act=" and ".join(names),
+                mask=" (the mask z > 0)" if names == ["relu"] else "",
+            )
+            yield variant(f"{what} after {where}", slope_of=slopes(mistake, set(chosen)))
+    for k, j in itertools.permutations(hidden, 2):
+        if abs(k - j) == 1 and spec.sizes[k] == spec.sizes[j]:
+
+            def other_layer(k_, dh, zs, acts, k=k, j=j):
+                return acts[j - 1][1] if k_ == k else acts[k_ - 1][1]
+
+            what = f"takes the slope after fc{j} for the one after fc{k}"
+            yield variant(what, slope_of=other_layer)
+    for i in range(1, spec.num_layers + 1):
+        name = f"fc{i}.weight"
+        if params[name].shape[0] == params[name].shape[1] > 1:
+            if i > 1:
+                yield variant(
+                    f"multiplies by {name} transposed (dz @ W.T for dz @ W)",
+                    backward_params={name: params[name].T},
+                )
+            yield variant(
+                f"reports {name}'s gradient transposed (h.T @ dz for dz.T @ h)",
+                lambda grads, name=name: {**grads, name: grads[name].T},
+            )
