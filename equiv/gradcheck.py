@@ -47,6 +47,7 @@ from equiv.kinks import preactivation_bounds
 from equiv.losses import LOSSES
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 from equiv.tolerance import SAFETY
+from equiv.variants import matching_variant
 
 U64 = UNIT_ROUNDOFF["float64"]
 #: Relative step along each direction: u^(1/3) balances h² truncation and u/h rounding.
@@ -90,6 +91,8 @@ class GradCheck:
 
     projections: list[Projection]
     skipped: int = 0
+    #: The known mistake the gradients are, when they fail (:mod:`equiv.variants`).
+    cause: str | None = None
 
     @property
     def agree(self) -> bool:
@@ -112,13 +115,15 @@ class GradCheck:
             f"{len(bad)} of {len(self.projections)} projections disagree with finite "
             "differences in float64"
         )
-        raise AssertionError("\n".join([head] + [p.describe() for p in bad]))
+        cause = [f"  likely cause: {self.cause}"] if self.cause else []
+        raise AssertionError("\n".join([head] + [p.describe() for p in bad] + cause))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "agree": self.agree,
             "worst_ratio": self.worst_ratio,
             "skipped": self.skipped,
+            "cause": self.cause,
             "projections": [
                 {**dataclasses.asdict(p), "ratio": p.ratio, "passed": p.passed}
                 for p in self.projections
@@ -144,7 +149,9 @@ def check_gradients(
       x, y: one batch.
       spec: the MLP (its forward defines the loss being differentiated).
       grad_fn: ``(params, x, y) -> (loss, grads)`` on float64 NumPy arrays; by
-        default the hand-derived backward :func:`equiv.manual.loss_and_grads`.
+        default the hand-derived backward :func:`equiv.manual.loss_and_grads`. When
+        its gradients fail, the known mistake they are, if any, is named
+        (:attr:`GradCheck.cause`, :func:`equiv.variants.matching_variant`).
       directions: random directions per leaf.
       seed: for the directions.
 
@@ -164,7 +171,7 @@ def check_gradients(
     x = _f64(x)
     y = np.asarray(_to_numpy(y)) if LOSSES[spec.loss].targets == "labels" else _f64(y)
     grad_fn = grad_fn or (lambda p, xb, yb: manual.loss_and_grads(p, xb, yb, spec))
-    _, grads = grad_fn(params, x, y)
+    loss, grads = grad_fn(params, x, y)
     grads = {k: _f64(v) for k, v in grads.items()}
     rng = np.random.default_rng(seed)
     base_sides = _sides(params, x, y, spec)
@@ -185,7 +192,13 @@ def check_gradients(
                     "parameters or the batch"
                 )
             projections.append(_project(params, grads, name, d, v, x, y, spec))
-    return GradCheck(projections, skipped)
+    cause = None
+    if not all(p.passed for p in projections) and set(grads) == set(spec.param_names()):
+        theirs = {"loss": _f64(loss), **grads}
+        if all(theirs[k].shape == np.shape(v) for k, v in params.items()):
+            # A hand-written backward's gradient check: its mistakes first.
+            cause = matching_variant(spec, params, x, y, theirs, backward_first=True)
+    return GradCheck(projections, skipped, cause)
 
 
 def _project(params, grads, name, d, v, x, y, spec) -> Projection:

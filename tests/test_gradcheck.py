@@ -69,7 +69,7 @@ def test_one_leaf_wrong_by_1e_3_is_caught_and_named(spec, equiv_seed):
         "disagree with finite differences in float64"
     )
     assert lines[1].startswith(f"  {leaf}, direction 0: <grad, v> = ")
-    assert len(lines) == 3
+    assert len(lines) == 3 and check.cause is None
 
 
 def test_a_transposed_square_gradient_is_caught(equiv_seed):
@@ -80,7 +80,14 @@ def test_a_transposed_square_gradient_is_caught(equiv_seed):
         loss, grads = manual.loss_and_grads(p, xb, yb, spec)
         return loss, {**grads, "fc1.weight": grads["fc1.weight"].T}
 
-    assert check_gradients(params, x, y, spec, transposed).failing_leaves() == ["fc1.weight"]
+    check = check_gradients(params, x, y, spec, transposed)
+    assert check.failing_leaves() == ["fc1.weight"]
+    # The mistake is named (the test above: a leaf off by 1e-3 is not named one).
+    assert check.cause.startswith(
+        "reports fc1.weight's gradient transposed (h.T @ dz for dz.T @ h) in the backward pass:"
+    )
+    with pytest.raises(AssertionError, match="likely cause: reports fc1.weight's gradient"):
+        check.assert_agree()
 
 
 def test_directions_must_be_positive(equiv_seed):
