@@ -78,6 +78,12 @@ class Projection:
         return self.error <= self.bound
 
     def describe(self) -> str:
+        if self.name == "loss":
+            return (
+                f"  loss: grad_fn returned {self.projected:.12g}, the spec's float64 loss is "
+                f"{self.finite_difference:.12g}, difference {self.error:.3g} (up to "
+                f"{self.bound:.3g} allowed, ratio {self.ratio:.3g})"
+            )
         return (
             f"  {self.name}, direction {self.direction}: <grad, v> = {self.projected:.12g}, "
             f"finite difference {self.finite_difference:.12g}, difference {self.error:.3g} "
@@ -93,17 +99,23 @@ class GradCheck:
     skipped: int = 0
     #: The known mistake the gradients are, when they fail (:mod:`equiv.variants`).
     cause: str | None = None
+    #: The loss ``grad_fn`` returned against the spec's float64 loss (named "loss").
+    loss: Projection | None = None
 
     @property
     def agree(self) -> bool:
-        return all(p.passed for p in self.projections)
+        return all(p.passed for p in self._checks())
+
+    def _checks(self) -> list[Projection]:
+        return ([self.loss] if self.loss is not None else []) + self.projections
 
     @property
     def worst_ratio(self) -> float:
         return max((p.ratio for p in self.projections), default=0.0)
 
     def failing_leaves(self) -> list[str]:
-        return sorted({p.name for p in self.projections if not p.passed})
+        """The leaves whose check fails ("loss" for the returned loss), sorted."""
+        return sorted({p.name for p in self._checks() if not p.passed})
 
     def assert_agree(self) -> None:
         """Raise ``AssertionError`` naming every leaf whose gradient fails the check."""
@@ -114,7 +126,13 @@ class GradCheck:
             f"gradient check failed for {', '.join(self.failing_leaves())}: "
             f"{len(bad)} of {len(self.projections)} projections disagree with finite "
             "differences in float64"
+            + (
+                "; the returned loss is not the spec's"
+                if self.loss and not self.loss.passed
+                else ""
+            )
         )
+        bad = ([self.loss] if self.loss and not self.loss.passed else []) + bad
         cause = [f"  likely cause: {self.cause}"] if self.cause else []
         raise AssertionError("\n".join([head] + [p.describe() for p in bad] + cause))
 
@@ -124,6 +142,13 @@ class GradCheck:
             "worst_ratio": self.worst_ratio,
             "skipped": self.skipped,
             "cause": self.cause,
+            "loss": None
+            if self.loss is None
+            else {
+                **dataclasses.asdict(self.loss),
+                "ratio": self.loss.ratio,
+                "passed": self.loss.passed,
+            },
             "projections": [
                 {**dataclasses.asdict(p), "ratio": p.ratio, "passed": p.passed}
                 for p in self.projections
@@ -171,7 +196,7 @@ def check_gradients(
     x = _f64(x)
     y = np.asarray(_to_numpy(y)) if LOSSES[spec.loss].targets == "labels" else _f64(y)
     grad_fn = grad_fn or (lambda p, xb, yb: manual.loss_and_grads(p, xb, yb, spec))
-    loss, grads = grad_fn(params, x, y)
+    loss, grads = unpack_grad_fn_result(grad_fn(params, x, y), params)
     grads = {k: _f64(v) for k, v in grads.items()}
     rng = np.random.default_rng(seed)
     base_sides = _sides(params, x, y, spec)
@@ -192,13 +217,65 @@ def check_gradients(
                     "parameters or the batch"
                 )
             projections.append(_project(params, grads, name, d, v, x, y, spec))
+    # The returned loss against the spec's: both float64, each within r of the exact one.
+    exact = _loss(params, x, y, spec)
+    returned = float(_f64(loss).reshape(()))
+    loss_check = Projection(
+        "loss", 0, returned, exact, abs(returned - exact), 2 * _loss_rounding(params, x, y, spec)
+    )
     cause = None
-    if not all(p.passed for p in projections) and set(grads) == set(spec.param_names()):
+    if not (loss_check.passed and all(p.passed for p in projections)):
+        # A hand-written backward's gradient check: its mistakes first.
         theirs = {"loss": _f64(loss), **grads}
-        if all(theirs[k].shape == np.shape(v) for k, v in params.items()):
-            # A hand-written backward's gradient check: its mistakes first.
-            cause = matching_variant(spec, params, x, y, theirs, backward_first=True)
-    return GradCheck(projections, skipped, cause)
+        cause = matching_variant(spec, params, x, y, theirs, backward_first=True)
+    return GradCheck(projections, skipped, cause, loss_check)
+
+
+def unpack_grad_fn_result(result: Any, params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``(loss, grads)`` from what a user's ``grad_fn`` returned, checked: a pair, the
+    gradients keyed as ``params`` and shaped like them, the loss one number.
+
+    >>> import numpy as np
+    >>> params = {"fc1.weight": np.zeros((3, 2)), "fc1.bias": np.zeros(3)}
+    >>> flipped = {"fc1.weight": np.zeros((2, 3)), "fc1.bias": np.zeros(3)}
+    >>> unpack_grad_fn_result((0.5, flipped), params)
+    Traceback (most recent call last):
+    ...
+    ValueError: [equiv] grad_fn's gradient for fc1.weight has shape (2, 3), but the ...
+    """
+    if isinstance(result, Mapping) or not (isinstance(result, tuple | list) and len(result) == 2):
+        got = type(result).__name__ + (
+            f" of length {len(result)}" if isinstance(result, tuple | list) else ""
+        )
+        raise value_error(
+            f"grad_fn must return a pair (loss, grads), got a {got}; return the loss too: "
+            "`return loss, grads`"
+        )
+    loss, grads = result
+    if not isinstance(grads, Mapping) or set(grads) != set(params):
+        given = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
+        raise value_error(
+            f"grad_fn must return (loss, grads) with grads keyed {sorted(params)}, got {given}"
+        )
+    for name, param in params.items():
+        want, got = tuple(np.shape(param)), tuple(np.shape(grads[name]))
+        if got != want:
+            transposed = len(want) == 2 and got == want[::-1]
+            raise value_error(
+                f"grad_fn's gradient for {name} has shape {got}, but the parameter's is {want}"
+                + (
+                    ": the transpose. A weight's gradient is (out, in) like the weight: "
+                    "dz.T @ h, not h.T @ dz"
+                    if transposed
+                    else ": each gradient has its parameter's shape (a bias's is (out,): "
+                    "sum dz over the batch axis)"
+                )
+            )
+    if np.size(_to_numpy(loss)) != 1:
+        raise value_error(
+            f"grad_fn must return the loss as one number, got shape {tuple(np.shape(loss))}"
+        )
+    return loss, dict(grads)
 
 
 def _project(params, grads, name, d, v, x, y, spec) -> Projection:

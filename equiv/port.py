@@ -52,6 +52,7 @@ from equiv._messages import type_error, value_error
 from equiv.compare import to_numpy
 from equiv.convert import get_layout, jax_to_torch, module_spec, torch_to_jax
 from equiv.from_module import forward_mismatch, mlp_from_module
+from equiv.gradcheck import unpack_grad_fn_result
 from equiv.harness import (
     REFERENCE,
     Comparison,
@@ -353,12 +354,7 @@ def run_manual_port(
     state = manual_init(optimizer, params)
     out = Trajectory(name, spec.dtype)
     for step, (x, y) in enumerate(problem.batches, start=1):
-        loss, grads = grad_fn(params, convert(x), convert(y))
-        if not isinstance(grads, Mapping) or set(grads) != set(params):
-            given = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
-            raise value_error(
-                f"grad_fn must return (loss, grads) with grads keyed {sorted(params)}, got {given}"
-            )
+        loss, grads = unpack_grad_fn_result(grad_fn(params, convert(x), convert(y)), params)
         grads = {k: _like(grads[k], params[k]) for k in params}
         if is_plain_sgd(optimizer):
             params = manual.sgd_update(params, grads, optimizer.learning_rate)

@@ -119,3 +119,80 @@ def test_a_loss_kink_under_an_output_is_detected(equiv_seed):
         check_gradients(params, x, y, on_kink, seed=equiv_seed)
     far = check_gradients(params, x, y, spec.replace(smooth_l1_beta=1e3), seed=equiv_seed)
     assert far.agree and far.skipped == 0
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_ids)
+def test_a_wrong_loss_is_caught_even_with_right_gradients(spec, equiv_seed):
+    # Found in a user trial: a loss summed where the spec takes the mean passed, as the
+    # returned loss was never looked at. The twin: the right loss passes (above).
+    params, x, y = _batch(spec, equiv_seed)
+
+    def summed(p, xb, yb):
+        loss, grads = manual.loss_and_grads(p, xb, yb, spec)
+        return loss * 8, grads
+
+    check = check_gradients(params, x, y, spec, summed, seed=equiv_seed)
+    assert check.failing_leaves() == ["loss"]
+    assert check.loss.ratio > 1e6
+    with pytest.raises(AssertionError) as info:
+        check.assert_agree()
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith("; the returned loss is not the spec's")
+    assert lines[1].startswith("  loss: grad_fn returned ")
+
+
+def _returning(spec, change):
+    def grad_fn(p, xb, yb):
+        loss, grads = manual.loss_and_grads(p, xb, yb, spec)
+        return change(loss, grads)
+
+    return grad_fn
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda loss, g: (loss, {**g, "fc1.weight": g["fc1.weight"].T}),
+            "grad_fn's gradient for fc1.weight has shape (3, 4), but the parameter's is (4, 3): "
+            "the transpose. A weight's gradient is (out, in) like the weight: dz.T @ h, not "
+            "h.T @ dz",
+        ),
+        (
+            lambda loss, g: (loss, {**g, "fc1.bias": g["fc1.bias"][None]}),
+            "grad_fn's gradient for fc1.bias has shape (1, 4), but the parameter's is (4,): "
+            "each gradient has its parameter's shape (a bias's is (out,): sum dz over the "
+            "batch axis)",
+        ),
+        (
+            lambda loss, g: g,
+            "grad_fn must return a pair (loss, grads), got a dict; return the loss too: "
+            "`return loss, grads`",
+        ),
+        (
+            lambda loss, g: (np.full(3, loss), g),
+            "grad_fn must return the loss as one number, got shape (3,)",
+        ),
+    ],
+    ids=["transposed", "bias-kept-dims", "grads-only", "loss-not-scalar"],
+)
+def test_a_misshapen_result_is_refused_by_name(change, expected, equiv_seed):
+    # Found in a user trial: h.T @ dz for a non-square weight crashed inside the update
+    # with NumPy's broadcast error, and a (1, out) bias gradient broadcast silently.
+    import torch
+
+    from equiv import TorchMLP, check_manual_backward
+
+    spec = MLPSpec((3, 4, 2), dtype="float64")
+    params, x, y = _batch(spec, equiv_seed)
+    with pytest.raises(ValueError) as info:
+        check_gradients(params, x, y, spec, _returning(spec, change))
+    assert str(info.value) == f"[equiv] {expected}"
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec).double()
+    with pytest.raises(ValueError) as info:
+        check_manual_backward(model, _returning(spec, change), x, y)
+    assert str(info.value) == f"[equiv] {expected}"
+    # The twin: unchanged, both accept it.
+    assert check_gradients(params, x, y, spec, _returning(spec, lambda *r: r)).agree
+    assert check_manual_backward(model, _returning(spec, lambda *r: r), x, y).agree
