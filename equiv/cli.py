@@ -288,7 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not str(error).startswith(PREFIX):
             raise  # not a message about the input: a bug, keep its traceback
         return _bad_input(str(error))
-    print_comparison(comparison, seed=args.seed)
+    try:
+        print_comparison(comparison, seed=args.seed)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped reading (`equiv-compare | head`): the verdict still
+        # decides the exit status, and --json/--plot are still written. Python's own
+        # flush at exit would fail again, so stdout goes to devnull (Python's docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.plot is not None:
         try:
             plot_divergence(comparison, args.plot)

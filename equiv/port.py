@@ -494,7 +494,7 @@ def _problem(model, x, y, steps, spec, learning_rate) -> tuple[MLPSpec, Problem]
             _tensor(f"x[{i}]", xi, dtype, spec.sizes[0]),
             _labels(f"y[{i}]", yi, spec.sizes[-1])
             if labels
-            else _tensor(f"y[{i}]", yi, dtype, spec.sizes[-1]),
+            else _tensor(f"y[{i}]", yi, dtype, spec.sizes[-1], loss=spec.loss),
         )
         for i, (xi, yi) in enumerate(zip(xs, ys, strict=False))
     )
@@ -519,8 +519,19 @@ def _per_step(name: str, value: Any, steps: int) -> list[Any]:
     return [value] * steps
 
 
-def _tensor(name: str, value: Any, dtype: torch.dtype, width: int) -> torch.Tensor:
+def _tensor(
+    name: str, value: Any, dtype: torch.dtype, width: int, loss: str | None = None
+) -> torch.Tensor:
     tensor = torch.as_tensor(np.asarray(to_numpy(value))).detach().cpu().clone()
+    integer = not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+    if loss is not None and integer and tensor.ndim == 1:
+        # Class labels, while the loss takes targets of the output's shape (found in a
+        # user trial: the dtype advice led to a shape error, and neither named the loss).
+        raise value_error(
+            f"{name} holds integer class labels of shape {tuple(tensor.shape)}, but the loss "
+            f"is {loss!r}, which takes targets of shape (batch, {width}); for class labels "
+            "pass spec=MLPSpec(..., loss='cross_entropy') (the module cannot tell its loss)"
+        )
     if tensor.dtype != dtype:
         short = str(dtype).removeprefix("torch.")
         raise value_error(

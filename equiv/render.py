@@ -79,6 +79,16 @@ def render_comparison(
     return console.file.getvalue()
 
 
+class _ReportConsole(Console):
+    """rich's console, but a closed pipe raises ``BrokenPipeError`` to the caller: rich
+    exits with status 1 there, which equiv's command line gives a disagreement (found
+    in a user trial: `equiv-compare | head -1` exited 1 with everything agreeing)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def make_console(
     file: Any = None, *, width: int | None = None, color: bool | None = None
 ) -> Console:
@@ -88,7 +98,7 @@ def make_console(
     decide (colour on a terminal only); ``width=None`` measures the terminal, or
     takes ``COLUMNS``, or 80 columns when piped.
     """
-    return Console(
+    return _ReportConsole(
         file=file,
         width=width,
         force_terminal=color,

@@ -354,3 +354,30 @@ def test_a_link_into_a_missing_folder_or_a_read_only_file_fails_before_running(
     )
     assert main(["--json", str(locked)]) == 2
     assert capsys.readouterr().err.strip().endswith("is read-only")
+
+
+def test_a_closed_output_pipe_keeps_the_verdict_as_exit_status(tmp_path, monkeypatch):
+    # Found in a user trial: `equiv-compare | head -1` exited 1 ("some leaf disagrees")
+    # although everything agreed. The reader is gone: exit 0, the --json still written.
+    read, write = os.pipe()
+    os.close(read)
+    closed = open(write, "w", encoding="utf-8")  # noqa: SIM115 (main's sys.stdout)
+    monkeypatch.setattr(sys, "stdout", closed)
+    path = tmp_path / "out.json"
+    try:
+        assert main(["--json", str(path)]) == 0
+    finally:
+        closed.close()
+    assert json.loads(path.read_text())["agree"] is True
+    # The twin: a disagreement still exits 1 with the pipe closed.
+    read, write = os.pipe()
+    os.close(read)
+    closed = open(write, "w", encoding="utf-8")  # noqa: SIM115
+    monkeypatch.setattr(sys, "stdout", closed)
+    try:
+        assert (
+            main(["--rtol", "0", "--atol", "0", "--dtype", "float32", "--backends", "torch,jax"])
+            == 1
+        )
+    finally:
+        closed.close()

@@ -385,6 +385,16 @@ def test_cross_entropy_ports_take_integer_labels(equiv_seed):
     assert "loss: port leaves out the label smoothing (0.1)" in hints[0], hints
     with pytest.raises(ValueError, match=r"y\[0\] must hold integer class labels of shape"):
         check_jax_port(model, _flax_port(spec), x, labels.float())
+    # Labels for a model whose spec says nothing of the loss (MSE): the loss is named
+    # (found in a user trial: "convert it to float32" led on to a shape error).
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    with pytest.raises(ValueError) as info:
+        check_jax_port(plain, _flax_port(spec), x, labels)
+    assert str(info.value) == (
+        "[equiv] y[0] holds integer class labels of shape (8,), but the loss is 'mse', which "
+        "takes targets of shape (batch, 3); for class labels pass spec=MLPSpec(..., "
+        "loss='cross_entropy') (the module cannot tell its loss)"
+    )
     with pytest.raises(ValueError, match=r"y\[0\] holds labels outside \[0, 3\)"):
         check_jax_port(model, _flax_port(spec), x, labels + 3)
 
