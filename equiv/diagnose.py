@@ -57,6 +57,7 @@ def diagnose_leaf(
     batch_size: int | None = None,
     activations: tuple[str, ...] = (),
     learning_rate: float | None = None,
+    shared: bool = True,
 ) -> str | None:
     """The likeliest known cause of ``actual`` differing from ``expected``, or None.
 
@@ -69,6 +70,8 @@ def diagnose_leaf(
       numel_output, batch_size: ``batch · outputs`` and the batch, to name factors.
       activations: the model's hidden activations, to recognise GELU variants.
       learning_rate: to turn a decay signature into the difference of weight decays.
+      shared: whether every leaf of the stage is off by the same factor as this one
+        (:func:`diagnose_trees` tells): a loss's factor scales every gradient.
 
     Example:
       >>> import numpy as np
@@ -86,7 +89,8 @@ def diagnose_leaf(
         return (
             f"{name}: {narrow}'s values are all float32 numbers in a float64 run: it computed in "
             "float32. JAX truncates float64 to float32 unless x64 is on: "
-            "`with jax.enable_x64(True): ...`."
+            "`with jax.enable_x64(True): ...`; NumPy and torch compute in float32 where an "
+            "input or a constant array is float32."
         )
     if a.ndim == 2 and a.shape[0] == a.shape[1] > 1 and _close(a, b.T) and not _close(a, b):
         return (
@@ -123,10 +127,10 @@ def diagnose_leaf(
     ratio = _ratio(a, b)
     if ratio is None:
         return _gelu_hint(name, a, b, activations)
-    cause = _factor_cause(ratio, stage, numel_output, batch_size)
+    cause = _factor_cause(ratio, numel_output, batch_size, names, shared)
     if a.size == 1 and cause == GENERIC:
         return None  # any two scalars are a constant multiple of each other
-    verb = "is" if stage == "loss" else "are"
+    verb = "are" if stage == "grads" else "is"
     return f"{name}: {first}'s {stage} {verb} {ratio:.4g} times {second}'s. " + cause
 
 
@@ -162,15 +166,27 @@ def diagnose_trees(
     failing: list[str],
     **kwargs,
 ) -> list[str]:
-    """:func:`diagnose_leaf` for each failing leaf; ``before`` may be a tree."""
+    """:func:`diagnose_leaf` for each failing leaf; ``before`` may be a tree. A
+    gradient's factor is ``shared`` when every leaf of the trees is off by it."""
     before = kwargs.pop("before", None)
+    ratios = {}
+    if kwargs.get("stage") == "grads":
+        for name in actual:
+            a, b = (np.asarray(t[name], np.float64) for t in (actual, expected))
+            finite = a.shape == b.shape and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+            ratios[name] = _ratio(a, b) if finite else None
     hints = []
     for name in failing:
+        mine = ratios.get(name)
+        shared = mine is None or all(
+            r is not None and abs(r - mine) <= 1e-3 * abs(mine) for r in ratios.values()
+        )
         hint = diagnose_leaf(
             name,
             actual[name],
             expected[name],
             before=None if before is None else before[name],
+            shared=shared,
             **kwargs,
         )
         if hint:
@@ -178,24 +194,63 @@ def diagnose_trees(
     return hints
 
 
-def _factor_cause(ratio: float, stage: str, numel_output: int | None, batch: int | None) -> str:
+def _factor_cause(
+    ratio: float,
+    numel_output: int | None,
+    batch: int | None,
+    names: tuple[str, str] = ("actual", "expected"),
+    shared: bool = True,
+) -> str:
+    """What a factor ``ratio`` (``names[0]``'s over ``names[1]``'s) points to. ``shared``:
+    every leaf of the stage is off by it (a loss's reduction or convention scales
+    every gradient; a factor in some leaves only is in their own backward).
+
+    >>> _factor_cause(1 / 8, 24, 8, ("port", "torch"))
+    'A factor of the batch size: port takes the mean over the batch where torch sums.'
+    >>> _factor_cause(-1.0, 24, 8, ("port", "torch"))[:52]
+    'The sign is flipped: a gradient of the negated loss '
+    >>> _factor_cause(0.5, 24, 8, ("port", "torch"), shared=False)[:60]
+    'A factor 0.5 in these gradients only, not in every one: not '
+    """
+    first, second = names
+
     def near(x: float | None) -> bool:
         return x is not None and x > 0 and (abs(ratio / x - 1) < 1e-3 or abs(ratio * x - 1) < 1e-3)
 
+    def sums(what: str) -> str:
+        if ratio > 1:
+            return f"{first} sums over {what} where {second} takes the mean"
+        return f"{first} takes the mean over {what} where {second} sums"
+
+    if near(batch) and batch not in (1,):  # a per-leaf reduction: shared or not
+        return f"A factor of the batch size: {sums('the batch')}."
+    if abs(ratio + 1) < 1e-3:
+        where = "" if shared else " in these gradients only (their own backward)"
+        return (
+            f"The sign is flipped{where}: a gradient of the negated loss (p - y written "
+            "y - p), or an update added instead of subtracted."
+        )
+    if not shared:
+        return (
+            f"A factor {ratio:.4g} in these gradients only, not in every one: not the loss (its "
+            "reduction or convention scales every gradient) but these leaves' own backward "
+            "(their chain rule or reduction)."
+        )
     if near(numel_output) and numel_output not in (1, 2):
-        return "A sum where the other takes the mean (MSELoss(reduction='sum') vs 'mean')."
+        return (
+            f"A sum where the other takes the mean: {sums('the batch and the outputs')} "
+            "(MSELoss(reduction='sum') vs 'mean')."
+        )
     if near(2.0):
         return (
             "A factor 2: torch's MSELoss is mean((p - y)²) while optax.l2_loss is ½(p - y)² "
-            "per element."
+            "per element; by hand, the gradient of mean((p - y)²) is 2(p - y)/n."
         )
-    if near(batch) and batch not in (1,):
-        return "A factor of the batch size: a mean over the batch where the other sums."
     outputs = numel_output // batch if numel_output and batch else None
     if near(outputs) and outputs not in (1, 2):
         return (
-            "A factor of the output width: a sum over the outputs where the other takes the "
-            "mean (MSE summed per sample, then averaged over the batch)."
+            f"A factor of the output width: {sums('the outputs')} (MSE summed per sample, "
+            "then averaged over the batch)."
         )
     return GENERIC
 

@@ -110,7 +110,8 @@ def matching_variant(
                 f"{variant.what}: its step-1 loss {loss:.9g} and gradients are the float64 "
                 f"ones of the model computed that way (loss {float(other['loss']):.9g}, "
                 f"gradients within {near:.2g} relative), not the model's (loss "
-                f"{float(own['loss']):.9g}, {apart:.2g} apart).{advice}"
+                f"{float(own['loss']):.9g}, gradients up to {apart:.2g} relative away)."
+                f"{advice}"
             )
     return None
 

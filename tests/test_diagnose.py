@@ -339,3 +339,37 @@ def test_a_step_that_moves_nothing_keeps_the_evidence_of_the_others():
     p1 = {"w": p0["w"] - 0.3 * g1["w"]}
     g2 = {"w": -0.81 / 1.9 * g1["w"]}
     assert diagnose_optimizer(spec, p0, [g1, g2], [p1, dict(p1)]) is None
+
+
+def test_a_factor_in_some_gradients_only_is_not_put_on_the_loss():
+    # Found in a user trial: fc2.weight's gradient alone halved was called optax.l2_loss's
+    # convention, which would halve every gradient. The twin: every gradient halved is.
+    expected = {"fc1.weight": W, "fc1.bias": G}
+    hints = diagnose_trees(
+        {**expected, "fc1.weight": W / 2}, expected, ["fc1.weight"], stage="grads"
+    )
+    assert hints == [
+        "fc1.weight: actual's grads are 0.5 times expected's. A factor 0.5 in these gradients "
+        "only, not in every one: not the loss (its reduction or convention scales every "
+        "gradient) but these leaves' own backward (their chain rule or reduction)."
+    ]
+    halved = {k: v / 2 for k, v in expected.items()}
+    hints = diagnose_trees(halved, expected, ["fc1.weight", "fc1.bias"], stage="grads")
+    assert len(hints) == 2 and all("A factor 2: torch's MSELoss" in h for h in hints), hints
+
+
+def test_a_factor_says_which_side_sums_and_a_sign_flip_is_named():
+    # Found in a user trial: gradients 32 times too large were said to take "a mean over
+    # the batch where the other sums", and -1 was "a constant factor".
+    kwargs = dict(stage="grads", numel_output=24, batch_size=8, names=("port", "torch"))
+    assert diagnose_leaf("fc1.bias", G * 8, G, **kwargs).endswith(
+        "A factor of the batch size: port sums over the batch where torch takes the mean."
+    )
+    assert diagnose_leaf("fc1.bias", G / 8, G, **kwargs).endswith(
+        "A factor of the batch size: port takes the mean over the batch where torch sums."
+    )
+    assert "The sign is flipped: a gradient of the negated loss" in diagnose_leaf(
+        "fc1.bias", -G, G, **kwargs
+    )
+    state = diagnose_leaf("exp_avg.fc1.bias", 3 * G, G, stage="state", names=("port", "torch"))
+    assert state.startswith("exp_avg.fc1.bias: port's state is 3 times torch's.")
