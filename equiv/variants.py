@@ -44,6 +44,7 @@ import numpy as np
 
 from equiv import manual
 from equiv.activations import ACTIVATIONS
+from equiv.losses import LOSSES
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 
 #: Floating-point operations the variants may spend: about 2e10, a few seconds of
@@ -240,6 +241,11 @@ _SLOPE_MISTAKES = (
         lambda a, p, k, dh, zs, acts: np.ones_like(dh),
     ),
     (
+        "takes a ReLU mask for {act}'s slope (0 where z <= 0)",
+        lambda a: a.name in ("leaky_relu", "elu"),
+        lambda a, p, k, dh, zs, acts: (zs[k - 1] > 0).astype(dh.dtype),
+    ),
+    (
         "takes {act}'s slope on the wrong side of 0 (z < 0 for z > 0)",
         lambda a: a.kink,
         lambda a, p, k, dh, zs, acts: a.value_and_derivative(np, zs[k - 1], p, zs[k - 1] <= 0)[1],
@@ -312,6 +318,27 @@ def backward_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Ite
                 mask=" (the mask z > 0)" if names == ["relu"] else "",
             )
             yield variant(f"{what} after {where}", slope_of=slopes(mistake, set(chosen)))
+    if spec.loss in ("cross_entropy", "cross_entropy_probs"):
+
+        def no_targets(out, y, dz):
+            e = np.exp(out - np.max(out, axis=1, keepdims=True))
+            return e / np.sum(e, axis=1, keepdims=True) / out.shape[0]
+
+        yield variant(
+            "leaves the targets out of cross-entropy's gradient (softmax / batch for "
+            "(softmax - targets) / batch)",
+            output_grad=no_targets,
+        )
+    if spec.loss == "cross_entropy" and spec.label_smoothing > 0:
+        unsmoothed = spec.replace(label_smoothing=0.0)
+
+        def one_hot(out, y, dz):
+            return LOSSES[spec.loss].value_and_grad(out, y, unsmoothed)[1]
+
+        yield variant(
+            "leaves the label smoothing out of cross-entropy's gradient (the loss has it)",
+            output_grad=one_hot,
+        )
     for k, j in itertools.permutations(hidden, 2):
         if abs(k - j) == 1 and spec.sizes[k] == spec.sizes[j]:
 

@@ -510,3 +510,60 @@ def test_where_the_reference_judges_only_its_pairs_give_hints(equiv_seed):
     )
     hints = alone.hints()
     assert len(hints) == 1 and hints[0].endswith("(step 1, torch vs port)"), hints
+
+
+def _student_backward(spec, mistake=None):
+    """A NumPy backward as a student writes it, for leaky_relu and cross-entropy."""
+    alpha = spec.negative_slope
+
+    def grad_fn(params, x, y):
+        out, zs = manual.forward(params, x, spec)
+        batch, classes = out.shape
+        e = np.exp(out - out.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+        onehot = np.eye(classes)[y]
+        target = onehot * (1 - spec.label_smoothing) + spec.label_smoothing / classes
+        loss = -np.mean(np.sum(target * np.log(p), axis=1))
+        dz = {"no targets": p, "unsmoothed": p - onehot}.get(mistake, p - target) / batch
+        grads = {}
+        for i in range(spec.num_layers, 0, -1):
+            h_prev = x if i == 1 else np.where(zs[i - 2] > 0, zs[i - 2], alpha * zs[i - 2])
+            grads[f"fc{i}.weight"] = dz.T @ h_prev
+            grads[f"fc{i}.bias"] = dz.sum(axis=0)
+            if i > 1:
+                z = zs[i - 2]
+                slope = (z > 0) * 1.0 if mistake == "relu mask" else np.where(z > 0, 1.0, alpha)
+                dz = (dz @ params[f"fc{i}.weight"]) * slope
+        return loss, grads
+
+    return grad_fn
+
+
+@pytest.mark.parametrize(
+    ("mistake", "cause"),
+    [
+        (None, None),
+        ("relu mask", "takes a ReLU mask for leaky_relu's slope (0 where z <= 0) after fc1, fc2"),
+        ("no targets", "leaves the targets out of cross-entropy's gradient"),
+        ("unsmoothed", "leaves the label smoothing out of cross-entropy's gradient"),
+    ],
+)
+def test_a_students_backward_mistake_is_named(mistake, cause, equiv_seed):
+    # Found in a user trial: a ReLU mask in a leaky_relu backward and a cross-entropy
+    # gradient without the one-hot were caught with no cause. The twin: the right one agrees.
+    spec = MLPSpec(
+        (5, 7, 7, 4),
+        activation="leaky_relu",
+        negative_slope=0.1,
+        loss="cross_entropy",
+        label_smoothing=0.1,
+    )
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, labels = torch.randn(16, 5), torch.randint(0, 4, (16,))
+    comparison = check_manual_backward(model, _student_backward(spec, mistake), x, labels)
+    if mistake is None:
+        comparison.assert_agree()
+        return
+    hints = comparison.hints()
+    assert not comparison.agree and hints[0].split(": ", 1)[1].startswith(f"port {cause}"), hints
