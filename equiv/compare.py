@@ -73,6 +73,9 @@ class LeafDiff:
     ratio: float  # max over elements of |difference| / bound; <= 1 passes
     tolerance: Tolerance
     ambiguous: int = 0  # elements that pass only thanks to slack (near a kink)
+    # The first non-finite mismatch: its index and the two values there, as printed (a
+    # NaN is a string that equals itself).
+    nonfinite_at: tuple[tuple[int, ...], str, str] | None = None
 
     @property
     def passed(self) -> bool:
@@ -91,6 +94,12 @@ class LeafDiff:
         out["max_rel_index"] = list(self.max_rel_index)
         out["passed"] = self.passed
         return out
+
+    def _first_nonfinite(self) -> str:
+        if self.nonfinite_at is None:
+            return ""
+        index, a, b = self.nonfinite_at
+        return f"; the first at index {index}: {a} ({self.actual}) vs {b} ({self.expected})"
 
     def describe(self) -> str:
         """The torch-style block of lines for a failing (or any) leaf.
@@ -118,7 +127,7 @@ class LeafDiff:
         if self.nonfinite_mismatched:
             lines.append(
                 f"  Non-finite mismatch: {self.nonfinite_mismatched} entries are NaN or Inf "
-                "on one side only (or Inf of the other sign)"
+                "on one side only (or Inf of the other sign)" + self._first_nonfinite()
             )
         if self.ambiguous:
             lines.append(f"  Ambiguous (near a kink): {self.ambiguous} elements")
@@ -240,10 +249,12 @@ def compare_leaf(
     if stats is None:
         stats = _numpy_stats(fa, fb, tolerance, flat_slack, ct, flat_atol)
     if a.size:
-        abs_index = tuple(int(i) for i in np.unravel_index(stats.i_abs, a.shape))
-        rel_index = tuple(int(i) for i in np.unravel_index(stats.i_rel, a.shape))
+        abs_index, rel_index, nonfinite_index = (
+            tuple(int(i) for i in np.unravel_index(k, a.shape))
+            for k in (stats.i_abs, stats.i_rel, stats.i_nonfinite)
+        )
     else:
-        abs_index = rel_index = ()
+        abs_index = rel_index = nonfinite_index = ()
     return LeafDiff(
         stage=stage,
         step=step,
@@ -255,6 +266,11 @@ def compare_leaf(
         numel=int(a.size),
         mismatched=stats.mismatched,
         nonfinite_mismatched=stats.nonfinite,
+        nonfinite_at=(
+            (nonfinite_index, f"{fa[stats.i_nonfinite]:.6g}", f"{fb[stats.i_nonfinite]:.6g}")
+            if stats.nonfinite
+            else None
+        ),
         max_abs=float(stats.max_abs),
         max_abs_index=abs_index,
         max_rel=float(stats.max_rel),
@@ -272,6 +288,7 @@ class _Stats:
 
     mismatched: int = 0
     nonfinite: int = 0
+    i_nonfinite: int = 0  # the first non-finite mismatch, where there is one
     ambiguous: int = 0
     max_abs: float = 0.0
     i_abs: int = 0
@@ -287,6 +304,7 @@ class _Stats:
             self,
             mismatched=self.mismatched + later.mismatched,
             nonfinite=self.nonfinite + later.nonfinite,
+            i_nonfinite=self.i_nonfinite if self.nonfinite else later.i_nonfinite,
             ambiguous=self.ambiguous + later.ambiguous,
             ratio=max(self.ratio, later.ratio),
         )
@@ -369,6 +387,7 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
     return _Stats(
         mismatched=int(np.count_nonzero(diff > held)) + int(np.count_nonzero(bad)),
         nonfinite=int(np.count_nonzero(bad)),
+        i_nonfinite=offset + int(np.argmax(bad)) if bad.any() else 0,
         ambiguous=ambiguous,
         max_abs=diff[i_abs],
         i_abs=offset + i_abs,

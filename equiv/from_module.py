@@ -108,8 +108,11 @@ def mlp_from_module(
         if not layers or pending is not None:
             where = "before the first Linear" if not layers else "right after another activation"
             raise value_error(
-                f"activation {name!r} ({act}) comes {where}; equiv's MLP has "
-                "exactly one activation between consecutive Linear layers"
+                f"activation {name!r} ({act}) comes {where} in registration order; "
+                "equiv reads submodules in the order they are registered (assigned in "
+                "__init__), and its MLP has exactly one activation between consecutive "
+                "Linear layers: register each Linear and its activation in call order, or "
+                "write the model as an nn.Sequential"
             )
         for field, value in params.items():
             if fields.setdefault(field, value) != value:
@@ -128,7 +131,7 @@ def mlp_from_module(
             "activation module between layers (one self.relu for all), or calls the layers "
             "in another order than they are registered, write the model as an "
             "nn.Sequential; or, with Linear layers named fc1, fc2, ..., pass "
-            "spec=equiv.MLPSpec(...) to check_jax_port"
+            "spec=equiv.MLPSpec(...) to check_jax_port or check_manual_backward"
         )
     sizes = [layers[0].in_features]
     for i, layer in enumerate(layers):
@@ -278,7 +281,8 @@ def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Ten
         f"registration order: run on a float64 probe batch, {mismatch} (a forward that "
         f"calls them in another order, detaches, or does more).{functional} Write it as an "
         "nn.Sequential; or, with Linear layers named fc1, fc2, ..., pass "
-        "spec=equiv.MLPSpec(...) to check_jax_port; or pass check=False if you are sure"
+        "spec=equiv.MLPSpec(...) to check_jax_port or check_manual_backward; or pass "
+        "check=False if you are sure"
     )
 
 

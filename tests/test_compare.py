@@ -113,12 +113,17 @@ def test_failure_block_lines():
 
 
 def test_nonfinite_line():
-    d = compare_leaf(np.array([nan, 1.0]), np.array([1.0, 1.0]), T, name="b")
+    # The first non-finite mismatch is located (found in a user trial: the "greatest
+    # difference" lines point at finite elements, so the NaN had no position).
+    d = compare_leaf(np.array([[1.0, 2.0], [nan, inf]]), np.array([[1.0, 2.0], [1.5, 1.0]]), T)
     assert d.describe().splitlines()[-1] == (
-        "  Non-finite mismatch: 1 entries are NaN or Inf on one side only "
-        "(or Inf of the other sign)"
+        "  Non-finite mismatch: 2 entries are NaN or Inf on one side only "
+        "(or Inf of the other sign); the first at index (1, 0): nan (actual) vs 1.5 (expected)"
     )
     assert math.isinf(d.ratio)
+    # The twin: the same NaN on both sides is no mismatch, and no line.
+    d = compare_leaf(np.array([nan, 1.0]), np.array([nan, 1.0]), T)
+    assert d.passed and d.nonfinite_at is None and "Non-finite" not in d.describe()
 
 
 def test_empty_leaf_passes():
