@@ -58,6 +58,8 @@ def diagnose_leaf(
     activations: tuple[str, ...] = (),
     learning_rate: float | None = None,
     shared: bool = True,
+    optimizer: OptimizerSpec | None = None,
+    step: int | None = None,
 ) -> str | None:
     """The likeliest known cause of ``actual`` differing from ``expected``, or None.
 
@@ -72,6 +74,8 @@ def diagnose_leaf(
       learning_rate: to turn a decay signature into the difference of weight decays.
       shared: whether every leaf of the stage is off by the same factor as this one
         (:func:`diagnose_trees` tells): a loss's factor scales every gradient.
+      optimizer, step: the run's optimizer and the step, for the optimizer state
+        (``stage="state"``, where the gradients agree) and a repeated update.
 
     Example:
       >>> import numpy as np
@@ -102,6 +106,12 @@ def diagnose_leaf(
         ratio = _ratio(a - before, b - np.asarray(before, np.float64))
         if ratio is not None:
             twice = " (or the step was applied twice)" if abs(ratio - 2) < 1e-3 else ""
+            mu = optimizer.momentum if optimizer is not None and optimizer.name == "sgd" else 0
+            if step == 1 and mu and not optimizer.nesterov and abs(ratio - 2 - mu) < 1e-3:
+                twice = (
+                    f" (or optimizer.step() ran twice on the same gradients: 1 + (1 + "
+                    f"momentum {mu:g}) = {2 + mu:g} updates' worth at step 1)"
+                )
             return (
                 f"{name}: {first}'s update is {ratio:.4g} times {second}'s: the learning rates "
                 f"differ by that factor{twice}."
@@ -127,6 +137,10 @@ def diagnose_leaf(
     ratio = _ratio(a, b)
     if ratio is None:
         return _gelu_hint(name, a, b, activations)
+    if stage == "state":
+        return f"{name}: {first}'s state is {ratio:.4g} times {second}'s. " + _state_cause(
+            name, ratio, first, optimizer, step
+        )
     cause = _factor_cause(ratio, numel_output, batch_size, names, shared)
     if a.size == 1 and cause == GENERIC:
         return None  # any two scalars are a constant multiple of each other
@@ -253,6 +267,34 @@ def _factor_cause(
             "then averaged over the batch)."
         )
     return GENERIC
+
+
+def _state_cause(
+    name: str, ratio: float, first: str, optimizer: OptimizerSpec | None, step: int | None
+) -> str:
+    """What an optimizer state off by ``ratio`` where the gradients agree points to: its
+    hyper-parameters, fitted at step 1 where the state is one term (found in review: a
+    β₂ of 0.98 against 0.999 was put down to MSELoss's factor 2).
+
+    >>> adam = OptimizerSpec("adam", learning_rate=1e-3)
+    >>> _state_cause("exp_avg_sq.fc1.weight", 20.0, "port", adam, 1)
+    "At step 1 it is (1 - β₂)·g²: port's β₂ is 0.98, not 0.999."
+    """
+    kind = name.split(".", 1)[0]
+    moments = {"exp_avg": (0, "β₁", "g"), "exp_avg_sq": (1, "β₂", "g²")}
+    adam = optimizer is not None and optimizer.name in ("adam", "adamw")
+    if step == 1 and adam and kind in moments:
+        index, symbol, term = moments[kind]
+        beta = optimizer.betas[index]
+        return (
+            f"At step 1 it is (1 - {symbol})·{term}: {first}'s {symbol} is "
+            f"{1 - ratio * (1 - beta):.6g}, not {beta:.6g}."
+        )
+    return (
+        "Where the gradients agree, the optimizer's hyper-parameters differ: Adam's β₁ "
+        "scales exp_avg's new term by (1 - β₁) and β₂ exp_avg_sq's by (1 - β₂); SGD's "
+        "dampening scales the momentum buffer's by (1 - dampening), from step 2 in torch."
+    )
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> float | None:

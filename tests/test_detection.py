@@ -22,6 +22,7 @@ import torch
 from equiv import MLPSpec, TorchMLP, manual
 from equiv.harness import REFERENCE, compare_trajectories, run_reference, run_torch
 from equiv.port import PORT, check_jax_port, check_manual_backward
+from equiv.variants import matching_variant
 
 SPEC = MLPSpec((6, 6, 6, 3))  # fc1 and fc2 square: transposes and swaps raise nothing
 LR, STEPS, BATCH = 0.1, 2, 8
@@ -139,7 +140,10 @@ def flax_init_params(model, spec, xs, ys):  # the port initialised itself instea
     return check_jax_port(model, port_loss(), xs, ys, steps=STEPS, learning_rate=LR, params=params)
 
 
-def step_twice(model, spec, xs, ys):  # the training loop calls the step twice per batch
+def step_twice(model, spec, xs, ys, optimizer=None):  # the loop steps twice per batch
+    from equiv.convert import jax_to_torch, torch_to_jax
+    from equiv.harness import Comparison, Trajectory
+    from equiv.optimizers import make_optax
     from equiv.problem import Problem
 
     problem = Problem(
@@ -148,19 +152,16 @@ def step_twice(model, spec, xs, ys):  # the training loop calls the step twice p
         tuple(zip(xs, ys, strict=False)),
     )
     value_and_grad = jax.jit(jax.value_and_grad(port_loss()))
-    optimizer = optax.sgd(LR)
-    from equiv.convert import jax_to_torch, torch_to_jax
-    from equiv.harness import Trajectory
-
+    chain = optax.sgd(LR) if optimizer is None else make_optax(optimizer)
     params = torch_to_jax(problem.params, layout="flax", spec=spec)
-    state = optimizer.init(params)
+    state = chain.init(params)
     port = Trajectory(PORT, spec.dtype)
     for x, y in problem.batches:
         x, y = jnp.asarray(x.numpy()), jnp.asarray(y.numpy())
         loss, grads = value_and_grad(params, x, y)
         for _ in range(2):
             _, step_grads = value_and_grad(params, x, y)
-            updates, state = optimizer.update(step_grads, state, params)
+            updates, state = chain.update(step_grads, state, params)
             params = optax.apply_updates(params, updates)
         port.record(
             loss,
@@ -168,14 +169,12 @@ def step_twice(model, spec, xs, ys):  # the training loop calls the step twice p
             jax_to_torch(params, layout="flax", spec=spec),
         )
     trajectories = {
-        "torch": run_torch(problem, LR),
+        "torch": run_torch(problem, LR, optimizer=optimizer),
         PORT: port,
-        REFERENCE: run_reference(problem, LR),
+        REFERENCE: run_reference(problem, LR, optimizer=optimizer),
     }
-    report = compare_trajectories(problem, trajectories, learning_rate=LR)
-    from equiv.harness import Comparison
-
-    return Comparison(problem, LR, trajectories, report)
+    report = compare_trajectories(problem, trajectories, learning_rate=LR, optimizer=optimizer)
+    return Comparison(problem, LR, trajectories, report, optimizer)
 
 
 def jax_check(loss_fn, **kwargs):
@@ -431,6 +430,17 @@ def test_a_gelu_model_gets_the_gelu_hint_only_when_the_port_computes_the_other_g
     assert "port computes GELU with the tanh approximation" in hints[0], hints
 
 
+def test_adam_stepped_twice_at_a_small_rate_in_float32_is_named(equiv_seed):
+    # Found in review: at Adam's default lr 1e-3 the update is small beside the weights,
+    # and their float32 rounding (u·|p|/|Δp| ≈ 1.2e-5 relative) exceeded the 1e-5 match.
+    from equiv import OptimizerSpec
+
+    spec, model, xs, ys = _setup(equiv_seed)
+    comparison = step_twice(model, spec, xs, ys, OptimizerSpec("adam", learning_rate=1e-3))
+    hints = comparison.hints()
+    assert "port applies two adam updates to the first batch" in hints[0], hints
+
+
 def test_a_doubled_learning_rate_is_not_a_step_applied_twice(equiv_seed):
     # The twin of the "step applied twice" defect: an update twice the model's, from
     # the same gradients, is the learning rate's, not a second step's.
@@ -452,8 +462,6 @@ def _step_one(spec, params, x, y):
 
 
 def _named_variant(spec, params, x, y, theirs):
-    from equiv.variants import matching_variant
-
     found = matching_variant(spec, params, x, y, theirs)
     return None if found is None else found.split(":")[0]
 
@@ -567,3 +575,84 @@ def test_a_students_backward_mistake_is_named(mistake, cause, equiv_seed):
         return
     hints = comparison.hints()
     assert not comparison.agree and hints[0].split(": ", 1)[1].startswith(f"port {cause}"), hints
+
+
+def _random_params(spec, rng, bias_scale=1.0):
+    params = {}
+    for i in range(1, spec.num_layers + 1):
+        fan_in, fan_out = spec.sizes[i - 1], spec.sizes[i]
+        params[f"fc{i}.weight"] = rng.uniform(-1, 1, (fan_out, fan_in)) / np.sqrt(fan_in)
+        params[f"fc{i}.bias"] = bias_scale * rng.uniform(-1, 1, fan_out) / np.sqrt(fan_in)
+    return params
+
+
+def test_mistakes_this_batch_cannot_tell_apart_are_named_together():
+    # Found in review: tanh's slope taken at a small dh is 1 - dh² ≈ 1, the slope left
+    # out, which was named alone (first in order). Both are named now; the twin: the
+    # slope left out where dh is not small is named alone.
+    rng = np.random.default_rng(0)
+    spec = MLPSpec((20, 64, 64, 10), activation="tanh", dtype="float64")
+    params = _random_params(spec, rng)
+    x, y = rng.standard_normal((64, 20)), rng.standard_normal((64, 10))
+    at_dh = {"slope_of": lambda k, dh, zs, acts: 1 - np.tanh(dh) ** 2}
+    loss, grads = manual.miswritten_loss_and_grads(params, x, y, spec, **at_dh)
+    named = matching_variant(spec, params, x, y, {"loss": loss, **grads})
+    assert named.startswith(
+        "leaves out tanh's slope after fc1, fc2 in the backward pass (or, the same on this "
+        "batch: takes tanh's slope at the upstream gradient dh instead of z after fc1, fc2 "
+        "in the backward pass"
+    ), named
+    at_dh = {"slope_of": lambda k, dh, zs, acts: 1 - np.tanh(1e3 * dh) ** 2}
+    loss, grads = manual.miswritten_loss_and_grads(params, x, y, spec, **at_dh)
+    assert matching_variant(spec, params, x, y, {"loss": loss, **grads}) is None
+
+
+def test_a_zero_bias_is_not_said_to_be_left_out(equiv_seed):
+    # Found in review: with zero-initialised biases, a stop_gradient on a bias was named
+    # "leaves out fc2.bias" (the model without it is the model). The twin: nonzero ones.
+    spec, model, xs, ys = _setup(equiv_seed)
+    with torch.no_grad():
+        model.fc2.bias.zero_()
+    hints = jax_check(port_loss(stop=(1,)))(model, spec, xs, ys).hints()
+    assert hints[0].startswith("fc2.weight, fc2.bias: port's gradient is zero where"), hints
+    hints = jax_check(port_loss(no_bias=(1,)))(model, spec, xs, ys).hints()
+    assert not any("leaves out fc2.bias" in h for h in hints), hints
+
+
+def test_every_mistake_made_everywhere_is_tried_before_one_at_a_single_layer():
+    # Found in review: on a 784-1024-1024-10 model the flop budget reached six variants,
+    # all of them "left out" and "wrong side", one layer at a time included.
+    from equiv.variants import VARIANT_FLOPS, variants
+
+    spec = MLPSpec((6, 6, 6, 6, 3), dtype="float64")
+    rng = np.random.default_rng(0)
+    params = _random_params(spec, rng)
+    x, y = rng.standard_normal((4, 6)), rng.standard_normal((4, 3))
+    tiers = [v.tier for v in variants(spec, params, x, y, backward_first=True)]
+    assert tiers == sorted(tiers) and tiers[0] == 1 and tiers[-1] == 2
+    names = [v.what for v in variants(spec, params, x, y, backward_first=True)]
+    first_single = next(
+        i for i, v in enumerate(names) if v.endswith("after fc1 in the backward pass")
+    )
+    assert any("upstream gradient dh" in n for n in names[:first_single])
+    # A 784-1024-1024-10 model at batch 256 reaches every tier-1 variant.
+    big = MLPSpec((784, 1024, 1024, 10), dtype="float64")
+    params = _random_params(big, rng)
+    x, y = np.zeros((256, 784)), np.zeros((256, 10))
+    cost = 6.0 * 256 * sum(v.size for v in params.values())
+    tier_one = sum(v.tier == 1 for v in variants(big, params, x, y, backward_first=True))
+    assert VARIANT_FLOPS // cost >= tier_one
+
+
+def test_label_smoothing_left_out_of_probability_targets_is_named():
+    # Found in review: only cross_entropy (labels) got the variant; torch smooths
+    # probability targets too. The twin: the smoothed port is no variant.
+    rng = np.random.default_rng(1)
+    spec = MLPSpec((5, 8, 4), loss="cross_entropy_probs", label_smoothing=0.2, dtype="float64")
+    params = _random_params(spec, rng)
+    x = rng.standard_normal((6, 5))
+    y = rng.dirichlet(np.ones(4), size=6)
+    unsmoothed = _step_one(spec.replace(label_smoothing=0.0), params, x, y)
+    named = matching_variant(spec, params, x, y, unsmoothed)
+    assert named.startswith("leaves out the label smoothing (0.2):"), named
+    assert matching_variant(spec, params, x, y, _step_one(spec, params, x, y)) is None

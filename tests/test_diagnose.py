@@ -373,3 +373,29 @@ def test_a_factor_says_which_side_sums_and_a_sign_flip_is_named():
     )
     state = diagnose_leaf("exp_avg.fc1.bias", 3 * G, G, stage="state", names=("port", "torch"))
     assert state.startswith("exp_avg.fc1.bias: port's state is 3 times torch's.")
+
+
+def test_a_second_optimizer_step_on_the_same_gradients_with_momentum_is_named():
+    # Found in review: optimizer.step() twice on one gradient with momentum 0.9 moves
+    # 1 + (1 + 0.9) = 2.9 times as far, which was put down to the learning rate alone.
+    sgd = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9)
+    kwargs = dict(stage="params", before=np.ones(4), names=("port", "torch"), optimizer=sgd)
+    hint = diagnose_leaf("fc1.bias", 1 - 0.29 * G, 1 - 0.1 * G, step=1, **kwargs)
+    assert "(or optimizer.step() ran twice on the same gradients: 1 + (1 + momentum 0.9)" in hint
+    # The twins: another factor, or a later step (the buffer is no longer the gradient).
+    assert "ran twice" not in diagnose_leaf("fc1.bias", 1 - 0.3 * G, 1 - 0.1 * G, step=1, **kwargs)
+    assert "ran twice" not in diagnose_leaf("fc1.bias", 1 - 0.29 * G, 1 - 0.1 * G, step=2, **kwargs)
+
+
+def test_an_adam_state_off_by_a_factor_names_the_beta():
+    # Found in review: β₂ 0.98 against 0.999 was "a constant factor: a scaled loss",
+    # β₂ 0.998 "torch's MSELoss is mean((p - y)²)". At step 1 the moment is one term.
+    adam = OptimizerSpec("adam", learning_rate=1e-3, betas=(0.9, 0.98))
+    kwargs = dict(stage="state", names=("port", "torch"), optimizer=adam)
+    hint = diagnose_leaf("exp_avg_sq.fc1.bias", G * G * 0.001, G * G * 0.02, step=1, **kwargs)
+    assert hint.endswith("At step 1 it is (1 - β₂)·g²: port's β₂ is 0.999, not 0.98.")
+    hint = diagnose_leaf("exp_avg.fc1.bias", G * 0.2, G * 0.1, step=1, **kwargs)
+    assert hint.endswith("At step 1 it is (1 - β₁)·g: port's β₁ is 0.8, not 0.9.")
+    # Later the moments mix steps: the hyper-parameters are named, nothing fitted.
+    hint = diagnose_leaf("exp_avg.fc1.bias", G * 0.2, G * 0.1, step=2, **kwargs)
+    assert "the optimizer's hyper-parameters differ" in hint and "MSELoss" not in hint

@@ -430,6 +430,21 @@ def test_ports_with_an_optimizer_are_checked_against_the_same_optimizer(optimize
     } >= {"port"}
 
 
+def test_a_port_with_another_beta_is_told_which(equiv_seed):
+    # Found in review: optax.adam's b2 against torch's betas=(0.9, 0.98) was put down to
+    # a scaled loss. The twin: the same betas agree (the test above).
+    spec = MLPSpec((4, 3, 2))
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    optimizer = OptimizerSpec("adam", learning_rate=1e-3, betas=(0.9, 0.98))
+    wrong = check_jax_port(
+        model, _flax_port(spec), x, y, steps=2, optimizer=optimizer, port_optimizer=optax.adam(1e-3)
+    )
+    hints = wrong.hints()
+    assert "At step 1 it is (1 - β₂)·g²: port's β₂ is 0.999, not 0.98." in hints[0], hints
+
+
 def test_an_optax_transformation_as_optimizer_is_a_type_error():
     model = TorchMLP(MLPSpec((4, 3, 2)))
     with pytest.raises(TypeError, match="pass your own optax transformation as port_optimizer="):
