@@ -924,6 +924,7 @@ class Comparison:
             theirs,
             noise=noise,
             backward_first=hand_written and backend != "torch",
+            unit_roundoff=UNIT_ROUNDOFF[run.dtype],
         )
 
     def arbiter_verdict(self) -> list[str]:

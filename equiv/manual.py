@@ -286,6 +286,7 @@ def miswritten_loss_and_grads(
     slope_of: Callable[[int, Array, list[Array], list[tuple[Array, Array]]], Array] | None = None,
     backward_params: Mapping[str, Array] | None = None,
     output_grad: Callable[[Array, Array, Array], Array] | None = None,
+    masks: Masks = None,
 ) -> tuple[Array, dict[str, Array]]:
     """:func:`loss_and_grads` with its backward pass written wrong on purpose, the
     forward pass and the loss untouched: how :mod:`equiv.variants` computes the
@@ -295,7 +296,8 @@ def miswritten_loss_and_grads(
     (1-based; ``dh`` the upstream gradient ``∂loss/∂h_k``, ``zs`` and ``acts`` as
     :func:`forward` computes them: ``acts[k - 1] = (h_k, h'(z_k))``);
     ``backward_params`` replaces weights in the chain ``dh_{i-1} = dz_i W_i`` only;
-    ``output_grad(out, y, dz_L)`` replaces the loss's gradient ``dz_L``.
+    ``output_grad(out, y, dz_L)`` replaces the loss's gradient ``dz_L``; ``masks`` as
+    in :func:`loss_and_grads`.
 
     >>> import numpy as np
     >>> spec = MLPSpec((1, 1, 1), dtype="float64")
@@ -309,7 +311,7 @@ def miswritten_loss_and_grads(
     [[-4.0]]
     """
     xp = array_namespace(x)
-    out, zs, acts = _forward(params, x, spec, _check_masks(None, spec))
+    out, zs, acts = _forward(params, x, spec, _check_masks(masks, spec))
     loss, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
     dz = dz if output_grad is None else output_grad(out, y, dz)
     chained = {**params, **(backward_params or {})}

@@ -39,11 +39,13 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from equiv import manual
 from equiv.activations import ACTIVATIONS
+from equiv.kinks import preactivation_bounds
 from equiv.losses import LOSSES
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 
@@ -65,18 +67,33 @@ VARIANT_MATCH = 1e-5
 Tree = Mapping[str, np.ndarray]
 
 
+def _same(grads: dict) -> dict:
+    return grads
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One known mistake: ``what`` the mistaken code does (a phrase after the backend's
-    name), ``advice`` on the fix ("" for none), and ``step_one()``: its float64 step-1
-    loss (under ``"loss"``) and gradients as such code reports them."""
+    name) and ``advice`` on the fix ("" for none); the model it computes (``spec`` and
+    ``params``, with its backward pass written wrong as ``miswritten`` says: keyword
+    arguments of :func:`equiv.manual.miswritten_loss_and_grads`), and how such code
+    reports its gradients (``reported``)."""
 
     what: str
     advice: str
-    step_one: Callable[[], dict[str, np.ndarray]]
+    spec: MLPSpec
+    params: Mapping[str, np.ndarray]
+    reported: Callable[[dict], dict] = _same
+    miswritten: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     #: 1: a mistake made everywhere, or at one site; 2: one made everywhere, here at
     #: one layer only (tried after every tier-1 variant: the flop budget may end first).
     tier: int = 1
+
+    def step_one(self, x, y, masks=None) -> dict[str, np.ndarray]:
+        """The float64 step-1 loss (under ``"loss"``) and gradients, as reported;
+        ``masks`` forces the side of kinked units (:func:`equiv.manual.loss_and_grads`)."""
+        values = _step_one(self.spec, self.params, x, y, masks=masks, **self.miswritten)
+        return {"loss": values.pop("loss"), **self.reported(values)}
 
 
 def matching_variant(
@@ -88,45 +105,107 @@ def matching_variant(
     *,
     noise: float = 0.0,
     backward_first: bool = False,
+    unit_roundoff: float = 0.0,
 ) -> str | None:
     """Which known mistake (:func:`variants`) a backend's step 1 is, as a hint, or
     None: ``theirs`` (its loss under ``"loss"`` and its gradients) must be within
     :data:`VARIANT_MATCH` of the mistake's, relative, in the loss and every gradient,
     and ten times nearer than the model's. Steps within ``noise`` of the model's are
     not looked into. ``backward_first``: try a hand-written backward's mistakes before
-    the model's (for a big model the flop budget may reach only the first few)."""
+    the model's (for a big model the flop budget may reach only the first few).
+    ``unit_roundoff``: the backend's; a unit of a kinked activation whose pre-activation
+    it may round to the other side of 0 (:func:`equiv.kinks.preactivation_bounds`) is
+    tried on that side too, as the backend may have computed it."""
     own = _step_one(spec, params, x, y)
     apart = tree_distance(theirs, own)
     if not apart > noise:
         return None  # step 1 is the model's, up to rounding: no variant to look for
-    # Each variant costs a float64 forward and backward pass of the first batch; at
-    # most VARIANT_FLOPS of them in all (a few seconds), the likeliest first.
+    # Each pass costs a float64 forward and backward pass of the first batch; at most
+    # VARIANT_FLOPS of them in all (a few seconds), the likeliest variants first.
     cost = 6.0 * x.shape[0] * sum(v.size for v in params.values())
     budget = max(1, int(VARIANT_FLOPS // max(cost, 1.0)))
     matches = []
-    for variant in itertools.islice(variants(spec, params, x, y, backward_first), budget):
+    for variant in variants(spec, params, x, y, backward_first):
+        if budget <= 0:
+            break
+        budget -= 1
         with np.errstate(all="ignore"):
-            other = variant.step_one()
+            other = variant.step_one(x, y)
         near = tree_distance(theirs, other)
         # The loss and every gradient must be the variant's (a single scalar matched by
         # chance: a scaled weight was named a missing bias in a deep model, in review).
         if near <= VARIANT_MATCH and near * 10 <= apart:
-            matches.append((variant, other, near))
+            matches.append((variant, other, near, 0))
+            continue
+        if not (unit_roundoff and near * 10 <= apart):
+            continue  # not even near: no unit at a kink explains the rest
+        for masks, flipped in _flips(variant, x, unit_roundoff):
+            if budget <= 0:
+                break
+            budget -= 1
+            with np.errstate(all="ignore"):
+                other = variant.step_one(x, y, masks)
+            near = tree_distance(theirs, other)
+            if near <= VARIANT_MATCH and near * 10 <= apart:
+                matches.append((variant, other, near, flipped))
+                break
     if not matches:
         return None
     # Every match is named: two mistakes may give the same step on this batch (tanh's
     # slope taken at a small dh is 1 - dh² ≈ 1, the slope left out; a layer whose
     # units are all active hides a mask on either side: found in review).
-    (variant, other, near), rest = matches[0], [m[0].what for m in matches[1:]]
+    (variant, other, near, flipped), rest = matches[0], [m[0].what for m in matches[1:]]
     also = f" (or, the same on this batch: {'; '.join(rest)})" if rest else ""
+    kink = (
+        f", with {flipped} unit{'s' if flipped > 1 else ''} at a kink on the other side of 0, "
+        "where the backend's rounding may put it"
+        if flipped
+        else ""
+    )
     loss = float(theirs["loss"])
     advice = f" {variant.advice}." if variant.advice else ""
     return (
         f"{variant.what}{also}: its step-1 loss {loss:.9g} and gradients are the float64 "
-        f"ones of the model computed that way (loss {float(other['loss']):.9g}, "
+        f"ones of the model computed that way{kink} (loss {float(other['loss']):.9g}, "
         f"gradients within {near:.2g} relative), not the model's (loss "
         f"{float(own['loss']):.9g}, gradients up to {apart:.2g} relative away).{advice}"
     )
+
+
+#: The kinked units nearest 0 (relative to the backend's rounding bound) tried on
+#: the other side: each alone, then all together.
+_MAX_FLIPS = 4
+
+
+def _flips(variant: Variant, x, unit_roundoff: float):
+    """``(masks, units flipped)`` for computing ``variant`` with units of a kinked
+    activation on the other side of 0, where the backend's rounding may have put them
+    (:func:`equiv.kinks.preactivation_bounds`): the nearest to 0 first, each alone, then
+    together (found in review: one ReLU unit at z = -2.8e-8 in float64, +4.2e-9 in JAX's
+    float32, hid a forgotten transpose; 17 units lay within the bound)."""
+    spec = variant.spec
+    kinked = [ACTIVATIONS[a].has_kink(ACTIVATIONS[a].param(spec)) for a in spec.activations]
+    if not any(kinked):
+        return
+    zs, bounds = preactivation_bounds(variant.params, x, spec, unit_roundoff)
+    candidates = []  # (|z| / bound, layer, unit)
+    for layer, (z, e, kink) in enumerate(zip(zs[:-1], bounds[:-1], kinked, strict=True)):
+        if kink:
+            for unit in zip(*np.nonzero(np.abs(z) <= e), strict=True):
+                candidates.append((float(abs(z[unit]) / e[unit]), layer, unit))
+    nearest = sorted(candidates)[:_MAX_FLIPS]
+    sides = [z > 0 for z in zs[:-1]]
+
+    def flipped(units) -> list[np.ndarray]:
+        masks = [side.copy() for side in sides]
+        for _, layer, unit in units:
+            masks[layer][unit] = ~masks[layer][unit]
+        return masks
+
+    for one in nearest:
+        yield flipped([one]), 1
+    if len(nearest) > 1:
+        yield flipped(nearest), len(nearest)
 
 
 def tree_distance(a: Tree, b: Tree) -> float:
@@ -154,12 +233,14 @@ def variants(
     return iter(sorted(ordered, key=lambda v: v.tier))  # stable: the order within a tier
 
 
-def _step_one(spec: MLPSpec, params, x, y, **miswritten) -> dict[str, np.ndarray]:
+def _step_one(spec: MLPSpec, params, x, y, masks=None, **miswritten) -> dict[str, np.ndarray]:
     with np.errstate(all="ignore"):
         if miswritten:
-            loss, grads = manual.miswritten_loss_and_grads(params, x, y, spec, **miswritten)
+            loss, grads = manual.miswritten_loss_and_grads(
+                params, x, y, spec, masks=masks, **miswritten
+            )
         else:
-            loss, grads = manual.loss_and_grads(params, x, y, spec)
+            loss, grads = manual.loss_and_grads(params, x, y, spec, masks)
     return {"loss": np.asarray(loss), **grads}
 
 
@@ -185,12 +266,8 @@ def model_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Iterat
     * cross-entropy's label smoothing left out.
     """
 
-    def variant(what, advice, other_spec, changed, reported=lambda grads: grads, tier=1):
-        def step_one() -> dict[str, np.ndarray]:
-            values = _step_one(other_spec, {**params, **changed}, x, y)
-            return {"loss": values.pop("loss"), **reported(values)}
-
-        return Variant(what, advice, step_one, tier)
+    def variant(what, advice, other_spec, changed, reported=_same, tier=1) -> Variant:
+        return Variant(what, advice, other_spec, {**params, **changed}, reported, tier=tier)
 
     layers = [i for i, name in enumerate(spec.activations) if name in _GELU_SWAP]
     for changed in [layers] + ([[i] for i in layers] if len(layers) > 1 else []):
@@ -305,12 +382,8 @@ def backward_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Ite
     def act(k: int):
         return ACTIVATIONS[spec.activations[k - 1]]
 
-    def variant(what, reported=lambda grads: grads, tier=1, **miswritten) -> Variant:
-        def step_one() -> dict[str, np.ndarray]:
-            values = _step_one(spec, params, x, y, **miswritten)
-            return {"loss": values.pop("loss"), **reported(values)}
-
-        return Variant(f"{what} in the backward pass", "", step_one, tier)
+    def variant(what, reported=_same, tier=1, **miswritten) -> Variant:
+        return Variant(f"{what} in the backward pass", "", spec, params, reported, miswritten, tier)
 
     def slopes(mistake, layers):
         def slope_of(k, dh, zs, acts):

@@ -656,3 +656,29 @@ def test_label_smoothing_left_out_of_probability_targets_is_named():
     named = matching_variant(spec, params, x, y, unsmoothed)
     assert named.startswith("leaves out the label smoothing (0.2):"), named
     assert matching_variant(spec, params, x, y, _step_one(spec, params, x, y)) is None
+
+
+def test_a_unit_the_backend_rounds_across_a_kink_does_not_hide_the_variant():
+    # Found in review: in a 784-1024-1024-10 float32 port that forgot a square kernel's
+    # transpose, one fc1 unit at z = -2.8e-8 (float64) came out +4.2e-9 in JAX, and the
+    # hint was lost. Planted here: a unit at z ≈ -1e-12, on the positive side in "theirs".
+    from equiv.variants import variants
+
+    rng = np.random.default_rng(3)
+    spec = MLPSpec((6, 6, 6, 3), dtype="float64")
+    params = _random_params(spec, rng)
+    x, y = rng.standard_normal((8, 6)), rng.standard_normal((8, 3))
+    params["fc1.bias"][2] = -(x[0] @ params["fc1.weight"][2]) - 1e-12
+    (flip,) = [v for v in variants(spec, params, x, y) if v.what == "uses fc2.weight transposed"]
+    _, zs = manual.forward(flip.params, x, spec)
+    sides = [z > 0 for z in zs[:-1]]
+    assert not sides[0][0, 2]
+    sides[0][0, 2] = True  # the backend's rounding put it on the other side
+    theirs = flip.step_one(x, y, sides)
+    named = matching_variant(spec, params, x, y, theirs, unit_roundoff=2.0**-24)
+    assert (
+        named.startswith("uses fc2.weight transposed: its step-1 loss")
+        and "with 1 unit at a kink on the other side of 0" in named
+    ), named
+    # The twin: without the backend's rounding to allow it, the variant is not that step.
+    assert matching_variant(spec, params, x, y, theirs) is None
