@@ -14,15 +14,14 @@ difference has the shape of a known trap (see the README's "Numerical traps"):
   because x64 was off;
 * parameters after a step off by a constant multiple of the parameters before it:
   the weight decays differ (AdamW's default is 1e-2 in torch, 1e-4 in optax);
-* a small relative difference (1e-6 to 1e-2) in a model with GELU layers: one side
-  uses the tanh approximation (``jax.nn.gelu``'s default), the other the exact erf
-  form (``torch.nn.GELU``'s default);
 * parameter updates that a known misreading of the optimizer reproduces
   (:func:`diagnose_optimizer`): Adam's L2 taken for AdamW's decoupled decay or the
   reverse, weight decay added after the momentum instead of before it, dampening
   ignored, Nesterov toggled.
 
-Each detector returns a one- or two-line hint, or None.
+Each detector returns a one- or two-line hint, or None. Mistakes that change the model
+or its backward pass (the other GELU, a transpose inside the forward pass, a ReLU mask
+on the wrong side, ...) are computed and matched instead: :mod:`equiv.variants`.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ def diagnose_leaf(
     dtype: str | None = None,
     numel_output: int | None = None,
     batch_size: int | None = None,
-    activations: tuple[str, ...] = (),
     learning_rate: float | None = None,
     shared: bool = True,
     optimizer: OptimizerSpec | None = None,
@@ -70,7 +68,6 @@ def diagnose_leaf(
       before: for ``stage="params"``, the parameters before the step.
       dtype: the run's dtype; ``"float64"`` enables the float32-truncation check.
       numel_output, batch_size: ``batch · outputs`` and the batch, to name factors.
-      activations: the model's hidden activations, to recognise GELU variants.
       learning_rate: to turn a decay signature into the difference of weight decays.
       shared: whether every leaf of the stage is off by the same factor as this one
         (:func:`diagnose_trees` tells): a loss's factor scales every gradient.
@@ -126,7 +123,7 @@ def diagnose_leaf(
                 "optax.adamw to 1e-4; torch's Adam(weight_decay) is L2 added to the gradient, "
                 "AdamW decays decoupled)."
             )
-        return _gelu_hint(name, a, b, activations)
+        return None
     if stage == "grads" and (not a.any()) != (not b.any()):
         zero, other = (first, second) if not a.any() else (second, first)
         return (
@@ -136,7 +133,7 @@ def diagnose_leaf(
         )
     ratio = _ratio(a, b)
     if ratio is None:
-        return _gelu_hint(name, a, b, activations)
+        return None
     if stage == "state":
         return f"{name}: {first}'s state is {ratio:.4g} times {second}'s. " + _state_cause(
             name, ratio, first, optimizer, step
@@ -146,20 +143,6 @@ def diagnose_leaf(
         return None  # any two scalars are a constant multiple of each other
     verb = "are" if stage == "grads" else "is"
     return f"{name}: {first}'s {stage} {verb} {ratio:.4g} times {second}'s. " + cause
-
-
-def _gelu_hint(name: str, a: np.ndarray, b: np.ndarray, activations: tuple[str, ...]):
-    if not {"gelu", "gelu_tanh"} & set(activations):
-        return None
-    scale = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0)))
-    relative = float(np.max(np.abs(a - b), initial=0.0)) / scale if scale else 0.0
-    if not 1e-6 <= relative <= 1e-2:
-        return None
-    return (
-        f"{name}: a difference of {relative:.2g} relative in a model with GELU layers: one "
-        "side likely uses the tanh approximation. torch.nn.GELU() is exact (erf), "
-        "jax.nn.gelu defaults to approximate=True: use jax.nn.gelu(x, approximate=False)."
-    )
 
 
 def _decay_difference(diff: np.ndarray, before: np.ndarray) -> float | None:

@@ -51,7 +51,7 @@ from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 
 #: Floating-point operations the variants may spend: 6e10, about 2 s of float64
 #: forward and backward passes on a 2-core machine (33 GFLOP/s measured for a
-#: 784-1024-1024-10 model at batch 256: 21 variants of it; a 100M-parameter model at
+#: 784-1024-1024-10 model at batch 256: all 20 variants of it; a 100M-parameter model at
 #: batch 32 gets 3). 2e10 reached 6 of that model's, none of the backward's but two
 #: (found in review).
 VARIANT_FLOPS = 6e10

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = (
         f"{'case':34} {'first s':>8} {'best s':>8} {'GB/s':>6} {'1st jit use s':>13} "
-        f"{'peak+ MB':>9}"
+        f"{'peak+ MiB':>9}"
     )
     print(header)
     print("-" * len(header))
