@@ -72,7 +72,7 @@ class LeafDiff:
     allowed: float  # the bound at the element of greatest absolute difference
     ratio: float  # max over elements of |difference| / bound; <= 1 passes
     tolerance: Tolerance
-    ambiguous: int = 0  # elements that pass only thanks to slack (near a kink)
+    ambiguous: int = 0  # elements that pass only thanks to slack (a kink, Adam's update)
     # The first non-finite mismatch: its index and the two values there, as printed (a
     # NaN is a string that equals itself).
     nonfinite_at: tuple[tuple[int, ...], str, str] | None = None
@@ -130,7 +130,10 @@ class LeafDiff:
                 "on one side only (or Inf of the other sign)" + self._first_nonfinite()
             )
         if self.ambiguous:
-            lines.append(f"  Ambiguous (near a kink): {self.ambiguous} elements")
+            lines.append(
+                f"  Within the slack only: {self.ambiguous} elements (a unit near a kink, or "
+                "Adam's update where a gradient element is near rounding level)"
+            )
         return "\n".join(lines)
 
 

@@ -396,6 +396,14 @@ def check_entries(
             if other
             else ""
         )
+        if spec.dtype == "float64" and any(_dtype(v) == "float32" for v in known.values()):
+            # JAX made float32 arrays of float64 values (found in a user trial: the
+            # spec= advice alone sent a user who had passed spec= in a circle).
+            advice += (
+                "\nfloat32 leaves in a float64 model: JAX makes float32 arrays unless x64 "
+                "is on; create them inside `with jax.enable_x64(True):` (or "
+                'jax.config.update("jax_enable_x64", True))'
+            )
         raise value_error(
             f"{what} does not match the MLP {spec.sizes} (bias={spec.bias}, {spec.dtype}):\n"
             + "\n".join(problems)

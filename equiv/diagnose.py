@@ -58,6 +58,7 @@ def diagnose_leaf(
     shared: bool = True,
     optimizer: OptimizerSpec | None = None,
     step: int | None = None,
+    companion: float | None = None,
 ) -> str | None:
     """The likeliest known cause of ``actual`` differing from ``expected``, or None.
 
@@ -73,6 +74,8 @@ def diagnose_leaf(
         (:func:`diagnose_trees` tells): a loss's factor scales every gradient.
       optimizer, step: the run's optimizer and the step, for the optimizer state
         (``stage="state"``, where the gradients agree) and a repeated update.
+      companion: for Adam's ``exp_avg`` (``exp_avg_sq``), the factor by which the same
+        parameter's ``exp_avg_sq`` (``exp_avg``) is off, where it is one.
 
     Example:
       >>> import numpy as np
@@ -115,9 +118,11 @@ def diagnose_leaf(
             )
         decay = _decay_difference(a - b, np.asarray(before, np.float64))
         if decay is not None:
-            amount = f"{-decay / learning_rate:.3g}" if learning_rate else f"{-decay:.3g}/lr"
+            # Two digits: leaves whose fits differ in the third (rounding) read the same
+            # and are named together (found in a user trial: four near-identical lines).
+            amount = f"{-decay / learning_rate:.2g}" if learning_rate else f"{-decay:.2g}/lr"
             return (
-                f"{name}: {first} minus {second} is {decay:.3g} times the parameters before the "
+                f"{name}: {first} minus {second} is {decay:.2g} times the parameters before the "
                 f"step: the weight decays differ by {amount} ({first}'s minus {second}'s; "
                 "torch's AdamW defaults to 1e-2, "
                 "optax.adamw to 1e-4; torch's Adam(weight_decay) is L2 added to the gradient, "
@@ -136,7 +141,7 @@ def diagnose_leaf(
         return None
     if stage == "state":
         return f"{name}: {first}'s state is {ratio:.4g} times {second}'s. " + _state_cause(
-            name, ratio, first, optimizer, step
+            name, ratio, first, optimizer, step, companion
         )
     cause = _factor_cause(ratio, numel_output, batch_size, names, shared)
     if a.size == 1 and cause == GENERIC:
@@ -167,7 +172,7 @@ def diagnose_trees(
     gradient's factor is ``shared`` when every leaf of the trees is off by it."""
     before = kwargs.pop("before", None)
     ratios = {}
-    if kwargs.get("stage") == "grads":
+    if kwargs.get("stage") in ("grads", "state"):
         for name in actual:
             a, b = (np.asarray(t[name], np.float64) for t in (actual, expected))
             finite = a.shape == b.shape and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
@@ -175,15 +180,23 @@ def diagnose_trees(
     hints = []
     for name in failing:
         mine = ratios.get(name)
-        shared = mine is None or all(
-            r is not None and abs(r - mine) <= 1e-3 * abs(mine) for r in ratios.values()
-        )
+        extra = {}
+        if kwargs.get("stage") == "state":
+            # Adam's other moment of the same parameter: the two together tell a
+            # scaled gradient (c, c²) or a doubled update (1 + β₁, 1 + β₂) from a β.
+            kind, _, param = name.partition(".")
+            other = {"exp_avg": "exp_avg_sq", "exp_avg_sq": "exp_avg"}.get(kind)
+            extra["companion"] = ratios.get(f"{other}.{param}") if other else None
+        else:
+            extra["shared"] = mine is None or all(
+                r is not None and abs(r - mine) <= 1e-3 * abs(mine) for r in ratios.values()
+            )
         hint = diagnose_leaf(
             name,
             actual[name],
             expected[name],
             before=None if before is None else before[name],
-            shared=shared,
+            **extra,
             **kwargs,
         )
         if hint:
@@ -246,26 +259,51 @@ def _factor_cause(
     outputs = numel_output // batch if numel_output and batch else None
     if near(outputs) and outputs not in (1, 2):
         return (
-            f"A factor of the output width: {sums('the outputs')} (MSE summed per sample, "
-            "then averaged over the batch)."
+            f"A factor of the output width: {sums('the outputs')} (a loss summed per "
+            "sample, then averaged over the batch, or averaged over batch and classes)."
         )
     return GENERIC
 
 
 def _state_cause(
-    name: str, ratio: float, first: str, optimizer: OptimizerSpec | None, step: int | None
+    name: str,
+    ratio: float,
+    first: str,
+    optimizer: OptimizerSpec | None,
+    step: int | None,
+    companion: float | None = None,
 ) -> str:
     """What an optimizer state off by ``ratio`` where the gradients agree points to: its
     hyper-parameters, fitted at step 1 where the state is one term (found in review: a
-    β₂ of 0.98 against 0.999 was put down to MSELoss's factor 2).
+    β₂ of 0.98 against 0.999 was put down to MSELoss's factor 2). With Adam's other
+    moment off by ``companion``: ``(c, c²)`` is the gradient scaled by ``c`` before the
+    optimizer, ``(1 + β₁, 1 + β₂)`` at step 1 its update run twice on one gradient
+    (found in a user trial: both were put down to a β).
 
     >>> adam = OptimizerSpec("adam", learning_rate=1e-3)
     >>> _state_cause("exp_avg_sq.fc1.weight", 20.0, "port", adam, 1)
     "At step 1 it is (1 - β₂)·g²: port's β₂ is 0.98, not 0.999."
+    >>> _state_cause("exp_avg.fc1.weight", 0.35, "port", adam, 1, companion=0.1225)[:58]
+    "port's optimizer takes the gradient scaled by 0.35 (exp_av"
     """
     kind = name.split(".", 1)[0]
     moments = {"exp_avg": (0, "β₁", "g"), "exp_avg_sq": (1, "β₂", "g²")}
     adam = optimizer is not None and optimizer.name in ("adam", "adamw")
+    if adam and kind in moments and companion is not None:
+        m, v = (ratio, companion) if kind == "exp_avg" else (companion, ratio)
+        b1, b2 = optimizer.betas
+        if step == 1 and abs(m - 1 - b1) < 1e-3 and abs(v - 1 - b2) < 1e-3:
+            return (
+                f"{first}'s exp_avg is (1 + β₁) and exp_avg_sq (1 + β₂) times the other's at "
+                "step 1: its optimizer's update ran twice on the same gradient (two "
+                "tx.update calls, or optimizer.step() twice)."
+            )
+        if m > 0 and abs(v - m * m) <= 1e-3 * m * m:
+            return (
+                f"{first}'s optimizer takes the gradient scaled by {m:.4g} (exp_avg by c, "
+                "exp_avg_sq by c²) where the gradients agree: a transformation before it "
+                "(optax.clip_by_global_norm, a scaled loss or gradient)."
+            )
     if step == 1 and adam and kind in moments:
         index, symbol, term = moments[kind]
         beta = optimizer.betas[index]

@@ -957,6 +957,16 @@ class Comparison:
                 "sizes": list(self.problem.spec.sizes),
                 "activation": self.problem.spec.activation,
                 "loss_fn": self.problem.spec.loss,
+                **{
+                    field: getattr(self.problem.spec, field)
+                    for field in (
+                        "label_smoothing",
+                        "huber_delta",
+                        "smooth_l1_beta",
+                        "negative_slope",
+                        "elu_alpha",
+                    )
+                },
                 "bias": self.problem.spec.bias,
                 "dtype": self.problem.spec.dtype,
                 "batch_size": self.problem.batch_size,
@@ -1381,7 +1391,27 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
         )
     states = [s or {} for s in arbiter.states] or [{}] * problem.steps
     u = sum(UNIT_ROUNDOFF[d] for d in dtypes)
-    cache[key] = optimizer_bounds(optimizer, grad_bounds, grad_max, param_bounds, states, u)
+    first = None
+    sizes = magnitude[("grads", 1)].sizes if problem.steps else None
+    if optimizer.name in ("adam", "adamw") and sizes is not None and arbiter.grads:
+        # Step 1 starts every backend from the same parameters: each gradient element
+        # is off by at most its own size's share (manual.magnitudes), not the leaf's
+        # greatest. Adam divides each element by its own √v: with the leaf's bound, an
+        # element whose gradient is 1e-5 of the leaf's may move by 2·lr, which let ε
+        # inside the square root (optax's eps_root) pass at torch's ε = 1e-8 (found in
+        # a user trial).
+        g_tol = derived_tolerance(spec, problem.batch_size, "grads", 1, dtypes)
+        values = {n: np.abs(np.asarray(arbiter.grads[0][n], np.float64)) for n in names}
+        if optimizer.name == "adam" and optimizer.weight_decay:
+            start = _float64_params(problem)
+            values = {n: values[n] + optimizer.weight_decay * np.abs(start[n]) for n in names}
+        first = (
+            {n: g_tol.atol + g_tol.scaled * np.maximum(sizes[n], g_tol.floor) for n in names},
+            values,
+        )
+    cache[key] = optimizer_bounds(
+        optimizer, grad_bounds, grad_max, param_bounds, states, u, first_step_each=first
+    )
     return cache[key]
 
 
@@ -1452,6 +1482,9 @@ class Sizes(NamedTuple):
     # Whether some element's size, or value, overflowed float64 at finite parameters
     # (it then allows nothing).
     overflowed: bool = False
+    # Per element the size itself (:func:`equiv.manual.magnitudes`; inf where it
+    # overflowed), for bounds that follow each element (Adam's update).
+    sizes: dict[str, np.ndarray] | None = None
 
 
 def _magnitudes(problem: Problem, trajectories: Iterable[Trajectory]) -> dict:
@@ -1514,7 +1547,7 @@ def _sizes_at(problem: Problem, params, x64, y64) -> dict[str, Sizes]:
         ("loss", {"loss": loss}, {"loss": size_loss}),
         ("grads", grads, size_grads),
     ):
-        largest, excess, each, overflowed = {}, {}, {}, False
+        largest, excess, each, overflowed, raw = {}, {}, {}, False, {}
         for name, value in values.items():
             top = float(np.max(np.abs(value), initial=0.0))
             size = np.asarray(sizes[name], np.float64)
@@ -1525,7 +1558,9 @@ def _sizes_at(problem: Problem, params, x64, y64) -> dict[str, Sizes]:
             over = np.where(finite, over, 0.0)  # overflowed: allows nothing
             largest[name], excess[name] = top, float(np.max(over, initial=0.0))
             each[name] = over if excess[name] > 0 else None
-        out[stage] = Sizes(largest, excess, each, overflowed)
+            with np.errstate(invalid="ignore"):
+                raw[name] = np.where(np.isnan(size), np.inf, np.maximum(size, np.abs(value)))
+        out[stage] = Sizes(largest, excess, each, overflowed, raw)
     return out
 
 
@@ -1537,11 +1572,15 @@ def _larger_sizes(*sizes: Sizes) -> Sizes:
         parts = [part.each[name] for part in sizes if part.each[name] is not None]
         return functools.reduce(np.fmax, parts) if parts else None
 
+    raw = None
+    if all(part.sizes is not None for part in sizes):
+        raw = {k: functools.reduce(np.fmax, [part.sizes[k] for part in sizes]) for k in first.sizes}
     return Sizes(
         {k: float(np.fmax.reduce([part.largest[k] for part in sizes])) for k in first.largest},
         {k: float(np.fmax.reduce([part.excess[k] for part in sizes])) for k in first.excess},
         {k: each(k) for k in first.each},
         any(part.overflowed for part in sizes),
+        raw,
     )
 
 

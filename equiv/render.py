@@ -158,8 +158,8 @@ def header_lines(
     steps = problem.steps
     model = [
         f"sizes {'-'.join(str(s) for s in spec.sizes)}",
-        f"{spec.activation} between layers",
-        f"{spec.loss} loss",
+        f"{spec.activation} between layers" + _changed(spec, ("negative_slope", "elu_alpha")),
+        f"{spec.loss} loss" + _changed(spec, ("label_smoothing", "huber_delta", "smooth_l1_beta")),
         "bias" if spec.bias else "no bias",
         spec.dtype,
     ]
@@ -433,3 +433,18 @@ def _fold(line: str, width: int, indent: str) -> list[str]:
         break_on_hyphens=False,
         drop_whitespace=True,
     ) or [line]
+
+
+def _changed(spec, fields: tuple[str, ...]) -> str:
+    """The spec's ``fields`` set away from their defaults, as ``" (label_smoothing=0.1)"``
+    (found in a user trial: a report of a smoothed loss did not say so).
+
+    >>> from equiv import MLPSpec
+    >>> _changed(MLPSpec((2, 2), loss="cross_entropy", label_smoothing=0.1), ("label_smoothing",))
+    ' (label_smoothing=0.1)'
+    """
+    defaults = type(spec)(spec.sizes)
+    changed = [
+        f"{f}={getattr(spec, f):g}" for f in fields if getattr(spec, f) != getattr(defaults, f)
+    ]
+    return f" ({', '.join(changed)})" if changed else ""

@@ -235,6 +235,7 @@ def optimizer_bounds(
     param_bounds: list[dict[str, float]],
     states: list[dict[str, dict[str, np.ndarray]]],
     unit_roundoff: float,
+    first_step_each: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> OptimizerBounds:
     r"""Carry the gradient bound through the optimizer (module docstring, "Optimizers").
 
@@ -246,6 +247,11 @@ def optimizer_bounds(
       param_bounds: per step, per leaf, the rounding part of the parameters' bound.
       states: per step, the float64 optimizer state after the step (Adam's ``m, v``).
       unit_roundoff: ``u₁ + u₂`` of the pair (for Adam's bias corrections).
+      first_step_each: for Adam and AdamW, per leaf and element at step 1, the bound
+        on the gradient's difference and ``|g|`` (of the gradient the moments take):
+        Adam divides each element by its own ``√v``, so its update's bound follows
+        each element (``δg_e`` and ``|g_e|`` in place of ``G`` and ``max|g|``) from
+        there on; the state's bounds stay per leaf.
 
     >>> from equiv.optimizers import OptimizerSpec
     >>> b = optimizer_bounds(OptimizerSpec("sgd", learning_rate=0.5, momentum=0.5),
@@ -262,6 +268,9 @@ def optimizer_bounds(
     m_b, v_b, vmax_b = dict(buf), dict(buf), dict(buf)
     carried = {n: 0.0 for n in names}
     carried_el: dict[str, Any] = {n: 0.0 for n in names}
+    m_el: dict[str, Any] = dict(buf)  # per element, for the update (first_step_each)
+    v_el: dict[str, Any] = dict(buf)
+    vmax_el: dict[str, Any] = dict(buf)
     for t in range(1, len(grad_bounds) + 1):
         prev_p = {n: (param_bounds[t - 2][n] + carried[n]) if t > 1 else 0.0 for n in names}
         ge = {
@@ -286,17 +295,32 @@ def optimizer_bounds(
                 for n in names
             }
             state["exp_avg"], state["exp_avg_sq"] = dict(m_b), dict(v_b)
-            second_b = v_b
             if optimizer.amsgrad:
                 vmax_b = {n: max(vmax_b[n], v_b[n]) for n in names}
-                state["max_exp_avg_sq"] = second_b = dict(vmax_b)
+                state["max_exp_avg_sq"] = dict(vmax_b)
+            if first_step_each is not None and t == 1:
+                each, size = first_step_each
+                m_el = {n: (1 - b1) * each[n] for n in names}
+                v_el = {n: (1 - b2) * (2 * size[n] * each[n] + each[n] ** 2) for n in names}
+            elif first_step_each is not None:
+                m_el = {n: b1 * m_el[n] + (1 - b1) * ge[n] for n in names}
+                v_el = {
+                    n: b2 * v_el[n] + (1 - b2) * (2 * grad_max[t - 1][n] * ge[n] + ge[n] ** 2)
+                    for n in names
+                }
+            else:
+                m_el, v_el = m_b, v_b
+            second_b = v_el
+            if optimizer.amsgrad:
+                vmax_el = {n: np.maximum(vmax_el[n], v_el[n]) for n in names}
+                second_b = vmax_el
             ref = states[t - 1]
             second = ref["max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"]
             decay = abs(1 - lr * wd) if optimizer.name == "adamw" else 1.0
             slack = {}
             for n in names:
                 e = adam_update_slack(
-                    optimizer, t, ref["exp_avg"][n], second[n], m_b[n], second_b[n], unit_roundoff
+                    optimizer, t, ref["exp_avg"][n], second[n], m_el[n], second_b[n], unit_roundoff
                 )
                 carried_el[n] = decay * carried_el[n] + e
                 slack[n] = carried_el[n]
@@ -356,7 +380,8 @@ def adam_update_slack(
     s = np.sqrt(np.maximum(np.asarray(v, np.float64), 0.0) / c2)
     dm, dv = m_bound / c1, v_bound / c2
     with np.errstate(divide="ignore", invalid="ignore"):
-        ds = np.where(s > 0, np.minimum(dv / (2 * s), math.sqrt(dv)), math.sqrt(dv))
+        root = np.sqrt(dv)
+        ds = np.where(s > 0, np.minimum(dv / (2 * s), root), root)
     low = np.maximum(s - ds, 0.0) + eps
     rho = 2 * step * unit_roundoff * (b1**step / c1 + 0.5 * b2**step / c2)
     e = lr * (dm / low + m_hat * ds / (low * low) + m_hat / (s + eps) * rho)

@@ -374,3 +374,23 @@ def test_an_adam_state_off_by_a_factor_names_the_beta():
     # Later the moments mix steps: the hyper-parameters are named, nothing fitted.
     hint = diagnose_leaf("exp_avg.fc1.bias", G * 0.2, G * 0.1, step=2, **kwargs)
     assert "the optimizer's hyper-parameters differ" in hint and "MSELoss" not in hint
+
+
+def test_adam_moments_off_together_name_a_scaled_gradient_or_a_doubled_update():
+    # Found in a user trial: a clip_by_global_norm before Adam (exp_avg × c, exp_avg_sq ×
+    # c²) and tx.update run twice on one gradient (× 1 + β₁, × 1 + β₂) were put down to
+    # invented βs. The twin: one moment off alone is a β.
+    adam = OptimizerSpec("adam", learning_rate=1e-3)
+    m, v = 0.1 * G, 0.001 * G * G
+    expected = {"exp_avg.fc1.bias": m, "exp_avg_sq.fc1.bias": v}
+    kwargs = dict(stage="state", names=("port", "torch"), optimizer=adam, step=1)
+    failing = list(expected)
+    clipped = {"exp_avg.fc1.bias": 0.35 * m, "exp_avg_sq.fc1.bias": 0.1225 * v}
+    hints = diagnose_trees(clipped, expected, failing, **kwargs)
+    assert all("port's optimizer takes the gradient scaled by 0.35" in h for h in hints), hints
+    twice = {"exp_avg.fc1.bias": 1.9 * m, "exp_avg_sq.fc1.bias": 1.999 * v}
+    hints = diagnose_trees(twice, expected, failing, **kwargs)
+    assert all("update ran twice on the same gradient" in h for h in hints), hints
+    beta = {"exp_avg.fc1.bias": m, "exp_avg_sq.fc1.bias": 20 * v}
+    (hint,) = diagnose_trees(beta, expected, ["exp_avg_sq.fc1.bias"], **kwargs)
+    assert hint.endswith("port's β₂ is 0.98, not 0.999."), hint

@@ -236,3 +236,33 @@ def test_one_step_adamw_decay_is_not_called_l2(equiv_seed):
     }
     bad = compare_trajectories(problem, runs, learning_rate=1e-2, optimizer=ADAMW)
     assert not any("misread" in h for h in Comparison(problem, 1e-2, runs, bad, ADAMW).hints())
+
+
+@pytest.mark.parametrize(
+    "naive_tx",
+    [
+        optax.adamw(1e-3, eps=0.0, eps_root=1e-8, weight_decay=1e-2),
+        optax.adamw(1e-3, eps=1e-6, weight_decay=1e-2),
+    ],
+    ids=["eps_root", "eps_1e-6"],
+)
+def test_adam_epsilon_mistakes_at_torchs_default_are_caught_in_one_step(naive_tx, equiv_seed):
+    # Found in a user trial: at torch's ε = 1e-8 these passed, even over 10 steps. The
+    # update's bound took each gradient element's error as the leaf's greatest, and Adam
+    # divides each element by its own √v: an element 1e-5 of the leaf's largest could
+    # move by 2·lr. At step 1 the bound now follows each element. The twin: the right ε.
+    from equiv import TorchMLP, check_jax_port, jax_mlp
+
+    spec = MLPSpec((20, 32, 32, 5), activation="gelu", loss="cross_entropy", label_smoothing=0.1)
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
+
+    def loss_fn(params, xb, yb):
+        return jax_mlp.loss_fn(params, xb, yb, spec)
+
+    adamw = OptimizerSpec("adamw", learning_rate=1e-3)
+    bad = check_jax_port(model, loss_fn, x, y, optimizer=adamw, port_optimizer=naive_tx)
+    assert not bad.agree and bad.report.worst_ratio > 2, bad.report.worst_ratio
+    right = optax.adamw(1e-3, eps=1e-8, weight_decay=1e-2)
+    assert check_jax_port(model, loss_fn, x, y, optimizer=adamw, port_optimizer=right).agree
