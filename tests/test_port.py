@@ -467,6 +467,27 @@ def test_a_failing_loss_fn_is_reported_with_the_layout_keys():
         ValueError, match=r"your loss_fn\(params, x, y\) failed: KeyError.*Dense_0\.kernel"
     ):
         check_jax_port(model, wrong_keys, torch.randn(2, 4), torch.randn(2, 2))
+    # A linen model whose layer names are not the layout's raises Flax's own error,
+    # which is an Exception only: it gets the keys too (found in a user trial).
+    nn = pytest.importorskip("flax.linen")
+
+    class Named(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2, name="fc2")(nn.relu(nn.Dense(3, name="fc1")(x)))
+
+    def linen(params, x, y):
+        return ((Named().apply({"params": params}, x) - y) ** 2).mean()
+
+    with pytest.raises(ValueError, match=r"failed: ScopeParamNotFoundError.*Dense_0\.kernel"):
+        check_jax_port(model, linen, torch.randn(2, 4), torch.randn(2, 2))
+    # The twin: an error of the user's own code that is none of these is theirs to see.
+
+    def broken(params, x, y):
+        raise ZeroDivisionError("their bug")
+
+    with pytest.raises(ZeroDivisionError, match="their bug"):
+        check_jax_port(model, broken, torch.randn(2, 4), torch.randn(2, 2))
 
 
 def test_a_port_records_its_optax_state_under_torch_names():
