@@ -73,6 +73,9 @@ class LeafDiff:
     ratio: float  # max over elements of |difference| / bound; <= 1 passes
     tolerance: Tolerance
     ambiguous: int = 0  # elements that pass only thanks to slack (a kink, Adam's update)
+    # Where the ratio to the bound is greatest, where that is not the greatest absolute
+    # difference's element (None: the same, or not located).
+    ratio_index: tuple[int, ...] | None = None
     # The first non-finite mismatch: its index and the two values there, as printed (a
     # NaN is a string that equals itself).
     nonfinite_at: tuple[tuple[int, ...], str, str] | None = None
@@ -122,7 +125,9 @@ class LeafDiff:
             f"  Greatest absolute difference: {self.max_abs:.6g} at index "
             f"{self.max_abs_index} (up to {self.allowed:.3g} allowed)",
             f"  Greatest relative difference: {self.max_rel:.6g} at index {self.max_rel_index}",
-            f"  Ratio to the bound: {self.ratio:.3g} (bound: {self.tolerance.describe()})",
+            f"  Ratio to the bound: {self.ratio:.3g}"
+            + ("" if self.ratio_index is None else f" at index {self.ratio_index}")
+            + f" (bound: {self.tolerance.describe()})",
         ]
         if self.nonfinite_mismatched:
             lines.append(
@@ -269,6 +274,14 @@ def compare_leaf(
         numel=int(a.size),
         mismatched=stats.mismatched,
         nonfinite_mismatched=stats.nonfinite,
+        ratio_index=(
+            tuple(int(i) for i in np.unravel_index(stats.i_ratio, a.shape))
+            if a.size
+            and stats.i_ratio is not None
+            and stats.i_ratio != stats.i_abs
+            and not stats.ratio <= 1  # a failing leaf's (the fast path locates none)
+            else None
+        ),
         nonfinite_at=(
             (nonfinite_index, f"{fa[stats.i_nonfinite]:.6g}", f"{fb[stats.i_nonfinite]:.6g}")
             if stats.nonfinite
@@ -299,6 +312,7 @@ class _Stats:
     i_rel: int = 0
     ratio: float = 0.0
     allowed: float = 0.0
+    i_ratio: int | None = None  # where the ratio is greatest (None: not located)
 
     def then(self, later: _Stats | None) -> _Stats:
         if later is None:
@@ -310,6 +324,7 @@ class _Stats:
             i_nonfinite=self.i_nonfinite if self.nonfinite else later.i_nonfinite,
             ambiguous=self.ambiguous + later.ambiguous,
             ratio=max(self.ratio, later.ratio),
+            i_ratio=self.i_ratio if self.ratio >= later.ratio else later.i_ratio,
         )
         if later.max_abs > self.max_abs:  # strict: the first index wins, as np.argmax
             out.max_abs, out.i_abs, out.allowed = later.max_abs, later.i_abs, later.allowed
@@ -398,6 +413,7 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
         i_rel=offset + i_rel,
         ratio=np.max(over),
         allowed=np.broadcast_to(held, diff.shape)[i_abs],
+        i_ratio=offset + int(np.argmax(over)) if over.size else None,
     )
 
 

@@ -125,7 +125,7 @@ def matching_variant(
     cost = 6.0 * x.shape[0] * sum(v.size for v in params.values())
     budget = max(1, int(VARIANT_FLOPS // max(cost, 1.0)))
     matches = []
-    for variant in variants(spec, params, x, y, backward_first):
+    for variant in variants(spec, params, x, y, backward_first, float(theirs["loss"])):
         if budget <= 0:
             break
         budget -= 1
@@ -224,11 +224,21 @@ def tree_distance(a: Tree, b: Tree) -> float:
 
 
 def variants(
-    spec: MLPSpec, params: dict[str, np.ndarray], x, y, backward_first: bool = False
+    spec: MLPSpec,
+    params: dict[str, np.ndarray],
+    x,
+    y,
+    backward_first: bool = False,
+    loss: float | None = None,
 ) -> Iterator[Variant]:
     """Every known mistake for this model and batch, the likeliest first: each family's
-    tier-1 variants, then the tier-2 ones (a mistake made everywhere, at one layer)."""
-    families = [model_variants(spec, params, x, y), backward_variants(spec, params, x, y)]
+    tier-1 variants, then the tier-2 ones (a mistake made everywhere, at one layer).
+    ``loss``: the backend's step-1 loss, to fit what a mistake leaves free (the label
+    smoothing's ε)."""
+    families = [
+        model_variants(spec, params, x, y, loss),
+        backward_variants(spec, params, x, y),
+    ]
     ordered = [v for family in (families[::-1] if backward_first else families) for v in family]
     return iter(sorted(ordered, key=lambda v: v.tier))  # stable: the order within a tier
 
@@ -251,7 +261,9 @@ _GELU_ADVICE = (
 )
 
 
-def model_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Iterator[Variant]:
+def model_variants(
+    spec: MLPSpec, params: dict[str, np.ndarray], x, y, loss: float | None = None
+) -> Iterator[Variant]:
     """Ways of computing another model than ``spec`` that a single step tells apart,
     each with its gradients as such a port reports them (a weight used transposed
     reports its gradient transposed back, a bias left out reports 0, swapped layers
@@ -263,7 +275,10 @@ def model_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Iterat
       the shapes cannot tell);
     * a bias left out;
     * two neighbouring layers of the same shape used in each other's place;
-    * cross-entropy's label smoothing left out.
+    * cross-entropy's label smoothing left out, or another ε (fitted to ``loss``, the
+      backend's: the loss is linear in ε);
+    * another activation in place of one of the model's, in every layer it is in
+      (SiLU for GELU, ReLU for leaky ReLU, ...), or none after every layer or one.
     """
 
     def variant(what, advice, other_spec, changed, reported=_same, tier=1) -> Variant:
@@ -288,6 +303,21 @@ def model_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Iterat
             spec.replace(label_smoothing=0.0),
             {},
         )
+    smoothed = spec.loss in ("cross_entropy", "cross_entropy_probs")
+    if smoothed and loss is not None and math.isfinite(loss):
+        ends = [
+            float(_step_one(spec.replace(label_smoothing=e), params, x, y)["loss"])
+            for e in (0.0, 1.0)
+        ]
+        if ends[1] != ends[0]:
+            fitted = float(f"{(loss - ends[0]) / (ends[1] - ends[0]):.3g}")
+            if 0 < fitted <= 1 and fitted != spec.label_smoothing:
+                yield variant(
+                    f"uses label smoothing {fitted:g}, not {spec.label_smoothing:g}",
+                    "",
+                    spec.replace(label_smoothing=fitted),
+                    {},
+                )
     for i in range(1, spec.num_layers + 1):
         weight = params[f"fc{i}.weight"]
         if weight.shape[0] == weight.shape[1] > 1:
@@ -322,6 +352,24 @@ def model_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Iterat
                 }
 
             yield variant(f"uses fc{i} and fc{j} in each other's place", "", spec, swapped, back)
+    for own in dict.fromkeys(spec.activations):  # each of the model's, in order
+        for other in ACTIVATIONS:
+            if other in (own, _GELU_SWAP.get(own)):
+                continue  # the GELUs' variants above say more
+            acts = tuple(other if a == own else a for a in spec.activations)
+            where = "every layer" if len(set(spec.activations)) == 1 else f"every {own} layer"
+            what = (
+                f"leaves out the {own} activation in {where}"
+                if other == "identity"
+                else f"computes {other} where the model has {own} ({where})"
+            )
+            yield variant(what, "", spec.replace(activation=acts), {})
+    if spec.num_layers > 2:
+        for k, own in enumerate(spec.activations, start=1):
+            if own != "identity":
+                acts = tuple("identity" if i == k else a for i, a in enumerate(spec.activations, 1))
+                what = f"leaves out the {own} activation after fc{k}"
+                yield variant(what, "", spec.replace(activation=acts), {}, tier=2)
 
 
 # A slope written wrong in a hand-written backward: (what it does, which activations it

@@ -112,6 +112,22 @@ def test_failure_block_lines():
     ]
 
 
+def test_the_ratio_is_located_where_it_is_not_the_greatest_difference():
+    # Found in a user trial: "0.00199946 at index (8, 1) (up to 0.002 allowed)" beside a
+    # ratio of 174, which was another element's. The twin: the same element, no index.
+    d = compare_leaf(
+        np.array([1.0, 2.0, 1e-3]),
+        np.array([1.1, 2.0, 0.0]),
+        Tolerance(rtol=0.5),
+        name="b",
+    )
+    lines = d.describe().splitlines()
+    assert lines[2] == "  Greatest absolute difference: 0.1 at index (0,) (up to 0.55 allowed)"
+    assert lines[4].startswith("  Ratio to the bound: inf at index (2,) (bound: ")
+    d = compare_leaf(np.array([1.0, 3.0]), np.array([1.0, 2.0]), Tolerance(atol=0.5))
+    assert d.describe().splitlines()[4] == "  Ratio to the bound: 2 (bound: atol=0.5, rtol=0)"
+
+
 def test_nonfinite_line():
     # The first non-finite mismatch is located (found in a user trial: the "greatest
     # difference" lines point at finite elements, so the NaN had no position).

@@ -682,3 +682,34 @@ def test_a_unit_the_backend_rounds_across_a_kink_does_not_hide_the_variant():
     ), named
     # The twin: without the backend's rounding to allow it, the variant is not that step.
     assert matching_variant(spec, params, x, y, theirs) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "cause"),
+    [
+        (dict(activation="silu"), "computes silu where the model has gelu (every layer)"),
+        (dict(activation=("gelu", "identity")), "leaves out the gelu activation after fc2"),
+        (dict(label_smoothing=0.2), "uses label smoothing 0.2, not 0.1"),
+        (dict(), None),
+    ],
+    ids=["silu-for-gelu", "activation-left-out", "other-smoothing", "right"],
+)
+def test_a_port_of_another_activation_or_smoothing_is_named(change, cause, equiv_seed):
+    # Found in a user trial: caught, with no cause. The twin: the right port agrees.
+    from equiv import jax_mlp
+
+    spec = MLPSpec((20, 32, 32, 5), activation="gelu", loss="cross_entropy", label_smoothing=0.1)
+    port_spec = spec.replace(**change)
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
+
+    def loss_fn(params, xb, yb):
+        return jax_mlp.loss_fn(params, xb, yb, port_spec)
+
+    comparison = check_jax_port(model, loss_fn, x, y)
+    if cause is None:
+        comparison.assert_agree()
+        return
+    hints = comparison.hints()
+    assert not comparison.agree and hints[0].startswith(f"loss: port {cause}"), hints
