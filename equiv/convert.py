@@ -272,8 +272,10 @@ def jax_to_torch(
       device: torch device of new tensors, a ``torch.device`` or a name (``"cpu"``,
         ``"cuda:N"``, ``"gpu:N"``); by default where the arrays are (ignored with
         ``out``).
-      out: a module or state_dict to copy into, in place (one copy, no new
-        tensors); it must match the same spec.
+      out: a module (equiv's names, or any Linear stack that
+        :func:`equiv.mlp_from_module` reads, such as an ``nn.Sequential``) or a
+        state_dict to copy into, in place (one copy, no new tensors); it must match
+        the same spec.
 
     Returns:
       The state_dict: new tensors, or ``out``'s own tensors after the copy.
@@ -310,6 +312,13 @@ def jax_to_torch(
     by_name = {layout.torch_name(path): value for path, value in flat.items()}
     if out is not None:
         target = _state_dict(out)
+        if isinstance(out, torch.nn.Module) and "fc1.weight" not in target:
+            # A Linear stack with names of its own (an nn.Sequential's 0.weight): its
+            # layers in order, read and checked as mlp_from_module reads them (one
+            # temporary copy for the check). Found in a user trial: no way back.
+            from equiv.from_module import module_tensors
+
+            target = module_tensors(out)
         check_entries({(n,): t for n, t in target.items()}, LAYOUTS["torch"], spec, what="out")
         tied = overlapping({name: target[name] for name in spec.param_names()})
         if tied:

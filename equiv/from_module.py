@@ -157,14 +157,36 @@ def mlp_from_module(
         dtype=_DTYPES[dtypes.pop()],
         **fields,
     )
-    params = {}
-    for i, layer in enumerate(layers, start=1):
-        params[f"fc{i}.weight"] = layer.weight.detach().clone()
-        if spec.bias:
-            params[f"fc{i}.bias"] = layer.bias.detach().clone()
+    params = {name: tensor.clone() for name, tensor in _named(layers, spec).items()}
     if check:
         _check_forward(module, spec, params)
     return spec, params
+
+
+def _named(layers: list[nn.Linear], spec: MLPSpec) -> dict[str, torch.Tensor]:
+    """The layers' own tensors (detached, not copied) under equiv's names."""
+    params = {}
+    for i, layer in enumerate(layers, start=1):
+        params[f"fc{i}.weight"] = layer.weight.detach()
+        if spec.bias:
+            params[f"fc{i}.bias"] = layer.bias.detach()
+    return params
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A Linear stack's own parameter tensors (not copies) under equiv's names, read
+    and checked as :func:`mlp_from_module` reads them: what ``jax_to_torch(...,
+    out=module)`` copies into when the module's names are its own (an
+    ``nn.Sequential``'s ``0.weight``).
+
+    >>> seq = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> tensors = module_tensors(seq)
+    >>> sorted(tensors), tensors["fc2.weight"].data_ptr() == seq[2].weight.data_ptr()
+    (['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight'], True)
+    """
+    spec, _ = mlp_from_module(module)  # every refusal, and the forward check
+    layers = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return _named(layers, spec)
 
 
 def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:

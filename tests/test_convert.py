@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from equiv import mlp_from_module
 from equiv.convert import LAYOUTS, Layout, expected_jax_shapes, jax_to_torch, torch_to_jax
 from equiv.spec import MLPSpec
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
@@ -224,6 +225,26 @@ def test_flax_variables_wrapper_is_unexpected():
     with pytest.raises(ValueError) as info:
         jax_to_torch({"params": params})
     assert str(info.value).endswith("This is a flax variables dict: pass variables['params']")
+
+
+@pytest.mark.parametrize("layout", ["flax", "torch"])
+def test_a_sequential_takes_jax_params_back_in_place(layout, equiv_seed):
+    # Found in a user trial: torch_to_jax pointed an nn.Sequential to mlp_from_module,
+    # but jax_to_torch(out=sequential) had no way back. Its own layers take the copy.
+    torch.manual_seed(equiv_seed)
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    spec, start = mlp_from_module(seq)
+    params = jax.tree.map(lambda a: a * 2, torch_to_jax(start, layout=layout, spec=spec))
+    pointer = seq[2].weight.data_ptr()
+    jax_to_torch(params, layout=layout, out=seq)
+    assert seq[2].weight.data_ptr() == pointer  # in place
+    for name, value in jax_to_torch(params, layout=layout).items():
+        layer = seq[{"fc1": 0, "fc2": 2}[name.split(".")[0]]]
+        assert torch.equal(getattr(layer, name.split(".")[1]).detach(), value)
+    # The twin: a module that is not a Linear stack is refused by name, nothing copied.
+    seq.append(torch.nn.Dropout())
+    with pytest.raises(ValueError, match="Dropout"):
+        jax_to_torch(params, layout=layout, out=seq)
 
 
 def test_module_with_other_names_is_refused():
