@@ -109,13 +109,22 @@ def comparison_scope(dtype: str = "float32", precision: str = "exact") -> Iterat
             f"unknown precision {precision!r}; expected 'exact' (IEEE float32 matmuls, "
             "the default) or 'native' (keep the current torch and JAX settings)"
         )
+    outside = bool(jax.config.jax_enable_x64)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(jax.enable_x64(dtype == "float64" or jax.config.jax_enable_x64))
+        stack.enter_context(jax.enable_x64(dtype == "float64" or outside))
         if precision == "exact":
             stack.enter_context(jax.default_matmul_precision("highest"))
             stack.enter_context(_torch_exact())
         settings = current_settings()
         settings["precision"] = precision
+        if dtype == "float64" and not outside:
+            # A float64 port passes here, x64 on, and may still run in float32 in the
+            # caller's own script (found in a user trial): the report says so.
+            settings["jax_enable_x64_outside"] = (
+                "off: equiv enabled x64 for this comparison only; your own JAX code "
+                "computes float32 unless it enables it (jax.config.update('jax_enable_x64', "
+                "True))"
+            )
         yield settings
 
 

@@ -92,8 +92,13 @@ def test_exact_scope_sets_and_restores(dtype, state):
             for flag in ["cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv"]:
                 assert inside[f"{flag}.fp32_precision"] == "ieee", flag
             assert inside["cudnn.deterministic"] is True
-            # What the scope yields (for the report) is what is in force.
+            # What the scope yields (for the report) is what is in force, and whether
+            # x64 is off outside it for a float64 comparison (found in a user trial: a
+            # float64 port passed while the user's own script ran float32).
+            outside = settings.pop("jax_enable_x64_outside", None)
             assert settings == {**current_settings(), "precision": "exact"}
+            off = dtype == "float64" and state != "fast_x64"
+            assert (outside is not None) is off and (not off or outside.startswith("off: "))
         assert snapshot() == before
 
 
