@@ -259,3 +259,22 @@ def write_figures():
     for tally in (FAST, FULL, BREADTH_FAST, BREADTH_FULL, LARGE_LR_FAST, LARGE_LR_FULL):
         if tally.cases:
             tally.write()
+
+
+def test_adams_step_one_bound_is_not_carried_into_a_chaotic_step_two():
+    # Found in review: with step 1's per-element Adam bound carried on, a correct tanh
+    # run at lr 1.43 whose inputs (x 489) saturate it failed at step 2 (ratio 31): a
+    # step-1 difference moves the step-2 gradients, which Adam turns into up to 2·lr
+    # where an element is small. Step 1 alone is held per element; the twin: the
+    # ε-inside-the-square-root trap is still caught at step 1 (tests/test_traps.py).
+    import dataclasses
+
+    from equiv import make_problem
+
+    spec = MLPSpec((8, 16, 10), activation="tanh")
+    problem = make_problem(spec, batch_size=32, seed=243712, steps=2)
+    batches = tuple((x * 489.0374125469266, y) for x, y in problem.batches)
+    problem = dataclasses.replace(problem, batches=batches)
+    adam = OptimizerSpec("adam", learning_rate=1.4344875148899292, eps=1e-8)
+    comparison = compare_backends(problem=problem, optimizer=adam)
+    assert comparison.agree, comparison.report.failure_text()[:2000]
