@@ -413,7 +413,13 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
         i_rel=offset + i_rel,
         ratio=np.max(over),
         allowed=np.broadcast_to(held, diff.shape)[i_abs],
-        i_ratio=offset + int(np.argmax(over)) if over.size else None,
+        # The greatest difference's element, where its ratio is the greatest too (ties
+        # such as every ratio inf under a zero bound); else where the ratio is greatest.
+        i_ratio=(
+            None
+            if not over.size
+            else offset + (i_abs if over[i_abs] >= np.max(over) else int(np.argmax(over)))
+        ),
     )
 
 

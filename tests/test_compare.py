@@ -126,6 +126,9 @@ def test_the_ratio_is_located_where_it_is_not_the_greatest_difference():
     assert lines[4].startswith("  Ratio to the bound: inf at index (2,) (bound: ")
     d = compare_leaf(np.array([1.0, 3.0]), np.array([1.0, 2.0]), Tolerance(atol=0.5))
     assert d.describe().splitlines()[4] == "  Ratio to the bound: 2 (bound: atol=0.5, rtol=0)"
+    # A zero bound: every difference's ratio is inf, the greatest difference's included.
+    d = compare_leaf(np.array([1.5, 3.0]), np.array([1.0, 2.0]), Tolerance())
+    assert d.describe().splitlines()[4] == "  Ratio to the bound: inf (bound: atol=0, rtol=0)"
 
 
 def test_nonfinite_line():
