@@ -12,12 +12,19 @@ review).
 Two families (:func:`variants`):
 
 * mistakes in the model (:func:`model_variants`): the other GELU, a square weight used
-  transposed, a bias left out, neighbouring layers swapped, label smoothing left out;
+  transposed, a nonzero bias left out, neighbouring layers swapped, label smoothing left
+  out or another ε (fitted), another activation in place of the model's, an activation
+  left out;
 * mistakes in a hand-written backward pass, the forward pass and loss untouched
-  (:func:`backward_variants`): an activation's slope left out, taken on the other side
-  of the kink, at the upstream gradient, at the output ``h`` instead of ``z``, or another
-  layer's; the value ``h`` in its place; an output-form slope (``1 - h²``) fed ``z``; a
-  square weight transposed in the chain; a square weight's gradient reported transposed.
+  (:func:`backward_variants`): an activation's slope left out, a ReLU mask for a leaky
+  ReLU's or ELU's, the slope taken on the other side of the kink, at the upstream
+  gradient, at the output ``h`` instead of ``z``, or another layer's; the value ``h`` in
+  its place; an output-form slope (``1 - h²``) fed ``z``; cross-entropy's gradient
+  without the targets, or without the smoothing the loss has; a square weight
+  transposed in the chain; a square weight's gradient reported transposed.
+
+Each is computed with kinked units near 0 on either side where a backend's rounding may
+have put them (:func:`matching_variant`, ``unit_roundoff``).
 
 >>> import numpy as np
 >>> from equiv import MLPSpec, manual
