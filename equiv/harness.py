@@ -1405,9 +1405,14 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
         if optimizer.name == "adam" and optimizer.weight_decay:
             start = _float64_params(problem)
             values = {n: values[n] + optimizer.weight_decay * np.abs(start[n]) for n in names}
+        # v = (1 - β₂)·g² below the dtype's smallest normal number may be flushed to 0
+        # (XLA on the CPU) or kept subnormal (torch): off by up to that number (found
+        # in review: a gradient of 4.8e-21 at ε = 1e-19, ratio 99 before).
+        tiny = max(float(np.finfo(d).tiny) for d in dtypes)
         first = (
             {n: g_tol.atol + g_tol.scaled * np.maximum(sizes[n], g_tol.floor) for n in names},
             values,
+            tiny,
         )
     cache[key] = optimizer_bounds(
         optimizer, grad_bounds, grad_max, param_bounds, states, u, first_step_each=first

@@ -235,7 +235,7 @@ def optimizer_bounds(
     param_bounds: list[dict[str, float]],
     states: list[dict[str, dict[str, np.ndarray]]],
     unit_roundoff: float,
-    first_step_each: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
+    first_step_each: tuple[dict[str, np.ndarray], dict[str, np.ndarray], float] | None = None,
 ) -> OptimizerBounds:
     r"""Carry the gradient bound through the optimizer (module docstring, "Optimizers").
 
@@ -251,8 +251,9 @@ def optimizer_bounds(
         on the gradient's difference and ``|g|`` (of the gradient the moments take):
         Adam divides each element by its own ``√v``, so step 1's update bound
         follows each element (``δg_e`` and ``|g_e|`` in place of ``G`` and
-        ``max|g|``); what it carries to later steps, and their bounds, stay the
-        leaf's, as do the state's bounds.
+        ``max|g|``), and the third item, the smallest normal number of the dtypes,
+        bounds ``v``'s underflow; what it carries to later steps, and their bounds,
+        stay the leaf's, as do the state's bounds.
 
     >>> from equiv.optimizers import OptimizerSpec
     >>> b = optimizer_bounds(OptimizerSpec("sgd", learning_rate=0.5, momentum=0.5),
@@ -317,9 +318,9 @@ def optimizer_bounds(
                     # element is small (a tanh run at lr 1.4 saturated by inputs of 500
                     # failed its step 2 with the per-element bound carried; found in
                     # review). Later steps' bounds are the leaf-wide ones.
-                    each, size = first_step_each
+                    each, size, underflow = first_step_each
                     m_el = (1 - b1) * each[n]
-                    v_el = (1 - b2) * (2 * size[n] * each[n] + each[n] ** 2)
+                    v_el = (1 - b2) * (2 * size[n] * each[n] + each[n] ** 2) + underflow
                     slack[n] = adam_update_slack(
                         optimizer, 1, ref["exp_avg"][n], second[n], m_el, v_el, unit_roundoff
                     )
