@@ -122,17 +122,14 @@ class GradCheck:
         if self.agree:
             return
         bad = [p for p in self.projections if not p.passed]
+        failed_loss = self.loss is not None and not self.loss.passed
         head = message(
             f"gradient check failed for {', '.join(self.failing_leaves())}: "
             f"{len(bad)} of {len(self.projections)} projections disagree with finite "
             "differences in float64"
-            + (
-                "; the returned loss is not the spec's"
-                if self.loss and not self.loss.passed
-                else ""
-            )
+            + ("; the returned loss is not the spec's" if failed_loss else "")
         )
-        bad = ([self.loss] if self.loss and not self.loss.passed else []) + bad
+        bad = [p for p in self._checks() if not p.passed]  # the loss first
         cause = [f"  likely cause: {self.cause}"] if self.cause else []
         raise AssertionError("\n".join([head] + [p.describe() for p in bad] + cause))
 

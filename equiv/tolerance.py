@@ -297,9 +297,7 @@ def optimizer_bounds(
             if optimizer.amsgrad:
                 vmax_b = {n: max(vmax_b[n], v_b[n]) for n in names}
                 state["max_exp_avg_sq"] = dict(vmax_b)
-            second_b = v_b
-            if optimizer.amsgrad:
-                second_b = vmax_b
+            second_b = vmax_b if optimizer.amsgrad else v_b
             ref = states[t - 1]
             second = ref["max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"]
             decay = abs(1 - lr * wd) if optimizer.name == "adamw" else 1.0

@@ -131,31 +131,33 @@ def matching_variant(
     # VARIANT_FLOPS of them in all (a few seconds), the likeliest variants first.
     cost = 6.0 * x.shape[0] * sum(v.size for v in params.values())
     budget = max(1, int(VARIANT_FLOPS // max(cost, 1.0)))
+
+    def attempt(variant: Variant, masks=None, flipped: int = 0):
+        """One pass: ``(match or None, distance)``. The loss and every gradient must be
+        the variant's (a single scalar matched by chance: a scaled weight was named a
+        missing bias in a deep model, in review)."""
+        other = variant.step_one(x, y, masks)
+        near = tree_distance(theirs, other)
+        found = near <= VARIANT_MATCH and near * 10 <= apart
+        return ((variant, other, near, flipped) if found else None), near
+
     matches = []
     for variant in variants(spec, params, x, y, backward_first, float(theirs["loss"])):
         if budget <= 0:
             break
         budget -= 1
-        with np.errstate(all="ignore"):
-            other = variant.step_one(x, y)
-        near = tree_distance(theirs, other)
-        # The loss and every gradient must be the variant's (a single scalar matched by
-        # chance: a scaled weight was named a missing bias in a deep model, in review).
-        if near <= VARIANT_MATCH and near * 10 <= apart:
-            matches.append((variant, other, near, 0))
-            continue
-        if not (unit_roundoff and near * 10 <= apart):
-            continue  # not even near: no unit at a kink explains the rest
-        for masks, flipped in _flips(variant, x, unit_roundoff):
-            if budget <= 0:
-                break
-            budget -= 1
-            with np.errstate(all="ignore"):
-                other = variant.step_one(x, y, masks)
-            near = tree_distance(theirs, other)
-            if near <= VARIANT_MATCH and near * 10 <= apart:
-                matches.append((variant, other, near, flipped))
-                break
+        found, near = attempt(variant)
+        if found is None and unit_roundoff and near * 10 <= apart:
+            # Near, not matched: units at a kink may explain the rest.
+            for masks, flipped in _flips(variant, x, unit_roundoff):
+                if budget <= 0:
+                    break
+                budget -= 1
+                found, _ = attempt(variant, masks, flipped)
+                if found is not None:
+                    break
+        if found is not None:
+            matches.append(found)
     if not matches:
         return None
     # Every match is named: two mistakes may give the same step on this batch (tanh's
