@@ -296,3 +296,42 @@ def test_adams_second_moment_below_float32s_normal_range_is_allowed_to_flush():
     adam = OptimizerSpec("adam", learning_rate=1.0, eps=1e-19)
     comparison = compare_backends(problem=problem, optimizer=adam)
     assert comparison.agree, comparison.report.failure_text()[:2000]
+
+
+def test_every_backends_step_is_sized_at_its_own_parameters():
+    # Found in review: a 1-1-1 tanh model saturated by x = 500 under Adam at lr 1.
+    # optax's float32 bias correction leaves JAX's step-1 parameters 3.3e-6 (relative)
+    # from torch's; the step-2 sizes were taken at torch's parameters only (a start was
+    # sized on its own only beyond 2⁻¹⁶ of the leaf), and the correct JAX run failed at
+    # 1.39 times the bound. The twin: a port that decays the weights by 1e-3 (optax's
+    # adamw for torch's adam) still fails on the same problem.
+    import optax
+    import torch
+
+    from equiv import REFERENCE, compare_trajectories, jax_mlp
+    from equiv.port import run_jax_port
+    from equiv.problem import Problem
+
+    spec = MLPSpec((1, 1, 1), activation="tanh")
+    params = {
+        "fc1.weight": torch.tensor([[0.03]]),
+        "fc1.bias": torch.tensor([0.0]),
+        "fc2.weight": torch.tensor([[1.0]]),
+        "fc2.bias": torch.tensor([0.0]),
+    }
+    x, y = torch.tensor([[500.0]]), torch.tensor([[3.0]])
+    problem = Problem(spec=spec, params=params, batches=((x, y), (x, y)))
+    adam = OptimizerSpec("adam", learning_rate=1.0)
+    comparison = compare_backends(problem=problem, optimizer=adam)
+    assert comparison.agree, comparison.report.failure_text()[:2000]
+
+    def loss(p, xb, yb):
+        return jax_mlp.loss_fn(p, xb, yb, spec)
+
+    runs = {
+        "torch": comparison.trajectories["torch"],
+        REFERENCE: comparison.trajectories[REFERENCE],
+        "port": run_jax_port(problem, loss, "flax", 1.0, optimizer=optax.adamw(1.0, 1e-3)),
+    }
+    report = compare_trajectories(problem, runs, learning_rate=1.0, optimizer=adam)
+    assert not report.agree and report.worst_ratio > 2, report.worst_ratio
