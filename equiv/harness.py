@@ -1229,6 +1229,7 @@ def compare_trajectories(
                     "grads" if stage == "state" else stage,
                     step,
                     dtypes + (("float64", "float64") if parted else ()),
+                    problem.repeats,
                 )
                 if parted and fixed is None:
                     tol = dataclasses.replace(
@@ -1359,8 +1360,8 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
     spec, names = problem.spec, problem.spec.param_names()
     grad_bounds, grad_max, param_bounds = [], [], []
     for step in range(1, problem.steps + 1):
-        g_tol = derived_tolerance(spec, problem.batch_size, "grads", step, dtypes)
-        p_tol = derived_tolerance(spec, problem.batch_size, "params", step, dtypes)
+        g_tol = derived_tolerance(spec, problem.batch_size, "grads", step, dtypes, problem.repeats)
+        p_tol = derived_tolerance(spec, problem.batch_size, "params", step, dtypes, problem.repeats)
         largest, excess = magnitude[("grads", step)][:2]
         grad_bounds.append(
             {
@@ -1400,7 +1401,7 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
         # element whose gradient is 1e-5 of the leaf's may move by 2·lr, which let ε
         # inside the square root (optax's eps_root) pass at torch's ε = 1e-8 (found in
         # a user trial).
-        g_tol = derived_tolerance(spec, problem.batch_size, "grads", 1, dtypes)
+        g_tol = derived_tolerance(spec, problem.batch_size, "grads", 1, dtypes, problem.repeats)
         values = {n: np.abs(np.asarray(arbiter.grads[0][n], np.float64)) for n in names}
         if optimizer.name == "adam" and optimizer.weight_decay:
             start = _float64_params(problem)
@@ -1443,7 +1444,9 @@ def analyse_trajectory_kinks(
     def param_error(step: int) -> dict[str, float]:
         if step == 1:
             return {}
-        tol = derived_tolerance(spec, problem.batch_size, "params", step - 1, (dtype, "float64"))
+        tol = derived_tolerance(
+            spec, problem.batch_size, "params", step - 1, (dtype, "float64"), problem.repeats
+        )
         params = reference_params[step - 2]
         return {
             name: tol.scaled * float(np.max(np.abs(v), initial=0.0)) for name, v in params.items()

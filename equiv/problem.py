@@ -11,6 +11,7 @@ torch RNG state is restored afterwards (``torch.random.fork_rng``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -18,6 +19,7 @@ from equiv._messages import type_error, value_error
 from equiv.losses import LOSSES, draw_targets
 from equiv.memory import check_fits
 from equiv.spec import MLPSpec
+from equiv.tolerance import repeated_examples
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
 
 
@@ -36,6 +38,12 @@ class Problem:
     @property
     def batch_size(self) -> int:
         return self.batches[0][0].shape[0]
+
+    @functools.cached_property
+    def repeats(self) -> int:
+        """The most times one example occurs in a batch: identical examples round alike
+        in every sum over the batch (:func:`equiv.tolerance.repeated_examples`)."""
+        return max(repeated_examples(x.cpu(), y.cpu()) for x, y in self.batches)
 
 
 def check_counts(*, batch_size: int, steps: int, seed: int) -> None:
