@@ -785,9 +785,55 @@ class Comparison:
             "backend" + (" and the float64 reference" if reference is not None else "")
         )
         fewer = f"compare fewer steps (--steps {step - 1}) or " if step > 1 else ""
+        underflow = self._adam_underflow(step) if stage == "params" else None
+        if underflow:
+            return (
+                f"every backend's parameters overflow {dtype} at step {step}: {underflow}. "
+                "From there the differences are the dtype's, not evidence about the "
+                f"implementations: {fewer}use a larger eps (torch's default is 1e-8) or "
+                "float64."
+            )
         return (
             f"{where}. From there the differences are overflow, not evidence about the "
             f"implementations: {fewer}lower the learning rate."
+        )
+
+    def _adam_underflow(self, step: int) -> str | None:
+        """Why Adam's parameters are inf or NaN at ``step`` where the second moment
+        underflowed the dtype, or None. ``v = (1 - β₂)·g²`` below the smallest normal
+        number is kept subnormal by torch and flushed to 0 by XLA on the CPU, and below
+        the smallest subnormal it is 0 in both: with a tiny or zero ε the update
+        ``m̂/(√v̂ + ε)`` is then huge or ``m̂/0`` (found in review: gradients of 1e-21
+        at ε = 0 gave inf in both float32 backends; the hint blamed the learning rate).
+        """
+        optimizer = resolve_optimizer(self.optimizer, self.learning_rate)
+        if optimizer.name not in ("adam", "adamw"):
+            return None
+        tiny = float(np.finfo(self.problem.spec.dtype).tiny)
+        key = "max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"
+        held, smallest = [], math.inf
+        for name, run in self.trajectories.items():
+            if name == REFERENCE or not run.has_state(step) or len(run.params) < step:
+                continue
+            v = run.states[step - 1].get(key, {})
+            for leaf, value in run.params[step - 1].items():
+                bad = ~np.isfinite(value)
+                if leaf not in v or not bad.any() or not np.all(v[leaf][bad] < tiny):
+                    continue
+                grad = np.abs(np.asarray(run.grads[step - 1][leaf], np.float64))[bad]
+                smallest = min(smallest, float(np.min(grad)))
+                if name not in held:
+                    held.append(name)
+        if not held:
+            return None
+        b2 = optimizer.betas[1]
+        return (
+            f"Adam's second moment v = (1-β₂)·g² underflowed there in {', '.join(held)}: "
+            f"gradients as small as {smallest:.3g} give v below "
+            f"{tiny:.3g}, the smallest normal {self.problem.spec.dtype} (gradients under "
+            f"{math.sqrt(tiny / (1 - b2)):.3g} at β₂ = {b2:g}; torch keeps a subnormal v, "
+            f"XLA flushes it to 0), and with eps = {optimizer.eps:g} the update "
+            "m̂/(√v̂ + eps) " + ("divides by 0" if optimizer.eps == 0 else "is m̂/eps")
         )
 
     def _optimizer_cause(self, a: str, b: str) -> str | None:

@@ -425,5 +425,7 @@ def adam_update_slack(
         ds = np.where(s > 0, np.minimum(dv / (2 * s), root), root)
     low = np.maximum(s - ds, 0.0) + eps
     rho = 2 * step * unit_roundoff * (b1**step / c1 + 0.5 * b2**step / c2)
-    e = lr * (dm / low + m_hat * ds / (low * low) + m_hat / (s + eps) * rho)
-    return np.minimum(e, 2 * lr * adam_bound_ratio(b1, b2, step))
+    cap = 2 * lr * adam_bound_ratio(b1, b2, step)
+    with np.errstate(divide="ignore", invalid="ignore"):  # ε = 0 and v̂ within δv̂ of 0
+        e = lr * (dm / low + m_hat * ds / (low * low) + m_hat / (s + eps) * rho)
+    return np.where(np.isnan(e), cap, np.minimum(e, cap))  # 0/0: any update at all

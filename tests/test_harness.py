@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import equiv
-from equiv import MLPSpec, OptimizerSpec, compare_backends, harness, jax_mlp
+from equiv import MLPSpec, OptimizerSpec, compare_backends, harness, jax_mlp, make_problem
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.harness import REFERENCE, Comparison, Trajectory, compare_trajectories
 
@@ -434,6 +434,30 @@ def test_an_overflowing_run_is_named_as_such_not_blamed_on_a_trap(spec, steps, n
         hints = comparison.hints()
     assert len(hints) == 1 and hints[0].startswith(note), hints
     assert "--steps" in hints[0] and "lower the learning rate" in hints[0]
+
+
+def test_adams_second_moment_underflow_is_named_not_blamed_on_the_learning_rate():
+    # Found in review: gradients of 1e-21 at eps = 0. v = (1 - β₂)·g² is subnormal or 0
+    # in float32 and the update m̂/(√v̂ + eps) divides by 0 in every float32 backend,
+    # while the float64 reference is finite. The hint said "lower the learning rate".
+    # The twin: the same problem at eps = 1e-8 agrees (and an overflow at a large
+    # learning rate keeps its own advice, above).
+    import dataclasses
+
+    problem = make_problem(MLPSpec((2, 4, 1), activation="tanh"), batch_size=4, seed=0)
+    ((x, y),) = problem.batches
+    x = x.clone()
+    x[:, 0] *= 1e-20
+    problem = dataclasses.replace(problem, batches=((x, y),))
+    bare = OptimizerSpec("adam", learning_rate=1.0, eps=0.0)
+    comparison = compare_backends(problem=problem, optimizer=bare)
+    assert not comparison.agree
+    (hint,) = comparison.hints()
+    assert "Adam's second moment v = (1-β₂)·g² underflowed" in hint, hint
+    assert "divides by 0" in hint and "use a larger eps" in hint
+    assert "lower the learning rate" not in hint
+    default = OptimizerSpec("adam", learning_rate=1.0, eps=1e-8)
+    assert compare_backends(problem=problem, optimizer=default).agree
 
 
 def test_a_relu_run_that_overflows_float64_still_agrees():

@@ -463,3 +463,20 @@ def test_a_unit_saturated_at_the_reference_leaves_the_sharp_elements_sharp(eleme
 
     assert failures(element) == {("grads", "fc1.weight")}
     assert failures((1, 0)) == set()
+
+
+def test_adams_update_bound_at_eps_zero_allows_any_update_where_v_may_be_zero():
+    # At eps = 0 a second moment within its bound of 0 puts √v̂ + eps at 0: the update
+    # m̂/(√v̂ + eps) may be anything up to Adam's own cap, and 0/0 must not leak a NaN
+    # bound (or a divide-by-zero warning). The twin: a v well above its bound gives a
+    # bound far below the cap.
+    import numpy as np
+
+    from equiv.tolerance import adam_bound_ratio, adam_update_slack
+
+    adam = OptimizerSpec("adam", learning_rate=0.1, eps=0.0)
+    cap = 2 * 0.1 * adam_bound_ratio(0.9, 0.999, 1)
+    m, v = np.array([0.0, 1e-3]), np.array([0.0, 1e-6])
+    bound = adam_update_slack(adam, 1, m * 0.1, v * 0.001, 0.0, 1e-12, 2**-24)
+    assert bound[0] == cap
+    assert 0 < bound[1] < 1e-3 * cap
