@@ -262,10 +262,11 @@ def _forward(params, x, spec, masks):
     return h, zs, acts
 
 
-def _backward(xp, params, x, dz, acts, spec, slope_of=None):
+def _backward(xp, params, x, dz, acts, spec, slope_of=None, weight_input=None):
     grads: dict[str, Array] = {}
     for i in range(spec.num_layers, 0, -1):
         h_prev = x if i == 1 else acts[i - 2][0]
+        h_prev = h_prev if weight_input is None else weight_input(i, h_prev)
         grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz), h_prev)
         if spec.bias:
             grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
@@ -286,6 +287,8 @@ def miswritten_loss_and_grads(
     slope_of: Callable[[int, Array, list[Array], list[tuple[Array, Array]]], Array] | None = None,
     backward_params: Mapping[str, Array] | None = None,
     output_grad: Callable[[Array, Array, Array], Array] | None = None,
+    weight_input: Callable[[int, Array, Array, list[Array], list[tuple[Array, Array]]], Array]
+    | None = None,
     masks: Masks = None,
 ) -> tuple[Array, dict[str, Array]]:
     """:func:`loss_and_grads` with its backward pass written wrong on purpose, the
@@ -296,8 +299,9 @@ def miswritten_loss_and_grads(
     (1-based; ``dh`` the upstream gradient ``∂loss/∂h_k``, ``zs`` and ``acts`` as
     :func:`forward` computes them: ``acts[k - 1] = (h_k, h'(z_k))``);
     ``backward_params`` replaces weights in the chain ``dh_{i-1} = dz_i W_i`` only;
-    ``output_grad(out, y, dz_L)`` replaces the loss's gradient ``dz_L``; ``masks`` as
-    in :func:`loss_and_grads`.
+    ``output_grad(out, y, dz_L)`` replaces the loss's gradient ``dz_L``;
+    ``weight_input(i, h, x, zs, acts)`` replaces ``h``, layer ``i``'s input, in its
+    weight gradient ``dz_iᵀ h`` only; ``masks`` as in :func:`loss_and_grads`.
 
     >>> import numpy as np
     >>> spec = MLPSpec((1, 1, 1), dtype="float64")
@@ -316,7 +320,8 @@ def miswritten_loss_and_grads(
     dz = dz if output_grad is None else output_grad(out, y, dz)
     chained = {**params, **(backward_params or {})}
     slopes = None if slope_of is None else (lambda k, dh: slope_of(k, dh, zs, acts))
-    return loss, _backward(xp, chained, x, dz, acts, spec, slopes)
+    inputs = None if weight_input is None else (lambda i, h: weight_input(i, h, x, zs, acts))
+    return loss, _backward(xp, chained, x, dz, acts, spec, slopes, inputs)
 
 
 def sgd_update(

@@ -19,7 +19,8 @@ Two families (:func:`variants`):
   (:func:`backward_variants`): an activation's slope left out, a ReLU mask for a leaky
   ReLU's or ELU's, the slope taken on the other side of the kink, at the upstream
   gradient, at the output ``h`` instead of ``z``, or another layer's; the value ``h`` in
-  its place; an output-form slope (``1 - h²``) fed ``z``; cross-entropy's gradient
+  its place; an output-form slope (``1 - h²``) fed ``z``; a weight gradient built from
+  the wrong input (``z`` for ``h``, or another layer's); cross-entropy's gradient
   without the targets, or without the smoothing the loss has; a square weight
   transposed in the chain; a square weight's gradient reported transposed.
 
@@ -56,12 +57,12 @@ from equiv.kinks import preactivation_bounds
 from equiv.losses import LOSSES
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 
-#: Floating-point operations the variants may spend: 6e10, about 2 s of float64
+#: Floating-point operations the variants may spend: 7e10, about 2 s of float64
 #: forward and backward passes on a 2-core machine (33 GFLOP/s measured for a
-#: 784-1024-1024-10 model at batch 256: all 20 variants of it; a 100M-parameter model at
-#: batch 32 gets 3). 2e10 reached 6 of that model's, none of the backward's but two
-#: (found in review).
-VARIANT_FLOPS = 6e10
+#: 784-1024-1024-10 model at batch 256: 24 passes, its 21 tier-1 variants and 3 more; a
+#: 100M-parameter model at batch 32 gets 3). 2e10 reached 6 of that model's, none of the
+#: backward's but two (found in review).
+VARIANT_FLOPS = 7e10
 #: Step-1 values further than this from the model's (relative, greatest over the loss
 #: and every gradient, :func:`tree_distance`) are looked into: a thousand unit
 #: roundoffs, beyond what rounding gives at step 1 in all but very deep or wide models.
@@ -431,9 +432,11 @@ def backward_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Ite
     """Mistakes of a hand-written backward pass, the forward pass and the loss the
     model's: each slope mistake (:data:`_SLOPE_MISTAKES`) after every hidden layer it
     applies to (one helper used everywhere), then after each one; another hidden
-    layer's slope (a neighbour of the same width: an index off by one); a square
-    weight transposed in the chain ``dh = dz W``; a square weight's gradient reported
-    transposed (``hᵀ dz``, shape (in, out), where torch's is ``dzᵀ h``)."""
+    layer's slope (a neighbour of the same width: an index off by one); a weight
+    gradient built from its layer's input before the activation, or from a neighbouring
+    layer's input of the same width; a square weight transposed in the chain
+    ``dh = dz W``; a square weight's gradient reported transposed (``hᵀ dz``, shape
+    (in, out), where torch's is ``dzᵀ h``)."""
     hidden = range(1, spec.num_layers)
 
     def act(k: int):
@@ -493,6 +496,35 @@ def backward_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Ite
 
             what = f"takes the slope after fc{j} for the one after fc{k}"
             yield variant(what, slope_of=other_layer)
+    # A weight gradient dzᵢᵀ h built from the wrong h: the layer's input before its
+    # activation (the cached z for the cached h), or another layer's input of the
+    # same width (an index off by one; x for the first hidden layer's output).
+    pre = [i for i in range(2, spec.num_layers + 1) if spec.activations[i - 2] != "identity"]
+    for chosen in [pre] + ([[i] for i in pre] if len(pre) > 1 else []):
+        if not chosen:
+            continue
+
+        def before_activation(i, h, x_, zs, acts, chosen=frozenset(chosen)):
+            return zs[i - 2] if i in chosen else h
+
+        where = ", ".join(f"fc{i}" for i in chosen)
+        yield variant(
+            f"builds {where}'s weight gradient from its input before the activation "
+            "(dz.T @ z for dz.T @ h)",
+            tier=1 if chosen == pre else 2,
+            weight_input=before_activation,
+        )
+    for i, j in itertools.permutations(range(1, spec.num_layers + 1), 2):
+        if abs(i - j) == 1 and spec.sizes[i - 1] == spec.sizes[j - 1]:
+
+            def other_input(i_, h, x_, zs, acts, i=i, j=j):
+                return h if i_ != i else (x_ if j == 1 else acts[j - 2][0])
+
+            yield variant(
+                f"builds fc{i}'s weight gradient from fc{j}'s input",
+                tier=2,  # a slip at one layer, after every mistake made everywhere
+                weight_input=other_input,
+            )
     for i in range(1, spec.num_layers + 1):
         name = f"fc{i}.weight"
         if params[name].shape[0] == params[name].shape[1] > 1:

@@ -534,8 +534,13 @@ def _student_backward(spec, mistake=None):
         loss = -np.mean(np.sum(target * np.log(p), axis=1))
         dz = {"no targets": p, "unsmoothed": p - onehot}.get(mistake, p - target) / batch
         grads = {}
+        hs = [x] + [np.where(z > 0, z, alpha * z) for z in zs[:-1]]
         for i in range(spec.num_layers, 0, -1):
-            h_prev = x if i == 1 else np.where(zs[i - 2] > 0, zs[i - 2], alpha * zs[i - 2])
+            h_prev = hs[i - 1]
+            if mistake == "z for h" and i > 1:
+                h_prev = zs[i - 2]  # the cached pre-activation
+            if mistake == "off by one" and i == 3:
+                h_prev = hs[1]  # fc2's input, of the same width
             grads[f"fc{i}.weight"] = dz.T @ h_prev
             grads[f"fc{i}.bias"] = dz.sum(axis=0)
             if i > 1:
@@ -554,11 +559,19 @@ def _student_backward(spec, mistake=None):
         ("relu mask", "takes a ReLU mask for leaky_relu's slope (0 where z <= 0) after fc1, fc2"),
         ("no targets", "leaves the targets out of cross-entropy's gradient"),
         ("unsmoothed", "leaves the label smoothing out of cross-entropy's gradient"),
+        (
+            "z for h",
+            "builds fc2, fc3's weight gradient from its input before the activation "
+            "(dz.T @ z for dz.T @ h)",
+        ),
+        ("off by one", "builds fc3's weight gradient from fc2's input"),
     ],
 )
 def test_a_students_backward_mistake_is_named(mistake, cause, equiv_seed):
     # Found in a user trial: a ReLU mask in a leaky_relu backward and a cross-entropy
-    # gradient without the one-hot were caught with no cause. The twin: the right one agrees.
+    # gradient without the one-hot were caught with no cause; a weight gradient built
+    # from the wrong input had none to name (left undone at an earlier stop). The
+    # twin: the right one agrees.
     spec = MLPSpec(
         (5, 7, 7, 4),
         activation="leaky_relu",
