@@ -480,3 +480,21 @@ def test_adams_update_bound_at_eps_zero_allows_any_update_where_v_may_be_zero():
     bound = adam_update_slack(adam, 1, m * 0.1, v * 0.001, 0.0, 1e-12, 2**-24)
     assert bound[0] == cap
     assert 0 < bound[1] < 1e-3 * cap
+
+
+def test_repeated_examples_counts_equal_rows_with_equal_labels_only():
+    import numpy as np
+
+    from equiv.tolerance import repeated_examples
+
+    x = np.array([[0.0, 1.0], [-0.0, 1.0], [0.0, 1.0], [2.0, 1.0]], np.float32)
+    assert repeated_examples(x, np.array([3, 3, 3, 3])) == 3  # -0.0 is 0.0
+    assert repeated_examples(x, np.array([3, 4, 5, 3])) == 1  # the labels differ
+    targets = np.array([[0.5], [0.5], [0.25], [0.5]])
+    assert repeated_examples(x, targets) == 2
+    # The bound grows by the count only where an example repeats.
+    spec = MLPSpec((2, 3, 1))
+    plain = derived_tolerance(spec, 4, "grads", 1, ("float32", "float32"))
+    assert derived_tolerance(spec, 4, "grads", 1, ("float32", "float32"), 1) == plain
+    three = derived_tolerance(spec, 4, "grads", 1, ("float32", "float32"), 3)
+    assert three.scaled == pytest.approx(plain.scaled * (SAFETY * 2 + 3) / (SAFETY * 2))
