@@ -121,14 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--negative-slope",
         type=_finite_float,
-        default=0.01,
+        default=None,
         metavar="X",
         help="leaky_relu's slope (default: 0.01)",
     )
     add(
         "--elu-alpha",
         type=_finite_float,
-        default=1.0,
+        default=None,
         metavar="X",
         help="elu's alpha (default: 1.0)",
     )
@@ -141,21 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--label-smoothing",
         type=_finite_float,
-        default=0.0,
+        default=None,
         metavar="X",
         help="cross-entropy label smoothing (default: 0)",
     )
     add(
         "--huber-delta",
         type=_finite_float,
-        default=1.0,
+        default=None,
         metavar="X",
         help="huber's delta (default: 1.0)",
     )
     add(
         "--smooth-l1-beta",
         type=_finite_float,
-        default=1.0,
+        default=None,
         metavar="X",
         help="smooth_l1's beta (default: 1.0)",
     )
@@ -223,6 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Model options and what they apply to: (MLPSpec field, "activation" or "loss", names).
+_MODEL_OPTIONS = {
+    "--negative-slope": ("negative_slope", "activation", ("leaky_relu",)),
+    "--elu-alpha": ("elu_alpha", "activation", ("elu",)),
+    "--label-smoothing": ("label_smoothing", "loss", ("cross_entropy", "cross_entropy_probs")),
+    "--huber-delta": ("huber_delta", "loss", ("huber",)),
+    "--smooth-l1-beta": ("smooth_l1_beta", "loss", ("smooth_l1",)),
+}
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, float]:
+    """The MLPSpec fields the model options give; an option that the chosen activations
+    or loss do not use is refused, as an optimizer's are (``--label-smoothing`` with
+    MSE printed PASS with the smoothing ignored: found in a user trial)."""
+    out = {}
+    for option, (field, kind, names) in _MODEL_OPTIONS.items():
+        value = getattr(args, field)
+        if value is None:
+            continue
+        chosen = args.activation if kind == "activation" else (args.loss,)
+        if not set(chosen) & set(names):
+            raise UsageError(
+                f"{option} applies to the {' or '.join(names)} {kind} only, and "
+                f"--{kind} is {','.join(chosen)}: leave it out, or choose that {kind}"
+            )
+        out[field] = value
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison the arguments describe, print the report, return the exit status.
 
@@ -245,12 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bias=not args.no_bias,
             dtype=args.dtype,
             activation=args.activation[0] if len(args.activation) == 1 else args.activation,
-            negative_slope=args.negative_slope,
-            elu_alpha=args.elu_alpha,
             loss=args.loss,
-            label_smoothing=args.label_smoothing,
-            huber_delta=args.huber_delta,
-            smooth_l1_beta=args.smooth_l1_beta,
+            **_model_options(args),
         )
         optimizer = OptimizerSpec(
             args.optimizer,

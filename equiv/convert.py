@@ -378,6 +378,7 @@ def check_entries(
             f"layout, which names them {'.'.join(layout.path('fc1.weight'))!r}, ...; found "
             f"{shown}. {_naming_hint(entries)}"
         )
+    given = spec is not None
     if spec is None:
         spec = _infer_spec(known, layout)
     expected = spec.param_shapes()
@@ -386,7 +387,14 @@ def check_entries(
         if name not in known:
             problems.append(f"  missing: {key!r} (expected shape {shape})")
         elif _shape(known[name]) != shape:
-            problems.append(f"  wrong shape: {key!r} expected {shape}, got {_shape(known[name])}")
+            got = _shape(known[name])
+            flipped = (
+                f" (its transpose: the {layout.name} layout holds weights "
+                f"{'(in, out)' if layout.transpose else '(out, in)'})"
+                if len(shape) == 2 and got == shape[::-1]
+                else ""
+            )
+            problems.append(f"  wrong shape: {key!r} expected {shape}, got {got}{flipped}")
         elif _dtype(known[name]) != spec.dtype:
             problems.append(
                 f"  wrong dtype: {key!r} expected {spec.dtype}, got {_dtype(known[name])}"
@@ -416,8 +424,13 @@ def check_entries(
         raise value_error(
             f"{what} does not match the MLP {spec.sizes} (bias={spec.bias}, {spec.dtype}):\n"
             + "\n".join(problems)
-            + f"\nPass spec=MLPSpec(...) to state the architecture; the {layout.name} layout "
-            f"names parameters {example}, ..." + advice
+            + (
+                f"\nThe {layout.name} layout names parameters {example}, ..."
+                if given
+                else f"\nPass spec=MLPSpec(...) to state the architecture; the {layout.name} "
+                f"layout names parameters {example}, ..."
+            )
+            + advice
         )
     return spec
 

@@ -99,8 +99,9 @@ def diagnose_leaf(
     if a.ndim == 2 and a.shape[0] == a.shape[1] > 1 and _close(a, b.T) and not _close(a, b):
         return (
             f"{name}: {first} holds the transpose of {second}'s square weight. A converter "
-            "forgot to transpose it (torch Linear.weight is (out, in), a Flax kernel (in, out)); "
-            'convert with equiv.torch_to_jax(..., layout="flax").'
+            "forgot to transpose it (torch Linear.weight is (out, in), a Flax or nnx kernel "
+            "(in, out)); convert with equiv.torch_to_jax(..., layout=...) in your layout "
+            '("flax", "nnx", "equinox" or "torch"), which transposes where the layout needs it.'
         )
     if stage == "params" and before is not None:
         ratio = _ratio(a - before, b - np.asarray(before, np.float64))
@@ -432,8 +433,10 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
         variants.append(
             OptimizerVariant(
                 f"puts eps={spec.eps:g} inside the square root, m̂/√(v̂ + eps) (optax's "
-                f"eps_root); torch divides by √v̂ + eps: use optax.adam(..., eps={spec.eps:g}, "
-                "eps_root=0.0)",
+                f"eps_root); torch divides by √v̂ + eps: use optax.{spec.name}(..., "
+                f"eps={spec.eps:g}, eps_root=0.0"
+                + (f", weight_decay={spec.weight_decay:g}" if spec.name == "adamw" else "")
+                + ")",
                 replace(spec, eps=0.0),
                 eps_root=spec.eps,
             )

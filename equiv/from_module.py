@@ -85,6 +85,8 @@ def mlp_from_module(
     if not isinstance(module, nn.Module):
         raise type_error(f"expected a torch.nn.Module, got {type(module).__name__}")
     layers: list[nn.Linear] = []
+    layer_names: list[str] = []
+    activation_names: list[str] = []
     activations: list[str] = []
     fields: dict[str, float] = {}
     pending: str | None = None
@@ -96,6 +98,7 @@ def mlp_from_module(
             if layers:
                 activations.append(pending or "identity")
             layers.append(child)
+            layer_names.append(name)
             pending = None
             continue
         found = _activation(child)
@@ -105,6 +108,7 @@ def mlp_from_module(
                 f"supported: {SUPPORTED}"
             )
         act, params = found
+        activation_names.append(name)
         if not layers or pending is not None:
             where = "before the first Linear" if not layers else "right after another activation"
             raise value_error(
@@ -123,6 +127,17 @@ def mlp_from_module(
         pending = act
     if not layers:
         raise value_error(f"found no nn.Linear in {type(module).__name__}")
+    if pending is not None and len(activation_names) == 1 and len(layers) > 2:
+        raise value_error(
+            f"{type(module).__name__} registers one activation module "
+            f"({activation_names[0]!r}) for {len(layers)} Linear layers: a forward that "
+            "reuses it between every pair cannot be read from the registered submodules, "
+            "which equiv reads in registration order (it found the activation after "
+            f"{layer_names[-1]!r}, the last Linear). Write the model as an nn.Sequential "
+            "with one activation between consecutive Linear layers; or, with Linear layers "
+            "named fc1, fc2, ..., pass spec=equiv.MLPSpec(...) to check_jax_port or "
+            "check_manual_backward"
+        )
     if pending is not None:
         raise value_error(
             "the last submodule registered is an activation, after the last Linear layer; "
@@ -137,8 +152,11 @@ def mlp_from_module(
     for i, layer in enumerate(layers):
         if layer.in_features != sizes[-1]:
             raise value_error(
-                f"Linear layer {i + 1} takes {layer.in_features} inputs but the "
-                f"layer before it gives {sizes[-1]}"
+                f"Linear {layer_names[i]!r} takes {layer.in_features} inputs but "
+                f"{layer_names[i - 1]!r}, registered before it, gives {sizes[-1]}; equiv reads "
+                "the Linear layers in the order they are registered (assigned in __init__), "
+                "and calls them in that order: register them in call order, or write the "
+                "model as an nn.Sequential"
             )
         sizes.append(layer.out_features)
     biases = {layer.bias is not None for layer in layers}

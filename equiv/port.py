@@ -283,7 +283,8 @@ def run_jax_port(
     in float32 is held to float64's bound and fails. With ``state_spec``, the optax
     state is recorded under torch's names too
     (:func:`equiv.optimizers.optax_state_to_torch_names`) when it holds the moments
-    that optimizer keeps; otherwise, as without it, no state is recorded.
+    that optimizer keeps; otherwise no state is recorded, and ``state_note`` of the
+    trajectory says why (the report's ``settings["state_not_compared"]``).
     """
     spec = problem.spec
     given = params is not None
@@ -323,21 +324,26 @@ def run_jax_port(
             loss,
             jax_to_torch(grads, layout=layout, spec=spec),
             jax_to_torch(params, layout=layout, spec=spec),
-            _torch_named_state(state_spec, state, layout, spec),
+            _torch_named_state(state_spec, state, layout, spec, out),
         )
     return out
 
 
-def _torch_named_state(state_spec, state, layout, spec) -> dict | None:
+def _torch_named_state(state_spec, state, layout, spec, out: Trajectory) -> dict | None:
     """The optax state under torch's names, or None where it does not hold
-    ``state_spec``'s moments (a chain of your own may keep others, or none)."""
+    ``state_spec``'s moments (a chain of your own may keep others, or none, or keep them
+    in another dtype: ``mu_dtype=jnp.bfloat16``), said in ``out.state_note``."""
     if state_spec is None or not state_spec.state_names:
         return None
     try:
         return optax_state_to_torch_names(
             state_spec, state, lambda tree: jax_to_torch(tree, layout=layout, spec=spec)
         )
-    except ValueError:
+    except ValueError as error:
+        lines = str(error).removeprefix("[equiv] ").splitlines()
+        reason = " ".join(line.strip() for line in lines[:2])
+        reason += f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        out.state_note = f"its optax state is not compared with {state_spec.name}'s: {reason}"
         return None
 
 

@@ -52,13 +52,22 @@ layer whose weight the step nearly zeroed, off by 23 times a bound relative to
 ``max|p_s|``). The error of ``p_s`` is the error carried from ``p_{s-1}``, plus ``lr``
 times the error of ``g_s``, plus the rounding of the update itself::
 
-    δp_s ≤ δp_{s-1} + lr·δg_s + u·|p_s|,     δg_t ≤ c·√k·(u₁+u₂)·t·max|g_t|
+    δp_s ≤ δp_{s-1} + lr·δg_s + r·u·|p_s|,     δg_t ≤ c·√k·(u₁+u₂)·t·max|g_t|
 
 so, with ``Δp_t = p_t - p_{t-1}`` (``lr·g_t`` for SGD, read off the trajectories so
 that any optimizer's step counts), the parameters get an absolute term on top of
 the scaled one (:func:`params_tolerance`)::
 
-    c·√k·(u₁+u₂)·(s·max|p_s| + Σ_{t≤s} t·max|Δp_t|)
+    (u₁+u₂)·(r·s·max|p_s| + c·√k·Σ_{t≤s} t·max|Δp_t|)
+
+Everything an update computes from the gradient (momentum, Adam's moments, a weight
+decay added to the gradient) is relative to ``Δp_t`` and within the second term. What
+is relative to ``p`` itself is the update's own rounding: ``r = 3`` roundings per step
+(torch's AdamW: ``1 - lr·λ`` rounded to the dtype, ``p·(1 - lr·λ)``, then the add;
+every other update rounds ``p`` once, in the add). Before, the first term was
+``c·√k·s·max|p_s|`` as well, 75 times ``r`` for a 784-wide layer: optax's default
+AdamW decay (1e-4) for torch's (1e-2) at lr 1e-3 moves ``p`` by ``1e-5·|p|`` per step
+and passed in a 784-256-10 model (found in a user trial).
 
 Underflow. Below the smallest normal number ``tiny`` a result is off by up to ``tiny``
 absolutely, not ``u`` relatively: ``max|x|`` is taken no smaller than ``tiny/u``
@@ -97,6 +106,8 @@ from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 
 #: Safety constant of the derived bound (see the module docstring).
 SAFETY = 8.0
+#: Roundings relative to ``|p|`` in one parameter update (see the module docstring).
+UPDATE_ROUNDINGS = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +184,8 @@ def derived_tolerance(
 ) -> Tolerance:
     """The bound for two results of ``stage`` at ``step`` computed in ``dtypes``, over
     batches in which one example occurs at most ``repeats`` times (see the module
-    docstring).
+    docstring). For ``"params"``, the updates' own rounding only: add what the
+    gradients' errors carry with :func:`params_tolerance`.
 
     >>> tol = derived_tolerance(MLPSpec((4, 3, 2)), 2, "grads", 1, ("float32", "float32"))
     >>> round(tol.scaled / 2.0**-24, 6)  # 8 · √4 · (u + u) / u
@@ -181,16 +193,25 @@ def derived_tolerance(
     >>> tol = derived_tolerance(MLPSpec((4, 3, 2)), 64, "grads", 1, ("float32", "float32"), 64)
     >>> round(tol.scaled / 2.0**-24, 6), tol.derivation  # (8 · √64 + 64) · (u + u) / u
     (256.0, '(8·√64 + 64 repeats)·(u₁+u₂)·1·max|x|')
+    >>> derived_tolerance(MLPSpec((4, 3, 2)), 2, "params", 2, ("float32", "float32")).derivation
+    '3·(u₁+u₂)·2·max|p|'
     """
-    k = reduction_length(spec, batch_size, stage)
     u_sum = sum(UNIT_ROUNDOFF[d] for d in dtypes)
+    floor = max(underflow_scale(d) for d in dtypes)
+    if stage == "params":
+        return Tolerance(
+            scaled=UPDATE_ROUNDINGS * u_sum * step,
+            derivation=f"{UPDATE_ROUNDINGS:g}·(u₁+u₂)·{step}·max|p|",
+            floor=floor,
+        )
+    k = reduction_length(spec, batch_size, stage)
     factor, why = SAFETY * math.sqrt(k), f"{SAFETY:g}·√{k}"
     if repeats > 1:
         factor, why = factor + repeats, f"({why} + {repeats} repeats)"
     return Tolerance(
         scaled=factor * u_sum * step,
         derivation=f"{why}·(u₁+u₂)·{step}·max|x|",
-        floor=max(underflow_scale(d) for d in dtypes),
+        floor=floor,
     )
 
 
@@ -231,20 +252,20 @@ def underflow_scale(dtype: str) -> float:
     return float(np.finfo(dtype).tiny) / UNIT_ROUNDOFF[dtype]
 
 
-def params_tolerance(base: Tolerance, update_sizes: list[float]) -> Tolerance:
+def params_tolerance(base: Tolerance, update_sizes: list[float], rate: float) -> Tolerance:
     """Add the carried update errors to a derived ``"params"`` bound at step ``s``.
 
-    ``update_sizes[t-1]`` is ``max|p_t - p_{t-1}|`` of the leaf for ``t = 1..s``; see
-    the module docstring (``base.scaled`` is ``c·√k·(u₁+u₂)·s``).
+    ``update_sizes[t-1]`` is ``max|p_t - p_{t-1}|`` of the leaf for ``t = 1..s`` and
+    ``rate`` the relative error of one step's gradient, ``c·√k·(u₁+u₂)`` (the
+    ``"grads"`` bound's ``scaled`` at step 1); see the module docstring.
 
+    >>> grads = derived_tolerance(MLPSpec((4, 3, 2)), 2, "grads", 1, ("float32", "float32"))
     >>> tol = derived_tolerance(MLPSpec((4, 3, 2)), 2, "params", 2, ("float32", "float32"))
-    >>> extra = params_tolerance(tol, [1.0, 0.5])
-    >>> round(extra.atol / (tol.scaled / 2), 6)  # c·√k·(u₁+u₂)·(1·1.0 + 2·0.5)
+    >>> extra = params_tolerance(tol, [1.0, 0.5], grads.scaled)
+    >>> round(extra.atol / grads.scaled, 6)  # c·√k·(u₁+u₂)·(1·1.0 + 2·0.5)
     2.0
     """
-    steps = len(update_sizes)
-    per_step = base.scaled / steps if steps else 0.0
-    carried = per_step * sum(t * size for t, size in enumerate(update_sizes, start=1))
+    carried = rate * sum(t * size for t, size in enumerate(update_sizes, start=1))
     return dataclasses.replace(
         base,
         atol=base.atol + carried,
@@ -370,13 +391,58 @@ def optimizer_bounds(
                     each, size, underflow = first_step_each
                     m_el = (1 - b1) * each[n]
                     v_el = (1 - b2) * (2 * size[n] * each[n] + each[n] ** 2) + underflow
-                    slack[n] = adam_update_slack(
+                    apart = adam_update_slack(
                         optimizer, 1, ref["exp_avg"][n], second[n], m_el, v_el, unit_roundoff
                     )
+                    # Where v cannot underflow, step 1's m and v come from one gradient:
+                    # the update is a function of it alone (adam_first_update_slack).
+                    safe = (1 - b2) * (size[n] - each[n]) ** 2 >= underflow
+                    one = adam_first_update_slack(optimizer, size[n], each[n], unit_roundoff)
+                    slack[n] = np.where(safe, np.minimum(one, apart), apart)
             out.params_slack[t] = slack
             out.params_atol[t] = {n: 0.0 for n in names}
         out.state[t] = state
     return out
+
+
+def adam_first_update_slack(
+    optimizer: Any, size: np.ndarray, bound: np.ndarray, unit_roundoff: float
+) -> np.ndarray:
+    r"""Per-element bound on how much two Adam updates at step 1 may differ, where each
+    backend's gradient is within ``bound`` of the float64 one, of size ``|g| = size``.
+
+    At step 1 ``m̂ = g`` and ``v̂ = g²`` (the bias corrections undo the betas), so the
+    update is ``γ·f(g)``, ``f(g) = g/(|g| + ε)``, one odd and increasing function of
+    one gradient: two gradients within ``δ`` of ``g`` give updates within
+    ``γ·(F(|g| + δ) - f(|g| - δ))``, ``F(a) = a/(a + ε)``, plus the rounding of the
+    few operations that compute it (8 of them, and the bias corrections' ``ρ`` of
+    :func:`adam_update_slack`) relative to the update. :func:`adam_update_slack` bounds
+    ``m`` and ``v`` apart, which cannot see that their errors cancel in ``m̂/√v̂``:
+    ``2γ·δ/|g|``, where this is ``γ·ε·2δ/|g|²`` for ``|g| ≫ ε``. That slack let
+    optax's default AdamW decay for torch's pass (found in a user trial). Only where
+    ``v`` cannot underflow: a flushed ``v`` is another function.
+
+    >>> import numpy as np
+    >>> from equiv.optimizers import OptimizerSpec
+    >>> spec = OptimizerSpec("adam", learning_rate=0.1)  # ε = 1e-8
+    >>> e = adam_first_update_slack(spec, np.array([1e-3, 1e-9]), np.array([1e-9, 2e-9]), 0.0)
+    >>> f"{e[0]:.3g}"  # |g| ≫ ε: γ·ε·2δ/|g|² (m and v bounded apart: 2γ·δ/|g| = 2e-7)
+    '2e-12'
+    >>> round(float(e[1]), 4)  # |g| < δ: the sign may flip, γ·(3/13 + 1/11)
+    0.0322
+    """
+    lr, eps, (b1, b2) = optimizer.learning_rate, optimizer.eps, optimizer.betas
+    a = np.abs(np.asarray(size, np.float64))
+    d = np.abs(np.asarray(bound, np.float64))
+
+    def unit(z):  # z/(z + ε) for z ≥ 0, 0 at 0 (ε = 0 included)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(z > 0, z / (z + eps), 0.0)
+
+    low = a - d
+    spread = unit(a + d) - np.sign(low) * unit(np.abs(low))
+    rho = 2 * unit_roundoff * (b1 / (1 - b1) + 0.5 * b2 / (1 - b2))
+    return lr * (spread + unit(a + d) * (rho + 8 * unit_roundoff))
 
 
 def adam_bound_ratio(beta1: float, beta2: float, step: int) -> float:

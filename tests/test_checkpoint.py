@@ -282,8 +282,7 @@ def test_bad_entries_are_all_named(tmp_path):
         "  wrong shape: 'fc2.weight' expected (2, 3), got (3, 3)",
         "  missing: 'fc2.bias' (expected shape (2,))",
         "  unexpected: 'fc9.weight' (shape (1, 1))",
-        "Pass spec=MLPSpec(...) to state the architecture; the torch layout names "
-        "parameters fc1.weight, fc1.bias, ...",
+        "The torch layout names parameters fc1.weight, fc1.bias, ...",
     ]
 
 

@@ -73,6 +73,15 @@ BAD_INPUTS = [
     (["--rtol", "-1", "--atol", "0"], "rtol and atol must be non-negative"),
     (["--rtol", "inf", "--atol", "0"], "argument --rtol: expected a finite number"),
     (["--precision", "fast"], "unknown precision 'fast'"),
+    (  # a model option the model does not use is refused, not ignored (a user trial)
+        ["--label-smoothing", "0.3"],
+        "--label-smoothing applies to the cross_entropy or cross_entropy_probs loss only, "
+        "and --loss is mse",
+    ),
+    (["--loss", "mse", "--huber-delta", "3"], "--huber-delta applies to the huber loss only"),
+    (["--smooth-l1-beta", "2"], "--smooth-l1-beta applies to the smooth_l1 loss only"),
+    (["--negative-slope", "0.2"], "--negative-slope applies to the leaky_relu activation only"),
+    (["--activation", "tanh", "--elu-alpha", "2"], "and --activation is tanh"),
     (["--backends", "torch,tensorflow"], "backends must be distinct names from torch, manual, jax"),
     (["--backends", "torch,torch"], "backends must be distinct names from torch, manual, jax"),
     (["--backends", ""], "backends must be distinct names from torch, manual, jax"),
@@ -381,3 +390,13 @@ def test_a_closed_output_pipe_keeps_the_verdict_as_exit_status(tmp_path, monkeyp
         )
     finally:
         closed.close()
+
+
+def test_model_options_are_taken_where_the_model_uses_them(capsys):
+    # The twin of the refusals above: each option with the loss or activation it
+    # belongs to (one layer of several is enough) runs and is in the report's header.
+    argv = ["--sizes", "4,3,3,2", "--activation", "relu,leaky_relu", "--negative-slope", "0.2"]
+    code, out, _ = _run(argv + ["--loss", "huber", "--huber-delta", "3"], capsys)
+    assert code == 0 and "negative_slope=0.2" in out and "huber_delta=3" in out, out
+    code, out, _ = _run(["--loss", "cross_entropy", "--label-smoothing", "0.1"], capsys)
+    assert code == 0 and "label_smoothing=0.1" in out, out

@@ -175,11 +175,18 @@ def test_every_bad_torch_entry_is_named_at_once():
         "[equiv] state_dict does not match the MLP (4, 3, 2) (bias=True, float32):",
         "  unexpected: 'head.weight' (shape (1,))",
         "  missing: 'fc1.bias' (expected shape (3,))",
-        "  wrong shape: 'fc2.weight' expected (2, 3), got (3, 2)",
+        "  wrong shape: 'fc2.weight' expected (2, 3), got (3, 2) (its transpose: the torch "
+        "layout holds weights (out, in))",
         "  unexpected: 'fc3.weight' (shape (2, 2))",
-        "Pass spec=MLPSpec(...) to state the architecture; the torch layout names "
-        "parameters fc1.weight, fc1.bias, ...",
+        "The torch layout names parameters fc1.weight, fc1.bias, ...",  # spec= was given
     ]
+    with pytest.raises(ValueError) as info:  # without spec=, the advice is to give it
+        torch_to_jax(state)
+    assert (
+        str(info.value)
+        .splitlines()[-1]
+        .startswith("Pass spec=MLPSpec(...) to state the architecture; the torch layout names")
+    )
 
 
 def test_every_bad_flax_entry_is_named_with_flax_shapes():
@@ -192,10 +199,10 @@ def test_every_bad_flax_entry_is_named_with_flax_shapes():
     assert str(info.value).splitlines() == [
         "[equiv] flax-layout params does not match the MLP (4, 3, 2) (bias=True, float32):",
         "  unexpected: 'Dense_00.kernel' (shape (4, 3))",
-        "  wrong shape: 'Dense_0.kernel' expected (4, 3), got (3, 4)",
+        "  wrong shape: 'Dense_0.kernel' expected (4, 3), got (3, 4) (its transpose: the "
+        "flax layout holds weights (in, out))",
         "  missing: 'Dense_1.bias' (expected shape (2,))",
-        "Pass spec=MLPSpec(...) to state the architecture; the flax layout names "
-        "parameters Dense_0.kernel, Dense_0.bias, ...",
+        "The flax layout names parameters Dense_0.kernel, Dense_0.bias, ...",
     ]
 
 

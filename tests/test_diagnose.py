@@ -19,6 +19,11 @@ CASES = [
         dict(name="fc2.weight", actual=W.T, expected=W, stage="params"),
         "forgot to transpose",
     ),
+    (  # the fix names every layout, not flax's alone (an nnx user trial)
+        "transpose-any-layout",
+        dict(name="fc2.weight", actual=W.T, expected=W, stage="params"),
+        'in your layout ("flax", "nnx", "equinox" or "torch")',
+    ),
     (
         "mse-sum",
         dict(

@@ -367,3 +367,48 @@ def test_a_batch_of_one_example_repeated_is_allowed_its_systematic_rounding():
     }
     report = compare_trajectories(problem, runs, learning_rate=0.1)
     assert not report.agree and report.worst_ratio > 2, report.worst_ratio
+
+
+def test_an_overflowed_kink_envelope_leaves_the_other_allowances_standing():
+    # Found in review: a deep ELU (α = 10) run at lr 0.1 grows to a loss of 3.6e18 by
+    # step 4, finite. Flipping a unit at z = 1e6 onto α·expm1(z) overflows: that
+    # envelope is NaN, and adding it in wiped out the allowance beside it (how far the
+    # parted trajectories' own float64 steps are): torch vs JAX failed at 130 times the
+    # bound while each agreed with its own float64 step. The twin: torch run at a
+    # learning rate 1% off still fails before the run's limit.
+    from equiv import compare_trajectories
+    from equiv.harness import run_torch
+
+    spec = MLPSpec((2, 2, 2, 2, 2, 1), activation="elu", elu_alpha=10.0)
+    with np.errstate(all="ignore"):
+        comparison = compare_backends(spec, batch_size=1, seed=4, steps=4, learning_rate=0.1)
+        assert comparison.agree, comparison.report.failure_text()[:2000]
+        runs = dict(comparison.trajectories)
+        runs["torch"] = run_torch(comparison.problem, 0.101)
+        report = compare_trajectories(comparison.problem, runs, learning_rate=0.1)
+    assert any(d.actual == "torch" and d.step == 1 for d in report.failures)
+
+
+@pytest.mark.parametrize("loss", ["huber", "smooth_l1"])
+def test_optax_huber_backward_cancellation_at_a_large_threshold_is_allowed(loss):
+    # Found in review: optax.huber_loss's backward adds (q - δ) + δ inside the
+    # threshold, which cancels to q with an error of u·δ: at δ = 1e4 (β for smooth_l1)
+    # a correct JAX gradient failed at 92 (114) times a bound that left δ out. The
+    # twin: a port whose loss is 10% too large still fails.
+    from equiv import REFERENCE, compare_trajectories, jax_mlp
+    from equiv.port import run_jax_port
+
+    threshold = {"huber_delta": 1e4} if loss == "huber" else {"smooth_l1_beta": 1e4}
+    spec = MLPSpec((4, 3, 2), activation="tanh", loss=loss, **threshold)
+    comparison = compare_backends(spec, batch_size=4, seed=0)
+    assert comparison.agree, comparison.report.failure_text()[:2000]
+
+    def scaled(p, xb, yb):
+        return jax_mlp.loss_fn(p, xb, yb, spec) * 1.1
+
+    runs = {
+        "torch": comparison.trajectories["torch"],
+        REFERENCE: comparison.trajectories[REFERENCE],
+        "port": run_jax_port(comparison.problem, scaled, "flax", 0.1),
+    }
+    assert not compare_trajectories(comparison.problem, runs, learning_rate=0.1).agree

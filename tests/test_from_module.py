@@ -179,7 +179,8 @@ def _weight_norm() -> nn.Module:
         ),
         (
             nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(3, 1)),
-            "Linear layer 2 takes 3 inputs but the layer before it gives 4",
+            "Linear '2' takes 3 inputs but '0', registered before it, gives 4; equiv reads "
+            "the Linear layers in the order they are registered",
         ),
         (
             nn.Sequential(
@@ -194,7 +195,7 @@ def _weight_norm() -> nn.Module:
         (Reordered(), "forward pass is not its Linear layers and activations applied in"),
         (_reused(), "Linear '2' is the same module as '0'"),
         (_tied(), "parameters '0.weight' and '2.weight' share memory (tied weights)"),
-        (SharedActivation(), "reuses one activation module between layers"),
+        (SharedActivation(), "registers one activation module ('act') for 3 Linear layers"),
         (_tied_transposed(), "parameters '0.weight' and '2.weight' share memory"),
         (Scaled(), "parameter 'scale' belongs to no nn.Linear"),
         (_frozen(), "parameter '0.weight' is frozen (requires_grad=False)"),

@@ -532,3 +532,24 @@ def test_a_jitted_port_is_replayed_op_by_op_for_the_hints(jit, equiv_seed):
     np.testing.assert_allclose(loss, trajectory.losses[1], rtol=1e-6)
     for name, value in trajectory.grads[1].items():
         np.testing.assert_allclose(grads[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_a_port_state_that_cannot_be_compared_is_said_not_dropped_silently(equiv_seed):
+    # Found in a user trial: optax.adamw(mu_dtype=bfloat16) keeps m in bfloat16, which
+    # no float32 leaf matches; the port's state went uncompared (12 rows of 36) with
+    # nothing said. The twin: the default adamw's state is compared, and no note.
+    model, xs, ys = _model_and_batches(equiv_seed)
+    adamw = OptimizerSpec("adamw", learning_rate=1e-3)
+    ours = optax.adamw(1e-3, weight_decay=1e-2, mu_dtype=jnp.bfloat16)
+    report = check_jax_port(model, flax_loss, xs, ys, steps=2, optimizer=adamw, port_optimizer=ours)
+    note = report.report.settings["state_not_compared"]
+    assert note.startswith("port: its optax state is not compared with adamw's"), note
+    assert "got bfloat16" in note
+    right = optax.adamw(1e-3, weight_decay=1e-2)
+    report = check_jax_port(
+        model, flax_loss, xs, ys, steps=2, optimizer=adamw, port_optimizer=right
+    )
+    assert "state_not_compared" not in report.report.settings
+    assert any(
+        d.stage == "state" and "port" in (d.actual, d.expected) for d in report.report.leaves
+    )

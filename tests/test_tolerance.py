@@ -30,8 +30,9 @@ def test_derived_scaled_term_follows_the_formula():
 
 def test_params_tolerance_carries_every_update():
     base = derived_tolerance(MLPSpec((4, 3, 2)), 2, "params", 3, ("float32", "float32"))
+    assert base.scaled == pytest.approx(3 * (2 * U32) * 3)  # 3 roundings of p per step
     per_step = SAFETY * 2 * (2 * U32)  # c·√4·(u₁+u₂)
-    tol = params_tolerance(base, [1.0, 2.0, 4.0])
+    tol = params_tolerance(base, [1.0, 2.0, 4.0], per_step)
     assert tol.atol == pytest.approx(per_step * (1 * 1.0 + 2 * 2.0 + 3 * 4.0))
     assert tol.scaled == base.scaled
 

@@ -238,10 +238,13 @@ def test_one_step_adamw_decay_is_not_called_l2(equiv_seed):
     assert not any("misread" in h for h in Comparison(problem, 1e-2, runs, bad, ADAMW).hints())
 
 
+EPS_ROOT_ADAMW = optax.adamw(1e-3, eps=0.0, eps_root=1e-8, weight_decay=1e-2)
+
+
 @pytest.mark.parametrize(
     "naive_tx",
     [
-        optax.adamw(1e-3, eps=0.0, eps_root=1e-8, weight_decay=1e-2),
+        EPS_ROOT_ADAMW,
         optax.adamw(1e-3, eps=1e-6, weight_decay=1e-2),
     ],
     ids=["eps_root", "eps_1e-6"],
@@ -264,5 +267,8 @@ def test_adam_epsilon_mistakes_at_torchs_default_are_caught_in_one_step(naive_tx
     adamw = OptimizerSpec("adamw", learning_rate=1e-3)
     bad = check_jax_port(model, loss_fn, x, y, optimizer=adamw, port_optimizer=naive_tx)
     assert not bad.agree and bad.report.worst_ratio > 2, bad.report.worst_ratio
+    if naive_tx is EPS_ROOT_ADAMW:  # the fix names adamw, with its decay (a user trial)
+        fix = "use optax.adamw(..., eps=1e-08, eps_root=0.0, weight_decay=0.01)"
+        assert any(fix in hint for hint in bad.hints()), bad.hints()
     right = optax.adamw(1e-3, eps=1e-8, weight_decay=1e-2)
     assert check_jax_port(model, loss_fn, x, y, optimizer=adamw, port_optimizer=right).agree
