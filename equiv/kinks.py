@@ -42,9 +42,10 @@ a float64 trajectory some backend may legitimately follow. The loss is a mean ov
 examples, so a flip moves only its own example's term: for each example with
 ambiguous units, :func:`analyse_kinks` runs the hand-derived pass on that example
 alone (:mod:`equiv.manual` with the mask overridden) for every combination of its
-flips (up to :data:`MAX_EXHAUSTIVE` of them; above that each flip alone, summed:
-exact within one layer, where the gradient is linear in the mask, and first order
-across layers), and sums the examples' envelopes. The result, per stage and leaf,
+flips (up to :data:`MAX_EXHAUSTIVE` of them; above that each flip alone, summed,
+plus the backward pass in interval arithmetic over all of them at once, which
+bounds the products of slopes across layers that single flips miss), and sums the
+examples' envelopes. The result, per stage and leaf,
 is ``slack ≥ |branch - reference|`` for every branch. A backend near branch ``β``
 satisfies ``|x - ref| ≤ |x - β| + |β - ref| ≤ bound + slack``; two backends on
 different branches differ by at most ``bound + 2·slack``.
@@ -495,6 +496,13 @@ def _example_envelope(p_ref, x, y, spec, zs, b, units):
         subsets, combine = [(unit,) for unit in units], np.add
     d_loss = np.zeros(())
     d_grads = {name: np.zeros_like(g) for name, g in grads0.items()}
+    if len(units) > MAX_EXHAUSTIVE:
+        # Summed single flips are first order across layers, where slopes multiply:
+        # the interval pass bounds every combination at once (found in review: a zero
+        # input row with zero biases put every leaky_relu unit of two layers at z = 0,
+        # and JAX's slope 1·1 against torch's s·s was 50 times the single flips' sum).
+        for name, extra in _interval_envelope(p_ref, xb, yb, spec, base, units).items():
+            d_grads[name] = d_grads[name] + extra / batch
     worst, worst_size = None, -1.0
     for subset in subsets:
         masks = [m.copy() for m in base]
@@ -509,6 +517,41 @@ def _example_envelope(p_ref, x, y, spec, zs, b, units):
         if size > worst_size:
             worst, worst_size = delta, size
     return d_loss, d_grads, worst
+
+
+def _interval_envelope(p_ref, x, y, spec, base, units) -> dict[str, np.ndarray]:
+    """``|Δgrad|`` bounds for one example over every mask choice at ``units`` at once:
+    the backward pass in interval arithmetic (center and radius), each such unit's
+    slope the interval between its two sides' and every other slope, the outputs and
+    the loss's gradient the base masks' (a flip at a kink moves the forward pass by
+    ``O(|z|)`` only, which the single flips beside this count). Sound and loose:
+    intervals forget that one unit's slope is shared by every path through it."""
+    flipped = [m.copy() for m in base]
+    for i, j in units:
+        flipped[i][0, j] = not flipped[i][0, j]
+    out, _, acts = manual._forward(p_ref, x, spec, base)
+    _, _, other = manual._forward(p_ref, x, spec, flipped)
+    _, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
+    center, radius = np.asarray(dz, np.float64), np.zeros(np.shape(dz))
+    nominal = manual.loss_and_grads(p_ref, x, y, spec, base)[1]
+    envelope = {}
+    for i in range(spec.num_layers, 0, -1):
+        h = x if i == 1 else acts[i - 2][0]
+        weight = f"fc{i}.weight"
+        c_w, r_w = center.T @ h, radius.T @ np.abs(h)
+        envelope[weight] = np.abs(c_w - nominal[weight]) + r_w
+        if spec.bias:
+            bias = f"fc{i}.bias"
+            c_b, r_b = center.sum(axis=0), radius.sum(axis=0)
+            envelope[bias] = np.abs(c_b - nominal[bias]) + r_b
+        if i > 1:
+            w = p_ref[weight]
+            c_h, r_h = center @ w, radius @ np.abs(w)
+            a, b = acts[i - 2][1], other[i - 2][1]
+            c_s, r_s = (a + b) / 2, np.abs(a - b) / 2
+            center = c_h * c_s
+            radius = np.abs(c_h) * r_s + r_h * np.abs(c_s) + r_h * r_s
+    return envelope
 
 
 def max_unit_roundoff(dtypes) -> float:

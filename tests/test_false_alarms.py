@@ -412,3 +412,33 @@ def test_optax_huber_backward_cancellation_at_a_large_threshold_is_allowed(loss)
         "port": run_jax_port(comparison.problem, scaled, "flax", 0.1),
     }
     assert not compare_trajectories(comparison.problem, runs, learning_rate=0.1).agree
+
+
+def test_slopes_at_a_kink_in_several_layers_are_bounded_together():
+    # Found in review: a zero input row with zero biases puts every leaky_relu unit of
+    # both hidden layers at exactly z = 0, where jax.nn.leaky_relu's slope is 1 and
+    # torch's is s. Above MAX_EXHAUSTIVE units the single flips were summed, first
+    # order across layers: JAX's 1·1 against torch's s·s failed at 50.5 times the
+    # bound. The twin: a port whose loss is 1% too large still fails.
+    from equiv import REFERENCE, compare_trajectories, jax_mlp, make_problem
+    from equiv.port import run_jax_port
+    from equiv.problem import Problem
+
+    spec = MLPSpec((2, 4, 2, 1), activation="leaky_relu", negative_slope=0.01)
+    drawn = make_problem(spec, batch_size=1, seed=0)
+    params = {n: (v * 0 if n.endswith("bias") else v) for n, v in drawn.params.items()}
+    batches = tuple((x * 0, y) for x, y in drawn.batches)
+    problem = Problem(spec=spec, params=params, batches=batches)
+    comparison = compare_backends(problem=problem)
+    assert comparison.report.settings["kinks"] == 6
+    assert comparison.agree, comparison.report.failure_text()[:2000]
+
+    def scaled(p, xb, yb):
+        return jax_mlp.loss_fn(p, xb, yb, spec) * 1.01
+
+    runs = {
+        "torch": comparison.trajectories["torch"],
+        REFERENCE: comparison.trajectories[REFERENCE],
+        "port": run_jax_port(problem, scaled, "flax", 0.1),
+    }
+    assert not compare_trajectories(problem, runs, learning_rate=0.1).agree
