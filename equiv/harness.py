@@ -1472,19 +1472,24 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
         # inside the square root (optax's eps_root) pass at torch's ε = 1e-8 (found in
         # a user trial).
         g_tol = derived_tolerance(spec, problem.batch_size, "grads", 1, dtypes, problem.repeats)
-        values = {n: np.abs(np.asarray(arbiter.grads[0][n], np.float64)) for n in names}
+        taken = {n: np.asarray(arbiter.grads[0][n], np.float64) for n in names}
+        values = {n: np.abs(taken[n]) for n in names}
+        each = {n: g_tol.atol + g_tol.scaled * np.maximum(sizes[n], g_tol.floor) for n in names}
         if optimizer.name == "adam" and optimizer.weight_decay:
+            # L2: the moments take g + λ·p, which may cancel (a float64 AMSGrad run
+            # whose g + λ·p was 1e-3 of |g| + λ·|p| failed at 9 times a bound sized by
+            # the latter; found by the slow sweep), and each backend rounds λ·p and
+            # the sum: up to twice its u times |g| + λ·|p|.
             start = _float64_params(problem)
-            values = {n: values[n] + optimizer.weight_decay * np.abs(start[n]) for n in names}
+            decay = {n: optimizer.weight_decay * start[n] for n in names}
+            taken = {n: taken[n] + decay[n] for n in names}
+            values = {n: values[n] + np.abs(decay[n]) for n in names}
+            each = {n: each[n] + 2 * u * values[n] for n in names}
         # v = (1 - β₂)·g² below the dtype's smallest normal number may be flushed to 0
         # (XLA on the CPU) or kept subnormal (torch): off by up to that number (found
         # in review: a gradient of 4.8e-21 at ε = 1e-19, ratio 99 before).
         tiny = max(float(np.finfo(d).tiny) for d in dtypes)
-        first = (
-            {n: g_tol.atol + g_tol.scaled * np.maximum(sizes[n], g_tol.floor) for n in names},
-            values,
-            tiny,
-        )
+        first = (each, values, tiny, {n: np.abs(taken[n]) for n in names})
     cache[key] = optimizer_bounds(
         optimizer, grad_bounds, grad_max, param_bounds, states, u, first_step_each=first
     )

@@ -307,7 +307,10 @@ def optimizer_bounds(
     param_bounds: list[dict[str, float]],
     states: list[dict[str, dict[str, np.ndarray]]],
     unit_roundoff: float,
-    first_step_each: tuple[dict[str, np.ndarray], dict[str, np.ndarray], float] | None = None,
+    first_step_each: tuple[
+        dict[str, np.ndarray], dict[str, np.ndarray], float, dict[str, np.ndarray]
+    ]
+    | None = None,
 ) -> OptimizerBounds:
     r"""Carry the gradient bound through the optimizer (module docstring, "Optimizers").
 
@@ -320,12 +323,14 @@ def optimizer_bounds(
       states: per step, the float64 optimizer state after the step (Adam's ``m, v``).
       unit_roundoff: ``u₁ + u₂`` of the pair (for Adam's bias corrections).
       first_step_each: for Adam and AdamW, per leaf and element at step 1, the bound
-        on the gradient's difference and ``|g|`` (of the gradient the moments take):
-        Adam divides each element by its own ``√v``, so step 1's update bound
-        follows each element (``δg_e`` and ``|g_e|`` in place of ``G`` and
-        ``max|g|``), and the third item, the smallest normal number of the dtypes,
-        bounds ``v``'s underflow; what it carries to later steps, and their bounds,
-        stay the leaf's, as do the state's bounds.
+        on the gradient's difference and the size ``|g|`` (of the gradient the moments
+        take, ``|g| + λ·|p|`` under L2): Adam divides each element by its own ``√v``,
+        so step 1's update bound follows each element (``δg_e`` and ``|g_e|`` in place
+        of ``G`` and ``max|g|``); the third item, the smallest normal number of the
+        dtypes, bounds ``v``'s underflow; the fourth, per element, the float64 value
+        ``|g + λ·p|`` itself, at which :func:`adam_first_update_slack` is taken. What
+        step 1 carries to later steps, and their bounds, stay the leaf's, as do the
+        state's bounds.
 
     >>> from equiv.optimizers import OptimizerSpec
     >>> b = optimizer_bounds(OptimizerSpec("sgd", learning_rate=0.5, momentum=0.5),
@@ -388,7 +393,7 @@ def optimizer_bounds(
                     # element is small (a tanh run at lr 1.4 saturated by inputs of 500
                     # failed its step 2 with the per-element bound carried; found in
                     # review). Later steps' bounds are the leaf-wide ones.
-                    each, size, underflow = first_step_each
+                    each, size, underflow, value = first_step_each
                     m_el = (1 - b1) * each[n]
                     v_el = (1 - b2) * (2 * size[n] * each[n] + each[n] ** 2) + underflow
                     apart = adam_update_slack(
@@ -396,8 +401,8 @@ def optimizer_bounds(
                     )
                     # Where v cannot underflow, step 1's m and v come from one gradient:
                     # the update is a function of it alone (adam_first_update_slack).
-                    safe = (1 - b2) * (size[n] - each[n]) ** 2 >= underflow
-                    one = adam_first_update_slack(optimizer, size[n], each[n], unit_roundoff)
+                    safe = (1 - b2) * (value[n] - each[n]) ** 2 >= underflow
+                    one = adam_first_update_slack(optimizer, value[n], each[n], unit_roundoff)
                     slack[n] = np.where(safe, np.minimum(one, apart), apart)
             out.params_slack[t] = slack
             out.params_atol[t] = {n: 0.0 for n in names}

@@ -442,3 +442,25 @@ def test_slopes_at_a_kink_in_several_layers_are_bounded_together():
         "port": run_jax_port(problem, scaled, "flax", 0.1),
     }
     assert not compare_trajectories(problem, runs, learning_rate=0.1).agree
+
+
+def test_adams_first_step_bound_is_taken_where_l2_decay_cancels_the_gradient():
+    # Found by the slow breadth sweep: a float64 AMSGrad run with L2 decay 1e-2, whose
+    # g + λ·p cancelled at one element, failed at 9 times Adam's step-1 bound, which
+    # was taken at |g| + λ·|p| (the update's slope falls as its argument grows). The
+    # twin: torch at a decay 10% off still fails.
+    from equiv import REFERENCE, compare_trajectories
+    from equiv.harness import run_torch
+
+    spec = MLPSpec((115, 29, 29, 97), dtype="float64", activation="identity", loss="smooth_l1")
+    rate = 10.0**-2.163984023221814
+    adam = OptimizerSpec("adam", learning_rate=rate, weight_decay=1e-2, amsgrad=True)
+    comparison = compare_backends(spec, batch_size=9, seed=79263, steps=2, optimizer=adam)
+    assert comparison.agree, comparison.report.failure_text()[:2000]
+    other = OptimizerSpec("adam", learning_rate=rate, weight_decay=1.1e-2, amsgrad=True)
+    runs = {
+        "torch": run_torch(comparison.problem, rate, optimizer=other),
+        REFERENCE: comparison.trajectories[REFERENCE],
+    }
+    report = compare_trajectories(comparison.problem, runs, optimizer=adam)
+    assert not report.agree

@@ -272,3 +272,28 @@ def test_adam_epsilon_mistakes_at_torchs_default_are_caught_in_one_step(naive_tx
         assert any(fix in hint for hint in bad.hints()), bad.hints()
     right = optax.adamw(1e-3, eps=1e-8, weight_decay=1e-2)
     assert check_jax_port(model, loss_fn, x, y, optimizer=adamw, port_optimizer=right).agree
+
+
+def test_optax_adamw_default_decay_is_caught_and_named_on_a_wide_model(equiv_seed):
+    # Found in a user trial: optax.adamw(1e-3) (decay 1e-4) for torch's AdamW (1e-2)
+    # passed on 784-wide models: the parameters' bound held c·√k roundings of p per
+    # step, not 3, and Adam's step-1 bound took m and v apart; and no cause was named
+    # (a few elements at rounding level, and optax's float32 bias correction, broke
+    # the decay fit). The twin: the right decay agrees.
+    from equiv import TorchMLP, check_jax_port
+
+    spec = MLPSpec((784, 64, 10), activation="gelu", loss="cross_entropy")
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
+
+    def loss_fn(params, xb, yb):
+        return jax_mlp.loss_fn(params, xb, yb, spec)
+
+    adamw = OptimizerSpec("adamw", learning_rate=1e-3)
+    kw = dict(optimizer=adamw, steps=2)
+    bad = check_jax_port(model, loss_fn, x, y, port_optimizer=optax.adamw(1e-3), **kw)
+    assert not bad.agree and bad.report.worst_ratio > 2, bad.report.worst_ratio
+    assert any("the weight decays differ by -0.0099" in h for h in bad.hints()), bad.hints()
+    right = optax.adamw(1e-3, weight_decay=1e-2)
+    assert check_jax_port(model, loss_fn, x, y, port_optimizer=right, **kw).agree
