@@ -67,16 +67,25 @@ class Layout:
 
     Paths are templates: ``/`` separates nested keys, ``{i}`` is the 1-based layer
     number (torch's ``fc{i}``) and ``{j}`` the 0-based one. ``transpose`` means the
-    JAX side holds weightᵀ, of shape (in, out).
+    JAX side holds weightᵀ, of shape (in, out). ``index_keys`` makes a key that is the
+    layer number alone an int, as the state of an ``nnx.List`` or ``nnx.Sequential``
+    holds it (``nnx.update`` refuses ``"0"`` for ``0``: found in a user trial); either
+    is read.
 
     >>> LAYOUTS["flax"].path("fc2.weight")
     ('Dense_1', 'kernel')
+    >>> listed = Layout("nnx_list", "layers/{j}/kernel", "layers/{j}/bias", True, index_keys=True)
+    >>> listed.path("fc2.weight"), listed.tree_path("fc2.weight")
+    (('layers', '1', 'kernel'), ('layers', 1, 'kernel'))
     """
 
     name: str
     weight_path: str
     bias_path: str
     transpose: bool
+    # How a built tree holds a key, not where a parameter lives: files and paths
+    # ignore it (a file's recorded layout equals the one given with it).
+    index_keys: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.transpose, bool):
@@ -95,6 +104,17 @@ class Layout:
         layer, kind = _TORCH_NAME.fullmatch(torch_name).groups()
         template = self.weight_path if kind == "weight" else self.bias_path
         return tuple(template.format(i=int(layer), j=int(layer) - 1).split("/"))
+
+    def tree_path(self, torch_name: str) -> tuple[str | int, ...]:
+        """:meth:`path` as a tree built in this layout holds it: with ``index_keys``, a
+        key that is the layer number alone is an int."""
+        kind = torch_name.rsplit(".", 1)[1]
+        template = self.weight_path if kind == "weight" else self.bias_path
+        whole = [part in ("{i}", "{j}") for part in template.split("/")]
+        return tuple(
+            int(key) if self.index_keys and alone else key
+            for key, alone in zip(self.path(torch_name), whole, strict=True)
+        )
 
     def torch_name(self, path: tuple[str, ...]) -> str | None:
         """The torch name a JAX path stands for, or None if the layout has no such path."""
@@ -236,7 +256,7 @@ def torch_to_jax(
                 tensor = buffer
         elif copy or not tensor.is_contiguous():
             tensor = tensor.clone(memory_format=torch.contiguous_format)
-        leaves.append((layout.path(name), tensor))
+        leaves.append((layout.tree_path(name), tensor))
     _fill(fills)
     tree: dict[str, Any] = {}
     for path, tensor in leaves:

@@ -319,3 +319,34 @@ def test_equinox_refuses_other_modules():
         "Sequential; for another module pass its Linear layers in order, e.g. "
         "torch_to_equinox(state, [model.layers[0], model.layers[2]])"
     )
+
+
+def test_an_nnx_list_of_linear_layers_takes_a_layout_with_index_keys():
+    # Found in a user trial: a layout "layers/{j}/kernel" builds the keys "0", "1",
+    # which nnx.update refuses for an nnx.List's 0, 1 (KeyError 'Invalid key: 0').
+    # index_keys=True builds ints; the twin: without it nnx.update still refuses.
+    nnx = pytest.importorskip("flax.nnx")
+    from equiv import mlp_from_module
+    from equiv.convert import Layout
+
+    class Listed(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)])
+
+        def __call__(self, x):
+            return self.layers[1](nnx.relu(self.layers[0](x)))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    _, params = mlp_from_module(net)
+    listed = Layout("nnx_list", "layers/{j}/kernel", "layers/{j}/bias", True, index_keys=True)
+    model = Listed(nnx.Rngs(0))
+    nnx.update(model, torch_to_jax(params, layout=listed))
+    for j in (0, 1):  # each layer's kernel is torch's weight transposed, bit for bit
+        kernel = np.asarray(model.layers[j].kernel[...])
+        assert np.array_equal(kernel, params[f"fc{j + 1}.weight"].numpy().T)
+    back = jax_to_torch(nnx.state(model, nnx.Param), layout=listed)
+    assert all(torch.equal(back[name], value) for name, value in params.items())
+    plain = Layout("nnx_list", "layers/{j}/kernel", "layers/{j}/bias", True)
+    with pytest.raises(KeyError):
+        nnx.update(Listed(nnx.Rngs(1)), torch_to_jax(params, layout=plain))
