@@ -526,6 +526,15 @@ def diagnose_optimizer(
       'ignores dampening=0.5'
     """
     variants = optimizer_variants(spec)
+    eps = _fitted_eps(spec, initial, grads[0], params[0]) if params else None
+    if eps is not None:
+        variants.append(
+            OptimizerVariant(
+                f"uses eps={eps:.3g}, not torch's {spec.eps:g} (fitted to its first update): "
+                f"use optax.{spec.name}(..., eps={spec.eps:g})",
+                dataclasses.replace(spec, eps=eps),
+            )
+        )
     if not (variants and params):
         return None
     mundane = [spec]
@@ -617,6 +626,40 @@ def _fitted_learning_rate(spec, initial, grads, after) -> float | None:
         return None
     fitted = spec.learning_rate * float(np.vdot(ours, theirs)) / denom
     return fitted if fitted > 0 and np.isfinite(fitted) else None
+
+
+def _fitted_eps(spec, initial, grads, after) -> float | None:
+    """Adam's ε that explains step 1, or None: there each update is
+    ``lr·g/(|g| + ε)`` (``g + λ·p`` under L2; AdamW first decays ``p`` by ``1 - lr·λ``),
+    so ``ε = |g|·(lr/|Δ| - 1)`` for each element whose update ``|Δ|`` is from 5% to 95%
+    of ``lr``, where it depends on ε; the median of them, to three digits. Found in a
+    user trial: optax.adamw(eps=1e-6) for torch's 1e-8 failed with no cause named.
+
+    >>> spec = OptimizerSpec("adam", learning_rate=0.1)
+    >>> g = {"w": np.array([1e-6, 3e-6, 5e-6, 1.0])}
+    >>> p0 = {"w": np.zeros(4)}
+    >>> p1 = {"w": -0.1 * g["w"] / (np.abs(g["w"]) + 2e-6)}  # eps 2e-6
+    >>> _fitted_eps(spec, p0, g, p1)
+    2e-06
+    """
+    if spec.name not in ("adam", "adamw") or spec.amsgrad:
+        return None
+    lr, lam = spec.learning_rate, spec.weight_decay
+    before, grads, after = _wide(initial), _wide(grads), _wide(after)
+    found = []
+    for name, p in before.items():
+        g = grads[name] + (lam * p if spec.name == "adam" else 0.0)
+        start = p * (1 - lr * lam) if spec.name == "adamw" else p
+        move = np.abs(after[name] - start)
+        useful = (move >= 0.05 * lr) & (move <= 0.95 * lr) & (g != 0)
+        found.append(np.abs(g[useful]) * (lr / move[useful] - 1))
+    fits = np.concatenate(found) if found else np.zeros(0)
+    if fits.size < 3:
+        return None
+    eps = float(f"{float(np.median(fits)):.3g}")
+    if not np.isfinite(eps) or eps <= 0 or abs(eps - spec.eps) <= 0.01 * max(spec.eps, eps):
+        return None
+    return eps
 
 
 def _wide(tree: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

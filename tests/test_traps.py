@@ -181,6 +181,12 @@ OPTIMIZER_TRAPS = [
         "port's updates are torch's sgd misread: it uses nesterov=False",
     ),
     ("weight_decay_ignored", MOM, optax.sgd(0.1, momentum=0.9), "the weight decays differ by -0.1"),
+    (  # another ε (found in a user trial: optax.adamw(eps=1e-6) caught, no cause named)
+        "adam_eps_differs",
+        ADAM_EPS,
+        optax.adam(1e-2, eps=0.1),
+        "port's updates are torch's adam misread: it uses eps=0.1, not torch's 0.001",
+    ),
     (  # optax's eps_root taken for its eps (found in a user trial: caught, no cause named)
         "adam_eps_inside_the_square_root",
         ADAM_EPS,
