@@ -105,6 +105,13 @@ def diagnose_leaf(
         )
     if stage == "params" and before is not None:
         ratio = _ratio(a - before, b - np.asarray(before, np.float64))
+        if ratio is not None and abs(ratio) < 1e-6:
+            return (
+                f"{name}: {first}'s parameters did not move at this step where {second}'s "
+                f"did: {first}'s learning rate is 0 here (a schedule that starts at 0, as "
+                "optax.linear_schedule(0.0, ...) or a warmup does, where torch's optimizer "
+                "takes its learning rate from the first step; or a frozen parameter)."
+            )
         if ratio is not None:
             twice = " (or the step was applied twice)" if abs(ratio - 2) < 1e-3 else ""
             mu = optimizer.momentum if optimizer is not None and optimizer.name == "sgd" else 0

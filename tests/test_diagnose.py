@@ -19,6 +19,16 @@ CASES = [
         dict(name="fc2.weight", actual=W.T, expected=W, stage="params"),
         "forgot to transpose",
     ),
+    (  # a warmup from 0 (a user trial): not "0 times reference's" learning rate
+        "update-zero",
+        dict(name="fc1.bias", actual=G, expected=G - 0.1, stage="params", before=G),
+        "learning rate is 0 here (a schedule that starts at 0",
+    ),
+    (  # the twin: a halved update is still a learning-rate factor
+        "update-half",
+        dict(name="fc1.bias", actual=G - 0.05, expected=G - 0.1, stage="params", before=G),
+        "update is 0.5 times",
+    ),
     (  # the fix names every layout, not flax's alone (an nnx user trial)
         "transpose-any-layout",
         dict(name="fc2.weight", actual=W.T, expected=W, stage="params"),
