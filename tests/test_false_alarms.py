@@ -253,6 +253,29 @@ def test_large_learning_rates_fail_only_where_the_run_overflows_full_sweep(case)
     check_large_lr_case(case, LARGE_LR_FULL)
 
 
+def twin_port_report(comparison, *, factor=1.0, tx=None):
+    """The failing twin of a false-alarm regression: torch and the reference of
+    ``comparison`` against a JAX port on the same problem whose loss is ``factor`` times
+    the model's, trained by ``tx`` (default the comparison's own optimizer)."""
+    from equiv import REFERENCE, compare_trajectories, jax_mlp
+    from equiv.optimizers import make_optax
+    from equiv.port import run_jax_port
+
+    problem, rate, optimizer = comparison.problem, comparison.learning_rate, comparison.optimizer
+    spec = problem.spec
+
+    def loss(p, xb, yb):
+        return jax_mlp.loss_fn(p, xb, yb, spec) * factor
+
+    tx = tx if tx is not None else (make_optax(optimizer) if optimizer else None)
+    runs = {
+        "torch": comparison.trajectories["torch"],
+        REFERENCE: comparison.trajectories[REFERENCE],
+        "port": run_jax_port(problem, loss, "flax", rate, optimizer=tx),
+    }
+    return compare_trajectories(problem, runs, learning_rate=rate, optimizer=optimizer)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def write_figures():
     yield
@@ -308,8 +331,6 @@ def test_every_backends_step_is_sized_at_its_own_parameters():
     import optax
     import torch
 
-    from equiv import REFERENCE, compare_trajectories, jax_mlp
-    from equiv.port import run_jax_port
     from equiv.problem import Problem
 
     spec = MLPSpec((1, 1, 1), activation="tanh")
@@ -324,16 +345,7 @@ def test_every_backends_step_is_sized_at_its_own_parameters():
     adam = OptimizerSpec("adam", learning_rate=1.0)
     comparison = compare_backends(problem=problem, optimizer=adam)
     assert comparison.agree, comparison.report.failure_text()[:2000]
-
-    def loss(p, xb, yb):
-        return jax_mlp.loss_fn(p, xb, yb, spec)
-
-    runs = {
-        "torch": comparison.trajectories["torch"],
-        REFERENCE: comparison.trajectories[REFERENCE],
-        "port": run_jax_port(problem, loss, "flax", 1.0, optimizer=optax.adamw(1.0, 1e-3)),
-    }
-    report = compare_trajectories(problem, runs, learning_rate=1.0, optimizer=adam)
+    report = twin_port_report(comparison, tx=optax.adamw(1.0, 1e-3))
     assert not report.agree and report.worst_ratio > 2, report.worst_ratio
 
 
@@ -345,8 +357,7 @@ def test_a_batch_of_one_example_repeated_is_allowed_its_systematic_rounding():
     # a port whose loss is 1% too large still fails on the same batch.
     import dataclasses
 
-    from equiv import REFERENCE, compare_trajectories, jax_mlp, make_problem
-    from equiv.port import run_jax_port
+    from equiv import make_problem
 
     spec = MLPSpec((3, 4, 2), activation="identity")
     problem = make_problem(spec, batch_size=8192, seed=1)
@@ -356,16 +367,7 @@ def test_a_batch_of_one_example_repeated_is_allowed_its_systematic_rounding():
     assert problem.repeats == 8192
     comparison = compare_backends(problem=problem)
     assert comparison.agree, comparison.report.failure_text()[:2000]
-
-    def loss(p, xb, yb):
-        return jax_mlp.loss_fn(p, xb, yb, spec) * 1.01
-
-    runs = {
-        "torch": comparison.trajectories["torch"],
-        REFERENCE: comparison.trajectories[REFERENCE],
-        "port": run_jax_port(problem, loss, "flax", 0.1),
-    }
-    report = compare_trajectories(problem, runs, learning_rate=0.1)
+    report = twin_port_report(comparison, factor=1.01)
     assert not report.agree and report.worst_ratio > 2, report.worst_ratio
 
 
@@ -395,23 +397,11 @@ def test_optax_huber_backward_cancellation_at_a_large_threshold_is_allowed(loss)
     # threshold, which cancels to q with an error of u·δ: at δ = 1e4 (β for smooth_l1)
     # a correct JAX gradient failed at 92 (114) times a bound that left δ out. The
     # twin: a port whose loss is 10% too large still fails.
-    from equiv import REFERENCE, compare_trajectories, jax_mlp
-    from equiv.port import run_jax_port
-
     threshold = {"huber_delta": 1e4} if loss == "huber" else {"smooth_l1_beta": 1e4}
     spec = MLPSpec((4, 3, 2), activation="tanh", loss=loss, **threshold)
     comparison = compare_backends(spec, batch_size=4, seed=0)
     assert comparison.agree, comparison.report.failure_text()[:2000]
-
-    def scaled(p, xb, yb):
-        return jax_mlp.loss_fn(p, xb, yb, spec) * 1.1
-
-    runs = {
-        "torch": comparison.trajectories["torch"],
-        REFERENCE: comparison.trajectories[REFERENCE],
-        "port": run_jax_port(comparison.problem, scaled, "flax", 0.1),
-    }
-    assert not compare_trajectories(comparison.problem, runs, learning_rate=0.1).agree
+    assert not twin_port_report(comparison, factor=1.1).agree
 
 
 def test_slopes_at_a_kink_in_several_layers_are_bounded_together():
@@ -420,8 +410,7 @@ def test_slopes_at_a_kink_in_several_layers_are_bounded_together():
     # torch's is s. Above MAX_EXHAUSTIVE units the single flips were summed, first
     # order across layers: JAX's 1·1 against torch's s·s failed at 50.5 times the
     # bound. The twin: a port whose loss is 1% too large still fails.
-    from equiv import REFERENCE, compare_trajectories, jax_mlp, make_problem
-    from equiv.port import run_jax_port
+    from equiv import make_problem
     from equiv.problem import Problem
 
     spec = MLPSpec((2, 4, 2, 1), activation="leaky_relu", negative_slope=0.01)
@@ -432,16 +421,7 @@ def test_slopes_at_a_kink_in_several_layers_are_bounded_together():
     comparison = compare_backends(problem=problem)
     assert comparison.report.settings["kinks"] == 6
     assert comparison.agree, comparison.report.failure_text()[:2000]
-
-    def scaled(p, xb, yb):
-        return jax_mlp.loss_fn(p, xb, yb, spec) * 1.01
-
-    runs = {
-        "torch": comparison.trajectories["torch"],
-        REFERENCE: comparison.trajectories[REFERENCE],
-        "port": run_jax_port(problem, scaled, "flax", 0.1),
-    }
-    assert not compare_trajectories(problem, runs, learning_rate=0.1).agree
+    assert not twin_port_report(comparison, factor=1.01).agree
 
 
 def test_adams_first_step_bound_is_taken_where_l2_decay_cancels_the_gradient():

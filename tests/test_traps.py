@@ -244,6 +244,25 @@ def test_one_step_adamw_decay_is_not_called_l2(equiv_seed):
     assert not any("misread" in h for h in Comparison(problem, 1e-2, runs, bad, ADAMW).hints())
 
 
+def _adamw_port_at_torchs_defaults(spec, batch, seed, naive_tx, steps=1):
+    """A torch model of ``spec`` under torch's AdamW defaults (lr 1e-3, ε 1e-8, decay
+    1e-2) against a JAX port of it trained by ``naive_tx``: ``(the comparison, whether
+    the right optax.adamw agrees)``, the twin of each check here."""
+    from equiv import TorchMLP, check_jax_port
+
+    torch.manual_seed(seed)
+    model = TorchMLP(spec)
+    x, y = torch.randn(batch, spec.sizes[0]), torch.randint(0, spec.sizes[-1], (batch,))
+
+    def loss_fn(params, xb, yb):
+        return jax_mlp.loss_fn(params, xb, yb, spec)
+
+    kw = dict(optimizer=OptimizerSpec("adamw", learning_rate=1e-3), steps=steps)
+    bad = check_jax_port(model, loss_fn, x, y, port_optimizer=naive_tx, **kw)
+    right = optax.adamw(1e-3, eps=1e-8, weight_decay=1e-2)
+    return bad, check_jax_port(model, loss_fn, x, y, port_optimizer=right, **kw).agree
+
+
 EPS_ROOT_ADAMW = optax.adamw(1e-3, eps=0.0, eps_root=1e-8, weight_decay=1e-2)
 
 
@@ -260,24 +279,13 @@ def test_adam_epsilon_mistakes_at_torchs_default_are_caught_in_one_step(naive_tx
     # update's bound took each gradient element's error as the leaf's greatest, and Adam
     # divides each element by its own √v: an element 1e-5 of the leaf's largest could
     # move by 2·lr. At step 1 the bound now follows each element. The twin: the right ε.
-    from equiv import TorchMLP, check_jax_port, jax_mlp
-
     spec = MLPSpec((20, 32, 32, 5), activation="gelu", loss="cross_entropy", label_smoothing=0.1)
-    torch.manual_seed(equiv_seed)
-    model = TorchMLP(spec)
-    x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
-
-    def loss_fn(params, xb, yb):
-        return jax_mlp.loss_fn(params, xb, yb, spec)
-
-    adamw = OptimizerSpec("adamw", learning_rate=1e-3)
-    bad = check_jax_port(model, loss_fn, x, y, optimizer=adamw, port_optimizer=naive_tx)
+    bad, right_agrees = _adamw_port_at_torchs_defaults(spec, 16, equiv_seed, naive_tx)
     assert not bad.agree and bad.report.worst_ratio > 2, bad.report.worst_ratio
     if naive_tx is EPS_ROOT_ADAMW:  # the fix names adamw, with its decay (a user trial)
         fix = "use optax.adamw(..., eps=1e-08, eps_root=0.0, weight_decay=0.01)"
         assert any(fix in hint for hint in bad.hints()), bad.hints()
-    right = optax.adamw(1e-3, eps=1e-8, weight_decay=1e-2)
-    assert check_jax_port(model, loss_fn, x, y, optimizer=adamw, port_optimizer=right).agree
+    assert right_agrees
 
 
 def test_optax_adamw_default_decay_is_caught_and_named_on_a_wide_model(equiv_seed):
@@ -286,20 +294,9 @@ def test_optax_adamw_default_decay_is_caught_and_named_on_a_wide_model(equiv_see
     # step, not 3, and Adam's step-1 bound took m and v apart; and no cause was named
     # (a few elements at rounding level, and optax's float32 bias correction, broke
     # the decay fit). The twin: the right decay agrees.
-    from equiv import TorchMLP, check_jax_port
-
     spec = MLPSpec((784, 64, 10), activation="gelu", loss="cross_entropy")
-    torch.manual_seed(equiv_seed)
-    model = TorchMLP(spec)
-    x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
-
-    def loss_fn(params, xb, yb):
-        return jax_mlp.loss_fn(params, xb, yb, spec)
-
-    adamw = OptimizerSpec("adamw", learning_rate=1e-3)
-    kw = dict(optimizer=adamw, steps=2)
-    bad = check_jax_port(model, loss_fn, x, y, port_optimizer=optax.adamw(1e-3), **kw)
+    naive = optax.adamw(1e-3)
+    bad, right_agrees = _adamw_port_at_torchs_defaults(spec, 32, equiv_seed, naive, steps=2)
     assert not bad.agree and bad.report.worst_ratio > 2, bad.report.worst_ratio
     assert any("the weight decays differ by -0.0099" in h for h in bad.hints()), bad.hints()
-    right = optax.adamw(1e-3, weight_decay=1e-2)
-    assert check_jax_port(model, loss_fn, x, y, port_optimizer=right, **kw).agree
+    assert right_agrees
