@@ -556,6 +556,22 @@ def diagnose_optimizer(
         residual = optimizer_residual(OptimizerVariant("", other), initial, grads, params)
         if residual <= 10 * _UPDATE_EXPLAINED:
             return None
+    if spec.name in ("adam", "adamw"):
+        # Along the gradient itself: an SGD chain in place of Adam (a user trial).
+        before = _wide(initial)
+        moves = np.concatenate([(_wide(params[0])[n] - before[n]).ravel() for n in before])
+        slopes = np.concatenate([_wide(grads[0])[n].ravel() for n in before])
+        # Relative to the moves themselves (_ratio scales by the larger of the two,
+        # which a gradient far larger than its update would pass trivially).
+        denom = float(np.vdot(slopes, slopes))
+        along = float(np.vdot(moves, slopes)) / denom if denom > 0 else 0.0
+        off = float(np.max(np.abs(moves - along * slopes), initial=0.0))
+        if along < 0 and np.isfinite(along) and off <= 1e-2 * np.max(np.abs(moves)):
+            return (
+                f"steps along the gradient itself, {-along:.3g}·g at step 1 (SGD), not "
+                f"Adam's m̂/(√v̂ + eps), which moves every element by about the learning "
+                f"rate: use optax.{spec.name}(...)"
+            )
     for variant in variants:
         if optimizer_residual(variant, initial, grads, params) <= _UPDATE_EXPLAINED:
             return variant.what

@@ -181,6 +181,12 @@ OPTIMIZER_TRAPS = [
         "port's updates are torch's sgd misread: it uses nesterov=False",
     ),
     ("weight_decay_ignored", MOM, optax.sgd(0.1, momentum=0.9), "the weight decays differ by -0.1"),
+    (  # an SGD chain for Adam (a user trial: caught, no cause named)
+        "sgd_for_adam",
+        ADAM_EPS,
+        optax.sgd(1e-2, momentum=0.9),
+        "port's updates are torch's adam misread: it steps along the gradient itself",
+    ),
     (  # another ε (found in a user trial: optax.adamw(eps=1e-6) caught, no cause named)
         "adam_eps_differs",
         ADAM_EPS,
