@@ -454,11 +454,22 @@ def adam_bound_ratio(beta1: float, beta2: float, step: int) -> float:
     r"""``R_t ≥ |m̂_t| / √v̂_t`` for any gradients (Cauchy-Schwarz on the two sums):
     ``(1-β₁)/(1-β₁ᵗ)·√(1-β₂ᵗ)·√(Σ_{k<t} β₁^{2k} / ((1-β₂)·β₂ᵏ))``; 1 at step 1.
 
+    With ``β₂ = 0`` (torch takes any β in [0, 1)) ``v̂`` forgets every gradient but the
+    last, and an earlier one in ``m̂`` can be any multiple of it: no bound (found in
+    review, a ZeroDivisionError), unless ``β₁ = 0`` too.
+
     >>> adam_bound_ratio(0.9, 0.999, 1)
     1.0
+    >>> adam_bound_ratio(0.9, 0.0, 2), adam_bound_ratio(0.0, 0.0, 2)
+    (inf, 1.0)
     """
-    total = sum(beta1 ** (2 * k) / ((1 - beta2) * beta2**k) for k in range(step))
-    return (1 - beta1) / (1 - beta1**step) * math.sqrt((1 - beta2**step) * total)
+    terms = []
+    for k in range(step):
+        if beta2**k == 0.0:  # k ≥ 1 at β₂ = 0: a past gradient that v̂ no longer holds
+            terms.append(0.0 if beta1 == 0.0 else math.inf)
+        else:
+            terms.append(beta1 ** (2 * k) / ((1 - beta2) * beta2**k))
+    return (1 - beta1) / (1 - beta1**step) * math.sqrt((1 - beta2**step) * sum(terms))
 
 
 def adam_update_slack(

@@ -499,3 +499,21 @@ def test_repeated_examples_counts_equal_rows_with_equal_labels_only():
     assert derived_tolerance(spec, 4, "grads", 1, ("float32", "float32"), 1) == plain
     three = derived_tolerance(spec, 4, "grads", 1, ("float32", "float32"), 3)
     assert three.scaled == pytest.approx(plain.scaled * (SAFETY * 2 + 3) / (SAFETY * 2))
+
+
+def test_adam_with_beta2_zero_is_compared_not_a_crash():
+    # Found in review: β₂ = 0 (torch takes any β in [0, 1)) divided by zero in Adam's
+    # update cap at step 2. v̂ then holds the last gradient alone, and the cap is
+    # infinite. The twin: torch at β₁ = 0.8 for 0.9 still fails.
+    from equiv import REFERENCE, compare_trajectories
+    from equiv.harness import run_torch
+
+    adam = OptimizerSpec("adam", learning_rate=1e-2, betas=(0.9, 0.0))
+    comparison = compare_backends(MLPSpec((4, 3, 2)), batch_size=4, steps=3, optimizer=adam)
+    assert comparison.agree, comparison.report.failure_text()[:2000]
+    other = OptimizerSpec("adam", learning_rate=1e-2, betas=(0.8, 0.0))
+    runs = {
+        "torch": run_torch(comparison.problem, 1e-2, optimizer=other),
+        REFERENCE: comparison.trajectories[REFERENCE],
+    }
+    assert not compare_trajectories(comparison.problem, runs, optimizer=adam).agree
