@@ -202,7 +202,10 @@ def _decay_difference(
         (k, c), *_ = np.linalg.lstsq(columns, d[near], rcond=None)
         k, c = float(k), float(c)
     near = np.abs(d - k * p - c * step) <= 0.05 * np.abs(k * p) + 4 * 2.0**-24 * np.abs(p)
-    if k == 0.0 or abs(c) > 1e-4 or np.mean(near) < 0.95:
+    # k itself must stand well above that rounding: at k of a few u, elements whose
+    # difference is rounding alone fit any k (found in review: a flushed Adam v was
+    # named a weight decay difference of 1.9e-8).
+    if abs(k) < 40 * 2.0**-24 or abs(c) > 1e-4 or np.mean(near) < 0.95:
         return None
     return k
 

@@ -485,7 +485,9 @@ class Comparison:
                 # learning rate's or the weight decay's (a zero gradient, a
                 # stop_gradient, gives a zero update whatever the learning rate).
                 before = _float64_params(self.problem) if step == 1 else tb.params[step - 2]
-            cause = self._optimizer_cause(a, b) if stage in ("state", "params") else None
+            cause = None
+            if stage in ("state", "params"):
+                cause = self._flushed_second_moment(step, a, b) or self._optimizer_cause(a, b)
             cause = f"{cause} (from step {step} on)" if cause else self._variant_cause(a, b)
             if cause:
                 found_at = (step, rank)
@@ -800,6 +802,42 @@ class Comparison:
             f"{where}. From there the differences are overflow, not evidence about the "
             f"implementations: {fewer}lower the learning rate."
         )
+
+    def _flushed_second_moment(self, step: int, a: str, b: str) -> str | None:
+        """Why Adam's updates of ``a`` and ``b`` differ at ``step`` where one holds
+        ``v = 0`` and the other a ``v`` below the dtype's smallest normal number, or
+        None: XLA flushes subnormal numbers to zero and torch keeps them, and with a
+        tiny ε the update ``m̂/(√v̂ + ε)`` then moves by far more than the learning rate
+        (found in review: gradients of 3e-20 at ε = 1e-20, JAX's update 2.8·lr against
+        torch's 0.74·lr; the hint named a weight decay of 1.9e-8)."""
+        optimizer = resolve_optimizer(self.optimizer, self.learning_rate)
+        if optimizer.name not in ("adam", "adamw"):
+            return None
+        key = "max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"
+        runs = [self.trajectories[name] for name in (a, b)]
+        if not all(run.has_state(step) for run in runs):
+            return None
+        tiny = float(np.finfo(self.problem.spec.dtype).tiny)
+        states = [run.states[step - 1].get(key, {}) for run in runs]
+        for zero, kept, names in ((0, 1, (a, b)), (1, 0, (b, a))):
+            for leaf, v in states[zero].items():
+                other = states[kept].get(leaf)
+                if other is None or np.shape(other) != np.shape(v):
+                    continue
+                flushed = (np.asarray(v) == 0) & (np.asarray(other) > 0) & (other < tiny)
+                if flushed.any():
+                    grad = np.abs(np.asarray(runs[zero].grads[step - 1][leaf], np.float64))
+                    return (
+                        f"{names[0]}'s Adam second moment v is 0 where {names[1]}'s is "
+                        f"{float(np.max(np.asarray(other)[flushed])):.3g}, below "
+                        f"{self.problem.spec.dtype}'s smallest normal number {tiny:.3g} "
+                        f"({leaf}, gradients as small as {float(np.min(grad[flushed])):.3g}): "
+                        "XLA flushes subnormal numbers to zero and torch keeps them, and "
+                        f"with eps = {optimizer.eps:g} the update m̂/(√v̂ + eps) then moves by "
+                        "far more than the learning rate. The dtype's, not the code's: use "
+                        "a larger eps (torch's default is 1e-8) or float64"
+                    )
+        return None
 
     def _adam_underflow(self, step: int) -> str | None:
         """Why Adam's parameters are inf or NaN at ``step`` where the second moment

@@ -460,6 +460,29 @@ def test_adams_second_moment_underflow_is_named_not_blamed_on_the_learning_rate(
     assert compare_backends(problem=problem, optimizer=default).agree
 
 
+def test_a_flushed_adam_second_moment_is_named_not_called_a_weight_decay():
+    # Found in review: gradients of 3e-20 give v = 5.6e-40, subnormal in float32; XLA
+    # flushes it to 0 and at eps = 1e-20 JAX's update was 2.8·lr against torch's
+    # 0.74·lr. The hint named a weight decay of 1.9e-8, fitted to rounding. The twin:
+    # at eps = 1e-8 the same run agrees.
+    from equiv.problem import Problem
+
+    spec = MLPSpec((64, 32, 1, 128), activation="leaky_relu")
+    base = make_problem(spec, batch_size=4, seed=92)
+    params = {k: v * (1e-12 if k.startswith("fc3.") else 1.0) for k, v in base.params.items()}
+    problem = Problem(spec=spec, params=params, batches=base.batches)
+
+    def adam(eps):
+        return OptimizerSpec("adam", learning_rate=0.0342, betas=(0.1, 0.3), eps=eps)
+
+    comparison = compare_backends(problem=problem, optimizer=adam(1e-20))
+    assert not comparison.agree
+    hints = comparison.hints()
+    assert "jax's Adam second moment v is 0 where reference's is" in hints[0], hints
+    assert not any("weight decays differ" in h for h in hints), hints
+    assert compare_backends(problem=problem, optimizer=adam(1e-8)).agree
+
+
 def test_a_relu_run_that_overflows_float64_still_agrees():
     # Loss 1e212 by step 11: the float64 kink envelope overflows (inf - inf = NaN),
     # which once raised "slack must be finite", and the upstream gradient overflows to
