@@ -514,7 +514,10 @@ def adam_update_slack(
         ds = np.where(s > 0, np.minimum(dv / (2 * s), root), root)
     low = np.maximum(s - ds, 0.0) + eps
     rho = 2 * step * unit_roundoff * (b1**step / c1 + 0.5 * b2**step / c2)
-    cap = 2 * lr * adam_bound_ratio(b1, b2, step)
+    # Each update is at most γ·R_t, computed: its bias corrections and few operations
+    # round too (found in review: optax's float32 1 - 0.9999 put an update at
+    # γ·(1 + 8.3e-5), and two of opposite signs 2γ·(1 + 4e-5) apart, past a cap of 2γ).
+    cap = 2 * lr * adam_bound_ratio(b1, b2, step) * (1 + rho + 8 * unit_roundoff)
     with np.errstate(divide="ignore", invalid="ignore"):  # ε = 0 and v̂ within δv̂ of 0
         e = lr * (dm / low + m_hat * ds / (low * low) + m_hat / (s + eps) * rho)
     return np.where(np.isnan(e), cap, np.minimum(e, cap))  # 0/0: any update at all

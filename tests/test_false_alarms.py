@@ -444,3 +444,36 @@ def test_adams_first_step_bound_is_taken_where_l2_decay_cancels_the_gradient():
     }
     report = compare_trajectories(comparison.problem, runs, optimizer=adam)
     assert not report.agree
+
+
+def test_adams_update_cap_allows_the_bias_corrections_rounding():
+    # Found in review: output 0 fitted exactly leaves its weight gradients at rounding
+    # level (5e-10, far above ε = 1e-30), with signs that float32 and float64 disagree
+    # on: the updates are -lr and +lr. optax rounds 1 - 0.9999 in float32, so its
+    # update is lr·(1 + 8.3e-5), and the pair was 2·lr·(1 + 4e-5) apart, past a cap
+    # of exactly 2·lr. The twin: torch at a learning rate 1% off still fails.
+    import torch
+
+    from equiv import REFERENCE, TorchMLP, compare_trajectories, make_problem
+    from equiv.harness import run_torch
+    from equiv.problem import Problem
+
+    spec = MLPSpec((16, 32, 8), activation="tanh")
+    base = make_problem(spec, batch_size=32, seed=0)
+    ((x, _),) = base.batches
+    with torch.no_grad():
+        model = TorchMLP(spec.replace(dtype="float64"))
+        model.load_state_dict({k: v.double() for k, v in base.params.items()})
+        out = model(x.double())
+        y = (out + 3.0).float()  # every output misses its target by 3 ...
+        y[:, 0] = out[:, 0].float()  # ... but output 0, fitted exactly
+    problem = Problem(spec=spec, params=base.params, batches=((x, y),))
+    adam = OptimizerSpec("adam", learning_rate=1e-3, eps=1e-30, betas=(0.9, 0.9999))
+    comparison = compare_backends(problem=problem, optimizer=adam)
+    assert comparison.agree, comparison.report.failure_text()[:2000]
+    other = OptimizerSpec("adam", learning_rate=1.01e-3, eps=1e-30, betas=(0.9, 0.9999))
+    runs = {
+        "torch": run_torch(problem, 1.01e-3, optimizer=other),
+        REFERENCE: comparison.trajectories[REFERENCE],
+    }
+    assert not compare_trajectories(problem, runs, optimizer=adam).agree
