@@ -1465,6 +1465,7 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
         return cache[key]
     spec, names = problem.spec, problem.spec.param_names()
     grad_bounds, grad_max, param_bounds = [], [], []
+    rate = _update_rate(problem, dtypes)
     for step in range(1, problem.steps + 1):
         g_tol = derived_tolerance(spec, problem.batch_size, "grads", step, dtypes, problem.repeats)
         p_tol = derived_tolerance(spec, problem.batch_size, "params", step, dtypes, problem.repeats)
@@ -1493,7 +1494,7 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
                 n: params_tolerance(
                     p_tol,
                     _update_sizes(problem, (arbiter,), n, step, magnitude, optimizer),
-                    _update_rate(problem, dtypes),
+                    rate,
                 ).allowed(0.0, float(np.max(np.abs(arbiter.params[step - 1][n]), initial=0.0)))
                 for n in names
             }
