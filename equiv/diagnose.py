@@ -192,16 +192,20 @@ def _decay_difference(
         return None  # too few elements for a robust fit
     p, d = before[held], diff[held]
     step = np.zeros_like(p) if update is None else np.asarray(update, np.float64)[held]
+
+    def following(k: float, c: float) -> np.ndarray:
+        return np.abs(d - k * p - c * step) <= 0.05 * np.abs(k * p) + 4 * 2.0**-24 * np.abs(p)
+
     # Fitted on the elements that follow it: the median's, then least squares on them.
     k, c = float(np.median(d / p)), 0.0
     for _ in range(2):
-        near = np.abs(d - k * p - c * step) <= 0.05 * np.abs(k * p) + 4 * 2.0**-24 * np.abs(p)
+        near = following(k, c)
         if np.count_nonzero(near) < 20:
             return None
         columns = np.stack([p[near], step[near]], axis=1)
         (k, c), *_ = np.linalg.lstsq(columns, d[near], rcond=None)
         k, c = float(k), float(c)
-    near = np.abs(d - k * p - c * step) <= 0.05 * np.abs(k * p) + 4 * 2.0**-24 * np.abs(p)
+    near = following(k, c)
     # k itself must stand well above that rounding: at k of a few u, elements whose
     # difference is rounding alone fit any k (found in review: a flushed Adam v was
     # named a weight decay difference of 1.9e-8).
