@@ -476,7 +476,9 @@ def test_adams_update_bound_at_eps_zero_allows_any_update_where_v_may_be_zero():
     from equiv.tolerance import adam_bound_ratio, adam_update_slack
 
     adam = OptimizerSpec("adam", learning_rate=0.1, eps=0.0)
-    cap = 2 * 0.1 * adam_bound_ratio(0.9, 0.999, 1)
+    u = 2.0**-24  # the cap counts the bias corrections' rounding, ρ, and 8 more roundings
+    rho = 2 * u * (0.9 / 0.1 + 0.5 * 0.999 / 0.001)
+    cap = 2 * 0.1 * adam_bound_ratio(0.9, 0.999, 1) * (1 + rho + 8 * u)
     m, v = np.array([0.0, 1e-3]), np.array([0.0, 1e-6])
     bound = adam_update_slack(adam, 1, m * 0.1, v * 0.001, 0.0, 1e-12, 2**-24)
     assert bound[0] == cap
