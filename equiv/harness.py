@@ -803,6 +803,16 @@ class Comparison:
             f"implementations: {fewer}lower the learning rate."
         )
 
+    def _adam_second_moment(self) -> tuple[OptimizerSpec, str, float] | None:
+        """For Adam and AdamW: the optimizer, the state that divides its update
+        (``exp_avg_sq``, AMSGrad's ``max_exp_avg_sq``) and the dtype's smallest normal
+        number, below which that state may be flushed; None for other optimizers."""
+        optimizer = resolve_optimizer(self.optimizer, self.learning_rate)
+        if optimizer.name not in ("adam", "adamw"):
+            return None
+        key = "max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"
+        return optimizer, key, float(np.finfo(self.problem.spec.dtype).tiny)
+
     def _flushed_second_moment(self, step: int, a: str, b: str) -> str | None:
         """Why Adam's updates of ``a`` and ``b`` differ at ``step`` where one holds
         ``v = 0`` and the other a ``v`` below the dtype's smallest normal number, or
@@ -810,14 +820,11 @@ class Comparison:
         tiny ε the update ``m̂/(√v̂ + ε)`` then moves by far more than the learning rate
         (found in review: gradients of 3e-20 at ε = 1e-20, JAX's update 2.8·lr against
         torch's 0.74·lr; the hint named a weight decay of 1.9e-8)."""
-        optimizer = resolve_optimizer(self.optimizer, self.learning_rate)
-        if optimizer.name not in ("adam", "adamw"):
-            return None
-        key = "max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"
+        adam = self._adam_second_moment()
         runs = [self.trajectories[name] for name in (a, b)]
-        if not all(run.has_state(step) for run in runs):
+        if adam is None or not all(run.has_state(step) for run in runs):
             return None
-        tiny = float(np.finfo(self.problem.spec.dtype).tiny)
+        optimizer, key, tiny = adam
         states = [run.states[step - 1].get(key, {}) for run in runs]
         for zero, kept, names in ((0, 1, (a, b)), (1, 0, (b, a))):
             for leaf, v in states[zero].items():
@@ -847,11 +854,10 @@ class Comparison:
         ``m̂/(√v̂ + ε)`` is then huge or ``m̂/0`` (found in review: gradients of 1e-21
         at ε = 0 gave inf in both float32 backends; the hint blamed the learning rate).
         """
-        optimizer = resolve_optimizer(self.optimizer, self.learning_rate)
-        if optimizer.name not in ("adam", "adamw"):
+        adam = self._adam_second_moment()
+        if adam is None:
             return None
-        tiny = float(np.finfo(self.problem.spec.dtype).tiny)
-        key = "max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"
+        optimizer, key, tiny = adam
         held, smallest = [], math.inf
         for name, run in self.trajectories.items():
             if name == REFERENCE or not run.has_state(step) or len(run.params) < step:
@@ -1310,12 +1316,14 @@ def compare_trajectories(
                 # without it).
                 local = moved is not None and b == REFERENCE and bool(moved[a][stage])
                 parted = moved is not None and not local and moved[a][stage] and moved[b][stage]
+                # Parted: the float64 rounding of the two float64 steps counts too.
+                bounded = dtypes + (("float64", "float64") if parted else ())
                 tol = fixed or derived_tolerance(
                     problem.spec,
                     problem.batch_size,
                     "grads" if stage == "state" else stage,
                     step,
-                    dtypes + (("float64", "float64") if parted else ()),
+                    bounded,
                     problem.repeats,
                 )
                 if parted and fixed is None:
@@ -1330,9 +1338,7 @@ def compare_trajectories(
                     tol = {name: part[0] for name, part in parts.items()}
                     elementwise = {n: part[1] for n, part in parts.items() if part[1] is not None}
                 elif fixed is None and stage == "params":
-                    rate = _update_rate(
-                        problem, dtypes + (("float64", "float64") if parted else ())
-                    )
+                    rate = _update_rate(problem, bounded)
                     tol = {
                         name: params_tolerance(
                             tol,
@@ -1465,7 +1471,8 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
         return cache[key]
     spec, names = problem.spec, problem.spec.param_names()
     grad_bounds, grad_max, param_bounds = [], [], []
-    rate = _update_rate(problem, dtypes)
+    first_grads = derived_tolerance(spec, problem.batch_size, "grads", 1, dtypes, problem.repeats)
+    rate = first_grads.scaled  # _update_rate
     for step in range(1, problem.steps + 1):
         g_tol = derived_tolerance(spec, problem.batch_size, "grads", step, dtypes, problem.repeats)
         p_tol = derived_tolerance(spec, problem.batch_size, "params", step, dtypes, problem.repeats)
@@ -1510,7 +1517,7 @@ def _optimizer_bounds(problem, optimizer, trajectories, arbiter, dtypes, magnitu
         # element whose gradient is 1e-5 of the leaf's may move by 2·lr, which let ε
         # inside the square root (optax's eps_root) pass at torch's ε = 1e-8 (found in
         # a user trial).
-        g_tol = derived_tolerance(spec, problem.batch_size, "grads", 1, dtypes, problem.repeats)
+        g_tol = first_grads
         taken = {n: np.asarray(arbiter.grads[0][n], np.float64) for n in names}
         values = {n: np.abs(taken[n]) for n in names}
         each = {n: g_tol.atol + g_tol.scaled * np.maximum(sizes[n], g_tol.floor) for n in names}
@@ -1562,13 +1569,9 @@ def analyse_trajectory_kinks(
         dtypes = (dtype, "float64")
         tol = derived_tolerance(spec, problem.batch_size, "params", step - 1, dtypes)
         rate = _update_rate(problem, dtypes)
-        starts = [_float64_params(problem)] + reference_params[: step - 1]
         out = {}
-        for name, v in reference_params[step - 2].items():
-            moves = [
-                float(np.max(np.abs(after[name] - before[name]), initial=0.0))
-                for before, after in itertools.pairwise(starts)
-            ]
+        for name, v in reference.params[step - 2].items():
+            moves = _update_sizes(problem, (reference,), name, step - 1)
             largest = float(np.max(np.abs(v), initial=0.0))
             out[name] = params_tolerance(tol, moves, rate).allowed(0.0, largest)
         return out
@@ -1577,7 +1580,6 @@ def analyse_trajectory_kinks(
         return KinkAnalysis(kinks=[], slack={})
     if reference is None:
         reference = run_reference(problem, learning_rate)
-    reference_params = reference.params
     return analyse_kinks(
         spec,
         problem.params,
@@ -1741,12 +1743,12 @@ def _update_sizes(
     trajectories: Sequence[Trajectory],
     name: str,
     step: int,
-    magnitude: dict,
+    magnitude: dict | None = None,
     optimizer: OptimizerSpec | None = None,
 ) -> list[float]:
     """``max|p_t - p_{t-1}|`` of leaf ``name`` for ``t = 1..step``, the larger of two sides,
-    plus what the gradient's error moves the update by beyond that, in the gradient's
-    terms' sizes ``|g_t|⁺`` against ``max|g_t|``:
+    plus (given the ``magnitude`` sizes) what the gradient's error moves the update by
+    beyond that, in the gradient's terms' sizes ``|g_t|⁺`` against ``max|g_t|``:
 
     * SGD (any momentum, dampening, weight decay): the update is ``lr·g`` plus terms
       that do not depend on this gradient, so ``+ lr·(|g_t|⁺ - max|g_t|)`` (times
@@ -1773,6 +1775,9 @@ def _update_sizes(
                 delta = np.abs(traj.params[t - 1][name].astype(np.float64) - before)
             finite = delta[np.isfinite(delta)]
             size = max(size, float(np.max(finite, initial=0.0)))
+        if magnitude is None:
+            sizes.append(size)
+            continue
         largest, excess = magnitude[("grads", t)][:2]
         if optimizer is None or optimizer.name != "sgd":
             # Relative: the update scales with the gradient.

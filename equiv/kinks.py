@@ -501,7 +501,8 @@ def _example_envelope(p_ref, x, y, spec, zs, b, units):
         # the interval pass bounds every combination at once (found in review: a zero
         # input row with zero biases put every leaky_relu unit of two layers at z = 0,
         # and JAX's slope 1·1 against torch's s·s was 50 times the single flips' sum).
-        for name, extra in _interval_envelope(p_ref, xb, yb, spec, base, units).items():
+        interval = _interval_envelope(p_ref, xb, yb, spec, base, units, grads0)
+        for name, extra in interval.items():
             d_grads[name] = d_grads[name] + extra / batch
     worst, worst_size = None, -1.0
     for subset in subsets:
@@ -519,13 +520,14 @@ def _example_envelope(p_ref, x, y, spec, zs, b, units):
     return d_loss, d_grads, worst
 
 
-def _interval_envelope(p_ref, x, y, spec, base, units) -> dict[str, np.ndarray]:
+def _interval_envelope(p_ref, x, y, spec, base, units, nominal) -> dict[str, np.ndarray]:
     """``|Δgrad|`` bounds for one example over every mask choice at ``units`` at once:
     the backward pass in interval arithmetic (center and radius), each such unit's
     slope the interval between its two sides' and every other slope, the outputs and
     the loss's gradient the base masks' (a flip at a kink moves the forward pass by
     ``O(|z|)`` only, which the single flips beside this count). Sound and loose:
-    intervals forget that one unit's slope is shared by every path through it."""
+    intervals forget that one unit's slope is shared by every path through it.
+    ``nominal``: the example's gradients at the base masks."""
     flipped = [m.copy() for m in base]
     for i, j in units:
         flipped[i][0, j] = not flipped[i][0, j]
@@ -533,7 +535,6 @@ def _interval_envelope(p_ref, x, y, spec, base, units) -> dict[str, np.ndarray]:
     _, _, other = manual._forward(p_ref, x, spec, flipped)
     _, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
     center, radius = np.asarray(dz, np.float64), np.zeros(np.shape(dz))
-    nominal = manual.loss_and_grads(p_ref, x, y, spec, base)[1]
     envelope = {}
     for i in range(spec.num_layers, 0, -1):
         h = x if i == 1 else acts[i - 2][0]

@@ -446,8 +446,16 @@ def adam_first_update_slack(
 
     low = a - d
     spread = unit(a + d) - np.sign(low) * unit(np.abs(low))
-    rho = 2 * unit_roundoff * (b1 / (1 - b1) + 0.5 * b2 / (1 - b2))
+    rho = _bias_correction_rounding(b1, b2, 1, unit_roundoff)
     return lr * (spread + unit(a + d) * (rho + 8 * unit_roundoff))
+
+
+def _bias_correction_rounding(b1: float, b2: float, step: int, unit_roundoff: float) -> float:
+    """``ρ``, the relative error of Adam's update from its bias corrections computed in
+    the backend's precision: ``2·t·u·(β₁ᵗ/(1 - β₁ᵗ) + ½·β₂ᵗ/(1 - β₂ᵗ))`` (β rounded,
+    then ``1 - βᵗ`` cancels; see :func:`adam_update_slack`)."""
+    c1, c2 = 1 - b1**step, 1 - b2**step
+    return 2 * step * unit_roundoff * (b1**step / c1 + 0.5 * b2**step / c2)
 
 
 def adam_bound_ratio(beta1: float, beta2: float, step: int) -> float:
@@ -513,7 +521,7 @@ def adam_update_slack(
         root = np.sqrt(dv)
         ds = np.where(s > 0, np.minimum(dv / (2 * s), root), root)
     low = np.maximum(s - ds, 0.0) + eps
-    rho = 2 * step * unit_roundoff * (b1**step / c1 + 0.5 * b2**step / c2)
+    rho = _bias_correction_rounding(b1, b2, step, unit_roundoff)
     # Each update is at most γ·R_t, computed: its bias corrections and few operations
     # round too (found in review: optax's float32 1 - 0.9999 put an update at
     # γ·(1 + 8.3e-5), and two of opposite signs 2γ·(1 + 4e-5) apart, past a cap of 2γ).
