@@ -17,7 +17,8 @@ difference has the shape of a known trap (see the README's "Numerical traps"):
 * parameter updates that a known misreading of the optimizer reproduces
   (:func:`diagnose_optimizer`): Adam's L2 taken for AdamW's decoupled decay or the
   reverse, weight decay added after the momentum instead of before it, dampening
-  ignored, Nesterov toggled.
+  ignored, Nesterov toggled (SGD) or added (Adam), Adam's ε inside the square root,
+  added before the bias correction (Keras) or of another size.
 
 Each detector returns a one- or two-line hint, or None. Mistakes that change the model
 or its backward pass (the other GELU, a transpose inside the forward pass, a ReLU mask
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -409,17 +410,65 @@ def _float32_representable(a: np.ndarray) -> bool:
 class OptimizerVariant:
     """A known way of getting an optimizer wrong, as an update rule.
 
-    The rule is ``spec``'s update (:func:`equiv.optimizers.manual_update`), then
-    ``decay_after · learning_rate · p`` subtracted: weight decay applied to the update
-    after the momentum rather than to the gradient before it. A nonzero ``eps_root``
-    is Adam's ε moved inside the square root: ``m̂ / √(v̂ + ε)`` for torch's
-    ``m̂ / (√v̂ + ε)`` (optax's ``eps_root`` taken for its ``eps``).
+    The rule is ``rule(spec, params, grads, state, step)`` (by default ``spec``'s own
+    update, :func:`equiv.optimizers.manual_update`; the rules below change Adam's
+    division), then ``decay_after · learning_rate · p`` subtracted: weight decay
+    applied to the update after the momentum rather than to the gradient before it.
     """
 
     what: str
     spec: OptimizerSpec
     decay_after: float = 0.0
-    eps_root: float = 0.0
+    rule: Callable[..., tuple[dict, dict]] = manual_update
+
+
+def _eps_root_rule(eps_root: float) -> Callable[..., tuple[dict, dict]]:
+    """Adam with ``ε`` inside the square root, ``m̂ / √(v̂ + ε)`` for torch's
+    ``m̂ / (√v̂ + ε)`` (optax's ``eps_root`` taken for its ``eps``), by torch's own rule
+    with ``ε = 0``: its second moment is shifted by ``ε·(1 - β₂ᵗ)`` for the step (so
+    that ``√(v̂ + ε) = √((v + ε·(1 - β₂ᵗ)) / (1 - β₂ᵗ))``), and the state kept unshifted.
+    """
+
+    def rule(spec: OptimizerSpec, before, g, state, step: int):
+        shift = eps_root * (1 - spec.betas[1] ** float(step))
+        # manual_update computes v_t = β₂·v + (1 - β₂)·g²: shift the v it starts from.
+        shifted = {
+            **state,
+            "exp_avg_sq": {n: v + shift / spec.betas[1] for n, v in state["exp_avg_sq"].items()},
+        }
+        predicted, new = manual_update(spec, before, g, shifted, step)
+        new["exp_avg_sq"] = {n: v - shift for n, v in new["exp_avg_sq"].items()}
+        return predicted, new
+
+    return rule
+
+
+def _eps_before_correction(spec: OptimizerSpec, before, g, state, step: int):
+    """Adam as Keras (and the Adam paper's "efficient version") writes it: the step
+    size ``lr·√(1 - β₂ᵗ)/(1 - β₁ᵗ)`` times ``m / (√v + ε)``, ``ε`` added before the
+    bias correction. That is torch's ``m̂ / (√v̂ + ε)`` with ``ε / √(1 - β₂ᵗ)`` for ``ε``:
+    31.6 times ``ε`` at step 1 at ``β₂ = 0.999``, shrinking to ``ε`` as ``t`` grows."""
+    wider = dataclasses.replace(spec, eps=spec.eps / math.sqrt(1 - spec.betas[1] ** float(step)))
+    return manual_update(wider, before, g, state, step)
+
+
+def _nesterov_adam(spec: OptimizerSpec, before, g, state, step: int):
+    """Adam with Nesterov momentum, as ``optax.adam(..., nesterov=True)``,
+    ``optax.nadam`` and ``optax.nadamw`` compute it (Dozat 2016): the first moment
+    used is ``β₁·m_t/(1 - β₁ᵗ⁺¹) + (1 - β₁)·g/(1 - β₁ᵗ)``, not ``m_t/(1 - β₁ᵗ)``; the
+    moments themselves are Adam's. 1.47 times Adam's first update at ``β₁ = 0.9``."""
+    _, new = manual_update(spec, before, g, state, step)
+    lr, lam, (beta1, beta2) = spec.learning_rate, spec.weight_decay, spec.betas
+    predicted = {}
+    for name, p in before.items():
+        grad = g[name] + (lam * p if spec.name == "adam" else 0.0)
+        start = p * (1 - lr * lam) if spec.name == "adamw" else p
+        m_hat = beta1 * new["exp_avg"][name] / (1 - beta1 ** (step + 1)) + (1 - beta1) * grad / (
+            1 - beta1**step
+        )
+        v_hat = new["max_exp_avg_sq" if spec.amsgrad else "exp_avg_sq"][name] / (1 - beta2**step)
+        predicted[name] = start - lr * m_hat / (np.sqrt(v_hat) + spec.eps)
+    return predicted, new
 
 
 def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
@@ -429,8 +478,12 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
 
     Example:
       >>> spec = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1)
-      >>> [v.what.split(",")[0] for v in optimizer_variants(spec)]
-      ['decays the weights decoupled', 'puts eps=1e-08 inside the square root']
+      >>> for variant in optimizer_variants(spec):
+      ...     print(variant.what.split(",")[0].split(" (")[0])
+      decays the weights decoupled
+      puts eps=1e-08 inside the square root
+      adds eps=1e-08 before the bias correction
+      uses Nesterov momentum
     """
     lam, mu, variants = spec.weight_decay, spec.momentum, []
     replace = dataclasses.replace
@@ -489,7 +542,31 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
                 + (f", weight_decay={spec.weight_decay:g}" if spec.name == "adamw" else "")
                 + ")",
                 replace(spec, eps=0.0),
-                eps_root=spec.eps,
+                rule=_eps_root_rule(spec.eps),
+            )
+        )
+    if spec.name in ("adam", "adamw") and spec.eps and spec.betas[1] > 0:
+        variants.append(
+            OptimizerVariant(
+                f"adds eps={spec.eps:g} before the bias correction, lr·√(1-β₂ᵗ)/(1-β₁ᵗ)·"
+                f"m/(√v + eps) (Keras's Adam, the Adam paper's efficient version): "
+                f"eps/√(1-β₂ᵗ) in torch's terms, {spec.eps / math.sqrt(1 - spec.betas[1]):.3g}"
+                f" at step 1; torch divides by √v̂ + eps: use optax.{spec.name}(..., "
+                f"eps={spec.eps:g})",
+                spec,
+                rule=_eps_before_correction,
+            )
+        )
+    if spec.name in ("adam", "adamw") and spec.betas[0] > 0:
+        variants.append(
+            OptimizerVariant(
+                f"uses Nesterov momentum (optax.{spec.name}(..., nesterov=True), optax.nadam"
+                f"{'w' if spec.name == 'adamw' else ''}): its first update is "
+                f"{1 + spec.betas[0] / (1 + spec.betas[0]):.4g} times Adam's; torch's "
+                f"{'AdamW' if spec.name == 'adamw' else 'Adam'} has none: use "
+                f"optax.{spec.name}(..., nesterov=False)",
+                spec,
+                rule=_nesterov_adam,
             )
         )
     # A weight decay that is missing or has another value is not a variant: the
@@ -557,11 +634,25 @@ def diagnose_optimizer(
     if spec.momentum:
         mundane.append(dataclasses.replace(spec, momentum=0.0, dampening=0.0, nesterov=False))
     fitted = _fitted_learning_rate(spec, initial, grads[0], params[0])
-    if fitted is not None:
-        mundane.append(dataclasses.replace(spec, learning_rate=fitted))
-    for other in mundane:
+    faster = None if fitted is None else dataclasses.replace(spec, learning_rate=fitted)
+    for other in mundane + ([faster] if faster else []):
         residual = optimizer_residual(OptimizerVariant("", other), initial, grads, params)
         if residual <= 10 * _UPDATE_EXPLAINED:
+            if other is not faster:
+                return None
+            # One step cannot tell a variant whose first update is a multiple of the
+            # optimizer's (Nesterov's: 1.47 times Adam's, 1 + μ times SGD's) from a
+            # learning rate that much larger: name both, or leave it to the learning
+            # rate's hint.
+            for variant in variants:
+                if optimizer_residual(variant, initial, grads, params) <= _UPDATE_EXPLAINED:
+                    factor = fitted / spec.learning_rate
+                    return (
+                        f"moves {factor:.4g} times as far as torch's {spec.name}: its learning "
+                        f"rate is {factor:.4g} times torch's, or it {variant.what} ("
+                        f"{len(params)} step{'s' if len(params) > 1 else ''} cannot tell the "
+                        "two apart, a second step can)"
+                    )
             return None
     if spec.name in ("adam", "adamw"):
         # Along the gradient itself: an SGD chain in place of Adam (a user trial).
@@ -601,10 +692,7 @@ def optimizer_residual(
         g, after = _wide(g), _wide(after)
         if state is None:
             state = manual_init(variant.spec, before)
-        if variant.eps_root:
-            predicted, state = _eps_root_update(variant, before, g, state, step)
-        else:
-            predicted, state = manual_update(variant.spec, before, g, state, step)
+        predicted, state = variant.rule(variant.spec, before, g, state, step)
         lr = variant.spec.learning_rate
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: checked below
             scale = max(float(np.max(np.abs(after[n] - before[n]), initial=0.0)) for n in after)
@@ -626,22 +714,6 @@ def optimizer_residual(
             worst = max(worst, miss / scale)
         before = after
     return worst
-
-
-def _eps_root_update(variant: OptimizerVariant, before, g, state, step: int):
-    """Adam's update with ``ε`` inside the square root, by torch's own rule with ``ε = 0``:
-    its second moment is shifted by ``ε·(1 - β₂ᵗ)`` for the step (so that
-    ``√(v̂ + ε) = √((v + ε·(1 - β₂ᵗ)) / (1 - β₂ᵗ))``), and the state kept unshifted."""
-    eps, beta2 = variant.eps_root, variant.spec.betas[1]
-    shift = eps * (1 - beta2 ** float(step))
-    # manual_update computes v_t = β₂·v + (1 - β₂)·g²: shift the v it starts from.
-    shifted = {
-        **state,
-        "exp_avg_sq": {n: v + shift / beta2 for n, v in state["exp_avg_sq"].items()},
-    }
-    predicted, new = manual_update(variant.spec, before, g, shifted, step)
-    new["exp_avg_sq"] = {n: v - shift for n, v in new["exp_avg_sq"].items()}
-    return predicted, new
 
 
 def _fitted_learning_rate(spec, initial, grads, after) -> float | None:

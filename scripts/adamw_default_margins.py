@@ -2,7 +2,9 @@
 
 torch.optim.AdamW at its defaults (lr 1e-3, ε 1e-8, weight decay 1e-2) against an optax
 port that makes one of the common mistakes: ε inside the square root (optax's
-``eps_root``), another ε (1e-6), or optax.adamw's default decay (1e-4). The model is a
+``eps_root``), another ε (1e-6), optax.adamw's default decay (1e-4), Nesterov momentum
+(``nesterov=True``), or ε added before the bias correction (Adam as Keras writes it,
+by hand in optax). The model is a
 GELU MLP with a label-smoothed cross-entropy loss, ported with ``flax.linen.Dense``
 layers; each row gives the verdict's ratio to the bound (its smallest over the seeds
 for a mistake, its greatest for the right port) and whether the first hint names the
@@ -24,7 +26,36 @@ MISTAKES = {  # name: (optax.adamw keyword arguments, a phrase the first hint mu
     ),
     "eps 1e-6 for 1e-8": (dict(eps=1e-6, weight_decay=1e-2), "uses eps=1e-06"),
     "optax's default decay (1e-4)": (dict(eps=1e-8), "the weight decays differ by -0.0099"),
+    "Nesterov momentum": (dict(eps=1e-8, weight_decay=1e-2, nesterov=True), "Nesterov momentum"),
+    "eps before the bias correction": (dict(keras=True), "before the bias correction"),
 }
+
+
+def keras_adamw(learning_rate, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8):
+    """AdamW with Adam written as Keras writes it: ``lr·√(1-β₂ᵗ)/(1-β₁ᵗ) · m/(√v + ε)``."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+
+    def init(params):
+        zeros = optax.tree.zeros_like(params)
+        return zeros, zeros, jnp.zeros([], jnp.int32)
+
+    def update(grads, state, params):
+        m, v, t = state
+        t = t + 1
+        m = optax.tree.update_moment(grads, m, b1, 1)
+        v = optax.tree.update_moment_per_elem_norm(grads, v, b2, 2)
+        alpha = learning_rate * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree.map(
+            lambda m, v, p: -alpha * m / (jnp.sqrt(v) + eps) - learning_rate * weight_decay * p,
+            m,
+            v,
+            params,
+        )
+        return updates, (m, v, t)
+
+    return optax.GradientTransformation(init, update)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec=spec,
                 steps=args.steps,
                 optimizer=adamw,
-                port_optimizer=optax.adamw(1e-3, **kwargs),
+                port_optimizer=keras_adamw(1e-3)
+                if kwargs.get("keras")
+                else optax.adamw(1e-3, **kwargs),
             )
             hints = report.hints()
             named = phrase is None or bool(hints and phrase in hints[0])

@@ -851,10 +851,15 @@ def test_a_backend_that_overflows_on_the_references_trajectory_is_not_evidence()
     assert [d for d in comparison.leaves_before_limit() if not d.passed] == []
     assert comparison.trajectories["reference"].losses[16] > 1e186
     hints = comparison.hints()
-    assert len(hints) == 2 and hints[0].startswith(
-        "torch holds inf or NaN in its loss at step 17, where the float64 values from its own "
-        "parameters reach 5.31e+186: beyond what float32 holds"
-    ), hints
+    # The float64 size is read back, not written in: this chaotic run amplifies any
+    # change in rounding (5.31e186 when the test was written, 5.26e186 in a fresh
+    # environment of 2026-12-03).
+    held = re.match(
+        r"torch holds inf or NaN in its loss at step 17, where the float64 values from its "
+        r"own parameters reach (\S+): beyond what float32 holds",
+        hints[0],
+    )
+    assert len(hints) == 2 and held and float(held[1]) > 1e186, hints
     compare(16).assert_agree()
 
 

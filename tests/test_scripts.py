@@ -23,4 +23,4 @@ def test_adamw_default_margins_catches_and_names_each_mistake():
     assert lines[1].startswith("  right") and "agrees True" in lines[1]
     for line in lines[2:]:  # every mistake caught and named; the right port agrees
         assert "caught 1/1" in line and line.endswith("named 1/1"), line
-    assert len(lines) == 5
+    assert len(lines) == 7

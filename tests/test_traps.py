@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -101,8 +102,6 @@ def test_gelu_tanh_vs_exact(equiv_seed):
 
         return loss
 
-    import jax  # noqa: PLC0415
-
     runs = {"torch": run_torch(problem, 0.1), REFERENCE: run_reference(problem, 0.1)}
     runs["port"] = run_jax_port(problem, port_loss(True), "flax", 0.1)  # jax.nn.gelu's default
     bad = compare_trajectories(problem, runs, learning_rate=0.1)
@@ -141,6 +140,25 @@ ADAM_L2 = OptimizerSpec("adam", learning_rate=1e-2, weight_decay=0.1)
 ADAMW_DECAY = OptimizerSpec("adamw", learning_rate=1e-2, weight_decay=0.1)
 NESTEROV = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, nesterov=True)
 ADAM_EPS = OptimizerSpec("adam", learning_rate=1e-2, eps=1e-3)
+
+
+def _keras_adam(learning_rate, b1=0.9, b2=0.999, eps=1e-7):
+    """Adam as Keras writes it, by hand: ``lr·√(1-β₂ᵗ)/(1-β₁ᵗ) · m/(√v + ε)``."""
+
+    def init(params):
+        zeros = optax.tree.zeros_like(params)
+        return zeros, zeros, jnp.zeros([], jnp.int32)
+
+    def update(grads, state, params=None):
+        m, v, t = state
+        t = t + 1
+        m = optax.tree.update_moment(grads, m, b1, 1)
+        v = optax.tree.update_moment_per_elem_norm(grads, v, b2, 2)
+        alpha = learning_rate * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        return jax.tree.map(lambda m, v: -alpha * m / (jnp.sqrt(v) + eps), m, v), (m, v, t)
+
+    return optax.GradientTransformation(init, update)
+
 
 OPTIMIZER_TRAPS = [
     # AdamW's decoupled decay: torch 1e-2 vs optax's default 1e-4 differ by 9.9e-3·lr·p.
@@ -198,6 +216,24 @@ OPTIMIZER_TRAPS = [
         ADAM_EPS,
         optax.adam(1e-2, eps=0.0, eps_root=1e-3),
         "port's updates are torch's adam misread: it puts eps=0.001 inside the square root",
+    ),
+    (  # ε added before the bias correction, as Keras does (caught, no cause named before)
+        "adam_eps_before_the_bias_correction",
+        ADAM_EPS,
+        _keras_adam(1e-2, eps=1e-3),
+        "port's updates are torch's adam misread: it adds eps=0.001 before the bias correction",
+    ),
+    (  # Nesterov's Adam (caught, no cause named before)
+        "adamw_with_nesterov",
+        ADAMW_DECAY,
+        optax.adamw(1e-2, weight_decay=0.1, nesterov=True),
+        "port's updates are torch's adamw misread: it uses Nesterov momentum",
+    ),
+    (  # ... named a learning rate 1.474 times torch's before
+        "adam_with_nesterov",
+        ADAM_EPS,
+        optax.nadam(1e-2, eps=1e-3),
+        "port's updates are torch's adam misread: it uses Nesterov momentum",
     ),
 ]
 
@@ -306,3 +342,47 @@ def test_optax_adamw_default_decay_is_caught_and_named_on_a_wide_model(equiv_see
     assert not bad.agree and bad.report.worst_ratio > 2, bad.report.worst_ratio
     assert any("the weight decays differ by -0.0099" in h for h in bad.hints()), bad.hints()
     assert right_agrees
+
+
+@pytest.mark.parametrize(
+    ("spec_opt", "nesterov_tx", "other_lr_tx"),
+    [
+        (ADAM_EPS, optax.nadam(1e-2, eps=1e-3), optax.adam(1.5e-2, eps=1e-3)),
+        (
+            ADAMW_DECAY,
+            optax.nadamw(1e-2, weight_decay=0.1),
+            optax.adamw(1.5e-2, weight_decay=0.1),
+        ),
+        (
+            dataclasses.replace(NESTEROV, nesterov=False),
+            optax.sgd(0.1, 0.9, nesterov=True),
+            optax.sgd(0.15),
+        ),
+    ],
+    ids=["adam", "adamw", "sgd"],
+)
+def test_one_step_nesterov_is_offered_beside_the_learning_rate(
+    spec_opt, nesterov_tx, other_lr_tx, equiv_seed
+):
+    # One step cannot tell Nesterov's first update (1.474 times Adam's, 1 + μ times
+    # SGD's) from a learning rate that much larger: the hint named the learning rate
+    # alone (and none at all beside AdamW's decay, where it can be told apart). Now it
+    # offers both, or Nesterov alone; the twin, another learning rate, offers only that.
+    problem = make_problem(SPEC, batch_size=3, seed=equiv_seed, steps=1)
+    lr = spec_opt.learning_rate
+    runs = {
+        "torch": run_torch(problem, lr, optimizer=spec_opt),
+        REFERENCE: run_reference(problem, lr, optimizer=spec_opt),
+    }
+
+    def hints(tx):
+        runs["port"] = run_jax_port(problem, _mse, "flax", lr, optimizer=tx)
+        bad = compare_trajectories(problem, runs, learning_rate=lr, optimizer=spec_opt)
+        assert not bad.agree
+        return Comparison(problem, lr, dict(runs), bad, spec_opt).hints()
+
+    named = hints(nesterov_tx)
+    assert any("esterov" in h for h in named), named
+    named = hints(other_lr_tx)
+    assert any("the learning rates differ" in h for h in named), named
+    assert not any("esterov" in h for h in named), named
