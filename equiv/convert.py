@@ -45,7 +45,8 @@ import concurrent.futures
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -92,16 +93,69 @@ class Layout:
             raise type_error(
                 f"Layout {self.name!r}: transpose must be True or False, got {self.transpose!r}"
             )
+        for field in ("name", "weight_path", "bias_path"):
+            if not isinstance(getattr(self, field), str):
+                raise type_error(
+                    f"Layout {self.name!r}: {field} must be a str, got "
+                    f"{type(getattr(self, field)).__name__}"
+                )
+        example = "e.g. Layout('mine', 'layer{j}/w', 'layer{j}/b', True)"
         for template in (self.weight_path, self.bias_path):
             if (template.count("{i}") + template.count("{j}")) != 1:
                 raise value_error(
                     f"layout path {template!r} must hold exactly one '{{i}}' (1-based layer) "
-                    "or '{j}' (0-based), e.g. Layout('mine', 'layer{j}/w', 'layer{j}/b', True)"
+                    f"or '{{j}}' (0-based), {example}"
                 )
+            # Found in review: '{k}' failed with KeyError, '{}' with IndexError.
+            rest = template.replace("{i}", "").replace("{j}", "")
+            if "{" in rest or "}" in rest:
+                raise value_error(
+                    f"layout path {template!r} holds a brace other than '{{i}}' or '{{j}}'; "
+                    f"those two are its only fields, {example}"
+                )
+            if "" in template.split("/"):
+                raise value_error(
+                    f"layout path {template!r} has an empty key (a leading, trailing or "
+                    f"doubled '/'), {example}"
+                )
+            if re.search(r"\d\{[ij]\}|\{[ij]\}\d", template):
+                raise value_error(
+                    f"layout path {template!r} puts a digit beside the layer number, so "
+                    f"layer 1's and layer 11's keys can read alike, {example}"
+                )
+        self.check_paths([f"fc{i}.{kind}" for i in (1, 2, 3) for kind in ("weight", "bias")])
+
+    def check_paths(self, torch_names: Sequence[str]) -> None:
+        """Refuse two parameters at one path, or one inside the other's (a leaf where
+        the other needs a dict): a tree in this layout could not hold both. Found in
+        review: ``Layout("s", "p{i}", "p{i}", False)`` silently dropped every weight.
+
+        >>> LAYOUTS["flax"].check_paths(["fc1.weight", "fc1.bias", "fc2.weight"])
+        """
+        paths = {name: self.path(name) for name in torch_names}
+        names = list(paths)
+        for k, first in enumerate(names):
+            for second in names[k + 1 :]:
+                a, b = paths[first], paths[second]
+                short, long = (a, b) if len(a) <= len(b) else (b, a)
+                if long[: len(short)] == short:
+                    raise value_error(
+                        f"layout {self.name!r} puts {first} at {'/'.join(a)} and {second} at "
+                        f"{'/'.join(b)}: "
+                        + ("the same path" if a == b else "one inside the other")
+                        + "; a tree cannot hold both. Give weights and biases paths of "
+                        "their own, e.g. Layout('mine', 'layer{j}/w', 'layer{j}/b', True)"
+                    )
 
     def path(self, torch_name: str) -> tuple[str, ...]:
         """The JAX path of a torch name such as ``fc1.weight``."""
-        layer, kind = _TORCH_NAME.fullmatch(torch_name).groups()
+        match = _TORCH_NAME.fullmatch(torch_name) if isinstance(torch_name, str) else None
+        if match is None:  # found in review: AttributeError on None before
+            raise value_error(
+                f"{torch_name!r} is not a parameter name of equiv's MLP; those are "
+                "fc1.weight, fc1.bias, fc2.weight, ... (1-based layers)"
+            )
+        layer, kind = match.groups()
         template = self.weight_path if kind == "weight" else self.bias_path
         return tuple(template.format(i=int(layer), j=int(layer) - 1).split("/"))
 
@@ -239,6 +293,7 @@ def torch_to_jax(
             "    >>> with jax.enable_x64(True):\n"
             "    ...     params = torch_to_jax(model)"
         )
+    layout.check_paths(spec.param_names())
     leaves, fills = [], []
     for name in spec.param_names():
         tensor = state[name].detach()
@@ -319,6 +374,13 @@ def jax_to_torch(
             "variables dict pass variables['params']"
         )
     flat = _flatten(params)
+    traced = [".".join(p) for p, v in flat.items() if isinstance(v, jax.core.Tracer)]
+    if traced:
+        raise type_error(
+            f"params leaf {traced[0]!r} is traced (jax_to_torch was called inside jax.jit, "
+            "grad or vmap, where arrays have no values yet): convert outside the traced "
+            "function, on the arrays it returns"
+        )
     not_arrays = [
         ".".join(p) for p, v in flat.items() if not isinstance(v, (jax.Array, np.ndarray))
     ]
@@ -691,12 +753,22 @@ def _fill(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 
 def _as_torch(array: jax.Array | np.ndarray) -> torch.Tensor:
-    """A torch view of an array (DLPack or NumPy, no copy): callers copy it."""
+    """A torch view of an array (DLPack or NumPy, no copy): callers copy it.
+
+    An array over several devices (sharded or replicated) has no one buffer to share
+    through DLPack: it is gathered to the host first (found in review: BufferError).
+    """
+    if isinstance(array, jax.Array) and len(array.sharding.device_set) > 1:
+        array = np.asarray(jax.device_get(array))
     if isinstance(array, np.ndarray):
         if any(stride < 0 for stride in array.strides):
             # torch has no negative strides (a reversed view, x[::-1]): one more copy.
             array = np.ascontiguousarray(array)
-        return torch.from_numpy(array)
+        with warnings.catch_warnings():
+            # A read-only array (jax.device_get returns them, found in review) is
+            # only read here: callers copy it, so torch's warning would mislead.
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(array)
     return torch.from_dlpack(array)
 
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,6 +284,42 @@ def test_layout_templates_are_checked(template, message):
     with pytest.raises(ValueError) as info:
         Layout("bad", template, "b{j}", transpose=False)
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("weight", "bias", "message"),
+    [  # found in review: the first dropped every weight, the others crashed deep inside
+        ("p{i}", "p{i}", "puts fc1.weight at p1 and fc1.bias at p1: the same path"),
+        ("l{j}", "l{j}/b", "puts fc1.weight at l0 and fc1.bias at l0/b: one inside the other"),
+        ("l{j}/w", "l{i}/w", "puts fc1.bias at l1/w and fc2.weight at l1/w: the same path"),
+        ("l{j}/{k}", "l{j}/b", "holds a brace other than '{i}' or '{j}'"),
+        ("l{j}/{}", "l{j}/b", "holds a brace other than '{i}' or '{j}'"),
+        ("l{j}//w", "l{j}/b", "has an empty key"),
+        ("l1{i}/w", "l{i}/b", "puts a digit beside the layer number"),
+    ],
+)
+def test_layouts_whose_paths_collide_or_cannot_be_read_are_refused(weight, bias, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Layout("bad", weight, bias, transpose=False)
+    # The twin: paths of their own convert and come back.
+    state = random_state(SPECS["notebook"], 0)
+    layout = Layout("good", "l{j}/w", "l{j}/b", transpose=True)
+    assert_states_identical(jax_to_torch(torch_to_jax(state, layout), layout), state)
+
+
+def test_a_collision_beyond_three_layers_is_refused_at_conversion():
+    # Layer 3's weight and layer 5's bias share "L3_5": only a model that deep meets it.
+    layout = Layout("late", "L3_{i}", "L{i}_5", transpose=False)
+    state = random_state(MLPSpec((2, 2, 2, 2, 2, 2)), 0)
+    with pytest.raises(ValueError, match="puts fc3.bias at L3_5 and fc5.weight at L3_5"):
+        torch_to_jax(state, layout)
+    torch_to_jax(random_state(MLPSpec((2, 2, 2)), 0), layout)  # the twin: two layers
+
+
+def test_a_name_that_is_no_parameter_is_refused_by_path():
+    with pytest.raises(ValueError, match="'foo' is not a parameter name of equiv's MLP"):
+        LAYOUTS["flax"].path("foo")
+    assert LAYOUTS["flax"].path("fc1.bias") == ("Dense_0", "bias")
 
 
 def test_a_layout_transpose_that_is_not_a_bool_is_refused():
@@ -603,3 +645,58 @@ def test_a_cpu_index_beyond_the_cpus_is_refused():
     with pytest.raises(ValueError, match="torch has one CPU device"):
         resolve_device("cpu:1")
     assert torch_device("cpu:0") == torch.device("cpu")
+
+
+def test_arrays_over_several_devices_convert_back():
+    # Found in review: a replicated or sharded array has no one buffer for DLPack
+    # (BufferError). Two host devices need a fresh process.
+    code = """
+import jax, numpy as np, torch
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from equiv.convert import jax_to_torch, torch_to_jax
+assert len(jax.devices()) == 2
+state = {"fc1.weight": torch.randn(4, 2), "fc1.bias": torch.randn(4)}
+params = torch_to_jax(state)
+mesh = Mesh(np.array(jax.devices()), ("d",))
+for spec in (P(), P("d")):  # replicated; the kernel's rows split over the two devices
+    put = {"Dense_0": {
+        "kernel": jax.device_put(params["Dense_0"]["kernel"], NamedSharding(mesh, spec)),
+        "bias": jax.device_put(params["Dense_0"]["bias"], NamedSharding(mesh, spec)),
+    }}
+    assert len(put["Dense_0"]["kernel"].sharding.device_set) == 2
+    back = jax_to_torch(put)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+print("ok")
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_jax_to_torch_inside_a_traced_function_is_refused():
+    params = torch_to_jax(random_state(SPECS["notebook"], 0))
+
+    @jax.jit
+    def traced(p):
+        jax_to_torch(p)
+        return p
+
+    with pytest.raises(TypeError, match="is traced .jax_to_torch was called inside jax.jit"):
+        traced(params)
+    assert set(jax_to_torch(params)) == set(SPECS["notebook"].param_names())  # the twin
+
+
+def test_read_only_numpy_leaves_convert_without_a_warning():
+    # jax.device_get returns read-only arrays; equiv copies them, so torch's "not
+    # writable" warning (found in review) does not apply.
+    state = random_state(SPECS["notebook"], 0)
+    host = jax.device_get(torch_to_jax(state))
+    assert not host["Dense_0"]["kernel"].flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = jax_to_torch(host)
+    assert_states_identical(back, state)
+    back["fc1.weight"].add_(1.0)  # the copy is ours to change; the array is untouched
+    assert np.array_equal(host["Dense_0"]["kernel"], state["fc1.weight"].numpy().T)
