@@ -394,13 +394,6 @@ def jax_to_torch(
     by_name = {layout.torch_name(path): value for path, value in flat.items()}
     if out is not None:
         target = _state_dict(out)
-        if isinstance(out, torch.nn.Module) and "fc1.weight" not in target:
-            # A Linear stack with names of its own (an nn.Sequential's 0.weight): its
-            # layers in order, read and checked as mlp_from_module reads them (one
-            # temporary copy for the check). Found in a user trial: no way back.
-            from equiv.from_module import module_tensors
-
-            target = module_tensors(out)
         check_entries({(n,): t for n, t in target.items()}, LAYOUTS["torch"], spec, what="out")
         tied = overlapping({name: target[name] for name in spec.param_names()})
         if tied:
@@ -533,8 +526,9 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:
                 f"file_layout={name!r} for a file)"
             )
     return (
-        "A torch module with other names (an nn.Sequential's '0.weight') is read by "
-        "equiv.mlp_from_module; a layout of your own is an equiv.Layout"
+        "A torch Linear stack with other names (an nn.Sequential's '0.weight') is read "
+        "when you pass the module itself, or equiv.mlp_from_module(module)[1]; a layout "
+        "of your own is an equiv.Layout"
     )
 
 
@@ -580,9 +574,19 @@ def _dtype(value: Any) -> str:
 
 
 def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """A module's or a mapping's tensors by name, each holding values that can be read."""
+    """A module's or a mapping's tensors by name, each holding values that can be read.
+
+    A module whose names are not equiv's (an ``nn.Sequential``'s ``0.weight``) is read
+    as a Linear stack, its layers in order (:func:`equiv.from_module.module_tensors`,
+    its own tensors under equiv's names): found in user trials, there was no way back
+    into one (``jax_to_torch(..., out=)``) and ``torch_to_equinox`` refused one.
+    """
     if isinstance(obj, torch.nn.Module):
         state = dict(obj.state_dict(keep_vars=True))
+        if "fc1.weight" not in state:
+            from equiv.from_module import module_tensors  # imports this module
+
+            state = module_tensors(obj)
     elif isinstance(obj, Mapping):
         keys = [k for k in obj if not isinstance(k, str)]
         if keys:

@@ -82,6 +82,17 @@ def mlp_from_module(
         hyper-parameters of one activation kind, or a forward pass that the
         reading does not reproduce.
     """
+    spec, layers = _read_stack(module, trainable=True)
+    params = {name: tensor.clone() for name, tensor in _named(layers, spec).items()}
+    if check:
+        _check_forward(module, spec, params)
+    return spec, params
+
+
+def _read_stack(module: nn.Module, *, trainable: bool) -> tuple[MLPSpec, list[nn.Linear]]:
+    """The spec and the Linear layers of a Linear stack, in registration order, or
+    the refusal of what equiv's MLP cannot hold; ``trainable`` also refuses frozen
+    parameters (a training check needs them trainable, a copy into them does not)."""
     if not isinstance(module, nn.Module):
         raise type_error(f"expected a torch.nn.Module, got {type(module).__name__}")
     layers: list[nn.Linear] = []
@@ -90,7 +101,7 @@ def mlp_from_module(
     activations: list[str] = []
     fields: dict[str, float] = {}
     pending: str | None = None
-    _refuse_what_the_mlp_lacks(module)
+    _refuse_what_the_mlp_lacks(module, trainable=trainable)
     for name, child in module.named_modules():
         if list(child.children()):
             continue  # containers: their leaves are visited (a bare Linear is one leaf)
@@ -175,10 +186,7 @@ def mlp_from_module(
         dtype=_DTYPES[dtypes.pop()],
         **fields,
     )
-    params = {name: tensor.clone() for name, tensor in _named(layers, spec).items()}
-    if check:
-        _check_forward(module, spec, params)
-    return spec, params
+    return spec, layers
 
 
 def _named(layers: list[nn.Linear], spec: MLPSpec) -> dict[str, torch.Tensor]:
@@ -202,12 +210,67 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     >>> sorted(tensors), tensors["fc2.weight"].data_ptr() == seq[2].weight.data_ptr()
     (['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight'], True)
     """
-    spec, _ = mlp_from_module(module)  # every refusal, and the forward check
-    layers = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return _named(layers, spec)
+    spec, layers = _read_stack(module, trainable=False)  # frozen layers take copies too
+    tensors = _named(layers, spec)
+    _check_call_order(module, spec, tensors)
+    return tensors
 
 
-def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:
+#: How far a module's output on the probe batch may be from the spec's run on its own
+#: tensors, relative: both compute the same products in the module's dtype and may
+#: sum them in another order (about c·√k·u ≈ 3e-5 per layer in float32 at k = 4096),
+#: while a layer called out of registration order changes the output by O(1).
+_CALL_ORDER_MATCH = 1e-3
+
+
+def _check_call_order(module: nn.Module, spec: MLPSpec, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a module whose forward does not call its layers in registration order,
+    run once on a small probe batch in the module's own dtype, without copying its
+    parameters (found in review: the float64 check of :func:`mlp_from_module` took 11
+    times a 64 MiB model's memory to copy weights into it)."""
+    from equiv.manual import forward  # no import cycle at module level
+
+    if type(module).forward is nn.Module.forward:
+        return  # an nn.ModuleList holds its layers in order and has no forward to check
+    weight = tensors["fc1.weight"]
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
+    probe = probe.to(dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        theirs = _call(module, probe)
+        ours, _ = forward(tensors, probe, spec)
+    scale = float(ours.abs().max()) or 1.0
+    if theirs.shape != ours.shape or float((theirs - ours).abs().max()) > _CALL_ORDER_MATCH * scale:
+        raise value_error(
+            f"{type(module).__name__}'s forward pass is not its Linear layers and "
+            "activations applied in registration order (run on a probe batch, its output "
+            "differs), so equiv cannot tell which of its layers is fc1, fc2, ...: write it "
+            "as an nn.Sequential, or copy into it with load_state_dict under its own names"
+        )
+
+
+def _call(module: nn.Module, probe: torch.Tensor) -> torch.Tensor:
+    """``module(probe)``, or a ``ValueError`` saying why equiv cannot run it: a
+    forward that takes more than the input or returns something other than a tensor
+    (found in review: a raw TypeError from deep inside either)."""
+    try:
+        out = module(probe)
+    except TypeError as exc:
+        raise value_error(
+            f"{type(module).__name__}'s forward cannot be called on one input batch, as "
+            f"equiv calls module(x) to check it: {exc}. Wrap it in a module whose forward "
+            "takes x alone, or pass check=False to mlp_from_module"
+        ) from exc
+    if not isinstance(out, torch.Tensor):
+        raise value_error(
+            f"{type(module).__name__}'s forward returns a {type(out).__name__}, not a "
+            "tensor; equiv's MLP returns its output tensor: wrap the module in one whose "
+            "forward returns the output alone"
+        )
+    return out
+
+
+def _refuse_what_the_mlp_lacks(module: nn.Module, *, trainable: bool = True) -> None:
     """Refuse, by name, what equiv's MLP cannot hold and would silently drop: a layer
     used twice, tied parameters, parameters outside the Linear layers, frozen ones,
     buffers."""
@@ -245,7 +308,7 @@ def _refuse_what_the_mlp_lacks(module: nn.Module) -> None:
                 f"parameter {name!r} belongs to no nn.Linear; equiv's MLP has only the Linear "
                 "layers' weights and biases, so it would be left out of the check"
             )
-        if not param.requires_grad:
+        if trainable and not param.requires_grad:
             raise value_error(
                 f"parameter {name!r} is frozen (requires_grad=False); equiv's MLP trains every "
                 "parameter: unfreeze it, or check the trainable part on its own"
@@ -335,7 +398,7 @@ def _output_and_grads(
     named = dict(model.named_parameters())
     tensors = [named[name] for name in names]
     with torch.enable_grad():
-        out = model(probe.to(device))
+        out = _call(model, probe.to(device))
         grads = torch.autograd.grad((out * projection.to(device)).sum(), tensors, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
     return out.detach().cpu(), [g.cpu() for g in grads]

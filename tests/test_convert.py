@@ -260,14 +260,22 @@ def test_a_sequential_takes_jax_params_back_in_place(layout, equiv_seed):
         jax_to_torch(params, layout=layout, out=seq)
 
 
-def test_module_with_other_names_is_refused():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+def test_module_with_other_names_is_read_as_a_linear_stack():
+    # Found in a user trial: torch_to_equinox refused an nn.Sequential (and so did
+    # torch_to_jax), though jax_to_torch(out=) took one. Any Linear stack is read now.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    _, params = mlp_from_module(model)
+    assert_states_identical(jax_to_torch(torch_to_jax(model)), params)
+    # The twins: a module that is no Linear stack is refused by name; a state_dict
+    # under other names is refused as before, with the way to read it.
+    with pytest.raises(ValueError, match="Dropout"):
+        torch_to_jax(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout()))
     with pytest.raises(ValueError) as info:
-        torch_to_jax(model)
+        torch_to_jax(dict(model.state_dict()))
     assert str(info.value).startswith(
-        "[equiv] state_dict: none of its 2 entries is a parameter of the torch layout"
+        "[equiv] state_dict: none of its 4 entries is a parameter of the torch layout"
     )
-    assert "read by equiv.mlp_from_module" in str(info.value)
+    assert "pass the module itself, or equiv.mlp_from_module(module)[1]" in str(info.value)
     flax_named = {"Dense_0.kernel": torch.ones(4, 3), "Dense_0.bias": torch.ones(3)}
     with pytest.raises(ValueError, match="the names of the 'flax' layout: say so"):
         torch_to_jax(flax_named)

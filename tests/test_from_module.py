@@ -279,3 +279,76 @@ def test_params_that_do_not_fit_the_spec_are_refused():
     spec = equiv.MLPSpec((4, 3, 2))
     with pytest.raises(ValueError, match="params do not fit"):
         equiv.make_problem(spec, params={"fc1.weight": torch.ones(3, 4)})
+
+
+class _Swapped(nn.Module):
+    """Square layers registered a, b but called b, a."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(self.act(self.b(x)))
+
+
+def test_copying_into_a_frozen_stack_needs_no_float64_copy(monkeypatch):
+    # Found in review: jax_to_torch(out=) refused a frozen inference model ("equiv's
+    # MLP trains every parameter") and deep-copied it to float64 to check it (11 times
+    # a 64 MiB model's memory). Copying into one needs neither.
+    from equiv.convert import jax_to_torch, torch_to_jax
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).requires_grad_(False)
+    source = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    monkeypatch.setattr("equiv.from_module.copy.deepcopy", _no_copy)
+    jax_to_torch(torch_to_jax(source), out=net)
+    assert torch.equal(net[2].weight, source[2].weight) and not net[2].weight.requires_grad
+    # The twins: a training check still refuses the frozen model; a forward that calls
+    # its square layers out of registration order is still refused, nothing copied.
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="is frozen"):
+        mlp_from_module(net)
+    swapped = _Swapped()
+    before = swapped.a.weight.clone()
+    square = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="not its Linear layers and activations applied in"):
+        jax_to_torch(torch_to_jax(square), out=swapped)
+    assert torch.equal(swapped.a.weight, before)
+
+
+def _no_copy(*args, **kwargs):
+    raise AssertionError("the module was copied")
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, mask):
+        return self.fc(x) * mask
+
+
+class _ReturnsDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"logits": self.fc(x)}
+
+
+@pytest.mark.parametrize(
+    ("model", "phrase"),
+    [
+        (_TwoInputs(), "forward cannot be called on one input batch"),
+        (_ReturnsDict(), "forward returns a dict, not a tensor"),
+    ],
+)
+def test_a_forward_equiv_cannot_call_is_named(model, phrase):
+    # Found in review: a raw TypeError from the call or from arithmetic on a dict.
+    with pytest.raises(ValueError, match=phrase):
+        mlp_from_module(model)
+    spec, params = mlp_from_module(model, check=False)  # the twin: read unchecked
+    assert spec.sizes == (4, 2) and sorted(params) == ["fc1.bias", "fc1.weight"]

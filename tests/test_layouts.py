@@ -350,3 +350,26 @@ def test_an_nnx_list_of_linear_layers_takes_a_layout_with_index_keys():
     plain = Layout("nnx_list", "layers/{j}/kernel", "layers/{j}/bias", True)
     with pytest.raises(KeyError):
         nnx.update(Listed(nnx.Rngs(1)), torch_to_jax(params, layout=plain))
+
+
+def test_torch_to_equinox_takes_a_sequential():
+    # Found in a user trial: refused ("none of its 6 entries is a parameter of the
+    # torch layout") though jax_to_torch(out=) took the same model back.
+    eqx = pytest.importorskip("equinox")
+    from equiv import mlp_from_module
+    from equiv.convert import equinox_to_torch, torch_to_equinox
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8),
+        torch.nn.GELU(),
+        torch.nn.Linear(8, 8),
+        torch.nn.GELU(),
+        torch.nn.Linear(8, 3),
+    )
+    model = eqx.nn.MLP(4, 3, 8, depth=2, key=jax.random.key(0))
+    _, params = mlp_from_module(net)
+    back = equinox_to_torch(torch_to_equinox(net, model))
+    assert all(torch.equal(back[k], params[k]) for k in params)
+    with pytest.raises(ValueError, match="equinox model"):  # the twin: another shape
+        torch_to_equinox(net, eqx.nn.MLP(4, 3, 9, depth=2, key=jax.random.key(0)))
