@@ -38,6 +38,7 @@ Example (a Flax-layout port of a 4-3-2 ReLU MLP)::
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -290,19 +291,15 @@ def run_jax_port(
     given = params is not None
     if not given:
         params = torch_to_jax(problem.params, layout=layout, spec=spec)
+    params, loss_fn, to_torch, from_torch = _port_tree(params, loss_fn, layout, spec)
     optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
+    out = Trajectory(name, spec.dtype)
+    if given:  # checked before optax sees it: a wrong tree failed inside optimizer.init
+        out.initial = {k: to_numpy(v) for k, v in to_torch(params).items()}
     value_and_grad = jax.value_and_grad(loss_fn)
     state = optimizer.init(params)
-    out = Trajectory(name, spec.dtype)
-    if given:
-        start = jax_to_torch(params, layout=layout, spec=spec)
-        out.initial = {k: to_numpy(v) for k, v in start.items()}
     if jit:
-        out.unjitted = unjitted_replay(
-            value_and_grad,
-            lambda p: torch_to_jax(p, layout=layout, spec=spec),
-            lambda tree: jax_to_torch(tree, layout=layout, spec=spec),
-        )
+        out.unjitted = unjitted_replay(value_and_grad, from_torch, to_torch)
         value_and_grad = jax.jit(value_and_grad)
     for x, y in problem.batches:
         try:
@@ -322,23 +319,66 @@ def run_jax_port(
         params = optax.apply_updates(params, updates)
         out.record(
             loss,
-            jax_to_torch(grads, layout=layout, spec=spec),
-            jax_to_torch(params, layout=layout, spec=spec),
-            _torch_named_state(state_spec, state, layout, spec, out),
+            to_torch(grads),
+            to_torch(params),
+            _torch_named_state(state_spec, state, to_torch, out),
         )
     return out
 
 
-def _torch_named_state(state_spec, state, layout, spec, out: Trajectory) -> dict | None:
+def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
+    """``(the tree differentiated, the loss over it, tree -> torch names, torch names
+    -> tree)`` for a port's params: a tree in ``layout``, or an Equinox model (an
+    ``eqx.nn.MLP``, say) whose ``loss_fn(model, x, y)`` takes the model itself: its
+    arrays are differentiated (``eqx.partition``) and the model rebuilt around them
+    for each call (found in a user trial: a model passed as params failed inside
+    optax, ``zeros_like requires ndarray``)."""
+    if _is_equinox_module(params):
+        import equinox as eqx  # noqa: PLC0415 - an optional extra
+
+        from equiv.convert import equinox_to_torch, torch_to_equinox  # noqa: PLC0415
+
+        if get_layout(layout).name != "equinox":
+            raise value_error(
+                f"params is an Equinox {type(params).__name__}, which holds its weights "
+                f"(out, in) as equinox does, but layout={layout!r}: pass layout='equinox'"
+            )
+        model = params
+        arrays, static = eqx.partition(model, eqx.is_array)
+
+        def model_loss(tree, x, y):
+            return loss_fn(eqx.combine(tree, static), x, y)
+
+        return (
+            arrays,
+            model_loss,
+            lambda tree: equinox_to_torch(tree, spec=spec),
+            lambda state: eqx.partition(torch_to_equinox(state, model, spec=spec), eqx.is_array)[0],
+        )
+    return (
+        params,
+        loss_fn,
+        lambda tree: jax_to_torch(tree, layout=layout, spec=spec),
+        lambda state: torch_to_jax(state, layout=layout, spec=spec),
+    )
+
+
+def _is_equinox_module(value: Any) -> bool:
+    """Whether ``value`` is an ``equinox.Module`` (without importing equinox if the
+    caller has not)."""
+
+    eqx = sys.modules.get("equinox")
+    return eqx is not None and isinstance(value, eqx.Module)
+
+
+def _torch_named_state(state_spec, state, to_torch, out: Trajectory) -> dict | None:
     """The optax state under torch's names, or None where it does not hold
     ``state_spec``'s moments (a chain of your own may keep others, or none, or keep them
     in another dtype: ``mu_dtype=jnp.bfloat16``), said in ``out.state_note``."""
     if state_spec is None or not state_spec.state_names:
         return None
     try:
-        return optax_state_to_torch_names(
-            state_spec, state, lambda tree: jax_to_torch(tree, layout=layout, spec=spec)
-        )
+        return optax_state_to_torch_names(state_spec, state, to_torch)
     except ValueError as error:
         lines = str(error).removeprefix("[equiv] ").splitlines()
         reason = " ".join(line.strip() for line in lines[:2])

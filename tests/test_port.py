@@ -553,3 +553,51 @@ def test_a_port_state_that_cannot_be_compared_is_said_not_dropped_silently(equiv
     assert any(
         d.stage == "state" and "port" in (d.actual, d.expected) for d in report.report.leaves
     )
+
+
+def test_an_equinox_model_is_taken_as_params():
+    # Found in a user trial: an eqx.nn.MLP passed as params failed inside optax
+    # ("zeros_like requires ndarray"). Its loss_fn takes the model itself now.
+    eqx = pytest.importorskip("equinox")
+    import functools
+
+    from equiv import MLPSpec, OptimizerSpec, mlp_from_module
+    from equiv.convert import torch_to_equinox
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    spec = MLPSpec((6, 16, 3), activation="gelu", loss="cross_entropy")
+    adamw = OptimizerSpec("adamw", learning_rate=1e-2)
+
+    def check(approximate, layout="equinox"):
+        gelu = functools.partial(jax.nn.gelu, approximate=approximate)
+        shell = eqx.nn.MLP(6, 3, 16, depth=1, activation=gelu, key=jax.random.key(0))
+        model = torch_to_equinox(mlp_from_module(net)[1], shell)
+
+        def loss_fn(model, xb, yb):
+            logits = jax.vmap(model)(xb)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        return check_jax_port(
+            net,
+            loss_fn,
+            x,
+            y,
+            layout=layout,
+            params=model,
+            spec=spec,
+            optimizer=adamw,
+            port_optimizer=optax.adamw(1e-2, weight_decay=1e-2),
+            steps=3,
+        )
+
+    right = check(approximate=False)
+    right.assert_agree()
+    assert "state_not_compared" not in right.report.settings  # AdamW's moments compared too
+    assert any(d.stage == "state" for d in right.report.leaves)
+    bad = check(approximate=True)  # the twin: jax.nn.gelu's default is caught and named
+    assert not bad.agree
+    assert any("approximate=False" in h for h in bad.hints()), bad.hints()
+    with pytest.raises(ValueError, match="pass layout='equinox'"):
+        check(approximate=False, layout="flax")
