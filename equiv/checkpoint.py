@@ -1,16 +1,23 @@
 """Checkpoints: safetensors for both sides, torch ``.pt``/``.pth`` without unpickling code.
 
 A file holds one MLP's parameters under the names of one layout (see
-:mod:`equiv.convert`) and records that layout in its metadata
-(``"equiv.layout"``, with its paths, so that a :class:`~equiv.convert.Layout` of
-your own reads back too), so a file written from torch loads into JAX and back. A
-safetensors file without that entry (written by another tool) is read in the
-layout the caller names with ``file_layout`` (``"torch"`` by default). Everything
-read is checked before it is returned: names, shapes and dtypes, every problem
-named in one ``ValueError``.
+:mod:`equiv.convert`), each a JAX path's keys joined with ``.`` (``Dense_0.kernel``)
+and read back by matching the whole name against the layout's paths (a key may
+hold a ``.`` itself; a layout whose joined paths would collide is refused when
+saving). The file records that layout in its metadata (``"equiv.layout"``, with
+its paths, so that a :class:`~equiv.convert.Layout` of your own reads back too), so
+a file written from torch loads into JAX and back. A safetensors file without that
+entry (written by another tool) is read in the layout the caller names with
+``file_layout`` (``"torch"`` by default); ``file_layout`` never overrides what a
+file records: metadata that is damaged, or that no name of the file matches, is
+reported as damage. Everything read is checked before it is returned: names,
+shapes and dtypes, every problem named in one ``ValueError``.
 
 Torch pickles (``.pt``, ``.pth``) are read only with ``torch.load(weights_only=True)``,
 which refuses any object but tensors and plain containers: a pickle can run code.
+Tensors without dense values (sparse, nested, on the meta device) are refused,
+reading or writing; a tensor that is a view of a larger storage is copied out of
+it, since ``torch.save`` writes (and ``torch.load`` keeps) the whole storage.
 
 Writes go to a temporary file in the destination's folder, flushed to disk and
 renamed over the destination with ``os.replace``: a failed write leaves the old
@@ -28,16 +35,17 @@ Example:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import torch
 
-from equiv._messages import PREFIX, type_error, value_error
+from equiv._messages import PREFIX, message, type_error, value_error
 from equiv.convert import (
     LAYOUTS,
     Layout,
@@ -57,6 +65,14 @@ LAYOUT_KEY = "equiv.layout"
 _LAYOUT_FIELDS = ("weight_path", "bias_path", "transpose")
 _SAFETENSORS = (".safetensors",)
 _PICKLES = (".pt", ".pth")
+# What a file's layout metadata can get wrong: a template torch cannot fill in
+# (KeyError "{k}", IndexError "{}", AttributeError "{i.x}", TypeError "{i[0]}",
+# ValueError "{i:q}" or Layout's own checks).
+_DAMAGE = (KeyError, IndexError, AttributeError, TypeError, ValueError)
+_DENSE_ADVICE = (
+    "tensor.to_dense() for a sparse one; a module on the meta device needs "
+    "module.to_empty(device='cpu') and its weights loaded first"
+)
 
 PathLike = str | os.PathLike
 
@@ -74,11 +90,19 @@ def save_torch(
 
     Raises:
       TypeError: not a module or a state_dict of tensors.
-      ValueError: the parameters do not form an MLP (or ``spec``), or the suffix is
-        neither ``.safetensors``, ``.pt`` nor ``.pth``.
+      ValueError: the parameters do not form an MLP (or ``spec``), a tensor is sparse,
+        nested or on the meta device, or the suffix is neither ``.safetensors``,
+        ``.pt`` nor ``.pth``.
+      OSError: ``path`` cannot be written (see :func:`equiv.files.atomic_path`).
     """
     kind = _kind(path, _SAFETENSORS + _PICKLES)
     state = _state_dict(module_or_state_dict)
+    problems = _without_dense_values(state)
+    if problems:
+        raise value_error(
+            f"cannot write {os.fspath(path)}: {problems}; pass dense tensors with values "
+            f"({_DENSE_ADVICE})"
+        )
     if spec is None:
         spec = module_spec(module_or_state_dict)
     spec = check_entries(
@@ -87,6 +111,8 @@ def save_torch(
     tensors, seen = {}, set()
     for n in spec.param_names():
         tensor = state[n].detach().cpu().contiguous()
+        if kind in _PICKLES:
+            tensor = _owning(tensor)
         # safetensors refuses tensors that share memory (tied weights): each entry of
         # the file is its own copy, as it is when read back.
         if tensor.untyped_storage().data_ptr() in seen:
@@ -144,8 +170,9 @@ def save_jax(
 
     Raises:
       TypeError: ``params`` is not a mapping of JAX or NumPy arrays.
-      ValueError: the tree does not match ``layout`` (or ``spec``), or the suffix is
-        not ``.safetensors``.
+      ValueError: the tree does not match ``layout`` (or ``spec``), the layout's paths
+        would not read back apart from a file (joined with ``.``, two keys are one),
+        or the suffix is not ``.safetensors``.
     """
     _kind(path, _SAFETENSORS)
     layout = get_layout(layout)
@@ -156,10 +183,14 @@ def save_jax(
     if bad:
         raise type_error(f"params leaves must be JAX or NumPy arrays; not: {', '.join(bad)}")
     spec = check_entries(flat, layout, spec, what=f"{layout.name}-layout params")
-    arrays = {}
-    for name in spec.param_names():
-        key = layout.path(name)
-        arrays[".".join(key)] = np.ascontiguousarray(jax.device_get(flat[key]))
+    clash = _key_clash(layout, spec.param_names())
+    if clash:
+        raise value_error(f"cannot write {os.fspath(path)}: {clash}")
+    keyed = _keyed(layout)
+    arrays = {
+        keyed.path(name)[0]: np.ascontiguousarray(jax.device_get(flat[layout.path(name)]))
+        for name in spec.param_names()
+    }
     import safetensors.numpy
 
     with atomic_path(path) as tmp:
@@ -181,21 +212,113 @@ def _recorded_layout(
     if name is None:
         return None
     fields = {field: metadata.get(f"{LAYOUT_KEY}.{field}") for field in _LAYOUT_FIELDS}
-    if None not in fields.values() and fields["transpose"] in ("True", "False"):
-        try:
-            return Layout(
-                name, fields["weight_path"], fields["bias_path"], fields["transpose"] == "True"
-            )
-        except ValueError as exc:
-            reason = str(exc).removeprefix(PREFIX)
-            raise value_error(f"{shown} records a damaged layout {name!r}: {reason}") from None
-    if name in LAYOUTS:
-        return LAYOUTS[name]
-    if given is not None and given.name == name:
-        return given
+    if all(value is None for value in fields.values()):  # the name alone
+        if name in LAYOUTS:
+            return LAYOUTS[name]
+        if given is not None and given.name == name:
+            return given
+        raise value_error(
+            f"{shown} records layout {name!r} but not its paths: pass "
+            f"file_layout=Layout({name!r}, ...) with the paths it was written with"
+        )
+    try:
+        return _layout_from_fields(name, fields)
+    except _DAMAGE as exc:
+        reason = (
+            str(exc).removeprefix(PREFIX)
+            if isinstance(exc, ValueError)
+            else f"{type(exc).__name__}: {exc}"
+        )
+        raise value_error(
+            f"{shown} records a damaged layout {name!r}: {reason}. Rewrite the file with "
+            "equiv.save_torch or equiv.save_jax"
+        ) from None
+
+
+def _layout_from_fields(name: str, fields: Mapping[str, str | None]) -> Layout:
+    """The :class:`Layout` a file's metadata defines, checked to read its own
+    parameters back; raises one of ``_DAMAGE`` if the definition is damaged."""
+    missing = [f"{LAYOUT_KEY}.{field}" for field, value in fields.items() if value is None]
+    if missing:
+        raise ValueError(f"it has no {', '.join(missing)}")
+    if fields["transpose"] not in ("True", "False"):
+        raise ValueError(f"its transpose is {fields['transpose']!r}, not 'True' or 'False'")
+    paths = fields["weight_path"], fields["bias_path"]
+    layout = Layout(name, *paths, fields["transpose"] == "True")
+    try:
+        clash = _key_clash(layout, ("fc1.weight", "fc1.bias"))
+    except _DAMAGE as exc:
+        raise ValueError(
+            f"its paths {paths[0]!r} and {paths[1]!r} cannot be filled in with a layer "
+            f"number ({type(exc).__name__}: {exc})"
+        ) from None
+    if clash:
+        raise ValueError(clash)
+    return layout
+
+
+def _keyed(layout: Layout) -> Layout:
+    """``layout`` as a file holds it: each path's keys joined with ``.`` into one key
+    (``Dense_{j}/kernel`` is ``Dense_{j}.kernel``), so that a file's key is matched
+    whole against the templates, never split on a ``.`` that a key itself holds.
+
+    >>> _keyed(Layout("d", "block.{j}/kernel", "block.{j}/bias", True)).path("fc2.bias")
+    ('block.1.bias',)
+    """
+    return dataclasses.replace(
+        layout,
+        weight_path=layout.weight_path.replace("/", "."),
+        bias_path=layout.bias_path.replace("/", "."),
+    )
+
+
+def _key_clash(layout: Layout, names: Iterable[str]) -> str | None:
+    """Why ``layout``'s file keys for ``names`` would not read back as those names
+    (two paths joined into one key), or None when every one does.
+
+    >>> clash = _key_clash(Layout("x", "a.{i}", "a/{i}", False), ["fc1.weight", "fc1.bias"])
+    >>> "fc1.bias is stored as 'a.1', which reads back as fc1.weight" in clash
+    True
+    >>> _key_clash(Layout("y", "a.{i}", "a{i}/b", False), ["fc1.weight", "fc1.bias"]) is None
+    True
+    """
+    keyed = _keyed(layout)
+    clashes = [
+        f"{name} is stored as {key!r}, which reads back as {keyed.torch_name((key,)) or 'nothing'}"
+        for name in names
+        for (key,) in [keyed.path(name)]
+        if keyed.torch_name((key,)) != name
+    ]
+    if not clashes:
+        return None
+    return (
+        f"the {layout.name!r} layout's paths do not read back from a file, which joins a "
+        f"path's keys with '.': {'; '.join(clashes)}; choose paths that stay apart when joined"
+    )
+
+
+def _refuse_disagreeing_names(
+    keys: list[str], recorded: Layout, given: Layout | None, shown: str
+) -> None:
+    """A ``ValueError`` if none of a file's keys is a name of the layout it records:
+    its metadata and its names disagree, and no argument can settle which is right."""
+    keyed = _keyed(recorded)
+    if not keys or any(keyed.torch_name((key,)) for key in keys):
+        return  # some or all match: check_entries names any others
+    theirs = next(
+        (n for n, other in LAYOUTS.items() if all(_keyed(other).torch_name((k,)) for k in keys)),
+        None,
+    )
+    found = ", ".join(map(repr, keys[:3])) + (", ..." if len(keys) > 3 else "")
+    names = f"the names of the {theirs!r} layout" if theirs else "names of another layout"
+    read_as = f"file_layout={theirs!r}" if theirs else "file_layout=Layout(...) naming its paths"
+    override = " (file_layout does not override what a file records)" if given else ""
     raise value_error(
-        f"{shown} records layout {name!r} but not its paths: pass file_layout=Layout({name!r}, "
-        "...) with the paths it was written with"
+        f"{shown} records layout {recorded.name!r}, but its entries ({found}) have {names}: "
+        f"its metadata and its names disagree, as in a damaged or hand-edited file{override}. "
+        "Repair it: rewrite its tensors without metadata, safetensors.torch.save_file("
+        f"safetensors.torch.load_file(path), path), read that with {read_as}, and save "
+        "it again with equiv.save_torch or equiv.save_jax"
     )
 
 
@@ -232,9 +355,14 @@ def load_jax(
 
 
 def _read(path: PathLike, file_layout: str | Layout | None) -> tuple[dict, Layout]:
-    """The file's tensors keyed by JAX path, and the layout they are in."""
+    """The file's tensors keyed by ``(file key,)``, and the layout they are in, as
+    the file holds it (:func:`_keyed`)."""
     kind = _kind(path, _SAFETENSORS + _PICKLES)
     shown = os.fspath(path)
+    if os.path.isdir(shown):
+        raise IsADirectoryError(
+            message(f"{shown} is a folder, not a checkpoint file: give the path of a file")
+        )
     if kind in _PICKLES:
         return {(n,): t for n, t in _read_pickle(shown).items()}, LAYOUTS["torch"]
     from safetensors import SafetensorError, safe_open
@@ -249,6 +377,8 @@ def _read(path: PathLike, file_layout: str | Layout | None) -> tuple[dict, Layou
         raise value_error(f"{shown} is not a readable safetensors file: {exc}") from exc
     given = None if file_layout is None else get_layout(file_layout)
     recorded = _recorded_layout(metadata, given, shown)
+    if recorded is not None:
+        _refuse_disagreeing_names(list(tensors), recorded, given, shown)
     if recorded is not None and given is not None and given != recorded:
         # Names tell built-in layouts apart; two definitions under one name need more.
         show = repr if given.name == recorded.name else (lambda layout: repr(layout.name))
@@ -256,13 +386,8 @@ def _read(path: PathLike, file_layout: str | Layout | None) -> tuple[dict, Layou
             f"{shown} records layout {show(recorded)}, but file_layout={show(given)} was "
             "given; drop file_layout to use the recorded one"
         )
-    layout = recorded or given or LAYOUTS["torch"]
-    split = (
-        (lambda key: (key,))
-        if "/" not in layout.weight_path
-        else (lambda key: tuple(key.split(".")))
-    )
-    return {split(key): t for key, t in tensors.items()}, layout
+    layout = _keyed(recorded or given or LAYOUTS["torch"])
+    return {(key,): t for key, t in tensors.items()}, layout
 
 
 def _read_pickle(path: str) -> dict[str, torch.Tensor]:
@@ -301,13 +426,51 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
             f"{', '.join(f'{k!r} ({type(k).__name__})' for k in keys[:6])}; equiv reads "
             "parameters by name ('fc1.weight', ...)"
         )
+    problems = _without_dense_values(loaded)
+    if problems:
+        raise value_error(
+            f"{path} holds {problems}; equiv reads dense tensors with values: save them so "
+            f"({_DENSE_ADVICE})"
+        )
     # torch.save keeps ties: tensors that shared memory when saved share it when
     # loaded, so an in-place update of one would change the others. Untie them.
     storages = collections.Counter(t.untyped_storage().data_ptr() for t in loaded.values())
     return {
-        name: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else t
+        name: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else _owning(t)
         for name, t in loaded.items()
     }
+
+
+def _without_dense_values(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The tensors that hold no dense values to read (sparse of any layout, nested,
+    on the meta device), named with what they are; empty when there are none.
+
+    >>> _without_dense_values({"a": torch.zeros(2).to_sparse(), "b": torch.zeros(2)})
+    "tensors without dense values: 'a' (sparse_coo)"
+    """
+    problems = []
+    for name, tensor in tensors.items():
+        if tensor.is_nested:
+            problems.append(f"{name!r} (nested)")
+        elif tensor.layout != torch.strided:
+            problems.append(f"{name!r} ({str(tensor.layout).removeprefix('torch.')})")
+        elif tensor.device.type == "meta":
+            problems.append(f"{name!r} (on the meta device)")
+    return f"tensors without dense values: {', '.join(problems)}" if problems else ""
+
+
+def _owning(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when it is a view of a larger storage: ``torch.save``
+    writes a tensor's whole storage (a slice of a flat buffer would write all of
+    it), and a loaded view would keep all of it alive.
+
+    >>> flat = torch.zeros(1000)
+    >>> _owning(flat[:12]).untyped_storage().nbytes(), _owning(flat) is flat
+    (48, True)
+    """
+    if tensor.storage_offset() or tensor.untyped_storage().nbytes() > tensor.nbytes:
+        return tensor.clone()
+    return tensor
 
 
 def _kind(path: PathLike, allowed: tuple[str, ...]) -> str:

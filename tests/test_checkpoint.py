@@ -491,3 +491,271 @@ def test_empty_files_bad_layouts_and_half_precision_are_explained(tmp_path):
     )
     with pytest.raises(ValueError, match="float32 and float64 only, not float16: convert"):
         load_torch(half)
+
+
+# ---------------------------------------------------------------------------
+# Review fixes: views of larger buffers, tensors without dense values, layout
+# metadata that disagrees with the names or is damaged, layouts whose keys hold
+# a ".", folders given as files
+
+
+def _views_of_one_buffer(spec: MLPSpec, seed: int) -> dict[str, torch.Tensor]:
+    """The parameters of ``spec`` as views of one large flat buffer (as a flat
+    parameter buffer or ``torch.split`` hands them out)."""
+    flat = torch.randn(1_000_000, generator=torch.Generator().manual_seed(seed))
+    state, start = {}, 0
+    for name, shape in spec.param_shapes().items():
+        size = int(np.prod(shape))
+        state[name] = flat[start : start + size].view(shape)
+        start += size
+    return state
+
+
+def _stored_bytes(path) -> int:
+    """The bytes of tensor data a ``torch.save`` file holds (its ``data/`` entries)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return sum(i.file_size for i in archive.infolist() if "/data/" in i.filename)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_views_of_a_large_buffer_are_written_without_the_buffer(suffix, tmp_path, equiv_seed):
+    # Before, torch.save wrote each view's whole storage: 4 MB for 23 parameters.
+    views = _views_of_one_buffer(SPEC, equiv_seed)
+    save_torch(views, tmp_path / f"views{suffix}")
+    assert _stored_bytes(tmp_path / f"views{suffix}") == 23 * 4
+    loaded = load_torch(tmp_path / f"views{suffix}")
+    assert_states_identical(loaded, views)
+    assert loaded["fc1.weight"].untyped_storage().nbytes() == 12 * 4
+    # The twin: an ordinary state_dict makes a file of the same size.
+    save_torch({n: t.clone() for n, t in views.items()}, tmp_path / f"plain{suffix}")
+    assert os.path.getsize(tmp_path / f"views{suffix}") == os.path.getsize(
+        tmp_path / f"plain{suffix}"
+    )
+
+
+def test_an_ordinary_state_dict_is_handed_to_torch_save_uncopied(tmp_path, monkeypatch):
+    state = random_state(SPEC, 0)
+    handed = {}
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: handed.update(obj) or real_save(obj, f))
+    save_torch(state, tmp_path / "mlp.pt")
+    assert {n: t.data_ptr() for n, t in handed.items()} == {
+        n: t.data_ptr() for n, t in state.items()
+    }
+    handed.clear()
+    save_torch(_views_of_one_buffer(SPEC, 0), tmp_path / "views.pt")
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in handed.values())
+
+
+def test_a_view_in_an_outside_pt_file_loads_without_its_buffer(tmp_path, monkeypatch):
+    # A plain torch.save of one view keeps its whole buffer; load_torch copies the view
+    # out, and hands every other tensor on as torch.load made it.
+    state = random_state(SPEC, 0)
+    state["fc1.weight"] = _views_of_one_buffer(SPEC, 0)["fc1.weight"]
+    torch.save(state, tmp_path / "view.pt")
+    raw = {}
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: raw.update(real_load(*a, **k)) or raw)
+    loaded = load_torch(tmp_path / "view.pt")
+    assert_states_identical(loaded, state)
+    assert raw["fc1.weight"].untyped_storage().nbytes() == 4_000_000  # the trap is real
+    assert loaded["fc1.weight"].untyped_storage().nbytes() == 12 * 4
+    assert all(loaded[n] is raw[n] for n in ("fc1.bias", "fc2.weight", "fc2.bias"))
+
+
+_NO_DENSE_VALUES = {
+    "meta": (lambda t: torch.empty_like(t, device="meta"), "on the meta device"),
+    "sparse_coo": (lambda t: t.to_sparse(), "sparse_coo"),
+    "sparse_csr": (lambda t: t.to_sparse_csr(), "sparse_csr"),
+    "sparse_bsr": (lambda t: t.to_sparse_bsr((1, 1)), "sparse_bsr"),
+    "nested": (lambda t: torch.nested.nested_tensor([t]), "nested"),
+}
+_BETA = pytest.mark.filterwarnings(
+    "ignore:Sparse (CSR|BSR|CSC) tensor support is in beta:UserWarning",
+    "ignore:The PyTorch API of nested tensors is in prototype:UserWarning",
+)
+
+
+@_BETA
+@pytest.mark.parametrize("kind", list(_NO_DENSE_VALUES))
+def test_a_pt_file_without_dense_values_is_refused_by_name(kind, tmp_path):
+    # Before, meta tensors loaded without a word and sparse ones raised
+    # NotImplementedError from the untying step.
+    make, what = _NO_DENSE_VALUES[kind]
+    state = random_state(SPEC, 0)
+    path = tmp_path / "odd.pt"
+    torch.save({**state, "fc1.weight": make(state["fc1.weight"])}, path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path)
+    assert str(info.value) == (
+        f"[equiv] {path} holds tensors without dense values: 'fc1.weight' ({what}); equiv "
+        "reads dense tensors with values: save them so (tensor.to_dense() for a sparse one; "
+        "a module on the meta device needs module.to_empty(device='cpu') and its weights "
+        "loaded first)"
+    )
+    with pytest.raises(ValueError, match="without dense values"):
+        load_jax(path)
+    # The twin: the same file with dense tensors (what the advice says) loads.
+    torch.save(state, path)
+    assert_states_identical(load_torch(path), state)
+
+
+@_BETA
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("kind", [k for k in _NO_DENSE_VALUES if k != "meta"])
+def test_saving_tensors_without_dense_values_is_refused_by_name(kind, suffix, tmp_path):
+    # Before: RuntimeError "unsupported memory format option Contiguous" (sparse) or
+    # "NestedTensorImpl doesn't support sizes". Meta tensors were refused already.
+    make, what = _NO_DENSE_VALUES[kind]
+    state = random_state(SPEC, 0)
+    path = tmp_path / f"mlp{suffix}"
+    with pytest.raises(ValueError) as info:
+        save_torch({**state, "fc2.weight": make(state["fc2.weight"])}, path)
+    assert str(info.value) == (
+        f"[equiv] cannot write {path}: tensors without dense values: 'fc2.weight' ({what}); "
+        "pass dense tensors with values (tensor.to_dense() for a sparse one; a module on "
+        "the meta device needs module.to_empty(device='cpu') and its weights loaded first)"
+    )
+    assert os.listdir(tmp_path) == []
+    if kind != "nested":  # the twin: the advice, followed, is accepted
+        save_torch({**state, "fc2.weight": make(state["fc2.weight"]).to_dense()}, path)
+        assert_states_identical(load_torch(path), state)
+
+
+def test_saving_meta_tensors_stays_refused(tmp_path):
+    state = {n: torch.empty_like(t, device="meta") for n, t in random_state(SPEC, 0).items()}
+    for suffix in (".safetensors", ".pt"):
+        with pytest.raises(ValueError, match="'fc1.weight' is on the meta device"):
+            save_torch(state, tmp_path / f"mlp{suffix}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_metadata_that_disagrees_with_the_names_is_reported_as_damage(tmp_path):
+    # Before, load_torch(path) advised file_layout='torch', and load_torch(path,
+    # file_layout='torch') advised dropping it: a circle.
+    import safetensors.numpy
+
+    state = random_state(SPEC, 0)
+    path = tmp_path / "m.safetensors"
+    arrays = {n: t.numpy() for n, t in state.items()}
+    safetensors.numpy.save_file(arrays, path, metadata={checkpoint.LAYOUT_KEY: "flax"})
+    repair = (
+        "Repair it: rewrite its tensors without metadata, safetensors.torch.save_file("
+        "safetensors.torch.load_file(path), path), read that with file_layout='torch', "
+        "and save it again with equiv.save_torch or equiv.save_jax"
+    )
+    headline = (
+        f"[equiv] {path} records layout 'flax', but its entries ('fc1.bias', 'fc1.weight', "
+        "'fc2.bias', ...) have the names of the 'torch' layout: its metadata and its "
+        "names disagree, as in a damaged or hand-edited file"
+    )
+    for load in (load_torch, load_jax):
+        with pytest.raises(ValueError) as info:
+            load(path)
+        assert str(info.value) == f"{headline}. {repair}"
+    with pytest.raises(ValueError) as info:
+        load_torch(path, file_layout="torch")
+    assert str(info.value) == (
+        f"{headline} (file_layout does not override what a file records). {repair}"
+    )
+    # The twin: the repair, followed, reads the file.
+    safetensors.torch.save_file(safetensors.torch.load_file(path), path)
+    assert_states_identical(load_torch(path, file_layout="torch"), state)
+
+
+_INTACT = {"weight_path": "Dense_{j}/kernel", "bias_path": "Dense_{j}/bias", "transpose": "True"}
+_DAMAGED = {
+    "unknown field": ({"weight_path": "Dense_{j}/{k}"}, "(KeyError: 'k')"),
+    "positional field": ({"weight_path": "Dense_{j}/{}"}, "(IndexError: "),
+    "indexed field": ({"bias_path": "Dense_{j}/{i[0]}"}, "(TypeError: "),
+    "attribute field": ({"bias_path": "Dense_{j}/{i.x}"}, "(AttributeError: "),
+    "no layer field": ({"weight_path": "{}"}, "layout path '{}' must hold exactly one"),
+    "one path twice": ({"bias_path": "Dense_{j}/kernel"}, "fc1.bias is stored as"),
+    "bad transpose": ({"transpose": "yes"}, "its transpose is 'yes', not 'True' or 'False'"),
+    "missing path": ({"bias_path": None}, "it has no equiv.layout.bias_path"),
+}
+
+
+@pytest.mark.parametrize("case", list(_DAMAGED))
+def test_damaged_layout_metadata_is_one_error_naming_the_file(case, tmp_path):
+    # Before: KeyError: 'k' (or IndexError, TypeError...) out of load_jax, or a
+    # damaged definition silently replaced by the built-in layout of its name.
+    change, reason = _DAMAGED[case]
+    params = torch_to_jax(random_state(SPEC, 0), layout="flax")
+    path = tmp_path / "mlp.safetensors"
+    save_jax(params, path, layout="flax")
+    tensors = safetensors.torch.load_file(path)
+    fields = {**_INTACT, **change}
+    metadata = {checkpoint.LAYOUT_KEY: "flax"} | {
+        f"{checkpoint.LAYOUT_KEY}.{field}": value
+        for field, value in fields.items()
+        if value is not None
+    }
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    for load in (load_jax, load_torch):
+        with pytest.raises(ValueError) as info:
+            load(path)
+        text = str(info.value)
+        assert text.startswith(f"[equiv] {path} records a damaged layout 'flax': "), text
+        assert reason in text and text.endswith(
+            ". Rewrite the file with equiv.save_torch or equiv.save_jax"
+        )
+    # The twin: the intact definition reads back.
+    intact = {f"{checkpoint.LAYOUT_KEY}.{f}": v for f, v in _INTACT.items()}
+    safetensors.torch.save_file(tensors, path, metadata={checkpoint.LAYOUT_KEY: "flax", **intact})
+    assert_trees_identical(load_jax(path), params)
+
+
+ROUND_TRIP_LAYOUTS = [
+    *LAYOUTS.values(),
+    Layout("odd", "w{i}", "b/{i}", False),  # weight and bias nested differently
+    Layout("dotted", "block.{j}/kernel", "block.{j}/bias", True),  # a key holding "."
+    Layout("listed", "layers/{j}/kernel", "layers/{j}/bias", True, index_keys=True),
+]
+
+
+@pytest.mark.parametrize("layout", ROUND_TRIP_LAYOUTS, ids=lambda layout: layout.name)
+def test_every_layout_save_jax_accepts_reads_back(layout, tmp_path, equiv_seed):
+    # Before, the odd and dotted layouts saved, then failed to load ("unexpected: 'b.1'").
+    state = random_state(MLPSpec((4, 3, 3, 2)), equiv_seed)
+    params = torch_to_jax(state, layout=layout)
+    path = tmp_path / "mlp.safetensors"
+    save_jax(params, path, layout=layout)
+    assert_trees_identical(load_jax(path, layout=layout), params)
+    assert_states_identical(load_torch(path), state)  # from what the file records
+
+
+def test_a_layout_whose_paths_join_into_one_key_is_refused_when_saving(tmp_path):
+    # Before, "a.1" was written once for two parameters: the file silently lost one.
+    clashing = Layout("x", "a.{i}", "a/{i}", False)
+    state = random_state(SPEC, 0)
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(ValueError) as info:
+        save_jax(torch_to_jax(state, layout=clashing), path, layout=clashing)
+    assert str(info.value) == (
+        f"[equiv] cannot write {path}: the 'x' layout's paths do not read back from a "
+        "file, which joins a path's keys with '.': fc1.bias is stored as 'a.1', which "
+        "reads back as fc1.weight; fc2.bias is stored as 'a.2', which reads back as "
+        "fc2.weight; choose paths that stay apart when joined"
+    )
+    assert os.listdir(tmp_path) == []
+    apart = Layout("y", "a.{i}", "a{i}/b", False)  # the twin: keys "a.1" and "a1.b"
+    save_jax(torch_to_jax(state, layout=apart), path, layout=apart)
+    assert_states_identical(load_torch(path), state)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_loading_a_folder_is_refused_by_name(suffix, tmp_path):
+    # Before: "No such device (os error 19)" from safetensors.
+    folder = tmp_path / f"dir{suffix}"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        load_torch(folder)
+    assert str(info.value) == (
+        f"[equiv] {folder} is a folder, not a checkpoint file: give the path of a file"
+    )
+    path = tmp_path / f"file{suffix}"  # the twin: a file of that suffix loads
+    save_torch(random_state(SPEC, 0), path)
+    assert_states_identical(load_torch(path), random_state(SPEC, 0))
