@@ -30,7 +30,7 @@ from typing import Any
 
 from equiv._messages import PREFIX, message
 from equiv.activations import ACTIVATIONS
-from equiv.files import atomic_path, create_beside
+from equiv.files import atomic_path, create_beside, read_only
 from equiv.harness import BACKENDS, compare_backends
 from equiv.losses import LOSSES
 from equiv.optimizers import OPTIMIZERS, OptimizerSpec
@@ -384,7 +384,7 @@ def check_writable(path: str, option: str = "--json") -> None:
         ) from None
     os.close(probe[0])
     os.unlink(probe[1])
-    if os.path.exists(target) and not os.access(target, os.W_OK):
+    if os.path.exists(target) and read_only(target):
         raise UsageError(f"{option} {path!r} is read-only")
 
 

@@ -363,6 +363,14 @@ def test_a_link_into_a_missing_folder_or_a_read_only_file_fails_before_running(
     )
     assert main(["--json", str(locked)]) == 2
     assert capsys.readouterr().err.strip().endswith("is read-only")
+    # Without write permission bits, refused before running for root too (whom
+    # os.access lets write anything: found in review, the whole run went first).
+    monkeypatch.setattr(os, "access", real_access)
+    bare = tmp_path / "bare.json"
+    bare.write_text("{}")
+    bare.chmod(0o444)
+    assert main(["--json", str(bare)]) == 2
+    assert capsys.readouterr().err.strip().endswith("is read-only")
 
 
 def test_a_closed_output_pipe_keeps_the_verdict_as_exit_status(tmp_path, monkeypatch):
