@@ -282,12 +282,22 @@ def _key_clash(layout: Layout, names: Iterable[str]) -> str | None:
     >>> _key_clash(Layout("y", "a.{i}", "a{i}/b", False), ["fc1.weight", "fc1.bias"]) is None
     True
     """
-    keyed = _keyed(layout)
+    names = list(names)
+    try:
+        read_back = _keyed(layout).torch_name
+    except ValueError:
+        # Joined, two paths are one (Layout refuses that): the first name holding a
+        # key is what reading it gives.
+        joined = {name: ".".join(layout.path(name)) for name in names}
+
+        def read_back(path: tuple[str, ...]) -> str | None:
+            return next((n for n in names if joined[n] == path[0]), None)
+
     clashes = [
-        f"{name} is stored as {key!r}, which reads back as {keyed.torch_name((key,)) or 'nothing'}"
+        f"{name} is stored as {key!r}, which reads back as {read_back((key,)) or 'nothing'}"
         for name in names
-        for (key,) in [keyed.path(name)]
-        if keyed.torch_name((key,)) != name
+        for key in [".".join(layout.path(name))]
+        if read_back((key,)) != name
     ]
     if not clashes:
         return None
