@@ -113,7 +113,7 @@ class LeafDiff:
         >>> print(d.describe())
         grads at step 1, fc1.bias, shape (2,), float64: jax vs torch
           Mismatched elements: 1 / 2 (50.0%)
-          Greatest absolute difference: 0.5 at index (1,) (up to 0.1 allowed)
+          Greatest absolute difference: 0.5 at index (1,) (0.1 allowed there)
           Greatest relative difference: 0.2 at index (1,)
           Ratio to the bound: 5 (bound: atol=0.1, rtol=0)
         """
@@ -123,10 +123,14 @@ class LeafDiff:
             f"{self.actual} vs {self.expected}",
             f"  Mismatched elements: {self.mismatched} / {self.numel} ({percent:.1f}%)",
             f"  Greatest absolute difference: {self.max_abs:.6g} at index "
-            f"{self.max_abs_index} (up to {self.allowed:.3g} allowed)",
+            f"{self.max_abs_index} ({self.allowed:.3g} allowed there)",
             f"  Greatest relative difference: {self.max_rel:.6g} at index {self.max_rel_index}",
             f"  Ratio to the bound: {self.ratio:.3g}"
-            + ("" if self.ratio_index is None else f" at index {self.ratio_index}")
+            + (
+                ""
+                if self.ratio_index is None
+                else f" at index {self.ratio_index}, where the bound is tighter"
+            )
             + f" (bound: {self.tolerance.describe()})",
         ]
         if self.nonfinite_mismatched:
@@ -648,6 +652,7 @@ class Report:
 
     def assert_agree(self) -> None:
         """Raise ``AssertionError`` naming every failing leaf; return None if all agree."""
+        __tracebackhide__ = True  # pytest shows the caller's line and this message only
         if not self.agree:
             raise AssertionError(self.failure_text())
 

@@ -422,6 +422,7 @@ class Comparison:
     def assert_agree(self) -> None:
         """Raise ``AssertionError`` listing every failing leaf, then the arbiter's
         verdict, then the known causes the failing leaves point to (:meth:`hints`)."""
+        __tracebackhide__ = True  # pytest shows the caller's line and this message only
         if not self.agree:
             verdict = self.arbiter_verdict()
             text = self.report.failure_text()
@@ -1179,6 +1180,7 @@ def compare_backends(
 def assert_backends_agree(spec: MLPSpec | None = None, **kwargs) -> Comparison:
     """:func:`compare_backends`, raising ``AssertionError`` with the full report
     when any leaf disagrees; returns the comparison when all agree."""
+    __tracebackhide__ = True
     comparison = compare_backends(spec, **kwargs)
     comparison.assert_agree()
     return comparison

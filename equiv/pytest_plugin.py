@@ -47,6 +47,7 @@ def assert_equivalent(equiv_seed: int):
 
     @functools.wraps(assert_backends_agree)
     def check(spec=None, **kwargs):
+        __tracebackhide__ = True  # a failure shows the test's line and the report
         kwargs.setdefault("seed", equiv_seed)
         return assert_backends_agree(spec, **kwargs)
 

@@ -106,7 +106,7 @@ def test_failure_block_lines():
     assert d.describe().splitlines() == [
         "grads at step 2, fc1.weight, shape (2, 2), float32: jax vs torch",
         "  Mismatched elements: 1 / 4 (25.0%)",
-        "  Greatest absolute difference: 0.5 at index (1, 0) (up to 0.25 allowed)",
+        "  Greatest absolute difference: 0.5 at index (1, 0) (0.25 allowed there)",
         "  Greatest relative difference: 0.142857 at index (1, 0)",
         "  Ratio to the bound: 2 (bound: atol=0.25, rtol=0)",
     ]
@@ -122,8 +122,10 @@ def test_the_ratio_is_located_where_it_is_not_the_greatest_difference():
         name="b",
     )
     lines = d.describe().splitlines()
-    assert lines[2] == "  Greatest absolute difference: 0.1 at index (0,) (up to 0.55 allowed)"
-    assert lines[4].startswith("  Ratio to the bound: inf at index (2,) (bound: ")
+    assert lines[2] == "  Greatest absolute difference: 0.1 at index (0,) (0.55 allowed there)"
+    assert lines[4].startswith(
+        "  Ratio to the bound: inf at index (2,), where the bound is tighter (bound: "
+    )
     d = compare_leaf(np.array([1.0, 3.0]), np.array([1.0, 2.0]), Tolerance(atol=0.5))
     assert d.describe().splitlines()[4] == "  Ratio to the bound: 2 (bound: atol=0.5, rtol=0)"
     # A zero bound: every difference's ratio is inf, the greatest difference's included.
