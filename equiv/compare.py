@@ -140,8 +140,9 @@ class LeafDiff:
             )
         if self.ambiguous:
             lines.append(
-                f"  Within the slack only: {self.ambiguous} elements (a unit near a kink, or "
-                "Adam's update where a gradient element is near rounding level)"
+                f"  Within the slack only: {self.ambiguous} elements (a unit near a kink, "
+                "Adam's update where a gradient element is near rounding level, or two "
+                "trajectories that parted)"
             )
         return "\n".join(lines)
 

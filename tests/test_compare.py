@@ -210,8 +210,8 @@ def test_slack_accepts_and_counts_ambiguous_elements():
     assert (strict.passed, strict.ambiguous) == (False, 0)
     assert (eased.passed, eased.ambiguous, eased.allowed) == (True, 1, 0.6)
     assert eased.describe().splitlines()[-1] == (
-        "  Within the slack only: 1 elements (a unit near a kink, or Adam's update where a "
-        "gradient element is near rounding level)"
+        "  Within the slack only: 1 elements (a unit near a kink, Adam's update where a "
+        "gradient element is near rounding level, or two trajectories that parted)"
     )
     assert "Ambiguous" not in strict.describe()
 

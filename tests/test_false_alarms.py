@@ -385,6 +385,14 @@ def test_an_overflowed_kink_envelope_leaves_the_other_allowances_standing():
     with np.errstate(all="ignore"):
         comparison = compare_backends(spec, batch_size=1, seed=4, steps=4, learning_rate=0.1)
         assert comparison.agree, comparison.report.failure_text()[:2000]
+        # A parted pair's bound says it holds their separation (a user trial read a
+        # ratio of 0.9997 there as a near false alarm); the twin: step 1's does not.
+        said = {
+            d.step
+            for d in comparison.report.leaves
+            if "the trajectories' separation" in d.tolerance.describe()
+        }
+        assert said and 1 not in said, said
         runs = dict(comparison.trajectories)
         runs["torch"] = run_torch(comparison.problem, 0.101)
         report = compare_trajectories(comparison.problem, runs, learning_rate=0.1)
