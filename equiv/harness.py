@@ -510,6 +510,8 @@ class Comparison:
                     learning_rate=self.learning_rate,
                     optimizer=resolve_optimizer(self.optimizer, self.learning_rate),
                     step=step,
+                    # The loss of this step failed too, with no cause found there.
+                    loss_differs=(step, order["loss"], a, b) in groups,
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []

@@ -165,7 +165,8 @@ def test_a_gradient_that_is_zero_on_one_side_only_is_named():
     assert hint == (
         "fc1.bias: port's gradient is zero where torch's is not: in port the loss does not "
         "reach this parameter (left unused or replaced by a constant, or cut off by "
-        "stop_gradient or detach)."
+        "stop_gradient or detach) or does not change with it (a log_softmax over the batch "
+        "axis, not the classes', cancels the output layer's bias)."
     )
     # The twin: both zero, or neither (a tenth of it: a constant factor), names no cut.
     assert diagnose_leaf("fc1.bias", np.zeros(4), np.zeros(4), stage="grads") is None
@@ -417,3 +418,29 @@ def test_adam_moments_off_together_name_a_scaled_gradient_or_a_doubled_update():
     beta = {"exp_avg.fc1.bias": m, "exp_avg_sq.fc1.bias": 20 * v}
     (hint,) = diagnose_trees(beta, expected, ["exp_avg_sq.fc1.bias"], **kwargs)
     assert hint.endswith("port's β₂ is 0.98, not 0.999."), hint
+
+
+def test_a_gradient_zero_to_rounding_on_one_side_is_not_a_factor():
+    # Found in a user trial: a port's fc3.bias gradient at 2.4e-9 of the reference's
+    # (log_softmax over the batch axis) was "a factor -2.423e-09 ... these leaves' own
+    # backward". A side at rounding level is a zero, named as such; the twin: a factor
+    # 1e-3 is still a factor.
+    tiny = 2.4e-9 * np.cos(np.arange(4.0))
+    hint = diagnose_leaf("fc3.bias", tiny, G, stage="grads", names=("port", "reference"))
+    assert hint.startswith("fc3.bias: port's gradient is zero (to rounding: at most "), hint
+    assert "times" not in hint and "own backward" not in hint
+    hint = diagnose_leaf("fc3.bias", G, tiny, stage="grads", names=("port", "reference"))
+    assert hint.startswith("fc3.bias: reference's gradient is zero (to rounding"), hint
+    assert "1000 times" in diagnose_leaf("fc3.bias", G, G / 1e3, stage="grads", names=("p", "r"))
+    # Not a factor at the other stages either (no hint rather than "1e-09 times").
+    assert diagnose_leaf("fc3.bias", 1e-9 * G, G, stage="state") is None
+
+
+def test_a_factor_in_some_gradients_only_where_the_loss_differs_too_is_not_named():
+    # The loss differing with no cause found: a factor in fc1.weight's gradient alone
+    # is a consequence of the loss, not evidence about its own backward (which the
+    # hint would send the user to). The twin, the loss agreeing, is named (above).
+    expected = {"fc1.weight": W, "fc1.bias": G}
+    actual = {**expected, "fc1.weight": W / 2}
+    assert diagnose_trees(actual, expected, ["fc1.weight"], stage="grads", loss_differs=True) == []
+    assert diagnose_trees(actual, expected, ["fc1.weight"], stage="grads", loss_differs=False)
