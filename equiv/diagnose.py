@@ -665,7 +665,7 @@ def diagnose_optimizer(
                 dataclasses.replace(spec, eps=eps),
             )
         )
-    if not (variants and params):
+    if not params:
         return None
     mundane = [spec]
     if spec.weight_decay:
@@ -709,10 +709,61 @@ def diagnose_optimizer(
                 f"Adam's m̂/(√v̂ + eps), which moves every element by about the learning "
                 f"rate: use optax.{spec.name}(...)"
             )
+    if spec.name == "sgd":
+        # The mirror: Adam's first update, lr·g/(|g| + ε) ≈ lr·sign(g), where torch's
+        # SGD takes lr·g (a user trial: optax.adamw for check_jax_port's plain SGD
+        # failed 60 leaves with no cause named).
+        size = _sign_step(initial, grads[0], params[0])
+        if size is not None:
+            rate = (
+                "the learning rate"
+                if abs(size / spec.learning_rate - 1) <= 0.1
+                else f"{size:.3g} (torch's learning rate is {spec.learning_rate:g})"
+            )
+            return (
+                f"moves every element by about {rate} at step 1 whatever its gradient's size, "
+                "as Adam does (lr·sign(g) at step 1), where torch's SGD moves it by lr·g: pass "
+                'optimizer=equiv.OptimizerSpec("adam" or "adamw", ...) to compare against '
+                "torch's Adam, or use optax.sgd in the port"
+            )
     for variant in variants:
         if optimizer_residual(variant, initial, grads, params) <= _UPDATE_EXPLAINED:
             return variant.what
     return None
+
+
+def _sign_step(
+    initial: Mapping[str, np.ndarray],
+    grads: Mapping[str, np.ndarray],
+    after: Mapping[str, np.ndarray],
+) -> float | None:
+    """The size ``s`` when a step moves 90% of the elements with a gradient by ``-s·sign(g)``
+    (to 10%: AdamW's decoupled decay moves them by ``lr·λ·|p|`` more) and those elements'
+    gradients span a factor of 4 or more, so that ``lr·g`` cannot do it; else None.
+
+    >>> g = {"w": np.array([1e-3, -0.5, 2.0, 0.1])}
+    >>> p0 = {"w": np.zeros(4)}
+    >>> _sign_step(p0, g, {"w": -1e-2 * g["w"] / (np.abs(g["w"]) + 1e-8)})
+    0.01
+    >>> _sign_step(p0, g, {"w": -1e-2 * g["w"]}) is None  # SGD
+    True
+    """
+    before, grads, after = _wide(initial), _wide(grads), _wide(after)
+    moves = np.concatenate([(after[n] - before[n]).ravel() for n in before])
+    slopes = np.concatenate([grads[n].ravel() for n in before])
+    moves, slopes = moves[slopes != 0], slopes[slopes != 0]
+    if moves.size < 4 or not np.all(np.isfinite(moves)):
+        return None
+    size = float(np.median(np.abs(moves)))
+    if size == 0.0:
+        return None
+    follows = np.abs(moves + size * np.sign(slopes)) <= 0.1 * size
+    if np.mean(follows) < 0.9:
+        return None
+    spread = np.abs(slopes[follows])
+    if float(np.max(spread)) < 4 * float(np.min(spread)):
+        return None
+    return float(f"{size:.3g}")
 
 
 def optimizer_residual(

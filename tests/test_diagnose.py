@@ -444,3 +444,20 @@ def test_a_factor_in_some_gradients_only_where_the_loss_differs_too_is_not_named
     actual = {**expected, "fc1.weight": W / 2}
     assert diagnose_trees(actual, expected, ["fc1.weight"], stage="grads", loss_differs=True) == []
     assert diagnose_trees(actual, expected, ["fc1.weight"], stage="grads", loss_differs=False)
+
+
+def test_adam_in_place_of_sgd_is_named():
+    # Found in a user trial: optax.adamw for check_jax_port's plain SGD failed every
+    # leaf with no cause named (the mirror, SGD for Adam, was named). Adam's first
+    # update moves every element by about lr whatever |g|. The twins: a learning rate
+    # twice torch's, and SGD itself, are not Adam.
+    sgd = OptimizerSpec("sgd", learning_rate=1e-2)
+    found = diagnose_optimizer(sgd, *_run(OptimizerSpec("adam", learning_rate=1e-2)))
+    assert found.startswith("moves every element by about the learning rate at step 1"), found
+    assert 'optimizer=equiv.OptimizerSpec("adam" or "adamw", ...)' in found
+    found = diagnose_optimizer(sgd, *_run(OptimizerSpec("adam", learning_rate=3e-2)))
+    assert found.startswith("moves every element by about 0.03 (torch's learning rate is 0.01)")
+    assert diagnose_optimizer(sgd, *_run(OptimizerSpec("sgd", learning_rate=2e-2))) is None
+    assert diagnose_optimizer(sgd, *_run(sgd)) is None
+    with_momentum = OptimizerSpec("sgd", learning_rate=1e-2, momentum=0.9)
+    assert diagnose_optimizer(with_momentum, *_run(with_momentum)) is None

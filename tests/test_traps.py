@@ -418,3 +418,21 @@ def test_log_softmax_over_the_batch_axis_is_not_put_on_a_factor(equiv_seed):
     assert any(h.startswith("fc2.bias: port's gradient is zero (to rounding") for h in hints), hints
     assert not any("times" in h or "own backward" in h for h in hints), hints
     check_jax_port(model, port(-1), x, y).assert_agree()
+
+
+def test_adam_where_torch_takes_plain_sgd_is_named(equiv_seed):
+    # Found in a user trial: no optimizer= (torch trains with plain SGD) and
+    # port_optimizer=optax.adamw gave 60 failures and no hint. The twin: optax.sgd.
+    model, x, y = _ce_model_and_batch(equiv_seed)
+
+    def loss(params, xb, yb):
+        return jax_mlp.loss_fn(params, xb, yb, CE_SPEC)
+
+    kw = dict(learning_rate=3e-4, steps=5)
+    bad = check_jax_port(
+        model, loss, x, y, port_optimizer=optax.adamw(3e-4, weight_decay=0.05), **kw
+    )
+    assert not bad.agree
+    named = "port's updates are torch's sgd misread: it moves every element by about the "
+    assert any(named in h and "as Adam does" in h for h in bad.hints()), bad.hints()
+    check_jax_port(model, loss, x, y, port_optimizer=optax.sgd(3e-4), **kw).assert_agree()
