@@ -61,6 +61,8 @@ def diagnose_leaf(
     step: int | None = None,
     companion: float | None = None,
     loss_differs: bool = False,
+    own_before: np.ndarray | None = None,
+    earlier_agreed: bool | None = None,
 ) -> str | None:
     """The likeliest known cause of ``actual`` differing from ``expected``, or None.
 
@@ -81,6 +83,10 @@ def diagnose_leaf(
       loss_differs: for ``stage="grads"``, whether the loss at the same step differs
         too, with no cause found there: a factor in some gradients only is then no
         evidence about their backward.
+      own_before: ``actual``'s parameters before the step, where they are not
+        ``before`` (``expected``'s): updates are measured each from its own start.
+      earlier_agreed: whether the two agreed at every step before ``step``: a
+        learning rate that differs from a later step on is then a schedule's.
 
     Example:
       >>> import numpy as np
@@ -109,7 +115,9 @@ def diagnose_leaf(
             '("flax", "nnx", "equinox" or "torch"), which transposes where the layout needs it.'
         )
     if stage == "params" and before is not None:
-        ratio = _ratio(a - before, b - np.asarray(before, np.float64))
+        before = np.asarray(before, np.float64)
+        own = before if own_before is None else np.asarray(own_before, np.float64)
+        ratio = _ratio(a - own, b - before) if own.shape == a.shape else None
         if ratio is not None and abs(ratio) < _ZERO_SIDE:
             return (
                 f"{name}: {first}'s parameters did not move at this step where {second}'s "
@@ -125,13 +133,26 @@ def diagnose_leaf(
                     f" (or optimizer.step() ran twice on the same gradients: 1 + (1 + "
                     f"momentum {mu:g}) = {2 + mu:g} updates' worth at step 1)"
                 )
+            schedule = ""
+            if step == 1:
+                schedule = (
+                    ", or a learning-rate schedule in one side only starts there (a warmup; "
+                    "torch's optimizer keeps a constant rate unless a scheduler steps it)"
+                )
+            elif step is not None and earlier_agreed:
+                steps = "step 1" if step == 2 else f"steps 1 to {step - 1}"
+                schedule = (
+                    f" at step {step}, where {steps} agreed: a learning-rate schedule in one "
+                    "side only (a warmup or a decay; torch's optimizer keeps a constant rate "
+                    "unless a scheduler steps it) is the likely cause"
+                )
             return (
                 f"{name}: {first}'s update is {ratio:.4g} times {second}'s: the learning rates "
-                f"differ by that factor{twice}."
+                f"differ by that factor{twice}{schedule}."
             )
-        decay = _decay_difference(
-            a - b, np.asarray(before, np.float64), b - np.asarray(before, np.float64)
-        )
+        if own.shape != a.shape:
+            return None
+        decay = _decay_difference((a - own) - (b - before), before, b - before)
         if decay is not None:
             # Two digits: leaves whose fits differ in the third (rounding) read the same
             # and are named together (found in a user trial: four near-identical lines).
@@ -260,9 +281,11 @@ def diagnose_trees(
     failing: list[str],
     **kwargs,
 ) -> list[str]:
-    """:func:`diagnose_leaf` for each failing leaf; ``before`` may be a tree. A
+    """:func:`diagnose_leaf` for each failing leaf; ``before`` and ``own_before`` are
+    trees. A
     gradient's factor is ``shared`` when every leaf of the trees is off by it."""
     before = kwargs.pop("before", None)
+    own_before = kwargs.pop("own_before", None)
     ratios = {}
     if kwargs.get("stage") in ("grads", "state"):
         for name in actual:
@@ -288,6 +311,7 @@ def diagnose_trees(
             actual[name],
             expected[name],
             before=None if before is None else before[name],
+            own_before=None if own_before is None else own_before[name],
             **extra,
             **kwargs,
         )

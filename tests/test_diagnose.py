@@ -461,3 +461,41 @@ def test_adam_in_place_of_sgd_is_named():
     assert diagnose_optimizer(sgd, *_run(sgd)) is None
     with_momentum = OptimizerSpec("sgd", learning_rate=1e-2, momentum=0.9)
     assert diagnose_optimizer(with_momentum, *_run(with_momentum)) is None
+
+
+def test_an_update_is_measured_from_its_own_start():
+    # After a failed step the two sides start the next from different parameters:
+    # each update is measured from its own (both from the reference's named a
+    # warmup's learning rate -0.71 times torch's). The twin: a shared start.
+    own = W + 0.01 * np.cos(W)
+    hint = diagnose_leaf(
+        "fc1.weight", own - 0.05 * W, W - 0.1 * W, stage="params", before=W, own_before=own
+    )
+    assert "update is 0.5 times" in hint, hint
+    assert "update is 0.5 times" in diagnose_leaf(
+        "fc1.weight", W - 0.05 * W, W - 0.1 * W, stage="params", before=W
+    )
+
+
+def test_a_learning_rate_factor_after_agreeing_steps_names_a_schedule():
+    # Found in a user trial: a cosine decay in the port alone got "0.9045 times ...
+    # (step 2)", though step 1 agreed, and a warmup "0.1 times": the factor of a rate
+    # that changes from step to step. The twins: the same factor without agreeing
+    # steps before it names no schedule as the likely cause; at step 1 a warmup is
+    # offered beside a constant rate.
+    kw = dict(stage="params", before=np.ones(4), names=("port", "reference"))
+    later = diagnose_leaf("fc1.bias", 1 - 0.09 * G, 1 - 0.1 * G, step=3, earlier_agreed=True, **kw)
+    assert (
+        "0.9 times reference's: the learning rates differ by that factor at step 3, where " in later
+    )
+    assert "steps 1 to 2 agreed: a learning-rate schedule in one side only" in later
+    parted = diagnose_leaf(
+        "fc1.bias", 1 - 0.09 * G, 1 - 0.1 * G, step=3, earlier_agreed=False, **kw
+    )
+    assert "schedule" not in parted, parted
+    first = diagnose_leaf("fc1.bias", 1 - 0.01 * G, 1 - 0.1 * G, step=1, **kw)
+    assert first.endswith(
+        "differ by that factor, or a learning-rate schedule in one side only "
+        "starts there (a warmup; torch's optimizer keeps a constant rate unless "
+        "a scheduler steps it)."
+    )
