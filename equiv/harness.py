@@ -480,12 +480,15 @@ class Comparison:
                 break
             stage = next(k for k, v in order.items() if v == rank)
             ta, tb = self.trajectories[a], self.trajectories[b]
-            before = None
+            before = own_before = None
             if stage == "params" and (step, order["grads"], a, b) not in groups:
                 # Only where the gradients agree can a different update be the
                 # learning rate's or the weight decay's (a zero gradient, a
                 # stop_gradient, gives a zero update whatever the learning rate).
+                # Each side's update from its own start: after a failed step the
+                # starts differ (b's for both named a warmup's lr -0.71 times torch's).
                 before = _float64_params(self.problem) if step == 1 else tb.params[step - 2]
+                own_before = before if step == 1 else ta.params[step - 2]
             cause = None
             if stage in ("state", "params"):
                 cause = self._flushed_second_moment(step, a, b) or self._optimizer_cause(a, b)
@@ -505,12 +508,19 @@ class Comparison:
                     stage=stage,
                     names=(a, b),
                     before=before,
+                    own_before=own_before,
+                    earlier_agreed=not any(
+                        d.step < step and {d.actual, d.expected} == {a, b}
+                        for d in self.report.failures
+                    ),
                     dtype=spec.dtype,
                     numel_output=numel,
                     batch_size=self.problem.batch_size,
                     learning_rate=self.learning_rate,
                     optimizer=resolve_optimizer(self.optimizer, self.learning_rate),
                     step=step,
+                    # The loss of this step failed too, with no cause found there.
+                    loss_differs=(step, order["loss"], a, b) in groups,
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []

@@ -165,7 +165,8 @@ def test_a_gradient_that_is_zero_on_one_side_only_is_named():
     assert hint == (
         "fc1.bias: port's gradient is zero where torch's is not: in port the loss does not "
         "reach this parameter (left unused or replaced by a constant, or cut off by "
-        "stop_gradient or detach)."
+        "stop_gradient or detach) or does not change with it (a log_softmax over the batch "
+        "axis, not the classes', cancels the output layer's bias)."
     )
     # The twin: both zero, or neither (a tenth of it: a constant factor), names no cut.
     assert diagnose_leaf("fc1.bias", np.zeros(4), np.zeros(4), stage="grads") is None
@@ -417,3 +418,84 @@ def test_adam_moments_off_together_name_a_scaled_gradient_or_a_doubled_update():
     beta = {"exp_avg.fc1.bias": m, "exp_avg_sq.fc1.bias": 20 * v}
     (hint,) = diagnose_trees(beta, expected, ["exp_avg_sq.fc1.bias"], **kwargs)
     assert hint.endswith("port's β₂ is 0.98, not 0.999."), hint
+
+
+def test_a_gradient_zero_to_rounding_on_one_side_is_not_a_factor():
+    # Found in a user trial: a port's fc3.bias gradient at 2.4e-9 of the reference's
+    # (log_softmax over the batch axis) was "a factor -2.423e-09 ... these leaves' own
+    # backward". A side at rounding level is a zero, named as such; the twin: a factor
+    # 1e-3 is still a factor.
+    tiny = 2.4e-9 * np.cos(np.arange(4.0))
+    hint = diagnose_leaf("fc3.bias", tiny, G, stage="grads", names=("port", "reference"))
+    assert hint.startswith("fc3.bias: port's gradient is zero (to rounding: at most "), hint
+    assert "times" not in hint and "own backward" not in hint
+    hint = diagnose_leaf("fc3.bias", G, tiny, stage="grads", names=("port", "reference"))
+    assert hint.startswith("fc3.bias: reference's gradient is zero (to rounding"), hint
+    assert "1000 times" in diagnose_leaf("fc3.bias", G, G / 1e3, stage="grads", names=("p", "r"))
+    # Not a factor at the other stages either (no hint rather than "1e-09 times").
+    assert diagnose_leaf("fc3.bias", 1e-9 * G, G, stage="state") is None
+
+
+def test_a_factor_in_some_gradients_only_where_the_loss_differs_too_is_not_named():
+    # The loss differing with no cause found: a factor in fc1.weight's gradient alone
+    # is a consequence of the loss, not evidence about its own backward (which the
+    # hint would send the user to). The twin, the loss agreeing, is named (above).
+    expected = {"fc1.weight": W, "fc1.bias": G}
+    actual = {**expected, "fc1.weight": W / 2}
+    assert diagnose_trees(actual, expected, ["fc1.weight"], stage="grads", loss_differs=True) == []
+    assert diagnose_trees(actual, expected, ["fc1.weight"], stage="grads", loss_differs=False)
+
+
+def test_adam_in_place_of_sgd_is_named():
+    # Found in a user trial: optax.adamw for check_jax_port's plain SGD failed every
+    # leaf with no cause named (the mirror, SGD for Adam, was named). Adam's first
+    # update moves every element by about lr whatever |g|. The twins: a learning rate
+    # twice torch's, and SGD itself, are not Adam.
+    sgd = OptimizerSpec("sgd", learning_rate=1e-2)
+    found = diagnose_optimizer(sgd, *_run(OptimizerSpec("adam", learning_rate=1e-2)))
+    assert found.startswith("moves every element by about the learning rate at step 1"), found
+    assert 'optimizer=equiv.OptimizerSpec("adam" or "adamw", ...)' in found
+    found = diagnose_optimizer(sgd, *_run(OptimizerSpec("adam", learning_rate=3e-2)))
+    assert found.startswith("moves every element by about 0.03 (torch's learning rate is 0.01)")
+    assert diagnose_optimizer(sgd, *_run(OptimizerSpec("sgd", learning_rate=2e-2))) is None
+    assert diagnose_optimizer(sgd, *_run(sgd)) is None
+    with_momentum = OptimizerSpec("sgd", learning_rate=1e-2, momentum=0.9)
+    assert diagnose_optimizer(with_momentum, *_run(with_momentum)) is None
+
+
+def test_an_update_is_measured_from_its_own_start():
+    # After a failed step the two sides start the next from different parameters:
+    # each update is measured from its own (both from the reference's named a
+    # warmup's learning rate -0.71 times torch's). The twin: a shared start.
+    own = W + 0.01 * np.cos(W)
+    hint = diagnose_leaf(
+        "fc1.weight", own - 0.05 * W, W - 0.1 * W, stage="params", before=W, own_before=own
+    )
+    assert "update is 0.5 times" in hint, hint
+    assert "update is 0.5 times" in diagnose_leaf(
+        "fc1.weight", W - 0.05 * W, W - 0.1 * W, stage="params", before=W
+    )
+
+
+def test_a_learning_rate_factor_after_agreeing_steps_names_a_schedule():
+    # Found in a user trial: a cosine decay in the port alone got "0.9045 times ...
+    # (step 2)", though step 1 agreed, and a warmup "0.1 times": the factor of a rate
+    # that changes from step to step. The twins: the same factor without agreeing
+    # steps before it names no schedule as the likely cause; at step 1 a warmup is
+    # offered beside a constant rate.
+    kw = dict(stage="params", before=np.ones(4), names=("port", "reference"))
+    later = diagnose_leaf("fc1.bias", 1 - 0.09 * G, 1 - 0.1 * G, step=3, earlier_agreed=True, **kw)
+    assert (
+        "0.9 times reference's: the learning rates differ by that factor at step 3, where " in later
+    )
+    assert "steps 1 to 2 agreed: a learning-rate schedule in one side only" in later
+    parted = diagnose_leaf(
+        "fc1.bias", 1 - 0.09 * G, 1 - 0.1 * G, step=3, earlier_agreed=False, **kw
+    )
+    assert "schedule" not in parted, parted
+    first = diagnose_leaf("fc1.bias", 1 - 0.01 * G, 1 - 0.1 * G, step=1, **kw)
+    assert first.endswith(
+        "differ by that factor, or a learning-rate schedule in one side only "
+        "starts there (a warmup; torch's optimizer keeps a constant rate unless "
+        "a scheduler steps it)."
+    )
