@@ -326,6 +326,13 @@ def _float64_batch(problem: Problem, step: int) -> tuple[np.ndarray, np.ndarray]
     return x.astype(np.float64), y
 
 
+#: A backend's step-1 update is torch's optimizer on its own gradients when they match
+#: to this fraction of the update (plus 4 roundings of its parameters): the threshold
+#: ``equiv.diagnose`` holds optimizer variants to, for the same reason (a float32
+#: update read as p_after - p_before carries u·|p|).
+_OWN_UPDATE_MATCH = 1e-4
+
+
 def _float64_params(problem: Problem) -> dict[str, np.ndarray]:
     """The problem's initial parameters in float64."""
     return {k: to_numpy(v).astype(np.float64) for k, v in problem.params.items()}
@@ -534,6 +541,13 @@ class Comparison:
                 found_at = (step, rank)
                 merged.setdefault(key, []).append(leaf)
         causes = [f"{', '.join(leaves)}: {text}" for text, leaves in (merged or generic).items()]
+        if found_at is not None and found_at[1] < order["state"]:
+            # A cause in the loss or gradients speaks first; an optimizer mistake beside
+            # it is still found, from the backend's own gradients (found in a user
+            # trial: GELU's approximation beside optax's default decay named the GELU).
+            failing = {side for key in groups for side in key[2:] if side != REFERENCE}
+            for backend in sorted(failing):
+                causes += self._own_update_causes(backend)
         note = (
             self.overflow_note(overflowed)
             if limit is not None and limit == overflowed
@@ -542,6 +556,71 @@ class Comparison:
         if not causes:  # inf or NaN on one side before the run overflowed
             causes = self._nonfinite_cause(limit, own)
         return causes + self._backend_overflow_notes(limit) + ([note] if note else [])
+
+    def _own_update_causes(self, backend: str) -> list[str]:
+        """What ``backend``'s optimizer does wrong, judged from its own gradients, as
+        hints: a known misreading its whole run replays (:meth:`_optimizer_cause`), or
+        its step-1 update against torch's optimizer applied to its gradients, read by
+        the update detectors (a learning rate, a weight decay). Independent of whether
+        those gradients are right; empty when the update is torch's to
+        ``_OWN_UPDATE_MATCH`` of its size."""
+        run = self.trajectories[backend]
+        if not run.params or not run.grads:
+            return []
+        misread = self._optimizer_cause(backend, backend)
+        optimizer = resolve_optimizer(self.optimizer, self.learning_rate)
+        also = f"Also, from {backend}'s own gradients, whatever they are: "
+        if misread:
+            return [f"{also}{misread}"]
+        also = f"Also, torch's {optimizer.name} replayed on {backend}'s own gradients: "
+        try:
+            start = (
+                {k: np.asarray(v, np.float64) for k, v in run.initial.items()}
+                if run.initial is not None
+                else _float64_params(self.problem)
+            )
+            grads = {k: to_numpy(v).astype(np.float64) for k, v in run.grads[0].items()}
+            after = {k: to_numpy(v).astype(np.float64) for k, v in run.params[0].items()}
+            with np.errstate(all="ignore"):
+                predicted, _ = manual_update(
+                    optimizer, start, grads, manual_init(optimizer, start), 1
+                )
+        except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
+            return []
+        u = UNIT_ROUNDOFF.get(run.dtype, 0.0)
+        with np.errstate(all="ignore"):
+            scale = max(float(np.max(np.abs(predicted[k] - start[k]), initial=0.0)) for k in start)
+            off = [
+                name
+                for name in start
+                if float(np.max(np.abs(after[name] - predicted[name]), initial=0.0))
+                > _OWN_UPDATE_MATCH * scale
+                + 4 * u * float(np.max(np.abs(after[name]), initial=0.0))
+            ]
+        if not off or not math.isfinite(scale) or scale == 0.0:
+            return []
+        spec = self.problem.spec
+        found = diagnose_trees(
+            after,
+            predicted,
+            off,
+            stage="params",
+            names=(backend, "the replay"),
+            before=start,
+            own_before=start,
+            dtype=spec.dtype,
+            numel_output=self.problem.batch_size * spec.sizes[-1],
+            batch_size=self.problem.batch_size,
+            learning_rate=self.learning_rate,
+            optimizer=optimizer,
+            step=1,
+        )
+        merged: dict[str, list[str]] = {}
+        for hint in found:
+            leaf, text = hint.split(": ", 1)
+            if not text.endswith(GENERIC):
+                merged.setdefault(text, []).append(leaf)
+        return [f"{also}{', '.join(leaves)}: {text} (step 1)" for text, leaves in merged.items()]
 
     def _backend_overflow_notes(self, limit: tuple[int, str] | None) -> list[str]:
         """One line per backend that overflowed on its own with failures after it."""

@@ -549,3 +549,39 @@ def test_label_smoothing_in_the_port_but_not_in_the_spec_is_named(seed):
         hints = _smoothing_port(0.1, 0.2).hints()
         other = "port uses label smoothing 0.2, not 0.1 as the spec has"
         assert any(other in h and "use 0.1 in the port" in h for h in hints), hints
+
+
+@pytest.mark.parametrize(
+    ("naive_tx", "also"),
+    [
+        (optax.adamw(1e-3), "the weight decays differ by -0.0099"),
+        (optax.adamw(1e-3, weight_decay=1e-2, nesterov=True), "it uses Nesterov momentum"),
+        (optax.adamw(1e-3, weight_decay=1e-2), None),  # the twin: the GELU alone
+    ],
+    ids=["default_decay", "nesterov", "right_optimizer"],
+)
+def test_an_optimizer_mistake_beside_a_gradient_mistake_is_named_too(naive_tx, also, equiv_seed):
+    # Found in a user trial: jax.nn.gelu's tanh approximation beside optax.adamw's
+    # default decay named the GELU only; the optimizer's mistake, read from the port's
+    # own gradients, is independent of them.
+    spec = MLPSpec((20, 32, 32, 5), activation="gelu", loss="cross_entropy")
+    torch.manual_seed(equiv_seed)
+    model = torch_mlp_with_params(spec, make_problem(spec, seed=equiv_seed).params)
+    x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
+
+    def loss_fn(params, xb, yb):  # jax.nn.gelu's default: the tanh approximation
+        h = xb
+        for j in range(3):
+            h = h @ params[f"Dense_{j}"]["kernel"] + params[f"Dense_{j}"]["bias"]
+            h = jax.nn.gelu(h) if j < 2 else h
+        return optax.softmax_cross_entropy_with_integer_labels(h, yb).mean()
+
+    adamw = OptimizerSpec("adamw", learning_rate=1e-3)
+    bad = check_jax_port(model, loss_fn, x, y, optimizer=adamw, port_optimizer=naive_tx, steps=3)
+    hints = bad.hints()
+    assert "tanh approximation" in hints[0], hints
+    extra = [h for h in hints[1:] if h.startswith("Also, ")]
+    if also is None:
+        assert extra == [], hints
+    else:  # one line, or one per reading of a leaf's fit (a 5-element bias: -0.01)
+        assert extra and also in extra[0], hints
