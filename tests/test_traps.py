@@ -585,3 +585,25 @@ def test_an_optimizer_mistake_beside_a_gradient_mistake_is_named_too(naive_tx, a
         assert extra == [], hints
     else:  # one line, or one per reading of a leaf's fit (a 5-element bias: -0.01)
         assert extra and also in extra[0], hints
+
+
+def test_a_weight_decay_hint_gives_the_fitted_value_and_the_defaults_only_when_they_are_it(
+    equiv_seed,
+):
+    # Found in a user trial: a port at 0.01 against torch's 0.05 was told the defaults
+    # (1e-2 and 1e-4), not its own value. The twin: optax's default names them.
+    spec = OptimizerSpec("adamw", learning_rate=1e-2, weight_decay=0.05)
+    hint = "the weight decays differ by -0.04 (port's minus reference's: port's fits 0.01 where"
+    _optimizer_trap(equiv_seed, spec, optax.adamw(1e-2, weight_decay=0.01), hint=hint + " ref")
+    problem = make_problem(SPEC, batch_size=3, seed=equiv_seed, steps=3)
+    runs = {
+        "torch": run_torch(problem, 1e-2, optimizer=spec),
+        REFERENCE: run_reference(problem, 1e-2, optimizer=spec),
+        "port": run_jax_port(
+            problem, _mse, "flax", 1e-2, optimizer=optax.adamw(1e-2, weight_decay=0.01)
+        ),
+    }
+    report = compare_trajectories(problem, runs, learning_rate=1e-2, optimizer=spec)
+    hints = Comparison(problem, 1e-2, runs, report, spec).hints()
+    assert not any("defaults" in h for h in hints), hints
+    _optimizer_trap(equiv_seed, ADAMW, optax.adamw(1e-2), hint="torch's AdamW defaults to 1e-2")
