@@ -113,7 +113,9 @@ def test_gelu_tanh_vs_exact(equiv_seed):
     assert compare_trajectories(problem, runs, learning_rate=0.1).agree
 
 
-def _optimizer_trap(seed, spec_opt, naive_tx, steps=3, hint=None):
+def _port_checker(seed, spec_opt, steps=3):
+    """Runs torch and the reference once on SPEC under ``spec_opt``; the function it
+    returns runs a port with an optax transformation and gives (report, hints)."""
     problem = make_problem(SPEC, batch_size=3, seed=seed, steps=steps)
     lr = spec_opt.learning_rate
     runs = {
@@ -121,17 +123,25 @@ def _optimizer_trap(seed, spec_opt, naive_tx, steps=3, hint=None):
         REFERENCE: run_reference(problem, lr, optimizer=spec_opt),
     }
 
-    def report(tx):
+    def check(tx):
         runs["port"] = run_jax_port(problem, _mse, "flax", lr, optimizer=tx)
-        return compare_trajectories(problem, runs, learning_rate=lr, optimizer=spec_opt)
+        report = compare_trajectories(problem, runs, learning_rate=lr, optimizer=spec_opt)
+        return report, Comparison(problem, lr, dict(runs), report, spec_opt).hints()
 
-    bad = report(naive_tx)
+    return check
+
+
+def _optimizer_trap(seed, spec_opt, naive_tx, steps=3, hint=None):
+    """The naive port fails, only against the port, with ``hint`` among its hints (which
+    are returned); the twin, equiv's optax chain for ``spec_opt``, agrees."""
+    check = _port_checker(seed, spec_opt, steps)
+    bad, hints = check(naive_tx)
     assert not bad.agree
     assert all("port" in (d.actual, d.expected) for d in bad.failures)
     if hint is not None:
-        hints = Comparison(problem, lr, dict(runs), bad, spec_opt).hints()
         assert any(hint in h for h in hints), hints
-    assert report(make_optax(spec_opt)).agree
+    assert check(make_optax(spec_opt))[0].agree
+    return hints
 
 
 MOM = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, weight_decay=0.1)
@@ -369,18 +379,12 @@ def test_one_step_nesterov_is_offered_beside_the_learning_rate(
     # SGD's) from a learning rate that much larger: the hint named the learning rate
     # alone (and none at all beside AdamW's decay, where it can be told apart). Now it
     # offers both, or Nesterov alone; the twin, another learning rate, offers only that.
-    problem = make_problem(SPEC, batch_size=3, seed=equiv_seed, steps=1)
-    lr = spec_opt.learning_rate
-    runs = {
-        "torch": run_torch(problem, lr, optimizer=spec_opt),
-        REFERENCE: run_reference(problem, lr, optimizer=spec_opt),
-    }
+    check = _port_checker(equiv_seed, spec_opt, steps=1)
 
     def hints(tx):
-        runs["port"] = run_jax_port(problem, _mse, "flax", lr, optimizer=tx)
-        bad = compare_trajectories(problem, runs, learning_rate=lr, optimizer=spec_opt)
+        bad, found = check(tx)
         assert not bad.agree
-        return Comparison(problem, lr, dict(runs), bad, spec_opt).hints()
+        return found
 
     named = hints(nesterov_tx)
     assert any("esterov" in h for h in named), named
@@ -594,16 +598,6 @@ def test_a_weight_decay_hint_gives_the_fitted_value_and_the_defaults_only_when_t
     # (1e-2 and 1e-4), not its own value. The twin: optax's default names them.
     spec = OptimizerSpec("adamw", learning_rate=1e-2, weight_decay=0.05)
     hint = "the weight decays differ by -0.04 (port's minus reference's: port's fits 0.01 where"
-    _optimizer_trap(equiv_seed, spec, optax.adamw(1e-2, weight_decay=0.01), hint=hint + " ref")
-    problem = make_problem(SPEC, batch_size=3, seed=equiv_seed, steps=3)
-    runs = {
-        "torch": run_torch(problem, 1e-2, optimizer=spec),
-        REFERENCE: run_reference(problem, 1e-2, optimizer=spec),
-        "port": run_jax_port(
-            problem, _mse, "flax", 1e-2, optimizer=optax.adamw(1e-2, weight_decay=0.01)
-        ),
-    }
-    report = compare_trajectories(problem, runs, learning_rate=1e-2, optimizer=spec)
-    hints = Comparison(problem, 1e-2, runs, report, spec).hints()
+    hints = _optimizer_trap(equiv_seed, spec, optax.adamw(1e-2, weight_decay=0.01), hint=hint)
     assert not any("defaults" in h for h in hints), hints
     _optimizer_trap(equiv_seed, ADAMW, optax.adamw(1e-2), hint="torch's AdamW defaults to 1e-2")
