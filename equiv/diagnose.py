@@ -237,12 +237,22 @@ def _decay_values(difference: float | None, optimizer: OptimizerSpec | None, nam
     >>> heavier = dataclasses.replace(adamw, weight_decay=0.05)
     >>> print(_decay_values(-0.04, heavier, ("port", "torch")))
     : port's fits 0.01 where torch's is 0.05
+    >>> print(_decay_values(-0.009912, adamw, ("port", "torch")))  # the fit's noise: 1e-4
+    : port's fits 0.0001 where torch's is 0.01: torch's AdamW defaults to 1e-2, optax.adamw to 1e-4
+    >>> print(_decay_values(-0.01004, adamw, ("port", "torch")))  # no decay
+    : port's fits 0 where torch's is 0.01
     """
     if difference is None or optimizer is None or names[1] not in _AS_SPECIFIED:
         return ""
-    theirs = optimizer.weight_decay + difference
+    if not (math.isfinite(difference) and difference):
+        return ""
+    # The difference as shown (two digits: the fit's resolution, review found the third
+    # noise), so that the value and the leaves it is named for follow the line's text.
+    shown = float(f"{difference:.2g}")
+    step = 10.0 ** (math.floor(math.log10(abs(shown))) - 1)
+    theirs = round((optimizer.weight_decay + shown) / step) * step
     text = f": {names[0]}'s fits {theirs:.2g} where {names[1]}'s is {optimizer.weight_decay:g}"
-    if optimizer.name == "adamw" and {f"{theirs:.1g}", f"{optimizer.weight_decay:g}"} == {
+    if optimizer.name == "adamw" and {f"{theirs:.2g}", f"{optimizer.weight_decay:g}"} == {
         "0.0001",
         "0.01",
     }:
