@@ -343,6 +343,20 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
                 f"params is an Equinox {type(params).__name__}, which holds its weights "
                 f"(out, in) as equinox does, but layout={layout!r}: pass layout='equinox'"
             )
+        if not (
+            isinstance(params, (eqx.nn.MLP, eqx.nn.Linear))
+            or (
+                isinstance(params, (list, tuple))
+                and all(isinstance(m, eqx.nn.Linear) for m in params)
+            )
+        ):  # found in review: the converters' advice for these failed here
+            raise type_error(
+                f"params is an Equinox {type(params).__name__}; check_jax_port reads an "
+                "eqx.nn.MLP, an eqx.nn.Linear or a list of eqx.nn.Linear (in call order), and "
+                "your loss_fn receives the same object. For a module of your own, pass "
+                "[its Linear layers] and rebuild the module from them inside loss_fn, or "
+                "pass a dict in the equinox layout ({'layers': {'0': {'weight', 'bias'}}})"
+            )
         model = params
         arrays, static = eqx.partition(model, eqx.is_array)
 
@@ -364,11 +378,15 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
 
 
 def _is_equinox_module(value: Any) -> bool:
-    """Whether ``value`` is an ``equinox.Module`` (without importing equinox if the
-    caller has not)."""
+    """Whether ``value`` is an ``equinox.Module`` or a list of them (without importing
+    equinox if the caller has not)."""
 
     eqx = sys.modules.get("equinox")
-    return eqx is not None and isinstance(value, eqx.Module)
+    if eqx is None:
+        return False
+    if isinstance(value, (list, tuple)):  # a list of eqx.nn.Linear, say
+        return bool(value) and all(isinstance(v, eqx.Module) for v in value)
+    return isinstance(value, eqx.Module)
 
 
 def _torch_named_state(state_spec, state, to_torch, out: Trajectory) -> dict | None:

@@ -601,3 +601,33 @@ def test_an_equinox_model_is_taken_as_params():
     assert any("approximate=False" in h for h in bad.hints()), bad.hints()
     with pytest.raises(ValueError, match="pass layout='equinox'"):
         check(approximate=False, layout="flax")
+
+
+def test_equinox_params_as_a_list_of_linear_layers_and_a_module_of_ones_own():
+    # Found in review: a module of one's own was refused with the converters' advice
+    # (pass its Linear layers as a list), and a list then failed as "not dict-like".
+    eqx = pytest.importorskip("equinox")
+    import jax.numpy as jnp
+
+    from equiv import mlp_from_module
+    from equiv.convert import torch_to_equinox
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+    x, y = torch.randn(6, 5), torch.randn(6, 2)
+    keys = jax.random.split(jax.random.key(0))
+    shell = [eqx.nn.Linear(5, 7, key=keys[0]), eqx.nn.Linear(7, 2, key=keys[1])]
+    layers = torch_to_equinox(mlp_from_module(net)[1], shell)
+
+    def loss_fn(layers, xb, yb):
+        out = jax.vmap(lambda v: layers[1](jnp.tanh(layers[0](v))))(xb)
+        return jnp.mean((out - yb) ** 2)
+
+    check_jax_port(net, loss_fn, x, y, layout="equinox", params=layers, steps=2).assert_agree()
+
+    class Mine(eqx.Module):
+        first: eqx.nn.Linear
+        second: eqx.nn.Linear
+
+    with pytest.raises(TypeError, match="params is an Equinox Mine; check_jax_port reads an"):
+        check_jax_port(net, loss_fn, x, y, layout="equinox", params=Mine(*layers))
