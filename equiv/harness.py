@@ -964,6 +964,13 @@ class Comparison:
         if not held:
             return None
         b2 = optimizer.betas[1]
+        if smallest == 0.0 and optimizer.eps == 0:
+            # Found in review: "gradients as small as 0" called a 0/0 an underflow.
+            return (
+                f"gradients of exactly 0 there in {', '.join(held)} (a unit that is dead or "
+                "a parameter the loss does not use) leave Adam's m and v at 0, and with "
+                "eps = 0 the update m̂/(√v̂ + eps) is 0/0"
+            )
         return (
             f"Adam's second moment v = (1-β₂)·g² underflowed there in {', '.join(held)}: "
             f"gradients as small as {smallest:.3g} give v below "

@@ -460,6 +460,23 @@ def test_adams_second_moment_underflow_is_named_not_blamed_on_the_learning_rate(
     assert compare_backends(problem=problem, optimizer=default).agree
 
 
+def test_adam_at_eps_0_on_exactly_zero_gradients_is_named_a_0_over_0():
+    # Found in review: dead ReLU units' gradients of exactly 0 at eps = 0 were called an
+    # underflow, "gradients as small as 0". The twin: eps = 1e-8 agrees (and gradients
+    # of 1e-21 keep the underflow's hint, above).
+    spec = MLPSpec((4, 16, 16, 2), activation="relu")
+    run = dict(batch_size=4, seed=0, learning_rate=1.0, steps=6)
+    bare = OptimizerSpec("adam", learning_rate=1.0, eps=0.0)
+    with np.errstate(all="ignore"):  # the float64 reference's 0/0 too
+        comparison = compare_backends(spec, optimizer=bare, **run)
+        hints = comparison.hints()
+    assert not comparison.agree
+    assert any("gradients of exactly 0 there" in h and "is 0/0" in h for h in hints), hints
+    assert not any("as small as 0" in h for h in hints), hints
+    default = OptimizerSpec("adam", learning_rate=1.0, eps=1e-8)
+    assert compare_backends(spec, optimizer=default, **run).agree
+
+
 def test_a_flushed_adam_second_moment_is_named_not_called_a_weight_decay():
     # Found in review: gradients of 3e-20 give v = 5.6e-40, subnormal in float32; XLA
     # flushes it to 0 and at eps = 1e-20 JAX's update was 2.8·lr against torch's
