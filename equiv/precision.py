@@ -150,6 +150,11 @@ def _torch_exact() -> Iterator[None]:
             setattr(owner, name, value)
 
 
+#: The canary's matrices are this wide: above the sizes a library computes in another
+#: way (oneDNN's bf16 path starts at 17 on this CPU), small enough to cost 0.1 ms.
+_CANARY_SIZE = 64
+
+
 def precision_canary(device: str = "cpu") -> dict[str, bool]:
     """Whether float32 matmuls are exact IEEE right now, in torch and in JAX.
 
@@ -166,8 +171,11 @@ def precision_canary(device: str = "cpu") -> dict[str, bool]:
 
     torch_device, jax_device = resolve_device(device)
     value = 1.0 + 2.0**-20
-    x = torch.full((16, 16), value, dtype=torch.float32, device=torch_device)
-    eye = torch.eye(16, dtype=torch.float32, device=torch_device)
+    # 64 wide: oneDNN takes its bf16 path for float32 only above 16 (found in a user
+    # trial: at 16 the canary said exact under mkldnn's fp32_precision = "bf16", on a
+    # CPU with AMX, while a 784-wide matmul was off by 0.3).
+    x = torch.full((_CANARY_SIZE, _CANARY_SIZE), value, dtype=torch.float32, device=torch_device)
+    eye = torch.eye(_CANARY_SIZE, dtype=torch.float32, device=torch_device)
     torch_exact = bool(torch.equal(x @ eye, x))
     xj = jax.device_put(x.cpu().numpy(), jax_device)
     ij = jax.device_put(eye.cpu().numpy(), jax_device)
