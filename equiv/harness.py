@@ -555,7 +555,41 @@ class Comparison:
         )
         if not causes:  # inf or NaN on one side before the run overflowed
             causes = self._nonfinite_cause(limit, own)
-        return causes + self._backend_overflow_notes(limit) + ([note] if note else [])
+        lowered = self._lowered_precision() if self.report.failures else None
+        return (
+            ([lowered] if lowered else [])
+            + causes
+            + self._backend_overflow_notes(limit)
+            + ([note] if note else [])
+        )
+
+    def _lowered_precision(self) -> str | None:
+        """The recorded settings under which float32 matmuls are not IEEE (a comparison
+        under ``precision="native"``), as a hint, or None: the bounds model IEEE float32,
+        and bf16 (2⁻⁸) or TF32 (2⁻¹¹) rounding is far beyond them (found in a user trial:
+        mkldnn's bf16 flag gave 46 failures and no hint, though the settings said it)."""
+        settings = self.report.settings
+        device = str(settings.get("device", "cpu"))
+        keys = ["torch.backends.fp32_precision"] + (
+            ["torch.backends.cuda.matmul.fp32_precision"]
+            if device.startswith("cuda")
+            else [
+                "torch.backends.mkldnn.fp32_precision",
+                "torch.backends.mkldnn.matmul.fp32_precision",
+            ]
+        )
+        lowered = [f"{k} = {settings[k]!r}" for k in keys if settings.get(k) in ("bf16", "tf32")]
+        jax_precision = settings.get("jax_default_matmul_precision")
+        if device.startswith("cuda") and jax_precision not in (None, "highest", "float32"):
+            lowered.append(f"jax_default_matmul_precision = {jax_precision!r}")
+        if not lowered:
+            return None
+        return (
+            f"float32 matmuls were not IEEE in this comparison ({', '.join(lowered)}; "
+            f"precision={settings.get('precision', 'native')!r}): bf16 or TF32 rounding is "
+            "far beyond the float32 bounds. Compare with precision='exact' (the default), "
+            "which pins IEEE float32 in a scope, or set those to 'ieee' / 'highest'"
+        )
 
     def _own_update_causes(self, backend: str) -> list[str]:
         """What ``backend``'s optimizer does wrong, judged from its own gradients, as
