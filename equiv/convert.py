@@ -289,9 +289,10 @@ def torch_to_jax(
     if wide and not jax.config.jax_enable_x64:
         raise value_error(
             f"{', '.join(wide)} {'is' if len(wide) == 1 else 'are'} float64, but JAX's x64 "
-            "mode is off and would truncate to float32. Convert inside a scope:\n"
+            "mode is off and would truncate to float32. Convert (or load) inside a scope:\n"
             "    >>> with jax.enable_x64(True):\n"
-            "    ...     params = torch_to_jax(model)"
+            "    ...     params = torch_to_jax(model)  # or load_jax(path)\n"
+            "or convert the tensors to float32 first, to keep float32"
         )
     layout.check_paths(spec.param_names())
     leaves, fills = [], []
@@ -527,8 +528,9 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:
             )
     return (
         "A torch Linear stack with other names (an nn.Sequential's '0.weight') is read "
-        "when you pass the module itself, or equiv.mlp_from_module(module)[1]; a layout "
-        "of your own is an equiv.Layout"
+        "when you pass the module itself, or equiv.mlp_from_module(module)[1] (a file of "
+        "its state_dict: load it into the module first, module.load_state_dict("
+        "torch.load(path, weights_only=True))); a layout of your own is an equiv.Layout"
     )
 
 

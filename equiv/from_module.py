@@ -172,7 +172,14 @@ def _read_stack(module: nn.Module, *, trainable: bool) -> tuple[MLPSpec, list[nn
         sizes.append(layer.out_features)
     biases = {layer.bias is not None for layer in layers}
     dtypes = {layer.weight.dtype for layer in layers}
-    if len(biases) != 1 or len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
+    if len(biases) == 1 and len(dtypes) == 1 and next(iter(dtypes)) not in _DTYPES:
+        # Found in a user trial: a bfloat16 model was told its biases must agree.
+        raise value_error(
+            f"the Linear layers are {next(iter(dtypes))}; equiv's MLP is float32 or float64 "
+            "(a comparison's bounds, and its converters, are for those): convert first, "
+            "model.float() (or a copy of it, to keep yours in bfloat16)"
+        )
+    if len(biases) != 1 or len(dtypes) != 1:
         raise value_error(
             "all Linear layers must share bias on/off and a float32 or float64 "
             f"dtype; got bias {sorted(biases)}, dtypes {sorted(map(str, dtypes))}"

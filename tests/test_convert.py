@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -148,9 +149,10 @@ def test_float64_outside_x64_is_refused(x32):
         torch_to_jax(state)
     assert str(info.value).splitlines() == [
         "[equiv] fc1.weight, fc1.bias, fc2.weight, fc2.bias are float64, but JAX's x64 mode "
-        "is off and would truncate to float32. Convert inside a scope:",
+        "is off and would truncate to float32. Convert (or load) inside a scope:",
         "    >>> with jax.enable_x64(True):",
-        "    ...     params = torch_to_jax(model)",
+        "    ...     params = torch_to_jax(model)  # or load_jax(path)",
+        "or convert the tensors to float32 first, to keep float32",
     ]
 
 
@@ -258,6 +260,20 @@ def test_a_sequential_takes_jax_params_back_in_place(layout, equiv_seed):
     seq.append(torch.nn.Dropout())
     with pytest.raises(ValueError, match="Dropout"):
         jax_to_torch(params, layout=layout, out=seq)
+
+
+def test_a_bfloat16_stack_is_told_its_dtype_not_its_biases():
+    # Found in a user trial: "all Linear layers must share bias on/off and a float32 or
+    # float64 dtype; got bias [True]" for a model.bfloat16(). The twin: float32 reads.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"the Linear layers are torch.bfloat16; .* model.float"):
+        torch_to_jax(copy.deepcopy(model).bfloat16())
+    assert set(torch_to_jax(model, layout="torch")) == {
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    }
 
 
 def test_module_with_other_names_is_read_as_a_linear_stack():
