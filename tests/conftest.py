@@ -36,3 +36,24 @@ def _bitwise_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 def bitwise_diff():
     """:func:`_bitwise_diff`, as a fixture so that test modules need not import conftest."""
     return _bitwise_diff
+
+
+@pytest.fixture
+def onednn_bf16():
+    """torch's oneDNN float32 matmuls in bf16 (``mkldnn.matmul.fp32_precision``) for the
+    test, restored after; skips where torch lacks the setting or this CPU ignores it
+    (no bf16 path: its float32 matmuls stay exact)."""
+    import torch
+
+    mkldnn = torch.backends.mkldnn.matmul
+    if not hasattr(mkldnn, "fp32_precision"):
+        pytest.skip("this torch has no mkldnn fp32_precision setting")
+    before = mkldnn.fp32_precision
+    try:
+        mkldnn.fp32_precision = "bf16"
+        x = torch.full((256, 256), 1.0 + 2.0**-20)
+        if torch.equal(x @ torch.eye(256), x):
+            pytest.skip("this CPU computes float32 matmuls exactly under the bf16 setting")
+        yield
+    finally:
+        mkldnn.fp32_precision = before

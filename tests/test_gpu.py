@@ -24,24 +24,13 @@ def test_canary_is_exact_in_the_exact_scope():
         assert precision_canary("cpu") == {"torch": True, "jax": True}
 
 
-def test_canary_sees_onednns_bf16_matmuls_on_a_cpu_that_has_them():
+def test_canary_sees_onednns_bf16_matmuls_on_a_cpu_that_has_them(onednn_bf16):
     # Found in a user trial: with mkldnn's fp32_precision = "bf16", on a CPU with AMX,
     # the 16-wide canary said exact (oneDNN takes the bf16 path above 16) while a
     # 784-wide matmul was off by 0.3. The twin: the exact scope pins IEEE again.
-    mkldnn = torch.backends.mkldnn.matmul
-    if not hasattr(mkldnn, "fp32_precision"):
-        pytest.skip("this torch has no mkldnn fp32_precision setting")
-    before = mkldnn.fp32_precision
-    try:
-        mkldnn.fp32_precision = "bf16"
-        x = torch.full((256, 256), 1.0 + 2.0**-20)
-        if torch.equal(x @ torch.eye(256), x):
-            pytest.skip("this CPU computes float32 matmuls exactly under the bf16 setting")
-        assert precision_canary("cpu")["torch"] is False
-        with comparison_scope("float32", "exact"):
-            assert precision_canary("cpu") == {"torch": True, "jax": True}
-    finally:
-        mkldnn.fp32_precision = before
+    assert precision_canary("cpu")["torch"] is False
+    with comparison_scope("float32", "exact"):
+        assert precision_canary("cpu") == {"torch": True, "jax": True}
 
 
 def test_canary_detects_a_tf32_like_rounding():

@@ -199,29 +199,18 @@ def test_unknown_dtype_is_refused():
             pass
 
 
-def test_a_native_comparison_under_onednns_bf16_names_the_setting():
+def test_a_native_comparison_under_onednns_bf16_names_the_setting(onednn_bf16):
     # Found in a user trial: mkldnn's fp32_precision = "bf16" under precision="native"
     # gave 46 failures and no hint, though the report's settings recorded it. The twin:
     # the exact scope (the default) agrees, with no such hint.
     from equiv import MLPSpec, compare_backends
 
-    mkldnn = torch.backends.mkldnn.matmul
-    if not hasattr(mkldnn, "fp32_precision"):
-        pytest.skip("this torch has no mkldnn fp32_precision setting")
-    before = mkldnn.fp32_precision
-    try:
-        mkldnn.fp32_precision = "bf16"
-        x = torch.full((256, 256), 1.0 + 2.0**-20)
-        if torch.equal(x @ torch.eye(256), x):
-            pytest.skip("this CPU computes float32 matmuls exactly under the bf16 setting")
-        spec = MLPSpec((64, 128, 10))
-        native = compare_backends(spec, batch_size=32, precision="native")
-        assert not native.agree
-        assert native.hints()[0].startswith(
-            "float32 matmuls were not IEEE in this comparison "
-            "(torch.backends.mkldnn.matmul.fp32_precision = 'bf16'; precision='native')"
-        ), native.hints()
-        exact = compare_backends(spec, batch_size=32)
-        assert exact.agree and not any("not IEEE" in h for h in exact.hints())
-    finally:
-        mkldnn.fp32_precision = before
+    spec = MLPSpec((64, 128, 10))
+    native = compare_backends(spec, batch_size=32, precision="native")
+    assert not native.agree
+    assert native.hints()[0].startswith(
+        "float32 matmuls were not IEEE in this comparison "
+        "(torch.backends.mkldnn.matmul.fp32_precision = 'bf16'; precision='native')"
+    ), native.hints()
+    exact = compare_backends(spec, batch_size=32)
+    assert exact.agree and not any("not IEEE" in h for h in exact.hints())
