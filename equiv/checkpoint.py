@@ -38,6 +38,7 @@ import collections
 import dataclasses
 import os
 import pickle
+import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -125,7 +126,7 @@ def save_torch(
         else:
             import safetensors.torch
 
-            safetensors.torch.save_file(tensors, tmp, metadata=_metadata(LAYOUTS["torch"]))
+            _save_aligned(safetensors.torch.save_file, tensors, tmp, _metadata(LAYOUTS["torch"]))
 
 
 def load_torch(
@@ -194,7 +195,48 @@ def save_jax(
     import safetensors.numpy
 
     with atomic_path(path) as tmp:
-        safetensors.numpy.save_file(arrays, tmp, metadata=_metadata(layout))
+        _save_aligned(safetensors.numpy.save_file, arrays, tmp, _metadata(layout))
+
+
+#: XLA:CPU adopts a buffer without copying only on a 64-byte boundary (as in
+#: ``equiv.convert``); safetensors starts the data right after its header.
+_ALIGNMENT = 64
+#: Metadata that moves the data to that boundary; readers ignore it.
+PAD_KEY = "equiv.pad"
+
+
+def _save_aligned(save_file, tensors: Mapping[str, Any], path: str, metadata: dict) -> None:
+    """``save_file(tensors, path, metadata=...)`` with the data starting on a 64-byte
+    boundary, so that ``load_jax(copy=False)`` adopts the file's memory map: the
+    header's length is known only once written, so a file whose data starts elsewhere
+    is written again with metadata padding (spaces) that moves it there. Each tensor
+    after it is on the boundary where the sizes before it are multiples of 64 bytes
+    (found in a user trial: a file save_torch wrote was copied whole by copy=False).
+
+    >>> import os, tempfile, safetensors.numpy
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+    >>> _save_aligned(safetensors.numpy.save_file, {"w": np.zeros(3, np.float32)}, path, {})
+    >>> _data_start(path) % _ALIGNMENT
+    0
+    """
+    metadata = {**metadata, PAD_KEY: ""}
+    save_file(tensors, path, metadata=metadata)
+    start = _data_start(path)
+    if start % _ALIGNMENT == 0:
+        return
+    with open(path, "rb") as file:
+        file.seek(8)
+        used = len(file.read(start - 8).rstrip(b" "))  # the JSON, without its padding
+    metadata[PAD_KEY] = " " * (-(8 + used) % _ALIGNMENT)
+    save_file(tensors, path, metadata=metadata)
+
+
+def _data_start(path: str) -> int:
+    """Where a safetensors file's data starts: after the 8-byte header length and the
+    header."""
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+    return 8 + length
 
 
 def _metadata(layout: Layout) -> dict[str, str]:

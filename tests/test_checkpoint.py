@@ -761,3 +761,49 @@ def test_loading_a_folder_is_refused_by_name(suffix, tmp_path):
     path = tmp_path / f"file{suffix}"  # the twin: a file of that suffix loads
     save_torch(random_state(SPEC, 0), path)
     assert_states_identical(load_torch(path), random_state(SPEC, 0))
+
+
+def _in_file_mapping(array, path) -> bool:
+    """Whether a JAX array's buffer lies in a memory map of ``path`` (Linux)."""
+    pointer = array.unsafe_buffer_pointer()
+    target = os.path.realpath(path)
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == target:
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= pointer < high:
+                    return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc")
+@pytest.mark.parametrize("writer", ["save_torch", "save_jax"])
+@pytest.mark.parametrize("sizes", [(64, 128, 32), (32, 64, 16), (48, 16), (128, 256, 64)])
+def test_copy_false_adopts_the_memory_map_of_equivs_own_files(writer, sizes, tmp_path):
+    # Found in a user trial: safetensors put a save_torch file's data 24 bytes past a
+    # 64-byte boundary, so XLA copied every leaf that load_jax(copy=False) handed it.
+    # equiv's writers now pad the header. The twin: the same tensors written by plain
+    # safetensors at an unaligned start are copied.
+    import safetensors.torch
+
+    # Every tensor a multiple of 64 bytes; before, the data started 0, 56, 40 and 8
+    # bytes past a boundary in these four.
+    spec = MLPSpec(sizes)
+    state = random_state(spec, 0)
+    path = tmp_path / "m.safetensors"
+    if writer == "save_torch":
+        save_torch(state, path)
+    else:
+        save_jax(torch_to_jax(state, layout="torch"), path, layout="torch")
+    params = load_jax(path, layout="torch", copy=False)
+    assert all(_in_file_mapping(params[name], path) for name in spec.param_names())
+    assert_states_identical(jax_to_torch(params, layout="torch"), state)
+    plain = tmp_path / "plain.safetensors"
+    for pad in range(8):  # a metadata length that leaves the data unaligned
+        safetensors.torch.save_file(state, plain, metadata={"x": "y" * pad})
+        with open(plain, "rb") as file:
+            if (8 + int.from_bytes(file.read(8), "little")) % 64:
+                break
+    params = load_jax(plain, layout="torch", copy=False)
+    assert not any(_in_file_mapping(params[name], plain) for name in spec.param_names())
