@@ -690,7 +690,7 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
 #: what step 1 cannot tell apart: Adam's first update is lr·sign(g) with or without
 #: L2 decay, Nesterov's first is (1 + momentum) times the plain one, and decay
 #: after momentum and dampening change nothing before step 2.
-_UPDATE_EXPLAINED = 1e-4
+UPDATE_EXPLAINED = 1e-4
 
 
 def diagnose_optimizer(
@@ -741,7 +741,7 @@ def diagnose_optimizer(
     faster = None if fitted is None else dataclasses.replace(spec, learning_rate=fitted)
     for other in mundane + ([faster] if faster else []):
         residual = optimizer_residual(OptimizerVariant("", other), initial, grads, params)
-        if residual <= 10 * _UPDATE_EXPLAINED:
+        if residual <= 10 * UPDATE_EXPLAINED:
             if other is not faster:
                 return None
             # One step cannot tell a variant whose first update is a multiple of the
@@ -749,7 +749,7 @@ def diagnose_optimizer(
             # learning rate that much larger: name both, or leave it to the learning
             # rate's hint.
             for variant in variants:
-                if optimizer_residual(variant, initial, grads, params) <= _UPDATE_EXPLAINED:
+                if optimizer_residual(variant, initial, grads, params) <= UPDATE_EXPLAINED:
                     factor = fitted / spec.learning_rate
                     return (
                         f"moves {factor:.4g} times as far as torch's {spec.name}: its learning "
@@ -760,9 +760,7 @@ def diagnose_optimizer(
             return None
     if spec.name in ("adam", "adamw"):
         # Along the gradient itself: an SGD chain in place of Adam (a user trial).
-        before = _wide(initial)
-        moves = np.concatenate([(_wide(params[0])[n] - before[n]).ravel() for n in before])
-        slopes = np.concatenate([_wide(grads[0])[n].ravel() for n in before])
+        moves, slopes = _moves_and_slopes(initial, grads[0], params[0])
         # Relative to the moves themselves (_ratio scales by the larger of the two,
         # which a gradient far larger than its update would pass trivially).
         denom = float(np.vdot(slopes, slopes))
@@ -792,7 +790,7 @@ def diagnose_optimizer(
                 "torch's Adam, or use optax.sgd in the port"
             )
     for variant in variants:
-        if optimizer_residual(variant, initial, grads, params) <= _UPDATE_EXPLAINED:
+        if optimizer_residual(variant, initial, grads, params) <= UPDATE_EXPLAINED:
             return variant.what
     return None
 
@@ -813,9 +811,7 @@ def _sign_step(
     >>> _sign_step(p0, g, {"w": -1e-2 * g["w"]}) is None  # SGD
     True
     """
-    before, grads, after = _wide(initial), _wide(grads), _wide(after)
-    moves = np.concatenate([(after[n] - before[n]).ravel() for n in before])
-    slopes = np.concatenate([grads[n].ravel() for n in before])
+    moves, slopes = _moves_and_slopes(initial, grads, after)
     moves, slopes = moves[slopes != 0], slopes[slopes != 0]
     if moves.size < 4 or not np.all(np.isfinite(moves)):
         return None
@@ -829,6 +825,14 @@ def _sign_step(
     if float(np.max(spread)) < 4 * float(np.min(spread)):
         return None
     return float(f"{size:.3g}")
+
+
+def _moves_and_slopes(initial, grads, after) -> tuple[np.ndarray, np.ndarray]:
+    """A step's moves ``after - initial`` and its gradients, every leaf flattened in
+    float64, in one order."""
+    before, grads, after = _wide(initial), _wide(grads), _wide(after)
+    moves = np.concatenate([(after[n] - before[n]).ravel() for n in before])
+    return moves, np.concatenate([grads[n].ravel() for n in before])
 
 
 def optimizer_residual(

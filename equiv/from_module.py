@@ -240,9 +240,7 @@ def _check_call_order(module: nn.Module, spec: MLPSpec, tensors: dict[str, torch
     if type(module).forward is nn.Module.forward:
         return  # an nn.ModuleList holds its layers in order and has no forward to check
     weight = tensors["fc1.weight"]
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
-    probe = probe.to(dtype=weight.dtype, device=weight.device)
+    probe = _probe_batch(spec)[0].to(dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
         theirs = _call(module, probe)
         ours, _ = forward(tensors, probe, spec)
@@ -343,9 +341,7 @@ def forward_mismatch(
     Linear layers' in registration order (how :func:`mlp_from_module` reads them)."""
     from equiv.torch_mlp import torch_mlp_with_params  # no import cycle at module level
 
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
-    projection = torch.randn(8, spec.sizes[-1], dtype=torch.float64, generator=generator)
+    probe, projection = _probe_batch(spec)
     theirs = copy.deepcopy(module).to(torch.float64)  # the user's module is left as is
     ours = torch_mlp_with_params(
         spec.replace(dtype="float64"), {k: v.double().cpu() for k, v in params.items()}
@@ -367,6 +363,14 @@ def forward_mismatch(
         if float((theirs_grad - ours_grad).abs().max()) > 1e-10 * scale:
             return f"its gradients differ for {name}"
     return None
+
+
+def _probe_batch(spec: MLPSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 probe batch (8 rows) the reading is checked on, and a random
+    projection of the output, the same for every call."""
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
+    return probe, torch.randn(8, spec.sizes[-1], dtype=torch.float64, generator=generator)
 
 
 def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:

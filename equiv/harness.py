@@ -47,7 +47,13 @@ from equiv._messages import type_error, value_error
 from equiv.compare import LeafDiff, Report, compare_trees, to_numpy
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.devices import resolve_device
-from equiv.diagnose import GENERIC, diagnose_leaf, diagnose_optimizer, diagnose_trees
+from equiv.diagnose import (
+    GENERIC,
+    UPDATE_EXPLAINED,
+    diagnose_leaf,
+    diagnose_optimizer,
+    diagnose_trees,
+)
 from equiv.kinks import Kink, KinkAnalysis, analyse_kinks, flip_envelope, kinked
 from equiv.losses import LOSSES
 from equiv.memory import check_fits
@@ -60,7 +66,7 @@ from equiv.optimizers import (
     optax_state_to_torch_names,
     torch_optimizer_state,
 )
-from equiv.precision import comparison_scope
+from equiv.precision import comparison_scope, lowered_matmuls
 from equiv.problem import Problem, check_counts, make_problem
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 from equiv.tolerance import (
@@ -326,13 +332,6 @@ def _float64_batch(problem: Problem, step: int) -> tuple[np.ndarray, np.ndarray]
     return x.astype(np.float64), y
 
 
-#: A backend's step-1 update is torch's optimizer on its own gradients when they match
-#: to this fraction of the update (plus 4 roundings of its parameters): the threshold
-#: ``equiv.diagnose`` holds optimizer variants to, for the same reason (a float32
-#: update read as p_after - p_before carries u·|p|).
-_OWN_UPDATE_MATCH = 1e-4
-
-
 def _float64_params(problem: Problem) -> dict[str, np.ndarray]:
     """The problem's initial parameters in float64."""
     return {k: to_numpy(v).astype(np.float64) for k, v in problem.params.items()}
@@ -569,19 +568,7 @@ class Comparison:
         and bf16 (2⁻⁸) or TF32 (2⁻¹¹) rounding is far beyond them (found in a user trial:
         mkldnn's bf16 flag gave 46 failures and no hint, though the settings said it)."""
         settings = self.report.settings
-        device = str(settings.get("device", "cpu"))
-        keys = ["torch.backends.fp32_precision"] + (
-            ["torch.backends.cuda.matmul.fp32_precision"]
-            if device.startswith("cuda")
-            else [
-                "torch.backends.mkldnn.fp32_precision",
-                "torch.backends.mkldnn.matmul.fp32_precision",
-            ]
-        )
-        lowered = [f"{k} = {settings[k]!r}" for k in keys if settings.get(k) in ("bf16", "tf32")]
-        jax_precision = settings.get("jax_default_matmul_precision")
-        if device.startswith("cuda") and jax_precision not in (None, "highest", "float32"):
-            lowered.append(f"jax_default_matmul_precision = {jax_precision!r}")
+        lowered = lowered_matmuls(settings)
         if not lowered:
             return None
         return (
@@ -597,7 +584,8 @@ class Comparison:
         its step-1 update against torch's optimizer applied to its gradients, read by
         the update detectors (a learning rate, a weight decay). Independent of whether
         those gradients are right; empty when the update is torch's to
-        ``_OWN_UPDATE_MATCH`` of its size."""
+        ``UPDATE_EXPLAINED`` of its size (plus 4 roundings of its
+        parameters: a float32 update read as p_after - p_before carries u·|p|)."""
         run = self.trajectories[backend]
         if not run.params or not run.grads:
             return []
@@ -628,8 +616,7 @@ class Comparison:
                 name
                 for name in start
                 if float(np.max(np.abs(after[name] - predicted[name]), initial=0.0))
-                > _OWN_UPDATE_MATCH * scale
-                + 4 * u * float(np.max(np.abs(after[name]), initial=0.0))
+                > UPDATE_EXPLAINED * scale + 4 * u * float(np.max(np.abs(after[name]), initial=0.0))
             ]
         if not off or not math.isfinite(scale) or scale == 0.0:
             return []

@@ -336,27 +336,23 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
     if _is_equinox_module(params):
         import equinox as eqx  # noqa: PLC0415 - an optional extra
 
-        from equiv.convert import equinox_to_torch, torch_to_equinox  # noqa: PLC0415
+        from equiv.convert import _equinox_layers, equinox_to_torch, torch_to_equinox  # noqa: PLC0415
 
         if get_layout(layout).name != "equinox":
             raise value_error(
                 f"params is an Equinox {type(params).__name__}, which holds its weights "
                 f"(out, in) as equinox does, but layout={layout!r}: pass layout='equinox'"
             )
-        if not (
-            isinstance(params, (eqx.nn.MLP, eqx.nn.Linear))
-            or (
-                isinstance(params, (list, tuple))
-                and all(isinstance(m, eqx.nn.Linear) for m in params)
-            )
-        ):  # found in review: the converters' advice for these failed here
+        try:
+            _equinox_layers(params)  # what the converters read
+        except TypeError:  # found in review: the converters' advice for others failed here
             raise type_error(
                 f"params is an Equinox {type(params).__name__}; check_jax_port reads an "
                 "eqx.nn.MLP, an eqx.nn.Linear or a list of eqx.nn.Linear (in call order), and "
                 "your loss_fn receives the same object. For a module of your own, pass "
                 "[its Linear layers] and rebuild the module from them inside loss_fn, or "
                 "pass a dict in the equinox layout ({'layers': {'0': {'weight', 'bias'}}})"
-            )
+            ) from None
         model = params
         arrays, static = eqx.partition(model, eqx.is_array)
 

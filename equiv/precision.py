@@ -16,7 +16,7 @@ Why each setting (see the README's "Numerical traps"):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import jax
 import torch
@@ -65,6 +65,38 @@ def _torch_flag_paths() -> list[tuple[str, object, str, object]]:
 
 def _has_fp32_precision_api() -> bool:
     return hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+#: The recorded torch settings that decide how float32 matmuls round on each kind of
+#: device: the global flags and the backend's matmul flag (conv and rnn flags do not
+#: touch an MLP).
+_MATMUL_FLAGS = {
+    "cpu": ("fp32_precision", "mkldnn.fp32_precision", "mkldnn.matmul.fp32_precision"),
+    "cuda": ("fp32_precision", "cuda.matmul.fp32_precision"),
+}
+
+
+def lowered_matmuls(settings: Mapping[str, object]) -> list[str]:
+    """The settings among ``settings`` (:func:`current_settings`, as a report records
+    them) under which float32 matmuls on its device are bf16 or TF32, not IEEE, as
+    ``"name = value"``; empty when there are none.
+
+    >>> lowered_matmuls({"device": "cpu", "torch.backends.mkldnn.matmul.fp32_precision": "bf16"})
+    ["torch.backends.mkldnn.matmul.fp32_precision = 'bf16'"]
+    >>> lowered_matmuls(current_settings() | {"precision": "exact"})  # the defaults here
+    []
+    """
+    device = "cuda" if str(settings.get("device", "cpu")).startswith("cuda") else "cpu"
+    lowered = []
+    for path in _MATMUL_FLAGS[device]:
+        label = f"torch.backends.{path}"
+        value = settings.get(label)
+        if value in ("bf16", "tf32"):
+            lowered.append(f"{label} = {value!r}")
+    jax_precision = settings.get("jax_default_matmul_precision")
+    if device == "cuda" and jax_precision not in (None, "highest", "float32"):
+        lowered.append(f"jax_default_matmul_precision = {jax_precision!r}")  # XLA:CPU: exact
+    return lowered
 
 
 def current_settings() -> dict[str, object]:
