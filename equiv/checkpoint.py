@@ -54,6 +54,7 @@ from equiv.convert import (
     _state_dict,
     check_entries,
     get_layout,
+    missing_values,
     module_spec,
     torch_to_jax,
 )
@@ -97,13 +98,20 @@ def save_torch(
       OSError: ``path`` cannot be written (see :func:`equiv.files.atomic_path`).
     """
     kind = _kind(path, _SAFETENSORS + _PICKLES)
+    given = (
+        module_or_state_dict.state_dict(keep_vars=True)
+        if isinstance(module_or_state_dict, torch.nn.Module)
+        else module_or_state_dict
+    )
+    if isinstance(given, Mapping):  # every such entry named, with the file, first
+        tensors = {k: v for k, v in given.items() if isinstance(v, torch.Tensor)}
+        problems = _without_dense_values(tensors)
+        if problems:
+            raise value_error(
+                f"cannot write {os.fspath(path)}: {problems}; pass dense tensors with values "
+                f"({_DENSE_ADVICE})"
+            )
     state = _state_dict(module_or_state_dict)
-    problems = _without_dense_values(state)
-    if problems:
-        raise value_error(
-            f"cannot write {os.fspath(path)}: {problems}; pass dense tensors with values "
-            f"({_DENSE_ADVICE})"
-        )
     if spec is None:
         spec = module_spec(module_or_state_dict)
     spec = check_entries(
@@ -500,14 +508,7 @@ def _without_dense_values(tensors: Mapping[str, torch.Tensor]) -> str:
     >>> _without_dense_values({"a": torch.zeros(2).to_sparse(), "b": torch.zeros(2)})
     "tensors without dense values: 'a' (sparse_coo)"
     """
-    problems = []
-    for name, tensor in tensors.items():
-        if tensor.is_nested:
-            problems.append(f"{name!r} (nested)")
-        elif tensor.layout != torch.strided:
-            problems.append(f"{name!r} ({str(tensor.layout).removeprefix('torch.')})")
-        elif tensor.device.type == "meta":
-            problems.append(f"{name!r} (on the meta device)")
+    problems = [f"{name!r} ({what})" for name, t in tensors.items() if (what := missing_values(t))]
     return f"tensors without dense values: {', '.join(problems)}" if problems else ""
 
 

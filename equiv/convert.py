@@ -610,19 +610,44 @@ def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return {name: tensor.detach() for name, tensor in state.items()}
 
 
-def refuse_without_values(name: str, tensor: torch.Tensor) -> None:
-    """A ``ValueError`` naming ``tensor`` if it holds no values to read: an
-    uninitialised lazy parameter, or one on the meta device."""
+def missing_values(tensor: torch.Tensor) -> str | None:
+    """Why ``tensor`` holds no dense values to read, or None: an uninitialised lazy
+    parameter, a nested or sparse layout (any of them), or the meta device.
+
+    >>> missing_values(torch.zeros(2).to_sparse()), missing_values(torch.zeros(2))
+    ('sparse_coo', None)
+    """
     if isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
+        return "an uninitialised lazy parameter"
+    if tensor.is_nested:
+        return "nested"
+    if tensor.layout != torch.strided:
+        return str(tensor.layout).removeprefix("torch.")
+    if tensor.device.type == "meta":
+        return "on the meta device"
+    return None
+
+
+def refuse_without_values(name: str, tensor: torch.Tensor) -> None:
+    """A ``ValueError`` naming ``tensor`` if it holds no dense values to read
+    (:func:`missing_values`), with what to do about it."""
+    what = missing_values(tensor)
+    if what is None:
+        return
+    if what == "an uninitialised lazy parameter":
         raise value_error(
             f"{name!r} is an uninitialised lazy parameter (nn.LazyLinear) and holds no "
             "values yet: run one forward pass to materialise it first"
         )
-    if tensor.device.type == "meta":
+    if what == "on the meta device":
         raise value_error(
             f"{name!r} is on the meta device and holds no values: materialise the module "
             "first (module.to_empty(device='cpu'), then load its weights)"
         )
+    # Found in review: a sparse weight failed inside copy_ with torch's RuntimeError.
+    raise value_error(
+        f"{name!r} is {what}: equiv reads dense tensors, convert it first (.to_dense())"
+    )
 
 
 def module_spec(module: Any) -> MLPSpec | None:
