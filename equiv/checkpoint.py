@@ -53,6 +53,7 @@ from equiv.convert import (
     _flatten,
     _state_dict,
     check_entries,
+    copy_into,
     get_layout,
     missing_values,
     module_spec,
@@ -138,7 +139,11 @@ def save_torch(
 
 
 def load_torch(
-    path: PathLike, *, spec: MLPSpec | None = None, file_layout: str | Layout | None = None
+    path: PathLike,
+    *,
+    spec: MLPSpec | None = None,
+    file_layout: str | Layout | None = None,
+    out: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a checkpoint as a torch state_dict (``fc1.weight``...), checked.
 
@@ -146,18 +151,53 @@ def load_torch(
       path: a ``.safetensors`` file in any layout, or a ``.pt``/``.pth`` state_dict.
       spec: the expected architecture; by default read from the weights.
       file_layout: the layout of a safetensors file without equiv's metadata.
+      out: a module (equiv's names, or any Linear stack that
+        :func:`equiv.mlp_from_module` reads, such as an ``nn.Sequential``) or a
+        state_dict to copy the file into, in place (one copy, no new tensors), as
+        :func:`equiv.convert.jax_to_torch` does. A module also reads a file of its
+        own ``state_dict`` (``torch.save(seq.state_dict(), path)``: names such as
+        ``0.weight``), matched by the names it gives its own parameters.
+
+    Returns:
+      The state_dict: the file's tensors, or ``out``'s own tensors after the copy.
 
     Raises:
       ValueError: unreadable or truncated file, a pickle holding anything but
-        tensors, or missing, extra, mis-shaped or mis-typed entries.
+        tensors, or missing, extra, mis-shaped or mis-typed entries (the file's or
+        ``out``'s).
+
+    Example:
+      >>> import os, tempfile, torch
+      >>> seq = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+      >>> path = os.path.join(tempfile.mkdtemp(), "seq.pt")
+      >>> torch.save(seq.state_dict(), path)
+      >>> other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+      >>> _ = load_torch(path, out=other)
+      >>> torch.equal(other[2].weight, seq[2].weight)
+      True
     """
-    return _load_state(path, spec, file_layout, contiguous=True)
+    if out is None:
+        return _load_state(path, spec, file_layout, contiguous=True)[0]
+    own = {}
+    if isinstance(out, torch.nn.Module):
+        from equiv.from_module import own_names  # imports convert, which this reads
+
+        own = own_names(out)
+    # Transposed weights are read as views: the copy into out transposes them once.
+    state, spec = _load_state(path, spec, file_layout, contiguous=False, own=own)
+    return copy_into(out, state, spec)
 
 
-def _load_state(path, spec, file_layout, *, contiguous: bool) -> dict[str, torch.Tensor]:
-    """The file's tensors under torch's names; a transposed layout's weights as
-    contiguous copies, or (``contiguous=False``) as views of the file's tensors."""
+def _load_state(
+    path, spec, file_layout, *, contiguous: bool, own: Mapping[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], MLPSpec]:
+    """The file's tensors under torch's names, and their spec; a transposed layout's weights as
+    contiguous copies, or (``contiguous=False``) as views of the file's tensors.
+    ``own`` renames a torch-layout file's keys that are a module's own names
+    (:func:`equiv.from_module.own_names`) to equiv's."""
     flat, layout = _read(path, file_layout)
+    if own and layout.name == "torch":
+        flat = {(own.get(key, key),): tensor for (key,), tensor in flat.items()}
     spec = check_entries(flat, layout, spec, what=f"checkpoint {os.fspath(path)}")
     state = {}
     for key, tensor in flat.items():
@@ -165,7 +205,7 @@ def _load_state(path, spec, file_layout, *, contiguous: bool) -> dict[str, torch
         if layout.transpose and name.endswith(".weight"):
             tensor = tensor.mT.contiguous() if contiguous else tensor.mT
         state[name] = tensor
-    return {name: state[name] for name in spec.param_names()}
+    return {name: state[name] for name in spec.param_names()}, spec
 
 
 def save_jax(
@@ -406,7 +446,7 @@ def load_jax(
     """
     # Transposed weights are read as views: converting them back to the file's own
     # layout is then a plain copy (or none), not two transposes.
-    state = _load_state(path, spec, file_layout, contiguous=False)
+    state, spec = _load_state(path, spec, file_layout, contiguous=False)
     return torch_to_jax(state, layout=layout, spec=spec, copy=copy, device=device)
 
 

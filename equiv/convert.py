@@ -393,24 +393,15 @@ def jax_to_torch(
         )
     spec = check_entries(flat, layout, spec, what=f"{layout.name}-layout params")
     by_name = {layout.torch_name(path): value for path, value in flat.items()}
-    if out is not None:
-        target = _state_dict(out)
-        check_entries({(n,): t for n, t in target.items()}, LAYOUTS["torch"], spec, what="out")
-        tied = overlapping({name: target[name] for name in spec.param_names()})
-        if tied:
-            raise value_error(
-                f"out: {tied[0]!r} and {tied[1]!r} share memory (tied weights), so copying "
-                "into one would overwrite the other; untie them, or convert without out= "
-                "and load the result with load_state_dict"
-            )
-    state, fills = {}, []
+    sources = {}
     for name in spec.param_names():
         source = _as_torch(by_name[name])
-        if layout.transpose and name.endswith(".weight"):
-            source = source.mT
-        if out is not None:
-            state[name] = target[name]
-        elif (source.device if device is None else torch.device(device)).type == "cpu":
+        sources[name] = source.mT if layout.transpose and name.endswith(".weight") else source
+    if out is not None:
+        return copy_into(out, sources, spec)
+    state, fills = {}, []
+    for name, source in sources.items():
+        if (source.device if device is None else torch.device(device)).type == "cpu":
             state[name] = _host_empty(source.shape, source.dtype)
         else:
             state[name] = source.to(device=device, memory_format=torch.contiguous_format, copy=True)
@@ -418,6 +409,47 @@ def jax_to_torch(
         fills.append((state[name], source))
     _fill(fills)
     return state
+
+
+def copy_into(
+    out: torch.nn.Module | Mapping[str, torch.Tensor],
+    sources: Mapping[str, torch.Tensor],
+    spec: MLPSpec,
+) -> dict[str, torch.Tensor]:
+    """Copy ``sources`` (torch names to tensors or views, checked against ``spec``)
+    into ``out``'s own tensors, in place: one copy, no new tensors. What
+    ``jax_to_torch(..., out=)`` and ``load_torch(..., out=)`` do.
+
+    Args:
+      out: a module (equiv's names, or any Linear stack that
+        :func:`equiv.mlp_from_module` reads, such as an ``nn.Sequential``) or a
+        state_dict; it must match ``spec`` (sizes, bias and dtype).
+
+    Returns:
+      ``out``'s tensors under equiv's names, after the copy.
+
+    Example:
+      >>> import torch
+      >>> seq = torch.nn.Sequential(torch.nn.Linear(3, 2))
+      >>> state = copy_into(seq, {"fc1.weight": torch.ones(2, 3), "fc1.bias": torch.zeros(2)},
+      ...                   MLPSpec((3, 2)))
+      >>> torch.equal(seq[0].weight, torch.ones(2, 3))
+      True
+      >>> state["fc1.weight"].data_ptr() == seq[0].weight.data_ptr()
+      True
+    """
+    target = _state_dict(out)
+    check_entries({(n,): t for n, t in target.items()}, LAYOUTS["torch"], spec, what="out")
+    names = spec.param_names()
+    tied = overlapping({name: target[name] for name in names})
+    if tied:
+        raise value_error(
+            f"out: {tied[0]!r} and {tied[1]!r} share memory (tied weights), so copying "
+            "into one would overwrite the other; untie them, or convert without out= "
+            "and load the result with load_state_dict"
+        )
+    _fill([(target[name], sources[name]) for name in names])
+    return {name: target[name] for name in names}
 
 
 def check_entries(
@@ -529,8 +561,8 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:
     return (
         "A torch Linear stack with other names (an nn.Sequential's '0.weight') is read "
         "when you pass the module itself, or equiv.mlp_from_module(module)[1] (a file of "
-        "its state_dict: load it into the module first, module.load_state_dict("
-        "torch.load(path, weights_only=True))); a layout of your own is an equiv.Layout"
+        "its state_dict: equiv.load_torch(path, out=module) reads it into the module); a "
+        "layout of your own is an equiv.Layout"
     )
 
 

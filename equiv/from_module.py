@@ -223,6 +223,31 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def own_names(module: nn.Module) -> dict[str, str]:
+    """A Linear stack's own state_dict names for its parameters, each mapped to
+    equiv's name (``0.weight`` to ``fc1.weight`` in an ``nn.Sequential``): how a
+    file of the module's own ``state_dict`` is read into it
+    (``load_torch(path, out=module)``). The module defines the mapping, so no name is
+    guessed. A module with equiv's names (``fc1.weight``...) needs no mapping: empty.
+
+    >>> names = own_names(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    >>> names["0.weight"], names["2.bias"], len(names)
+    ('fc1.weight', 'fc2.bias', 4)
+    """
+    by_name = module.state_dict(keep_vars=True)
+    if "fc1.weight" in by_name:  # equiv's names, read as they are (convert._state_dict)
+        return {}
+    spec, layers = _read_stack(module, trainable=False)
+    by_tensor = {id(tensor): name for name, tensor in by_name.items()}
+    names = {}
+    for i, layer in enumerate(layers, start=1):
+        for kind in ("weight", "bias") if spec.bias else ("weight",):
+            own = by_tensor.get(id(getattr(layer, kind)))
+            if own is not None:
+                names[own] = f"fc{i}.{kind}"
+    return names
+
+
 #: How far a module's output on the probe batch may be from the spec's run on its own
 #: tensors, relative: both compute the same products in the module's dtype and may
 #: sum them in another order (about c·√k·u ≈ 3e-5 per layer in float32 at k = 4096),

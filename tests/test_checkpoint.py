@@ -467,7 +467,82 @@ def test_a_file_of_other_names_says_what_it_holds_and_what_to_do(tmp_path):
         load_torch(path)
     text = str(info.value)
     assert text.startswith(f"[equiv] checkpoint {path}: none of its 2 entries is a parameter")
-    assert "found '0.weight', '0.bias'" in text and "equiv.mlp_from_module" in text
+    assert "found '0.weight', '0.bias'" in text and "load_torch(path, out=module)" in text
+
+
+def _stack(seed: int, activation=torch.nn.Tanh) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), activation(), torch.nn.Linear(3, 2))
+
+
+class Named(torch.nn.Module):
+    """A Linear stack under names of its own, not equiv's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.act, self.head = (
+            torch.nn.Linear(4, 3),
+            torch.nn.Tanh(),
+            torch.nn.Linear(3, 2),
+        )
+
+    def forward(self, x):
+        return self.head(self.act(self.inp(x)))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("target", ["sequential", "named"])
+def test_a_modules_own_state_dict_file_loads_into_it_in_place(suffix, target, tmp_path):
+    # Found as a gap in user trials: a plain torch.save(seq.state_dict()) had no
+    # route back but load_state_dict by hand.
+    source = _stack(0) if target == "sequential" else Named()
+    path = tmp_path / f"own{suffix}"
+    if suffix == ".pt":
+        torch.save(source.state_dict(), path)
+    else:
+        safetensors.torch.save_file(source.state_dict(), path)
+    torch.manual_seed(1)
+    out = _stack(1) if target == "sequential" else Named()
+    before = {k: v.data_ptr() for k, v in out.state_dict().items()}
+    state = load_torch(path, out=out)
+    for name, tensor in out.state_dict().items():
+        assert torch.equal(tensor, source.state_dict()[name]), name
+        assert tensor.data_ptr() == before[name], name  # in place
+    assert sorted(state) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    assert (
+        state["fc2.weight"].data_ptr()
+        == before["2.weight" if target == "sequential" else "head.weight"]
+    )
+
+
+@pytest.mark.parametrize("written_as", list(LAYOUTS))
+def test_any_equiv_file_loads_into_a_sequential(written_as, tmp_path, equiv_seed):
+    state = random_state(SPEC, 3)
+    path = tmp_path / f"{written_as}.safetensors"
+    save_jax(torch_to_jax(state, layout=written_as), path, layout=written_as)
+    out = _stack(0)
+    load_torch(path, out=out)
+    assert torch.equal(out[0].weight, state["fc1.weight"])
+    assert torch.equal(out[2].bias, state["fc2.bias"])
+
+
+def test_loading_into_a_module_of_another_shape_or_dtype_is_refused_untouched(tmp_path):
+    path = tmp_path / "seq.pt"
+    torch.save(_stack(0).state_dict(), path)
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    kept = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(ValueError, match=r"out does not match the MLP \(4, 3, 2\)") as info:
+        load_torch(path, out=wider)
+    assert "wrong shape: 'fc1.weight' expected (3, 4), got (5, 4)" in str(info.value)
+    assert all(torch.equal(v, kept[k]) for k, v in wider.state_dict().items())
+    # torch's load_state_dict casts silently; equiv says the dtypes differ.
+    with pytest.raises(ValueError, match="wrong dtype: 'fc1.weight' expected float32, got float64"):
+        load_torch(path, out=_stack(0).double())
+    # A file of another module's own names is not guessed into this one.
+    other = tmp_path / "named.pt"
+    torch.save(Named().state_dict(), other)
+    with pytest.raises(ValueError, match="none of its 4 entries is a parameter"):
+        load_torch(other, out=_stack(0))
 
 
 def test_empty_files_bad_layouts_and_half_precision_are_explained(tmp_path):
