@@ -143,6 +143,7 @@ def load_torch(
     *,
     spec: MLPSpec | None = None,
     file_layout: str | Layout | None = None,
+    entry: str | None = None,
     out: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a checkpoint as a torch state_dict (``fc1.weight``...), checked.
@@ -151,6 +152,9 @@ def load_torch(
       path: a ``.safetensors`` file in any layout, or a ``.pt``/``.pth`` state_dict.
       spec: the expected architecture; by default read from the weights.
       file_layout: the layout of a safetensors file without equiv's metadata.
+      entry: the key of a ``.pt`` training checkpoint's dict that holds the
+        state_dict (``"model"`` for ``torch.save({"model": model.state_dict(),
+        "optimizer": ..., "epoch": ...})``); ``/`` separates nested keys.
       out: a module (equiv's names, or any Linear stack that
         :func:`equiv.mlp_from_module` reads, such as an ``nn.Sequential``) or a
         state_dict to copy the file into, in place (one copy, no new tensors), as
@@ -177,25 +181,25 @@ def load_torch(
       True
     """
     if out is None:
-        return _load_state(path, spec, file_layout, contiguous=True)[0]
+        return _load_state(path, spec, file_layout, entry, contiguous=True)[0]
     own = {}
     if isinstance(out, torch.nn.Module):
         from equiv.from_module import own_names  # imports convert, which this reads
 
         own = own_names(out)
     # Transposed weights are read as views: the copy into out transposes them once.
-    state, spec = _load_state(path, spec, file_layout, contiguous=False, own=own)
+    state, spec = _load_state(path, spec, file_layout, entry, contiguous=False, own=own)
     return copy_into(out, state, spec)
 
 
 def _load_state(
-    path, spec, file_layout, *, contiguous: bool, own: Mapping[str, str] | None = None
+    path, spec, file_layout, entry, *, contiguous: bool, own: Mapping[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], MLPSpec]:
     """The file's tensors under torch's names, and their spec; a transposed layout's weights as
     contiguous copies, or (``contiguous=False``) as views of the file's tensors.
     ``own`` renames a torch-layout file's keys that are a module's own names
     (:func:`equiv.from_module.own_names`) to equiv's."""
-    flat, layout = _read(path, file_layout)
+    flat, layout = _read(path, file_layout, entry)
     if own and layout.name == "torch":
         flat = {(own.get(key, key),): tensor for (key,), tensor in flat.items()}
     spec = check_entries(flat, layout, spec, what=f"checkpoint {os.fspath(path)}")
@@ -428,6 +432,7 @@ def load_jax(
     *,
     spec: MLPSpec | None = None,
     file_layout: str | Layout | None = None,
+    entry: str | None = None,
     device: jax.Device | str | None = None,
     copy: bool = True,
 ) -> dict[str, Any]:
@@ -440,13 +445,14 @@ def load_jax(
     rewritten in place. equiv's own writers replace files atomically, which is safe.
 
     float64 files need JAX's x64 mode, as for :func:`equiv.convert.torch_to_jax`.
+    ``spec``, ``file_layout`` and ``entry`` are :func:`load_torch`'s.
 
     Raises:
       ValueError: as :func:`load_torch`, or float64 data while x64 is off.
     """
     # Transposed weights are read as views: converting them back to the file's own
     # layout is then a plain copy (or none), not two transposes.
-    state, spec = _load_state(path, spec, file_layout, contiguous=False)
+    state, spec = _load_state(path, spec, file_layout, entry, contiguous=False)
     return torch_to_jax(state, layout=layout, spec=spec, copy=copy, device=device)
 
 
@@ -454,7 +460,9 @@ def load_jax(
 # Reading
 
 
-def _read(path: PathLike, file_layout: str | Layout | None) -> tuple[dict, Layout]:
+def _read(
+    path: PathLike, file_layout: str | Layout | None, entry: str | None = None
+) -> tuple[dict, Layout]:
     """The file's tensors keyed by ``(file key,)``, and the layout they are in, as
     the file holds it (:func:`_keyed`)."""
     kind = _kind(path, _SAFETENSORS + _PICKLES)
@@ -464,7 +472,12 @@ def _read(path: PathLike, file_layout: str | Layout | None) -> tuple[dict, Layou
             message(f"{shown} is a folder, not a checkpoint file: give the path of a file")
         )
     if kind in _PICKLES:
-        return {(n,): t for n, t in _read_pickle(shown).items()}, LAYOUTS["torch"]
+        return {(n,): t for n, t in _read_pickle(shown, entry).items()}, LAYOUTS["torch"]
+    if entry is not None:
+        raise value_error(
+            f"entry={entry!r} was given, but {shown} is a safetensors file, which holds one "
+            "flat mapping of tensors and no entries: drop entry"
+        )
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -490,7 +503,7 @@ def _read(path: PathLike, file_layout: str | Layout | None) -> tuple[dict, Layou
     return {(key,): t for key, t in tensors.items()}, layout
 
 
-def _read_pickle(path: str) -> dict[str, torch.Tensor]:
+def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -512,12 +525,22 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
         if not isinstance(exc, RuntimeError):
             reason = f"{type(exc).__name__}: {reason}"
         raise value_error(f"{path} is not a readable torch file: {reason}") from exc
+    top = loaded
+    if entry is not None:
+        loaded = _entry(loaded, entry, path)
     if not isinstance(loaded, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in loaded.values()
     ):
+        where = f"{path}'s entry {entry!r}" if entry is not None else path
+        found = [name for _, name in sorted(_state_dicts_in(top), key=lambda f: -f[0])]
+        advice = "save model.state_dict() (for a training checkpoint, the entry holding it)"
+        if len(found) == 1:
+            advice = f"pass entry={found[0]!r}, which holds one"
+        elif found:
+            others = ", ".join(map(repr, found[1:]))
+            advice = f"pass entry={found[0]!r}, the largest that holds one (others: {others})"
         raise value_error(
-            f"{path} holds a {type(loaded).__name__}, not a state_dict of tensors; save "
-            "model.state_dict() (for a training checkpoint, the entry holding it)"
+            f"{where} holds {_described(loaded)}, not a state_dict of tensors; {advice}"
         )
     keys = [k for k in loaded if not isinstance(k, str)]
     if keys:
@@ -539,6 +562,58 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
         name: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else _owning(t)
         for name, t in loaded.items()
     }
+
+
+def _entry(loaded: Any, entry: str, path: str) -> Any:
+    """``loaded[a][b]`` for ``entry="a/b"``, or a ``ValueError`` naming the keys there."""
+    value = loaded
+    for depth, key in enumerate(entry.split("/")):
+        if not isinstance(value, Mapping) or key not in value:
+            at = "/".join(entry.split("/")[:depth]) or "the top"
+            keys = list(value) if isinstance(value, Mapping) else []
+            holds = (
+                f"its keys are {', '.join(map(repr, keys[:8]))}" + (", ..." if keys[8:] else "")
+                if keys
+                else f"it holds {_described(value)}"
+            )
+            raise value_error(f"{path} has no entry {entry!r}: at {at}, {holds}")
+        value = value[key]
+    return value
+
+
+def _state_dicts_in(loaded: Any, prefix: str = "", depth: int = 2) -> list[tuple[int, str]]:
+    """The entries (``/``-joined keys, at most ``depth`` deep) of a loaded pickle that
+    are state_dicts (non-empty mappings of names to tensors), with their sizes."""
+    if not isinstance(loaded, Mapping) or depth == 0:
+        return []
+    found: list[tuple[int, str]] = []
+    for key, value in loaded.items():
+        if not isinstance(key, str):
+            continue
+        name = f"{prefix}{key}"
+        if (
+            isinstance(value, Mapping)
+            and value
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+        ):
+            found.append((len(value), name))
+        else:
+            found += _state_dicts_in(value, f"{name}/", depth - 1)
+    return found
+
+
+def _described(value: Any) -> str:
+    """What a loaded pickle's value is, in a few words: ``a dict of 'model' (dict),
+    'epoch' (int)``."""
+    if isinstance(value, Mapping):
+        entries = [f"{k!r} ({type(v).__name__})" for k, v in list(value.items())[:6]]
+        more = ", ..." if len(value) > 6 else ""
+        return (
+            f"a {type(value).__name__} of {', '.join(entries)}{more}"
+            if entries
+            else "an empty dict"
+        )
+    return f"a {type(value).__name__}"
 
 
 def _without_dense_values(tensors: Mapping[str, torch.Tensor]) -> str:

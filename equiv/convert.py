@@ -488,7 +488,7 @@ def check_entries(
         )
     given = spec is not None
     if spec is None:
-        spec = _infer_spec(known, layout)
+        spec = _infer_spec(known, layout, what)
     expected = spec.param_shapes()
     for name, torch_shape in expected.items():
         key, shape = ".".join(layout.path(name)), layout.shape(name, torch_shape)
@@ -566,15 +566,15 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:
     )
 
 
-def _infer_spec(known: Mapping[str, Any], layout: Layout) -> MLPSpec:
+def _infer_spec(known: Mapping[str, Any], layout: Layout, what: str) -> MLPSpec:
     """Read sizes off the weights: layer i maps weight.shape[1] to weight.shape[0].
 
     The first weight fixes the dtype; anything inconsistent is reported by the check.
     """
     if not known:
         raise value_error(
-            f"found no layer parameters; the {layout.name} layout expects names such as "
-            f"{'.'.join(layout.path('fc1.weight'))!r}"
+            f"{what}: found no layer parameters; the {layout.name} layout expects names "
+            f"such as {'.'.join(layout.path('fc1.weight'))!r}"
         )
     count = max(int(_TORCH_NAME.fullmatch(n).group(1)) for n in known)
     sizes: list[int | None] = [None] * (count + 1)

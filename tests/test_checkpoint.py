@@ -545,6 +545,49 @@ def test_loading_into_a_module_of_another_shape_or_dtype_is_refused_untouched(tm
         load_torch(other, out=_stack(0))
 
 
+def test_a_training_checkpoints_entry_loads_and_is_offered_when_missing(tmp_path):
+    # The commonest .pt file: torch.save({"model": ..., "optimizer": ..., "epoch": ...}).
+    model = _stack(0)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "train.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3}, path)
+    out = _stack(1)
+    load_torch(path, entry="model", out=out)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in out.state_dict().items())
+    state = random_state(SPEC, 4)
+    torch.save({"model": state, "step": 7}, tmp_path / "equiv_train.pt")
+    params = load_jax(tmp_path / "equiv_train.pt", layout="flax", entry="model")
+    assert_states_identical(jax_to_torch(params, layout="flax"), state)
+    with pytest.raises(ValueError) as info:
+        load_torch(path, out=out)
+    assert str(info.value) == (
+        f"[equiv] {path} holds a dict of 'model' (OrderedDict), 'optimizer' (dict), 'epoch' "
+        "(int), not a state_dict of tensors; pass entry='model', which holds one"
+    )
+    with pytest.raises(
+        ValueError, match="entry 'optimizer' holds a dict of 'state' .* entry='model'"
+    ):
+        load_torch(path, entry="optimizer")
+    with pytest.raises(ValueError, match="no entry 'model/fc1': at model, its keys are '0.weight'"):
+        load_torch(path, entry="model/fc1")
+    nested = tmp_path / "ema.pt"
+    torch.save({"ema": {"model": model.state_dict()}, "head": {"w": torch.zeros(2)}}, nested)
+    with pytest.raises(
+        ValueError, match=r"pass entry='ema/model', the largest that holds one \(others: 'head'\)"
+    ):
+        load_torch(nested)
+    assert torch.equal(load_torch(nested, entry="ema/model", out=out)["fc2.bias"], model[2].bias)
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "flat.safetensors")
+    with pytest.raises(ValueError, match="safetensors file, which holds one flat mapping"):
+        load_torch(tmp_path / "flat.safetensors", entry="model", out=out)
+    empty = tmp_path / "empty_dict.pt"
+    torch.save({}, empty)
+    with pytest.raises(ValueError, match=f"checkpoint {empty}: found no layer parameters"):
+        load_torch(empty)
+
+
 def test_empty_files_bad_layouts_and_half_precision_are_explained(tmp_path):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
