@@ -30,11 +30,14 @@ from typing import Any
 
 from equiv._messages import PREFIX, message
 from equiv.activations import ACTIVATIONS
+from equiv.checkpoint import load_torch
+from equiv.convert import LAYOUTS, check_entries
 from equiv.files import atomic_path, create_beside, read_only
 from equiv.harness import BACKENDS, compare_backends
 from equiv.losses import LOSSES
 from equiv.optimizers import OPTIMIZERS, OptimizerSpec
 from equiv.plot import plot_divergence
+from equiv.problem import make_problem
 from equiv.render import print_comparison
 from equiv.spec import DTYPES, MLPSpec
 
@@ -71,9 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--sizes",
         type=_sizes,
-        default=(4, 3, 2),
+        default=None,
         metavar="W,W,...",
-        help="layer widths, input first (default: 4,3,2)",
+        help="layer widths, input first (default: 4,3,2, or the --params file's)",
+    )
+    add(
+        "--params",
+        default=None,
+        metavar="PATH",
+        help="start from the parameters in this checkpoint instead of drawing them "
+        "(.safetensors in any layout, .pt/.pth state_dict); its sizes, bias and dtype are "
+        "the model's, and --seed still draws the batches",
+    )
+    add(
+        "--entry",
+        default=None,
+        metavar="KEY",
+        help="the key of a .pt training checkpoint that holds the state_dict "
+        "(e.g. model; / for nested keys)",
+    )
+    add(
+        "--file-layout",
+        default=None,
+        metavar="NAME",
+        help=f"the layout of a safetensors --params file without equiv's metadata: one "
+        f"of {', '.join(LAYOUTS)} (default: torch)",
     )
     add("--batch", type=int, default=2, metavar="N", help="batch size (default: 2)")
     add(
@@ -81,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seed,
         default=0,
         metavar="N",
-        help="torch seed for the initial parameters and the batches (default: 0)",
+        help="torch seed for the initial parameters (unless --params) and the batches (default: 0)",
     )
     add(
         "--lr",
@@ -99,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--dtype",
-        default="float32",
+        default=None,
         metavar="DTYPE",
-        help=f"one of {', '.join(DTYPES)} (default: float32)",
+        help=f"one of {', '.join(DTYPES)} (default: float32, or the --params file's)",
     )
     add(
         "--device",
@@ -269,10 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "give --rtol and --atol both, or neither to use derived bounds; "
                 f"got --rtol {args.rtol}, --atol {args.atol}"
             )
+        params, shape = _initial_params(args)
         spec = MLPSpec(
-            sizes=args.sizes,
-            bias=not args.no_bias,
-            dtype=args.dtype,
+            **shape,
             activation=args.activation[0] if len(args.activation) == 1 else args.activation,
             loss=args.loss,
             **_model_options(args),
@@ -290,9 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if path is not None:
                 check_writable(path, option)
         phases = list(args.backends) + ["reference", "compare"]
+        problem = None
+        if params is not None:
+            problem = make_problem(
+                spec, batch_size=args.batch, seed=args.seed, steps=args.steps, params=params
+            )
         with _progress_bar(len(phases)) as advance:
             comparison = compare_backends(
-                spec,
+                None if problem else spec,
+                problem=problem,
                 progress=advance,
                 batch_size=args.batch,
                 seed=args.seed,
@@ -314,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # not a message about the input: a bug, keep its traceback
         return _bad_input(str(error))
     try:
-        print_comparison(comparison, seed=args.seed)
+        print_comparison(comparison, seed=args.seed, params=args.params)
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader stopped reading (`equiv-compare | head`): the verdict still
@@ -330,10 +360,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             data = comparison.to_dict()
             data["config"].setdefault("seed", args.seed)  # the problem does not record it
+            if args.params is not None:
+                data["config"]["params"] = args.params
             write_json(args.json, data)
         except OSError as error:
             return _bad_input(f"cannot write --json {args.json!r}: {error.strerror or error}")
     return 0 if comparison.agree else 1
+
+
+def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, Any]]:
+    """The ``--params`` file's state_dict (None without one) and the MLPSpec fields
+    for the model's shape (sizes, bias, dtype): the file's, which ``--sizes``,
+    ``--no-bias`` and ``--dtype`` may repeat but not contradict."""
+    given = {
+        "sizes": args.sizes,
+        "bias": False if args.no_bias else None,
+        "dtype": args.dtype,
+    }
+    if args.params is None:
+        for option in ("--entry", "--file-layout"):
+            if getattr(args, option[2:].replace("-", "_")) is not None:
+                raise UsageError(f"{option} describes a --params file; give --params too")
+        defaults = {"sizes": (4, 3, 2), "bias": True, "dtype": "float32"}
+        return None, {k: defaults[k] if v is None else v for k, v in given.items()}
+    try:
+        state = load_torch(args.params, entry=args.entry, file_layout=args.file_layout)
+    except OSError as error:
+        raise UsageError(
+            f"cannot read --params {args.params!r}: {error.strerror or error}"
+        ) from None
+    found = check_entries(
+        {(name,): tensor for name, tensor in state.items()}, LAYOUTS["torch"], None, what=""
+    )
+    options = {"sizes": "--sizes", "bias": "--no-bias", "dtype": "--dtype"}
+    shown = {"sizes": lambda v: ",".join(map(str, v)), "bias": str, "dtype": str}
+    for field, value in given.items():
+        if value is not None and value != getattr(found, field):
+            raise UsageError(
+                f"{options[field]} says {shown[field](value)}, but --params {args.params!r} "
+                f"holds {field} {shown[field](getattr(found, field))}: leave {options[field]} "
+                "out (the file's is used)"
+            )
+    return state, {"sizes": found.sizes, "bias": found.bias, "dtype": found.dtype}
 
 
 @contextlib.contextmanager

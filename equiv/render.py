@@ -56,6 +56,7 @@ def render_comparison(
     width: int = DEFAULT_WIDTH,
     color: bool = False,
     seed: int | None = None,
+    params: str | None = None,
 ) -> str:
     """The printed report of ``comparison`` as a string.
 
@@ -64,6 +65,8 @@ def render_comparison(
       width: the number of columns to lay the tables out in.
       color: ANSI colour codes in the text (as on a terminal) or none.
       seed: the seed the problem was drawn from, shown in the header when given.
+      params: the file the initial parameters were read from, shown in the header
+        when given (the seed then drew the batches only).
 
     Returns:
       The report, lines separated by ``\\n``.
@@ -75,7 +78,7 @@ def render_comparison(
       True
     """
     console = make_console(io.StringIO(), width=width, color=color)
-    print_comparison(comparison, console, seed=seed)
+    print_comparison(comparison, console, seed=seed, params=params)
     return console.file.getvalue()
 
 
@@ -111,13 +114,18 @@ def make_console(
 
 
 def print_comparison(
-    comparison: Comparison, console: Console | None = None, *, seed: int | None = None
+    comparison: Comparison,
+    console: Console | None = None,
+    *,
+    seed: int | None = None,
+    params: str | None = None,
 ) -> None:
-    """Print the report of ``comparison`` on ``console`` (default: standard output)."""
+    """Print the report of ``comparison`` on ``console`` (default: standard output);
+    ``seed`` and ``params`` as :func:`render_comparison` takes them."""
     console = console or make_console()
     report = comparison.report
     last = max((leaf.step for leaf in report.leaves), default=1)
-    for line in header_lines(comparison, seed=seed, width=console.width):
+    for line in header_lines(comparison, seed=seed, params=params, width=console.width):
         console.print(line, soft_wrap=True)
     for group in _groups(leaf for leaf in report.leaves if leaf.step == last):
         console.print()
@@ -146,7 +154,11 @@ _OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 
 
 def header_lines(
-    comparison: Comparison, *, seed: int | None = None, width: int = DEFAULT_WIDTH
+    comparison: Comparison,
+    *,
+    seed: int | None = None,
+    params: str | None = None,
+    width: int = DEFAULT_WIDTH,
 ) -> list[str]:
     """The header: backends, configuration and the settings in force, one fact per item."""
     problem = comparison.problem
@@ -164,8 +176,10 @@ def header_lines(
         spec.dtype,
     ]
     run = [f"batch {problem.batch_size}"]
+    if params is not None:
+        run.append(f"initial params from {params}")
     if seed is not None:
-        run.append(f"seed {seed}")
+        run.append(f"{'batches from ' if params is not None else ''}seed {seed}")
     optimizer = comparison.optimizer
     name = optimizer.name if optimizer is not None else "sgd"
     extras = ""

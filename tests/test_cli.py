@@ -88,6 +88,9 @@ BAD_INPUTS = [
     (["--json", "{tmp}/missing/report.json"], "the folder '{tmp}/missing' does not exist"),
     (["--json", "{tmp}"], "is a folder; give a file path such as report.json"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--entry", "model"], "--entry describes a --params file; give --params too"),
+    (["--file-layout", "flax"], "--file-layout describes a --params file; give --params too"),
+    (["--params", "{tmp}/none.pt"], "cannot read --params '{tmp}/none.pt': No such file"),
 ]
 
 
@@ -408,3 +411,75 @@ def test_model_options_are_taken_where_the_model_uses_them(capsys):
     assert code == 0 and "negative_slope=0.2" in out and "huber_delta=3" in out, out
     code, out, _ = _run(["--loss", "cross_entropy", "--label-smoothing", "0.1"], capsys)
     assert code == 0 and "label_smoothing=0.1" in out, out
+
+
+def test_params_file_is_where_the_run_starts(tmp_path, capsys):
+    # A user's own weights: the run starts from the file's parameters (its sizes,
+    # bias and dtype), in any layout, with the batches still drawn from --seed.
+    import jax
+    import torch
+
+    from equiv import MLPSpec, TorchMLP, compare_backends, save_jax, torch_to_jax
+    from equiv.problem import make_problem
+
+    spec = MLPSpec((5, 7, 3), activation="tanh", dtype="float64")
+    torch.manual_seed(11)
+    state = TorchMLP(spec).state_dict()
+    with jax.enable_x64(True):
+        save_jax(torch_to_jax(state, layout="nnx"), tmp_path / "w.safetensors", layout="nnx")
+    torch.save({"model": state, "epoch": 4}, tmp_path / "train.pt")
+    expected = compare_backends(problem=make_problem(spec, seed=2, params=state))
+    for argv in (
+        ["--params", str(tmp_path / "w.safetensors")],
+        ["--params", str(tmp_path / "train.pt"), "--entry", "model", "--sizes", "5,7,3"],
+    ):
+        report = tmp_path / "report.json"
+        code, out, err = _run(
+            [*argv, "--activation", "tanh", "--seed", "2", "--json", str(report)], capsys
+        )
+        assert (code, err) == (0, ""), err
+        assert "sizes 5-7-3" in out and "float64" in out
+        assert f"initial params from {argv[1]}, batches from seed 2" in " ".join(out.split())
+        data = json.loads(report.read_text())
+        assert data["config"]["params"] == argv[1]
+        assert data["loss"]["torch"] == [float(expected.trajectories["torch"].losses[0])]
+    # The twin: drawn from the seed, the run starts elsewhere.
+    code, _, _ = _run(
+        [
+            "--sizes",
+            "5,7,3",
+            "--dtype",
+            "float64",
+            "--activation",
+            "tanh",
+            "--seed",
+            "2",
+            "--json",
+            str(report),
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert json.loads(report.read_text())["loss"]["torch"] != data["loss"]["torch"]
+
+
+def test_params_file_options_that_contradict_it_are_refused(tmp_path, capsys):
+    import torch
+
+    from equiv import MLPSpec, TorchMLP, save_torch
+
+    save_torch(TorchMLP(MLPSpec((4, 3, 2))), tmp_path / "m.safetensors")
+    torch.save({"model": TorchMLP(MLPSpec((4, 3, 2))).state_dict()}, tmp_path / "t.pt")
+    path = str(tmp_path / "m.safetensors")
+    for argv, fragment in (
+        (["--sizes", "4,3,3"], f"--sizes says 4,3,3, but --params '{path}' holds sizes 4,3,2"),
+        (["--dtype", "float64"], "--dtype says float64, but --params"),
+        (["--no-bias"], "--no-bias says False, but --params"),
+        (["--entry", "model"], "is a safetensors file, which holds one flat mapping"),
+        (["--file-layout", "flax"], "records layout 'torch', but file_layout='flax' was given"),
+    ):
+        code, out, err = _run(["--params", path, *argv], capsys)
+        assert (code, out) == (2, "") and fragment in err, err
+    code, out, err = _run(["--params", str(tmp_path / "t.pt")], capsys)
+    assert (code, out) == (2, "") and "pass entry='model', which holds one" in err
+    assert _run(["--params", path], capsys)[0] == 0  # the twin: nothing contradicts it
