@@ -393,13 +393,17 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
         {(name,): tensor for name, tensor in state.items()}, LAYOUTS["torch"], None, what=""
     )
     options = {"sizes": "--sizes", "bias": "--no-bias", "dtype": "--dtype"}
-    shown = {"sizes": lambda v: ",".join(map(str, v)), "bias": str, "dtype": str}
+    shown = {
+        "sizes": lambda v: f"sizes {','.join(map(str, v))}",
+        "bias": lambda v: "bias" if v else "no bias",
+        "dtype": str,
+    }
     for field, value in given.items():
         if value is not None and value != getattr(found, field):
             raise UsageError(
                 f"{options[field]} says {shown[field](value)}, but --params {args.params!r} "
-                f"holds {field} {shown[field](getattr(found, field))}: leave {options[field]} "
-                "out (the file's is used)"
+                f"holds {shown[field](getattr(found, field))}: leave {options[field]} out "
+                "(the file's is used)"
             )
     return state, {"sizes": found.sizes, "bias": found.bias, "dtype": found.dtype}
 

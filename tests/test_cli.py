@@ -473,8 +473,8 @@ def test_params_file_options_that_contradict_it_are_refused(tmp_path, capsys):
     path = str(tmp_path / "m.safetensors")
     for argv, fragment in (
         (["--sizes", "4,3,3"], f"--sizes says 4,3,3, but --params '{path}' holds sizes 4,3,2"),
-        (["--dtype", "float64"], "--dtype says float64, but --params"),
-        (["--no-bias"], "--no-bias says False, but --params"),
+        (["--dtype", "float64"], f"--dtype says float64, but --params '{path}' holds float32"),
+        (["--no-bias"], f"--no-bias says no bias, but --params '{path}' holds bias: leave"),
         (["--entry", "model"], "is a safetensors file, which holds one flat mapping"),
         (["--file-layout", "flax"], "records layout 'torch', but file_layout='flax' was given"),
     ):
