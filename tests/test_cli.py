@@ -472,7 +472,10 @@ def test_params_file_options_that_contradict_it_are_refused(tmp_path, capsys):
     torch.save({"model": TorchMLP(MLPSpec((4, 3, 2))).state_dict()}, tmp_path / "t.pt")
     path = str(tmp_path / "m.safetensors")
     for argv, fragment in (
-        (["--sizes", "4,3,3"], f"--sizes says 4,3,3, but --params '{path}' holds sizes 4,3,2"),
+        (
+            ["--sizes", "4,3,3"],
+            f"--sizes says sizes 4,3,3, but --params '{path}' holds sizes 4,3,2",
+        ),
         (["--dtype", "float64"], f"--dtype says float64, but --params '{path}' holds float32"),
         (["--no-bias"], f"--no-bias says no bias, but --params '{path}' holds bias: leave"),
         (["--entry", "model"], "is a safetensors file, which holds one flat mapping"),
