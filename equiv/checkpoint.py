@@ -7,11 +7,12 @@ hold a ``.`` itself; a layout whose joined paths would collide is refused when
 saving). The file records that layout in its metadata (``"equiv.layout"``, with
 its paths, so that a :class:`~equiv.convert.Layout` of your own reads back too), so
 a file written from torch loads into JAX and back. A safetensors file without that
-entry (written by another tool) is read in the layout the caller names with
-``file_layout`` (``"torch"`` by default); ``file_layout`` never overrides what a
-file records: metadata that is damaged, or that no name of the file matches, is
-reported as damage. Everything read is checked before it is returned: names,
-shapes and dtypes, every problem named in one ``ValueError``.
+entry (written by another tool), and a torch pickle, which records no layout, are
+read in the layout the caller names with ``file_layout`` (``"torch"`` by default);
+``file_layout`` never overrides what a file records: metadata that is damaged, or
+that no name of the file matches, is reported as damage. Everything read is checked
+before it is returned: names, shapes and dtypes, every problem named in one
+``ValueError``.
 
 Torch pickles (``.pt``, ``.pth``) are read only with ``torch.load(weights_only=True)``,
 which refuses any object but tensors and plain containers: a pickle can run code.
@@ -67,7 +68,9 @@ LAYOUT_KEY = "equiv.layout"
 # in LAYOUTS to look the name up in.
 _LAYOUT_FIELDS = ("weight_path", "bias_path", "transpose")
 _SAFETENSORS = (".safetensors",)
-_PICKLES = (".pt", ".pth")
+# torch.save's zip under the suffixes in use: .bin (Hugging Face's pytorch_model.bin) and
+# .ckpt (Lightning's, whose state_dict is entry="state_dict").
+_PICKLES = (".pt", ".pth", ".bin", ".ckpt")
 # What a file's layout metadata can get wrong: a template torch cannot fill in
 # (KeyError "{k}", IndexError "{}", AttributeError "{i.x}", TypeError "{i[0]}",
 # ValueError "{i:q}" or Layout's own checks).
@@ -88,14 +91,15 @@ def save_torch(
 ) -> None:
     """Write a torch MLP's parameters (names ``fc1.weight``...) to ``path``.
 
-    ``.safetensors`` files record the ``torch`` layout; ``.pt``/``.pth`` files are
-    ``torch.save`` of the state_dict (tensors only, so ``weights_only`` loads it).
+    ``.safetensors`` files record the ``torch`` layout; ``.pt``/``.pth`` (and ``.bin``,
+    ``.ckpt``) files are ``torch.save`` of the state_dict (tensors only, so
+    ``weights_only`` loads it).
 
     Raises:
       TypeError: not a module or a state_dict of tensors.
       ValueError: the parameters do not form an MLP (or ``spec``), a tensor is sparse,
-        nested or on the meta device, or the suffix is neither ``.safetensors``,
-        ``.pt`` nor ``.pth``.
+        nested or on the meta device, or the suffix is none of ``.safetensors``,
+        ``.pt``, ``.pth``, ``.bin`` and ``.ckpt``.
       OSError: ``path`` cannot be written (see :func:`equiv.files.atomic_path`).
     """
     kind = _kind(path, _SAFETENSORS + _PICKLES)
@@ -151,7 +155,9 @@ def load_torch(
     Args:
       path: a ``.safetensors`` file in any layout, or a ``.pt``/``.pth`` state_dict.
       spec: the expected architecture; by default read from the weights.
-      file_layout: the layout of a safetensors file without equiv's metadata.
+      file_layout: the layout of the names in a file that records none: a
+        safetensors file without equiv's metadata, or a ``.pt``/``.pth`` (``"torch"``
+        by default).
       entry: the key of a ``.pt`` training checkpoint's dict that holds the
         state_dict (``"model"`` for ``torch.save({"model": model.state_dict(),
         "optimizer": ..., "epoch": ...})``); ``/`` separates nested keys.
@@ -471,8 +477,12 @@ def _read(
         raise IsADirectoryError(
             message(f"{shown} is a folder, not a checkpoint file: give the path of a file")
         )
+    given = None if file_layout is None else get_layout(file_layout)
     if kind in _PICKLES:
-        return {(n,): t for n, t in _read_pickle(shown, entry).items()}, LAYOUTS["torch"]
+        # A pickle records no layout: its names are read in the one the caller names.
+        return {(n,): t for n, t in _read_pickle(shown, entry).items()}, _keyed(
+            given or LAYOUTS["torch"]
+        )
     if entry is not None:
         raise value_error(
             f"entry={entry!r} was given, but {shown} is a safetensors file, which holds one "
@@ -488,7 +498,6 @@ def _read(
         if isinstance(exc, FileNotFoundError):
             raise
         raise value_error(f"{shown} is not a readable safetensors file: {exc}") from exc
-    given = None if file_layout is None else get_layout(file_layout)
     recorded = _recorded_layout(metadata, given, shown)
     if recorded is not None:
         _refuse_disagreeing_names(list(tensors), recorded, given, shown)

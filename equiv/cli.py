@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="start from the parameters in this checkpoint instead of drawing them "
-        "(.safetensors in any layout, .pt/.pth state_dict); its sizes, bias and dtype are "
-        "the model's, and --seed still draws the batches",
+        "(.safetensors in any layout, .pt/.pth/.bin/.ckpt state_dict); its sizes, bias and "
+        "dtype are the model's, and --seed still draws the batches",
     )
     add(
         "--entry",
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--file-layout",
         default=None,
         metavar="NAME",
-        help=f"the layout of a safetensors --params file without equiv's metadata: one "
-        f"of {', '.join(LAYOUTS)} (default: torch)",
+        help=f"the layout of the names in a --params file that records none (a safetensors "
+        f"file without equiv's metadata, or a .pt): one of {', '.join(LAYOUTS)} "
+        "(default: torch)",
     )
     add("--batch", type=int, default=2, metavar="N", help="batch size (default: 2)")
     add(

@@ -22,7 +22,7 @@ from equiv.spec import MLPSpec  # noqa: E402
 from equiv.torch_mlp import TORCH_DTYPES  # noqa: E402
 
 SPEC = MLPSpec((4, 3, 2))
-SUFFIXES = (".safetensors", ".pt", ".pth")
+SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 def random_state(spec: MLPSpec, seed: int) -> dict[str, torch.Tensor]:
@@ -101,6 +101,23 @@ def test_foreign_safetensors_file_uses_file_layout(tmp_path, equiv_seed):
     path = tmp_path / "foreign.safetensors"
     safetensors.torch.save_file(flax_keys, path)  # no equiv metadata
     assert_states_identical(load_torch(path, file_layout="flax"), state)
+    with pytest.raises(ValueError, match="the names of the 'flax' layout: say so"):
+        load_torch(path)  # read as the default torch layout: nothing matches
+
+
+def test_pickle_with_another_layouts_names_is_read_in_file_layout(tmp_path, equiv_seed):
+    # A pickle records no layout, so file_layout names it, as for a foreign safetensors file.
+    state = random_state(SPEC, equiv_seed)
+    flax_keys = {
+        "Dense_0.kernel": state["fc1.weight"].T.contiguous(),
+        "Dense_0.bias": state["fc1.bias"],
+        "Dense_1.kernel": state["fc2.weight"].T.contiguous(),
+        "Dense_1.bias": state["fc2.bias"],
+    }
+    path = tmp_path / "flax_names.pt"
+    torch.save(flax_keys, path)
+    assert_states_identical(load_torch(path, file_layout="flax"), state)
+    assert_trees_identical(load_jax(path, file_layout="flax"), torch_to_jax(state))
     with pytest.raises(ValueError, match="the names of the 'flax' layout: say so"):
         load_torch(path)  # read as the default torch layout: nothing matches
 
@@ -310,7 +327,7 @@ def test_float64_file_outside_x64_is_refused(tmp_path):
     [
         (lambda p: save_torch(random_state(SPEC, 0), p / "m.npz"), "unsupported suffix '.npz'"),
         (lambda p: save_jax({}, p / "m.pt"), "unsupported suffix '.pt'"),
-        (lambda p: load_torch(p / "m.ckpt"), "unsupported suffix '.ckpt'"),
+        (lambda p: load_torch(p / "m.h5"), "unsupported suffix '.h5'"),
     ],
 )
 def test_unsupported_suffix_is_refused(call, message, tmp_path):
@@ -543,6 +560,20 @@ def test_loading_into_a_module_of_another_shape_or_dtype_is_refused_untouched(tm
     torch.save(Named().state_dict(), other)
     with pytest.raises(ValueError, match="none of its 4 entries is a parameter"):
         load_torch(other, out=_stack(0))
+
+
+def test_torch_save_files_under_the_suffixes_in_use_are_read(tmp_path):
+    # Hugging Face's pytorch_model.bin and a Lightning-style .ckpt are torch.save zips.
+    state = random_state(SPEC, 2)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert_states_identical(load_torch(tmp_path / "pytorch_model.bin"), state)
+    torch.save({"state_dict": state, "epoch": 1, "global_step": 10}, tmp_path / "last.ckpt")
+    assert_states_identical(load_torch(tmp_path / "last.ckpt", entry="state_dict"), state)
+    with pytest.raises(ValueError, match="pass entry='state_dict', which holds one"):
+        load_torch(tmp_path / "last.ckpt")
+    (tmp_path / "model.h5").write_bytes(b"\x89HDF")
+    with pytest.raises(ValueError, match=r"unsupported suffix '\.h5'; expected \.safetensors"):
+        load_torch(tmp_path / "model.h5")
 
 
 def test_a_training_checkpoints_entry_loads_and_is_offered_when_missing(tmp_path):
