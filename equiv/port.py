@@ -587,7 +587,8 @@ def _per_step(name: str, value: Any, steps: int) -> list[Any]:
 def _tensor(
     name: str, value: Any, dtype: torch.dtype, width: int, loss: str | None = None
 ) -> torch.Tensor:
-    tensor = torch.as_tensor(np.asarray(to_numpy(value))).detach().cpu().clone()
+    # np.array copies: a JAX array's NumPy view is read-only, which torch warns about.
+    tensor = torch.as_tensor(np.array(to_numpy(value)))
     integer = not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
     if loss is not None and integer and tensor.ndim == 1:
         # Class labels, while the loss takes targets of the output's shape (found in a
@@ -611,7 +612,8 @@ def _tensor(
 
 def _labels(name: str, value: Any, classes: int) -> torch.Tensor:
     """Integer class labels of shape (batch,), as torch's CrossEntropyLoss takes them."""
-    tensor = torch.as_tensor(np.asarray(to_numpy(value))).detach().cpu().clone()
+    # np.array copies: a JAX array's NumPy view is read-only, which torch warns about.
+    tensor = torch.as_tensor(np.array(to_numpy(value)))
     if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.ndim != 1:
         raise value_error(
             f"{name} must hold integer class labels of shape (batch,) for cross_entropy, got "

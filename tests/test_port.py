@@ -68,6 +68,16 @@ def test_one_batch_is_reused_for_every_step(equiv_seed):
     assert all(torch.equal(b[0], xs[0]) for b in report.problem.batches)
 
 
+@pytest.mark.filterwarnings("error")
+def test_jax_arrays_as_batches_raise_no_warning(equiv_seed):
+    # A JAX array's NumPy view is read-only; reading it into torch warned "The given
+    # NumPy array is not writable", which fails a suite run with -W error (user trial).
+    model, xs, ys = _model_and_batches(equiv_seed)
+    as_jax = [jnp.asarray(x.numpy()) for x in xs], [jnp.asarray(y.numpy()) for y in ys]
+    check_jax_port(model, flax_loss, *as_jax, steps=2).assert_agree()
+    assert not check_jax_port(model, summed_loss, *as_jax, steps=2).agree  # the failing twin
+
+
 def test_float64_port_agrees_in_float64(equiv_seed):
     model, xs, ys = _model_and_batches(equiv_seed, spec=SPEC.replace(dtype="float64"))
     report = check_jax_port(model, flax_loss, xs, ys, steps=2)
