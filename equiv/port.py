@@ -310,11 +310,7 @@ def run_jax_port(
             ours = (TypeError, KeyError, ValueError, IndexError)
             if not (isinstance(error, ours) or type(error).__module__.startswith("flax")):
                 raise
-            keys = ", ".join(".".join(k) for k in _paths(params))
-            raise value_error(
-                f"your loss_fn(params, x, y) failed: {type(error).__name__}: {error}. It must "
-                f"return a scalar; its params are in the {layout!r} layout: {keys}"
-            ) from error
+            raise value_error(_loss_fn_failure(error, layout, params)) from error
         updates, state = optimizer.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         out.record(
@@ -324,6 +320,38 @@ def run_jax_port(
             _torch_named_state(state_spec, state, to_torch, out),
         )
     return out
+
+
+def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
+    """What went wrong in the caller's ``loss_fn`` and what to do, by the kind of error:
+    a branch on a traced value, an output that is not a scalar, a shape mismatch, or a
+    key the tree lacks (the tree's keys and shapes are listed for every kind)."""
+    text, name = str(error).strip(), get_layout(layout).name
+    said = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(":. ")
+    if isinstance(error, jax.errors.ConcretizationTypeError):
+        advice = (
+            "It branches in Python on a traced value (if or bool() on an array), which "
+            "jax.jit cannot do: pass jit=False to run it eagerly, or branch with "
+            "jnp.where or jax.lax.cond"
+        )
+    elif "scalar-output" in text:
+        advice = (
+            "It must return a scalar: reduce the loss over the batch as the torch model's "
+            "loss does (a mean for MSELoss)"
+        )
+    elif isinstance(error, TypeError) and "shape" in text:
+        order = "(in, out)" if get_layout(layout).transpose else "(out, in)"
+        advice = f"A shape does not fit: the {name!r} layout's weights are {order}"
+    else:
+        advice = "Its params are a tree of the layout's keys"
+    shapes = "; ".join(
+        f"{jax.tree_util.keystr(path, simple=True, separator='.')} {tuple(np.shape(leaf))}"
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    )
+    return (
+        f"your loss_fn(params, x, y) failed: {said}. {advice}. Its params, in the "
+        f"{name!r} layout: {shapes}"
+    )
 
 
 def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):

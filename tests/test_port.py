@@ -17,10 +17,13 @@ from equiv.port import check_jax_port, check_manual_backward
 SPEC = MLPSpec((5, 4, 3))
 
 
-def flax_loss(params, x, y):
+def flax_forward(params, x):
     h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
-    out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
-    return jnp.mean((out - y) ** 2)
+    return h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+
+
+def flax_loss(params, x, y):
+    return jnp.mean((flax_forward(params, x) - y) ** 2)
 
 
 def torch_layout_loss(params, x, y):
@@ -491,6 +494,30 @@ def test_a_failing_loss_fn_is_reported_with_the_layout_keys():
 
     with pytest.raises(ValueError, match=r"failed: ScopeParamNotFoundError.*Dense_0\.kernel"):
         check_jax_port(model, linen, torch.randn(2, 4), torch.randn(2, 2))
+    # Each kind of failure gets its own advice, not "it must return a scalar" for all.
+
+    def per_example(params, x, y):
+        return jnp.mean((flax_forward(params, x) - y) ** 2, axis=1)
+
+    def transposed(params, x, y):
+        return jnp.mean((x @ params["Dense_0"]["kernel"].T).sum() - y)
+
+    def branching(params, x, y):
+        if not jnp.isfinite(x).all():  # a Python branch on the batch: not under jax.jit
+            raise ValueError("a non-finite batch")
+        return jnp.mean((flax_forward(params, x) - y) ** 2)
+
+    x, y = torch.randn(2, 4), torch.randn(2, 2)
+    with pytest.raises(ValueError, match=r"Output had shape: \(2,\)\. It must return a scalar"):
+        check_jax_port(model, per_example, x, y)
+    with pytest.raises(
+        ValueError, match=r"A shape does not fit: the 'flax' layout's weights are \(in, out\)"
+    ) as info:
+        check_jax_port(model, transposed, x, y)
+    assert "Dense_0.kernel (4, 3); Dense_1.bias (2,)" in str(info.value)
+    with pytest.raises(ValueError, match="TracerBoolConversionError.*pass jit=False"):
+        check_jax_port(model, branching, x, y)
+    check_jax_port(model, branching, x, y, jit=False).assert_agree()  # the twin
     # The twin: an error of the user's own code that is none of these is theirs to see.
 
     def broken(params, x, y):
