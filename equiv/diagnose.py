@@ -63,6 +63,7 @@ def diagnose_leaf(
     loss_differs: bool = False,
     own_before: np.ndarray | None = None,
     earlier_agreed: bool | None = None,
+    layout: str | None = None,
 ) -> str | None:
     """The likeliest known cause of ``actual`` differing from ``expected``, or None.
 
@@ -87,6 +88,8 @@ def diagnose_leaf(
         ``before`` (``expected``'s): updates are measured each from its own start.
       earlier_agreed: whether the two agreed at every step before ``step``: a
         learning rate that differs from a later step on is then a schedule's.
+      layout: the layout of the port's parameters (``"equinox"``...), where known: the
+        advice then names its converter.
 
     Example:
       >>> import numpy as np
@@ -110,9 +113,8 @@ def diagnose_leaf(
     if a.ndim == 2 and a.shape[0] == a.shape[1] > 1 and _close(a, b.T) and not _close(a, b):
         return (
             f"{name}: {first} holds the transpose of {second}'s square weight. A converter "
-            "forgot to transpose it (torch Linear.weight is (out, in), a Flax or nnx kernel "
-            "(in, out)); convert with equiv.torch_to_jax(..., layout=...) in your layout "
-            '("flax", "nnx", "equinox" or "torch"), which transposes where the layout needs it.'
+            "forgot to transpose it, or transposed it once too often (torch's and Equinox's "
+            f"Linear weights are (out, in), a Flax or nnx kernel (in, out)); {_converter(layout)}."
         )
     if stage == "params" and before is not None:
         before = np.asarray(before, np.float64)
@@ -314,6 +316,21 @@ def _decay_difference(
     if abs(k) < 40 * 2.0**-24 or abs(c) > 1e-4 or np.mean(near) < 0.95:
         return None
     return k
+
+
+def _converter(layout: str | None) -> str:
+    """The converter that gives ``layout``'s weights their order, as advice."""
+    if layout == "equinox":
+        return (
+            "convert with equiv.torch_to_equinox(state_dict, model), which keeps torch's (out, in)"
+        )
+    if layout is not None:
+        return f"convert with equiv.torch_to_jax(state_dict, layout={layout!r})"
+    return (
+        'convert with equiv.torch_to_jax(state_dict, layout=...) in your layout ("flax", '
+        '"nnx" or "torch"), or equiv.torch_to_equinox(state_dict, model), which transpose '
+        "where the layout needs it"
+    )
 
 
 def diagnose_trees(

@@ -167,6 +167,8 @@ class Trajectory:
     #: Why a backend that keeps an optimizer state records none (its state then goes
     #: uncompared, and the report's settings say so under "state_not_compared").
     state_note: str | None = dataclasses.field(default=None, compare=False)
+    #: The layout of a port's parameters (``"equinox"``...): hints name its converter.
+    layout: str | None = dataclasses.field(default=None, compare=False)
 
     def record(
         self,
@@ -527,6 +529,7 @@ class Comparison:
                     step=step,
                     # The loss of this step failed too, with no cause found there.
                     loss_differs=(step, order["loss"], a, b) in groups,
+                    layout=ta.layout or tb.layout,
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []
@@ -1090,7 +1093,9 @@ class Comparison:
                 square = theirs.ndim == 2 and theirs.shape[0] == theirs.shape[1] > 1
                 if square and theirs.shape == ours.shape and np.array_equal(theirs, ours.T):
                     names = (backend, "the model")
-                    found = diagnose_leaf(name, theirs, ours, stage="start", names=names)
+                    found = diagnose_leaf(
+                        name, theirs, ours, stage="start", names=names, layout=run.layout
+                    )
                     causes.append(found or f"{name}: {backend} holds the model's transposed")
                 elif theirs.shape == ours.shape:
                     other.append(f"{name} (by up to {np.max(np.abs(theirs - ours)):.3g})")

@@ -640,6 +640,37 @@ def test_an_equinox_model_is_taken_as_params():
         check(approximate=False, layout="flax")
 
 
+def test_a_transposed_square_weight_names_the_layouts_own_converter():
+    # Found in a user trial: an Equinox model's transposed square weight got Flax's advice.
+    eqx = pytest.importorskip("equinox")
+    from equiv import mlp_from_module, torch_to_jax
+    from equiv.convert import torch_to_equinox
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 3))
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    shell = eqx.nn.MLP(4, 3, 3, depth=1, activation=jax.nn.relu, key=jax.random.key(0))
+    model = torch_to_equinox(mlp_from_module(net)[1], shell)
+
+    def loss_fn(model, xb, yb):
+        return jnp.mean((jax.vmap(model)(xb) - yb) ** 2)
+
+    check_jax_port(net, loss_fn, x, y, layout="equinox", params=model).assert_agree()
+    planted = eqx.tree_at(lambda m: m.layers[1].weight, model, model.layers[1].weight.T)
+    hints = check_jax_port(net, loss_fn, x, y, layout="equinox", params=planted).hints()
+    assert any(
+        "fc2.weight: port holds the transpose of the model's square weight" in h
+        and "equiv.torch_to_equinox(state_dict, model)" in h
+        and "flax" not in h.split(";")[-1]
+        for h in hints
+    ), hints
+    # The twin in the flax layout names torch_to_jax with that layout.
+    params = torch_to_jax(mlp_from_module(net)[1], layout="flax")
+    params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].T
+    hints = check_jax_port(net, flax_loss, x, y, params=params).hints()
+    assert any("equiv.torch_to_jax(state_dict, layout='flax')" in h for h in hints), hints
+
+
 def test_equinox_params_as_a_list_of_linear_layers_and_a_module_of_ones_own():
     # Found in review: a module of one's own was refused with the converters' advice
     # (pass its Linear layers as a list), and a list then failed as "not dict-like".
