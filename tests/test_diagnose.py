@@ -32,7 +32,7 @@ CASES = [
     (  # the fix names every layout, not flax's alone (an nnx user trial)
         "transpose-any-layout",
         dict(name="fc2.weight", actual=W.T, expected=W, stage="params"),
-        'in your layout ("flax", "nnx", "equinox" or "torch")',
+        'in your layout ("flax", "nnx" or "torch"), or equiv.torch_to_equinox(state_dict, model)',
     ),
     (
         "mse-sum",
