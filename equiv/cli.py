@@ -369,6 +369,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if comparison.agree else 1
 
 
+def _foreign_names_advice(args: argparse.Namespace) -> str | None:
+    """What to do, from the command line, about a ``--params`` file none of whose names
+    is one of the layout read (the library's advice is Python's), or None."""
+    from equiv.checkpoint import _keyed, _read  # noqa: PLC0415 - the reader's own view
+
+    try:
+        flat, layout = _read(args.params, args.file_layout, args.entry)
+    except (ValueError, OSError):
+        return None  # the load's own error says what is wrong
+    if not flat or any(layout.torch_name(key) for key in flat):
+        return None
+    for name, other in LAYOUTS.items():
+        if all(_keyed(other).torch_name(key) for key in flat):
+            return f"its names are the {name} layout's: add --file-layout {name}"
+    found = ", ".join(repr(key[0]) for key in list(flat)[:4]) + (", ..." if len(flat) > 4 else "")
+    return (
+        f"its names ({found}) are a module's own, not a layout's, and only the module "
+        "tells which Linear layer each is. Convert it in Python with the module: "
+        "equiv.load_torch(path, out=module), then equiv.save_torch(module, "
+        "'model.safetensors'), and pass --params model.safetensors"
+    )
+
+
 def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, Any]]:
     """The ``--params`` file's state_dict (None without one) and the MLPSpec fields
     for the model's shape (sizes, bias, dtype): the file's, which ``--sizes``,
@@ -390,6 +413,11 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
         raise UsageError(
             f"cannot read --params {args.params!r}: {error.strerror or error}"
         ) from None
+    except ValueError:
+        advice = _foreign_names_advice(args)
+        if advice is None:
+            raise
+        raise UsageError(f"--params {args.params!r}: {advice}") from None
     found = check_entries(
         {(name,): tensor for name, tensor in state.items()}, LAYOUTS["torch"], None, what=""
     )

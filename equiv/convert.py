@@ -515,6 +515,17 @@ def check_entries(
     if problems:
         example = ", ".join(".".join(layout.path(n)) for n in ("fc1.weight", "fc1.bias"))
         other = sorted({_dtype(v) for v in known.values()} - set(DTYPES))
+        if not {_dtype(v) for v in known.values()} & set(DTYPES) and all(
+            p.startswith("  wrong dtype") for p in problems
+        ):
+            # Only the dtype is wrong, all of it (a model.half()'s file; found in a user
+            # trial: the spec= advice came first, though no spec could help).
+            raise value_error(
+                f"{what} holds {' and '.join(other)} parameters, but equiv compares float32 "
+                "and float64 only: convert them first (tensor.float(), "
+                "array.astype(np.float32); a file: torch.load(path, weights_only=True), "
+                ".float() each tensor, and save it again)"
+            )
         advice = (
             f"\nequiv compares float32 and float64 only, not {', '.join(other)}: convert "
             "first (tensor.float(), array.astype(np.float32))"

@@ -463,6 +463,39 @@ def test_params_file_is_where_the_run_starts(tmp_path, capsys):
     assert json.loads(report.read_text())["loss"]["torch"] != data["loss"]["torch"]
 
 
+def test_params_files_named_otherwise_get_the_command_lines_advice(tmp_path, capsys):
+    # Found in a user trial: the CLI repeated the library's Python advice ("pass the
+    # module itself", "file_layout='flax'"), and a bfloat16 file's said "Pass spec=" first.
+    import torch
+
+    from equiv import MLPSpec, TorchMLP
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    torch.save(seq.state_dict(), tmp_path / "seq.pt")
+    state = TorchMLP(MLPSpec((4, 3, 2))).state_dict()
+    flax_names = {}
+    for i in range(2):
+        flax_names[f"Dense_{i}.kernel"] = state[f"fc{i + 1}.weight"].T.contiguous()
+        flax_names[f"Dense_{i}.bias"] = state[f"fc{i + 1}.bias"]
+    torch.save(flax_names, tmp_path / "flax.pt")
+    torch.save({k: v.bfloat16() for k, v in state.items()}, tmp_path / "bf16.pt")
+    for name, fragment in (
+        ("seq.pt", "('0.weight', '0.bias', '2.weight', '2.bias') are a module's own"),
+        ("flax.pt", "its names are the flax layout's: add --file-layout flax"),
+        ("bf16.pt", "holds bfloat16 parameters, but equiv compares float32 and float64 only"),
+    ):
+        code, out, err = _run(["--params", str(tmp_path / name)], capsys)
+        assert (code, out) == (2, "") and fragment in err, err
+        assert "spec=" not in err and "pass the module itself" not in err, err
+    assert (
+        "equiv.load_torch(path, out=module), then equiv.save_torch(module"
+        in _run(["--params", str(tmp_path / "seq.pt")], capsys)[2]
+    )
+    # The twin: the flax-named file with the option it was told to add.
+    assert _run(["--params", str(tmp_path / "flax.pt"), "--file-layout", "flax"], capsys)[0] == 0
+
+
 def test_params_file_options_that_contradict_it_are_refused(tmp_path, capsys):
     import torch
 
