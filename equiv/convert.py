@@ -45,6 +45,7 @@ import concurrent.futures
 import dataclasses
 import math
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -342,7 +343,8 @@ def jax_to_torch(
 
     Args:
       params: a nested mapping in ``layout`` whose leaves are JAX or NumPy arrays
-        (``flax.nnx`` variables are unwrapped).
+        (``flax.nnx`` variables are unwrapped), or, with ``layout="equinox"``, an
+        Equinox model as :func:`equinox_to_torch` takes it.
       layout: a name in :data:`LAYOUTS` or a :class:`Layout`.
       spec: the expected architecture; by default read from the weights.
       device: torch device of new tensors, a ``torch.device`` or a name (``"cpu"``,
@@ -369,6 +371,13 @@ def jax_to_torch(
     layout = get_layout(layout)
     if device is not None:
         device = torch_device(device)  # a bad name fails here, before any copy
+    if is_equinox_model(params):
+        if layout.name != "equinox":
+            raise type_error(
+                f"params is an Equinox {type(params).__name__}, which holds its weights "
+                f"(out, in), but layout={layout.name!r}: pass layout='equinox'"
+            )
+        params = _equinox_tree(_equinox_layers(params))  # its arrays, in the layout's tree
     if not isinstance(params, Mapping):
         raise type_error(
             f"params must be a dict-like JAX tree, got {type(params).__name__}; for a flax "
@@ -520,11 +529,16 @@ def check_entries(
         ):
             # Only the dtype is wrong, all of it (a model.half()'s file; found in a user
             # trial: the spec= advice came first, though no spec could help).
+            in_file = "torch.load(path, weights_only=True), .float() each tensor, and save it again"
             raise value_error(
                 f"{what} holds {' and '.join(other)} parameters, but equiv compares float32 "
-                "and float64 only: convert them first (tensor.float(), "
-                "array.astype(np.float32); a file: torch.load(path, weights_only=True), "
-                ".float() each tensor, and save it again)"
+                "and float64 only: convert them first ("
+                + (
+                    in_file
+                    if what.startswith("checkpoint")
+                    else "tensor.float(), array.astype(np.float32)"
+                )
+                + ")"
             )
         advice = (
             f"\nequiv compares float32 and float64 only, not {', '.join(other)}: convert "
@@ -900,13 +914,20 @@ def torch_to_equinox(
 
 
 def equinox_to_torch(
-    model: Any, *, spec: MLPSpec | None = None, device: torch.device | str | None = None
+    model: Any,
+    *,
+    spec: MLPSpec | None = None,
+    device: torch.device | str | None = None,
+    out: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The torch state_dict (``fc1.weight``...) of an Equinox model (or its gradients).
 
     ``model`` is an ``eqx.nn.MLP``, an ``eqx.nn.Linear`` or a list/tuple of them, as
     for :func:`torch_to_equinox`; a gradient of such a model (``eqx.filter_grad``)
-    has the same structure and converts the same way.
+    has the same structure and converts the same way. ``device`` and ``out`` are
+    :func:`jax_to_torch`'s: ``out=module`` copies the weights into an existing torch
+    module (an ``nn.Sequential``...) in place. ``jax_to_torch(model,
+    layout="equinox")`` is the same call.
 
     Example:
       >>> import equinox as eqx, jax
@@ -915,7 +936,18 @@ def equinox_to_torch(
       ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
     """
     tree = _equinox_tree(_equinox_layers(model))
-    return jax_to_torch(tree, layout="equinox", spec=spec, device=device)
+    return jax_to_torch(tree, layout="equinox", spec=spec, device=device, out=out)
+
+
+def is_equinox_model(value: Any) -> bool:
+    """Whether ``value`` is an ``equinox.Module`` or a list of them (without importing
+    equinox if the caller has not)."""
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return False
+    if isinstance(value, (list, tuple)):  # a list of eqx.nn.Linear, say
+        return bool(value) and all(isinstance(v, eqx.Module) for v in value)
+    return isinstance(value, eqx.Module)
 
 
 def _equinox_layers(model: Any) -> list[Any]:

@@ -38,7 +38,6 @@ Example (a Flax-layout port of a 4-3-2 ReLU MLP)::
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,7 +50,7 @@ import torch
 from equiv import manual
 from equiv._messages import type_error, value_error
 from equiv.compare import to_numpy
-from equiv.convert import get_layout, jax_to_torch, module_spec, torch_to_jax
+from equiv.convert import get_layout, is_equinox_model, jax_to_torch, module_spec, torch_to_jax
 from equiv.from_module import forward_mismatch, mlp_from_module
 from equiv.gradcheck import unpack_grad_fn_result
 from equiv.harness import (
@@ -361,7 +360,7 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
     arrays are differentiated (``eqx.partition``) and the model rebuilt around them
     for each call (found in a user trial: a model passed as params failed inside
     optax, ``zeros_like requires ndarray``)."""
-    if _is_equinox_module(params):
+    if is_equinox_model(params):
         import equinox as eqx  # noqa: PLC0415 - an optional extra
 
         from equiv.convert import _equinox_layers, equinox_to_torch, torch_to_equinox  # noqa: PLC0415
@@ -399,18 +398,6 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
         lambda tree: jax_to_torch(tree, layout=layout, spec=spec),
         lambda state: torch_to_jax(state, layout=layout, spec=spec),
     )
-
-
-def _is_equinox_module(value: Any) -> bool:
-    """Whether ``value`` is an ``equinox.Module`` or a list of them (without importing
-    equinox if the caller has not)."""
-
-    eqx = sys.modules.get("equinox")
-    if eqx is None:
-        return False
-    if isinstance(value, (list, tuple)):  # a list of eqx.nn.Linear, say
-        return bool(value) and all(isinstance(v, eqx.Module) for v in value)
-    return isinstance(value, eqx.Module)
 
 
 def _torch_named_state(state_spec, state, to_torch, out: Trajectory) -> dict | None:

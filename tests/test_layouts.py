@@ -373,3 +373,29 @@ def test_torch_to_equinox_takes_a_sequential():
     assert all(torch.equal(back[k], params[k]) for k in params)
     with pytest.raises(ValueError, match="equinox model"):  # the twin: another shape
         torch_to_equinox(net, eqx.nn.MLP(4, 3, 9, depth=2, key=jax.random.key(0)))
+
+
+def test_an_equinox_model_is_copied_into_an_existing_torch_module():
+    # Found in a user trial: jax_to_torch(model, layout="equinox", out=seq) was refused
+    # with a flax message, and equinox_to_torch had no out=.
+    eqx = pytest.importorskip("equinox")
+    from equiv.convert import equinox_to_torch
+
+    torch.manual_seed(0)
+    model = eqx.nn.MLP(4, 3, 8, depth=1, activation=jax.nn.tanh, key=jax.random.key(1))
+    expected = equinox_to_torch(model)
+    for convert in (
+        lambda seq: equinox_to_torch(model, out=seq),
+        lambda seq: jax_to_torch(model, layout="equinox", out=seq),
+    ):
+        seq = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        weight = seq[2].weight
+        convert(seq)
+        assert seq[2].weight is weight  # copied in place, not replaced
+        assert torch.equal(seq[0].weight, expected["fc1.weight"])
+        assert torch.equal(seq[2].bias, expected["fc2.bias"])
+    with pytest.raises(TypeError, match="holds its weights \\(out, in\\), but layout='flax'"):
+        jax_to_torch(model, layout="flax")  # the twin: the layout must say equinox
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    with pytest.raises(ValueError, match="out"):
+        equinox_to_torch(model, out=wider)
