@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import math
 import re
 import sys
@@ -546,6 +547,7 @@ def check_entries(
             if other
             else ""
         )
+        advice += _order_advice(known, layout, spec.sizes if given else None)
         if spec.dtype == "float64" and any(_dtype(v) == "float32" for v in known.values()):
             # JAX made float32 arrays of float64 values (found in a user trial: the
             # spec= advice alone sent a user who had passed spec= in a circle).
@@ -566,6 +568,47 @@ def check_entries(
             + advice
         )
     return spec
+
+
+#: Why a flax.linen model's Dense_j may not be its j-th layer called.
+LINEN_ORDER = (
+    "flax.linen numbers nn.Dense in the order it constructs them, and "
+    "nn.Dense(3)(f(nn.Dense(8)(x))) constructs the outer one first: construct each layer "
+    "before calling it (h = nn.Dense(8)(x); out = nn.Dense(3)(f(h)))"
+)
+
+
+def _order_advice(known: Mapping[str, Any], layout: Layout, sizes: tuple[int, ...] | None) -> str:
+    """Advice for layers numbered out of call order, where the weights chain (each
+    layer's input is the previous one's output: ``sizes`` where given) in one other
+    order only; "" otherwise. flax.linen numbers ``nn.Dense`` in construction order,
+    and ``nn.Dense(3)(f(nn.Dense(8)(x)))`` constructs the outer layer first (found in
+    a user trial, where the error listed shapes only)."""
+    count = sum(1 for n in known if n.endswith(".weight"))
+    weights = [known.get(f"fc{i}.weight") for i in range(1, count + 1)]
+    if not 1 < count <= 6 or any(w is None or len(_shape(w)) != 2 for w in weights):
+        return ""
+    # (in, out) of each layer, whatever the layout's weight order.
+    edges = [_shape(w) if layout.transpose else _shape(w)[::-1] for w in weights]
+
+    def chains(order: tuple[int, ...]) -> bool:
+        steps = [edges[i] for i in order]
+        if sizes is not None:
+            return [steps[0][0]] + [out for _, out in steps] == list(sizes)
+        return all(a[1] == b[0] for a, b in itertools.pairwise(steps))
+
+    identity = tuple(range(count))
+    fits = [o for o in itertools.permutations(identity) if o != identity and chains(o)]
+    if chains(identity) or len(fits) != 1:
+        return ""
+    names = [".".join(layout.path(f"fc{i + 1}.weight")) for i in fits[0]]
+    advice = (
+        f"\nThe layers are numbered out of call order: their shapes chain in the order "
+        f"{', '.join(names)}, and the {layout.name} layout's {layout.weight_path} is the "
+        "weight of the layer called "
+        + ("j-th from 0" if "{j}" in layout.weight_path else "i-th from 1")
+    )
+    return advice + (f". {LINEN_ORDER}" if layout.name == "flax" else "")
 
 
 def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:

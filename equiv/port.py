@@ -50,7 +50,14 @@ import torch
 from equiv import manual
 from equiv._messages import type_error, value_error
 from equiv.compare import to_numpy
-from equiv.convert import get_layout, is_equinox_model, jax_to_torch, module_spec, torch_to_jax
+from equiv.convert import (
+    LINEN_ORDER,
+    get_layout,
+    is_equinox_model,
+    jax_to_torch,
+    module_spec,
+    torch_to_jax,
+)
 from equiv.from_module import forward_mismatch, mlp_from_module
 from equiv.gradcheck import unpack_grad_fn_result
 from equiv.harness import (
@@ -337,6 +344,12 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
         advice = (
             "It must return a scalar: reduce the loss over the batch as the torch model's "
             "loss does (a mean for MSELoss)"
+        )
+    elif type(error).__name__ == "ScopeParamShapeError":
+        advice = (
+            "Your flax.linen model's layers take other shapes than the params' (Dense_j: "
+            f"the j-th layer called); if its layers are the model's, their order differs. "
+            f"{LINEN_ORDER}"
         )
     elif isinstance(error, TypeError) and "shape" in text:
         order = "(in, out)" if get_layout(layout).transpose else "(out, in)"

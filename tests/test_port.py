@@ -11,7 +11,7 @@ import optax
 import pytest
 import torch
 
-from equiv import MLPSpec, OptimizerSpec, TorchMLP, manual
+from equiv import MLPSpec, OptimizerSpec, TorchMLP, jax_to_torch, manual
 from equiv.port import check_jax_port, check_manual_backward
 
 SPEC = MLPSpec((5, 4, 3))
@@ -590,6 +590,48 @@ def test_a_port_state_that_cannot_be_compared_is_said_not_dropped_silently(equiv
     assert any(
         d.stage == "state" and "port" in (d.actual, d.expected) for d in report.report.leaves
     )
+
+
+def test_linen_layers_numbered_out_of_call_order_are_named():
+    # Found in a user trial: nn.Dense(3)(tanh(nn.Dense(8)(x))) makes the output layer
+    # Dense_0, and the errors listed shapes without saying why.
+    nn = pytest.importorskip("flax.linen")
+
+    class Nested(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(jnp.tanh(nn.Dense(8)(x)))
+
+    class InOrder(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(8)(x)
+            return nn.Dense(3)(jnp.tanh(h))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(2, 4), torch.randn(2, 3)
+    params = Nested().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    order = "their shapes chain in the order Dense_1.kernel, Dense_0.kernel"
+    with pytest.raises(ValueError, match="numbered out of call order") as info:
+        jax_to_torch(params, layout="flax")
+    assert order in str(info.value) and "constructs the outer one first" in str(info.value)
+    with pytest.raises(ValueError, match=order):
+        check_jax_port(net, _linen_loss(Nested), x, y, params=params)
+    with pytest.raises(ValueError, match="ScopeParamShapeError.*constructs the outer one first"):
+        check_jax_port(net, _linen_loss(Nested), x, y)
+    check_jax_port(net, _linen_loss(InOrder), x, y).assert_agree()  # the twin
+    wider = InOrder().init(jax.random.key(0), jnp.ones((1, 5)))["params"]
+    with pytest.raises(ValueError) as info:  # shapes that chain in no order: no such advice
+        jax_to_torch(wider, layout="flax", spec=MLPSpec((4, 8, 3), activation="tanh"))
+    assert "call order" not in str(info.value)
+
+
+def _linen_loss(module):
+    def loss_fn(params, x, y):
+        return jnp.mean((module().apply({"params": params}, x) - y) ** 2)
+
+    return loss_fn
 
 
 def test_an_equinox_model_is_taken_as_params():
