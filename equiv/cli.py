@@ -36,7 +36,7 @@ from equiv.files import atomic_path, create_beside, read_only
 from equiv.harness import BACKENDS, compare_backends
 from equiv.losses import LOSSES
 from equiv.optimizers import OPTIMIZERS, OptimizerSpec
-from equiv.plot import plot_divergence
+from equiv.plot import plot_divergence, plot_format
 from equiv.problem import make_problem
 from equiv.render import print_comparison
 from equiv.spec import DTYPES, MLPSpec
@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         default=None,
         metavar="PATH",
-        help="also plot how the differences grow over the steps (PNG, needs matplotlib)",
+        help="also plot how the differences grow over the steps (PNG, or the format the "
+        "suffix names: .svg, .pdf; needs matplotlib)",
     )
     add(
         "--precision",
@@ -314,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for option, path in (("--json", args.json), ("--plot", args.plot)):
             if path is not None:
                 check_writable(path, option)
+        if args.plot is not None:
+            with contextlib.suppress(ImportError):  # said after the comparison
+                plot_format(args.plot)  # a suffix matplotlib cannot write, before any work
         phases = list(args.backends) + ["reference", "compare"]
         problem = None
         if params is not None:

@@ -8,8 +8,10 @@ global backend or state is touched. matplotlib is an optional dependency
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
+from equiv._messages import value_error
 from equiv.files import atomic_path
 
 
@@ -44,15 +46,44 @@ def log_floor(values: list[float]) -> float:
     return min(positive) / 10 if positive else 1e-20
 
 
+def plot_format(path: str) -> str:
+    """The image format ``path``'s suffix names (``png`` without one), one that
+    matplotlib writes.
+
+    Raises:
+      ValueError: a suffix that no matplotlib format has (``.txt``).
+      ImportError: matplotlib is not installed.
+
+    >>> plot_format("divergence.svg"), plot_format("divergence")
+    ('svg', 'png')
+    """
+    from matplotlib.backend_bases import FigureCanvasBase  # optional dependency
+
+    suffix = os.path.splitext(os.fspath(path))[1].lower().removeprefix(".")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        raise value_error(
+            f"{os.fspath(path)!r}: matplotlib writes no {suffix!r} images; give a file "
+            f"ending in one of {', '.join('.' + s for s in sorted(supported))} (.png, say)"
+        )
+    return suffix or "png"
+
+
 def plot_divergence(comparison: Any, path: str) -> str:
-    """Write a PNG: per stage, the worst absolute difference and the worst ratio to
-    the bound at each step, one line per pair of backends. Returns ``path``.
+    """Write an image (PNG, or the format ``path``'s suffix names: ``.svg``, ``.pdf``):
+    per stage, the worst absolute difference and the worst ratio to the bound at each
+    step, one line per pair of backends. Returns ``path``.
 
     The file is written to a temporary name in the same folder and renamed, so a
     failed plot leaves nothing half-written.
+
+    Raises:
+      ValueError: a suffix that no matplotlib format has (see :func:`plot_format`).
     """
     from matplotlib.figure import Figure  # optional dependency, imported on use
     from matplotlib.ticker import MaxNLocator
+
+    image_format = plot_format(path)
 
     series = divergence_series(comparison.report)
     stages = list(series)
@@ -82,5 +113,5 @@ def plot_divergence(comparison: Any, path: str) -> str:
         bottom.set_xlabel("step")
     axes[0][0].legend(fontsize="small")
     with atomic_path(path) as temp:
-        figure.savefig(temp, format="png", dpi=100)
+        figure.savefig(temp, format=image_format, dpi=100)
     return path

@@ -339,6 +339,10 @@ def test_console_command_is_installed_and_runs_main():
 
 
 def test_plot_path_errors_name_the_plot_option(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["--plot", str(tmp_path / "x.txt")]) == 2  # refused before the comparison
+    assert "matplotlib writes no 'txt' images" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
     assert main(["--plot", str(tmp_path / "missing" / "x.png")]) == 2
     assert capsys.readouterr().err.startswith("[equiv] --plot ")
     assert main(["--plot", str(tmp_path)]) == 2

@@ -42,6 +42,16 @@ def test_plot_writes_a_png_and_touches_no_global_state(comparison, tmp_path):
     assert matplotlib.get_backend() == backend
 
 
+def test_the_suffix_names_the_format_and_one_matplotlib_lacks_is_refused(comparison, tmp_path):
+    # Found in a user trial: --plot x.txt wrote a PNG under that name, silently.
+    svg = plot_divergence(comparison, str(tmp_path / "divergence.svg"))
+    with open(svg, "rb") as image:
+        assert b"<svg" in image.read(2000)
+    with pytest.raises(ValueError, match="matplotlib writes no 'txt' images; give a file ending"):
+        plot_divergence(comparison, str(tmp_path / "divergence.txt"))
+    assert [p.name for p in tmp_path.iterdir()] == ["divergence.svg"]
+
+
 def test_plot_into_a_missing_folder_fails_and_leaves_nothing(comparison, tmp_path):
     with pytest.raises(OSError):
         plot_divergence(comparison, str(tmp_path / "missing" / "x.png"))
