@@ -14,7 +14,7 @@ Two families (:func:`variants`):
 * mistakes in the model (:func:`model_variants`): the other GELU, a square weight used
   transposed, a nonzero bias left out, neighbouring layers swapped, label smoothing left
   out or another ε (fitted), another activation in place of the model's, an activation
-  left out;
+  left out, the activations in another order;
 * mistakes in a hand-written backward pass, the forward pass and loss untouched
   (:func:`backward_variants`): an activation's slope left out, a ReLU mask for a leaky
   ReLU's or ELU's, the slope taken on the other side of the kink, at the upstream
@@ -336,7 +336,9 @@ def model_variants(
       ``loss``, the backend's loss and gradients: each is affine in ε,
       :func:`_fitted_smoothing`);
     * another activation in place of one of the model's, in every layer it is in
-      (SiLU for GELU, ReLU for leaky ReLU, ...), or none after every layer or one.
+      (SiLU for GELU, ReLU for leaky ReLU, ...), or none after every layer or one;
+    * the model's activations in another order (two neighbours swapped, or all
+      shifted by one layer).
     """
 
     def variant(what, advice, other_spec, changed, reported=_same, tier=1) -> Variant:
@@ -425,12 +427,37 @@ def model_variants(
                 else f"computes {other} where the model has {own} ({where})"
             )
             yield variant(what, "", spec.replace(activation=acts), {})
+    yield from _reordered_activations(spec, variant)
     if spec.num_layers > 2:
         for k, own in enumerate(spec.activations, start=1):
             if own != "identity":
                 acts = tuple("identity" if i == k else a for i, a in enumerate(spec.activations, 1))
                 what = f"leaves out the {own} activation after fc{k}"
                 yield variant(what, "", spec.replace(activation=acts), {}, tier=2)
+
+
+def _reordered_activations(spec: MLPSpec, variant: Callable[..., Variant]) -> Iterator[Variant]:
+    """The model's own activations in another order: two neighbours in each other's
+    place, or all shifted by one layer (a port that applies the activation of layer
+    k after layer k + 1; found in a user trial, where it was caught with no cause)."""
+    acts = tuple(spec.activations)
+    if len(set(acts)) < 2:
+        return
+    orders = {}
+    for i in range(len(acts) - 1):
+        swapped = (*acts[:i], acts[i + 1], acts[i], *acts[i + 2 :])
+        orders.setdefault(swapped, ("swaps the activations after fc{} and fc{}", (i + 1, i + 2)))
+    for shift, word in ((1, "earlier"), (-1, "later")):
+        rotated = acts[shift:] + acts[:shift]
+        orders.setdefault(rotated, (f"applies every activation one layer {word}", ()))
+    for order, (what, layers) in orders.items():
+        if order == acts:
+            continue
+        where = ", ".join(f"{a} after fc{k}" for k, a in enumerate(order, start=1))
+        tier = 1 if layers else 2
+        yield variant(
+            f"{what.format(*layers)} ({where})", "", spec.replace(activation=order), {}, tier=tier
+        )
 
 
 # A slope written wrong in a hand-written backward: (what it does, which activations it

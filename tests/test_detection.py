@@ -726,3 +726,35 @@ def test_a_port_of_another_activation_or_smoothing_is_named(change, cause, equiv
         return
     hints = comparison.hints()
     assert not comparison.agree and hints[0].startswith(f"loss: port {cause}"), hints
+
+
+@pytest.mark.parametrize(
+    ("port_acts", "cause"),
+    [
+        (("tanh", "relu", "sigmoid"), "swaps the activations after fc1 and fc2 (tanh after fc1, "),
+        (("tanh", "sigmoid", "relu"), "applies every activation one layer earlier"),
+        (("relu", "tanh", "sigmoid"), None),
+    ],
+    ids=["neighbours-swapped", "shifted-by-one", "right"],
+)
+def test_activations_in_another_order_are_named(port_acts, cause, equiv_seed):
+    # Found in a user trial: a port applying each activation one layer off was caught
+    # with no cause. The twin: the right order agrees.
+    from equiv import jax_mlp
+
+    spec = MLPSpec((6, 8, 8, 8, 3), activation=("relu", "tanh", "sigmoid"), dtype="float64")
+    port_spec = spec.replace(activation=port_acts)
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+
+    def loss_fn(params, xb, yb):
+        return jax_mlp.loss_fn(params, xb, yb, port_spec)
+
+    with jax.enable_x64(True):
+        comparison = check_jax_port(model, loss_fn, x, y)
+    if cause is None:
+        comparison.assert_agree()
+        return
+    hints = comparison.hints()
+    assert not comparison.agree and hints[0].startswith(f"loss: port {cause}"), hints
