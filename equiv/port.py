@@ -656,12 +656,6 @@ def _labels(name: str, value: Any, classes: int) -> torch.Tensor:
     return tensor.to(torch.int64)
 
 
-def _paths(tree: Any, prefix: tuple = ()) -> list[tuple]:
-    if isinstance(tree, Mapping):
-        return [p for k, v in tree.items() for p in _paths(v, (*prefix, str(k)))]
-    return [prefix]
-
-
 def _like(grad: Any, param: Any) -> Any:
     """The gradient as the same kind of array as the parameter, for the update."""
     if isinstance(param, torch.Tensor):
