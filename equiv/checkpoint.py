@@ -166,7 +166,9 @@ def load_torch(
         state_dict to copy the file into, in place (one copy, no new tensors), as
         :func:`equiv.convert.jax_to_torch` does. A module also reads a file of its
         own ``state_dict`` (``torch.save(seq.state_dict(), path)``: names such as
-        ``0.weight``), matched by the names it gives its own parameters.
+        ``0.weight``), matched by the names it gives its own parameters, or of a
+        module that holds it, every key under one prefix (``model.0.weight``, a
+        Lightning module's ``self.model``).
 
     Returns:
       The state_dict: the file's tensors, or ``out``'s own tensors after the copy.
@@ -207,7 +209,8 @@ def _load_state(
     (:func:`equiv.from_module.own_names`) to equiv's."""
     flat, layout = _read(path, file_layout, entry)
     if own and layout.name == "torch":
-        flat = {(own.get(key, key),): tensor for (key,), tensor in flat.items()}
+        prefix = _outer_prefix([key for (key,) in flat], own)
+        flat = {(own.get(key[len(prefix) :], key),): tensor for (key,), tensor in flat.items()}
     spec = check_entries(flat, layout, spec, what=f"checkpoint {os.fspath(path)}")
     state = {}
     for key, tensor in flat.items():
@@ -216,6 +219,23 @@ def _load_state(
             tensor = tensor.mT.contiguous() if contiguous else tensor.mT
         state[name] = tensor
     return {name: state[name] for name in spec.param_names()}, spec
+
+
+def _outer_prefix(keys: list[str], own: Mapping[str, str]) -> str:
+    """The prefix every key of a file has before the names a module gives its own
+    parameters, where the file is the state_dict of a module that holds it
+    (``model.0.weight`` for a Lightning module's ``self.model``), or ``""``. Only a
+    prefix that all the keys share, and that leaves each one a name of the module's,
+    is taken: nothing is dropped, and nothing is matched by a guess."""
+    if not keys or any(key in own for key in keys):
+        return ""
+    first = next(iter(own))
+    for key in keys:
+        if key.endswith("." + first):
+            prefix = key[: -len(first)]
+            if all(k.startswith(prefix) and k[len(prefix) :] in own for k in keys):
+                return prefix
+    return ""
 
 
 def save_jax(

@@ -576,6 +576,25 @@ def test_torch_save_files_under_the_suffixes_in_use_are_read(tmp_path):
         load_torch(tmp_path / "model.h5")
 
 
+def test_a_file_of_a_module_that_holds_the_stack_reads_into_the_stack(tmp_path):
+    # A Lightning module's state_dict names its self.model's parameters model.0.weight.
+    class Holder(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            self.model = _stack(seed)
+
+    holder = Holder(0)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": holder.state_dict(), "epoch": 2}, path)
+    out = _stack(1)
+    load_torch(path, entry="state_dict", out=out)
+    assert all(torch.equal(v, holder.model.state_dict()[k]) for k, v in out.state_dict().items())
+    # The twin: a key outside that prefix is neither dropped nor guessed at.
+    torch.save({**holder.state_dict(), "head.weight": torch.ones(2, 2)}, tmp_path / "more.pt")
+    with pytest.raises(ValueError, match="none of its 5 entries is a parameter"):
+        load_torch(tmp_path / "more.pt", out=_stack(1))
+
+
 def test_a_training_checkpoints_entry_loads_and_is_offered_when_missing(tmp_path):
     # The commonest .pt file: torch.save({"model": ..., "optimizer": ..., "epoch": ...}).
     model = _stack(0)
