@@ -592,11 +592,20 @@ def _problem(model, x, y, steps, spec, learning_rate) -> tuple[MLPSpec, Problem]
         for i, (xi, yi) in enumerate(zip(xs, ys, strict=False))
     )
     for i, (xi, yi) in enumerate(batches):
-        if xi.shape[0] != yi.shape[0] or (i and xi.shape[0] != batches[0][0].shape[0]):
+        if xi.shape[0] != yi.shape[0]:
             raise value_error(
-                f"every batch needs the same number of rows in x and y; batch {i} has "
-                f"x {tuple(xi.shape)} and y {tuple(yi.shape)}"
+                f"a batch needs as many rows in y as in x; batch {i} has x "
+                f"{tuple(xi.shape)} and y {tuple(yi.shape)}"
             )
+    sizes = [xi.shape[0] for xi, _ in batches]
+    if len(set(sizes)) > 1:
+        # The bounds and the reference's step are sized for one batch size (a review
+        # found the x-and-y message given for batches whose x and y matched).
+        raise value_error(
+            f"every step's batch must have the same size; the batches have "
+            f"{', '.join(map(str, sizes))} rows: drop the last, smaller batch (drop_last=True "
+            "in a DataLoader) or compare the steps of one size"
+        )
     params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return spec, Problem(spec=spec, params=params, batches=batches)
 

@@ -262,6 +262,21 @@ def test_bad_input_is_one_clear_error(kwargs, error, text, equiv_seed):
     assert str(info.value).startswith(text)
 
 
+def test_batches_of_different_sizes_are_told_apart_from_x_and_y_disagreeing(equiv_seed):
+    # Found in review: batches of 8 and 6 rows, each with matching x and y, were told
+    # "every batch needs the same number of rows in x and y".
+    model, xs, ys = _model_and_batches(equiv_seed, batch=6)
+    with pytest.raises(
+        ValueError,
+        match="every step's batch must have the same size; the "
+        "batches have 6, 4 rows: drop the last",
+    ):
+        check_jax_port(model, flax_loss, [xs[0], xs[1][:4]], [ys[0], ys[1][:4]], steps=2)
+    with pytest.raises(ValueError, match=r"as many rows in y as in x; batch 1 has x \(6, 5\)"):
+        check_jax_port(model, flax_loss, xs, [ys[0], ys[1][:4]], steps=2)
+    check_jax_port(model, flax_loss, xs, ys, steps=2).assert_agree()  # the twin
+
+
 def test_a_module_that_is_not_a_linear_stack_is_refused_by_name(equiv_seed):
     _, xs, ys = _model_and_batches(equiv_seed)
     net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Dropout(), torch.nn.Linear(4, 3))
