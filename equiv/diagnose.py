@@ -64,6 +64,7 @@ def diagnose_leaf(
     own_before: np.ndarray | None = None,
     earlier_agreed: bool | None = None,
     layout: str | None = None,
+    loss: str | None = None,
 ) -> str | None:
     """The likeliest known cause of ``actual`` differing from ``expected``, or None.
 
@@ -90,6 +91,8 @@ def diagnose_leaf(
         learning rate that differs from a later step on is then a schedule's.
       layout: the layout of the port's parameters (``"equinox"``...), where known: the
         advice then names its converter.
+      loss: the model's loss (``"mse"``...), where known: a factor's advice then speaks
+        of it (MSELoss's conventions only for MSE).
 
     Example:
       >>> import numpy as np
@@ -192,7 +195,7 @@ def diagnose_leaf(
         return f"{name}: {first}'s state is {ratio:.4g} times {second}'s. " + _state_cause(
             name, ratio, first, optimizer, step, companion
         )
-    cause = _factor_cause(ratio, numel_output, batch_size, names, shared)
+    cause = _factor_cause(ratio, numel_output, batch_size, names, shared, loss)
     if a.size == 1 and cause == GENERIC:
         return None  # any two scalars are a constant multiple of each other
     verb = "are" if stage == "grads" else "is"
@@ -384,10 +387,13 @@ def _factor_cause(
     batch: int | None,
     names: tuple[str, str] = ("actual", "expected"),
     shared: bool = True,
+    loss: str | None = None,
 ) -> str:
     """What a factor ``ratio`` (``names[0]``'s over ``names[1]``'s) points to. ``shared``:
     every leaf of the stage is off by it (a loss's reduction or convention scales
-    every gradient; a factor in some leaves only is in their own backward).
+    every gradient; a factor in some leaves only is in their own backward). ``loss``:
+    the model's, where known; MSELoss's conventions are named for MSE only (found in
+    review: a cross-entropy loss doubled was put down to optax.l2_loss).
 
     >>> _factor_cause(1 / 8, 24, 8, ("port", "torch"))
     'A factor of the batch size: port takes the mean over the batch where torch sums.'
@@ -420,15 +426,20 @@ def _factor_cause(
             "reduction or convention scales every gradient) but these leaves' own backward "
             "(their chain rule or reduction)."
         )
+    mse = loss in (None, "mse")
     if near(numel_output) and numel_output not in (1, 2):
-        return (
-            f"A sum where the other takes the mean: {sums('the batch and the outputs')} "
-            "(MSELoss(reduction='sum') vs 'mean')."
+        return f"A sum where the other takes the mean: {sums('the batch and the outputs')}" + (
+            " (MSELoss(reduction='sum') vs 'mean')." if mse else "."
         )
-    if near(2.0):
+    if near(2.0) and mse:
         return (
             "A factor 2: torch's MSELoss is mean((p - y)²) while optax.l2_loss is ½(p - y)² "
             "per element; by hand, the gradient of mean((p - y)²) is 2(p - y)/n."
+        )
+    if near(2.0):
+        return (
+            f"A factor 2, not MSE's: the {loss} loss counted twice or halved, or a factor "
+            "2 in its formula or its backward."
         )
     outputs = numel_output // batch if numel_output and batch else None
     if near(outputs) and outputs not in (1, 2):

@@ -530,6 +530,7 @@ class Comparison:
                     # The loss of this step failed too, with no cause found there.
                     loss_differs=(step, order["loss"], a, b) in groups,
                     layout=ta.layout or tb.layout,
+                    loss=spec.loss,
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []

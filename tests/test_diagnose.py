@@ -58,6 +58,19 @@ CASES = [
         ),
         "optax.l2_loss",
     ),
+    (  # the twin (review): cross-entropy doubled is not put down to MSE's conventions
+        "factor-two-not-mse",
+        dict(
+            name="loss",
+            actual=np.array(2 * 2.5),
+            expected=np.array(2.5),
+            stage="loss",
+            numel_output=6,
+            batch_size=3,
+            loss="cross_entropy",
+        ),
+        "A factor 2, not MSE's: the cross_entropy loss counted twice or halved",
+    ),
     (
         "batch-mean",
         dict(
