@@ -940,6 +940,12 @@ class Comparison:
         if adam is None or not all(run.has_state(step) for run in runs):
             return None
         optimizer, key, tiny = adam
+        if any(
+            not np.all(np.isfinite(g)) for run in runs for t in run.grads[:step] for g in t.values()
+        ):
+            # An inf or NaN gradient is the cause, and has its own hint (found in review:
+            # a port's NaN gradients under Adam were put down to a flushed subnormal).
+            return None
         states = [run.states[step - 1].get(key, {}) for run in runs]
         for zero, kept, names in ((0, 1, (a, b)), (1, 0, (b, a))):
             for leaf, v in states[zero].items():
@@ -957,7 +963,11 @@ class Comparison:
                         "XLA flushes subnormal numbers to zero and torch keeps them, and "
                         f"with eps = {optimizer.eps:g} the update m̂/(√v̂ + eps) then moves by "
                         "far more than the learning rate. The dtype's, not the code's: use "
-                        "a larger eps (torch's default is 1e-8) or float64"
+                        + (
+                            "a larger eps (torch's default is 1e-8) or float64"
+                            if optimizer.eps < 1e-8
+                            else f"an eps larger than {optimizer.eps:g}, or float64"
+                        )
                     )
         return None
 

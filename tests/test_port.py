@@ -277,6 +277,35 @@ def test_batches_of_different_sizes_are_told_apart_from_x_and_y_disagreeing(equi
     check_jax_port(model, flax_loss, xs, ys, steps=2).assert_agree()  # the twin
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_nan_gradients_are_named_as_such_under_any_optimizer(optimizer):
+    # Found in review: SiLU written z / (1 + exp(-z)) gives NaN gradients where exp(-z)
+    # overflows; under Adam the hint blamed a flushed subnormal ("The dtype's, not the
+    # code's"). The twin: jax.nn.silu agrees.
+    spec = MLPSpec((784, 3, 2, 1), activation="silu")
+    torch.manual_seed(25)
+    model = TorchMLP(spec)
+    gen = torch.Generator().manual_seed(25)
+    x, y = torch.randn(2, 784, generator=gen) * 1000.0, torch.randn(2, 1, generator=gen)
+
+    def port(silu):
+        def loss_fn(params, xb, yb):
+            h = xb
+            for i in range(3):
+                h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+                h = silu(h) if i < 2 else h
+            return jnp.mean((h - yb) ** 2)
+
+        return loss_fn
+
+    adam = OptimizerSpec(optimizer, learning_rate=0.5)
+    naive = check_jax_port(model, port(lambda z: z / (1 + jnp.exp(-z))), x, y, optimizer=adam)
+    hints = naive.hints()
+    assert "port's gradients hold inf or NaN" in hints[0], hints
+    assert not any("flushes subnormal" in h for h in hints), hints
+    check_jax_port(model, port(jax.nn.silu), x, y, optimizer=adam).assert_agree()
+
+
 def test_a_module_that_is_not_a_linear_stack_is_refused_by_name(equiv_seed):
     _, xs, ys = _model_and_batches(equiv_seed)
     net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Dropout(), torch.nn.Linear(4, 3))
