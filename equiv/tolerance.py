@@ -311,6 +311,8 @@ def optimizer_bounds(
         dict[str, np.ndarray], dict[str, np.ndarray], float, dict[str, np.ndarray]
     ]
     | None = None,
+    fresh: bool = False,
+    first: int = 1,
 ) -> OptimizerBounds:
     r"""Carry the gradient bound through the optimizer (module docstring, "Optimizers").
 
@@ -331,6 +333,11 @@ def optimizer_bounds(
         ``|g + λ·p|`` itself, at which :func:`adam_first_update_slack` is taken. What
         step 1 carries to later steps, and their bounds, stay the leaf's, as do the
         state's bounds.
+      fresh: each step's bound alone, as if it started from exact parameters and
+        state: for a backend held to the float64 step taken from its own parameters
+        and state, where nothing earlier steps left is in the difference.
+      first: the step the lists start at (``fresh`` only: one step's bound needs that
+        step's entries alone).
 
     >>> from equiv.optimizers import OptimizerSpec
     >>> b = optimizer_bounds(OptimizerSpec("sgd", learning_rate=0.5, momentum=0.5),
@@ -347,10 +354,18 @@ def optimizer_bounds(
     m_b, v_b, vmax_b = dict(buf), dict(buf), dict(buf)
     carried = {n: 0.0 for n in names}
     carried_el: dict[str, Any] = {n: 0.0 for n in names}
-    for t in range(1, len(grad_bounds) + 1):
-        prev_p = {n: (param_bounds[t - 2][n] + carried[n]) if t > 1 else 0.0 for n in names}
+    if first != 1 and not fresh:
+        raise value_error("optimizer_bounds: first != 1 needs fresh=True (errors carry)")
+    for t in range(first, first + len(grad_bounds)):
+        i = t - first  # the lists' index of step t
+        if fresh:  # the step starts from its own exact parameters and state
+            buf = dict.fromkeys(names, 0.0)
+            m_b, v_b, vmax_b, carried, carried_el = (dict(buf) for _ in range(5))
+        prev_p = {
+            n: (param_bounds[i - 1][n] + carried[n]) if t > 1 and not fresh else 0.0 for n in names
+        }
         ge = {
-            n: grad_bounds[t - 1][n] + (wd * prev_p[n] if optimizer.name != "adamw" else 0.0)
+            n: grad_bounds[i][n] + (wd * prev_p[n] if optimizer.name != "adamw" else 0.0)
             for n in names
         }
         state: dict[str, dict[str, float]] = {}
@@ -367,15 +382,14 @@ def optimizer_bounds(
         else:
             m_b = {n: b1 * m_b[n] + (1 - b1) * ge[n] for n in names}
             v_b = {
-                n: b2 * v_b[n] + (1 - b2) * (2 * grad_max[t - 1][n] * ge[n] + ge[n] ** 2)
-                for n in names
+                n: b2 * v_b[n] + (1 - b2) * (2 * grad_max[i][n] * ge[n] + ge[n] ** 2) for n in names
             }
             state["exp_avg"], state["exp_avg_sq"] = dict(m_b), dict(v_b)
             if optimizer.amsgrad:
                 vmax_b = {n: max(vmax_b[n], v_b[n]) for n in names}
                 state["max_exp_avg_sq"] = dict(vmax_b)
             second_b = vmax_b if optimizer.amsgrad else v_b
-            ref = states[t - 1]
+            ref = states[i]
             second = ref["max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"]
             decay = abs(1 - lr * wd) if optimizer.name == "adamw" else 1.0
             slack = {}
