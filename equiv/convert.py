@@ -684,11 +684,18 @@ def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
     into one (``jax_to_torch(..., out=)``) and ``torch_to_equinox`` refused one.
     """
     if isinstance(obj, torch.nn.Module):
-        state = dict(obj.state_dict(keep_vars=True))
-        if "fc1.weight" not in state:
-            from equiv.from_module import module_tensors  # imports this module
+        from equiv.from_module import (  # imports this module
+            check_named_call_order,
+            has_equiv_names,
+            module_tensors,
+        )
+        from equiv.torch_mlp import TorchMLP
 
+        state = dict(obj.state_dict(keep_vars=True))
+        if not has_equiv_names(state):
             state = module_tensors(obj)
+        elif not isinstance(obj, TorchMLP):
+            check_named_call_order(obj)  # names that say another order than the calls
     elif isinstance(obj, Mapping):
         keys = [k for k in obj if not isinstance(k, str)]
         if keys:

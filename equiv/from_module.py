@@ -89,10 +89,16 @@ def mlp_from_module(
     return spec, params
 
 
-def _read_stack(module: nn.Module, *, trainable: bool) -> tuple[MLPSpec, list[nn.Linear]]:
+def _read_stack(
+    module: nn.Module, *, trainable: bool, reorder: bool = False
+) -> tuple[MLPSpec, list[nn.Linear]]:
     """The spec and the Linear layers of a Linear stack, in registration order, or
     the refusal of what equiv's MLP cannot hold; ``trainable`` also refuses frozen
-    parameters (a training check needs them trainable, a copy into them does not)."""
+    parameters (a training check needs them trainable, a copy into them does not).
+    ``reorder``: where no activation module is registered (activations called as
+    functions), the layers in the order the forward calls them (:func:`called_linears`),
+    each called once; the spec's activations are then unknown (identity), which the
+    converters, needing only the parameters, do not read."""
     if not isinstance(module, nn.Module):
         raise type_error(f"expected a torch.nn.Module, got {type(module).__name__}")
     layers: list[nn.Linear] = []
@@ -138,6 +144,16 @@ def _read_stack(module: nn.Module, *, trainable: bool) -> tuple[MLPSpec, list[nn
         pending = act
     if not layers:
         raise value_error(f"found no nn.Linear in {type(module).__name__}")
+    if reorder and not activation_names and len(layers) > 1:
+        # Activations called as functions (F.relu): nothing registered between the
+        # layers says their order, so the forward's calls do (found in a user trial:
+        # encoder/head layers with F.relu in forward could not be converted at all).
+        called = called_linears(module)
+        if called is not None and sorted(map(id, (m for _, m in called))) == sorted(
+            map(id, layers)
+        ):
+            layer_names = [name for name, _ in called]
+            layers = [m for _, m in called]
     if pending is not None and len(activation_names) == 1 and len(layers) > 2:
         raise value_error(
             f"{type(module).__name__} registers one activation module "
@@ -217,10 +233,32 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     >>> sorted(tensors), tensors["fc2.weight"].data_ptr() == seq[2].weight.data_ptr()
     (['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight'], True)
     """
-    spec, layers = _read_stack(module, trainable=False)  # frozen layers take copies too
+    spec, layers = _read_stack(module, trainable=False, reorder=True)  # frozen ones too
     tensors = _named(layers, spec)
-    _check_call_order(module, spec, tensors)
+    if spec.num_layers == 1 or set(spec.activations) != {"identity"}:
+        _check_call_order(module, spec, tensors)
+    # else: activations called as functions: the output cannot be reproduced without
+    # them, and the call order was read off the forward's calls (_read_stack).
     return tensors
+
+
+def has_equiv_names(state: dict) -> bool:
+    """Whether a module's state_dict names are all equiv's (``fc1.weight``,
+    ``fc1.bias``, ... from 1 without a gap), which are then read as they are.
+
+    >>> has_equiv_names({"fc1.weight": 0, "fc2.weight": 0}), has_equiv_names(
+    ...     {"fc1.weight": 0, "out.weight": 0})
+    (True, False)
+    """
+    layers = set()
+    for name in state:
+        layer, _, kind = name.rpartition(".")
+        if kind not in ("weight", "bias") or not layer.startswith("fc"):
+            return False
+        if not layer[2:].isdigit() or layer[2:].startswith("0"):
+            return False
+        layers.add(int(layer[2:]))
+    return bool(layers) and layers == set(range(1, len(layers) + 1))
 
 
 def own_names(module: nn.Module) -> dict[str, str]:
@@ -235,9 +273,9 @@ def own_names(module: nn.Module) -> dict[str, str]:
     ('fc1.weight', 'fc2.bias', 4)
     """
     by_name = module.state_dict(keep_vars=True)
-    if "fc1.weight" in by_name:  # equiv's names, read as they are (convert._state_dict)
+    if has_equiv_names(by_name):  # read as they are (convert._state_dict)
         return {}
-    spec, layers = _read_stack(module, trainable=False)
+    spec, layers = _read_stack(module, trainable=False, reorder=True)
     by_tensor = {id(tensor): name for name, tensor in by_name.items()}
     names = {}
     for i, layer in enumerate(layers, start=1):
@@ -396,6 +434,86 @@ def _probe_batch(spec: MLPSpec) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(8, spec.sizes[0], dtype=torch.float64, generator=generator)
     return probe, torch.randn(8, spec.sizes[-1], dtype=torch.float64, generator=generator)
+
+
+def called_linears(module: nn.Module) -> list[tuple[str, nn.Linear]] | None:
+    """The ``nn.Linear`` submodules in the order ``module``'s forward calls them, with
+    their names, recorded by forward hooks on a probe batch (no gradients, every
+    submodule in eval mode for the call and its mode restored after); a layer called
+    twice appears twice. None where the module cannot be run on one batch of any of
+    its layers' input widths (a forward that takes more than ``x``, say): the order
+    is then unknown. Activations called as functions (``F.relu``) do not hide it.
+
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.head, self.body = nn.Linear(8, 2), nn.Linear(4, 8)
+    ...     def forward(self, x):
+    ...         return self.head(torch.relu(self.body(x)))
+    >>> [name for name, _ in called_linears(Net())]
+    ['body', 'head']
+    """
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if type(module).forward is nn.Module.forward or not linears:
+        return None
+    names = {id(m): n for n, m in linears}
+    calls: list[nn.Linear] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: calls.append(m)) for _, m in linears]
+    modes = {m: m.training for m in module.modules()}
+    weight = linears[0][1].weight
+    generator = torch.Generator().manual_seed(0)
+    try:
+        module.eval()
+        for width in dict.fromkeys(m.in_features for _, m in linears):
+            calls.clear()
+            probe = torch.randn(2, width, generator=generator, dtype=torch.float64)
+            try:
+                with torch.no_grad():
+                    module(probe.to(dtype=weight.dtype, device=weight.device))
+            except Exception:  # noqa: BLE001 - another width, or a forward equiv cannot run
+                continue
+            return [(names[id(m)], m) for m in calls]
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training in modes.items():
+            m.training = training
+
+
+def registers_activations(module: nn.Module) -> bool:
+    """Whether ``module`` holds any supported activation as a submodule (``nn.ReLU()``),
+    rather than calling activations as functions in its forward (``F.relu``).
+
+    >>> registers_activations(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)))
+    True
+    """
+    return any(
+        _activation(m) is not None
+        for m in module.modules()
+        if not list(m.children()) and not isinstance(m, nn.Linear)
+    )
+
+
+def check_named_call_order(module: nn.Module) -> None:
+    """Refuse a module whose Linear layers are named as equiv names them (``fc1``,
+    ``fc2``, ...) but called in another order: equiv's ``fc1`` is the first layer
+    called, so its names would pair each tensor with the wrong layer (found in a user
+    trial: an ``nn.Sequential`` registering ``fc2`` first converted with the layers
+    swapped, silently). A module that cannot be run keeps its names unchecked."""
+    called = called_linears(module)
+    if called is None:
+        return
+    order = [name for name, _ in called]
+    expected = [f"fc{i}" for i in range(1, len(order) + 1)]
+    if order != expected:
+        raise value_error(
+            f"{type(module).__name__}'s Linear layers are named as equiv names them, but "
+            f"its forward calls them in the order {', '.join(order)}: equiv's fc1 is the "
+            "first layer called, each called once, so these names would pair its tensors "
+            "with the wrong layers. Rename them in call order (fc1 the first called; an "
+            "nn.Sequential's own index names are mapped by call order)"
+        )
 
 
 def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:

@@ -58,7 +58,13 @@ from equiv.convert import (
     module_spec,
     torch_to_jax,
 )
-from equiv.from_module import forward_mismatch, mlp_from_module
+from equiv.from_module import (
+    check_named_call_order,
+    forward_mismatch,
+    mlp_from_module,
+    own_names,
+    registers_activations,
+)
 from equiv.gradcheck import unpack_grad_fn_result
 from equiv.harness import (
     REFERENCE,
@@ -537,16 +543,47 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
     if spec is not None and set(model.state_dict()) == set(spec.param_names()):
         # equiv's names already: the spec says what the forward pass computes, and is
         # checked against it (a ReLU module given a tanh spec was accepted silently).
+        check_named_call_order(model)  # names in another order than the calls: said so
         params = {k: v.detach() for k, v in model.state_dict().items()}
         mismatch = forward_mismatch(model, spec, params, names=spec.param_names())
         if mismatch:
+            # Leaving the spec out reads the module's activation submodules; with none
+            # (F.relu in forward) that advice went in a circle (found in a user trial).
+            registered = registers_activations(model)
             raise value_error(
                 f"spec does not describe {type(model).__name__}: run on a float64 probe "
                 f"batch beside the spec's MLP with its parameters, {mismatch}. Fix the "
-                f"spec (activations {spec.activations}, bias={spec.bias}), or leave it out "
-                "to read the module"
+                f"spec (activations {spec.activations}, bias={spec.bias})"
+                + (
+                    ", or leave it out to read the module"
+                    if registered
+                    else ": its forward calls its activations as functions, so the spec "
+                    "is all that says which they are"
+                )
             )
         return model, spec
+    if spec is not None and not registers_activations(model):
+        # Activations called as functions (F.gelu): the spec says which they are, the
+        # forward's calls say the layers' order (own_names), and the two are checked
+        # against the forward (found in a user trial: such a module could not be
+        # checked under names other than fc1, fc2, ...).
+        mine = {equiv: theirs for theirs, equiv in own_names(model).items()}
+        state = model.state_dict()
+        params = {
+            name: state[mine[name]].detach().clone() for name in spec.param_names() if name in mine
+        }
+        if set(params) == set(spec.param_names()):
+            names = [mine[name] for name in spec.param_names()]
+            mismatch = forward_mismatch(model, spec, params, names=names)
+            if mismatch:
+                raise value_error(
+                    f"spec does not describe {type(model).__name__}: run on a float64 probe "
+                    f"batch beside the spec's MLP with its parameters, {mismatch}. Fix the "
+                    f"spec (activations {spec.activations}, bias={spec.bias}): its forward "
+                    "calls its activations as functions, so the spec is all that says "
+                    "which they are"
+                )
+            return torch_mlp_with_params(spec, params), spec
     read, params = mlp_from_module(model)
     if spec is not None:
         # The spec sets the loss; everything else is the module's and must agree.

@@ -1,5 +1,6 @@
 """mlp_from_module: any torch Linear stack as equiv's MLP, checked, or a clear refusal."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -352,3 +353,69 @@ def test_a_forward_equiv_cannot_call_is_named(model, phrase):
         mlp_from_module(model)
     spec, params = mlp_from_module(model, check=False)  # the twin: read unchecked
     assert spec.sizes == (4, 2) and sorted(params) == ["fc1.bias", "fc1.weight"]
+
+
+class _Functional(nn.Module):
+    """Linear layers under names of its own, registered out of call order, with the
+    activation called as a function."""
+
+    def __init__(self, first="encoder", second="head"):
+        super().__init__()
+        torch.manual_seed(0)
+        setattr(self, second, nn.Linear(7, 3))
+        setattr(self, first, nn.Linear(5, 7))
+        self.names = first, second
+
+    def forward(self, x):
+        first, second = (getattr(self, n) for n in self.names)
+        return second(torch.relu(first(x)))
+
+
+def test_names_in_another_order_than_the_calls_are_refused_not_swapped():
+    # Found in a user trial: an nn.Sequential registering fc2 first converted with its
+    # layers swapped, silently (the JAX forward off by 1.2); so did a forward calling
+    # fc2 first. The twin: the same layers registered in call order convert.
+    import collections
+
+    def seq(order):
+        torch.manual_seed(0)
+        layers = {name: nn.Linear(4, 4) for name in order}
+        return nn.Sequential(
+            collections.OrderedDict(
+                [(order[0], layers[order[0]]), ("act", nn.Tanh()), (order[1], layers[order[1]])]
+            )
+        )
+
+    swapped = seq(("fc2", "fc1"))
+    for convert in (
+        lambda m: equiv.torch_to_jax(m),
+        lambda m: equiv.jax_to_torch(equiv.torch_to_jax(seq(("fc1", "fc2"))), out=m),
+    ):
+        with pytest.raises(ValueError, match="calls them in the order fc2, fc1: equiv's fc1"):
+            convert(swapped)
+    right = seq(("fc1", "fc2"))
+    params = equiv.torch_to_jax(right)
+    assert np.array_equal(np.asarray(params["Dense_0"]["kernel"]).T, right.fc1.weight.detach())
+
+
+def test_activations_called_as_functions_take_the_call_order_and_the_specs_activations():
+    # Found in a user trial: layers named encoder/head (or fc1, fc2, out) with F.relu in
+    # forward could not be converted or checked at all. The call order is read off the
+    # forward's calls; a check_jax_port spec says the activations and is checked.
+    import jax
+    import jax.numpy as jnp
+
+    model = _Functional()
+    params = equiv.torch_to_jax(model, layout="torch")
+    assert np.array_equal(np.asarray(params["fc1.weight"]), model.encoder.weight.detach())
+
+    def loss_fn(p, x, y):
+        h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        return jnp.mean((h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"] - y) ** 2)
+
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    equiv.check_jax_port(model, loss_fn, x, y, spec=equiv.MLPSpec((5, 7, 3))).assert_agree()
+    with pytest.raises(ValueError, match="calls its activations as functions, so the spec"):
+        equiv.check_jax_port(model, loss_fn, x, y, spec=equiv.MLPSpec((5, 7, 3), activation="tanh"))
+    out = equiv.jax_to_torch(equiv.torch_to_jax(_Functional("a", "b")), out=_Functional("a", "b"))
+    assert sorted(out) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
