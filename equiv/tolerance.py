@@ -21,7 +21,13 @@ with the worst ratio at about 1.1 of ``c = 8``. Two backends, each within that o
 the exact value, differ by at most the sum, so a pair gets ``c·√k·(u_a + u_b)``:
 twice ``c·√k·u`` for two float32 backends, and essentially ``c·√k·u₃₂`` against
 the float64 reference. After ``s`` SGD steps each step starts from parameters
-already off by the previous bound, so the bound grows linearly: a factor ``s``.
+already off by the previous bound, so the bound grows linearly: a factor ``s``. That
+holds between two backends' trajectories. A backend held to the float64 step taken from
+its own parameters and state (the harness's propagation, every step after the first)
+differs from it by that step's rounding alone: its factor is 1, its parameters carry
+the last update's error only, and its optimizer's bounds are that step's
+(``optimizer_bounds(fresh=True)``). Found in review: with the factor ``s`` there, a
+learning rate off by 1e-3 from step 10 on passed where 2.4e-5 from step 1 failed.
 
 Cancellation. A sum that cancels is small while its rounding error is not: the
 error of ``Σ_b dz_b h_b`` scales with ``Σ_b |dz_b|·|h_b|``, not with the result (found
