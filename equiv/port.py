@@ -340,7 +340,12 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
     key the tree lacks (the tree's keys and shapes are listed for every kind)."""
     text, name = str(error).strip(), get_layout(layout).name
     said = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(":. ")
-    if isinstance(error, jax.errors.ConcretizationTypeError):
+    if isinstance(error, jax.errors.TracerArrayConversionError):
+        advice = (
+            "It hands a traced array to NumPy (np.* or np.asarray inside loss_fn), which "
+            "cannot trace it: use jax.numpy (jnp) there"
+        )
+    elif isinstance(error, jax.errors.ConcretizationTypeError):
         advice = (
             "It branches in Python on a traced value (if or bool() on an array), which "
             "jax.jit cannot do: pass jit=False to run it eagerly, or branch with "

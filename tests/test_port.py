@@ -559,6 +559,11 @@ def test_a_failing_loss_fn_is_reported_with_the_layout_keys():
     ) as info:
         check_jax_port(model, transposed, x, y)
     assert "Dense_0.kernel (4, 3); Dense_1.bias (2,)" in str(info.value)
+    def with_numpy(params, x, y):
+        return jnp.mean((flax_forward(params, x) - np.asarray(y)) ** 2)
+
+    with pytest.raises(ValueError, match="TracerArrayConversionError.*use jax.numpy"):
+        check_jax_port(model, with_numpy, x, y)
     with pytest.raises(ValueError, match="TracerBoolConversionError.*pass jit=False"):
         check_jax_port(model, branching, x, y)
     check_jax_port(model, branching, x, y, jit=False).assert_agree()  # the twin
