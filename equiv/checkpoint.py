@@ -517,6 +517,9 @@ def _read(
     except (SafetensorError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
+        misnamed = _misnamed(shown, kind)
+        if misnamed:
+            raise value_error(misnamed) from exc
         raise value_error(f"{shown} is not a readable safetensors file: {exc}") from exc
     recorded = _recorded_layout(metadata, given, shown)
     if recorded is not None:
@@ -532,7 +535,37 @@ def _read(
     return {(key,): t for key, t in tensors.items()}, layout
 
 
+def _format(path: str) -> str | None:
+    """What a file's first bytes say it is: ``"safetensors"`` (an 8-byte header length,
+    then ``{``), ``"zip"`` (torch.save's format), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return "safetensors"
+    return None
+
+
+def _misnamed(path: str, kind: str) -> str | None:
+    """Why a file that is not what its suffix says cannot be read, or None (found in a
+    user trial: a safetensors file named .pt was said to hold more than tensors)."""
+    found = _format(path)
+    if kind in _PICKLES and found == "safetensors":
+        return f"{path} is a safetensors file under a {kind} name: rename it to .safetensors"
+    if kind in _SAFETENSORS and found == "zip":
+        return f"{path} is a torch.save file under a {kind} name: rename it to .pt"
+    return None
+
+
 def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]:
+    misnamed = _misnamed(path, os.path.splitext(path)[1].lower())
+    if misnamed:
+        raise value_error(misnamed)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -982,3 +982,18 @@ def test_copy_false_adopts_the_memory_map_of_equivs_own_files(writer, sizes, tmp
                 break
     params = load_jax(plain, layout="torch", copy=False)
     assert not any(_in_file_mapping(params[name], plain) for name in spec.param_names())
+
+
+def test_a_file_under_the_other_formats_suffix_is_told_to_be_renamed(tmp_path):
+    # Found in a user trial: a safetensors file named .pt was "more than tensors".
+    state = random_state(SPEC, 0)
+    save_torch(state, tmp_path / "real.safetensors")
+    (tmp_path / "named.pt").write_bytes((tmp_path / "real.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"is a safetensors file under a \.pt name: rename"):
+        load_torch(tmp_path / "named.pt")
+    save_torch(state, tmp_path / "real.pt")
+    (tmp_path / "named.safetensors").write_bytes((tmp_path / "real.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"is a torch.save file under a \.safetensors name"):
+        load_torch(tmp_path / "named.safetensors")
+    (tmp_path / "named.pt").rename(tmp_path / "renamed.safetensors")
+    assert_states_identical(load_torch(tmp_path / "renamed.safetensors"), state)  # the twin

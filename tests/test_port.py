@@ -559,6 +559,7 @@ def test_a_failing_loss_fn_is_reported_with_the_layout_keys():
     ) as info:
         check_jax_port(model, transposed, x, y)
     assert "Dense_0.kernel (4, 3); Dense_1.bias (2,)" in str(info.value)
+
     def with_numpy(params, x, y):
         return jnp.mean((flax_forward(params, x) - np.asarray(y)) ** 2)
 
