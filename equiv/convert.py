@@ -548,7 +548,15 @@ def check_entries(
             else ""
         )
         advice += _order_advice(known, layout, spec.sizes if given else None)
-        if spec.dtype == "float64" and any(_dtype(v) == "float32" for v in known.values()):
+        narrow = [v for v in known.values() if _dtype(v) == "float32"]
+        if spec.dtype == "float64" and narrow and not isinstance(narrow[0], jax.Array):
+            # torch tensors: nothing about JAX's x64 mode applies (found in a user trial:
+            # a float64 file loaded into a float32 module was told to turn x64 on).
+            advice += (
+                "\nfloat32 tensors where the parameters are float64: convert one side "
+                "(module.double(), or the float64 parameters' .float())"
+            )
+        elif spec.dtype == "float64" and narrow:
             # JAX made float32 arrays of float64 values (found in a user trial: the
             # spec= advice alone sent a user who had passed spec= in a circle).
             advice += (

@@ -193,7 +193,8 @@ def _read_stack(
         raise value_error(
             f"the Linear layers are {next(iter(dtypes))}; equiv's MLP is float32 or float64 "
             "(a comparison's bounds, and its converters, are for those): convert first, "
-            "model.float() (or a copy of it, to keep yours in bfloat16)"
+            f"model.float() (or a copy of it, to keep yours in "
+            f"{str(next(iter(dtypes))).removeprefix('torch.')})"
         )
     if len(biases) != 1 or len(dtypes) != 1:
         raise value_error(

@@ -997,3 +997,15 @@ def test_a_file_under_the_other_formats_suffix_is_told_to_be_renamed(tmp_path):
         load_torch(tmp_path / "named.safetensors")
     (tmp_path / "named.pt").rename(tmp_path / "renamed.safetensors")
     assert_states_identical(load_torch(tmp_path / "renamed.safetensors"), state)  # the twin
+
+
+def test_a_float64_file_into_a_float32_module_is_told_about_torch_not_jax(tmp_path):
+    from equiv.torch_mlp import TorchMLP
+
+    # Found in a user trial: the advice was to turn on JAX's x64 mode.
+    path = tmp_path / "m.safetensors"
+    save_torch(random_state(SPEC.replace(dtype="float64"), 0), path)
+    with pytest.raises(ValueError, match=r"convert one side \(module.double\(\)") as info:
+        load_torch(path, out=TorchMLP(SPEC))
+    assert "x64" not in str(info.value)
+    load_torch(path, out=TorchMLP(SPEC.replace(dtype="float64")))  # the twin
