@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -417,11 +418,16 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
         raise UsageError(
             f"cannot read --params {args.params!r}: {error.strerror or error}"
         ) from None
-    except ValueError:
+    except ValueError as error:
         advice = _foreign_names_advice(args)
-        if advice is None:
+        if advice is not None:
+            raise UsageError(f"--params {args.params!r}: {advice}") from None
+        text = str(error).removeprefix(PREFIX)
+        if "entry=" not in text:
             raise
-        raise UsageError(f"--params {args.params!r}: {advice}") from None
+        # The library's advice names its argument; on the command line it is an option.
+        said = re.sub(r"pass entry='([^']*)'", r"add --entry \1", text)
+        raise UsageError(re.sub(r"entry='([^']*)'", r"--entry \1", said)) from None
     found = check_entries(
         {(name,): tensor for name, tensor in state.items()}, LAYOUTS["torch"], None, what=""
     )

@@ -521,5 +521,6 @@ def test_params_file_options_that_contradict_it_are_refused(tmp_path, capsys):
         code, out, err = _run(["--params", path, *argv], capsys)
         assert (code, out) == (2, "") and fragment in err, err
     code, out, err = _run(["--params", str(tmp_path / "t.pt")], capsys)
-    assert (code, out) == (2, "") and "pass entry='model', which holds one" in err
+    assert (code, out) == (2, "") and "; add --entry model, which holds one" in err, err
+    assert "entry=" not in err  # the command line's option, not the library's argument
     assert _run(["--params", path], capsys)[0] == 0  # the twin: nothing contradicts it
