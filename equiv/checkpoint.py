@@ -55,7 +55,10 @@ from equiv.convert import (
     _state_dict,
     check_entries,
     copy_into,
+    equinox_to_torch,
     get_layout,
+    is_equinox_model,
+    layout_tree,
     missing_values,
     module_spec,
     torch_to_jax,
@@ -103,6 +106,8 @@ def save_torch(
       OSError: ``path`` cannot be written (see :func:`equiv.files.atomic_path`).
     """
     kind = _kind(path, _SAFETENSORS + _PICKLES)
+    if is_equinox_model(module_or_state_dict):  # its state_dict (found in a user trial)
+        module_or_state_dict = equinox_to_torch(module_or_state_dict)
     given = (
         module_or_state_dict.state_dict(keep_vars=True)
         if isinstance(module_or_state_dict, torch.nn.Module)
@@ -255,6 +260,7 @@ def save_jax(
     """
     _kind(path, _SAFETENSORS)
     layout = get_layout(layout)
+    params = layout_tree(params, layout)  # an Equinox model, with layout="equinox"
     if not isinstance(params, Mapping):
         raise type_error(f"params must be a dict-like JAX tree, got {type(params).__name__}")
     flat = _flatten(params)

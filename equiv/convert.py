@@ -372,13 +372,7 @@ def jax_to_torch(
     layout = get_layout(layout)
     if device is not None:
         device = torch_device(device)  # a bad name fails here, before any copy
-    if is_equinox_model(params):
-        if layout.name != "equinox":
-            raise type_error(
-                f"params is an Equinox {type(params).__name__}, which holds its weights "
-                f"(out, in), but layout={layout.name!r}: pass layout='equinox'"
-            )
-        params = _equinox_tree(_equinox_layers(params))  # its arrays, in the layout's tree
+    params = layout_tree(params, layout)
     if not isinstance(params, Mapping):
         raise type_error(
             f"params must be a dict-like JAX tree, got {type(params).__name__}; for a flax "
@@ -995,6 +989,20 @@ def equinox_to_torch(
     """
     tree = _equinox_tree(_equinox_layers(model))
     return jax_to_torch(tree, layout="equinox", spec=spec, device=device, out=out)
+
+
+def layout_tree(params: Any, layout: Layout) -> Any:
+    """``params`` as the layout's tree: an Equinox model (``layout`` equinox) becomes
+    ``{"layers": {"0": {"weight", "bias"}}}`` of its arrays; anything else is returned
+    as it is. Every function taking a JAX tree takes an Equinox model this way."""
+    if not is_equinox_model(params):
+        return params
+    if layout.name != "equinox":
+        raise type_error(
+            f"params is an Equinox {type(params).__name__}, which holds its weights "
+            f"(out, in), but layout={layout.name!r}: pass layout='equinox'"
+        )
+    return _equinox_tree(_equinox_layers(params))
 
 
 def is_equinox_model(value: Any) -> bool:

@@ -399,3 +399,22 @@ def test_an_equinox_model_is_copied_into_an_existing_torch_module():
     wider = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
     with pytest.raises(ValueError, match="out"):
         equinox_to_torch(model, out=wider)
+
+
+def test_an_equinox_model_is_saved_as_it_is_converted(tmp_path):
+    # Found in a user trial: save_jax and save_torch refused the model that
+    # jax_to_torch(model, layout="equinox") takes.
+    eqx = pytest.importorskip("equinox")
+    from equiv import load_jax, load_torch, save_jax, save_torch
+    from equiv.convert import equinox_to_torch
+
+    model = eqx.nn.MLP(4, 2, 3, depth=1, key=jax.random.key(2))
+    expected = equinox_to_torch(model)
+    save_torch(model, tmp_path / "m.pt")
+    save_jax(model, tmp_path / "m.safetensors", layout="equinox")
+    for path in ("m.pt", "m.safetensors"):
+        assert all(torch.equal(v, expected[k]) for k, v in load_torch(tmp_path / path).items())
+    tree = load_jax(tmp_path / "m.safetensors", layout="equinox")
+    assert np.array_equal(tree["layers"]["1"]["weight"], model.layers[1].weight)
+    with pytest.raises(TypeError, match="pass layout='equinox'"):  # the twin
+        save_jax(model, tmp_path / "x.safetensors")
