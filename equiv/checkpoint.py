@@ -506,8 +506,9 @@ def _read(
     given = None if file_layout is None else get_layout(file_layout)
     if kind in _PICKLES:
         # A pickle records no layout: its names are read in the one the caller names.
-        return {(n,): t for n, t in _read_pickle(shown, entry).items()}, _keyed(
-            given or LAYOUTS["torch"]
+        layout = _keyed(given or LAYOUTS["torch"])
+        return {(n,): t for n, t in _foreign_keys(_read_pickle(shown, entry), layout).items()}, (
+            layout
         )
     if entry is not None:
         raise value_error(
@@ -538,7 +539,25 @@ def _read(
             "given; drop file_layout to use the recorded one"
         )
     layout = _keyed(recorded or given or LAYOUTS["torch"])
+    if recorded is None:
+        tensors = _foreign_keys(tensors, layout)
     return {(key,): t for key, t in tensors.items()}, layout
+
+
+def _foreign_keys(tensors: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    """A file's keys as ``layout`` (keyed) names them, where another tool joined a
+    tree's keys with ``/`` (``flax.traverse_util.flatten_dict(sep="/")``) or wrote a
+    flax variables dict whole (``params.Dense_0.kernel``), and no key is the layout's as
+    it stands; otherwise the keys as they are. Both are read only when every key then
+    is the layout's (found in a user trial: no file_layout could read such a file)."""
+    if any(layout.torch_name((key,)) for key in tensors):
+        return tensors
+    renamed = {key.replace("/", "."): tensor for key, tensor in tensors.items()}
+    if renamed and all(key.startswith("params.") for key in renamed):
+        renamed = {key.removeprefix("params."): tensor for key, tensor in renamed.items()}
+    if renamed and all(layout.torch_name((key,)) for key in renamed):
+        return renamed
+    return tensors
 
 
 def _format(path: str) -> str | None:

@@ -1009,3 +1009,20 @@ def test_a_float64_file_into_a_float32_module_is_told_about_torch_not_jax(tmp_pa
         load_torch(path, out=TorchMLP(SPEC))
     assert "x64" not in str(info.value)
     load_torch(path, out=TorchMLP(SPEC.replace(dtype="float64")))  # the twin
+
+
+@pytest.mark.parametrize("prefix", ["", "params/"], ids=["params", "variables"])
+def test_flax_params_flattened_with_slashes_are_read(tmp_path, prefix, equiv_seed):
+    # Found in a user trial: flax.traverse_util.flatten_dict(params, sep="/") written
+    # with safetensors could not be read in any layout. The twin: another name is not.
+    state = random_state(SPEC, equiv_seed)
+    flat = {}
+    for i in (1, 2):
+        flat[f"{prefix}Dense_{i - 1}/kernel"] = state[f"fc{i}.weight"].T.contiguous()
+        flat[f"{prefix}Dense_{i - 1}/bias"] = state[f"fc{i}.bias"]
+    safetensors.torch.save_file(flat, tmp_path / "flax.safetensors")
+    assert_states_identical(load_torch(tmp_path / "flax.safetensors", file_layout="flax"), state)
+    flat[f"{prefix}Dense_0/scale"] = flat.pop(f"{prefix}Dense_0/bias")
+    safetensors.torch.save_file(flat, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="Dense_0/scale"):
+        load_torch(tmp_path / "other.safetensors", file_layout="flax")
