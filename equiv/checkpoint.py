@@ -507,9 +507,8 @@ def _read(
     if kind in _PICKLES:
         # A pickle records no layout: its names are read in the one the caller names.
         layout = _keyed(given or LAYOUTS["torch"])
-        return {(n,): t for n, t in _foreign_keys(_read_pickle(shown, entry), layout).items()}, (
-            layout
-        )
+        tensors = _foreign_keys(_read_pickle(shown, entry), layout)
+        return {(n,): t for n, t in tensors.items()}, layout
     if entry is not None:
         raise value_error(
             f"entry={entry!r} was given, but {shown} is a safetensors file, which holds one "
