@@ -485,3 +485,42 @@ def test_adams_update_cap_allows_the_bias_corrections_rounding():
         REFERENCE: comparison.trajectories[REFERENCE],
     }
     assert not compare_trajectories(problem, runs, optimizer=adam).agree
+
+
+def test_relu_units_at_exactly_zero_may_round_to_either_side():
+    # Found in review: fc1 rows (-1, -2⁻²⁵, 1, 2⁻²⁵) against x = c·(1, 1, 1, 1) give
+    # z = 0 exactly in float64 and torch, and +3e-8 in JAX. The flip was taken at
+    # z = 0, where h = 0 on both sides, so JAX's h = 3e-8 failed fc2.weight's gradient
+    # at 1e6 times the bound, and the hint blamed a stop_gradient. The twin: a port
+    # whose fc2 bias gradient is doubled is still caught.
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from equiv import TorchMLP, check_jax_port
+
+    spec = MLPSpec((4, 2, 2, 1), activation="relu")
+    torch.manual_seed(0)
+    model = TorchMLP(spec)
+    e = 2.0**-25
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.tensor([[-1.0, -e, 1.0, e], [-2.0, -2 * e, 2.0, 2 * e]]))
+        model.fc1.bias.zero_()
+    x = torch.tensor([[1.0] * 4, [3.0] * 4, [0.5] * 4])
+    y = torch.tensor([[0.3], [-0.2], [0.1]])
+
+    def port(bias_factor):
+        def loss_fn(p, xb, yb):
+            h = xb
+            for i in range(3):
+                bias = p[f"Dense_{i}"]["bias"]
+                if i == 2:  # the bias's gradient scaled, its value not
+                    bias = bias_factor * bias - (bias_factor - 1) * jax.lax.stop_gradient(bias)
+                h = h @ p[f"Dense_{i}"]["kernel"] + bias
+                h = jax.nn.relu(h) if i < 2 else h
+            return jnp.mean((h - yb) ** 2)
+
+        return loss_fn
+
+    check_jax_port(model, port(1.0), x, y, learning_rate=0.1).assert_agree()
+    assert not check_jax_port(model, port(2.0), x, y, learning_rate=0.1).agree
