@@ -501,6 +501,8 @@ class Comparison:
             if stage in ("state", "params"):
                 cause = self._flushed_second_moment(step, a, b) or self._optimizer_cause(a, b)
             cause = f"{cause} (from step {step} on)" if cause else self._variant_cause(a, b)
+            if not cause and stage == "params" and (step, order["grads"], a, b) not in groups:
+                cause = self._adam_near_eps(step, a, b, names)
             if cause:
                 found_at = (step, rank)
                 leaves = merged.setdefault(cause, [])
@@ -927,6 +929,43 @@ class Comparison:
             return None
         key = "max_exp_avg_sq" if optimizer.amsgrad else "exp_avg_sq"
         return optimizer, key, float(np.finfo(self.problem.spec.dtype).tiny)
+
+    def _adam_near_eps(self, step: int, a: str, b: str, names: list[str]) -> str | None:
+        """Why Adam's first updates of ``a`` and ``b`` differ where their gradients
+        agree, or None: the leaf's worst element has a gradient near ε, where the
+        update ``lr·g/(|g| + ε)`` carries the gradient's relative error whole, and one
+        side's gradient there is off by more, relatively, than its rounding allows
+        elementwise, though within the gradients' leaf-wide bound (found in review:
+        tanh written 2σ(2z) - 1, correct but less accurate for small z, passed its
+        gradients and failed its parameters at ratio 3.6, with no hint)."""
+        adam = self._adam_second_moment()
+        if adam is None or step != 1:
+            return None
+        eps = adam[0].eps
+        ta, tb = self.trajectories[a], self.trajectories[b]
+        start = _float64_params(self.problem)
+        for name in names:
+            moved = [np.asarray(t.params[0][name], np.float64) - start[name] for t in (ta, tb)]
+            grads = [np.asarray(t.grads[0][name], np.float64) for t in (ta, tb)]
+            if moved[0].shape != moved[1].shape or not np.all(np.isfinite(moved[0] - moved[1])):
+                continue
+            at = np.unravel_index(np.argmax(np.abs(moved[0] - moved[1])), moved[0].shape)
+            g = float(grads[1][at])
+            if not 0 < abs(g) <= 100 * eps:
+                continue
+            off = abs(float(grads[0][at]) - g) / abs(g)
+            largest = float(np.max(np.abs(grads[1])))
+            return (
+                f"{a}'s Adam update differs from {b}'s at {tuple(map(int, at))}, "
+                f"where the gradient is {g:.3g}, near ε = {eps:g} (the leaf's largest is "
+                f"{largest:.3g}): there lr·g/(|g| + ε) turns the gradient's relative error "
+                f"into the update's, and {a}'s gradient is {off:.2g} off relatively, within "
+                "the gradients' bound, which is sized by the leaf's largest, but not the "
+                "update's, which follows each element. A formula less accurate than "
+                "torch's for small values does this (tanh written 2σ(2z) - 1, say): write "
+                "it as torch does (jnp.tanh, jax.nn.*)"
+            )
+        return None
 
     def _flushed_second_moment(self, step: int, a: str, b: str) -> str | None:
         """Why Adam's updates of ``a`` and ``b`` differ at ``step`` where one holds

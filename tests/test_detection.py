@@ -758,3 +758,38 @@ def test_activations_in_another_order_are_named(port_acts, cause, equiv_seed):
         return
     hints = comparison.hints()
     assert not comparison.agree and hints[0].startswith(f"loss: port {cause}"), hints
+
+
+def test_an_adam_update_off_where_a_gradient_is_near_eps_is_explained():
+    # Found in review: tanh written 2σ(2z) - 1 (correct, less accurate for small z)
+    # passed its gradients and failed its Adam parameters at ratio 3.6 with no hint: a
+    # gradient element of 1e-8 (ε) off by 1.4e-3 relatively, within the gradients'
+    # leaf-wide bound. The twin: jnp.tanh agrees.
+    from equiv import OptimizerSpec, TorchMLP
+
+    spec = MLPSpec((4, 512, 1024, 2), activation="tanh", loss="cross_entropy")
+    torch.manual_seed(42)
+    model = TorchMLP(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.1)
+    gen = torch.Generator().manual_seed(42)
+    x, y = torch.randn(1, 4, generator=gen) * 1e-3, torch.randint(0, 2, (1,), generator=gen)
+
+    def port(tanh):
+        def loss_fn(p, xb, yb):
+            h = xb
+            for i in range(3):
+                h = h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
+                h = tanh(h) if i < 2 else h
+            return optax.softmax_cross_entropy_with_integer_labels(h, yb).mean()
+
+        return loss_fn
+
+    adam = OptimizerSpec("adam", learning_rate=1e-3)
+    check_jax_port(model, port(jnp.tanh), x, y, optimizer=adam).assert_agree()
+    other = check_jax_port(
+        model, port(lambda z: 2 * jax.nn.sigmoid(2 * z) - 1), x, y, optimizer=adam
+    )
+    hints = other.hints()
+    assert not other.agree and "near ε = 1e-08" in hints[0], hints
