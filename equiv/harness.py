@@ -501,8 +501,6 @@ class Comparison:
             if stage in ("state", "params"):
                 cause = self._flushed_second_moment(step, a, b) or self._optimizer_cause(a, b)
             cause = f"{cause} (from step {step} on)" if cause else self._variant_cause(a, b)
-            if not cause and stage == "params" and (step, order["grads"], a, b) not in groups:
-                cause = self._adam_near_eps(step, a, b, names)
             if cause:
                 found_at = (step, rank)
                 leaves = merged.setdefault(cause, [])
@@ -536,6 +534,18 @@ class Comparison:
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []
+            if (
+                stage == "params"
+                and (step, order["grads"], a, b) not in groups
+                and all(hint.endswith(GENERIC) for hint in found)
+            ):
+                # No known cause of the update (a weight decay, a learning rate) fits:
+                # a gradient element near ε may explain it.
+                near = self._adam_near_eps(step, a, b, names)
+                if near:
+                    found_at = (step, rank)
+                    merged.setdefault(f"{near} (step {step}, {a} vs {b})", []).extend(names)
+                    continue
             for hint in found:
                 leaf, text = hint.split(": ", 1)
                 key = f"{text} (step {step}, {a} vs {b})"
@@ -939,8 +949,8 @@ class Comparison:
         tanh written 2σ(2z) - 1, correct but less accurate for small z, passed its
         gradients and failed its parameters at ratio 3.6, with no hint)."""
         adam = self._adam_second_moment()
-        if adam is None or step != 1:
-            return None
+        if adam is None or step != 1 or (adam[0].name == "adam" and adam[0].weight_decay):
+            return None  # (Adam's L2 decay puts λ·p in g: not this one-gradient form)
         eps = adam[0].eps
         ta, tb = self.trajectories[a], self.trajectories[b]
         start = _float64_params(self.problem)
@@ -950,10 +960,16 @@ class Comparison:
             if moved[0].shape != moved[1].shape or not np.all(np.isfinite(moved[0] - moved[1])):
                 continue
             at = np.unravel_index(np.argmax(np.abs(moved[0] - moved[1])), moved[0].shape)
-            g = float(grads[1][at])
+            g, theirs = float(grads[1][at]), float(grads[0][at])
             if not 0 < abs(g) <= 100 * eps:
                 continue
-            off = abs(float(grads[0][at]) - g) / abs(g)
+            # The two step-1 updates lr·g/(|g| + ε) of their own gradients must account
+            # for the difference: another cause (a weight decay) leaves it unexplained.
+            lr = adam[0].learning_rate
+            explained = abs(lr * theirs / (abs(theirs) + eps) - lr * g / (abs(g) + eps))
+            if explained < 0.5 * float(np.abs(moved[0] - moved[1])[at]):
+                continue
+            off = abs(theirs - g) / abs(g)
             largest = float(np.max(np.abs(grads[1])))
             return (
                 f"{a}'s Adam update differs from {b}'s at {tuple(map(int, at))}, "
