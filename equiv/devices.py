@@ -96,7 +96,7 @@ def resolve_device(device: str) -> tuple[torch.device, jax.Device]:
     if index >= torch_count or index >= len(jax_gpus):
         raise value_error(
             f"device {device!r} is not available: torch sees {torch_count} CUDA device(s) "
-            f"and JAX sees {len(jax_gpus)} GPU(s); use --device cpu, or install CUDA builds "
-            "of torch and jax"
+            f"and JAX sees {len(jax_gpus)} GPU(s); use the CPU (device 'cpu', "
+            "--device cpu on the command line), or install CUDA builds of torch and jax"
         )
     return torch.device("cuda", index), jax_gpus[index]
