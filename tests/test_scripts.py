@@ -24,3 +24,18 @@ def test_adamw_default_margins_catches_and_names_each_mistake():
     for line in lines[2:]:  # every mistake caught and named; the right port agrees
         assert "caught 1/1" in line and line.endswith("named 1/1"), line
     assert len(lines) == 7
+
+
+def test_a_bug_starting_late_is_caught_as_small_as_one_from_step_one():
+    # Found in review: the bounds against a backend's own float64 step grew with the
+    # step number, so a bug from step T on had to be about T times larger to be caught.
+    script = SCRIPT.parent / "late_bug_thresholds.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--steps", "4", "--starts", "1", "4"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    first, late = (float(line.rsplit(" ", 1)[1]) for line in out.splitlines())
+    assert late <= 2 * first, out
