@@ -199,7 +199,9 @@ def load_torch(
     if isinstance(out, torch.nn.Module):
         from equiv.from_module import own_names  # imports convert, which this reads
 
-        own = own_names(out)
+        # equiv's own names map to themselves: a file of a module holding it is read
+        # under its prefix too (self.model = TorchMLP(...) in a Lightning module).
+        own = own_names(out) or {name: name for name in out.state_dict()}
     # Transposed weights are read as views: the copy into out transposes them once.
     state, spec = _load_state(path, spec, file_layout, entry, contiguous=False, own=own)
     return copy_into(out, state, spec)

@@ -589,6 +589,15 @@ def test_a_file_of_a_module_that_holds_the_stack_reads_into_the_stack(tmp_path):
     out = _stack(1)
     load_torch(path, entry="state_dict", out=out)
     assert all(torch.equal(v, holder.model.state_dict()[k]) for k, v in out.state_dict().items())
+    # equiv's own MLP held the same way.
+    from equiv.torch_mlp import TorchMLP
+
+    holder.model = TorchMLP(SPEC)
+    torch.save({"state_dict": holder.state_dict()}, path)
+    target = TorchMLP(SPEC)
+    load_torch(path, entry="state_dict", out=target)
+    assert torch.equal(target.fc2.weight, holder.model.fc2.weight)
+    holder.model = _stack(0)
     # The twin: a key outside that prefix is neither dropped nor guessed at.
     torch.save({**holder.state_dict(), "head.weight": torch.ones(2, 2)}, tmp_path / "more.pt")
     with pytest.raises(ValueError, match="none of its 5 entries is a parameter"):
