@@ -90,16 +90,19 @@ def test_torch_pickle_loads_into_jax(tmp_path, equiv_seed):
     assert_trees_identical(load_jax(tmp_path / "mlp.pt"), torch_to_jax(state))
 
 
+def _flax_keys(state: dict) -> dict:
+    """A state_dict's tensors under the flax layout's file keys, as another tool writes."""
+    keys = {}
+    for i in (1, 2):
+        keys[f"Dense_{i - 1}.kernel"] = state[f"fc{i}.weight"].T.contiguous()
+        keys[f"Dense_{i - 1}.bias"] = state[f"fc{i}.bias"]
+    return keys
+
+
 def test_foreign_safetensors_file_uses_file_layout(tmp_path, equiv_seed):
     state = random_state(SPEC, equiv_seed)
-    flax_keys = {
-        "Dense_0.kernel": state["fc1.weight"].T.contiguous(),
-        "Dense_0.bias": state["fc1.bias"],
-        "Dense_1.kernel": state["fc2.weight"].T.contiguous(),
-        "Dense_1.bias": state["fc2.bias"],
-    }
     path = tmp_path / "foreign.safetensors"
-    safetensors.torch.save_file(flax_keys, path)  # no equiv metadata
+    safetensors.torch.save_file(_flax_keys(state), path)  # no equiv metadata
     assert_states_identical(load_torch(path, file_layout="flax"), state)
     with pytest.raises(ValueError, match="the names of the 'flax' layout: say so"):
         load_torch(path)  # read as the default torch layout: nothing matches
@@ -108,14 +111,8 @@ def test_foreign_safetensors_file_uses_file_layout(tmp_path, equiv_seed):
 def test_pickle_with_another_layouts_names_is_read_in_file_layout(tmp_path, equiv_seed):
     # A pickle records no layout, so file_layout names it, as for a foreign safetensors file.
     state = random_state(SPEC, equiv_seed)
-    flax_keys = {
-        "Dense_0.kernel": state["fc1.weight"].T.contiguous(),
-        "Dense_0.bias": state["fc1.bias"],
-        "Dense_1.kernel": state["fc2.weight"].T.contiguous(),
-        "Dense_1.bias": state["fc2.bias"],
-    }
     path = tmp_path / "flax_names.pt"
-    torch.save(flax_keys, path)
+    torch.save(_flax_keys(state), path)
     assert_states_identical(load_torch(path, file_layout="flax"), state)
     assert_trees_identical(load_jax(path, file_layout="flax"), torch_to_jax(state))
     with pytest.raises(ValueError, match="the names of the 'flax' layout: say so"):

@@ -709,18 +709,26 @@ def test_a_unit_the_backend_rounds_across_a_kink_does_not_hide_the_variant():
 )
 def test_a_port_of_another_activation_or_smoothing_is_named(change, cause, equiv_seed):
     # Found in a user trial: caught, with no cause. The twin: the right port agrees.
-    from equiv import jax_mlp
 
     spec = MLPSpec((20, 32, 32, 5), activation="gelu", loss="cross_entropy", label_smoothing=0.1)
-    port_spec = spec.replace(**change)
     torch.manual_seed(equiv_seed)
-    model = TorchMLP(spec)
     x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
+    _check_named(spec, spec.replace(**change), x, y, cause, equiv_seed)
+
+
+def _check_named(spec, port_spec, x, y, cause, seed):
+    """equiv's MLP of ``spec`` against a port of ``port_spec``: the first hint names
+    ``cause``, or (None) the port agrees."""
+    from equiv import jax_mlp
+
+    torch.manual_seed(seed)
+    model = TorchMLP(spec)
 
     def loss_fn(params, xb, yb):
         return jax_mlp.loss_fn(params, xb, yb, port_spec)
 
-    comparison = check_jax_port(model, loss_fn, x, y)
+    with jax.enable_x64(spec.dtype == "float64"):
+        comparison = check_jax_port(model, loss_fn, x, y)
     if cause is None:
         comparison.assert_agree()
         return
@@ -740,24 +748,10 @@ def test_a_port_of_another_activation_or_smoothing_is_named(change, cause, equiv
 def test_activations_in_another_order_are_named(port_acts, cause, equiv_seed):
     # Found in a user trial: a port applying each activation one layer off was caught
     # with no cause. The twin: the right order agrees.
-    from equiv import jax_mlp
-
     spec = MLPSpec((6, 8, 8, 8, 3), activation=("relu", "tanh", "sigmoid"), dtype="float64")
-    port_spec = spec.replace(activation=port_acts)
     torch.manual_seed(equiv_seed)
-    model = TorchMLP(spec)
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
-
-    def loss_fn(params, xb, yb):
-        return jax_mlp.loss_fn(params, xb, yb, port_spec)
-
-    with jax.enable_x64(True):
-        comparison = check_jax_port(model, loss_fn, x, y)
-    if cause is None:
-        comparison.assert_agree()
-        return
-    hints = comparison.hints()
-    assert not comparison.agree and hints[0].startswith(f"loss: port {cause}"), hints
+    _check_named(spec, spec.replace(activation=port_acts), x, y, cause, equiv_seed)
 
 
 def test_an_adam_update_off_where_a_gradient_is_near_eps_is_explained():
