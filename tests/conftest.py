@@ -57,3 +57,24 @@ def onednn_bf16():
         yield
     finally:
         mkldnn.fp32_precision = before
+
+
+def _flax_port(activation, loss, layers: int = 3):
+    """A Flax-layout port of an MLP of ``layers`` layers, written as a user would, with
+    the activation ``activation`` (a callable: a formula of one's own) and
+    ``loss(output, y)``."""
+
+    def loss_fn(params, x, y):
+        h = x
+        for i in range(layers):
+            h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+            h = activation(h) if i < layers - 1 else h
+        return loss(h, y)
+
+    return loss_fn
+
+
+@pytest.fixture
+def flax_port():
+    """:func:`_flax_port`, as a fixture so that test modules need not import conftest."""
+    return _flax_port

@@ -754,7 +754,7 @@ def test_activations_in_another_order_are_named(port_acts, cause, equiv_seed):
     _check_named(spec, spec.replace(activation=port_acts), x, y, cause, equiv_seed)
 
 
-def test_an_adam_update_off_where_a_gradient_is_near_eps_is_explained():
+def test_an_adam_update_off_where_a_gradient_is_near_eps_is_explained(flax_port):
     # Found in review: tanh written 2σ(2z) - 1 (correct, less accurate for small z)
     # passed its gradients and failed its Adam parameters at ratio 3.6 with no hint: a
     # gradient element of 1e-8 (ε) off by 1.4e-3 relatively, within the gradients'
@@ -771,14 +771,9 @@ def test_an_adam_update_off_where_a_gradient_is_near_eps_is_explained():
     x, y = torch.randn(1, 4, generator=gen) * 1e-3, torch.randint(0, 2, (1,), generator=gen)
 
     def port(tanh):
-        def loss_fn(p, xb, yb):
-            h = xb
-            for i in range(3):
-                h = h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
-                h = tanh(h) if i < 2 else h
-            return optax.softmax_cross_entropy_with_integer_labels(h, yb).mean()
-
-        return loss_fn
+        return flax_port(
+            tanh, lambda out, yb: optax.softmax_cross_entropy_with_integer_labels(out, yb).mean()
+        )
 
     adam = OptimizerSpec("adam", learning_rate=1e-3)
     check_jax_port(model, port(jnp.tanh), x, y, optimizer=adam).assert_agree()
