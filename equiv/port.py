@@ -42,7 +42,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
@@ -58,6 +57,7 @@ from equiv.convert import (
     module_spec,
     torch_to_jax,
 )
+from equiv.devices import resolve_device
 from equiv.from_module import (
     check_named_call_order,
     forward_mismatch,
@@ -115,6 +115,7 @@ def check_jax_port(
     precision: str = "exact",
     rtol: float | None = None,
     atol: float | None = None,
+    device: str = "cpu",
 ) -> Comparison:
     """Compare your JAX loss function's loss, ``jax.grad`` gradients and SGD updates
     with the torch model's and with the float64 reference.
@@ -148,6 +149,9 @@ def check_jax_port(
       jit: whether to ``jax.jit`` your ``value_and_grad``.
       precision: ``"exact"`` (IEEE float32 matmuls in a scope) or ``"native"``.
       rtol, atol: fixed tolerances, both or neither (default: derived).
+      device: where the torch model trains and your port runs (``"cpu"``,
+        ``"cuda:N"``/``"gpu:N"``: both frameworks must see it); the float64 reference
+        runs on the CPU. Recorded in the report's settings.
 
     Returns:
       A :class:`equiv.harness.Comparison` of ``"torch"``, ``"port"`` and
@@ -177,9 +181,12 @@ def check_jax_port(
             "transformation as port_optimizer="
         )
     optimizer = resolve_optimizer(optimizer, learning_rate)
+    torch_device, jax_device = resolve_device(device)  # a missing GPU fails here, said so
     with comparison_scope(spec.dtype, precision) as settings:
         trajectories = {
-            "torch": run_torch_model(model, problem, optimizer.learning_rate, optimizer=optimizer),
+            "torch": run_torch_model(
+                model, problem, optimizer.learning_rate, optimizer=optimizer, device=torch_device
+            ),
             PORT: run_jax_port(
                 problem,
                 loss_fn,
@@ -189,6 +196,7 @@ def check_jax_port(
                 optimizer=port_optimizer or make_optax(optimizer),
                 jit=jit,
                 state_spec=optimizer,
+                device=jax_device,
             ),
             REFERENCE: _run_arbiter(model, problem, optimizer),
         }
@@ -202,6 +210,7 @@ def check_jax_port(
         atol,
         port=f"jax loss_fn, {layout} layout",
         optimizer=optimizer,
+        device=device,
     )
 
 
@@ -288,6 +297,7 @@ def run_jax_port(
     jit: bool = True,
     name: str = PORT,
     state_spec: OptimizerSpec | None = None,
+    device: jax.Device | None = None,
 ) -> Trajectory:
     """Your loss function under ``jax.value_and_grad`` and optax, as a :class:`Trajectory`
     (gradients and parameters converted back to torch names).
@@ -302,7 +312,12 @@ def run_jax_port(
     spec = problem.spec
     given = params is not None
     if not given:
-        params = torch_to_jax(problem.params, layout=layout, spec=spec)
+        params = torch_to_jax(problem.params, layout=layout, spec=spec, device=device)
+    elif device is not None:  # the caller's arrays, where the port runs (no copy if there)
+        params = jax.tree.map(
+            lambda v: jax.device_put(v, device) if isinstance(v, (jax.Array, np.ndarray)) else v,
+            params,
+        )
     params, loss_fn, to_torch, from_torch = _port_tree(params, loss_fn, layout, spec)
     optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
     out = Trajectory(name, spec.dtype, layout=get_layout(layout).name)
@@ -315,7 +330,8 @@ def run_jax_port(
         value_and_grad = jax.jit(value_and_grad)
     for x, y in problem.batches:
         try:
-            loss, grads = value_and_grad(params, jnp.asarray(x.numpy()), jnp.asarray(jax_labels(y)))
+            batch = jax.device_put((x.numpy(), jax_labels(y)), device)
+            loss, grads = value_and_grad(params, *batch)
         except Exception as error:
             # Flax's own errors (ScopeParamNotFoundError: a linen model whose names are
             # not the layout's) derive from Exception only (found in a user trial).
@@ -475,14 +491,21 @@ def run_torch_model(
     dtype: torch.dtype | None = None,
     name: str = "torch",
     optimizer: OptimizerSpec | None = None,
+    device: torch.device | str = "cpu",
 ) -> Trajectory:
     """A deep copy of ``model`` trained by ``torch.optim`` (plain SGD at
-    ``learning_rate`` unless ``optimizer`` says otherwise), optionally cast to ``dtype``."""
-    model = copy.deepcopy(model).cpu()
+    ``learning_rate`` unless ``optimizer`` says otherwise) on ``device``, optionally
+    cast to ``dtype``."""
+    model = copy.deepcopy(model).to(device)
     if dtype is not None:
         model = model.to(dtype)
     return train_torch_model(
-        model, problem, resolve_optimizer(optimizer, learning_rate), name=name, dtype=dtype
+        model,
+        problem,
+        resolve_optimizer(optimizer, learning_rate),
+        name=name,
+        dtype=dtype,
+        device=device,
     )
 
 
@@ -500,7 +523,16 @@ def _run_arbiter(model: torch.nn.Module, problem: Problem, optimizer: OptimizerS
 
 
 def _comparison(
-    problem, learning_rate, trajectories, settings, model, rtol, atol, port, optimizer=None
+    problem,
+    learning_rate,
+    trajectories,
+    settings,
+    model,
+    rtol,
+    atol,
+    port,
+    optimizer=None,
+    device="cpu",
 ):
     report = compare_trajectories(
         problem,
@@ -514,7 +546,13 @@ def _comparison(
     )
     arbiter = "hand-derived float64" if isinstance(model, TorchMLP) else "torch model in float64"
     report.settings.update(
-        {"dtype": problem.spec.dtype, "device": "cpu", **settings, "port": port, "arbiter": arbiter}
+        {
+            "dtype": problem.spec.dtype,
+            "device": device,
+            **settings,
+            "port": port,
+            "arbiter": arbiter,
+        }
     )
     return Comparison(problem, float(learning_rate), trajectories, report, optimizer)
 

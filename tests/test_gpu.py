@@ -76,3 +76,33 @@ def test_converters_move_between_devices(layout):
         back = jax_to_torch(params, layout=layout, device="cuda")
         for name, tensor in model.state_dict().items():
             assert back[name].device.type == "cuda" and torch.equal(back[name], tensor)
+
+
+def _port_loss(params, x, y):
+    import jax.numpy as jnp
+
+    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    return jnp.mean((h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"] - y) ** 2)
+
+
+def test_check_jax_port_records_its_device_and_refuses_a_missing_one():
+    # Found in a user trial: check_jax_port had no device= and recorded "cpu" whatever
+    # JAX's default device was. The twin: a device that is not there is refused by name.
+    model = equiv.TorchMLP(equiv.MLPSpec((5, 4, 3)))
+    x, y = torch.randn(6, 5), torch.randn(6, 3)
+    comparison = equiv.check_jax_port(model, _port_loss, x, y, device="cpu")
+    comparison.assert_agree()
+    assert comparison.report.settings["device"] == "cpu"
+    if not (has_cuda and has_jax_gpu):
+        with pytest.raises(ValueError, match="device 'cuda:0' is not available"):
+            equiv.check_jax_port(model, _port_loss, x, y, device="cuda:0")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_check_jax_port_runs_on_the_gpu():
+    model = equiv.TorchMLP(equiv.MLPSpec((64, 512, 10)))
+    x, y = torch.randn(256, 64), torch.randn(256, 10)
+    comparison = equiv.check_jax_port(model, _port_loss, x, y, steps=2, device="cuda")
+    comparison.assert_agree()
+    assert comparison.report.settings["device"] == "cuda"
