@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -389,10 +390,11 @@ def _foreign_names_advice(args: argparse.Namespace) -> str | None:
         if all(_keyed(other).torch_name(key) for key in flat):
             return f"its names are the {name} layout's: add --file-layout {name}"
     found = ", ".join(repr(key[0]) for key in list(flat)[:4]) + (", ..." if len(flat) > 4 else "")
+    entry = f", entry={args.entry!r}" if args.entry is not None else ""
     return (
         f"its names ({found}) are a module's own, not a layout's, and only the module "
         "tells which Linear layer each is. Convert it in Python with the module: "
-        "equiv.load_torch(path, out=module), then equiv.save_torch(module, "
+        f"equiv.load_torch(path{entry}, out=module), then equiv.save_torch(module, "
         "'model.safetensors'), and pass --params model.safetensors"
     )
 
@@ -426,8 +428,16 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
         if "entry=" not in text:
             raise
         # The library's advice names its argument; on the command line it is an option.
-        said = re.sub(r"pass entry='([^']*)'", r"add --entry \1", text)
-        raise UsageError(re.sub(r"entry='([^']*)'", r"--entry \1", said)) from None
+        # A key is quoted for the shell where it needs it ('my model'); Python's repr
+        # may have used either quote ("it's").
+        pattern = r"""(pass )?entry=(['"])(.*?)\2"""
+        raise UsageError(
+            re.sub(
+                pattern,
+                lambda m: ("add " if m[1] else "") + f"--entry {shlex.quote(m[3])}",
+                text,
+            )
+        ) from None
     found = check_entries(
         {(name,): tensor for name, tensor in state.items()}, LAYOUTS["torch"], None, what=""
     )

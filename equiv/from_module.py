@@ -144,16 +144,29 @@ def _read_stack(
         pending = act
     if not layers:
         raise value_error(f"found no nn.Linear in {type(module).__name__}")
-    if reorder and not activation_names and len(layers) > 1:
+    if reorder and not activation_names and len(layers) > 1 and _has_forward(module):
         # Activations called as functions (F.relu): nothing registered between the
         # layers says their order, so the forward's calls do (found in a user trial:
         # encoder/head layers with F.relu in forward could not be converted at all).
+        # Where they cannot say it, nothing else can: refused (found in review: a
+        # forward taking more than x, or calling a layer twice, fell back silently to
+        # registration order, whose output check cannot run without the activations).
         called = called_linears(module)
-        if called is not None and sorted(map(id, (m for _, m in called))) == sorted(
-            map(id, layers)
-        ):
-            layer_names = [name for name, _ in called]
-            layers = [m for _, m in called]
+        if called is None:
+            raise value_error(
+                f"{type(module).__name__} registers no activation module (activations "
+                "called as functions), so equiv reads its layers' order from the calls of "
+                "its forward on a probe batch, which cannot be run on one batch x: wrap it "
+                "in a module whose forward takes x alone, or write it as an nn.Sequential"
+            )
+        order = [name for name, _ in called]
+        if sorted(map(id, (m for _, m in called))) != sorted(map(id, layers)):
+            raise value_error(
+                f"{type(module).__name__}'s forward calls its Linear layers as "
+                f"{', '.join(order) or 'none'}, not each of {', '.join(layer_names)} once: "
+                "equiv's MLP calls each layer once, in order"
+            )
+        layer_names, layers = order, [m for _, m in called]
     if pending is not None and len(activation_names) == 1 and len(layers) > 2:
         raise value_error(
             f"{type(module).__name__} registers one activation module "
@@ -301,7 +314,7 @@ def _check_call_order(module: nn.Module, spec: MLPSpec, tensors: dict[str, torch
     times a 64 MiB model's memory to copy weights into it)."""
     from equiv.manual import forward  # no import cycle at module level
 
-    if type(module).forward is nn.Module.forward:
+    if not _has_forward(module):
         return  # an nn.ModuleList holds its layers in order and has no forward to check
     weight = tensors["fc1.weight"]
     probe = _probe_batch(spec)[0].to(dtype=weight.dtype, device=weight.device)
@@ -378,10 +391,7 @@ def _refuse_what_the_mlp_lacks(module: nn.Module, *, trainable: bool = True) -> 
                 "layers' weights and biases, so it would be left out of the check"
             )
         if trainable and not param.requires_grad:
-            raise value_error(
-                f"parameter {name!r} is frozen (requires_grad=False); equiv's MLP trains every "
-                "parameter: unfreeze it, or check the trainable part on its own"
-            )
+            raise value_error(frozen_message(name))
     # Overlapping memory, a transposed view included (a flat buffer of parameters
     # packed side by side does not overlap and is fine).
     tied = overlapping(dict(module.named_parameters(remove_duplicate=False)))
@@ -437,6 +447,33 @@ def _probe_batch(spec: MLPSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return probe, torch.randn(8, spec.sizes[-1], dtype=torch.float64, generator=generator)
 
 
+def frozen_message(name: str) -> str:
+    """Why a frozen parameter cannot be checked, and what to do (one wording for all)."""
+    return (
+        f"parameter {name!r} is frozen (requires_grad=False); equiv's MLP trains every "
+        "parameter: unfreeze it, or check the trainable part on its own"
+    )
+
+
+def refuse_frozen(module: nn.Module) -> None:
+    """A ``ValueError`` naming ``module``'s first frozen parameter, if any (found in
+    review: one reached torch's autograd as a raw RuntimeError)."""
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            raise value_error(frozen_message(name))
+
+
+def _has_forward(module: nn.Module) -> bool:
+    """Whether ``module`` (a compiled one's original) defines a forward of its own."""
+    return type(_runnable(module)).forward is not nn.Module.forward
+
+
+def _runnable(module: nn.Module) -> nn.Module:
+    """The module whose forward runs: a ``torch.compile`` wrapper's original (its class's
+    ``forward`` is ``nn.Module``'s in torch 2.13, which hid the calls; found in review)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def called_linears(module: nn.Module) -> list[tuple[str, nn.Linear]] | None:
     """The ``nn.Linear`` submodules in the order ``module``'s forward calls them, with
     their names, recorded by forward hooks on a probe batch (no gradients, every
@@ -455,25 +492,31 @@ def called_linears(module: nn.Module) -> list[tuple[str, nn.Linear]] | None:
     ['body', 'head']
     """
     linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    if type(module).forward is nn.Module.forward or not linears:
+    runner = _runnable(module)
+    if type(runner).forward is nn.Module.forward or not linears:
         return None
     names = {id(m): n for n, m in linears}
     calls: list[nn.Linear] = []
     hooks = [m.register_forward_hook(lambda m, args, out: calls.append(m)) for _, m in linears]
-    modes = {m: m.training for m in module.modules()}
+    modes = {m: m.training for m in runner.modules()}
     weight = linears[0][1].weight
     generator = torch.Generator().manual_seed(0)
+    # The caller's random stream is left as it was (a forward may draw: F.dropout), and
+    # eval mode is set and restored flag by flag, calling no train() override.
+    devices = [weight.device] if weight.device.type == "cuda" else []
     try:
-        module.eval()
-        for width in dict.fromkeys(m.in_features for _, m in linears):
-            calls.clear()
-            probe = torch.randn(2, width, generator=generator, dtype=torch.float64)
-            try:
-                with torch.no_grad():
-                    module(probe.to(dtype=weight.dtype, device=weight.device))
-            except Exception:  # noqa: BLE001 - another width, or a forward equiv cannot run
-                continue
-            return [(names[id(m)], m) for m in calls]
+        with torch.random.fork_rng(devices=devices):
+            for m in modes:
+                m.training = False
+            for width in dict.fromkeys(m.in_features for _, m in linears):
+                calls.clear()
+                probe = torch.randn(2, width, generator=generator, dtype=torch.float64)
+                try:
+                    with torch.no_grad():
+                        runner(probe.to(dtype=weight.dtype, device=weight.device))
+                except Exception:  # noqa: BLE001 - another width, or a forward equiv cannot run
+                    continue
+                return [(names[id(m)], m) for m in calls]
         return None
     finally:
         for hook in hooks:
@@ -519,7 +562,7 @@ def check_named_call_order(module: nn.Module) -> None:
 
 def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:
     """Refuse a module whose forward pass is not the MLP read from its submodules."""
-    if type(module).forward is nn.Module.forward:
+    if not _has_forward(module):
         raise value_error(
             f"{type(module).__name__} has no forward pass to check (an nn.ModuleList or "
             "nn.ModuleDict only holds layers): wrap them in nn.Sequential(*layers), or pass "

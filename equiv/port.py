@@ -63,6 +63,7 @@ from equiv.from_module import (
     forward_mismatch,
     mlp_from_module,
     own_names,
+    refuse_frozen,
     registers_activations,
 )
 from equiv.gradcheck import unpack_grad_fn_result
@@ -583,6 +584,8 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
         return model, spec
     if module_spec(model) is not None:
         return model, spec
+    if spec is not None:
+        refuse_frozen(model)  # the check trains every parameter
     if spec is not None and set(model.state_dict()) == set(spec.param_names()):
         # equiv's names already: the spec says what the forward pass computes, and is
         # checked against it (a ReLU module given a tanh spec was accepted silently).

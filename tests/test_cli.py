@@ -523,4 +523,7 @@ def test_params_file_options_that_contradict_it_are_refused(tmp_path, capsys):
     code, out, err = _run(["--params", str(tmp_path / "t.pt")], capsys)
     assert (code, out) == (2, "") and "; add --entry model, which holds one" in err, err
     assert "entry=" not in err  # the command line's option, not the library's argument
+    torch.save({"my model": TorchMLP(MLPSpec((4, 3, 2))).state_dict()}, tmp_path / "s.pt")
+    code, out, err = _run(["--params", str(tmp_path / "s.pt")], capsys)
+    assert "add --entry 'my model', which holds one" in err, err  # quoted for the shell
     assert _run(["--params", path], capsys)[0] == 0  # the twin: nothing contradicts it

@@ -419,3 +419,80 @@ def test_activations_called_as_functions_take_the_call_order_and_the_specs_activ
         equiv.check_jax_port(model, loss_fn, x, y, spec=equiv.MLPSpec((5, 7, 3), activation="tanh"))
     out = equiv.jax_to_torch(equiv.torch_to_jax(_Functional("a", "b")), out=_Functional("a", "b"))
     assert sorted(out) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+
+
+class _Odd(nn.Module):
+    """Same-shape layers a, b with a functional activation, and a forward equiv cannot
+    read an order from: it takes more than x, calls a layer twice, or leaves one unused."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.kind = nn.Linear(4, 4), nn.Linear(4, 4), kind
+        if kind == "unused":
+            self.c = nn.Linear(4, 4)
+
+    def forward(self, x, *extra):
+        if self.kind == "extra" and not extra:
+            raise TypeError("forward() missing 1 required positional argument: 'scale'")
+        h = torch.relu(self.b(x))
+        if self.kind == "twice":
+            h = torch.relu(self.b(h))
+        return self.a(h)
+
+
+@pytest.mark.parametrize(
+    ("kind", "phrase"),
+    [
+        ("extra", "cannot be run on one batch x"),
+        ("twice", "calls its Linear layers as b, b, a, not each of a, b once"),
+        ("unused", "calls its Linear layers as b, a, not each of a, b, c once"),
+    ],
+)
+def test_a_functional_stack_whose_call_order_cannot_be_read_is_refused(kind, phrase):
+    # Found in review: these fell back to registration order silently (a, b), though b
+    # is called first. The twin: the readable forward converts in call order.
+    with pytest.raises(ValueError, match=phrase):
+        equiv.torch_to_jax(_Odd(kind))
+    readable = _Odd("plain")
+    params = equiv.torch_to_jax(readable, layout="torch")
+    assert np.array_equal(np.asarray(params["fc1.weight"]), readable.b.weight.detach())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_the_call_order_reading_leaves_the_random_stream_and_compiled_modules_alone():
+    # Found in review: a forward that draws (F.dropout) moved the caller's torch RNG,
+    # and a torch.compile'd module's calls were not seen (converted in registration order).
+    class Drawing(_Functional):
+        def forward(self, x):
+            return super().forward(x + 0 * torch.rand_like(x))
+
+    model = Drawing()  # (its __init__ seeds torch)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    equiv.torch_to_jax(model)
+    assert torch.equal(torch.rand(3), expected)
+    compiled = torch.compile(_Functional())
+    params = equiv.torch_to_jax(compiled, layout="torch")
+    assert np.array_equal(np.asarray(params["fc1.weight"]), compiled.encoder.weight.detach())
+
+
+def test_a_frozen_parameter_is_refused_by_name_with_a_spec():
+    # Found in review: with spec= and functional activations (or fc1/fc2 names), a
+    # frozen weight reached torch's autograd as a raw RuntimeError.
+    import jax
+    import jax.numpy as jnp
+
+    def loss_fn(p, x, y):
+        h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        return jnp.mean((h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"] - y) ** 2)
+
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    for names in (("encoder", "head"), ("fc1", "fc2")):
+        model = _Functional(*names)
+        getattr(model, names[0]).weight.requires_grad_(False)
+        with pytest.raises(ValueError, match=f"parameter '{names[0]}.weight' is frozen"):
+            equiv.check_jax_port(model, loss_fn, x, y, spec=equiv.MLPSpec((5, 7, 3)))
+        getattr(model, names[0]).weight.requires_grad_(True)  # the twin
+        equiv.check_jax_port(model, loss_fn, x, y, spec=equiv.MLPSpec((5, 7, 3))).assert_agree()

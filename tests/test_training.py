@@ -100,6 +100,20 @@ def test_state_bound_grows_with_steps_between_trajectories_only():
     assert allowed[REFERENCE, 3] < allowed["jax", 3] / 2
 
 
+def test_sgd_with_weight_decay_alone_gets_one_steps_bound_against_its_own_step():
+    # Found in review: SGD with a weight decay keeps no state, and the one-step bound was
+    # keyed on a state: a learning rate off from step 10 had to be 56 times larger.
+    spec = MLPSpec(SIZES, activation="tanh")
+    decay = OptimizerSpec("sgd", learning_rate=0.1, weight_decay=0.01)
+    comparison = compare_backends(spec, batch_size=3, steps=4, optimizer=decay)
+    allowed = {}
+    for d in comparison.report.leaves:
+        if d.stage == "params" and d.name == "fc1.weight" and d.actual == "torch":
+            allowed[d.expected, d.step] = d.tolerance.atol
+    assert allowed[REFERENCE, 4] < 2 * allowed[REFERENCE, 1], allowed
+    assert allowed["jax", 4] > 2 * allowed["jax", 1]  # the twin: between trajectories it grows
+
+
 def test_perturbed_state_fails():
     spec = MLPSpec(SIZES, activation="tanh")
     comparison = compare_backends(spec, batch_size=3, steps=2, optimizer=ADAM)
