@@ -435,6 +435,19 @@ def _key_clash(layout: Layout, names: Iterable[str]) -> str | None:
     )
 
 
+def layout_of_keys(keys: Iterable[str]) -> str | None:
+    """The name of the built-in layout whose file keys all of ``keys`` are, or None.
+
+    >>> layout_of_keys(["Dense_0.kernel", "Dense_0.bias"]), layout_of_keys(["0.weight"])
+    ('flax', None)
+    """
+    keys = list(keys)
+    return next(
+        (n for n, other in LAYOUTS.items() if all(_keyed(other).torch_name((k,)) for k in keys)),
+        None,
+    )
+
+
 def _refuse_disagreeing_names(
     keys: list[str], recorded: Layout, given: Layout | None, shown: str
 ) -> None:
@@ -443,10 +456,7 @@ def _refuse_disagreeing_names(
     keyed = _keyed(recorded)
     if not keys or any(keyed.torch_name((key,)) for key in keys):
         return  # some or all match: check_entries names any others
-    theirs = next(
-        (n for n, other in LAYOUTS.items() if all(_keyed(other).torch_name((k,)) for k in keys)),
-        None,
-    )
+    theirs = layout_of_keys(keys)
     found = ", ".join(map(repr, keys[:3])) + (", ..." if len(keys) > 3 else "")
     names = f"the names of the {theirs!r} layout" if theirs else "names of another layout"
     read_as = f"file_layout={theirs!r}" if theirs else "file_layout=Layout(...) naming its paths"
@@ -589,30 +599,15 @@ def _misnamed(path: str, kind: str) -> str | None:
 
 
 def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]:
-    misnamed = _misnamed(path, os.path.splitext(path)[1].lower())
-    if misnamed:
-        raise value_error(misnamed)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message is a page of advice; keep the sentence naming the object.
-        lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
-        reason = lines[0].split(". ")[0] if lines else type(exc).__name__
-        raise value_error(
-            f"{path} holds more than tensors and was not unpickled (a pickle can run code; "
-            f"torch.load(weights_only=True) refused it: {reason})"
-        ) from exc
     except OSError:
         raise  # missing or unreadable: the OS's message says which
-    except Exception as exc:  # noqa: BLE001 - any other failure is a damaged file
-        # A damaged zip or pickle stream fails in torch.load wherever the damage is
-        # met: RuntimeError and EOFError for truncation, and UnicodeDecodeError,
-        # KeyError, IndexError or ValueError for a changed byte (found by fuzzing:
-        # tests/test_checkpoint.py). All of them mean one thing to the caller.
-        reason = str(exc) or "empty or truncated"
-        if not isinstance(exc, RuntimeError):
-            reason = f"{type(exc).__name__}: {reason}"
-        raise value_error(f"{path} is not a readable torch file: {reason}") from exc
+    except Exception as exc:  # noqa: BLE001 - every failure is told in one message
+        # Looked at only when torch.load fails: a file under the wrong suffix first.
+        raise value_error(
+            _misnamed(path, os.path.splitext(path)[1].lower()) or _unreadable(path, exc)
+        ) from exc
     top = loaded
     if entry is not None:
         loaded = _entry(loaded, entry, path)
@@ -650,6 +645,26 @@ def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]
         name: t.clone() if storages[t.untyped_storage().data_ptr()] > 1 else _owning(t)
         for name, t in loaded.items()
     }
+
+
+def _unreadable(path: str, exc: Exception) -> str:
+    """What ``torch.load``'s failure ``exc`` on ``path`` means to the caller."""
+    if isinstance(exc, pickle.UnpicklingError):
+        # torch's message is a page of advice; keep the sentence naming the object.
+        lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
+        reason = lines[0].split(". ")[0] if lines else type(exc).__name__
+        return (
+            f"{path} holds more than tensors and was not unpickled (a pickle can run code; "
+            f"torch.load(weights_only=True) refused it: {reason})"
+        )
+    # A damaged zip or pickle stream fails in torch.load wherever the damage is met:
+    # RuntimeError and EOFError for truncation, and UnicodeDecodeError, KeyError,
+    # IndexError or ValueError for a changed byte (found by fuzzing:
+    # tests/test_checkpoint.py). All of them mean one thing to the caller.
+    reason = str(exc) or "empty or truncated"
+    if not isinstance(exc, RuntimeError):
+        reason = f"{type(exc).__name__}: {reason}"
+    return f"{path} is not a readable torch file: {reason}"
 
 
 def _entry(loaded: Any, entry: str, path: str) -> Any:

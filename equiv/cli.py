@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _foreign_names_advice(args: argparse.Namespace) -> str | None:
     """What to do, from the command line, about a ``--params`` file none of whose names
     is one of the layout read (the library's advice is Python's), or None."""
-    from equiv.checkpoint import _keyed, _read  # noqa: PLC0415 - the reader's own view
+    from equiv.checkpoint import _read, layout_of_keys  # noqa: PLC0415 - the reader's view
 
     try:
         flat, layout = _read(args.params, args.file_layout, args.entry)
@@ -386,9 +386,9 @@ def _foreign_names_advice(args: argparse.Namespace) -> str | None:
         return None  # the load's own error says what is wrong
     if not flat or any(layout.torch_name(key) for key in flat):
         return None
-    for name, other in LAYOUTS.items():
-        if all(_keyed(other).torch_name(key) for key in flat):
-            return f"its names are the {name} layout's: add --file-layout {name}"
+    theirs = layout_of_keys(key for (key,) in flat)
+    if theirs is not None:
+        return f"its names are the {theirs} layout's: add --file-layout {theirs}"
     found = ", ".join(repr(key[0]) for key in list(flat)[:4]) + (", ..." if len(flat) > 4 else "")
     entry = f", entry={args.entry!r}" if args.entry is not None else ""
     return (

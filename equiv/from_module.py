@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from equiv._messages import type_error, value_error
-from equiv.convert import overlapping, refuse_without_values
+from equiv.convert import _TORCH_NAME, overlapping, refuse_without_values
 from equiv.spec import MLPSpec
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -264,15 +264,11 @@ def has_equiv_names(state: dict) -> bool:
     ...     {"fc1.weight": 0, "out.weight": 0})
     (True, False)
     """
-    layers = set()
-    for name in state:
-        layer, _, kind = name.rpartition(".")
-        if kind not in ("weight", "bias") or not layer.startswith("fc"):
-            return False
-        if not layer[2:].isdigit() or layer[2:].startswith("0"):
-            return False
-        layers.add(int(layer[2:]))
-    return bool(layers) and layers == set(range(1, len(layers) + 1))
+    matches = [_TORCH_NAME.fullmatch(name) for name in state]
+    if not matches or not all(matches):
+        return False
+    layers = {int(match[1]) for match in matches}
+    return layers == set(range(1, len(layers) + 1))
 
 
 def own_names(module: nn.Module) -> dict[str, str]:
@@ -492,9 +488,9 @@ def called_linears(module: nn.Module) -> list[tuple[str, nn.Linear]] | None:
     ['body', 'head']
     """
     linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    runner = _runnable(module)
-    if type(runner).forward is nn.Module.forward or not linears:
+    if not _has_forward(module) or not linears:
         return None
+    runner = _runnable(module)
     names = {id(m): n for n, m in linears}
     calls: list[nn.Linear] = []
     hooks = [m.register_forward_hook(lambda m, args, out: calls.append(m)) for _, m in linears]

@@ -1694,7 +1694,8 @@ def _optimizer_bounds(
     grad_bounds, grad_max, param_bounds = [], [], []
     first_grads = derived_tolerance(spec, problem.batch_size, "grads", 1, dtypes, problem.repeats)
     rate = first_grads.scaled  # _update_rate
-    for step in range(1, problem.steps + 1):
+    # Held to its own step, one step's entries are all the bound reads.
+    for step in [own[1]] if fresh else range(1, problem.steps + 1):
         g_tol = derived_tolerance(
             spec, problem.batch_size, "grads", 1 if fresh else step, dtypes, problem.repeats
         )
@@ -1737,14 +1738,7 @@ def _optimizer_bounds(
             kind, _, param = flat.partition(".")
             nested.setdefault(kind, {})[param] = value
         cache[key] = optimizer_bounds(
-            optimizer,
-            grad_bounds[step - 1 : step],
-            grad_max[step - 1 : step],
-            param_bounds[step - 1 : step],
-            [nested],
-            u,
-            fresh=True,
-            first=step,
+            optimizer, grad_bounds, grad_max, param_bounds, [nested], u, fresh=True, first=step
         )
         return cache[key]
     states = [s or {} for s in arbiter.states] or [{}] * problem.steps

@@ -355,7 +355,7 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
     """What went wrong in the caller's ``loss_fn`` and what to do, by the kind of error:
     a branch on a traced value, an output that is not a scalar, a shape mismatch, or a
     key the tree lacks (the tree's keys and shapes are listed for every kind)."""
-    text, name = str(error).strip(), get_layout(layout).name
+    text, known = str(error).strip(), get_layout(layout)
     said = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(":. ")
     if isinstance(error, jax.errors.TracerArrayConversionError):
         advice = (
@@ -380,8 +380,8 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
             f"{LINEN_ORDER}"
         )
     elif isinstance(error, TypeError) and "shape" in text:
-        order = "(in, out)" if get_layout(layout).transpose else "(out, in)"
-        advice = f"A shape does not fit: the {name!r} layout's weights are {order}"
+        order = "(in, out)" if known.transpose else "(out, in)"
+        advice = f"A shape does not fit: the {known.name!r} layout's weights are {order}"
     else:
         advice = "Its params are a tree of the layout's keys"
     shapes = "; ".join(
@@ -390,7 +390,7 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
     )
     return (
         f"your loss_fn(params, x, y) failed: {said}. {advice}. Its params, in the "
-        f"{name!r} layout: {shapes}"
+        f"{known.name!r} layout: {shapes}"
     )
 
 
