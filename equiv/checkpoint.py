@@ -40,6 +40,7 @@ import dataclasses
 import os
 import pickle
 import struct
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -598,9 +599,19 @@ def _misnamed(path: str, kind: str) -> str | None:
     return None
 
 
+#: torch.load's warning for a sparse COO tensor (torch 2.11), which equiv refuses anyway.
+_SPARSE_INVARIANTS = "Sparse invariant checks are implicitly disabled"
+
+
 def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch 2.11 warns that it does not check a loaded sparse COO tensor's
+            # invariants. equiv refuses sparse tensors by name just below and never uses
+            # one; under -W error the warning made such a file "not a readable torch file"
+            # (seen on the GPU machine's torch 2.11).
+            warnings.filterwarnings("ignore", _SPARSE_INVARIANTS, UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise  # missing or unreadable: the OS's message says which
     except Exception as exc:  # noqa: BLE001 - every failure is told in one message

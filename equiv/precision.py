@@ -182,18 +182,21 @@ def _torch_exact() -> Iterator[None]:
             setattr(owner, name, value)
 
 
-#: The canary's matrices are this wide: above the sizes a library computes in another
-#: way (oneDNN's bf16 path starts at 17 on this CPU), small enough to cost 0.1 ms.
-_CANARY_SIZE = 64
+#: The canary's matrices are these widths. A library may compute a float32 matmul in
+#: another way above a size of its own: oneDNN's bf16 path starts at width 17 on one
+#: CPU with torch 2.13, and above 64 (64 exact, 256 not) on the H200 machine's CPU with
+#: torch 2.11. Each width is checked; 1024 costs about 10 ms on a CPU.
+_CANARY_SIZES = (64, 256, 1024)
 
 
 def precision_canary(device: str = "cpu") -> dict[str, bool]:
     """Whether float32 matmuls are exact IEEE right now, in torch and in JAX.
 
     ``x @ I == x`` for ``x = 1 + 2**-20`` holds in IEEE float32 and fails under TF32
-    (10 mantissa bits) or bf16: a one-line check of the settings in force. Call it
-    inside :func:`comparison_scope` to see what a comparison gets, or outside to see
-    your own settings.
+    (10 mantissa bits) or bf16: a one-line check of the settings in force, at widths
+    64, 256 and 1024 (a library may lower only its larger matmuls). Call it inside
+    :func:`comparison_scope` to see what a comparison gets, or outside to see your own
+    settings.
 
     >>> with comparison_scope("float32"):
     ...     precision_canary()
@@ -203,13 +206,15 @@ def precision_canary(device: str = "cpu") -> dict[str, bool]:
 
     torch_device, jax_device = resolve_device(device)
     value = 1.0 + 2.0**-20
-    # 64 wide: oneDNN takes its bf16 path for float32 only above 16 (found in a user
-    # trial: at 16 the canary said exact under mkldnn's fp32_precision = "bf16", on a
-    # CPU with AMX, while a 784-wide matmul was off by 0.3).
-    x = torch.full((_CANARY_SIZE, _CANARY_SIZE), value, dtype=torch.float32, device=torch_device)
-    eye = torch.eye(_CANARY_SIZE, dtype=torch.float32, device=torch_device)
-    torch_exact = bool(torch.equal(x @ eye, x))
-    xj = jax.device_put(x.cpu().numpy(), jax_device)
-    ij = jax.device_put(eye.cpu().numpy(), jax_device)
-    jax_exact = bool((xj @ ij == xj).all())
+    torch_exact = jax_exact = True
+    for size in _CANARY_SIZES:
+        # Found in user trials: at width 16 the canary said exact under mkldnn's
+        # fp32_precision = "bf16" while a 784-wide matmul was off by 0.3 (torch 2.13);
+        # at width 64 likewise on another CPU with torch 2.11 (the GPU machine's run).
+        x = torch.full((size, size), value, dtype=torch.float32, device=torch_device)
+        eye = torch.eye(size, dtype=torch.float32, device=torch_device)
+        torch_exact &= bool(torch.equal(x @ eye, x))
+        xj = jax.device_put(x.cpu().numpy(), jax_device)
+        ij = jax.device_put(eye.cpu().numpy(), jax_device)
+        jax_exact &= bool((xj @ ij == xj).all())
     return {"torch": torch_exact, "jax": jax_exact}

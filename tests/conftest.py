@@ -42,7 +42,9 @@ def bitwise_diff():
 def onednn_bf16():
     """torch's oneDNN float32 matmuls in bf16 (``mkldnn.matmul.fp32_precision``) for the
     test, restored after; skips where torch lacks the setting or this CPU ignores it
-    (no bf16 path: its float32 matmuls stay exact)."""
+    (no bf16 path: its float32 matmuls stay exact). Yields the width of a square
+    matmul seen to be lowered: a model at least that wide has its matmuls lowered
+    (oneDNN takes the bf16 path above a size that varies with torch and the CPU)."""
     import torch
 
     mkldnn = torch.backends.mkldnn.matmul
@@ -51,10 +53,11 @@ def onednn_bf16():
     before = mkldnn.fp32_precision
     try:
         mkldnn.fp32_precision = "bf16"
-        x = torch.full((256, 256), 1.0 + 2.0**-20)
-        if torch.equal(x @ torch.eye(256), x):
+        width = 256
+        x = torch.full((width, width), 1.0 + 2.0**-20)
+        if torch.equal(x @ torch.eye(width), x):
             pytest.skip("this CPU computes float32 matmuls exactly under the bf16 setting")
-        yield
+        yield width
     finally:
         mkldnn.fp32_precision = before
 

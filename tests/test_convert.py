@@ -692,7 +692,12 @@ for spec in (P(), P("d")):  # replicated; the kernel's rows split over the two d
     assert all(torch.equal(back[k], state[k]) for k in state)
 print("ok")
 """
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    # JAX on the CPU only: on a GPU machine jax.devices() would be its one GPU.
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )

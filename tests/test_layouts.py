@@ -7,6 +7,8 @@ its dtype: ``|a - b| ≤ 8·√k·(u + u)·max(|a|, |b|)`` per tensor, with ``k`
 longest reduction (see equiv/tolerance.py). Two computations of the same function
 in different frameworks round differently, so equality is not bitwise; a forgotten
 transpose on a square layer misses the bound by orders of magnitude (tested below).
+The torch reference runs on the CPU; the libraries run on JAX's default device (the GPU
+on a GPU machine), and their results come to the CPU (``device="cpu"``) to be compared.
 """
 
 from __future__ import annotations
@@ -110,12 +112,12 @@ class Linen:
         return model, torch_to_jax(torch_model, layout="flax")
 
     def params_as_torch(native):
-        return jax_to_torch(native[1], layout="flax")
+        return jax_to_torch(native[1], layout="flax", device="cpu")
 
     def forward_and_grads(native, x, y):
         model, params = native
         out, grads = _linen_step(model, params, x, y)
-        return out, jax_to_torch(grads, layout="flax")
+        return out, jax_to_torch(grads, layout="flax", device="cpu")
 
 
 def nnx_model(spec: MLPSpec, seed: int):
@@ -159,13 +161,13 @@ class Nnx:
     def params_as_torch(model):
         from flax import nnx
 
-        return jax_to_torch(nnx.state(model, nnx.Param), layout="nnx")
+        return jax_to_torch(nnx.state(model, nnx.Param), layout="nnx", device="cpu")
 
     def forward_and_grads(model, x, y):
         from flax import nnx
 
         grads = nnx.grad(lambda m: mse(m(x), y))(model)
-        return model(x), jax_to_torch(grads, layout="nnx")
+        return model(x), jax_to_torch(grads, layout="nnx", device="cpu")
 
 
 class Equinox:
@@ -191,7 +193,7 @@ class Equinox:
     def params_as_torch(model):
         from equiv.convert import equinox_to_torch
 
-        return equinox_to_torch(model)
+        return equinox_to_torch(model, device="cpu")
 
     def forward_and_grads(model, x, y):
         import equinox as eqx
@@ -199,7 +201,7 @@ class Equinox:
         from equiv.convert import equinox_to_torch
 
         out, grads = eqx.filter_jit(_equinox_step)(model, x, y)
-        return out, equinox_to_torch(grads)
+        return out, equinox_to_torch(grads, device="cpu")
 
 
 def _equinox_step(model, x, y):
@@ -383,7 +385,7 @@ def test_an_equinox_model_is_copied_into_an_existing_torch_module():
 
     torch.manual_seed(0)
     model = eqx.nn.MLP(4, 3, 8, depth=1, activation=jax.nn.tanh, key=jax.random.key(1))
-    expected = equinox_to_torch(model)
+    expected = equinox_to_torch(model, device="cpu")  # as seq
     for convert in (
         lambda seq: equinox_to_torch(model, out=seq),
         lambda seq: jax_to_torch(model, layout="equinox", out=seq),
@@ -409,7 +411,7 @@ def test_an_equinox_model_is_saved_as_it_is_converted(tmp_path):
     from equiv.convert import equinox_to_torch
 
     model = eqx.nn.MLP(4, 2, 3, depth=1, key=jax.random.key(2))
-    expected = equinox_to_torch(model)
+    expected = equinox_to_torch(model, device="cpu")  # as loaded
     save_torch(model, tmp_path / "m.pt")
     save_jax(model, tmp_path / "m.safetensors", layout="equinox")
     for path in ("m.pt", "m.safetensors"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from equiv import MLPSpec, OptimizerSpec, compare_backends
 from equiv.tolerance import (
@@ -367,12 +368,24 @@ def test_saturated_and_underflowing_units_agree(activation, z, dtype):
     compare_backends(spec, problem=problem).assert_agree()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA build of torch and a GPU")
+@pytest.mark.parametrize("activation, z, dtype", SATURATED)
+def test_saturated_and_underflowing_units_agree_on_the_gpu(activation, z, dtype):
+    # The same on the GPU, where XLA's float64 tanh(19.5) is exactly 1 (jax 0.11.2 on
+    # an H200; 1 - 7u on the CPU): the unit's slope is 0 in JAX and about 2e-17 in torch.
+    spec, problem = _one_unit_at(activation, z, dtype)
+    compare_backends(spec, problem=problem, device="cuda").assert_agree()
+
+
 def test_jax_float64_tanh_does_not_round_to_one_where_float32_would():
-    # Why float64 keeps the full terms: the premise of the saturation rule fails.
+    # Why float64 keeps the full terms: the premise of the saturation rule fails. On
+    # JAX's CPU backend: XLA's GPU tanh rounds float64 tanh(19.5) to 1 (seen with jax
+    # 0.11.2 on an H200), and tests/test_gpu.py runs SATURATED on the GPU.
     import jax
     import jax.numpy as jnp
 
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
         t = float(jax.jit(jnp.tanh)(jnp.float64(19.5)))
     assert 1.0 - t > 2.0**-53  # the true gap, 2e-17, is below u/4 = 2.8e-17
 
