@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import torch
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device
 from torch import nn
 
 Array = Any
@@ -88,7 +88,9 @@ def _log_softmax(xp, o):
 
 
 def _one_hot(xp, labels, classes, like):
-    return xp.astype(xp.arange(classes)[None, :] == labels[:, None], like.dtype)
+    # On the labels' device: torch tensors on a GPU (check_manual_backward(device="cuda")).
+    classes = xp.arange(classes, device=device(labels))
+    return xp.astype(classes[None, :] == labels[:, None], like.dtype)
 
 
 def _cross_entropy(o, y, spec):

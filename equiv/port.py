@@ -57,7 +57,7 @@ from equiv.convert import (
     module_spec,
     torch_to_jax,
 )
-from equiv.devices import resolve_device
+from equiv.devices import resolve_device, torch_device
 from equiv.from_module import (
     check_named_call_order,
     forward_mismatch,
@@ -229,6 +229,7 @@ def check_manual_backward(
     precision: str = "exact",
     rtol: float | None = None,
     atol: float | None = None,
+    device: str = "cpu",
 ) -> Comparison:
     """Compare your hand-written ``grad_fn(params, x, y) -> (loss, grads)`` with the
     torch model and the float64 reference, over ``steps`` optimizer steps.
@@ -241,7 +242,9 @@ def check_manual_backward(
     :class:`equiv.OptimizerSpec`, by the hand-written update
     :func:`equiv.optimizers.manual_update`, rounded as ``torch.optim`` rounds it
     for torch tensors), whose state is compared too. ``model`` and ``spec`` are read
-    as in :func:`check_jax_port`.
+    as in :func:`check_jax_port`. ``device`` (``"cpu"``, ``"cuda:N"``) is where the
+    torch model trains and where your function's torch tensors are (``arrays="torch"``;
+    NumPy arrays are on the CPU); the float64 reference runs on the CPU.
 
     Example:
       >>> import torch
@@ -266,11 +269,12 @@ def check_manual_backward(
         raise value_error(f"arrays must be 'numpy' or 'torch', got {arrays!r}")
     if not callable(grad_fn):
         raise type_error(f"grad_fn must be callable as grad_fn(params, x, y), got {grad_fn!r}")
+    on = torch_device(device)  # a missing GPU fails here, said so
     with comparison_scope(spec.dtype, precision) as settings:
         trajectories = {
-            "torch": run_torch_model(model, problem, learning_rate, optimizer=optimizer),
+            "torch": run_torch_model(model, problem, learning_rate, optimizer=optimizer, device=on),
             PORT: run_manual_port(
-                problem, grad_fn, learning_rate, arrays=arrays, optimizer=optimizer
+                problem, grad_fn, learning_rate, arrays=arrays, optimizer=optimizer, device=on
             ),
             REFERENCE: _run_arbiter(model, problem, optimizer),
         }
@@ -284,6 +288,7 @@ def check_manual_backward(
         atol,
         port=f"hand-written backward on {arrays}",
         optimizer=optimizer,
+        device=device,
     )
 
 
@@ -465,11 +470,15 @@ def run_manual_port(
     arrays: str = "numpy",
     name: str = PORT,
     optimizer: OptimizerSpec | None = None,
+    device: torch.device | str = "cpu",
 ) -> Trajectory:
     """Your ``grad_fn`` and the update (plain SGD at ``learning_rate``, or the
-    hand-written ``optimizer``), as a :class:`Trajectory`."""
+    hand-written ``optimizer``), as a :class:`Trajectory`; torch tensors on ``device``."""
     spec = problem.spec
-    convert = (lambda t: t.detach().clone()) if arrays == "torch" else (lambda t: t.numpy().copy())
+
+    def convert(t: torch.Tensor) -> Any:
+        return t.detach().to(device, copy=True) if arrays == "torch" else t.numpy().copy()
+
     params = {k: convert(v) for k, v in problem.params.items()}
     optimizer = resolve_optimizer(optimizer, learning_rate)
     state = manual_init(optimizer, params)
@@ -750,10 +759,10 @@ def _labels(name: str, value: Any, classes: int) -> torch.Tensor:
 
 def _like(grad: Any, param: Any) -> Any:
     """The gradient as the same kind of array as the parameter, for the update."""
-    if isinstance(param, torch.Tensor):
+    if isinstance(param, torch.Tensor):  # on the parameter's device
         return (
-            grad.detach().clone()
+            grad.detach().to(param.device, copy=True)
             if isinstance(grad, torch.Tensor)
-            else torch.as_tensor(np.array(to_numpy(grad)))
+            else torch.as_tensor(np.array(to_numpy(grad)), device=param.device)
         )
     return np.array(to_numpy(grad))
