@@ -17,6 +17,28 @@ from equiv._messages import value_error
 _DEVICE = re.compile(r"(cpu|cuda|gpu)(?::(\d+))?")
 
 
+def device_name(device: str | torch.device | jax.Device) -> str:
+    """The name a report records for ``device``: a name as given, or a torch or JAX
+    device object as a name (found in review: the object itself went into the report,
+    which ``json.dumps`` then refused).
+
+    >>> device_name("cuda:1"), device_name(torch.device("cpu")), device_name(jax.devices("cpu")[0])
+    ('cuda:1', 'cpu', 'cpu')
+    """
+    if isinstance(device, torch.device):
+        name = device.type if device.index is None else f"{device.type}:{device.index}"
+    elif isinstance(device, jax.Device):
+        if device.platform == "cpu":
+            index = jax.local_devices(backend="cpu").index(device)
+            name = "cpu" if index == 0 else f"cpu:{index}"
+        else:
+            name = f"gpu:{_jax_gpus().index(device)}"
+    else:
+        name = str(device)
+    _parse(name)  # an unknown name fails here
+    return name
+
+
 def _parse(device: str) -> tuple[str, int]:
     match = _DEVICE.fullmatch(str(device))
     if match is None:
@@ -27,8 +49,9 @@ def _parse(device: str) -> tuple[str, int]:
 
 
 def _jax_gpus() -> list[jax.Device]:
+    """This process's GPUs (in a multi-process JAX run, ``jax.devices`` lists all)."""
     try:
-        return jax.devices("gpu")
+        return jax.local_devices(backend="gpu")
     except RuntimeError:
         return []
 
@@ -65,9 +88,9 @@ def torch_device(device: str | torch.device) -> torch.device:
     >>> torch_device("cpu")
     device(type='cpu')
     """
-    if isinstance(device, torch.device):
+    if isinstance(device, torch.device) and (device.type != "cuda" or device.index is not None):
         return device
-    kind, index = _parse(device)
+    kind, index = _parse(device_name(device))  # torch.device("cuda") is cuda:0, as "cuda"
     if kind == "cpu":
         if index:
             raise value_error(f"device {device!r}: torch has one CPU device, 'cpu'")
@@ -81,16 +104,17 @@ def torch_device(device: str | torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
-def resolve_device(device: str) -> tuple[torch.device, jax.Device]:
+def resolve_device(device: str | torch.device | jax.Device) -> tuple[torch.device, jax.Device]:
     """The torch and JAX devices a name stands for; ValueError if one is missing.
 
     >>> torch_device, jax_device = resolve_device("cpu")
     >>> torch_device.type, jax_device.platform
     ('cpu', 'cpu')
     """
+    device = device_name(device)
     kind, index = _parse(device)
-    if kind == "cpu":
-        return torch_device(device), jax_device(device)
+    if kind == "cpu":  # JAX's host devices (cpu:N) share torch's one CPU
+        return torch.device("cpu"), jax_device(device)
     torch_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     jax_gpus = _jax_gpus()
     if index >= torch_count or index >= len(jax_gpus):

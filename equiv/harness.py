@@ -46,7 +46,7 @@ from equiv import jax_mlp, manual
 from equiv._messages import type_error, value_error
 from equiv.compare import LeafDiff, Report, compare_trees, to_numpy
 from equiv.convert import jax_to_torch, torch_to_jax
-from equiv.devices import resolve_device
+from equiv.devices import device_name, jax_device, resolve_device, torch_device
 from equiv.diagnose import (
     GENERIC,
     UPDATE_EXPLAINED,
@@ -236,11 +236,9 @@ def run_torch(
     optimizer: OptimizerSpec | None = None,
 ) -> Trajectory:
     """``TorchMLP`` + autograd + ``torch.optim`` (single-tensor path)."""
-    torch_device, _ = resolve_device(device)
-    model = torch_mlp_with_params(problem.spec, problem.params, torch_device)
-    return train_torch_model(
-        model, problem, resolve_optimizer(optimizer, learning_rate), device=torch_device
-    )
+    on = torch_device(device)
+    model = torch_mlp_with_params(problem.spec, problem.params, on)
+    return train_torch_model(model, problem, resolve_optimizer(optimizer, learning_rate), device=on)
 
 
 def train_torch_model(
@@ -277,12 +275,12 @@ def run_manual(
 ) -> Trajectory:
     """The hand-derived pass and update on torch tensors."""
     opt_spec = resolve_optimizer(optimizer, learning_rate)
-    torch_device, _ = resolve_device(device)
-    params = _copy_to(problem.params, torch_device)
+    on = torch_device(device)
+    params = _copy_to(problem.params, on)
     state = manual_init(opt_spec, params)
     out = Trajectory("manual", problem.spec.dtype)
     for step, (x, y) in enumerate(problem.batches, start=1):
-        x, y = x.to(torch_device), y.to(torch_device)
+        x, y = x.to(on), y.to(on)
         loss, grads = manual.loss_and_grads(params, x, y, problem.spec)
         params, state = manual_update(opt_spec, params, grads, state, step)
         out.record(loss, grads, params, state)
@@ -298,9 +296,9 @@ def run_jax(
     """``jax.value_and_grad`` of :func:`equiv.jax_mlp.loss_fn` and optax, jitted."""
     opt_spec = resolve_optimizer(optimizer, learning_rate)
     spec = problem.spec
-    _, jax_device = resolve_device(device)
+    on = jax_device(device)
     step, tx = jax_mlp.make_train_step(spec, opt_spec)
-    params = torch_to_jax(problem.params, layout="flax", spec=spec, device=jax_device)
+    params = torch_to_jax(problem.params, layout="flax", spec=spec, device=on)
     opt_state = tx.init(params)
     out = Trajectory("jax", spec.dtype)
 
@@ -309,12 +307,12 @@ def run_jax(
 
     out.unjitted = unjitted_replay(
         lambda p, x, y: jax.value_and_grad(jax_mlp.loss_fn)(p, x, y, spec),
-        lambda p: torch_to_jax(p, layout="flax", spec=spec, device=jax_device),
+        lambda p: torch_to_jax(p, layout="flax", spec=spec, device=on),
         to_torch,
-        jax_device,
+        on,
     )
     for x, y in problem.batches:
-        x, y = (jax.device_put(t, jax_device) for t in (x.numpy(), jax_labels(y)))
+        x, y = (jax.device_put(t, on) for t in (x.numpy(), jax_labels(y)))
         loss, grads, params, opt_state = step(params, opt_state, x, y)
         out.record(
             loss,
@@ -1276,7 +1274,7 @@ def compare_backends(
     seed: int = 0,
     learning_rate: float = 0.1,
     steps: int = 1,
-    device: str = "cpu",
+    device: str | torch.device | jax.Device = "cpu",
     backends: Sequence[str] = BACKENDS,
     reference: bool = True,
     precision: str = "exact",
@@ -1300,7 +1298,8 @@ def compare_backends(
       learning_rate: plain SGD's learning rate, used when ``optimizer`` is None.
       optimizer: an :class:`~equiv.optimizers.OptimizerSpec` (SGD with momentum,
         Adam, AdamW, ...); its own learning rate wins over ``learning_rate``.
-      device: ``"cpu"`` or ``"cuda[:N]"`` for torch and JAX alike.
+      device: ``"cpu"``, ``"cuda[:N]"`` (= ``"gpu[:N]"``) or a torch or JAX device,
+        for torch and JAX alike; only the frameworks ``backends`` use must see it.
       backends: any of ``"torch"``, ``"manual"``, ``"jax"`` (at least one).
       precision: ``"exact"`` pins IEEE float32 matmuls (no TF32) in a scope;
         ``"native"`` keeps your settings.
@@ -1328,7 +1327,16 @@ def compare_backends(
         optimizer = resolve_optimizer(optimizer, learning_rate)
         learning_rate = optimizer.learning_rate
     user_tolerance(rtol, atol)  # fail early on a half-given tolerance
-    resolve_device(device)  # fail early, before any work, on a missing device
+    # Fail early, before any work, on a missing device: only the frameworks the
+    # backends use must see it (torch and manual run on torch tensors).
+    device = device_name(device)
+    uses_torch, uses_jax = bool({"torch", "manual"} & set(backends)), "jax" in backends
+    if uses_torch and uses_jax:
+        resolve_device(device)  # one message for both frameworks
+    elif uses_jax:
+        jax_device(device)
+    else:
+        torch_device(device)
     if problem is None:
         check_counts(batch_size=batch_size, steps=steps, seed=seed)
     else:

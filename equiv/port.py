@@ -57,7 +57,7 @@ from equiv.convert import (
     module_spec,
     torch_to_jax,
 )
-from equiv.devices import resolve_device, torch_device
+from equiv.devices import device_name, resolve_device, torch_device
 from equiv.from_module import (
     check_named_call_order,
     forward_mismatch,
@@ -116,7 +116,7 @@ def check_jax_port(
     precision: str = "exact",
     rtol: float | None = None,
     atol: float | None = None,
-    device: str = "cpu",
+    device: str | torch.device | jax.Device = "cpu",
 ) -> Comparison:
     """Compare your JAX loss function's loss, ``jax.grad`` gradients and SGD updates
     with the torch model's and with the float64 reference.
@@ -182,6 +182,7 @@ def check_jax_port(
             "transformation as port_optimizer="
         )
     optimizer = resolve_optimizer(optimizer, learning_rate)
+    device = device_name(device)  # a torch or JAX device too; the report records its name
     torch_device, jax_device = resolve_device(device)  # a missing GPU fails here, said so
     with comparison_scope(spec.dtype, precision) as settings:
         trajectories = {
@@ -229,7 +230,7 @@ def check_manual_backward(
     precision: str = "exact",
     rtol: float | None = None,
     atol: float | None = None,
-    device: str = "cpu",
+    device: str | torch.device | jax.Device = "cpu",
 ) -> Comparison:
     """Compare your hand-written ``grad_fn(params, x, y) -> (loss, grads)`` with the
     torch model and the float64 reference, over ``steps`` optimizer steps.
@@ -269,6 +270,7 @@ def check_manual_backward(
         raise value_error(f"arrays must be 'numpy' or 'torch', got {arrays!r}")
     if not callable(grad_fn):
         raise type_error(f"grad_fn must be callable as grad_fn(params, x, y), got {grad_fn!r}")
+    device = device_name(device)  # a torch or JAX device too; the report records its name
     on = torch_device(device)  # a missing GPU fails here, said so
     with comparison_scope(spec.dtype, precision) as settings:
         trajectories = {
@@ -332,7 +334,13 @@ def run_jax_port(
     value_and_grad = jax.value_and_grad(loss_fn)
     state = optimizer.init(params)
     if jit:
-        out.unjitted = unjitted_replay(value_and_grad, from_torch, to_torch)
+        # The replay runs where the port ran (found in review: on JAX's default device,
+        # so a hint would have put a device difference down to compilation).
+        def on_device(state: dict[str, torch.Tensor]) -> Any:
+            tree = from_torch(state)
+            return tree if device is None else jax.device_put(tree, device)
+
+        out.unjitted = unjitted_replay(value_and_grad, on_device, to_torch, device)
         value_and_grad = jax.jit(value_and_grad)
     for x, y in problem.batches:
         try:
@@ -758,11 +766,11 @@ def _labels(name: str, value: Any, classes: int) -> torch.Tensor:
 
 
 def _like(grad: Any, param: Any) -> Any:
-    """The gradient as the same kind of array as the parameter, for the update."""
-    if isinstance(param, torch.Tensor):  # on the parameter's device
-        return (
-            grad.detach().to(param.device, copy=True)
-            if isinstance(grad, torch.Tensor)
-            else torch.as_tensor(np.array(to_numpy(grad)), device=param.device)
-        )
-    return np.array(to_numpy(grad))
+    """The gradient as the same kind of array as the parameter, in its dtype and on its
+    device, for the update (found in review: float64 gradients of a float32 model made
+    the parameters float64 from step 2 on)."""
+    if isinstance(param, torch.Tensor):
+        if not isinstance(grad, torch.Tensor):
+            grad = torch.as_tensor(np.array(to_numpy(grad)))
+        return grad.detach().to(param.device, dtype=param.dtype, copy=True)
+    return np.array(to_numpy(grad), dtype=param.dtype)

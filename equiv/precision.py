@@ -10,12 +10,15 @@ Why each setting (see the README's "Numerical traps"):
 * ``jax.default_matmul_precision("highest")``: JAX's default float32 matmul uses
   TF32 on A100/H100 GPUs (bf16 on TPU), about 2000 times float32 rounding noise.
 * torch's fp32 precision ``"ieee"`` for CUDA matmuls and cuDNN: the same for torch.
-* ``torch.backends.cudnn.deterministic``: repeatable GPU runs.
+* ``torch.backends.cudnn.deterministic``: repeatable cuDNN kernels. An MLP's matmuls
+  are cuBLAS's and XLA's, which this does not pin: XLA's autotuning may pick another
+  algorithm in another run, so GPU runs can differ in the last bits between runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -86,13 +89,21 @@ def lowered_matmuls(settings: Mapping[str, object]) -> list[str]:
     >>> lowered_matmuls(current_settings() | {"precision": "exact"})  # the defaults here
     []
     """
-    device = "cuda" if str(settings.get("device", "cpu")).startswith("cuda") else "cpu"
+    # "gpu:N" names the same device as "cuda:N" (found in review: it was taken for a CPU).
+    kind = str(settings.get("device", "cpu")).split(":")[0]
+    device = "cuda" if kind in ("cuda", "gpu") else "cpu"
     lowered = []
     for path in _MATMUL_FLAGS[device]:
         label = f"torch.backends.{path}"
         value = settings.get(label)
         if value in ("bf16", "tf32"):
             lowered.append(f"{label} = {value!r}")
+    if device == "cuda":  # torch before 2.9 records its legacy settings instead
+        if settings.get("torch.backends.cuda.matmul.allow_tf32") is True:
+            lowered.append("torch.backends.cuda.matmul.allow_tf32 = True")
+        legacy = settings.get("torch_float32_matmul_precision")
+        if legacy in ("high", "medium"):
+            lowered.append(f"torch_float32_matmul_precision = {legacy!r}")
     jax_precision = settings.get("jax_default_matmul_precision")
     if device == "cuda" and jax_precision not in (None, "highest", "float32"):
         lowered.append(f"jax_default_matmul_precision = {jax_precision!r}")  # XLA:CPU: exact
@@ -160,26 +171,45 @@ def comparison_scope(dtype: str = "float32", precision: str = "exact") -> Iterat
         yield settings
 
 
+#: torch's flags are the process's, JAX's settings each thread's. Overlapping exact
+#: scopes in several threads share one save: the first to enter saves the flags, the
+#: last to leave restores them (found in review: the first to leave restored the
+#: user's bf16 while another thread's "exact" comparison was still running).
+_exact_lock = threading.Lock()
+_exact_depth = 0
+_exact_saved: tuple[list[object], str | None] | None = None
+
+
 @contextlib.contextmanager
 def _torch_exact() -> Iterator[None]:
+    global _exact_depth, _exact_saved
     paths = _torch_flag_paths()
-    saved = [getattr(owner, name) for _, owner, name, _ in paths]
     legacy = not _has_fp32_precision_api()
-    saved_matmul = torch.get_float32_matmul_precision() if legacy else None
-    try:
+    with _exact_lock:
+        if _exact_depth == 0:
+            saved = [getattr(owner, name) for _, owner, name, _ in paths]
+            _exact_saved = (saved, torch.get_float32_matmul_precision() if legacy else None)
+        _exact_depth += 1
+        # Set on every entry: a nested scope pins IEEE again whatever ran in between.
         if legacy:
             torch.set_float32_matmul_precision("highest")
         for _, owner, name, exact in paths:
             if exact is not None:
                 setattr(owner, name, exact)
+    try:
         yield
     finally:
-        # The global matmul precision also writes the per-backend flags: restore it
-        # first, then every flag exactly as it was.
-        if legacy:
-            torch.set_float32_matmul_precision(saved_matmul)
-        for (_, owner, name, _), value in zip(paths, saved, strict=True):
-            setattr(owner, name, value)
+        with _exact_lock:
+            _exact_depth -= 1
+            if _exact_depth == 0:
+                saved, saved_matmul = _exact_saved
+                # The global matmul precision also writes the per-backend flags:
+                # restore it first, then every flag exactly as it was.
+                if legacy:
+                    torch.set_float32_matmul_precision(saved_matmul)
+                for (_, owner, name, _), value in zip(paths, saved, strict=True):
+                    setattr(owner, name, value)
+                _exact_saved = None
 
 
 #: The canary's matrices are these widths. A library may compute a float32 matmul in
@@ -189,14 +219,20 @@ def _torch_exact() -> Iterator[None]:
 _CANARY_SIZES = (64, 256, 1024)
 
 
-def precision_canary(device: str = "cpu") -> dict[str, bool]:
+def precision_canary(device: str | None = None) -> dict[str, bool]:
     """Whether float32 matmuls are exact IEEE right now, in torch and in JAX.
 
     ``x @ I == x`` for ``x = 1 + 2**-20`` holds in IEEE float32 and fails under TF32
     (10 mantissa bits) or bf16: a one-line check of the settings in force, at widths
     64, 256 and 1024 (a library may lower only its larger matmuls). Call it inside
     :func:`comparison_scope` to see what a comparison gets, or outside to see your own
-    settings.
+    settings. ``device`` is where: by default the GPU where torch and JAX both see one
+    (XLA computes float32 matmuls exactly on the CPU, TF32 on recent GPUs by default),
+    else the CPU.
+
+    It sees how the inputs of a product are rounded, in square ``@`` products at
+    those widths; not the accumulation's precision, nor a ``precision=`` that your
+    own code passes to a matmul.
 
     >>> with comparison_scope("float32"):
     ...     precision_canary()
@@ -204,7 +240,13 @@ def precision_canary(device: str = "cpu") -> dict[str, bool]:
     """
     from equiv.devices import resolve_device  # no import cycle at module level
 
-    torch_device, jax_device = resolve_device(device)
+    if device is None:  # found in review: the default was the CPU, on a GPU machine too
+        try:
+            torch_device, jax_device = resolve_device("cuda")
+        except ValueError:
+            torch_device, jax_device = resolve_device("cpu")
+    else:
+        torch_device, jax_device = resolve_device(device)
     value = 1.0 + 2.0**-20
     torch_exact = jax_exact = True
     for size in _CANARY_SIZES:

@@ -25,11 +25,24 @@ from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """Initial parameters (torch layout, on the CPU) and one ``(x, y)`` batch per step."""
+    """Initial parameters (torch layout, on the CPU) and one ``(x, y)`` batch per step.
+
+    Tensors given on another device are kept as CPU copies (found in review: a
+    Problem built with CUDA batches failed in ``.numpy()``); each backend moves them
+    to its device.
+    """
 
     spec: MLPSpec
     params: dict[str, torch.Tensor]
     batches: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def __post_init__(self) -> None:
+        def on_cpu(t: torch.Tensor) -> torch.Tensor:
+            return t.cpu() if isinstance(t, torch.Tensor) else t
+
+        object.__setattr__(self, "params", {k: on_cpu(v) for k, v in self.params.items()})
+        batches = tuple((on_cpu(x), on_cpu(y)) for x, y in self.batches)
+        object.__setattr__(self, "batches", batches)
 
     @property
     def steps(self) -> int:

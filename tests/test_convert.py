@@ -666,8 +666,12 @@ def test_a_cpu_index_beyond_the_cpus_is_refused():
         jax_device(f"cpu:{count}")
     with pytest.raises(ValueError, match="torch has one CPU device"):
         torch_device("cpu:1")
-    with pytest.raises(ValueError, match="torch has one CPU device"):
-        resolve_device("cpu:1")
+    # For both frameworks, cpu:N is JAX's host device N with torch's one CPU (a
+    # comparison on a second host device: test_port.py's replay test), refused beyond
+    # JAX's host devices.
+    with pytest.raises(ValueError, match=f"which sees {count} CPU device"):
+        resolve_device(f"cpu:{count}")
+    assert resolve_device(f"cpu:{count - 1}") == (torch.device("cpu"), jax.devices("cpu")[-1])
     assert torch_device("cpu:0") == torch.device("cpu")
 
 

@@ -162,3 +162,68 @@ def test_check_manual_backward_runs_on_the_gpu(arrays, loss):
     # NumPy 2's arrays have a device too: "cpu". (On the H200 this case agreed; the
     # assertion said {"numpy"} then, and was corrected after the run.)
     assert seen == ({"Tensor on cuda:0"} if arrays == "torch" else {"ndarray on cpu"})
+
+
+def test_the_canary_looks_at_the_gpu_by_default_and_falls_back_to_the_cpu(monkeypatch):
+    # Found in review: the default device was the CPU, where XLA's float32 matmuls are
+    # always exact, so on a GPU machine the canary said JAX was exact under TF32.
+    import equiv.devices
+
+    asked, real = [], equiv.devices.resolve_device
+
+    def spy(device):
+        asked.append(device)
+        return real(device)
+
+    monkeypatch.setattr(equiv.devices, "resolve_device", spy)
+    precision_canary()
+    assert asked == (["cuda"] if has_cuda and has_jax_gpu else ["cuda", "cpu"])
+    asked.clear()
+    precision_canary("cpu")  # the twin: a device named is the one looked at
+    assert asked == ["cpu"]
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu"), "jax-cpu", "cpu:0"])
+def test_a_device_object_is_recorded_by_name(device):
+    # Found in review: a torch.device or jax.Device went into the report as the
+    # object, and json.dumps(comparison.to_dict()) refused it.
+    import json
+
+    device = jax.devices("cpu")[0] if device == "jax-cpu" else device
+    spec = equiv.MLPSpec((3, 4, 2))
+    comparison = equiv.compare_backends(spec, device=device)
+    assert comparison.report.settings["device"] in ("cpu", "cpu:0")
+    json.dumps(comparison.to_dict())
+    model = equiv.TorchMLP(spec)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    port = equiv.check_manual_backward(model, _manual_grad_fn(spec, set()), x, y, device=device)
+    assert isinstance(port.report.settings["device"], str)
+
+
+@pytest.mark.skipif(has_cuda, reason="needs a machine without a GPU")
+@pytest.mark.parametrize(
+    "backends, missing",
+    [(("torch", "manual"), "not available to torch"), (("jax",), "not available to JAX")],
+)
+def test_only_the_frameworks_the_backends_use_must_see_the_device(backends, missing):
+    # Found in review: torch and manual alone still asked JAX for its GPU.
+    with pytest.raises(ValueError, match=missing):
+        equiv.compare_backends(equiv.MLPSpec((3, 4, 2)), backends=backends, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_problem_built_with_cuda_tensors_is_compared():
+    # Found in review: a Problem built by hand with CUDA batches failed in .numpy().
+    # (Written after the GPU run; not yet run on a GPU.)
+    from equiv.problem import Problem, make_problem
+
+    spec = equiv.MLPSpec((8, 16, 4))
+    drawn = make_problem(spec, batch_size=4, steps=2)
+    on_gpu = Problem(
+        spec,
+        {k: v.cuda() for k, v in drawn.params.items()},
+        tuple((x.cuda(), y.cuda()) for x, y in drawn.batches),
+    )
+    assert all(t.device.type == "cpu" for t in on_gpu.params.values())
+    equiv.compare_backends(problem=on_gpu, device="cuda").assert_agree()

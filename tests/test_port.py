@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -784,3 +787,67 @@ def test_equinox_params_as_a_list_of_linear_layers_and_a_module_of_ones_own():
 
     with pytest.raises(TypeError, match="params is an Equinox Mine; check_jax_port reads an"):
         check_jax_port(net, loss_fn, x, y, layout="equinox", params=Mine(*layers))
+
+
+def test_the_unjitted_replay_runs_where_the_port_ran():
+    # Found in review: check_jax_port's op-by-op replay (what the "XLA's compilation
+    # changed the arithmetic" hint reruns) put its params and batch on JAX's default
+    # device, not the port's, so on a GPU it would compare GPU-jitted with CPU-eager
+    # results. Two host devices need a fresh process; the port runs on the second.
+    code = """
+import jax, torch
+import equiv
+assert len(jax.devices()) == 2
+seen = []
+def loss_fn(params, x, y):
+    if not isinstance(x, jax.core.Tracer):  # the replay's batch (params are JVP tracers;
+        seen.append({d.id for d in x.devices()})  # on another device they would not mix)
+    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    return ((h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"] - y) ** 2).mean()
+model = equiv.TorchMLP(equiv.MLPSpec((3, 4, 2)))
+x, y = torch.randn(5, 3), torch.randn(5, 2)
+comparison = equiv.check_jax_port(model, loss_fn, x, y, device="cpu:1")
+assert comparison.report.settings["device"] == "cpu:1"
+port = comparison.trajectories["port"]
+seen.clear()
+port.unjitted({k: v.numpy() for k, v in model.state_dict().items()}, x.numpy(), y.numpy())
+print(seen)
+"""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[{1}]", out.stdout  # device 1 only (before: {0})
+
+
+@pytest.mark.parametrize("arrays", ["torch", "numpy"])
+def test_float64_gradients_of_a_float32_model_leave_its_parameters_float32(arrays):
+    # Found in review: the update took the gradients' dtype, so from step 2 on your
+    # grad_fn got float64 parameters of a float32 model. The twin: the same grad_fn
+    # returning the parameters' dtype saw float32 throughout before too.
+    spec = MLPSpec((3, 4, 2))
+    model = TorchMLP(spec)
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    for wide in (True, False):
+        seen = set()
+
+        def grad_fn(params, x, y, wide=wide, seen=seen):
+            seen.update(str(v.dtype) for v in params.values())
+            loss, grads = manual.loss_and_grads(params, x, y, spec)
+            if wide:
+                cast = (
+                    (lambda g: g.double())
+                    if arrays == "torch"
+                    else (lambda g: g.astype(np.float64))
+                )
+                grads = {k: cast(g) for k, g in grads.items()}
+            return loss, grads
+
+        comparison = check_manual_backward(model, grad_fn, x, y, arrays=arrays, steps=3)
+        comparison.assert_agree()
+        assert seen == {"torch.float32" if arrays == "torch" else "float32"}

@@ -217,3 +217,79 @@ def test_a_native_comparison_under_onednns_bf16_names_the_setting(onednn_bf16):
     ), native.hints()
     exact = compare_backends(spec, batch_size=width)
     assert exact.agree and not any("not IEEE" in h for h in exact.hints())
+
+
+def test_overlapping_exact_scopes_in_two_threads_keep_ieee_until_the_last_leaves():
+    # Found in review: torch's flags are the process's. The thread that left first
+    # restored the user's TF32 while the other's "exact" comparison still ran, and
+    # the one that left last then restored "ieee" for good.
+    import threading
+
+    import torch
+
+    from equiv.precision import comparison_scope
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision setting")
+    before = matmul.fp32_precision
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with comparison_scope("float32"):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with comparison_scope("float32"):
+            b_in.set()
+            a_out.wait(10)
+            seen["inside, after the other left"] = matmul.fp32_precision
+
+    matmul.fp32_precision = "tf32"  # the user's setting
+    try:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        seen["after both"] = matmul.fp32_precision
+    finally:
+        matmul.fp32_precision = before
+    assert seen == {"inside, after the other left": "ieee", "after both": "tf32"}
+
+
+@pytest.mark.parametrize(
+    "device, named",
+    [("cuda:0", True), ("gpu:0", True), ("gpu", True), ("cpu", False)],
+)
+def test_lowered_gpu_matmuls_are_named_for_either_name_of_the_gpu(device, named):
+    # Found in review: "gpu:0" (accepted everywhere, --device too) was taken for a CPU,
+    # and a TF32 run got no hint. The twin: on the CPU the CUDA flags do not matter.
+    from equiv.precision import lowered_matmuls
+
+    settings = {
+        "device": device,
+        "torch.backends.cuda.matmul.fp32_precision": "tf32",
+        "jax_default_matmul_precision": "tensorfloat32",
+    }
+    expected = [
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+        "jax_default_matmul_precision = 'tensorfloat32'",
+    ]
+    assert lowered_matmuls(settings) == (expected if named else [])
+
+
+def test_lowered_gpu_matmuls_are_named_from_torchs_legacy_settings():
+    # torch before 2.9 records allow_tf32 and the float32 matmul precision instead.
+    from equiv.precision import lowered_matmuls
+
+    legacy = {"device": "cuda", "torch.backends.cuda.matmul.allow_tf32": True}
+    assert lowered_matmuls(legacy) == ["torch.backends.cuda.matmul.allow_tf32 = True"]
+    high = {"device": "cuda", "torch_float32_matmul_precision": "high"}
+    assert lowered_matmuls(high) == ["torch_float32_matmul_precision = 'high'"]
+    exact = {"device": "cuda", "torch.backends.cuda.matmul.allow_tf32": False}
+    assert lowered_matmuls(exact | {"torch_float32_matmul_precision": "highest"}) == []
