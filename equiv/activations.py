@@ -72,6 +72,10 @@ class Activation:
     # grid of step 1e-5 over [-12, 12]: with the ends of an interval, where the
     # greatest values over it lie. See :meth:`envelope`.
     peaks: tuple[float, ...] = ()
+    # Whether torch's and JAX's own functions take different sides at z exactly 0
+    # (leaky_relu: torch's slope s, jax.nn.leaky_relu's 1). Only there is a z that
+    # every backend computes exactly 0 allowed either side (equiv.kinks).
+    sides_differ_at_zero: bool = False
 
     def has_kink(self, param: float) -> bool:
         """Whether the slope jumps at 0 (ELU's does not at ``alpha = 1``).
@@ -375,6 +379,7 @@ ACTIVATIONS: dict[str, Activation] = {
             param_field="negative_slope",
             negative=lambda xp, z, p: (p * z, p * _ones(xp, z)),
             lipschitz=lambda p: max(1.0, p),
+            sides_differ_at_zero=True,
         ),
         Activation(
             "elu",

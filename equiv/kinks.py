@@ -455,7 +455,14 @@ def _ambiguous_units(spec, zs, bounds, step, kinks, backend="") -> dict[int, lis
     for i in range(spec.num_layers - 1):  # hidden layers only: no ReLU after the last
         if not _kinked_layer(spec, spec.activations[i]):
             continue
-        for b, j in np.argwhere(np.abs(zs[i]) <= bounds[i]):
+        # A bound of 0 means z is exactly 0 in every backend (its inputs, weights and
+        # bias multiply to exact zeros: an all-zero input row with zero biases), so
+        # every backend takes its function's own side: the same one unless torch's and
+        # JAX's functions differ there (found in a user trial: ReLU units at an exact 0
+        # were allowed either side, and a zeroed fc1.bias gradient passed).
+        either = ACTIVATIONS[spec.activations[i]].sides_differ_at_zero
+        ambiguous = (np.abs(zs[i]) <= bounds[i]) & ((bounds[i] > 0) | either)
+        for b, j in np.argwhere(ambiguous):
             by_example.setdefault(int(b), []).append((i, int(j)))
             z, bound = float(zs[i][b, j]), float(bounds[i][b, j])
             act = spec.activations[i]

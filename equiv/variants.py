@@ -566,6 +566,23 @@ def backward_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Ite
             "leaves the label smoothing out of cross-entropy's gradient (the loss has it)",
             output_grad=one_hot,
         )
+    relus = [k for k in hidden if spec.activations[k - 1] == "relu"]
+    if relus:
+        # Found in a user trial: jnp.maximum(z, 0) differentiates to 1/2 at z exactly 0
+        # (an all-zero input row with zero biases), torch's ReLU to 0; in every backend
+        # alike, so no rounding allows for it.
+        def half_at_zero(k, dh, zs, acts):
+            slope = acts[k - 1][1]
+            return np.where(zs[k - 1] == 0, 0.5, slope) if k in relus else slope
+
+        yield Variant(
+            f"takes relu's slope at z exactly 0 as 1/2 after {', '.join(f'fc{k}' for k in relus)}"
+            " (jnp.maximum(z, 0)'s derivative there; torch's is 0)",
+            "Use jax.nn.relu, whose derivative at 0 is torch's (0); or, by hand, the mask z > 0",
+            spec,
+            params,
+            miswritten={"slope_of": half_at_zero},
+        )
     for k, j in itertools.permutations(hidden, 2):
         if abs(k - j) == 1 and spec.sizes[k] == spec.sizes[j]:
 

@@ -390,3 +390,60 @@ def test_an_optimizer_without_learning_rate_uses_its_own(equiv_seed):
     implied = compare_trajectories(problem, runs, optimizer=optimizer)
     assert implied.agree and given.agree
     assert [d.ratio for d in implied.leaves] == [d.ratio for d in given.leaves]
+
+
+def _zero_rows_problem():
+    """A one-hot batch with 4 all-zero rows and a zero fc1 bias: those rows' fc1
+    pre-activations are exactly 0 in every backend (found in a user trial)."""
+    from equiv import TorchMLP
+
+    torch.manual_seed(2)
+    spec = MLPSpec((10, 32, 3), loss="cross_entropy")
+    model = TorchMLP(spec)
+    with torch.no_grad():
+        model.fc1.bias.zero_()
+    x = torch.zeros(16, 10)
+    x[torch.arange(16), torch.randint(0, 10, (16,))] = 1
+    x[:4] = 0
+    return spec, model, x, torch.randint(0, 3, (16,))
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_units_exactly_at_zero_in_every_backend_get_no_allowance(scale):
+    # Before, the 128 units at z = 0 exactly were taken as "within rounding of the
+    # kink", and a zeroed or halved fc1.bias gradient passed (ratio 0.56). A bound of
+    # 0 means every backend computes z = 0 exactly. The twin: the right gradient.
+    from equiv.port import check_manual_backward
+
+    spec, model, x, y = _zero_rows_problem()
+
+    def grad_fn(params, x, y):
+        loss, grads = manual.loss_and_grads(params, x, y, spec)
+        return loss, {**grads, "fc1.bias": scale * grads["fc1.bias"]}
+
+    comparison = check_manual_backward(model, grad_fn, x, y)
+    assert comparison.agree == (scale == 1.0)
+
+
+def test_jnp_maximum_at_exactly_zero_is_caught_and_named():
+    # jnp.maximum(z, 0) differentiates to 1/2 at 0, torch's ReLU to 0: the same in
+    # every backend, so no rounding excuses it. The twin: jax.nn.relu agrees.
+    import jax
+    import jax.numpy as jnp
+
+    from equiv.port import check_jax_port
+
+    spec, model, x, y = _zero_rows_problem()
+
+    def port(relu):
+        def loss_fn(p, x, y):
+            h = relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+            out = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+            return -jnp.mean(jax.nn.log_softmax(out)[jnp.arange(out.shape[0]), y])
+
+        return loss_fn
+
+    check_jax_port(model, port(jax.nn.relu), x, y).assert_agree()
+    maximum = check_jax_port(model, port(lambda z: jnp.maximum(z, 0)), x, y)
+    assert not maximum.agree
+    assert "takes relu's slope at z exactly 0 as 1/2 after fc1" in maximum.hints()[0]
