@@ -18,7 +18,8 @@ difference has the shape of a known trap (see the README's "Numerical traps"):
   (:func:`diagnose_optimizer`): Adam's L2 taken for AdamW's decoupled decay or the
   reverse, weight decay added after the momentum instead of before it, dampening
   ignored, Nesterov toggled (SGD) or added (Adam), Adam's ε inside the square root,
-  added before the bias correction (Keras) or of another size.
+  added before the bias correction (Keras) or of another size, Adam's bias corrections
+  left out (both, or either) or counted from ``t + 1``.
 
 Each detector returns a one- or two-line hint, or None. Mistakes that change the model
 or its backward pass (the other GELU, a transpose inside the forward pass, a ReLU mask
@@ -603,6 +604,28 @@ def _nesterov_adam(spec: OptimizerSpec, before, g, state, step: int):
     return predicted, new
 
 
+def _bias_corrections(first: bool, second: bool, ahead: int = 0) -> Callable[..., tuple]:
+    """Adam with its bias corrections as a port may get them wrong: the first moment's
+    (``1 - β₁ᵗ``) and the second's (``1 - β₂ᵗ``) each kept or left out, and counted from
+    ``t + ahead``. Found in a user trial: all left out, the only hint was a learning
+    rate 3.162 times torch's, which is ``(1 - β₁)/√(1 - β₂)`` at step 1."""
+
+    def rule(spec: OptimizerSpec, before, g, state, step: int):
+        _, new = manual_update(spec, before, g, state, step)
+        lr, lam, (beta1, beta2) = spec.learning_rate, spec.weight_decay, spec.betas
+        c1 = 1 - beta1 ** float(step + ahead) if first else 1.0
+        c2 = 1 - beta2 ** float(step + ahead) if second else 1.0
+        v = new["max_exp_avg_sq" if spec.amsgrad else "exp_avg_sq"]
+        predicted = {}
+        for name, p in before.items():
+            start = p * (1 - lr * lam) if spec.name == "adamw" else p
+            m_hat, v_hat = new["exp_avg"][name] / c1, v[name] / c2
+            predicted[name] = start - lr * m_hat / (np.sqrt(v_hat) + spec.eps)
+        return predicted, new
+
+    return rule
+
+
 def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
     """The known misreadings of ``spec`` that change its updates.
 
@@ -616,6 +639,10 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
       puts eps=1e-08 inside the square root
       adds eps=1e-08 before the bias correction
       uses Nesterov momentum
+      leaves out Adam's bias corrections
+      leaves out the first moment's bias correction
+      leaves out the second moment's bias correction
+      counts the bias corrections from t + 1
     """
     lam, mu, variants = spec.weight_decay, spec.momentum, []
     replace = dataclasses.replace
@@ -701,6 +728,16 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
                 rule=_nesterov_adam,
             )
         )
+    if spec.name in ("adam", "adamw") and 0 < spec.betas[0] and 0 < spec.betas[1]:
+        fix = "torch divides m̂ = m/(1 - β₁ᵗ) by √v̂ + eps, v̂ = v/(1 - β₂ᵗ), t from 1"
+        for what, first, second, ahead in (
+            ("leaves out Adam's bias corrections (m/(√v + eps) for m̂/(√v̂ + eps))", 0, 0, 0),
+            ("leaves out the first moment's bias correction (m for m̂ = m/(1 - β₁ᵗ))", 0, 1, 0),
+            ("leaves out the second moment's bias correction (v for v̂ = v/(1 - β₂ᵗ))", 1, 0, 0),
+            ("counts the bias corrections from t + 1 (1 - βᵗ⁺¹ for 1 - βᵗ)", 1, 1, 1),
+        ):
+            rule = _bias_corrections(bool(first), bool(second), ahead)
+            variants.append(OptimizerVariant(f"{what}; {fix}", spec, rule=rule))
     # A weight decay that is missing or has another value is not a variant: the
     # per-leaf decay detector measures by how much the decays differ.
     return variants

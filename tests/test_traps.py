@@ -171,6 +171,28 @@ def _keras_adam(learning_rate, b1=0.9, b2=0.999, eps=1e-7):
     return optax.GradientTransformation(init, update)
 
 
+def _adam_corrected(learning_rate, first=True, second=True, ahead=0, b1=0.9, b2=0.999, eps=1e-3):
+    """Adam written by hand with its bias corrections as given: each kept or left out,
+    and counted from ``t + ahead`` (found in a user trial: a port without them was
+    said to have a learning rate 3.162 times torch's)."""
+
+    def init(params):
+        zeros = optax.tree.zeros_like(params)
+        return zeros, zeros, jnp.zeros([], jnp.int32)
+
+    def update(grads, state, params=None):
+        m, v, t = state
+        t = t + 1
+        m = optax.tree.update_moment(grads, m, b1, 1)
+        v = optax.tree.update_moment_per_elem_norm(grads, v, b2, 2)
+        c1 = 1 - b1 ** (t + ahead) if first else 1.0
+        c2 = 1 - b2 ** (t + ahead) if second else 1.0
+        step = jax.tree.map(lambda m, v: -learning_rate * (m / c1) / (jnp.sqrt(v / c2) + eps), m, v)
+        return step, (m, v, t)
+
+    return optax.GradientTransformation(init, update)
+
+
 OPTIMIZER_TRAPS = [
     # AdamW's decoupled decay: torch 1e-2 vs optax's default 1e-4 differ by 9.9e-3·lr·p.
     (
@@ -245,6 +267,30 @@ OPTIMIZER_TRAPS = [
         ADAM_EPS,
         optax.nadam(1e-2, eps=1e-3),
         "port's updates are torch's adam misread: it uses Nesterov momentum",
+    ),
+    (  # the bias corrections (a user trial: named a learning rate 3.162 times torch's)
+        "adam_without_bias_corrections",
+        ADAM_EPS,
+        _adam_corrected(1e-2, first=False, second=False),
+        "port's updates are torch's adam misread: it leaves out Adam's bias corrections",
+    ),
+    (
+        "adam_without_the_first_moments_bias_correction",
+        ADAM_EPS,
+        _adam_corrected(1e-2, first=False),
+        "port's updates are torch's adam misread: it leaves out the first moment's bias",
+    ),
+    (  # named a learning rate 31.62 times torch's before
+        "adam_without_the_second_moments_bias_correction",
+        ADAM_EPS,
+        _adam_corrected(1e-2, second=False),
+        "port's updates are torch's adam misread: it leaves out the second moment's bias",
+    ),
+    (  # named a learning rate 0.7441 times torch's before
+        "adam_bias_corrections_from_t_plus_1",
+        ADAM_EPS,
+        _adam_corrected(1e-2, ahead=1),
+        "port's updates are torch's adam misread: it counts the bias corrections from t + 1",
     ),
 ]
 
