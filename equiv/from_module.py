@@ -1,8 +1,8 @@
 """Any torch MLP made of ``nn.Linear`` layers and supported activations, as equiv's MLP.
 
-:func:`mlp_from_module` reads an ``nn.Sequential`` (or a module whose ``nn.Linear``
-and activation submodules are registered in the order ``forward`` calls them),
-and returns the :class:`~equiv.spec.MLPSpec` and the parameters under equiv's
+:func:`mlp_from_module` reads an ``nn.Sequential``, or any module whose ``forward``
+calls ``nn.Linear`` layers and activation modules in turn (under any names, in any
+registration order, one activation module shared by every layer), and returns the :class:`~equiv.spec.MLPSpec` and the parameters under equiv's
 names (``fc1.weight``, ...). From there every converter, the JAX function
 (:func:`equiv.jax_mlp.loss_fn`), the hand-derived pass and the harness apply::
 
@@ -10,9 +10,10 @@ names (``fc1.weight``, ...). From there every converter, the JAX function
     jax_params = torch_to_jax(params, layout="flax", spec=spec)
     compare_backends(problem=make_problem(spec, params=params, batch_size=32, steps=3))
 
-Registration order is not proof of call order, so the reading is checked: the
-module's own forward pass and the spec's are run on a probe batch in float64 and
-must agree, or a ``ValueError`` says so. Anything else inside the module (a
+The order is read from the forward's calls on a probe batch (forward hooks), or,
+where the forward cannot be run on one batch, from the registration order. The
+reading is checked: the module's own forward pass and the spec's are run on a probe
+batch in float64 and must agree, or a ``ValueError`` says so. Anything else inside the module (a
 dropout, a norm, a residual connection) is refused with its name.
 
 Example:
@@ -71,7 +72,7 @@ def mlp_from_module(
 
     Args:
       module: an ``nn.Sequential`` or a module whose leaf submodules are Linear
-        layers and supported activations, registered in call order.
+        layers and supported activations, read in the order its forward calls them.
       check: run the module and the spec on a float64 probe batch and require the
         same output (catches a ``forward`` that calls its layers in another order).
 
@@ -85,38 +86,37 @@ def mlp_from_module(
     spec, layers = _read_stack(module, trainable=True)
     params = {name: tensor.clone() for name, tensor in _named(layers, spec).items()}
     if check:
-        _check_forward(module, spec, params)
+        _check_forward(module, spec, params, layers)
     return spec, params
 
 
 def _read_stack(
     module: nn.Module, *, trainable: bool, reorder: bool = False
 ) -> tuple[MLPSpec, list[nn.Linear]]:
-    """The spec and the Linear layers of a Linear stack, in registration order, or
-    the refusal of what equiv's MLP cannot hold; ``trainable`` also refuses frozen
-    parameters (a training check needs them trainable, a copy into them does not).
-    ``reorder``: where no activation module is registered (activations called as
-    functions), the layers in the order the forward calls them (:func:`called_linears`),
-    each called once; the spec's activations are then unknown (identity), which the
-    converters, needing only the parameters, do not read."""
+    """The spec and the Linear layers of a Linear stack, in the order its forward calls
+    them, or the refusal of what equiv's MLP cannot hold; ``trainable`` also refuses
+    frozen parameters (a training check needs them trainable, a copy into them does not).
+
+    The order is read from the forward's calls on a probe batch (:func:`called_leaves`):
+    Linear layers and activation modules alike, so one activation module shared by
+    every layer (``self.act``) and submodules registered in another order than they are
+    called are read as called (found in a user trial: both were refused, where the same
+    model calling ``F.gelu`` converted). An activation called as a function leaves no
+    call: the spec then has none there (identity), which the converters, needing only
+    the parameters, do not read, and :func:`mlp_from_module`'s check refuses. Where the
+    forward cannot be run on one batch, registration order stands in, and ``reorder``
+    (the converters) refuses a stack that registers no activation."""
     if not isinstance(module, nn.Module):
         raise type_error(f"expected a torch.nn.Module, got {type(module).__name__}")
-    layers: list[nn.Linear] = []
-    layer_names: list[str] = []
-    activation_names: list[str] = []
-    activations: list[str] = []
-    fields: dict[str, float] = {}
-    pending: str | None = None
     _refuse_what_the_mlp_lacks(module, trainable=trainable)
+    registered: list[tuple[str, nn.Module]] = []
+    kinds: dict[int, str] = {}
+    fields: dict[str, float] = {}
     for name, child in module.named_modules():
         if list(child.children()):
             continue  # containers: their leaves are visited (a bare Linear is one leaf)
+        registered.append((name, child))
         if isinstance(child, nn.Linear):
-            if layers:
-                activations.append(pending or "identity")
-            layers.append(child)
-            layer_names.append(name)
-            pending = None
             continue
         found = _activation(child)
         if found is None:
@@ -124,79 +124,94 @@ def _read_stack(
                 f"submodule {name!r} is {type(child).__name__}, which equiv cannot express; "
                 f"supported: {SUPPORTED}"
             )
-        act, params = found
-        activation_names.append(name)
-        if not layers or pending is not None:
-            where = "before the first Linear" if not layers else "right after another activation"
-            raise value_error(
-                f"activation {name!r} ({act}) comes {where} in registration order; "
-                "equiv reads submodules in the order they are registered (assigned in "
-                "__init__), and its MLP has exactly one activation between consecutive "
-                "Linear layers: register each Linear and its activation in call order, or "
-                "write the model as an nn.Sequential"
-            )
+        kinds[id(child)], params = found
         for field, value in params.items():
             if fields.setdefault(field, value) != value:
                 raise value_error(
                     f"{field} differs between layers ({fields[field]} and {value} "
                     f"at {name!r}); equiv's MLPSpec holds one value"
                 )
-        pending = act
-    if not layers:
+    linears = [m for _, m in registered if isinstance(m, nn.Linear)]
+    if not linears:
         raise value_error(f"found no nn.Linear in {type(module).__name__}")
-    if reorder and not activation_names and len(layers) > 1 and _has_forward(module):
-        # Activations called as functions (F.relu): nothing registered between the
-        # layers says their order, so the forward's calls do (found in a user trial:
-        # encoder/head layers with F.relu in forward could not be converted at all).
-        # Where they cannot say it, nothing else can: refused (found in review: a
-        # forward taking more than x, or calling a layer twice, fell back silently to
-        # registration order, whose output check cannot run without the activations).
-        called = called_linears(module)
-        if called is None:
-            raise value_error(
-                f"{type(module).__name__} registers no activation module (activations "
-                "called as functions), so equiv reads its layers' order from the calls of "
-                "its forward on a probe batch, which cannot be run on one batch x: wrap it "
-                "in a module whose forward takes x alone, or write it as an nn.Sequential"
-            )
-        order = [name for name, _ in called]
-        if sorted(map(id, (m for _, m in called))) != sorted(map(id, layers)):
+    calls = called_leaves(module) if len(registered) > 1 else None
+    if calls is not None:
+        called = [m for _, m in calls if isinstance(m, nn.Linear)]
+        if sorted(map(id, called)) != sorted(map(id, linears)):
+            order = ", ".join(n for n, m in calls if isinstance(m, nn.Linear))
+            registered_names = ", ".join(n for n, m in registered if isinstance(m, nn.Linear))
             raise value_error(
                 f"{type(module).__name__}'s forward calls its Linear layers as "
-                f"{', '.join(order) or 'none'}, not each of {', '.join(layer_names)} once: "
-                "equiv's MLP calls each layer once, in order"
+                f"{order or 'none'}, not each of {registered_names} once: equiv's MLP calls "
+                "each layer once, in order"
             )
-        layer_names, layers = order, [m for _, m in called]
-    if pending is not None and len(activation_names) == 1 and len(layers) > 2:
+    elif reorder and not kinds and len(linears) > 1 and _has_forward(module):
+        # Activations called as functions and a forward that cannot be run: nothing
+        # says the layers' order (found in review: a forward taking more than x, or
+        # calling a layer twice, fell back silently to registration order).
+        raise value_error(
+            f"{type(module).__name__} registers no activation module (activations "
+            "called as functions), so equiv reads its layers' order from the calls of "
+            "its forward on a probe batch, which cannot be run on one batch x: wrap it "
+            "in a module whose forward takes x alone, or write it as an nn.Sequential"
+        )
+    order = "the order its forward calls them" if calls is not None else "registration order"
+    layers: list[nn.Linear] = []
+    layer_names: list[str] = []
+    activation_names: list[str] = []
+    activations: list[str] = []
+    pending: str | None = None
+    for name, child in calls if calls is not None else registered:
+        if isinstance(child, nn.Linear):
+            if layers:
+                activations.append(pending or "identity")
+            layers.append(child)
+            layer_names.append(name)
+            pending = None
+            continue
+        act = kinds[id(child)]
+        activation_names.append(name)
+        if not layers or pending is not None:
+            where = "before the first Linear" if not layers else "right after another activation"
+            raise value_error(
+                f"activation {name!r} ({act}) comes {where} in {order}; its MLP has "
+                "exactly one activation between consecutive Linear layers"
+                + (
+                    ""
+                    if calls is not None
+                    else ": register each Linear and its activation in call order, or write "
+                    "the model as an nn.Sequential"
+                )
+            )
+        pending = act
+    if calls is None and pending is not None and len(set(activation_names)) == 1 < len(layers) - 1:
         raise value_error(
             f"{type(module).__name__} registers one activation module "
             f"({activation_names[0]!r}) for {len(layers)} Linear layers: a forward that "
-            "reuses it between every pair cannot be read from the registered submodules, "
-            "which equiv reads in registration order (it found the activation after "
-            f"{layer_names[-1]!r}, the last Linear). Write the model as an nn.Sequential "
-            "with one activation between consecutive Linear layers; or, with Linear layers "
-            "named fc1, fc2, ..., pass spec=equiv.MLPSpec(...) to check_jax_port or "
-            "check_manual_backward"
+            "reuses it between every pair is read from its calls on a probe batch, and this "
+            "forward cannot be run on one batch x; registration order found the activation "
+            f"after {layer_names[-1]!r}, the last Linear. Write the model as an "
+            "nn.Sequential with one activation between consecutive Linear layers"
         )
     if pending is not None:
         raise value_error(
-            "the last submodule registered is an activation, after the last Linear layer; "
-            "equiv reads submodules in registration order, and its MLP ends with a Linear "
-            "layer (put a final activation in the loss instead). If your forward reuses one "
-            "activation module between layers (one self.relu for all), or calls the layers "
-            "in another order than they are registered, write the model as an "
-            "nn.Sequential; or, with Linear layers named fc1, fc2, ..., pass "
-            "spec=equiv.MLPSpec(...) to check_jax_port or check_manual_backward"
+            f"an activation comes after the last Linear layer in {order}; equiv's MLP "
+            "ends with a Linear layer (put a final activation in the loss instead)"
+            + (
+                ""
+                if calls is not None
+                else ". If your forward reuses one activation module between layers, or "
+                "calls the layers in another order than they are registered, write the model "
+                "as an nn.Sequential"
+            )
         )
     sizes = [layers[0].in_features]
     for i, layer in enumerate(layers):
         if layer.in_features != sizes[-1]:
             raise value_error(
                 f"Linear {layer_names[i]!r} takes {layer.in_features} inputs but "
-                f"{layer_names[i - 1]!r}, registered before it, gives {sizes[-1]}; equiv reads "
-                "the Linear layers in the order they are registered (assigned in __init__), "
-                "and calls them in that order: register them in call order, or write the "
-                "model as an nn.Sequential"
+                f"{layer_names[i - 1]!r}, before it in {order}, gives {sizes[-1]}: equiv's "
+                "MLP calls each layer on the output of the one before it"
             )
         sizes.append(layer.out_features)
     biases = {layer.bias is not None for layer in layers}
@@ -408,7 +423,7 @@ def forward_mismatch(
     or the gradients of a random projection of it: a forward that detaches, or scales
     by a constant, matches the output but not the gradients), or None. ``names``: the
     module's parameter names for ``spec.param_names()``, in that order; by default its
-    Linear layers' in registration order (how :func:`mlp_from_module` reads them)."""
+    Linear layers' in registration order."""
     from equiv.torch_mlp import torch_mlp_with_params  # no import cycle at module level
 
     probe, projection = _probe_batch(spec)
@@ -470,32 +485,33 @@ def _runnable(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)
 
 
-def called_linears(module: nn.Module) -> list[tuple[str, nn.Linear]] | None:
-    """The ``nn.Linear`` submodules in the order ``module``'s forward calls them, with
-    their names, recorded by forward hooks on a probe batch (no gradients, every
-    submodule in eval mode for the call and its mode restored after); a layer called
-    twice appears twice. None where the module cannot be run on one batch of any of
-    its layers' input widths (a forward that takes more than ``x``, say): the order
-    is then unknown. Activations called as functions (``F.relu``) do not hide it.
+def called_leaves(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The leaf submodules (Linear layers, activations, ...) in the order ``module``'s
+    forward calls them, with their names, recorded by forward hooks on a probe batch
+    (no gradients, every submodule in eval mode for the call and its mode restored
+    after); a module called twice appears twice. None where the module cannot be run on
+    one batch of any of its layers' input widths (a forward that takes more than ``x``,
+    say): the order is then unknown. Activations called as functions leave no call.
 
     >>> class Net(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
-    ...         self.head, self.body = nn.Linear(8, 2), nn.Linear(4, 8)
+    ...         self.head, self.body, self.act = nn.Linear(8, 2), nn.Linear(4, 8), nn.Tanh()
     ...     def forward(self, x):
-    ...         return self.head(torch.relu(self.body(x)))
-    >>> [name for name, _ in called_linears(Net())]
-    ['body', 'head']
+    ...         return self.head(self.act(self.body(x)))
+    >>> [name for name, _ in called_leaves(Net())]
+    ['body', 'act', 'head']
     """
-    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    leaves = [(n, m) for n, m in module.named_modules() if not list(m.children())]
+    linears = [m for _, m in leaves if isinstance(m, nn.Linear)]
     if not _has_forward(module) or not linears:
         return None
     runner = _runnable(module)
-    names = {id(m): n for n, m in linears}
-    calls: list[nn.Linear] = []
-    hooks = [m.register_forward_hook(lambda m, args, out: calls.append(m)) for _, m in linears]
+    names = {id(m): n for n, m in leaves}
+    calls: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: calls.append(m)) for _, m in leaves]
     modes = {m: m.training for m in runner.modules()}
-    weight = linears[0][1].weight
+    weight = linears[0].weight
     generator = torch.Generator().manual_seed(0)
     # The caller's random stream is left as it was (a forward may draw: F.dropout), and
     # eval mode is set and restored flag by flag, calling no train() override.
@@ -504,7 +520,7 @@ def called_linears(module: nn.Module) -> list[tuple[str, nn.Linear]] | None:
         with torch.random.fork_rng(devices=devices):
             for m in modes:
                 m.training = False
-            for width in dict.fromkeys(m.in_features for _, m in linears):
+            for width in dict.fromkeys(m.in_features for m in linears):
                 calls.clear()
                 probe = torch.randn(2, width, generator=generator, dtype=torch.float64)
                 try:
@@ -519,6 +535,23 @@ def called_linears(module: nn.Module) -> list[tuple[str, nn.Linear]] | None:
             hook.remove()
         for m, training in modes.items():
             m.training = training
+
+
+def called_linears(module: nn.Module) -> list[tuple[str, nn.Linear]] | None:
+    """The ``nn.Linear`` submodules in the order ``module``'s forward calls them
+    (:func:`called_leaves`), or None where that cannot be read.
+
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.head, self.body = nn.Linear(8, 2), nn.Linear(4, 8)
+    ...     def forward(self, x):
+    ...         return self.head(torch.relu(self.body(x)))
+    >>> [name for name, _ in called_linears(Net())]
+    ['body', 'head']
+    """
+    calls = called_leaves(module)
+    return None if calls is None else [(n, m) for n, m in calls if isinstance(m, nn.Linear)]
 
 
 def registers_activations(module: nn.Module) -> bool:
@@ -556,27 +589,42 @@ def check_named_call_order(module: nn.Module) -> None:
         )
 
 
-def _check_forward(module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor]) -> None:
-    """Refuse a module whose forward pass is not the MLP read from its submodules."""
+def _check_forward(
+    module: nn.Module, spec: MLPSpec, params: dict[str, torch.Tensor], layers: list[nn.Linear]
+) -> None:
+    """Refuse a module whose forward pass is not the MLP read from its submodules
+    (``layers``, in the order read)."""
     if not _has_forward(module):
         raise value_error(
             f"{type(module).__name__} has no forward pass to check (an nn.ModuleList or "
             "nn.ModuleDict only holds layers): wrap them in nn.Sequential(*layers), or pass "
             "check=False to take the layers in registration order"
         )
-    mismatch = forward_mismatch(module, spec, params)
+    where = {id(layer): name for name, layer in module.named_modules()}
+    names = [
+        f"{where[id(layer)]}.{kind}" if where[id(layer)] else kind
+        for layer in layers
+        for kind in ("weight", "bias")
+        if getattr(layer, kind) is not None
+    ]
+    mismatch = forward_mismatch(module, spec, params, names=names)
     if mismatch is None:
         return
-    functional = (
-        " No activation module was found: activations called as functions in forward "
-        "(F.relu, torch.tanh) are not submodules and cannot be read; use modules (nn.ReLU())."
-        if spec.num_layers > 1 and set(spec.activations) == {"identity"}
-        else ""
-    )
+    functional = ""
+    if spec.num_layers > 1 and "identity" in spec.activations:
+        functional = (
+            " Between some of its layers the forward calls no activation module (one it "
+            "registers goes unused there): a function called there (F.relu, torch.tanh) is "
+            "not a submodule and cannot be read; use modules (nn.ReLU())."
+            if registers_activations(module)
+            else " No activation module was found: activations called as functions in "
+            "forward (F.relu, torch.tanh) are not submodules and cannot be read; use "
+            "modules (nn.ReLU())."
+        )
     raise value_error(
         f"the module's forward pass is not its Linear layers and activations applied in "
-        f"registration order: run on a float64 probe batch, {mismatch} (a forward that "
-        f"calls them in another order, detaches, or does more).{functional} Write it as an "
+        f"the order it calls them: run on a float64 probe batch, {mismatch} (a forward "
+        f"that detaches, or does more).{functional} Write it as an "
         "nn.Sequential; or, with Linear layers named fc1, fc2, ..., pass "
         "spec=equiv.MLPSpec(...) to check_jax_port or check_manual_backward; or pass "
         "check=False if you are sure"

@@ -1,5 +1,7 @@
 """mlp_from_module: any torch Linear stack as equiv's MLP, checked, or a clear refusal."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -176,12 +178,12 @@ def _weight_norm() -> nn.Module:
         ),
         (
             nn.Sequential(nn.Linear(3, 3), nn.ReLU()),
-            "the last submodule registered is an activation, after the last Linear",
+            "an activation comes after the last Linear layer in the order its forward calls them",
         ),
         (
             nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(3, 1)),
-            "Linear '2' takes 3 inputs but '0', registered before it, gives 4; equiv reads "
-            "the Linear layers in the order they are registered",
+            # The forward cannot run, so registration order stands in.
+            "Linear '2' takes 3 inputs but '0', before it in registration order, gives 4",
         ),
         (
             nn.Sequential(
@@ -196,7 +198,6 @@ def _weight_norm() -> nn.Module:
         (Reordered(), "forward pass is not its Linear layers and activations applied in"),
         (_reused(), "Linear '2' is the same module as '0'"),
         (_tied(), "parameters '0.weight' and '2.weight' share memory (tied weights)"),
-        (SharedActivation(), "registers one activation module ('act') for 3 Linear layers"),
         (_tied_transposed(), "parameters '0.weight' and '2.weight' share memory"),
         (Scaled(), "parameter 'scale' belongs to no nn.Linear"),
         (_frozen(), "parameter '0.weight' is frozen (requires_grad=False)"),
@@ -225,7 +226,6 @@ def _weight_norm() -> nn.Module:
         "reordered",
         "reused-layer",
         "tied-weights",
-        "shared-activation",
         "tied-transposed",
         "extra-parameter",
         "frozen",
@@ -266,9 +266,10 @@ def test_activations_called_as_functions_are_named_as_the_likely_reason():
         mlp_from_module(Functional())
     assert "No activation module was found: activations called as functions" in str(error.value)
     assert "pass spec=equiv.MLPSpec(...) to check_jax_port" in str(error.value)
-    with pytest.raises(ValueError) as error:  # the twin: a module, in the wrong order
+    with pytest.raises(ValueError) as error:  # the twin: a module, left unused
         mlp_from_module(Reordered())
     assert "No activation module was found" not in str(error.value)
+    assert "calls no activation module (one it registers goes unused" in str(error.value)
 
 
 def test_not_a_module_is_a_type_error():
@@ -305,17 +306,85 @@ def test_copying_into_a_frozen_stack_needs_no_float64_copy(monkeypatch):
     monkeypatch.setattr("equiv.from_module.copy.deepcopy", _no_copy)
     jax_to_torch(torch_to_jax(source), out=net)
     assert torch.equal(net[2].weight, source[2].weight) and not net[2].weight.requires_grad
-    # The twins: a training check still refuses the frozen model; a forward that calls
-    # its square layers out of registration order is still refused, nothing copied.
+    # The twin: a training check still refuses the frozen model.
     monkeypatch.undo()
     with pytest.raises(ValueError, match="is frozen"):
         mlp_from_module(net)
+
+
+def test_square_layers_called_out_of_registration_order_are_copied_in_call_order():
+    # Registered a, b, called b, a: fc1 is b. Before, the stack was read in registration
+    # order and such a module refused; its calls are read now (activation modules too).
+    # The twin: the copy computes what the source computes, which fc1 into a would not.
+    from equiv.convert import jax_to_torch, torch_to_jax
+
+    torch.manual_seed(0)
     swapped = _Swapped()
-    before = swapped.a.weight.clone()
     square = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="not its Linear layers and activations applied in"):
-        jax_to_torch(torch_to_jax(square), out=swapped)
-    assert torch.equal(swapped.a.weight, before)
+    jax_to_torch(torch_to_jax(square), out=swapped)
+    assert torch.equal(swapped.b.weight, square[0].weight)
+    assert torch.equal(swapped.a.weight, square[2].weight)
+    x = torch.randn(3, 4)
+    assert torch.equal(swapped(x), square(x))
+
+
+class _SharedNamed(nn.Module):
+    """One activation module for every layer, under names of its own (a user trial)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.hidden, self.head = nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.head(self.act(self.hidden(self.act(self.encoder(x)))))
+
+
+class _HeadFirst(nn.Module):
+    """The head registered before the body, an activation module between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.body, self.act = nn.Linear(8, 2), nn.Linear(4, 8), nn.Tanh()
+
+    def forward(self, x):
+        return self.head(self.act(self.body(x)))
+
+
+@pytest.mark.parametrize(
+    "make, sizes, acts",
+    [
+        (SharedActivation, (3, 3, 3, 1), ("relu", "relu")),
+        (_SharedNamed, (4, 16, 16, 2), ("gelu", "gelu")),
+        (_HeadFirst, (4, 8, 2), ("tanh",)),
+    ],
+)
+def test_activation_modules_are_read_in_call_order(make, sizes, acts, equiv_seed):
+    # Found in a user trial: one activation module shared by every layer, or layers
+    # registered in another order than called, were refused, where the same model
+    # calling F.gelu converted. The twin: a forward that cannot be run on one batch
+    # leaves registration order, which cannot read a shared module.
+    torch.manual_seed(equiv_seed)
+    model = make()
+    spec, params = mlp_from_module(model)
+    assert spec.sizes == sizes and spec.activations == acts
+    x, y = torch.randn(6, sizes[0]), torch.randn(6, sizes[-1])
+    grad_fn = functools.partial(_manual_grads, spec=spec)
+    equiv.check_manual_backward(model, grad_fn, x, y).assert_agree()
+
+
+def _manual_grads(params, x, y, spec):
+    return equiv.manual.loss_and_grads(params, x, y, spec)
+
+
+class _SharedTwoInputs(SharedActivation):
+    def forward(self, x, mask):
+        return super().forward(x) * mask
+
+
+def test_a_shared_activation_in_a_forward_that_cannot_run_is_refused():
+    with pytest.raises(ValueError, match="registers one activation module \\('act'\\)"):
+        mlp_from_module(_SharedTwoInputs())
 
 
 def _no_copy(*args, **kwargs):
