@@ -2,8 +2,9 @@
 
 :func:`mlp_from_module` reads an ``nn.Sequential``, or any module whose ``forward``
 calls ``nn.Linear`` layers and activation modules in turn (under any names, in any
-registration order, one activation module shared by every layer), and returns the :class:`~equiv.spec.MLPSpec` and the parameters under equiv's
-names (``fc1.weight``, ...). From there every converter, the JAX function
+registration order, one activation module shared by every layer), and returns the
+:class:`~equiv.spec.MLPSpec` and the parameters under equiv's names (``fc1.weight``,
+...). From there every converter, the JAX function
 (:func:`equiv.jax_mlp.loss_fn`), the hand-derived pass and the harness apply::
 
     spec, params = mlp_from_module(my_model)
