@@ -153,8 +153,9 @@ NESTEROV = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, nesterov=True)
 ADAM_EPS = OptimizerSpec("adam", learning_rate=1e-2, eps=1e-3)
 
 
-def _keras_adam(learning_rate, b1=0.9, b2=0.999, eps=1e-7):
-    """Adam as Keras writes it, by hand: ``lr·√(1-β₂ᵗ)/(1-β₁ᵗ) · m/(√v + ε)``."""
+def _hand_adam(step, b1=0.9, b2=0.999):
+    """Adam's moments by hand, the update ``step(m, v, t)`` for each leaf: the ways a
+    port writes Adam's division (below)."""
 
     def init(params):
         zeros = optax.tree.zeros_like(params)
@@ -165,10 +166,18 @@ def _keras_adam(learning_rate, b1=0.9, b2=0.999, eps=1e-7):
         t = t + 1
         m = optax.tree.update_moment(grads, m, b1, 1)
         v = optax.tree.update_moment_per_elem_norm(grads, v, b2, 2)
-        alpha = learning_rate * jnp.sqrt(1 - b2**t) / (1 - b1**t)
-        return jax.tree.map(lambda m, v: -alpha * m / (jnp.sqrt(v) + eps), m, v), (m, v, t)
+        return jax.tree.map(lambda m, v: step(m, v, t), m, v), (m, v, t)
 
     return optax.GradientTransformation(init, update)
+
+
+def _keras_adam(learning_rate, b1=0.9, b2=0.999, eps=1e-7):
+    """Adam as Keras writes it, by hand: ``lr·√(1-β₂ᵗ)/(1-β₁ᵗ) · m/(√v + ε)``."""
+
+    def step(m, v, t):
+        return -learning_rate * jnp.sqrt(1 - b2**t) / (1 - b1**t) * m / (jnp.sqrt(v) + eps)
+
+    return _hand_adam(step, b1, b2)
 
 
 def _adam_corrected(learning_rate, first=True, second=True, ahead=0, b1=0.9, b2=0.999, eps=1e-3):
@@ -176,21 +185,12 @@ def _adam_corrected(learning_rate, first=True, second=True, ahead=0, b1=0.9, b2=
     and counted from ``t + ahead`` (found in a user trial: a port without them was
     said to have a learning rate 3.162 times torch's)."""
 
-    def init(params):
-        zeros = optax.tree.zeros_like(params)
-        return zeros, zeros, jnp.zeros([], jnp.int32)
-
-    def update(grads, state, params=None):
-        m, v, t = state
-        t = t + 1
-        m = optax.tree.update_moment(grads, m, b1, 1)
-        v = optax.tree.update_moment_per_elem_norm(grads, v, b2, 2)
+    def step(m, v, t):
         c1 = 1 - b1 ** (t + ahead) if first else 1.0
         c2 = 1 - b2 ** (t + ahead) if second else 1.0
-        step = jax.tree.map(lambda m, v: -learning_rate * (m / c1) / (jnp.sqrt(v / c2) + eps), m, v)
-        return step, (m, v, t)
+        return -learning_rate * (m / c1) / (jnp.sqrt(v / c2) + eps)
 
-    return optax.GradientTransformation(init, update)
+    return _hand_adam(step, b1, b2)
 
 
 OPTIMIZER_TRAPS = [
