@@ -315,13 +315,15 @@ def own_names(module: nn.Module) -> dict[str, str]:
 #: How far a module's output on the probe batch may be from the spec's run on its own
 #: tensors, relative: both compute the same products in the module's dtype and may
 #: sum them in another order (about c·√k·u ≈ 3e-5 per layer in float32 at k = 4096),
-#: while a layer called out of registration order changes the output by O(1).
+#: while a forward that does more than the stack read (a scale, a skipped or extra
+#: activation) changes the output by O(1).
 _CALL_ORDER_MATCH = 1e-3
 
 
 def _check_call_order(module: nn.Module, spec: MLPSpec, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse a module whose forward does not call its layers in registration order,
-    run once on a small probe batch in the module's own dtype, without copying its
+    """Refuse a module whose forward is not the stack :func:`_read_stack` read (in the
+    order of its calls, or registration order where they cannot be read), run once on
+    a small probe batch in the module's own dtype, without copying its
     parameters (found in review: the float64 check of :func:`mlp_from_module` took 11
     times a 64 MiB model's memory to copy weights into it)."""
     from equiv.manual import forward  # no import cycle at module level
@@ -337,7 +339,7 @@ def _check_call_order(module: nn.Module, spec: MLPSpec, tensors: dict[str, torch
     if theirs.shape != ours.shape or float((theirs - ours).abs().max()) > _CALL_ORDER_MATCH * scale:
         raise value_error(
             f"{type(module).__name__}'s forward pass is not its Linear layers and "
-            "activations applied in registration order (run on a probe batch, its output "
+            "activations applied in the order read (run on a probe batch, its output "
             "differs), so equiv cannot tell which of its layers is fc1, fc2, ...: write it "
             "as an nn.Sequential, or copy into it with load_state_dict under its own names"
         )
