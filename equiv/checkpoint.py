@@ -39,6 +39,7 @@ import collections
 import dataclasses
 import os
 import pickle
+import re
 import struct
 import warnings
 from collections.abc import Iterable, Mapping
@@ -215,11 +216,31 @@ def _load_state(
     contiguous copies, or (``contiguous=False``) as views of the file's tensors.
     ``own`` renames a torch-layout file's keys that are a module's own names
     (:func:`equiv.from_module.own_names`) to equiv's."""
-    flat, layout = _read(path, file_layout, entry)
+    # A module's own names settle which layer each entry is (by its calls), never
+    # the entries' numbers.
+    renamed: dict[str, str] = {}
+    flat, layout = _read(path, file_layout, entry, numbered=not own, renamed=renamed)
     if own and layout.name == "torch":
         prefix = _outer_prefix([key for (key,) in flat], own)
         flat = {(own.get(key[len(prefix) :], key),): tensor for (key,), tensor in flat.items()}
-    spec = check_entries(flat, layout, spec, what=f"checkpoint {os.fspath(path)}")
+    try:
+        spec = check_entries(flat, layout, spec, what=f"checkpoint {os.fspath(path)}")
+    except ValueError as error:
+        if not renamed:
+            raise
+        pairs = ", ".join(f"{old!r} as {new}" for new, old in list(renamed.items())[:4])
+        numbered = _numbered_stack(list(renamed.values())) is not None
+        raise value_error(
+            f"{str(error).removeprefix(PREFIX)}\nIts entries were read under the layout's "
+            f"names ({pairs}{', ...' if len(renamed) > 4 else ''})"
+            + (
+                "; an nn.Sequential's are read in the order of their indices. A module "
+                "whose layers run in another order reads its file with "
+                "equiv.load_torch(path, out=module)"
+                if numbered
+                else ""
+            )
+        ) from None
     state = {}
     for key, tensor in flat.items():
         name = layout.torch_name(key)
@@ -506,10 +527,16 @@ def load_jax(
 
 
 def _read(
-    path: PathLike, file_layout: str | Layout | None, entry: str | None = None
+    path: PathLike,
+    file_layout: str | Layout | None,
+    entry: str | None = None,
+    numbered: bool = True,
+    renamed: dict[str, str] | None = None,
 ) -> tuple[dict, Layout]:
     """The file's tensors keyed by ``(file key,)``, and the layout they are in, as
-    the file holds it (:func:`_keyed`)."""
+    the file holds it (:func:`_keyed`); ``numbered`` is :func:`_foreign_keys`'s.
+    ``renamed``, where given, receives each key :func:`_foreign_keys` read under
+    another name: ``{name read: the file's key}``."""
     kind = _kind(path, _SAFETENSORS + _PICKLES)
     shown = os.fspath(path)
     if os.path.isdir(shown):
@@ -520,7 +547,7 @@ def _read(
     if kind in _PICKLES:
         # A pickle records no layout: its names are read in the one the caller names.
         layout = _keyed(given or LAYOUTS["torch"])
-        tensors = _foreign_keys(_read_pickle(shown, entry), layout)
+        tensors = _foreign_keys(_read_pickle(shown, entry), layout, numbered, renamed)
         return {(n,): t for n, t in tensors.items()}, layout
     if entry is not None:
         raise value_error(
@@ -552,24 +579,95 @@ def _read(
         )
     layout = _keyed(recorded or given or LAYOUTS["torch"])
     if recorded is None:
-        tensors = _foreign_keys(tensors, layout)
+        tensors = _foreign_keys(tensors, layout, numbered, renamed)
     return {(key,): t for key, t in tensors.items()}, layout
 
 
-def _foreign_keys(tensors: dict[str, Any], layout: Layout) -> dict[str, Any]:
-    """A file's keys as ``layout`` (keyed) names them, where another tool joined a
-    tree's keys with ``/`` (``flax.traverse_util.flatten_dict(sep="/")``) or wrote a
-    flax variables dict whole (``params.Dense_0.kernel``), and no key is the layout's as
-    it stands; otherwise the keys as they are. Both are read only when every key then
-    is the layout's (found in a user trial: no file_layout could read such a file)."""
-    if any(layout.torch_name((key,)) for key in tensors):
+def _foreign_keys(
+    tensors: dict[str, Any],
+    layout: Layout,
+    numbered: bool = True,
+    renamed: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A file's keys as ``layout`` (keyed) names them, where no key is the layout's as
+    it stands but one reading makes every key one; otherwise the keys as they are.
+
+    The readings: keys another tool joined with ``/``
+    (``flax.traverse_util.flatten_dict(sep="/")``); one prefix every key shares, up to a
+    ``.`` (a flax variables dict written whole, ``params.Dense_0.kernel``; a module that
+    holds the MLP, ``model.fc1.weight``); and, in the torch layout with ``numbered``,
+    the state_dict of an ``nn.Sequential`` or ``nn.ModuleList`` of Linear layers
+    (:func:`_numbered_stack`). Found in user trials: no ``file_layout`` could read
+    such files.
+
+    >>> t = dict.fromkeys(["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"])
+    >>> list(_foreign_keys(t, _keyed(LAYOUTS["torch"])))
+    ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
+    >>> list(_foreign_keys(dict.fromkeys(["net.Dense_0/kernel"]), _keyed(LAYOUTS["flax"])))
+    ['Dense_0.kernel']
+    """
+    names = _layout_names(list(tensors), layout, numbered)
+    if names is None:
         return tensors
-    renamed = {key.replace("/", "."): tensor for key, tensor in tensors.items()}
-    if renamed and all(key.startswith("params.") for key in renamed):
-        renamed = {key.removeprefix("params."): tensor for key, tensor in renamed.items()}
-    if renamed and all(layout.torch_name((key,)) for key in renamed):
-        return renamed
-    return tensors
+    if renamed is not None:
+        renamed.update(zip(names, tensors, strict=True))
+    return dict(zip(names, tensors.values(), strict=True))
+
+
+def _layout_names(keys: list[str], layout: Layout, numbered: bool) -> list[str] | None:
+    """The names :func:`_foreign_keys` reads ``keys`` under, or None to read them as
+    they are."""
+    if not keys or any(layout.torch_name((key,)) for key in keys):
+        return None
+    for joined in (keys, [key.replace("/", ".") for key in keys]):
+        for prefix in _shared_prefixes(joined):
+            names = [key[len(prefix) :] for key in joined]
+            if all(layout.torch_name((name,)) for name in names):
+                return names
+    if numbered and layout.name == "torch":
+        return _numbered_stack(keys)
+    return None
+
+
+def _shared_prefixes(keys: list[str]) -> list[str]:
+    """The prefixes up to a ``.`` that every key has, longest last, ``""`` first.
+
+    >>> _shared_prefixes(["a.b.c", "a.b.d"])
+    ['', 'a.', 'a.b.']
+    """
+    common = os.path.commonprefix(keys)
+    return [""] + [common[: i + 1] for i, char in enumerate(common) if char == "."]
+
+
+def _numbered_stack(keys: list[str]) -> list[str] | None:
+    """equiv's names (``fc1.weight``...) for the keys of an ``nn.Sequential``'s (or
+    ``nn.ModuleList``'s) state_dict of Linear layers, or None if ``keys`` are not one.
+
+    Such a file names each layer by its index in the container, under one prefix
+    (``0.weight``, ``2.weight`` with activations between; ``layers.0.weight``): the
+    indices in increasing order are the order in which a Sequential calls its layers.
+    Every key must be ``{prefix}{index}.weight`` or ``.bias`` under the same prefix,
+    each index holding a weight; the shapes are checked after (each layer's input
+    width is the one before's output). A ModuleList called in another order needs the
+    module: ``load_torch(path, out=module)`` matches by its calls.
+
+    >>> _numbered_stack(["0.weight", "0.bias", "2.weight", "10.weight"])
+    ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc3.weight']
+    >>> _numbered_stack(["a.0.weight", "b.1.weight"]) is None  # two prefixes
+    True
+    """
+    found = [_NUMBERED.fullmatch(key) for key in keys]
+    if not all(found) or len({m[1] for m in found}) != 1:
+        return None
+    indices = sorted({int(m[2]) for m in found})
+    if {int(m[2]) for m in found if m[3] == "weight"} != set(indices):
+        return None  # a bias without its weight: not a Linear layer
+    layer = {index: i for i, index in enumerate(indices, 1)}
+    return [f"fc{layer[int(m[2])]}.{m[3]}" for m in found]
+
+
+#: A Linear layer's entry in a Sequential's state_dict: prefix, index, kind.
+_NUMBERED = re.compile(r"((?:.*\.)?)(\d+)\.(weight|bias)")
 
 
 def _format(path: str) -> str | None:

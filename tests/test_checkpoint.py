@@ -483,13 +483,98 @@ def test_loading_copies_once_and_adopts_the_file_only_when_asked(tmp_path, monke
 
 
 def test_a_file_of_other_names_says_what_it_holds_and_what_to_do(tmp_path):
-    path = tmp_path / "seq.pt"
-    torch.save(torch.nn.Sequential(torch.nn.Linear(3, 2)).state_dict(), path)
+    path = tmp_path / "own.pt"
+    layer = torch.nn.Linear(3, 2)
+    torch.save({"head.weight": layer.weight, "head.bias": layer.bias}, path)
     with pytest.raises(ValueError) as info:
         load_torch(path)
     text = str(info.value)
     assert text.startswith(f"[equiv] checkpoint {path}: none of its 2 entries is a parameter")
-    assert "found '0.weight', '0.bias'" in text and "load_torch(path, out=module)" in text
+    assert "found 'head.weight', 'head.bias'" in text and "load_torch(path, out=module)" in text
+
+
+def _save_either(state: dict, path) -> None:
+    if path.suffix == ".pt":
+        torch.save(state, path)
+    else:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("prefix", ["", "layers.", "model.net."])
+def test_a_sequentials_state_dict_file_reads_without_the_module(tmp_path, suffix, prefix):
+    # Found in a user trial: torch.save(seq.state_dict()) ('0.weight', '2.weight': the
+    # activations between hold no parameters) was refused without the module itself.
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(
+        torch.nn.Linear(5, 4),
+        torch.nn.Tanh(),
+        torch.nn.Linear(4, 3),
+        torch.nn.Tanh(),
+        torch.nn.Linear(3, 2),
+    )
+    path = tmp_path / f"seq{suffix}"
+    _save_either({prefix + k: v for k, v in seq.state_dict().items()}, path)
+    expected = {
+        f"fc{i}.{kind}": getattr(seq[j], kind)
+        for i, j in ((1, 0), (2, 2), (3, 4))
+        for kind in ("weight", "bias")
+    }
+    assert_states_identical(load_torch(path), expected)
+    flax = load_jax(path)
+    for i, j in ((1, 0), (2, 2), (3, 4)):  # indices 0, 2, 4 are layers 1, 2, 3
+        np.testing.assert_array_equal(flax[f"Dense_{i - 1}"]["kernel"], seq[j].weight.detach().T)
+
+
+@pytest.mark.parametrize(
+    ("keys", "found"),
+    [
+        (("0.weight", "1.weight"), "'0.weight' as fc1.weight, '1.weight' as fc2.weight"),
+        (("0.weight", "1.bias"), "found '0.weight', '1.bias'"),  # a bias without a weight
+        (("a.0.weight", "b.1.weight"), "found 'a.0.weight', 'b.1.weight'"),  # two prefixes
+    ],
+)
+def test_numbered_entries_that_are_no_sequential_are_refused(tmp_path, keys, found):
+    # The twins of the test above: a ModuleList called last-first (its indices out of
+    # call order: the shapes do not chain), a bias alone, entries under two prefixes.
+    first, second = torch.nn.Linear(5, 3), torch.nn.Linear(3, 2)
+    tensors = [second.weight, first.bias if "bias" in keys[1] else first.weight]
+    torch.save(dict(zip(keys, tensors, strict=True)), tmp_path / "m.pt")
+    with pytest.raises(ValueError) as info:
+        load_jax(tmp_path / "m.pt")
+    assert found in str(info.value), str(info.value)
+
+
+def test_a_modulelist_file_loads_by_the_modules_calls_not_its_indices(tmp_path):
+    # With out=module, the module's calls say which layer is which: a ModuleList run
+    # last-first is read that way, where the indices alone would be refused above.
+    class Reversed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(3, 2), torch.nn.Linear(5, 3)])
+
+        def forward(self, x):
+            return self.layers[0](torch.tanh(self.layers[1](x)))
+
+    torch.manual_seed(0)
+    source, target = Reversed(), Reversed()
+    torch.save(source.state_dict(), tmp_path / "m.pt")
+    load_torch(tmp_path / "m.pt", out=target)
+    assert_states_identical(target.state_dict(), source.state_dict())
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_file_of_a_module_holding_equivs_names_reads_under_its_prefix(tmp_path, suffix):
+    # Found in a user trial: model.fc1.weight (a Lightning module's self.model) was read
+    # only with out=. The twin: names under two prefixes are not one module's.
+    state = random_state(SPEC, 0)
+    path = tmp_path / f"held{suffix}"
+    _save_either({f"model.{k}": v for k, v in state.items()}, path)
+    assert_states_identical(load_torch(path), state)
+    np.testing.assert_array_equal(load_jax(path)["Dense_1"]["bias"], state["fc2.bias"])
+    _save_either({f"{'ab'[i % 2]}.{k}": v for i, (k, v) in enumerate(state.items())}, path)
+    with pytest.raises(ValueError, match="none of its 4 entries is a parameter"):
+        load_torch(path)
 
 
 def _stack(seed: int, activation=torch.nn.Tanh) -> torch.nn.Sequential:

@@ -475,9 +475,11 @@ def test_params_files_named_otherwise_get_the_command_lines_advice(tmp_path, cap
     from equiv import MLPSpec, TorchMLP
 
     torch.manual_seed(0)
-    seq = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    torch.save(seq.state_dict(), tmp_path / "seq.pt")
     state = TorchMLP(MLPSpec((4, 3, 2))).state_dict()
+    # A module's own names, which only the module can put in order.
+    own = {"inp.weight": "fc1.weight", "inp.bias": "fc1.bias"}
+    own |= {"head.weight": "fc2.weight", "head.bias": "fc2.bias"}
+    torch.save({name: state[ours] for name, ours in own.items()}, tmp_path / "own.pt")
     flax_names = {}
     for i in range(2):
         flax_names[f"Dense_{i}.kernel"] = state[f"fc{i + 1}.weight"].T.contiguous()
@@ -485,7 +487,7 @@ def test_params_files_named_otherwise_get_the_command_lines_advice(tmp_path, cap
     torch.save(flax_names, tmp_path / "flax.pt")
     torch.save({k: v.bfloat16() for k, v in state.items()}, tmp_path / "bf16.pt")
     for name, fragment in (
-        ("seq.pt", "('0.weight', '0.bias', '2.weight', '2.bias') are a module's own"),
+        ("own.pt", "('inp.weight', 'inp.bias', 'head.weight', 'head.bias') are a module's own"),
         ("flax.pt", "its names are the flax layout's: add --file-layout flax"),
         ("bf16.pt", "holds bfloat16 parameters, but equiv compares float32 and float64 only"),
     ):
@@ -494,10 +496,29 @@ def test_params_files_named_otherwise_get_the_command_lines_advice(tmp_path, cap
         assert "spec=" not in err and "pass the module itself" not in err, err
     assert (
         "equiv.load_torch(path, out=module), then equiv.save_torch(module"
-        in _run(["--params", str(tmp_path / "seq.pt")], capsys)[2]
+        in _run(["--params", str(tmp_path / "own.pt")], capsys)[2]
     )
     # The twin: the flax-named file with the option it was told to add.
     assert _run(["--params", str(tmp_path / "flax.pt"), "--file-layout", "flax"], capsys)[0] == 0
+
+
+def test_a_sequentials_state_dict_file_is_read_by_its_indices(tmp_path, capsys):
+    # Found in a user trial: torch.save(seq.state_dict()) ('0.weight', '2.weight') was
+    # refused without the module, though its indices give the order its layers run in.
+    import torch
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    torch.save(seq.state_dict(), tmp_path / "seq.pt")
+    report = tmp_path / "report.json"
+    code, out, err = _run(["--params", str(tmp_path / "seq.pt"), "--json", str(report)], capsys)
+    assert code == 0, err
+    # Read as layers 1 and 2: a (3, 5) and a (2, 3) weight, in that order.
+    assert json.loads(report.read_text())["config"]["sizes"] == [5, 3, 2]
+    # Its twin: the same layers in the other order do not chain (3 inputs after 2 outputs).
+    torch.save({"0.weight": seq[2].weight, "1.weight": seq[0].weight}, tmp_path / "bad.pt")
+    code, out, err = _run(["--params", str(tmp_path / "bad.pt")], capsys)
+    assert (code, out) == (2, "") and "fc2.weight" in err, err
 
 
 def test_params_file_options_that_contradict_it_are_refused(tmp_path, capsys):
