@@ -4,6 +4,8 @@ every loss (the check differentiates the spec's own loss)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -196,3 +198,222 @@ def test_a_misshapen_result_is_refused_by_name(change, expected, equiv_seed):
     # The twin: unchanged, both accept it.
     assert check_gradients(params, x, y, spec, _returning(spec, lambda *r: r)).agree
     assert check_manual_backward(model, _returning(spec, lambda *r: r), x, y).agree
+
+
+# Known causes of a failing gradient check: each wrong grad_fn below is named by the
+# catalogue (equiv.diagnose), and the factor is measured by the finite differences
+# too. (id, spec, change of the right (loss, grads), the hint's leaves, what it says,
+# the factor the finite differences must measure).
+_MSE = MLPSpec((4, 6, 3), activation="tanh")
+_CE = MLPSpec((4, 6, 3), activation="tanh", loss="cross_entropy")
+_ALL = "fc1.weight, fc1.bias, fc2.weight, fc2.bias"
+_REF = "the float64 reference"
+FACTOR_CASES = [
+    (
+        "mse-dout-without-2",  # d/dout of mean((out - y)²) written (out - y)/N: the user trial
+        _MSE,
+        lambda loss, g: (loss, {k: v / 2 for k, v in g.items()}),
+        _ALL,
+        f"grad_fn's grads are 0.5 times {_REF}'s. A factor 2: torch's MSELoss is "
+        "mean((p - y)²) while optax.l2_loss is ½(p - y)² per element; by hand, the gradient "
+        "of mean((p - y)²) is 2(p - y)/n",
+        0.5,
+    ),
+    (
+        "mse-doubled",
+        _MSE,
+        lambda loss, g: (loss, {k: v * 2 for k, v in g.items()}),
+        _ALL,
+        f"grad_fn's grads are 2 times {_REF}'s. A factor 2: torch's MSELoss",
+        2.0,
+    ),
+    (
+        "sign-flipped",
+        _MSE,
+        lambda loss, g: (loss, {k: -v for k, v in g.items()}),
+        _ALL,
+        f"grad_fn's grads are -1 times {_REF}'s. The sign is flipped: a gradient of the "
+        "negated loss (p - y written y - p), or an update added instead of subtracted",
+        -1.0,
+    ),
+    (
+        "summed-over-the-batch",
+        _MSE,
+        lambda loss, g: (loss, {k: v * 8 for k, v in g.items()}),
+        _ALL,
+        f"grad_fn's grads are 8 times {_REF}'s. A factor of the batch size: grad_fn sums "
+        f"over the batch where {_REF} takes the mean",
+        8.0,
+    ),
+    (
+        "one-leaf-doubled",
+        _MSE,
+        lambda loss, g: (loss, {**g, "fc1.weight": g["fc1.weight"] * 2}),
+        "fc1.weight",
+        f"grad_fn's grads are 2 times {_REF}'s. A factor 2 in these gradients only, not in "
+        "every one: not the loss (its reduction or convention scales every gradient) but these "
+        "leaves' own backward (their chain rule or reduction)",
+        2.0,
+    ),
+    (
+        "one-leaf-5-percent-off",  # a constant factor 1.05: measured, not a rounding
+        _MSE,
+        lambda loss, g: (loss, {**g, "fc2.weight": g["fc2.weight"] * 1.05}),
+        "fc2.weight",
+        f"grad_fn's grads are 1.05 times {_REF}'s. A factor 1.05 in these gradients only",
+        1.05,
+    ),
+    (
+        "bias-gradient-left-zero",
+        _MSE,
+        lambda loss, g: (loss, {**g, "fc2.bias": np.zeros_like(g["fc2.bias"])}),
+        "fc2.bias",
+        f"grad_fn's gradient is zero where {_REF}'s is not: in grad_fn the loss does not "
+        "reach this parameter",
+        0.0,
+    ),
+    (
+        "cross-entropy-halved",
+        _CE,
+        lambda loss, g: (loss, {k: v / 2 for k, v in g.items()}),
+        _ALL,
+        f"grad_fn's grads are 0.5 times {_REF}'s. A factor 2, not MSE's: the cross_entropy "
+        "loss counted twice or halved, or a factor 2 in its formula or its backward",
+        0.5,
+    ),
+]
+
+_MEASURED = re.compile(
+    r" \(<grad, v> / finite difference = (\S+) along each of (\d+) random directions, "
+    r"spread (\S+)\)\.$"
+)
+
+
+def _hand_written(spec, change):
+    """A user's grad_fn: the spec's float64 backward, then ``change`` (a mistake)."""
+    spec64 = spec.replace(dtype="float64")
+
+    def grad_fn(p, xb, yb):
+        loss, grads = manual.loss_and_grads(p, xb, yb, spec64)
+        return change(loss, grads)
+
+    return grad_fn
+
+
+@pytest.mark.parametrize(
+    ("spec", "change", "leaves", "says", "factor"),
+    [case[1:] for case in FACTOR_CASES],
+    ids=[case[0] for case in FACTOR_CASES],
+)
+def test_a_constant_factor_is_named_with_its_measurement(
+    spec, change, leaves, says, factor, equiv_seed
+):
+    params, x, y = _batch(spec, equiv_seed)
+    check = check_gradients(params, x, y, spec, _hand_written(spec, change), seed=equiv_seed)
+    assert check.failing_leaves() == sorted(leaves.split(", "))
+    # Before, cause was None here (found in a user trial) and there were no hints.
+    assert check.cause is not None and check.cause.startswith(f"{leaves}: {says}")
+    (hint,) = check.hints()
+    assert hint == check.cause
+    # The numbers behind it: the factor <g, v> / D(h) along every direction of those
+    # leaves, as the projections give it, and their spread.
+    mean, count, spread = _MEASURED.search(hint).groups()
+    ratios = [p.projected / p.finite_difference for p in check.projections if p.name in leaves]
+    assert int(count) == len(ratios) == 2 * len(leaves.split(", "))
+    assert float(mean) == pytest.approx(np.mean(ratios), rel=1e-6, abs=1e-300)
+    assert float(mean) == pytest.approx(factor, abs=1e-6)
+    assert float(spread) == pytest.approx(max(ratios) - min(ratios), rel=0.06, abs=1e-300)
+    assert float(spread) < 1e-6 * max(abs(factor), 1.0)
+    lines = str(check).splitlines()
+    assert lines[-1] == f"  likely cause: {hint}"
+    assert str(check) == check.failure_text()
+    with pytest.raises(AssertionError) as info:
+        check.assert_agree()
+    assert str(info.value) == str(check)
+    assert check.to_dict()["hints"] == [hint]
+
+
+@pytest.mark.parametrize("spec", [_MSE, _CE], ids=_ids)
+def test_the_right_gradient_gets_no_hint(spec, equiv_seed):
+    # The twin of every case above: the spec's own backward, unchanged, by hand.
+    params, x, y = _batch(spec, equiv_seed)
+    check = check_gradients(params, x, y, spec, _hand_written(spec, lambda *r: r))
+    assert check.agree and check.hints() == [] and check.cause is None
+    assert str(check) == (
+        "[equiv] gradient check passed: 8 projections and the returned loss agree with finite "
+        f"differences in float64 (worst ratio to the bound {check.worst_ratio:.3g})"
+    )
+    assert check.failure_text() == "" and check.to_dict()["hints"] == []
+
+
+@pytest.mark.parametrize("leaves", [("fc1.weight",), ("fc1.weight", "fc2.bias", "fc2.weight")])
+def test_a_random_error_gets_no_hint(leaves, equiv_seed):
+    # 10% noise: no constant factor, no known mistake; the check fails and names none.
+    params, x, y = _batch(_MSE, equiv_seed)
+    noise = np.random.default_rng(equiv_seed)
+
+    def noisy(loss, g):
+        return loss, {
+            k: v + 0.1 * np.abs(v).mean() * noise.standard_normal(v.shape) if k in leaves else v
+            for k, v in g.items()
+        }
+
+    check = check_gradients(params, x, y, _MSE, _hand_written(_MSE, noisy), seed=equiv_seed)
+    assert check.failing_leaves() == sorted(leaves)
+    assert check.hints() == [] and check.cause is None
+    assert "likely cause" not in str(check)
+
+
+def test_a_loss_and_gradients_at_half_are_each_named(equiv_seed):
+    # optax.l2_loss's convention, ½ mean((out - y)²), with its (right) gradient: the loss
+    # and the gradients are each half the spec's, and each hint says so with its numbers.
+    params, x, y = _batch(_MSE, equiv_seed)
+    change = _hand_written(_MSE, lambda loss, g: (loss / 2, {k: v / 2 for k, v in g.items()}))
+    check = check_gradients(params, x, y, _MSE, change, seed=equiv_seed)
+    assert check.failing_leaves() == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight", "loss"]
+    loss_hint, grads_hint = check.hints()
+    returned, exact = check.loss.projected, check.loss.finite_difference
+    assert loss_hint == (
+        f"loss: grad_fn's loss is 0.5 times {_REF}'s. A factor 2: torch's MSELoss is "
+        "mean((p - y)²) while optax.l2_loss is ½(p - y)² per element; by hand, the gradient "
+        f"of mean((p - y)²) is 2(p - y)/n (grad_fn returned {returned:.9g}, the spec's "
+        f"float64 loss is {exact:.9g})."
+    )
+    assert returned == pytest.approx(exact / 2, rel=1e-12)
+    assert grads_hint.startswith(f"{_ALL}: grad_fn's grads are 0.5 times {_REF}'s. A factor 2")
+    assert _MEASURED.search(grads_hint).group(1) == "0.5"
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        lambda g: {k: 2 * v for k, v in g.items()},
+        lambda g: {**g, "fc2.bias": np.zeros_like(g["fc2.bias"])},
+    ],
+    ids=["doubled", "one-leaf-zero"],
+)
+def test_a_reference_that_disagrees_with_the_finite_differences_names_nothing(
+    wrong, monkeypatch, equiv_seed
+):
+    # The catalogue holds grad_fn to the float64 reference only where the finite
+    # differences confirm the reference. Here the reference is made wrong: doubled, the
+    # gradients at 4 times would read as "a factor 2"; with one leaf zero, the others
+    # (at 4 times too) as a factor "in these gradients only". No hint instead.
+    from types import SimpleNamespace
+
+    from equiv import gradcheck
+
+    spec = MLPSpec((4, 3, 2))
+    params, x, y = _batch(spec, equiv_seed)
+    quadrupled = _hand_written(spec, lambda loss, g: (loss, {k: 4 * v for k, v in g.items()}))
+    honest = check_gradients(params, x, y, spec, quadrupled, seed=equiv_seed)
+    assert honest.hints()[0].startswith(f"{_ALL}: grad_fn's grads are 4 times {_REF}'s.")
+
+    def wrong_reference(p, xb, yb, s, masks=None):
+        loss, grads = manual.loss_and_grads(p, xb, yb, s, masks)
+        return loss, wrong(grads)
+
+    fake = SimpleNamespace(forward=manual.forward, loss_and_grads=wrong_reference)
+    monkeypatch.setattr(gradcheck, "manual", fake)
+    check = check_gradients(params, x, y, spec, quadrupled, seed=equiv_seed)
+    assert check.failing_leaves() == honest.failing_leaves() and check.hints() == []
