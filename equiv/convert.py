@@ -286,7 +286,8 @@ def torch_to_jax(
     if spec is None:
         spec = module_spec(module_or_state_dict)
     entries = {(name,): tensor for name, tensor in state.items()}
-    spec = check_entries(entries, LAYOUTS["torch"], spec, what="state_dict")
+    own = isinstance(module_or_state_dict, torch.nn.Module)
+    spec = check_entries(entries, LAYOUTS["torch"], spec, what="state_dict", from_model=own)
     wide = [name for name, t in state.items() if t.dtype == torch.float64]
     if wide and not jax.config.jax_enable_x64:
         raise value_error(
@@ -372,6 +373,7 @@ def jax_to_torch(
     layout = get_layout(layout)
     if device is not None:
         device = torch_device(device)  # a bad name fails here, before any copy
+    own = is_equinox_model(params)  # a model's own layers: each says whether it has a bias
     params = layout_tree(params, layout)
     if not isinstance(params, Mapping):
         raise type_error(
@@ -395,7 +397,7 @@ def jax_to_torch(
             f"{'is' if len(not_arrays) == 1 else 'are'} not. To convert torch tensors, use "
             "torch_to_jax"
         )
-    spec = check_entries(flat, layout, spec, what=f"{layout.name}-layout params")
+    spec = check_entries(flat, layout, spec, what=f"{layout.name}-layout params", from_model=own)
     by_name = {layout.torch_name(path): value for path, value in flat.items()}
     sources = {}
     for name in spec.param_names():
@@ -462,6 +464,7 @@ def check_entries(
     spec: MLPSpec | None,
     *,
     what: str,
+    from_model: bool = False,
 ) -> MLPSpec:
     """Check JAX-path -> array entries of ``layout`` against ``spec``; return the spec.
 
@@ -469,10 +472,21 @@ def check_entries(
     ``ValueError`` listing every missing, unexpected, mis-shaped or mis-typed entry,
     shapes shown as the layout holds them.
 
+    A bias on some layers only is read from the entries where that is unambiguous:
+    ``from_model``, they are a model's own parameters (a torch module's, an Equinox
+    model's), and a layer without a bias entry has none. A file's or a dict's entries
+    cannot tell a layer without a bias from a lost entry: there every layer has one if
+    any has, the others are reported missing, and the message shows the ``spec=``
+    that says otherwise. A ``spec`` given always decides; its biases must be there.
+
     >>> import numpy as np
     >>> check_entries({("fc1.weight",): np.zeros((3, 4), "float32")}, LAYOUTS["torch"],
     ...               None, what="state").sizes
     (4, 3)
+    >>> mixed = {("fc1.weight",): np.zeros((3, 4), "float32"), ("fc1.bias",): np.zeros(3,
+    ...          "float32"), ("fc2.weight",): np.zeros((2, 3), "float32")}
+    >>> check_entries(mixed, LAYOUTS["torch"], None, what="model", from_model=True).bias
+    (True, False)
     """
     known = {}
     problems = []
@@ -492,7 +506,7 @@ def check_entries(
         )
     given = spec is not None
     if spec is None:
-        spec = _infer_spec(known, layout, what)
+        spec = _infer_spec(known, layout, what, from_model=from_model)
     expected = spec.param_shapes()
     for name, torch_shape in expected.items():
         key, shape = ".".join(layout.path(name)), layout.shape(name, torch_shape)
@@ -542,6 +556,8 @@ def check_entries(
             else ""
         )
         advice += _order_advice(known, layout, spec.sizes if given else None)
+        if not given:
+            advice += _some_biases_advice(known, layout, spec, problems)
         narrow = [v for v in known.values() if _dtype(v) == "float32"]
         if spec.dtype == "float64" and narrow and not isinstance(narrow[0], jax.Array):
             # torch tensors: nothing about JAX's x64 mode applies (found in a user trial:
@@ -559,7 +575,7 @@ def check_entries(
                 'jax.config.update("jax_enable_x64", True))'
             )
         raise value_error(
-            f"{what} does not match the MLP {spec.sizes} (bias={spec.bias}, {spec.dtype}):\n"
+            f"{what} does not match the MLP {spec.sizes} ({spec.describe_bias()}, {spec.dtype}):\n"
             + "\n".join(problems)
             + (
                 f"\nThe {layout.name} layout names parameters {example}, ..."
@@ -636,10 +652,32 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:
     )
 
 
-def _infer_spec(known: Mapping[str, Any], layout: Layout, what: str) -> MLPSpec:
+def _some_biases_advice(
+    known: Mapping[str, Any], layout: Layout, spec: MLPSpec, problems: list[str]
+) -> str:
+    """Where the only problems are biases missing from some layers of entries read
+    without a spec, the spec that says those layers have none; "" otherwise."""
+    missing = [n for n in spec.param_names() if n.endswith(".bias") and n not in known]
+    if not missing or len(missing) != len(problems):
+        return ""
+    biases = tuple(f"fc{i}.bias" in known for i in range(1, spec.num_layers + 1))
+    dtype = ', dtype="float64"' if spec.dtype == "float64" else ""
+    lacking = ", ".join(repr(".".join(layout.path(name))) for name in missing)
+    return (
+        f"\nOnly some layers have a bias (no {lacking}), and entries alone cannot tell a "
+        "layer without one from a lost entry. If the model has none there, say so: "
+        f"spec=MLPSpec({spec.sizes}, bias={biases}{dtype})"
+    )
+
+
+def _infer_spec(
+    known: Mapping[str, Any], layout: Layout, what: str, *, from_model: bool = False
+) -> MLPSpec:
     """Read sizes off the weights: layer i maps weight.shape[1] to weight.shape[0].
 
     The first weight fixes the dtype; anything inconsistent is reported by the check.
+    The bias is each layer's own ``from_model`` (:func:`check_entries`), else on
+    every layer if on any.
     """
     if not known:
         raise value_error(
@@ -657,10 +695,11 @@ def _infer_spec(known: Mapping[str, Any], layout: Layout, what: str) -> MLPSpec:
         elif bias is not None and len(_shape(bias)) == 1:
             sizes[i] = sizes[i] or _shape(bias)[0]
     dtypes = [_dtype(v) for _, v in sorted(known.items()) if _dtype(v) in DTYPES]
+    biases = tuple(f"fc{i}.bias" in known for i in range(1, count + 1))
     return MLPSpec(
         # A width no entry shows: any value (the check then names the entry missing).
         sizes=tuple(1 if size is None else size for size in sizes),
-        bias=any(n.endswith(".bias") for n in known),
+        bias=biases if from_model and len(set(biases)) > 1 else any(biases),
         dtype=dtypes[0] if dtypes else "float32",
     )
 
@@ -951,17 +990,26 @@ def torch_to_equinox(
     state = _state_dict(module_or_state_dict)
     if spec is None:
         spec = module_spec(module_or_state_dict)
+    own = isinstance(module_or_state_dict, torch.nn.Module)
     spec = check_entries(
-        {(n,): t for n, t in state.items()}, LAYOUTS["torch"], spec, what="state_dict"
+        {(n,): t for n, t in state.items()},
+        LAYOUTS["torch"],
+        spec,
+        what="state_dict",
+        from_model=own,
     )
     check_entries(_flatten(_equinox_tree(layers)), LAYOUTS["equinox"], spec, what="equinox model")
     params = torch_to_jax(state, layout="equinox", spec=spec)["layers"]
-    names = ["weight", "bias"] if spec.bias else ["weight"]
+    names = [("weight", "bias") if has else ("weight",) for has in spec.biases]
 
     def where(m: Any) -> list[Any]:
-        return [getattr(layer, n) for layer in _equinox_layers(m) for n in names]
+        return [
+            getattr(layer, n)
+            for layer, ns in zip(_equinox_layers(m), names, strict=True)
+            for n in ns
+        ]
 
-    values = [params[str(j)][n] for j in range(len(layers)) for n in names]
+    values = [params[str(j)][n] for j in range(len(layers)) for n in names[j]]
     return eqx.tree_at(where, model, values)
 
 
@@ -987,8 +1035,9 @@ def equinox_to_torch(
       >>> list(equinox_to_torch(model))
       ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
     """
-    tree = _equinox_tree(_equinox_layers(model))
-    return jax_to_torch(tree, layout="equinox", spec=spec, device=device, out=out)
+    # The model's own layers, not their tree: each says whether it has a bias.
+    layers = _equinox_layers(model)
+    return jax_to_torch(layers, layout="equinox", spec=spec, device=device, out=out)
 
 
 def layout_tree(params: Any, layout: Layout) -> Any:

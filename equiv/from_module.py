@@ -80,9 +80,14 @@ def mlp_from_module(
     Raises:
       TypeError: ``module`` is not a ``torch.nn.Module``.
       ValueError: an unsupported submodule (named), two activations in a row, an
-        activation after the last layer, mixed bias or dtype, mixed
-        hyper-parameters of one activation kind, or a forward pass that the
-        reading does not reproduce.
+        activation after the last layer, mixed dtypes, mixed hyper-parameters of
+        one activation kind, or a forward pass that the reading does not reproduce.
+        A bias on some layers only is read, as a tuple (``spec.biases``).
+
+    >>> spec, params = mlp_from_module(nn.Sequential(nn.Linear(4, 8), nn.ReLU(),
+    ...                                              nn.Linear(8, 2, bias=False)))
+    >>> spec.bias, list(params)
+    ((True, False), ['fc1.weight', 'fc1.bias', 'fc2.weight'])
     """
     spec, layers = _read_stack(module, trainable=True)
     params = {name: tensor.clone() for name, tensor in _named(layers, spec).items()}
@@ -215,9 +220,11 @@ def _read_stack(
                 "MLP calls each layer on the output of the one before it"
             )
         sizes.append(layer.out_features)
-    biases = {layer.bias is not None for layer in layers}
+    # Each layer's own: nn.Linear(..., bias=False) says it has none, so a bias on some
+    # layers only is read as such (the spec holds one bool per layer).
+    biases = tuple(layer.bias is not None for layer in layers)
     dtypes = {layer.weight.dtype for layer in layers}
-    if len(biases) == 1 and len(dtypes) == 1 and next(iter(dtypes)) not in _DTYPES:
+    if len(dtypes) == 1 and next(iter(dtypes)) not in _DTYPES:
         # Found in a user trial: a bfloat16 model was told its biases must agree.
         raise value_error(
             f"the Linear layers are {next(iter(dtypes))}; equiv's MLP is float32 or float64 "
@@ -225,17 +232,18 @@ def _read_stack(
             f"model.float() (or a copy of it, to keep yours in "
             f"{str(next(iter(dtypes))).removeprefix('torch.')})"
         )
-    if len(biases) != 1 or len(dtypes) != 1:
+    if len(dtypes) != 1:
         raise value_error(
-            "all Linear layers must share bias on/off and a float32 or float64 "
-            f"dtype; got bias {sorted(biases)}, dtypes {sorted(map(str, dtypes))}"
+            "all Linear layers must share a float32 or float64 dtype; got dtypes "
+            f"{sorted(map(str, dtypes))}: convert the model first (model.float() or "
+            "model.double())"
         )
     spec = MLPSpec(
         tuple(sizes),
         activation=tuple(activations)
         if len(set(activations)) > 1
         else (activations[0] if activations else "relu"),
-        bias=biases.pop(),
+        bias=biases if len(set(biases)) > 1 else biases[0],
         dtype=_DTYPES[dtypes.pop()],
         **fields,
     )
@@ -247,7 +255,7 @@ def _named(layers: list[nn.Linear], spec: MLPSpec) -> dict[str, torch.Tensor]:
     params = {}
     for i, layer in enumerate(layers, start=1):
         params[f"fc{i}.weight"] = layer.weight.detach()
-        if spec.bias:
+        if spec.biases[i - 1]:
             params[f"fc{i}.bias"] = layer.bias.detach()
     return params
 
@@ -305,7 +313,7 @@ def own_names(module: nn.Module) -> dict[str, str]:
     by_tensor = {id(tensor): name for name, tensor in by_name.items()}
     names = {}
     for i, layer in enumerate(layers, start=1):
-        for kind in ("weight", "bias") if spec.bias else ("weight",):
+        for kind in ("weight", "bias") if spec.biases[i - 1] else ("weight",):
             own = by_tensor.get(id(getattr(layer, kind)))
             if own is not None:
                 names[own] = f"fc{i}.{kind}"

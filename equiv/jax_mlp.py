@@ -29,7 +29,7 @@ def forward(params: Params, x: jax.Array, spec: MLPSpec) -> jax.Array:
     for i in range(spec.num_layers):
         layer = params[f"Dense_{i}"]
         h = h @ layer["kernel"]
-        if spec.bias:
+        if spec.biases[i]:
             h = h + layer["bias"]
         if i < spec.num_layers - 1:
             activation = ACTIVATIONS[spec.activations[i]]

@@ -188,7 +188,7 @@ def preactivation_bounds(
         weight = np.asarray(params[f"fc{i}.weight"], dtype=np.float64)
         z = h @ weight.T
         squares = (h * h) @ (weight * weight).T
-        if spec.bias:
+        if spec.biases[i - 1]:
             bias = np.asarray(params[f"fc{i}.bias"], dtype=np.float64)
             z = z + bias
             squares = squares + bias * bias
@@ -490,7 +490,8 @@ def _example_envelope(p_ref, x, y, spec, zs, b, units, bounds=None):
     """Envelope of one example's loss and gradient terms over its mask choices.
 
     A flipped unit is taken both at the reference's ``z`` and at the far edge of its
-    rounding bound on its new side (``bounds``, with a bias to shift ``z``): a unit at
+    rounding bound on its new side (``bounds``, with its layer's bias to shift ``z``;
+    a unit of a layer without one is taken at the reference's ``z`` only): a unit at
     ``z = 0`` exactly has ``h = 0`` on either side at the reference's ``z``, while a
     backend whose ``z`` rounded to ``+δz`` holds ``h = δz`` (found in review: ReLU units
     at exactly 0 in float64 and +3e-8 in JAX failed a correct port at 1e6 times the
@@ -528,10 +529,12 @@ def _example_envelope(p_ref, x, y, spec, zs, b, units, bounds=None):
         loss, grads = manual.loss_and_grads(p_ref, xb, yb, spec, masks)
         delta = {name: (grads[name] - grads0[name]) / batch for name in grads0}
         moved_loss, moved = np.abs(loss - loss0) / batch, {n: np.abs(v) for n, v in delta.items()}
-        if bounds is not None and spec.bias:
+        # Units in a layer with a bias, which can shift their z (one example alone).
+        movable = [(i, j) for i, j in subset if spec.biases[i]]
+        if bounds is not None and movable:
             # The same masks with each flipped unit's z at the edge of its bound there.
             shifted = {name: value.copy() for name, value in p_ref.items()}
-            for i, j in subset:
+            for i, j in movable:
                 edge = bounds[i][b, j] if masks[i][0, j] else -bounds[i][b, j]
                 shifted[f"fc{i + 1}.bias"][j] += edge
             loss_e, grads_e = manual.loss_and_grads(shifted, xb, yb, spec, masks)
@@ -568,7 +571,7 @@ def _interval_envelope(p_ref, x, y, spec, base, units, nominal) -> dict[str, np.
         weight = f"fc{i}.weight"
         c_w, r_w = center.T @ h, radius.T @ np.abs(h)
         envelope[weight] = np.abs(c_w - nominal[weight]) + r_w
-        if spec.bias:
+        if spec.biases[i - 1]:
             bias = f"fc{i}.bias"
             c_b, r_b = center.sum(axis=0), radius.sum(axis=0)
             envelope[bias] = np.abs(c_b - nominal[bias]) + r_b

@@ -196,7 +196,7 @@ def magnitudes(
         # δ(dz·h) ≤ δdz·(|h| + δh) + |dz|·δh: dz's error meets the backend's h, which
         # may be far from the reference's 0 (a diverging run, found by a random sweep).
         grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz_size), reaches[i - 1]) + carried
-        if spec.bias:
+        if spec.biases[i - 1]:
             grads[f"fc{i}.bias"] = xp.sum(dz_size, axis=0)
         if i > 1:
             weight = params[f"fc{i}.weight"]
@@ -235,12 +235,13 @@ def _root_sum_of_squares(xp, h_size, params, i: int, spec: MLPSpec):
     example = xp.max(h_size, axis=1, keepdims=True)
     example = xp.where(example > 0, example, one(example))
     reach = example * unit  # (batch, out): the largest a product term can be
-    scale = xp.maximum(reach, xp.abs(params[f"fc{i}.bias"])) if spec.bias else reach
+    bias = params[f"fc{i}.bias"] if spec.biases[i - 1] else None
+    scale = reach if bias is None else xp.maximum(reach, xp.abs(bias))
     scale = xp.where(scale > 0, scale, one(scale))
     scaled = (weight / unit[:, None]) ** 2
     squares = xp.matmul((h_size / example) ** 2, xp.matrix_transpose(scaled)) * (reach / scale) ** 2
-    if spec.bias:
-        squares = squares + (params[f"fc{i}.bias"] / scale) ** 2
+    if bias is not None:
+        squares = squares + (bias / scale) ** 2
     return xp.sqrt(squares) * scale
 
 
@@ -250,7 +251,7 @@ def _forward(params, x, spec, masks):
     h, zs, acts = x, [], []
     for i in range(1, spec.num_layers + 1):
         z = xp.matmul(h, xp.matrix_transpose(params[f"fc{i}.weight"]))
-        if spec.bias:
+        if spec.biases[i - 1]:
             z = z + params[f"fc{i}.bias"]
         zs.append(z)
         if i < spec.num_layers:
@@ -268,7 +269,7 @@ def _backward(xp, params, x, dz, acts, spec, slope_of=None, weight_input=None):
         h_prev = x if i == 1 else acts[i - 2][0]
         h_prev = h_prev if weight_input is None else weight_input(i, h_prev)
         grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz), h_prev)
-        if spec.bias:
+        if spec.biases[i - 1]:
             grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
         if i > 1:
             act = ACTIVATIONS[spec.activations[i - 2]]

@@ -118,8 +118,9 @@ def check_jax_port(
     atol: float | None = None,
     device: str | torch.device | jax.Device = "cpu",
 ) -> Comparison:
-    """Compare your JAX loss function's loss, ``jax.grad`` gradients and SGD updates
-    with the torch model's and with the float64 reference.
+    """Compare your JAX loss function's loss, ``jax.grad`` gradients and optimizer
+    updates (plain SGD, or ``optimizer``) with the torch model's and with the float64
+    reference.
 
     Args:
       model: the torch model: an :class:`equiv.TorchMLP`; a stack of ``nn.Linear``
@@ -492,7 +493,9 @@ def run_manual_port(
     state = manual_init(optimizer, params)
     out = Trajectory(name, spec.dtype)
     for step, (x, y) in enumerate(problem.batches, start=1):
-        loss, grads = unpack_grad_fn_result(grad_fn(params, convert(x), convert(y)), params)
+        result = grad_fn(params, convert(x), convert(y))
+        refuse_absent_biases(result, spec)
+        loss, grads = unpack_grad_fn_result(result, params)
         grads = {k: _like(grads[k], params[k]) for k in params}
         if is_plain_sgd(optimizer):
             params = manual.sgd_update(params, grads, optimizer.learning_rate)
@@ -500,6 +503,33 @@ def run_manual_port(
             params, state = manual_update(optimizer, params, grads, state, step)
         out.record(loss, grads, params, state or None)
     return out
+
+
+def refuse_absent_biases(result: Any, spec: MLPSpec) -> None:
+    """A ``ValueError`` naming the gradients ``grad_fn`` returned for biases the model
+    does not have: a backward written for a bias on every layer, where a spec with one
+    bool per layer (``bias=(True, False)``) has some without. (With one bool for every
+    layer, :func:`equiv.gradcheck.unpack_grad_fn_result` names the keys, as it did.)
+
+    >>> spec = MLPSpec((4, 8, 2), bias=(True, False))
+    >>> refuse_absent_biases((0.0, {"fc2.bias": 0.0}), spec)
+    Traceback (most recent call last):
+    ...
+    ValueError: [equiv] grad_fn returned a gradient for fc2.bias, but fc2 has no bias (...
+    """
+    grads = result[1] if isinstance(result, tuple | list) and len(result) == 2 else None
+    if isinstance(spec.bias, bool) or not isinstance(grads, Mapping):
+        return  # unpack_grad_fn_result says what is wrong with it
+    absent = [i for i, has in enumerate(spec.biases, start=1) if not has and f"fc{i}.bias" in grads]
+    if absent:
+        names = ", ".join(f"fc{i}.bias" for i in absent)
+        layers = " and ".join(f"fc{i}" for i in absent)
+        raise value_error(
+            f"grad_fn returned a gradient for {names}, but {layers} "
+            f"{'has' if len(absent) == 1 else 'have'} no bias (the model has "
+            f"{spec.describe_bias()}): leave {'it' if len(absent) == 1 else 'them'} out of the "
+            "forward pass (z = h Wᵀ there) and out of grads"
+        )
 
 
 def run_torch_model(
@@ -616,7 +646,7 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
             raise value_error(
                 f"spec does not describe {type(model).__name__}: run on a float64 probe "
                 f"batch beside the spec's MLP with its parameters, {mismatch}. Fix the "
-                f"spec (activations {spec.activations}, bias={spec.bias})"
+                f"spec (activations {spec.activations}, {spec.describe_bias()})"
                 + (
                     ", or leave it out to read the module"
                     if registered
@@ -642,7 +672,7 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
                 raise value_error(
                     f"spec does not describe {type(model).__name__}: run on a float64 probe "
                     f"batch beside the spec's MLP with its parameters, {mismatch}. Fix the "
-                    f"spec (activations {spec.activations}, bias={spec.bias}): its forward "
+                    f"spec (activations {spec.activations}, {spec.describe_bias()}): its forward "
                     "calls its activations as functions, so the spec is all that says "
                     "which they are"
                 )
@@ -651,9 +681,12 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
     if spec is not None:
         # The spec sets the loss; everything else is the module's and must agree.
         loss = {field: getattr(spec, field) for field in _LOSS_FIELDS}
+        # Per layer: bias=True and (True, True) are one model.
         differs = [
             f"{field}: the module has {getattr(read, field)!r}, spec says {getattr(spec, field)!r}"
-            for field in ("sizes", "activations", "bias", "dtype", "negative_slope", "elu_alpha")
+            if field != "biases"
+            else f"bias: the module has {read.describe_bias()}, spec says {spec.describe_bias()}"
+            for field in ("sizes", "activations", "biases", "dtype", "negative_slope", "elu_alpha")
             if getattr(read, field) != getattr(spec, field)
         ]
         if differs:

@@ -136,7 +136,7 @@ def make_problem(
         problems += [f"{name}: unexpected" for name in sorted(set(params) - set(drawn))]
         if problems:
             raise value_error(
-                f"params do not fit {spec.sizes} ({spec.dtype}, bias={spec.bias}): "
+                f"params do not fit {spec.sizes} ({spec.dtype}, {spec.describe_bias()}): "
                 + "; ".join(problems)
             )
         drawn = {name: params[name].detach().cpu().clone() for name in drawn}

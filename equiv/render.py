@@ -172,7 +172,7 @@ def header_lines(
         f"sizes {'-'.join(str(s) for s in spec.sizes)}",
         f"{spec.activation} between layers" + _changed(spec, ("negative_slope", "elu_alpha")),
         f"{spec.loss} loss" + _changed(spec, ("label_smoothing", "huber_delta", "smooth_l1_beta")),
-        "bias" if spec.bias else "no bias",
+        _bias(spec),
         spec.dtype,
     ]
     run = [f"batch {problem.batch_size}"]
@@ -462,3 +462,16 @@ def _changed(spec, fields: tuple[str, ...]) -> str:
         f"{f}={getattr(spec, f):g}" for f in fields if getattr(spec, f) != getattr(defaults, f)
     ]
     return f" ({', '.join(changed)})" if changed else ""
+
+
+def _bias(spec) -> str:
+    """The model's bias in the header: ``bias`` or ``no bias`` on every layer, else
+    which layers have one.
+
+    >>> from equiv import MLPSpec
+    >>> _bias(MLPSpec((4, 3, 2))), _bias(MLPSpec((4, 8, 8, 2), bias=(True, False, True)))
+    ('bias', 'bias on fc1 and fc3 only')
+    """
+    if isinstance(spec.bias, bool):
+        return "bias" if spec.bias else "no bias"
+    return spec.describe_bias()

@@ -35,7 +35,9 @@ class MLPSpec:
         with one name per hidden layer (``len(sizes) - 2`` of them).
       loss: one of :data:`LOSSES`; ``"mse"`` is ``torch.nn.MSELoss()``, the mean
         over every element.
-      bias: whether each layer has a bias.
+      bias: whether every layer has a bias, or a tuple with one bool per Linear
+        layer (``len(sizes) - 1`` of them, ``fc1`` first), as ``activation`` takes
+        one name or one per hidden layer. Read it through :attr:`biases`.
       dtype: ``"float32"`` or ``"float64"``.
       negative_slope: ``leaky_relu``'s slope (torch's default 0.01).
       elu_alpha: ``elu``'s alpha (torch's default 1.0).
@@ -46,12 +48,14 @@ class MLPSpec:
       >>> spec = MLPSpec((4, 3, 2))
       >>> spec.param_shapes()
       {'fc1.weight': (3, 4), 'fc1.bias': (3,), 'fc2.weight': (2, 3), 'fc2.bias': (2,)}
+      >>> MLPSpec((4, 3, 2), bias=(True, False)).param_names()
+      ['fc1.weight', 'fc1.bias', 'fc2.weight']
     """
 
     sizes: tuple[int, ...] = (4, 3, 2)
     activation: str = "relu"
     loss: str = "mse"
-    bias: bool = True
+    bias: bool | tuple[bool, ...] = True
     dtype: str = "float32"
     negative_slope: float = 0.01
     elu_alpha: float = 1.0
@@ -97,7 +101,7 @@ class MLPSpec:
                 raise value_error(f"{field} must be {allowed}, got {value}")
         _check_choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.bias, bool):
-            raise type_error(f"bias must be True or False, got {self.bias!r}")
+            object.__setattr__(self, "bias", _per_layer_bias(self.bias, sizes))
 
     @property
     def num_layers(self) -> int:
@@ -116,6 +120,36 @@ class MLPSpec:
         return tuple(self.activation)
 
     @property
+    def biases(self) -> tuple[bool, ...]:
+        """Whether each Linear layer has a bias, ``fc1`` first: what every backend reads.
+
+        >>> MLPSpec((4, 8, 8, 2)).biases
+        (True, True, True)
+        >>> MLPSpec((4, 8, 8, 2), bias=(True, False, True)).biases
+        (True, False, True)
+        """
+        if isinstance(self.bias, bool):
+            return (self.bias,) * self.num_layers
+        return tuple(self.bias)
+
+    def describe_bias(self) -> str:
+        """The bias for a message: ``bias=True`` or ``bias=False`` for one bool for every
+        layer; for a tuple, the layers that have one.
+
+        >>> MLPSpec((4, 3, 2)).describe_bias()
+        'bias=True'
+        >>> MLPSpec((4, 8, 8, 2), bias=(True, False, True)).describe_bias()
+        'bias on fc1 and fc3 only'
+        """
+        if isinstance(self.bias, bool):
+            return f"bias={self.bias}"
+        if len(set(self.biases)) == 1:
+            return "bias on every layer" if self.biases[0] else "no bias on any layer"
+        names = [f"fc{i}" for i, has in enumerate(self.biases, start=1) if has]
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        return f"bias on {listed} only"
+
+    @property
     def unit_roundoff(self) -> float:
         """``u`` of :attr:`dtype`: half the gap between 1 and the next float."""
         return UNIT_ROUNDOFF[self.dtype]
@@ -126,7 +160,7 @@ class MLPSpec:
         for i in range(1, self.num_layers + 1):
             fan_in, fan_out = self.sizes[i - 1], self.sizes[i]
             shapes[f"fc{i}.weight"] = (fan_out, fan_in)
-            if self.bias:
+            if self.biases[i - 1]:
                 shapes[f"fc{i}.bias"] = (fan_out,)
         return shapes
 
@@ -150,6 +184,39 @@ _HYPER_PARAMETERS = [
     ("huber_delta", lambda v: v > 0, "positive"),
     ("smooth_l1_beta", lambda v: v > 0, "positive"),
 ]
+
+
+def _per_layer_bias(bias: object, sizes: tuple[int, ...]) -> tuple[bool, ...]:
+    """``bias`` given as one bool per Linear layer, checked, as a tuple (a list is one)."""
+    if isinstance(bias, (str, bytes)) or not isinstance(bias, Sequence):
+        raise type_error(f"bias must be True or False, got {bias!r}")
+    given, layers = tuple(bias), len(sizes) - 1
+    example = (True,) * (layers - 1) + (False,)
+    fix = f"MLPSpec({sizes}, bias={example}) leaves fc{layers} without a bias"
+    if len(given) != layers:
+        raise value_error(
+            f"bias has {len(given)} entries for {layers} Linear layers (sizes={sizes}); give "
+            f"True or False for every layer, or one bool per layer, fc1 first: {fix}"
+        )
+    wrong = [f"fc{i}'s {v!r}" for i, v in enumerate(given, start=1) if not isinstance(v, bool)]
+    if wrong:
+        read = tuple(_as_bool(v) for v in given)
+        raise type_error(
+            f"bias must hold True or False for each Linear layer, got {given!r} "
+            f"({', '.join(wrong)} {'is not a bool' if len(wrong) == 1 else 'are not bools'}): "
+            + (f"write bias={read}" if None not in read else f"for example {fix}")
+        )
+    return given
+
+
+def _as_bool(value: object) -> bool | None:
+    """A 0/1 entry (1, 0.0, numpy.True_) as the bool it stands for, else None."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return {0: False, 1: True}.get(value)
+    except TypeError:  # unhashable: an array
+        return None
 
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:

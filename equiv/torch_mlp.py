@@ -40,7 +40,11 @@ class TorchMLP(nn.Module):
         dtype = TORCH_DTYPES[spec.dtype]
         for i in range(1, spec.num_layers + 1):
             layer = nn.Linear(
-                spec.sizes[i - 1], spec.sizes[i], bias=spec.bias, dtype=dtype, device=device
+                spec.sizes[i - 1],
+                spec.sizes[i],
+                bias=spec.biases[i - 1],
+                dtype=dtype,
+                device=device,
             )
             setattr(self, f"fc{i}", layer)
             if i < spec.num_layers:

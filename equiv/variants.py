@@ -393,7 +393,8 @@ def model_variants(
                 {name: weight.T},
                 lambda grads, name=name: {**grads, name: grads[name].T},
             )
-        if spec.bias and np.any(params[f"fc{i}.bias"]):  # a zero bias left out is the model
+        # A layer's zero bias left out is the model itself.
+        if spec.biases[i - 1] and np.any(params[f"fc{i}.bias"]):
             name = f"fc{i}.bias"
             yield variant(
                 f"leaves out {name}",
@@ -403,8 +404,10 @@ def model_variants(
                 lambda grads, name=name: {**grads, name: np.zeros_like(grads[name])},
             )
     for i, j in itertools.pairwise(range(1, spec.num_layers + 1)):  # neighbours
-        if params[f"fc{i}.weight"].shape == params[f"fc{j}.weight"].shape:
-            kinds = ("weight", "bias") if spec.bias else ("weight",)
+        # Layers of one shape and, as the spec holds a bias per position, one bias.
+        same_bias = spec.biases[i - 1] == spec.biases[j - 1]
+        if params[f"fc{i}.weight"].shape == params[f"fc{j}.weight"].shape and same_bias:
+            kinds = ("weight", "bias") if spec.biases[i - 1] else ("weight",)
             pairs = ((i, j), (j, i))
             swapped = {f"fc{a}.{k}": params[f"fc{b}.{k}"] for a, b in pairs for k in kinds}
 

@@ -262,6 +262,44 @@ def test_a_sequential_takes_jax_params_back_in_place(layout, equiv_seed):
         jax_to_torch(params, layout=layout, out=seq)
 
 
+def test_a_bias_on_some_layers_is_read_from_a_module_never_guessed_from_a_dict(equiv_seed):
+    torch.manual_seed(equiv_seed)
+    seq = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2, bias=False)
+    )
+    _, state = mlp_from_module(seq)
+    params = torch_to_jax(seq, layout="flax")  # nn.Linear(bias=False) says fc2 has none
+    assert sorted(params["Dense_0"]) == ["bias", "kernel"] and sorted(params["Dense_1"]) == [
+        "kernel"
+    ]
+    spec = MLPSpec((4, 3, 2), bias=(True, False))
+    assert_states_identical(jax_to_torch(params, layout="flax", spec=spec), state)
+    # The twin: the same entries as a dict may have lost fc2.bias: reported missing,
+    # with the spec that says fc2 has none.
+    with pytest.raises(ValueError) as info:
+        torch_to_jax(state)
+    assert str(info.value).splitlines() == [
+        "[equiv] state_dict does not match the MLP (4, 3, 2) (bias=True, float32):",
+        "  missing: 'fc2.bias' (expected shape (2,))",
+        "Pass spec=MLPSpec(...) to state the architecture; the torch layout names parameters "
+        "fc1.weight, fc1.bias, ...",
+        "Only some layers have a bias (no 'fc2.bias'), and entries alone cannot tell a layer "
+        "without one from a lost entry. If the model has none there, say so: "
+        "spec=MLPSpec((4, 3, 2), bias=(True, False))",
+    ]
+    # Where more is wrong than biases, no spec is offered: it would not be the fix.
+    with pytest.raises(ValueError) as info:
+        torch_to_jax({**state, "head.weight": torch.zeros(1)})
+    assert str(info.value).splitlines()[-1].startswith("Pass spec=MLPSpec(...) to state")
+    # A spec given decides: fc2.bias must be there when it says so.
+    with pytest.raises(ValueError) as info:
+        torch_to_jax(seq, spec=MLPSpec((4, 3, 2), activation="tanh"))
+    assert str(info.value).splitlines()[1:] == [
+        "  missing: 'fc2.bias' (expected shape (2,))",
+        "The torch layout names parameters fc1.weight, fc1.bias, ...",
+    ]
+
+
 def test_a_bfloat16_stack_is_told_its_dtype_not_its_biases():
     # Found in a user trial: "all Linear layers must share bias on/off and a float32 or
     # float64 dtype; got bias [True]" for a model.bfloat16(). The twin: float32 reads.

@@ -55,6 +55,14 @@ MODELS = [
         (3, 4, 1),
         ("tanh",),
     ),
+    (
+        "mixed-bias",
+        lambda: nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 2)
+        ),
+        (4, 8, 8, 2),
+        ("relu", "relu"),
+    ),
 ]
 
 
@@ -70,6 +78,52 @@ def test_reads_the_stack_and_the_harness_agrees(make, sizes, acts, equiv_seed):
     problem = equiv.make_problem(spec, params=params, batch_size=5, steps=2, seed=equiv_seed)
     assert all(torch.equal(problem.params[k], params[k]) for k in params)
     equiv.compare_backends(problem=problem).assert_agree()
+
+
+@pytest.mark.parametrize(
+    ("biases", "bias"),
+    [
+        ((True, False), (True, False)),
+        ((False, True, True), (False, True, True)),
+        ((True, True), True),  # one bool for every layer, as before
+        ((False, False), False),
+    ],
+)
+def test_each_linears_own_bias_is_read(biases, bias):
+    widths = (3, 5, 4, 2)[: len(biases) + 1]
+    layers = []
+    for i, has in enumerate(biases):
+        layers += [nn.Linear(widths[i], widths[i + 1], bias=has), nn.Tanh()]
+    spec, params = mlp_from_module(nn.Sequential(*layers[:-1]))
+    assert spec.bias == bias and spec.biases == biases
+    assert list(params) == spec.param_names()
+    assert {f"fc{i}.bias" for i, has in enumerate(biases, start=1) if has} == {
+        name for name in params if name.endswith(".bias")
+    }
+
+
+def test_a_module_with_a_bias_on_some_layers_converts_both_ways():
+    from equiv.convert import jax_to_torch, torch_to_jax
+
+    class Net(nn.Module):  # equiv's names, fc1 without a bias
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    source, target = Net(), Net()
+    tree = torch_to_jax(source, layout="flax")  # no spec: the module says which have one
+    assert sorted(tree["Dense_0"]) == ["kernel"] and sorted(tree["Dense_1"]) == ["bias", "kernel"]
+    jax_to_torch(tree, layout="flax", out=target, spec=mlp_from_module(source)[0])
+    assert all(
+        torch.equal(a, b) for a, b in zip(source.parameters(), target.parameters(), strict=True)
+    )
+    # The twin: the tree alone cannot tell fc1's absent bias from a lost one.
+    with pytest.raises(ValueError, match="missing: 'Dense_0.bias'"):
+        jax_to_torch(tree, layout="flax", out=target)
 
 
 def test_leaky_relu_slope_is_carried():
@@ -216,6 +270,12 @@ def _weight_norm() -> nn.Module:
             nn.ModuleList([nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1)]),
             "ModuleList has no forward pass to check",
         ),
+        (
+            nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1, dtype=torch.float64)),
+            "all Linear layers must share a float32 or float64 dtype; got dtypes "
+            "['torch.float32', 'torch.float64']: convert the model first (model.float() or "
+            "model.double())",
+        ),
     ],
     ids=[
         "dropout",
@@ -235,6 +295,7 @@ def _weight_norm() -> nn.Module:
         "lazy",
         "meta",
         "module-list",
+        "mixed-dtypes",
     ],
 )
 def test_refusals_name_the_problem(model, phrase):

@@ -27,6 +27,8 @@ FD_CASES = [
     ("one_layer", (2, 1), True, 1),
     ("bottleneck", (6, 1, 6), True, 3),
     ("batch_17", (4, 8, 3), True, 17),
+    ("mixed_bias", (4, 5, 5, 3), (True, False, True), 4),  # one bool per layer
+    ("mixed_bias_ends_off", (3, 4, 4, 4, 2), (False, True, True, False), 3),
 ]
 H = 1e-6
 U64 = 2.0**-53
@@ -142,6 +144,29 @@ def test_fd_check_catches_a_bias_gradient_not_summed(case, rng, monkeypatch):
         assert_grads_match_fd(params, x, y, spec, grads)
     # Only bias leaves are wrong: every weight gradient still passes.
     assert ".weight" not in str(info.value)
+
+
+def test_fd_check_catches_a_backward_that_leaves_out_a_layers_bias(rng):
+    # The twin of the mixed_bias cases: a backward written as if fc3, which has a bias,
+    # had none (its forward pass without it, its gradient reported 0).
+    _, sizes, bias, batch = next(c for c in FD_CASES if c[0] == "mixed_bias")
+    spec = equiv.MLPSpec(sizes, bias=bias, dtype="float64")
+    params, x, y = draw(spec, batch, rng)
+    kept = {k: v for k, v in params.items() if k != "fc3.bias"}
+    _, grads = manual.loss_and_grads(kept, x, y, spec.replace(bias=(True, False, False)))
+    grads["fc3.bias"] = np.zeros_like(params["fc3.bias"])
+    with pytest.raises(AssertionError, match=r"finite differences disagree: .*fc3\.bias"):
+        assert_grads_match_fd(params, x, y, spec, grads)
+
+
+def test_layers_without_a_bias_get_no_bias_gradient(rng):
+    spec = equiv.MLPSpec((4, 5, 5, 3), bias=(True, False, True), dtype="float64")
+    params, x, y = draw(spec, 3, rng)
+    assert "fc2.bias" not in params
+    _, grads = manual.loss_and_grads(params, x, y, spec)
+    _, sizes = manual.magnitudes(params, x, y, spec)
+    expected = ["fc1.weight", "fc1.bias", "fc2.weight", "fc3.weight", "fc3.bias"]
+    assert list(grads) == list(sizes) == expected
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,20 @@ VALID = [  # (kwargs, param_shapes)
     ),
     ({"sizes": (1, 1)}, {"fc1.weight": (1, 1), "fc1.bias": (1,)}),
     ({"sizes": (5, 7, 3), "bias": False}, {"fc1.weight": (7, 5), "fc2.weight": (3, 7)}),
+    (  # one bool per Linear layer
+        {"sizes": (4, 8, 8, 2), "bias": (True, False, True)},
+        {
+            "fc1.weight": (8, 4),
+            "fc1.bias": (8,),
+            "fc2.weight": (8, 8),
+            "fc3.weight": (2, 8),
+            "fc3.bias": (2,),
+        },
+    ),
+    (
+        {"sizes": (5, 7, 3), "bias": [False, True]},
+        {"fc1.weight": (7, 5), "fc2.weight": (3, 7), "fc2.bias": (3,)},
+    ),
     (
         {"sizes": (784, 512, 512, 10), "dtype": "float64"},
         {
@@ -116,6 +130,34 @@ INVALID = [  # (kwargs, exception, exact message)
     ),
     ({"bias": 1}, TypeError, "[equiv] bias must be True or False, got 1"),
     ({"bias": "yes"}, TypeError, "[equiv] bias must be True or False, got 'yes'"),
+    ({"bias": None}, TypeError, "[equiv] bias must be True or False, got None"),
+    (
+        {"bias": (True, False, True)},
+        ValueError,
+        "[equiv] bias has 3 entries for 2 Linear layers (sizes=(4, 3, 2)); give True or False "
+        "for every layer, or one bool per layer, fc1 first: MLPSpec((4, 3, 2), bias=(True, "
+        "False)) leaves fc2 without a bias",
+    ),
+    (
+        {"bias": ()},
+        ValueError,
+        "[equiv] bias has 0 entries for 2 Linear layers (sizes=(4, 3, 2)); give True or False "
+        "for every layer, or one bool per layer, fc1 first: MLPSpec((4, 3, 2), bias=(True, "
+        "False)) leaves fc2 without a bias",
+    ),
+    (
+        {"bias": (1, 0)},
+        TypeError,
+        "[equiv] bias must hold True or False for each Linear layer, got (1, 0) (fc1's 1, "
+        "fc2's 0 are not bools): write bias=(True, False)",
+    ),
+    (
+        {"bias": (True, "no")},
+        TypeError,
+        "[equiv] bias must hold True or False for each Linear layer, got (True, 'no') (fc2's "
+        "'no' is not a bool): for example MLPSpec((4, 3, 2), bias=(True, False)) leaves fc2 "
+        "without a bias",
+    ),
 ]
 
 
@@ -130,6 +172,39 @@ def test_invalid_specs(kwargs, error, message):
     assert type(info.value) is error
     assert str(info.value) == message
     assert "\n" not in str(info.value)  # one line
+
+
+def test_bias_is_one_bool_or_one_per_layer_and_biases_is_per_layer():
+    assert MLPSpec((4, 8, 8, 2)).biases == (True, True, True)
+    assert MLPSpec((4, 8, 8, 2), bias=False).biases == (False, False, False)
+    mixed = MLPSpec((4, 8, 8, 2), bias=[True, False, True])
+    assert mixed.bias == (True, False, True) and mixed.biases == (True, False, True)
+    # A list and a tuple are one spec (its compiled JAX step is cached per spec).
+    assert mixed == MLPSpec((4, 8, 8, 2), bias=(True, False, True))
+    assert hash(mixed) == hash(MLPSpec((4, 8, 8, 2), bias=(True, False, True)))
+    # What the user gave is kept: a tuple of equal entries stays a tuple, and reads the
+    # same through biases as the bool.
+    same = MLPSpec((4, 8, 8, 2), bias=(True, True, True))
+    assert same.bias == (True, True, True) and same.biases == MLPSpec((4, 8, 8, 2)).biases
+    assert same.param_shapes() == MLPSpec((4, 8, 8, 2)).param_shapes()
+    assert mixed.replace(bias=True).biases == (True, True, True)
+    with pytest.raises(ValueError, match=r"^\[equiv\] bias has 3 entries for 2 Linear layers"):
+        mixed.replace(sizes=(4, 8, 2))  # sizes and bias are checked together
+
+
+@pytest.mark.parametrize(
+    ("bias", "text"),
+    [
+        (True, "bias=True"),
+        (False, "bias=False"),
+        ((True, False, True), "bias on fc1 and fc3 only"),
+        ((False, True, False), "bias on fc2 only"),
+        ((True, True, True), "bias on every layer"),
+        ((False, False, False), "no bias on any layer"),
+    ],
+)
+def test_describe_bias_names_the_layers_with_one(bias, text):
+    assert MLPSpec((4, 8, 8, 2), bias=bias).describe_bias() == text
 
 
 @pytest.mark.parametrize("field", ["activation", "loss", "dtype"])
