@@ -18,16 +18,27 @@ Rules, the same in both code paths:
   finite value passes where the bound reaches past the largest finite value of the
   Inf's dtype, the way the Inf points: that dtype rounds every value beyond it to
   Inf. A NaN is never a rounded value.
+* The relative difference is ``|actual - expected| / |expected|``, as in
+  ``torch.testing.assert_close``: the second argument is the denominator in
+  every path and every row (the float64 reference in a row against it, the
+  second backend of a pair: ``torch vs jax`` divides by jax's values).
+  ``0 / 0`` counts as 0 (equal zeros), ``x / 0`` as inf; non-finite entries
+  are left out.
 * Arithmetic runs in the dtype the two inputs promote to (at least float32):
   float32 against float32 in float32 (a difference of two close float32 values
-  is exact), anything against float64 in float64.
+  is exact), anything against float64 in float64. Where a difference or its
+  bound is past that dtype's largest value (``3e38 - (-3e38)`` in float32) the
+  element is decided at half scale, exactly, and the greatest difference is
+  reported past the dtype (6e38); a bound past twice the largest allows all, as
+  does a ``slack`` or ``atol_elementwise`` value at or past the largest.
+  No overflow warning escapes.
 
 Speed. Leaves of at least :data:`equiv.fastcompare.FAST_THRESHOLD` elements go
 first through :mod:`equiv.fastcompare`, which computes per-chunk maxima in cache
 on several threads; the full path then recomputes only the chunks that hold the
 greatest differences (for their indices), and takes over the whole leaf when it
-fails, holds a NaN or Inf, or has ``slack`` or ``atol_elementwise``. Both paths give
-identical statistics.
+fails, holds a NaN or Inf, has ``slack`` or ``atol_elementwise``, or has a bound
+past the dtype's range. Both paths give identical statistics.
 """
 
 from __future__ import annotations
@@ -67,7 +78,7 @@ class LeafDiff:
     nonfinite_mismatched: int
     max_abs: float
     max_abs_index: tuple[int, ...]
-    max_rel: float
+    max_rel: float  # |actual - expected| / |expected| (torch's convention)
     max_rel_index: tuple[int, ...]
     allowed: float  # the bound at the element of greatest absolute difference
     ratio: float  # max over elements of |difference| / bound; <= 1 passes
@@ -204,7 +215,8 @@ def compare_leaf(
       stage, step, name, actual_name, expected_name: labels for the report.
       slack: None, or a non-negative finite array broadcastable to the leaf: extra
         allowed difference per element (for units near a ReLU kink). Elements that
-        pass only thanks to it are counted in ``ambiguous``.
+        pass only thanks to it are counted in ``ambiguous``. A value at or past the
+        compute dtype's largest allows every difference there.
       atol_elementwise: None, or a non-negative finite array broadcastable to the leaf:
         an absolute term of the bound per element, added to ``tolerance``'s (the
         harness's error sizes per element). Unlike ``slack``, part of the bound proper.
@@ -212,7 +224,8 @@ def compare_leaf(
         default :data:`equiv.fastcompare.FAST_THRESHOLD`.
 
     Returns:
-      A :class:`LeafDiff`.
+      A :class:`LeafDiff`; its relative difference is ``|actual - expected| /
+      |expected|`` (torch's ``assert_close`` convention), whichever path computed it.
 
     Raises:
       ValueError: shapes differ, or ``slack`` or ``atol_elementwise`` is negative, NaN
@@ -349,14 +362,17 @@ def _check_slack(
             f"{name or 'leaf'}: {what} of shape {s.shape} does not broadcast to the leaf's "
             f"shape {shape}; give one extra allowed difference per element (or a scalar)"
         ) from None
-    s = s.astype(ct).reshape(-1)
     if not np.all(np.isfinite(s) & (s >= 0)):
         raise value_error(
             f"{name or 'leaf'}: {what} must be finite and non-negative; got values from "
             f"{np.nanmin(s, initial=np.inf)} to {np.nanmax(s, initial=-np.inf)}"
             f"{' and NaN' if np.isnan(s).any() else ''}"
         )
-    return s
+    # A value at or past the compute dtype's largest stands for one beyond its range
+    # (equiv.harness caps there): it allows every difference, as inf does.
+    with np.errstate(over="ignore"):
+        s = s.astype(ct).reshape(-1)
+    return np.where(s < np.finfo(ct).max, s, ct.type(np.inf))
 
 
 def _scale_part(a: np.ndarray, b: np.ndarray, ct: np.dtype) -> Any:
@@ -366,11 +382,17 @@ def _scale_part(a: np.ndarray, b: np.ndarray, ct: np.dtype) -> Any:
     return ct.type(np.max(np.where(finite, np.maximum(np.abs(a), np.abs(b)), 0), initial=0))
 
 
-def _bound_constant(tolerance: Tolerance, scale: Any, ct: np.dtype) -> Any:
-    """``atol + scaled·S``, rounded once to the compute dtype (inf where the bound is
-    beyond its range: every difference passes, as inf allows, without a warning)."""
+def _rounded(x: float, ct: np.dtype) -> Any:
+    """``x`` rounded to ``ct``; inf where it is beyond the dtype's range (no warning)."""
+    return ct.type(x) if x <= float(np.finfo(ct).max) else ct.type(np.inf)
+
+
+def _bound_constant(tolerance: Tolerance, scale: Any, ct: np.dtype, factor: float = 1.0) -> Any:
+    """``factor·(atol + scaled·S)``, rounded once to the compute dtype (inf where it is
+    beyond its range, without a warning: every difference within the range passes, and
+    one past it is decided at half scale, ``factor = 0.5``, in :func:`_stats_part`)."""
     bound = tolerance.atol + tolerance.scaled * max(float(scale), tolerance.floor)
-    return ct.type(bound) if bound <= float(np.finfo(ct).max) else ct.type(np.inf)
+    return _rounded(factor * bound, ct)
 
 
 def _quotient(num: np.ndarray, den: Any) -> np.ndarray:
@@ -385,7 +407,36 @@ def _largest(dtype: np.dtype) -> float:
     return float(np.finfo(dtype).max) if dtype.kind == "f" else math.inf
 
 
-def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
+def _relative_term(rtol: float, size: np.ndarray, ct: np.dtype) -> np.ndarray:
+    """``rtol·|expected|`` in ``ct``, inf past its range: 0 where ``|expected|`` is 0
+    (an infinite ``rtol`` too), and taken in float64 where ``rtol`` itself is past
+    ``ct``'s range (1e39 times 1e-40 is 0.1, not inf, in float32)."""
+    r = _rounded(rtol, ct)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(r):
+            return r * size
+        term = (rtol * size.astype(np.float64)).astype(ct)
+    return np.where(size > 0, term, ct.type(0))
+
+
+def _bounds(c, rtol: float, size_b, atol, slack, ct: np.dtype):
+    """The bound per element without and with ``slack``: ``c + rtol·|b| + atol``; inf
+    where it is beyond the dtype's range (without a warning)."""
+    with np.errstate(over="ignore"):
+        allowed = c + _relative_term(rtol, size_b, ct) if rtol else c
+        if atol is not None:
+            allowed = allowed + atol
+        return allowed, (allowed if slack is None else allowed + slack)
+
+
+def _size(b: np.ndarray, ct: np.dtype) -> np.ndarray:
+    """``|b|``, 0 where ``b`` is not finite (the size ``rtol`` multiplies)."""
+    return np.where(np.isfinite(b), np.abs(b), ct.type(0))
+
+
+def _stats_part(a, b, c, rtol: float, slack, ct, offset: int, atol=None) -> _Stats:
+    """The statistics of one chunk; ``c`` is the bound's constant term and half of it
+    (:func:`_bound_constant`), ``rtol`` the tolerance's."""
     top_a, top_b = _largest(a.dtype), _largest(b.dtype)
     a, b = a.astype(ct, copy=False), b.astype(ct, copy=False)
     finite = np.isfinite(a) & np.isfinite(b)
@@ -394,30 +445,61 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
     with np.errstate(over="ignore", invalid="ignore"):
         diff = np.where(finite, np.abs(a - b), ct.type(0))
     abs_b = np.where(finite, np.abs(b), ct.type(0))
-    with np.errstate(over="ignore"):  # two terms near the dtype's largest: inf allows all
-        allowed = c + rtol * np.where(np.isfinite(b), np.abs(b), ct.type(0)) if rtol else c
-        if atol is not None:
-            allowed = allowed + atol
-    held = allowed if slack is None else allowed + slack
-    over = np.where(finite, _quotient(diff, held), ct.type(0)).astype(ct, copy=False)
+    allowed, held = _bounds(c[0], rtol, _size(b, ct), atol, slack, ct)
+    # Where |a - b| or its bound is past the dtype's largest value (inf, of finite
+    # terms), both are taken at half scale, exact for values so large: the verdict, the
+    # ratio and the numbers are the exact values' (an inf against an inf passed, with an
+    # overflow warning, in a user trial). A bound past twice the largest allows all.
+    lost = None  # where |a - b| itself is past the range
+    d, low, high, scale = diff, allowed, held, ct.type(1)  # the values compared, scaled
+    if np.isinf(np.max(diff)) or np.isinf(np.max(held)):  # rare: no masks otherwise
+        lost = np.isinf(diff)
+        big = lost | np.isinf(held)
+        half = ct.type(0.5)
+        with np.errstate(over="ignore", invalid="ignore"):
+            h_diff = np.where(finite, np.abs(a * half - b * half), ct.type(0))
+        h_allowed, h_held = _bounds(
+            c[1],
+            rtol,
+            _size(b, ct) * half,
+            None if atol is None else atol * half,
+            None if slack is None else slack * half,
+            ct,
+        )
+        d, low, high = (
+            np.where(big, h, x) for h, x in ((h_diff, diff), (h_allowed, allowed), (h_held, held))
+        )
+        scale = np.where(big, half, ct.type(1))
+        if not lost.any():
+            lost = None
+    over = np.where(finite, _quotient(d, high), ct.type(0)).astype(ct, copy=False)
     if bad.any():
-        over, bad = _overflow_within_bound(a, b, top_a, top_b, held, over, bad, ct)
-    rel = _quotient(diff, abs_b)
-    i_abs, i_rel = int(np.argmax(diff)), int(np.argmax(rel))
+        over, bad = _overflow_within_bound(a, b, top_a, top_b, high, scale, over, bad, ct)
+    if lost is None:
+        rel = _quotient(diff, abs_b)
+        i_abs = int(np.argmax(diff))
+    else:  # |a - b| / |b| at half scale; the greatest difference is a lost one
+        rel = _quotient(np.where(lost, d, diff), np.where(lost, abs_b * scale, abs_b))
+        i_abs = int(np.argmax(np.where(lost, d, ct.type(-1))))
+    i_rel = int(np.argmax(rel))
     ambiguous = 0
     if slack is not None:
-        ambiguous = int(np.count_nonzero((diff > allowed) & (diff <= held)))
+        ambiguous = int(np.count_nonzero((d > low) & (d <= high)))
+    held_at = np.broadcast_to(held, diff.shape)[i_abs]
     return _Stats(
-        mismatched=int(np.count_nonzero(diff > held)) + int(np.count_nonzero(bad)),
+        mismatched=int(np.count_nonzero(d > high)) + int(np.count_nonzero(bad)),
         nonfinite=int(np.count_nonzero(bad)),
         i_nonfinite=offset + int(np.argmax(bad)) if bad.any() else 0,
         ambiguous=ambiguous,
-        max_abs=diff[i_abs],
+        # Past the dtype's range, as float (2 times the half-scale value: exact).
+        max_abs=diff[i_abs] if lost is None else 2.0 * float(d[i_abs]),
         i_abs=offset + i_abs,
         max_rel=rel[i_rel],
         i_rel=offset + i_rel,
         ratio=np.max(over),
-        allowed=np.broadcast_to(held, diff.shape)[i_abs],
+        allowed=held_at
+        if np.isfinite(held_at)
+        else 2.0 * float(np.broadcast_to(high, diff.shape)[i_abs]),
         # The greatest difference's element, where its ratio is the greatest too (ties
         # such as every ratio inf under a zero bound); else where the ratio is greatest.
         i_ratio=(
@@ -428,7 +510,7 @@ def _stats_part(a, b, c, rtol, slack, ct, offset: int, atol=None) -> _Stats:
     )
 
 
-def _overflow_within_bound(a, b, top_a, top_b, held, over, bad, ct):
+def _overflow_within_bound(a, b, top_a, top_b, held, scale, over, bad, ct):
     """Pass an Inf against a finite value ``f`` where the bound allows a value past the
     largest finite one of the Inf's dtype, the way the Inf points (``±f + bound ≥
     largest``): that dtype rounds every value beyond it to Inf, so the Inf is the
@@ -437,6 +519,7 @@ def _overflow_within_bound(a, b, top_a, top_b, held, over, bad, ct):
     (``inf − inf`` gives it), and neither is an Inf the bound does not reach or one
     against the other Inf: their ratio stays inf (JAX's NaN ``silu`` backward beside
     torch's 0 is caught, and a run whose float32 values are all NaN does not agree).
+    ``held`` is the bound times ``scale`` (1, or 1/2 where it is past the dtype's range).
     """
     held = np.broadcast_to(held, a.shape)
     over = np.where(bad, ct.type(np.inf), over)
@@ -446,7 +529,8 @@ def _overflow_within_bound(a, b, top_a, top_b, held, over, bad, ct):
             continue
         with np.errstate(over="ignore", invalid="ignore"):
             toward = np.sign(lost).astype(ct) * other
-            need = np.maximum(ct.type(top) - toward, ct.type(0))  # to the dtype's edge
+            # to the dtype's edge
+            need = np.maximum(ct.type(top) * scale - toward * scale, ct.type(0))
             ratio = _quotient(need, held)
         reached = one_sided & (ratio <= 1)
         over = np.where(reached, ratio, over)
@@ -468,14 +552,14 @@ def _numpy_stats(a, b, tolerance: Tolerance, slack, ct: np.dtype, atol=None) -> 
     if a.size == 0:
         return _Stats()
     scale = max(_scale_part(a[i:j], b[i:j], ct) for i, j in _chunks(0, a.size))
-    c, rtol = _bound_constant(tolerance, scale, ct), ct.type(tolerance.rtol)
+    c = _bound_constant(tolerance, scale, ct), _bound_constant(tolerance, scale, ct, 0.5)
     out = None
     for i, j in _chunks(0, a.size):
         part = _stats_part(
             a[i:j],
             b[i:j],
             c,
-            rtol,
+            tolerance.rtol,
             None if slack is None else slack[i:j],
             ct,
             i,
@@ -487,13 +571,17 @@ def _numpy_stats(a, b, tolerance: Tolerance, slack, ct: np.dtype, atol=None) -> 
 
 def _fast_stats(a, b, tolerance: Tolerance, ct: np.dtype) -> _Stats | None:
     """The fast path for a big passing leaf; None where the NumPy path must decide
-    (a failing or borderline leaf, or NaN or Inf anywhere)."""
+    (a failing or borderline leaf, NaN or Inf anywhere, or a bound past the dtype's
+    range, which the NumPy path takes at half scale)."""
     chunk = fastcompare.CHUNK
     maxima = fastcompare.chunk_maxima(a, b, ct, c=tolerance.atol, rtol=tolerance.rtol, chunk=chunk)
     if not (np.isfinite(maxima["max_abs"]).all() and np.isfinite(maxima["scale"]).all()):
         return None
-    c = _bound_constant(tolerance, np.max(maxima["scale"]), ct)
-    rtol = ct.type(tolerance.rtol)
+    scale = np.max(maxima["scale"])
+    c, rtol = _bound_constant(tolerance, scale, ct), _rounded(tolerance.rtol, ct)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(c + rtol * scale):  # the greatest bound (|b| <= S)
+            return None
     max_abs = np.max(maxima["max_abs"])
     if rtol:
         ratio = np.max(_no_nan(maxima["ratio"]))
@@ -520,7 +608,8 @@ def _fast_stats(a, b, tolerance: Tolerance, ct: np.dtype) -> _Stats | None:
 
 def _locate(a, b, ct, k_abs: int, k_rel: int, chunk: int):
     """First indices of the greatest absolute (in chunk ``k_abs``) and relative (in
-    chunk ``k_rel``) differences of an all-finite leaf, with their values."""
+    chunk ``k_rel``, ``|a - b| / |b|``, ``b`` the expected side) differences of an
+    all-finite leaf, with their values."""
     found = {}
     xs, ys, ds, qs = fastcompare.scratch(4, chunk, ct)
     for k in dict.fromkeys((k_abs, k_rel)):

@@ -9,7 +9,8 @@ the GIL inside ufunc loops):
 * ``max |a - b|`` (NaN if any entry is NaN, Inf if any is Inf: then the caller
   takes the full NumPy path, which places every non-finite entry),
 * ``max(max a, -min a, max b, -min b)``, the scale ``S`` of the derived bound,
-* ``max |a - b| / |b|`` (``0/0`` skipped: equal zeros differ by nothing),
+* ``max |a - b| / |b|``, ``b`` the expected side as in ``torch.testing.assert_close``
+  (``0/0`` skipped: equal zeros differ by nothing),
 * with ``rtol > 0``: ``max |a - b| / (atol + rtol·|b|)``.
 
 The chunk maxima locate the greatest differences; the caller recomputes only
@@ -112,8 +113,10 @@ def chunk_maxima(
 ) -> dict[str, np.ndarray]:
     """Per-chunk maxima of two flat arrays compared in ``dtype`` (see the module
     docstring); ``c`` and ``rtol`` give the ratio ``|a - b| / (c + rtol·|b|)``
-    when ``rtol > 0``. A chunk whose relative differences are all ``0/0`` has
-    ``max_rel`` NaN (read it as 0).
+    when ``rtol > 0`` (``c`` or ``rtol`` past the dtype's range is inf there: the
+    caller then takes the NumPy path). ``b`` is the expected side: the relative
+    difference is ``|a - b| / |b|``. A chunk whose relative differences are all
+    ``0/0`` has ``max_rel`` NaN (read it as 0).
 
     >>> a = np.arange(8, dtype=np.float32); b = a.copy(); b[6] += 2
     >>> out = chunk_maxima(a, b, np.dtype(np.float32), chunk=4)
@@ -125,7 +128,8 @@ def chunk_maxima(
     starts = list(enumerate(range(0, a.size, chunk)))
     names = ["max_abs", "scale", "max_rel"] + (["ratio"] if rtol else [])
     out = {name: np.zeros(len(starts), ct) for name in names}
-    c, rtol = ct.type(c), ct.type(rtol)
+    with np.errstate(over="ignore"):  # past the dtype's range: inf (the caller defers)
+        c, rtol = ct.type(c), ct.type(rtol)
     workers = min(THREADS, len(starts))
     if workers <= 1:
         _work(a, b, ct, c, rtol, chunk, starts, out)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -504,3 +506,130 @@ def test_a_bound_beyond_the_dtypes_range_allows_everything_without_a_warning():
     d = compare_leaf(a, a, Tolerance(atol=3e38), atol_elementwise=np.array([3e38, 0.0]))
     assert d.passed
     assert not compare_leaf(a, b, Tolerance(atol=1e38)).passed  # within range: it fails
+
+
+# --- differences and bounds past the compute dtype's range --------------------------
+# Arithmetic past the largest value gave inf, an inf against an inf passed anything
+# (0/0 read as 0), and some paths warned: an overflow RuntimeWarning from _stats_part
+# (a bound plus a slack capped at float32's largest) in a user trial. Now such an
+# element is decided at half scale, exactly, and nothing warns.
+
+# (id, actual, expected, atol, rtol, passed, ratio), in units of the dtype's largest L:
+# 0.9·L - (-0.9·L) = 1.8·L is past it.
+PAST_RANGE = [
+    ("both past the range, within", 0.9, -0.9, 0.5, 1.5, True, 1.8 / 1.85),
+    ("both past the range, beyond", 0.9, -0.9, 0.3, 1.0, False, 1.8 / 1.2),
+    ("atol past the range, within", 0.9, -0.9, 1.9, 0.0, True, 1.8 / 1.9),
+    ("atol past the range, beyond", 0.9, -0.9, 1.5, 0.0, False, 1.8 / 1.5),
+    ("bound past twice the range", 0.9, -0.9, 0.5, 2.0, True, 0.0),
+    ("within the range, within", 0.9, 0.4, 0.3, 1.0, True, 0.5 / 0.7),
+    ("within the range, beyond", 0.9, 0.4, 0.3, 0.2, False, 0.5 / 0.38),
+]
+PAST_RANGE_DTYPES = ["float32", "float64", "bfloat16"]
+
+
+@pytest.mark.parametrize(
+    "dtype, actual, expected, atol, rtol, passed, ratio",
+    [
+        pytest.param(dtype, *case[1:], id=f"{case[0]}-{dtype}")
+        for case in PAST_RANGE
+        for dtype in PAST_RANGE_DTYPES
+        # A Python float (float64) holds no atol past float64's range but inf.
+        if not (dtype == "float64" and case[3] > 1)
+    ],
+)
+def test_a_difference_past_the_dtypes_range_is_decided_exactly(
+    dtype, actual, expected, atol, rtol, passed, ratio
+):
+    dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    top = float(np.finfo(dtype).max)
+    a = np.array([actual * top, 1.0], dtype)
+    b = np.array([expected * top, 1.0], dtype)
+    x, y = float(a[0]), float(b[0])  # the values as rounded to the dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = compare_leaf(a, b, Tolerance(atol=atol * top, rtol=rtol))
+    assert (d.passed, d.mismatched, d.max_abs_index) == (passed, 0 if passed else 1, (0,))
+    assert d.ratio == pytest.approx(ratio, rel=1e-2)  # bfloat16 rounds to 3 digits
+    assert d.max_abs == 2.0 * abs(x / 2 - y / 2)  # float64's past its range: inf
+    assert d.max_rel == pytest.approx(abs(x / 2 - y / 2) / abs(y / 2), rel=1e-6)
+
+
+def test_a_slack_at_the_dtypes_largest_beside_a_large_bound_does_not_warn():
+    # The user trial: equiv.harness caps a slack at float32's largest; with a bound of
+    # 1e38 beside it, allowed + slack overflowed with a RuntimeWarning. That cap
+    # allows every difference, as inf would; elsewhere a real difference still fails.
+    a = np.array([3e38, 1.0], np.float32)
+    slack = np.array([F32_MAX, 0.0], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = compare_leaf(a, np.array([-3e38, 1.0], np.float32), Tolerance(atol=1e38), slack=slack)
+        assert (d.passed, d.ambiguous, d.ratio) == (True, 1, 0.0)
+        d = compare_leaf(a, np.array([3e38, 4.0], np.float32), Tolerance(rtol=0.5), slack=slack)
+        assert (d.passed, d.mismatched, d.ratio) == (False, 1, 1.5)
+        # A slack below the largest: the difference past the range is held to it.
+        d = compare_leaf(
+            a, np.array([-3e38, 1.0], np.float32), Tolerance(atol=1e38), slack=slack / 3
+        )
+        assert (d.passed, d.mismatched) == (False, 1)
+        assert d.ratio == pytest.approx(6e38 / (1e38 + F32_MAX / 3), rel=1e-6)
+
+
+def test_a_slack_past_the_compute_dtype_allows_without_a_warning():
+    # float64 slack beside float32 leaves: 1e300 does not fit float32 (the cast warned,
+    # then the slack was refused as infinite).
+    a, b = np.ones(2, np.float32), np.full(2, 3.0, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = compare_leaf(a, b, T, slack=np.array([1e300, 1e300]))
+        assert (d.passed, d.ambiguous) == (True, 2)
+        d = compare_leaf(a, b, T, slack=np.array([1e300, 0.0]))
+        assert (d.passed, d.mismatched, d.ambiguous) == (False, 1, 1)
+        d = compare_leaf(a, b, T, atol_elementwise=np.array([1e300, 0.0]))
+        assert (d.passed, d.mismatched, d.ambiguous) == (False, 1, 0)
+
+
+@pytest.mark.parametrize("rtol", [1e39, inf], ids=["past float32's range", "inf"])
+def test_an_rtol_past_the_dtypes_range_allows_nothing_at_zero(rtol):
+    # rtol·|expected| is 0 where expected is 0 (inf·0 was NaN: a warning and a pass),
+    # and 1e39·1e-40 is 0.1, not inf.
+    tol = Tolerance(rtol=rtol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = compare_leaf(np.array([1.0, 5.0], np.float32), np.array([0.0, 1.0], np.float32), tol)
+        assert (d.passed, d.mismatched, d.ratio) == (False, 1, inf)
+        d = compare_leaf(np.array([0.0, 5.0], np.float32), np.array([0.0, 1.0], np.float32), tol)
+        assert (d.passed, d.ratio) == (True, 0.0)
+        if math.isfinite(rtol):
+            tiny = np.array([1e-40, 1e-40], np.float32)
+            within = compare_leaf(tiny + np.float32(0.05), tiny, tol)
+            beyond = compare_leaf(tiny + np.float32(0.2), tiny, tol)
+            assert (within.passed, beyond.passed) == (True, False)
+            assert beyond.ratio == pytest.approx(2.0, rel=1e-3)
+
+
+def test_the_fast_path_leaves_a_bound_past_the_range_to_the_numpy_path(monkeypatch):
+    # The fast path warned (a cast of atol=1e300 to float32; c + rtol·|b| past the
+    # range) or passed a leaf whose rtol·0 was NaN (skipped as 0/0).
+    monkeypatch.setattr(fastcompare, "CHUNK", CHUNK)
+    n = 3 * CHUNK + 5
+    big = np.full(n, 3e38, np.float32)
+    apart = big.copy()
+    apart[CHUNK + 3] = -3e38
+    ones = np.ones(n, np.float32)
+    zero = ones.copy()
+    zero[2 * CHUNK] = 0.0
+    cases = [
+        (big, big, Tolerance(atol=1e300), True),
+        (big, apart, Tolerance(atol=1e300), True),
+        (big, big, Tolerance(atol=1e38, rtol=2.0), True),
+        (big, apart, Tolerance(atol=1e38, rtol=1.0), False),
+        (zero, zero, Tolerance(rtol=inf), True),
+        (ones, zero, Tolerance(rtol=inf), False),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for a, b, tol, passed in cases:
+            fast = compare_leaf(a, b, tol, fast_threshold=0)
+            slow = compare_leaf(a, b, tol, fast_threshold=n + 1)
+            assert fast == slow and fast.passed is passed, (tol, passed)
