@@ -43,7 +43,7 @@ import re
 import struct
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -55,6 +55,7 @@ from equiv.convert import (
     Layout,
     _flatten,
     _state_dict,
+    biases_of,
     check_entries,
     copy_into,
     equinox_to_torch,
@@ -69,6 +70,8 @@ from equiv.files import atomic_path
 from equiv.spec import MLPSpec
 
 LAYOUT_KEY = "equiv.layout"
+#: Which layers have a bias, one True or False per layer (``"True,False"``).
+BIAS_KEY = "equiv.bias"
 # The layout's definition, beside its name: a Layout of the caller's own has no entry
 # in LAYOUTS to look the name up in.
 _LAYOUT_FIELDS = ("weight_path", "bias_path", "transpose")
@@ -127,7 +130,12 @@ def save_torch(
     if spec is None:
         spec = module_spec(module_or_state_dict)
     spec = check_entries(
-        {(n,): t for n, t in state.items()}, LAYOUTS["torch"], spec, what="state_dict"
+        {(n,): t for n, t in state.items()},
+        LAYOUTS["torch"],
+        spec,
+        what="state_dict",
+        # A module's own layers say which have a bias; a state_dict's entries cannot.
+        from_model=isinstance(module_or_state_dict, torch.nn.Module),
     )
     tensors, seen = {}, set()
     for n in spec.param_names():
@@ -146,7 +154,8 @@ def save_torch(
         else:
             import safetensors.torch
 
-            _save_aligned(safetensors.torch.save_file, tensors, tmp, _metadata(LAYOUTS["torch"]))
+            metadata = _metadata(LAYOUTS["torch"], spec)
+            _save_aligned(safetensors.torch.save_file, tensors, tmp, metadata)
 
 
 def load_torch(
@@ -205,26 +214,37 @@ def load_torch(
         # under its prefix too (self.model = TorchMLP(...) in a Lightning module).
         own = own_names(out) or {name: name for name in out.state_dict()}
     # Transposed weights are read as views: the copy into out transposes them once.
-    state, spec = _load_state(path, spec, file_layout, entry, contiguous=False, own=own)
+    state, spec = _load_state(
+        path, spec, file_layout, entry, contiguous=False, own=own, biases=biases_of(out)
+    )
     return copy_into(out, state, spec)
 
 
 def _load_state(
-    path, spec, file_layout, entry, *, contiguous: bool, own: Mapping[str, str] | None = None
+    path,
+    spec,
+    file_layout,
+    entry,
+    *,
+    contiguous: bool,
+    own: Mapping[str, str] | None = None,
+    biases: tuple[bool, ...] | None = None,
 ) -> tuple[dict[str, torch.Tensor], MLPSpec]:
     """The file's tensors under torch's names, and their spec; a transposed layout's weights as
     contiguous copies, or (``contiguous=False``) as views of the file's tensors.
     ``own`` renames a torch-layout file's keys that are a module's own names
-    (:func:`equiv.from_module.own_names`) to equiv's."""
+    (:func:`equiv.from_module.own_names`) to equiv's; ``biases`` (the module's) say which
+    layers have a bias where neither ``spec`` nor the file does."""
     # A module's own names settle which layer each entry is (by its calls), never
     # the entries' numbers.
-    renamed: dict[str, str] = {}
-    flat, layout = _read(path, file_layout, entry, numbered=not own, renamed=renamed)
+    flat, layout, renamed, recorded = _read_file(path, file_layout, entry, numbered=not own)
     if own and layout.name == "torch":
         prefix = _outer_prefix([key for (key,) in flat], own)
         flat = {(own.get(key[len(prefix) :], key),): tensor for (key,), tensor in flat.items()}
     try:
-        spec = check_entries(flat, layout, spec, what=f"checkpoint {os.fspath(path)}")
+        spec = check_entries(
+            flat, layout, spec, what=f"checkpoint {os.fspath(path)}", biases=recorded or biases
+        )
     except ValueError as error:
         if not renamed:
             raise
@@ -303,7 +323,7 @@ def save_jax(
     import safetensors.numpy
 
     with atomic_path(path) as tmp:
-        _save_aligned(safetensors.numpy.save_file, arrays, tmp, _metadata(layout))
+        _save_aligned(safetensors.numpy.save_file, arrays, tmp, _metadata(layout, spec))
 
 
 #: XLA:CPU adopts a buffer without copying only on a 64-byte boundary (as in
@@ -347,10 +367,35 @@ def _data_start(path: str) -> int:
     return 8 + length
 
 
-def _metadata(layout: Layout) -> dict[str, str]:
-    """The layout a file is written in, as safetensors metadata (strings only)."""
+def _metadata(layout: Layout, spec: MLPSpec) -> dict[str, str]:
+    """The layout a file is written in, and which of its layers have a bias (a layer
+    without one cannot be told from a lost entry otherwise), as safetensors metadata
+    (strings only).
+
+    >>> _metadata(LAYOUTS["torch"], MLPSpec((4, 3, 2), bias=(True, False)))[BIAS_KEY]
+    'True,False'
+    """
     fields = {f"{LAYOUT_KEY}.{field}": str(getattr(layout, field)) for field in _LAYOUT_FIELDS}
-    return {LAYOUT_KEY: layout.name, **fields}
+    biases = ",".join(map(str, spec.biases))
+    return {LAYOUT_KEY: layout.name, **fields, BIAS_KEY: biases}
+
+
+def _recorded_biases(metadata: Mapping[str, str], shown: str) -> tuple[bool, ...] | None:
+    """Whether each layer has a bias, as a file records it (:func:`_metadata`), or None
+    for a file that records nothing (written before equiv recorded it, or by another
+    tool)."""
+    text = metadata.get(BIAS_KEY)
+    if text is None:
+        return None
+    read = {"True": True, "False": False}
+    values = text.split(",")
+    if not all(value in read for value in values):
+        raise value_error(
+            f"{shown} records {BIAS_KEY}={text!r}, which is not one True or False per layer: "
+            "the file is damaged. Read it with spec=MLPSpec(...), which says which layers "
+            "have a bias, and save it again"
+        )
+    return tuple(read[value] for value in values)
 
 
 def _recorded_layout(
@@ -526,17 +571,37 @@ def load_jax(
 # Reading
 
 
+class _File(NamedTuple):
+    """What :func:`_read_file` reads."""
+
+    #: The tensors keyed by ``(file key,)``.
+    flat: dict
+    #: The layout they are in, as the file holds it (:func:`_keyed`).
+    layout: Layout
+    #: Each key :func:`_foreign_keys` read under another name: ``{name read: file key}``.
+    renamed: dict[str, str]
+    #: Whether each layer has a bias, where the file records it (equiv's files do).
+    biases: tuple[bool, ...] | None
+
+
 def _read(
+    path: PathLike, file_layout: str | Layout | None, entry: str | None = None
+) -> tuple[dict, Layout]:
+    """The file's tensors keyed by ``(file key,)``, and the layout they are in, as
+    the file holds it (:func:`_keyed`)."""
+    read = _read_file(path, file_layout, entry)
+    return read.flat, read.layout
+
+
+def _read_file(
     path: PathLike,
     file_layout: str | Layout | None,
     entry: str | None = None,
     numbered: bool = True,
-    renamed: dict[str, str] | None = None,
-) -> tuple[dict, Layout]:
-    """The file's tensors keyed by ``(file key,)``, and the layout they are in, as
-    the file holds it (:func:`_keyed`); ``numbered`` is :func:`_foreign_keys`'s.
-    ``renamed``, where given, receives each key :func:`_foreign_keys` read under
-    another name: ``{name read: the file's key}``."""
+) -> _File:
+    """:func:`_read`, with what else the file says; ``numbered`` is
+    :func:`_foreign_keys`'s."""
+    renamed: dict[str, str] = {}
     kind = _kind(path, _SAFETENSORS + _PICKLES)
     shown = os.fspath(path)
     if os.path.isdir(shown):
@@ -548,7 +613,7 @@ def _read(
         # A pickle records no layout: its names are read in the one the caller names.
         layout = _keyed(given or LAYOUTS["torch"])
         tensors = _foreign_keys(_read_pickle(shown, entry), layout, numbered, renamed)
-        return {(n,): t for n, t in tensors.items()}, layout
+        return _File({(n,): t for n, t in tensors.items()}, layout, renamed, None)
     if entry is not None:
         raise value_error(
             f"entry={entry!r} was given, but {shown} is a safetensors file, which holds one "
@@ -580,7 +645,8 @@ def _read(
     layout = _keyed(recorded or given or LAYOUTS["torch"])
     if recorded is None:
         tensors = _foreign_keys(tensors, layout, numbered, renamed)
-    return {(key,): t for key, t in tensors.items()}, layout
+    biases = _recorded_biases(metadata, shown)
+    return _File({(key,): t for key, t in tensors.items()}, layout, renamed, biases)
 
 
 def _foreign_keys(

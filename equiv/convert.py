@@ -397,7 +397,14 @@ def jax_to_torch(
             f"{'is' if len(not_arrays) == 1 else 'are'} not. To convert torch tensors, use "
             "torch_to_jax"
         )
-    spec = check_entries(flat, layout, spec, what=f"{layout.name}-layout params", from_model=own)
+    spec = check_entries(
+        flat,
+        layout,
+        spec,
+        what=f"{layout.name}-layout params",
+        from_model=own,
+        biases=None if out is None else biases_of(out),
+    )
     by_name = {layout.torch_name(path): value for path, value in flat.items()}
     sources = {}
     for name in spec.param_names():
@@ -415,6 +422,19 @@ def jax_to_torch(
         fills.append((state[name], source))
     _fill(fills)
     return state
+
+
+def biases_of(out: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[bool, ...]:
+    """Whether each layer of a module (any Linear stack) or state_dict has a bias: what
+    a copy into it expects where no spec says.
+
+    >>> import torch
+    >>> biases_of(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False)))
+    (True, False)
+    """
+    names = _state_dict(out)
+    count = sum(1 for name in names if name.endswith(".weight"))
+    return tuple(f"fc{i}.bias" in names for i in range(1, count + 1))
 
 
 def copy_into(
@@ -465,6 +485,7 @@ def check_entries(
     *,
     what: str,
     from_model: bool = False,
+    biases: tuple[bool, ...] | None = None,
 ) -> MLPSpec:
     """Check JAX-path -> array entries of ``layout`` against ``spec``; return the spec.
 
@@ -478,6 +499,8 @@ def check_entries(
     cannot tell a layer without a bias from a lost entry: there every layer has one if
     any has, the others are reported missing, and the message shows the ``spec=``
     that says otherwise. A ``spec`` given always decides; its biases must be there.
+    Without one, ``biases`` (one per layer, where the caller knows them: what a file
+    records, the module copied into) say which layers have a bias.
 
     >>> import numpy as np
     >>> check_entries({("fc1.weight",): np.zeros((3, 4), "float32")}, LAYOUTS["torch"],
@@ -506,7 +529,7 @@ def check_entries(
         )
     given = spec is not None
     if spec is None:
-        spec = _infer_spec(known, layout, what, from_model=from_model)
+        spec = _infer_spec(known, layout, what, from_model=from_model, biases=biases)
     expected = spec.param_shapes()
     for name, torch_shape in expected.items():
         key, shape = ".".join(layout.path(name)), layout.shape(name, torch_shape)
@@ -671,13 +694,18 @@ def _some_biases_advice(
 
 
 def _infer_spec(
-    known: Mapping[str, Any], layout: Layout, what: str, *, from_model: bool = False
+    known: Mapping[str, Any],
+    layout: Layout,
+    what: str,
+    *,
+    from_model: bool = False,
+    biases: tuple[bool, ...] | None = None,
 ) -> MLPSpec:
     """Read sizes off the weights: layer i maps weight.shape[1] to weight.shape[0].
 
     The first weight fixes the dtype; anything inconsistent is reported by the check.
-    The bias is each layer's own ``from_model`` (:func:`check_entries`), else on
-    every layer if on any.
+    The bias is ``biases`` where they count the layers, else each layer's own
+    ``from_model`` (:func:`check_entries`), else on every layer if on any.
     """
     if not known:
         raise value_error(
@@ -695,11 +723,15 @@ def _infer_spec(
         elif bias is not None and len(_shape(bias)) == 1:
             sizes[i] = sizes[i] or _shape(bias)[0]
     dtypes = [_dtype(v) for _, v in sorted(known.items()) if _dtype(v) in DTYPES]
-    biases = tuple(f"fc{i}.bias" in known for i in range(1, count + 1))
+    found = tuple(f"fc{i}.bias" in known for i in range(1, count + 1))
+    if biases is not None and len(biases) == count:
+        bias = biases[0] if len(set(biases)) == 1 else tuple(biases)
+    else:
+        bias = found if from_model and len(set(found)) > 1 else any(found)
     return MLPSpec(
         # A width no entry shows: any value (the check then names the entry missing).
         sizes=tuple(1 if size is None else size for size in sizes),
-        bias=biases if from_model and len(set(biases)) > 1 else any(biases),
+        bias=bias,
         dtype=dtypes[0] if dtypes else "float32",
     )
 

@@ -1150,3 +1150,76 @@ def test_flax_params_flattened_with_slashes_are_read(tmp_path, prefix, equiv_see
     safetensors.torch.save_file(flat, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="Dense_0/scale"):
         load_torch(tmp_path / "other.safetensors", file_layout="flax")
+
+
+def _mixed(seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2, bias=False)
+    )
+
+
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_a_file_records_which_layers_have_a_bias(tmp_path, layout):
+    # Found in a user trial: a model with a bias on some layers only was refused by
+    # save_torch, and its file could not be read back without spec=.
+    seq = _mixed(0)
+    path = tmp_path / "m.safetensors"
+    if layout == "torch":
+        save_torch(seq, path)
+    else:
+        save_jax(
+            jax_convert(seq, layout), path, layout, spec=MLPSpec((4, 3, 2), bias=(True, False))
+        )
+    with safetensors.safe_open(path, framework="pt") as f:
+        assert f.metadata()[checkpoint.BIAS_KEY] == "True,False"
+    state = load_torch(path)
+    assert list(state) == ["fc1.weight", "fc1.bias", "fc2.weight"]
+    assert torch.equal(state["fc2.weight"], seq[2].weight.detach())
+    assert "bias" not in load_jax(path)["Dense_1"]
+    # The twin: the same entries in a file that records nothing are ambiguous.
+    safetensors.torch.save_file(load_torch(path), tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match=r"missing: 'fc2.bias'[\s\S]*bias=\(True, False\)"):
+        load_torch(tmp_path / "bare.safetensors")
+
+
+def jax_convert(module, layout):
+    from equiv.convert import torch_to_jax as convert
+
+    return convert(module, layout=layout)
+
+
+def test_a_recorded_bias_that_the_entries_contradict_is_damage(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_torch(_mixed(0), path)
+    tensors = safetensors.torch.load_file(path)
+    with safetensors.safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    safetensors.torch.save_file(
+        {**tensors, "fc2.bias": torch.zeros(2)}, tmp_path / "extra.safetensors", metadata
+    )
+    with pytest.raises(ValueError, match="unexpected: 'fc2.bias'"):
+        load_torch(tmp_path / "extra.safetensors")
+    safetensors.torch.save_file(
+        tensors, tmp_path / "bad.safetensors", {**metadata, checkpoint.BIAS_KEY: "yes,no"}
+    )
+    with pytest.raises(ValueError, match=r"records equiv.bias='yes,no'.*damaged"):
+        load_torch(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_file_loads_into_a_module_with_a_bias_on_some_layers(tmp_path, suffix):
+    # The module says which layers have a bias where the file cannot (a .pt records
+    # nothing): its own state_dict file reads into it, and a JAX tree copies into it.
+    source, target = _mixed(0), _mixed(1)
+    path = tmp_path / f"seq{suffix}"
+    _save_either(source.state_dict(), path)
+    load_torch(path, out=target)
+    assert_states_identical(target.state_dict(), source.state_dict())
+    target = _mixed(1)
+    jax_to_torch(jax_convert(source, "flax"), layout="flax", out=target)
+    assert_states_identical(target.state_dict(), source.state_dict())
+    # The twin: a file that lost the bias the module has is still told it is missing.
+    _save_either({k: v for k, v in source.state_dict().items() if k != "0.bias"}, path)
+    with pytest.raises(ValueError, match="missing: 'fc1.bias'"):
+        load_torch(path, out=target)
