@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import os
 import pickle
 import re
@@ -64,6 +65,7 @@ from equiv.convert import (
     layout_tree,
     missing_values,
     module_spec,
+    shared_prefixes,
     torch_to_jax,
 )
 from equiv.files import atomic_path
@@ -239,14 +241,17 @@ def _load_state(
     # the entries' numbers.
     flat, layout, renamed, recorded = _read_file(path, file_layout, entry, numbered=not own)
     if own and layout.name == "torch":
-        prefix = _outer_prefix([key for (key,) in flat], own)
+        keys = [key for (key,) in flat]
+        prefix = _outer_prefix(keys, own)
         flat = {(own.get(key[len(prefix) :], key),): tensor for (key,), tensor in flat.items()}
+        if not any(layout.torch_name(key) for key in flat):
+            _refuse_foreign_entries(keys, own, os.fspath(path))
     try:
         spec = check_entries(
             flat, layout, spec, what=f"checkpoint {os.fspath(path)}", biases=recorded or biases
         )
     except ValueError as error:
-        if not renamed:
+        if not renamed or "wrong shape" not in str(error):
             raise
         pairs = ", ".join(f"{old!r} as {new}" for new, old in list(renamed.items())[:4])
         numbered = _numbered_stack(list(renamed.values())) is not None
@@ -268,6 +273,35 @@ def _load_state(
             tensor = tensor.mT.contiguous() if contiguous else tensor.mT
         state[name] = tensor
     return {name: state[name] for name in spec.param_names()}, spec
+
+
+def _refuse_foreign_entries(keys: list[str], own: Mapping[str, str], shown: str) -> None:
+    """A ``ValueError`` naming the entries of a file read into a module (``out=``) that
+    are not the module's, under the prefix that reads the most of them as its names
+    (found in a user trial: a Lightning state_dict with one more entry, a loss's
+    ``loss_fn.weight``, was told to pass the module, which it had)."""
+    prefixes = {""} | {k[: -len(n)] for k in keys for n in own if k.endswith("." + n)}
+
+    def read(prefix: str) -> list[str]:
+        return [k for k in keys if k.startswith(prefix) and k[len(prefix) :] in own]
+
+    prefix = max(sorted(prefixes), key=lambda p: len(read(p)))
+    matched = read(prefix)
+    if not matched:
+        return  # none of them: check_entries names the entries and the layouts
+    others = [k for k in keys if k not in matched]
+    lacking = [n for n in own if prefix + n not in matched]
+    listed = ", ".join(map(repr, others[:4])) + (", ..." if len(others) > 4 else "")
+    absent = ", ".join(map(repr, lacking[:4])) + (", ..." if len(lacking) > 4 else "")
+    where = f" under the prefix {prefix!r}" if prefix else ""
+    raise value_error(
+        f"checkpoint {shown}: {len(matched)} of its {len(keys)} entries are the module's "
+        f"parameters{where}, and {len(others)} {'is' if len(others) == 1 else 'are'} not: "
+        f"{listed}"
+        + (f"; the module's {absent} are not in it" if lacking else "")
+        + ". Keep only the module's: load_torch reads a dict of them, saved with torch.save("
+        f"{{k: v for k, v in state.items() if k.startswith({prefix!r})}}, path)"
+    )
 
 
 def _outer_prefix(keys: list[str], own: Mapping[str, str]) -> str:
@@ -507,12 +541,17 @@ def layout_of_keys(keys: Iterable[str]) -> str | None:
 
     >>> layout_of_keys(["Dense_0.kernel", "Dense_0.bias"]), layout_of_keys(["0.weight"])
     ('flax', None)
+    >>> layout_of_keys(["Dense_0/kernel", "Dense_0/bias"])  # flatten_dict(sep="/")'s
+    'flax'
     """
     keys = list(keys)
-    return next(
-        (n for n, other in LAYOUTS.items() if all(_keyed(other).torch_name((k,)) for k in keys)),
-        None,
-    )
+
+    def holds(layout: Layout) -> bool:
+        keyed = _keyed(layout)
+        read = _layout_names(keys, keyed, numbered=False)
+        return isinstance(read, list) or all(keyed.torch_name((k,)) for k in keys)
+
+    return next((n for n, other in LAYOUTS.items() if holds(other)), None)
 
 
 def _refuse_disagreeing_names(
@@ -612,7 +651,7 @@ def _read_file(
     if kind in _PICKLES:
         # A pickle records no layout: its names are read in the one the caller names.
         layout = _keyed(given or LAYOUTS["torch"])
-        tensors = _foreign_keys(_read_pickle(shown, entry), layout, numbered, renamed)
+        tensors = _foreign_keys(_read_pickle(shown, entry), layout, numbered, renamed, shown)
         return _File({(n,): t for n, t in tensors.items()}, layout, renamed, None)
     if entry is not None:
         raise value_error(
@@ -644,7 +683,7 @@ def _read_file(
         )
     layout = _keyed(recorded or given or LAYOUTS["torch"])
     if recorded is None:
-        tensors = _foreign_keys(tensors, layout, numbered, renamed)
+        tensors = _foreign_keys(tensors, layout, numbered, renamed, shown)
     biases = _recorded_biases(metadata, shown)
     return _File({(key,): t for key, t in tensors.items()}, layout, renamed, biases)
 
@@ -654,6 +693,7 @@ def _foreign_keys(
     layout: Layout,
     numbered: bool = True,
     renamed: dict[str, str] | None = None,
+    shown: str = "the file",
 ) -> dict[str, Any]:
     """A file's keys as ``layout`` (keyed) names them, where no key is the layout's as
     it stands but one reading makes every key one; otherwise the keys as they are.
@@ -662,65 +702,70 @@ def _foreign_keys(
     (``flax.traverse_util.flatten_dict(sep="/")``); one prefix every key shares, up to a
     ``.`` (a flax variables dict written whole, ``params.Dense_0.kernel``; a module that
     holds the MLP, ``model.fc1.weight``); and, in the torch layout with ``numbered``,
-    the state_dict of an ``nn.Sequential`` or ``nn.ModuleList`` of Linear layers
-    (:func:`_numbered_stack`). Found in user trials: no ``file_layout`` could read
-    such files.
+    the state_dict of an ``nn.Sequential`` of Linear layers and activations
+    (:func:`_numbered_stack`; a ``ValueError`` where its numbers do not say the order the
+    layers run in, or a weight is not a Linear layer's). Found in user trials: no
+    ``file_layout`` could read such files.
 
-    >>> t = dict.fromkeys(["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"])
-    >>> list(_foreign_keys(t, _keyed(LAYOUTS["torch"])))
+    >>> keys = ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
+    >>> list(_foreign_keys(dict.fromkeys(keys, np.zeros((1, 1))), _keyed(LAYOUTS["torch"])))
     ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
-    >>> list(_foreign_keys(dict.fromkeys(["net.Dense_0/kernel"]), _keyed(LAYOUTS["flax"])))
+    >>> flat = {"net.Dense_0/kernel": np.zeros((1, 1))}
+    >>> list(_foreign_keys(flat, _keyed(LAYOUTS["flax"])))
     ['Dense_0.kernel']
     """
-    names = _layout_names(list(tensors), layout, numbered)
+    shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    names = _layout_names(list(tensors), layout, numbered, shapes)
     if names is None:
         return tensors
+    if isinstance(names, str):
+        raise value_error(f"{shown}: {names}")
     if renamed is not None:
         renamed.update(zip(names, tensors, strict=True))
     return dict(zip(names, tensors.values(), strict=True))
 
 
-def _layout_names(keys: list[str], layout: Layout, numbered: bool) -> list[str] | None:
-    """The names :func:`_foreign_keys` reads ``keys`` under, or None to read them as
-    they are."""
+def _layout_names(
+    keys: list[str], layout: Layout, numbered: bool, shapes: Mapping[str, tuple] | None = None
+) -> list[str] | str | None:
+    """The names :func:`_foreign_keys` reads ``keys`` under, None to read them as they
+    are, or why numbered keys cannot be read (:func:`_numbered_stack`)."""
     if not keys or any(layout.torch_name((key,)) for key in keys):
         return None
     for joined in (keys, [key.replace("/", ".") for key in keys]):
-        for prefix in _shared_prefixes(joined):
+        for prefix in shared_prefixes(joined):
             names = [key[len(prefix) :] for key in joined]
             if all(layout.torch_name((name,)) for name in names):
                 return names
     if numbered and layout.name == "torch":
-        return _numbered_stack(keys)
+        return _numbered_stack(keys, shapes)
     return None
 
 
-def _shared_prefixes(keys: list[str]) -> list[str]:
-    """The prefixes up to a ``.`` that every key has, longest last, ``""`` first.
-
-    >>> _shared_prefixes(["a.b.c", "a.b.d"])
-    ['', 'a.', 'a.b.']
-    """
-    common = os.path.commonprefix(keys)
-    return [""] + [common[: i + 1] for i, char in enumerate(common) if char == "."]
-
-
-def _numbered_stack(keys: list[str]) -> list[str] | None:
-    """equiv's names (``fc1.weight``...) for the keys of an ``nn.Sequential``'s (or
-    ``nn.ModuleList``'s) state_dict of Linear layers, or None if ``keys`` are not one.
+def _numbered_stack(
+    keys: list[str], shapes: Mapping[str, tuple] | None = None
+) -> list[str] | str | None:
+    """equiv's names (``fc1.weight``...) for the keys of an ``nn.Sequential``'s state_dict
+    of Linear layers and activations; None if ``keys`` are not numbered so; or, where
+    the numbers do not say the order the layers run in, why.
 
     Such a file names each layer by its index in the container, under one prefix
-    (``0.weight``, ``2.weight`` with activations between; ``layers.0.weight``): the
-    indices in increasing order are the order in which a Sequential calls its layers.
-    Every key must be ``{prefix}{index}.weight`` or ``.bias`` under the same prefix,
-    each index holding a weight; the shapes are checked after (each layer's input
-    width is the one before's output). A ModuleList called in another order needs the
-    module: ``load_torch(path, out=module)`` matches by its calls.
+    (``0.weight``, ``2.weight``; ``net.0.weight``): a Sequential calls them in
+    increasing order. Every key must be ``{prefix}{index}.weight`` or ``.bias`` under
+    the same prefix, each index holding a weight, and every two Linear layers must have
+    a module between them (an activation, whose index holds no parameter): Linear
+    layers numbered without a gap are an ``nn.ModuleList``'s, which a forward may call
+    in any order (found in a user trial: two 8×8 layers called last-first were read
+    swapped, with nothing to show it). The shapes are checked after (each layer's input
+    width is the one before's output). A module's own file is read by its calls with
+    ``load_torch(path, out=module)``.
 
     >>> _numbered_stack(["0.weight", "0.bias", "2.weight", "10.weight"])
     ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc3.weight']
     >>> _numbered_stack(["a.0.weight", "b.1.weight"]) is None  # two prefixes
     True
+    >>> print(_numbered_stack(["layers.0.weight", "layers.1.weight"])[:60])
+    its entries number Linear layers 0 and 1 with no module betw
     """
     found = [_NUMBERED.fullmatch(key) for key in keys]
     if not all(found) or len({m[1] for m in found}) != 1:
@@ -728,6 +773,22 @@ def _numbered_stack(keys: list[str]) -> list[str] | None:
     indices = sorted({int(m[2]) for m in found})
     if {int(m[2]) for m in found if m[3] == "weight"} != set(indices):
         return None  # a bias without its weight: not a Linear layer
+    flat = [m[0] for m in found if m[3] == "weight" and shapes and len(shapes[m[0]]) != 2]
+    if flat:
+        return (
+            f"its entries are numbered as an nn.Sequential's, but {flat[0]!r} has shape "
+            f"{shapes[flat[0]]}, not a Linear layer's (out, in): the module holds another "
+            "layer (a norm, say), and equiv reads stacks of Linear layers and activations only"
+        )
+    adjacent = [(a, b) for a, b in itertools.pairwise(indices) if b == a + 1]
+    if adjacent:
+        a, b = adjacent[0]
+        return (
+            f"its entries number Linear layers {a} and {b} with no module between them, as an "
+            "nn.ModuleList's are (a Sequential's activations take the numbers between), and "
+            "a forward may call those in any order, which the file does not record. Read it "
+            "into the module, whose calls say the order: equiv.load_torch(path, out=module)"
+        )
     layer = {index: i for i, index in enumerate(indices, 1)}
     return [f"fc{layer[int(m[2])]}.{m[3]}" for m in found]
 
@@ -776,9 +837,11 @@ def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]
             # (seen on the GPU machine's torch 2.11).
             warnings.filterwarnings("ignore", _SPARSE_INVARIANTS, UserWarning)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise  # missing or unreadable: the OS's message says which
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # missing or not ours to read: the OS's message says which
     except Exception as exc:  # noqa: BLE001 - every failure is told in one message
+        # torch 2.13 raises OSError(EINVAL) for most truncations of a zip (found in a
+        # user trial: 121 of 164 cut points of a 16 KB file, a bare "Invalid argument").
         # Looked at only when torch.load fails: a file under the wrong suffix first.
         raise value_error(
             _misnamed(path, os.path.splitext(path)[1].lower()) or _unreadable(path, exc)
@@ -837,7 +900,9 @@ def _unreadable(path: str, exc: Exception) -> str:
     # IndexError or ValueError for a changed byte (found by fuzzing:
     # tests/test_checkpoint.py). All of them mean one thing to the caller.
     reason = str(exc) or "empty or truncated"
-    if not isinstance(exc, RuntimeError):
+    if isinstance(exc, OSError):
+        reason = f"damaged or truncated: torch.load failed with {exc.strerror or exc}"
+    elif not isinstance(exc, RuntimeError):
         reason = f"{type(exc).__name__}: {reason}"
     return f"{path} is not a readable torch file: {reason}"
 

@@ -45,6 +45,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import math
+import os
 import re
 import sys
 import warnings
@@ -657,18 +658,25 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:
     paths = list(entries)
     if all(len(p) > 1 and p[0] == "params" for p in paths):
         return "This is a flax variables dict: pass variables['params']"
-    dotted = [".".join(p) for p in paths]  # a file's keys and a tree's paths alike
+    # A file's keys and a tree's paths alike, "/"-joined keys too
+    # (flax.traverse_util.flatten_dict(sep="/"): found in a user trial), under any prefix
+    # they all share (the checkpoint readers read both).
+    dotted = [".".join(p).replace("/", ".") for p in paths]
     for name, other in LAYOUTS.items():
-        if all(
-            other.torch_name((d,)) is not None or other.torch_name(tuple(d.split("."))) is not None
-            for d in dotted
+        if any(
+            all(
+                other.torch_name((d[len(prefix) :],)) is not None
+                or other.torch_name(tuple(d[len(prefix) :].split("."))) is not None
+                for d in dotted
+            )
+            for prefix in shared_prefixes(dotted)
         ):
             return (
                 f"These are the names of the {name!r} layout: say so (layout={name!r}, or "
                 f"file_layout={name!r} for a file)"
             )
     return (
-        "A torch Linear stack with other names (an nn.Sequential's '0.weight') is read "
+        "A torch Linear stack under names of its own ('encoder.weight') is read "
         "when you pass the module itself, or equiv.mlp_from_module(module)[1] (a file of "
         "its state_dict: equiv.load_torch(path, out=module) reads it into the module); a "
         "layout of your own is an equiv.Layout"
@@ -691,6 +699,16 @@ def _some_biases_advice(
         "layer without one from a lost entry. If the model has none there, say so: "
         f"spec=MLPSpec({spec.sizes}, bias={biases}{dtype})"
     )
+
+
+def shared_prefixes(keys: list[str]) -> list[str]:
+    """The prefixes up to a ``.`` that every key has, ``""`` first, longest last.
+
+    >>> shared_prefixes(["a.b.c", "a.b.d"])
+    ['', 'a.', 'a.b.']
+    """
+    common = os.path.commonprefix(keys)
+    return [""] + [common[: i + 1] for i, char in enumerate(common) if char == "."]
 
 
 def _infer_spec(

@@ -240,6 +240,18 @@ def test_truncated_file_is_refused(suffix, tmp_path):
     assert str(info.value).startswith(f"[equiv] {path} is not a readable {kind} file: ")
 
 
+def test_a_pt_file_cut_anywhere_is_refused_by_name(tmp_path):
+    # Found in a user trial: torch 2.13 raises a bare OSError "[Errno 22] Invalid
+    # argument" for most cut points of a zip, which escaped without the file's name.
+    path = tmp_path / "mlp.pt"
+    save_torch(random_state(MLPSpec((16, 64, 8)), 0), path)
+    data = path.read_bytes()
+    for at in range(0, len(data), len(data) // 40):
+        path.write_bytes(data[:at])
+        with pytest.raises(ValueError, match=rf"^\[equiv\] {re.escape(str(path))} is not a"):
+            load_torch(path)
+
+
 WHERE = st.floats(0, 1, exclude_max=True)  # a fraction of the file's length
 CORRUPTIONS = st.one_of(
     st.tuples(st.just("truncate"), WHERE, st.just(b"")),
@@ -529,16 +541,22 @@ def test_a_sequentials_state_dict_file_reads_without_the_module(tmp_path, suffix
 @pytest.mark.parametrize(
     ("keys", "found"),
     [
-        (("0.weight", "1.weight"), "'0.weight' as fc1.weight, '1.weight' as fc2.weight"),
+        (("0.weight", "2.weight"), "'0.weight' as fc1.weight, '2.weight' as fc2.weight"),
         (("0.weight", "1.bias"), "found '0.weight', '1.bias'"),  # a bias without a weight
-        (("a.0.weight", "b.1.weight"), "found 'a.0.weight', 'b.1.weight'"),  # two prefixes
+        (("a.0.weight", "b.2.weight"), "found 'a.0.weight', 'b.2.weight'"),  # two prefixes
+        # Found in a user trial: a ModuleList of two 8x8 layers called last-first was
+        # read swapped. Layers numbered without a gap say no order, whatever the shapes.
+        (("layers.0.weight", "layers.1.weight"), "number Linear layers 0 and 1 with no module"),
+        (("0.weight", "1.weight", "3.weight"), "'1.weight' has shape (3,), not a Linear"),
     ],
 )
 def test_numbered_entries_that_are_no_sequential_are_refused(tmp_path, keys, found):
-    # The twins of the test above: a ModuleList called last-first (its indices out of
-    # call order: the shapes do not chain), a bias alone, entries under two prefixes.
+    # The twins of the test above: layers in the wrong order (the shapes do not chain),
+    # a bias alone, entries under two prefixes, a ModuleList's, a LayerNorm's weight.
     first, second = torch.nn.Linear(5, 3), torch.nn.Linear(3, 2)
     tensors = [second.weight, first.bias if "bias" in keys[1] else first.weight]
+    if len(keys) == 3:
+        tensors = [first.weight, torch.nn.LayerNorm(3).weight, second.weight]
     torch.save(dict(zip(keys, tensors, strict=True)), tmp_path / "m.pt")
     with pytest.raises(ValueError) as info:
         load_jax(tmp_path / "m.pt")
@@ -690,7 +708,7 @@ def test_a_file_of_a_module_that_holds_the_stack_reads_into_the_stack(tmp_path):
     holder.model = _stack(0)
     # The twin: a key outside that prefix is neither dropped nor guessed at.
     torch.save({**holder.state_dict(), "head.weight": torch.ones(2, 2)}, tmp_path / "more.pt")
-    with pytest.raises(ValueError, match="none of its 5 entries is a parameter"):
+    with pytest.raises(ValueError, match="under the prefix 'model.', and 1 is not: 'head.weight'"):
         load_torch(tmp_path / "more.pt", out=_stack(1))
 
 
@@ -1223,3 +1241,40 @@ def test_a_file_loads_into_a_module_with_a_bias_on_some_layers(tmp_path, suffix)
     _save_either({k: v for k, v in source.state_dict().items() if k != "0.bias"}, path)
     with pytest.raises(ValueError, match="missing: 'fc1.bias'"):
         load_torch(path, out=target)
+
+
+def test_a_file_with_entries_beside_the_modules_names_them(tmp_path):
+    # Found in a user trial: a Lightning state_dict holding a loss's weight beside the
+    # model's was told to pass the module, which it had. The twin: the model's alone.
+    source = _stack(0)
+    state = {f"model.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": {**state, "loss_fn.weight": torch.ones(2)}}, tmp_path / "l.ckpt")
+    with pytest.raises(ValueError) as info:
+        load_torch(tmp_path / "l.ckpt", entry="state_dict", out=_stack(1))
+    assert str(info.value) == (
+        f"[equiv] checkpoint {tmp_path / 'l.ckpt'}: 4 of its 5 entries are the module's "
+        "parameters under the prefix 'model.', and 1 is not: 'loss_fn.weight'. Keep only the "
+        "module's: load_torch reads a dict of them, saved with torch.save({k: v for k, v in "
+        "state.items() if k.startswith('model.')}, path)"
+    )
+    torch.save({"state_dict": state}, tmp_path / "l.ckpt")
+    target = _stack(1)
+    load_torch(tmp_path / "l.ckpt", entry="state_dict", out=target)
+    assert_states_identical(target.state_dict(), source.state_dict())
+
+
+@pytest.mark.parametrize("prefix", ["", "net/"])
+def test_a_slash_joined_flax_file_read_as_torch_is_told_its_layout(tmp_path, prefix):
+    # Found in a user trial: flatten_dict(sep="/") keys got the advice for a module's own
+    # names (pass the module), where file_layout="flax" reads them.
+    state = random_state(SPEC, 0)
+    flat = {}
+    for i in (1, 2):
+        flat[f"{prefix}Dense_{i - 1}/kernel"] = state[f"fc{i}.weight"].T.contiguous()
+        flat[f"{prefix}Dense_{i - 1}/bias"] = state[f"fc{i}.bias"]
+    path = tmp_path / "flax.safetensors"
+    safetensors.torch.save_file(flat, path)
+    with pytest.raises(ValueError, match="These are the names of the 'flax' layout"):
+        load_torch(path)
+    assert checkpoint.layout_of_keys(flat) == "flax"
+    assert_states_identical(load_torch(path, file_layout="flax"), state)  # the twin

@@ -516,7 +516,7 @@ def test_a_sequentials_state_dict_file_is_read_by_its_indices(tmp_path, capsys):
     # Read as layers 1 and 2: a (3, 5) and a (2, 3) weight, in that order.
     assert json.loads(report.read_text())["config"]["sizes"] == [5, 3, 2]
     # Its twin: the same layers in the other order do not chain (3 inputs after 2 outputs).
-    torch.save({"0.weight": seq[2].weight, "1.weight": seq[0].weight}, tmp_path / "bad.pt")
+    torch.save({"0.weight": seq[2].weight, "2.weight": seq[0].weight}, tmp_path / "bad.pt")
     code, out, err = _run(["--params", str(tmp_path / "bad.pt")], capsys)
     assert (code, out) == (2, "") and "fc2.weight" in err, err
 
