@@ -1010,15 +1010,18 @@ def torch_to_equinox(
     model: Any,
     *,
     spec: MLPSpec | None = None,
+    layout: str | Layout = "equinox",
 ) -> Any:
     """Return a copy of an Equinox model holding a torch MLP's parameters.
 
     Args:
-      module_or_state_dict: as for :func:`torch_to_jax`.
+      module_or_state_dict: as for :func:`torch_to_jax`, or a JAX tree in ``layout``
+        (what ``load_jax(path, layout="equinox")`` returns).
       model: an ``eqx.nn.MLP``, an ``eqx.nn.Linear`` or a list/tuple of
         ``eqx.nn.Linear`` (layer ``j`` receives torch's ``fc{j+1}``). Its shapes,
         biases and dtype must match the torch parameters.
       spec: the expected architecture, as for :func:`torch_to_jax`.
+      layout: the layout of a JAX tree given as ``module_or_state_dict``.
 
     Returns:
       A new model of the same structure; the torch parameters are copied.
@@ -1037,6 +1040,16 @@ def torch_to_equinox(
     import equinox as eqx
 
     layers = _equinox_layers(model)
+    if _is_array_tree(module_or_state_dict):
+        # A JAX tree in the equinox layout (what load_jax(layout="equinox") returns; found
+        # in a user trial, refused with advice to go through torch): the model's own
+        # layers say which have a bias.
+        biases = tuple(layer.bias is not None for layer in layers)
+        layout = get_layout(layout)
+        tree = layout_tree(module_or_state_dict, layout)
+        flat = _flatten(tree) if isinstance(tree, Mapping) else {}
+        spec = check_entries(flat, layout, spec, what="params", biases=biases)
+        module_or_state_dict = jax_to_torch(tree, layout=layout, spec=spec)
     state = _state_dict(module_or_state_dict)
     if spec is None:
         spec = module_spec(module_or_state_dict)
@@ -1092,8 +1105,13 @@ def equinox_to_torch(
 
 def layout_tree(params: Any, layout: Layout) -> Any:
     """``params`` as the layout's tree: an Equinox model (``layout`` equinox) becomes
-    ``{"layers": {"0": {"weight", "bias"}}}`` of its arrays; anything else is returned
-    as it is. Every function taking a JAX tree takes an Equinox model this way."""
+    ``{"layers": {"0": {"weight", "bias"}}}`` of its arrays, and a ``flax.nnx`` module
+    its parameters' state, ``nnx.state(model, nnx.Param)`` (found in a user trial: a
+    module was refused with advice for linen's variables); anything else is returned
+    as it is. Every function taking a JAX tree takes these models this way."""
+    nnx = getattr(sys.modules.get("flax"), "nnx", None)
+    if nnx is not None and isinstance(params, nnx.Module):
+        return nnx.state(params, nnx.Param)
     if not is_equinox_model(params):
         return params
     if layout.name != "equinox":
@@ -1102,6 +1120,23 @@ def layout_tree(params: Any, layout: Layout) -> Any:
             f"(out, in), but layout={layout.name!r}: pass layout='equinox'"
         )
     return _equinox_tree(_equinox_layers(params))
+
+
+def _is_array_tree(value: Any) -> bool:
+    """Whether ``value`` is a JAX tree of arrays (a mapping or an Equinox model), not
+    torch's: a module or a state_dict of tensors.
+
+    >>> import jax.numpy as jnp, torch
+    >>> _is_array_tree({"layers": {"0": {"weight": jnp.ones((2, 2))}}})
+    True
+    >>> _is_array_tree({"fc1.weight": torch.ones(2, 2)})
+    False
+    """
+    if is_equinox_model(value):
+        return True
+    if not isinstance(value, Mapping) or not value:
+        return False
+    return all(isinstance(v, (jax.Array, np.ndarray)) for v in _flatten(value).values())
 
 
 def is_equinox_model(value: Any) -> bool:

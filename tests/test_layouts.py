@@ -45,6 +45,12 @@ def torch_reference(model: TorchMLP, x: np.ndarray, y: np.ndarray):
     return out.detach(), grads
 
 
+def assert_exact(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value.detach()), name
+
+
 def assert_within_derived_bound(actual, expected, spec: MLPSpec, what: str) -> None:
     tol = derived_tolerance(spec, BATCH, "grads", 1, (spec.dtype, spec.dtype))
     a, e = np.asarray(actual), np.asarray(expected)
@@ -420,3 +426,45 @@ def test_an_equinox_model_is_saved_as_it_is_converted(tmp_path):
     assert np.array_equal(tree["layers"]["1"]["weight"], model.layers[1].weight)
     with pytest.raises(TypeError, match="pass layout='equinox'"):  # the twin
         save_jax(model, tmp_path / "x.safetensors")
+
+
+def test_an_nnx_module_is_read_through_its_parameters(tmp_path, equiv_seed):
+    # Found in a user trial: jax_to_torch and save_jax refused an nnx module with advice
+    # for linen's variables dict; an Equinox model was taken. Its Params are read: a
+    # Dropout's RNG state is not a parameter.
+    nnx = pytest.importorskip("flax.nnx")
+    from equiv.checkpoint import load_torch, save_jax
+
+    model = nnx_model(SPEC, equiv_seed)
+    model.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+    expected = jax_to_torch(nnx.state(model, nnx.Param), layout="nnx")
+    assert_exact(jax_to_torch(model, layout="nnx"), expected)
+    save_jax(model, tmp_path / "m.safetensors", layout="nnx")
+    assert_exact(load_torch(tmp_path / "m.safetensors"), expected)
+    # The twin: a module with a parameter outside the layout is refused by name.
+    model.scale = nnx.Param(jnp.ones(3))
+    with pytest.raises(ValueError, match="unexpected: 'scale'"):
+        jax_to_torch(model, layout="nnx")
+
+
+def test_torch_to_equinox_takes_a_tree_in_the_equinox_layout(tmp_path, equiv_seed):
+    # Found in a user trial: load_jax(path, layout="equinox") had no way into a model but
+    # through torch. The model's layers say which have a bias (none on the last here).
+    eqx = pytest.importorskip("equinox")
+    from equiv.checkpoint import load_jax, save_torch
+    from equiv.convert import equinox_to_torch, torch_to_equinox
+
+    spec = SPEC.replace(bias=(True, True, False))
+    torch.manual_seed(equiv_seed)
+    source = TorchMLP(spec)
+    save_torch(source, tmp_path / "m.safetensors")
+    model = eqx.nn.MLP(5, 3, 8, 2, use_final_bias=False, key=jax.random.key(0))
+    filled = torch_to_equinox(load_jax(tmp_path / "m.safetensors", layout="equinox"), model)
+    assert_exact(equinox_to_torch(filled), source.state_dict())
+    # The twin: a tree in another layout is told to say so, and then read.
+    flax = load_jax(tmp_path / "m.safetensors", layout="flax")
+    with pytest.raises(ValueError, match="These are the names of the 'flax' layout: say so"):
+        torch_to_equinox(flax, model)
+    assert_exact(
+        equinox_to_torch(torch_to_equinox(flax, model, layout="flax")), source.state_dict()
+    )
