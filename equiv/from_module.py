@@ -637,8 +637,8 @@ def _check_forward(
         f"the order it calls them: run on a float64 probe batch, {mismatch} (a forward "
         f"that detaches, or does more).{functional} Write it as an "
         "nn.Sequential; or, with Linear layers named fc1, fc2, ..., pass "
-        "spec=equiv.MLPSpec(...) to check_jax_port or check_manual_backward; or pass "
-        "check=False if you are sure"
+        "spec=equiv.MLPSpec(...) to check_jax_port or check_manual_backward; or, where you "
+        "are sure, read it with equiv.mlp_from_module(module, check=False)"
     )
 
 

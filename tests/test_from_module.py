@@ -121,9 +121,11 @@ def test_a_module_with_a_bias_on_some_layers_converts_both_ways():
     assert all(
         torch.equal(a, b) for a, b in zip(source.parameters(), target.parameters(), strict=True)
     )
-    # The twin: the tree alone cannot tell fc1's absent bias from a lost one.
+    # out= says which layers have a bias; the twin: the tree alone cannot tell fc1's
+    # absent bias from a lost one.
+    jax_to_torch(tree, layout="flax", out=Net())
     with pytest.raises(ValueError, match="missing: 'Dense_0.bias'"):
-        jax_to_torch(tree, layout="flax", out=target)
+        jax_to_torch(tree, layout="flax")
 
 
 def test_leaky_relu_slope_is_carried():
