@@ -885,15 +885,36 @@ def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]
     }
 
 
+#: Classes that training checkpoints hold beside the state_dict (hyper-parameters) and
+#: that only record attributes: the classes refusal advice may offer to allow.
+_PLAIN_RECORDS = (
+    "argparse.Namespace",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+)
+
+
 def _unreadable(path: str, exc: Exception) -> str:
     """What ``torch.load``'s failure ``exc`` on ``path`` means to the caller."""
     if isinstance(exc, pickle.UnpicklingError):
         # torch's message is a page of advice; keep the sentence naming the object.
         lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
         reason = lines[0].split(". ")[0] if lines else type(exc).__name__
+        named = re.search(r"GLOBAL ([\w.]+) was not an allowed global", reason)
+        trust = ""
+        if named and named[1] in _PLAIN_RECORDS:
+            # Found in a user trial: a Lightning checkpoint's hyper_parameters held an
+            # argparse.Namespace, and nothing said how to read its state_dict. Only
+            # classes known to hold plain attributes are offered: a global such as
+            # io.open or os.system is what a malicious pickle calls.
+            trust = (
+                f". If you trust the file, allow that class, which holds plain attributes: "
+                f"with torch.serialization.safe_globals([{named[1]}]): "
+                "equiv.load_torch(path, ...)"
+            )
         return (
             f"{path} holds more than tensors and was not unpickled (a pickle can run code; "
-            f"torch.load(weights_only=True) refused it: {reason})"
+            f"torch.load(weights_only=True) refused it: {reason}){trust}"
         )
     # A damaged zip or pickle stream fails in torch.load wherever the damage is met:
     # RuntimeError and EOFError for truncation, and UnicodeDecodeError, KeyError,

@@ -189,6 +189,7 @@ def test_malicious_pickle_is_refused(tmp_path):
         str(info.value),
     ), str(info.value)
     assert not marker.exists()
+    assert "safe_globals" not in str(info.value)  # a function it would call is not offered
     with pytest.raises(ValueError):
         load_jax(path)
     assert not marker.exists()
@@ -1278,3 +1279,22 @@ def test_a_slash_joined_flax_file_read_as_torch_is_told_its_layout(tmp_path, pre
         load_torch(path)
     assert checkpoint.layout_of_keys(flat) == "flax"
     assert_states_identical(load_torch(path, file_layout="flax"), state)  # the twin
+
+
+def test_a_checkpoint_holding_a_class_tells_how_to_allow_it(tmp_path):
+    # Found in a user trial: a Lightning checkpoint's hyper_parameters held an
+    # argparse.Namespace; the refusal did not say how to read the state_dict beside it.
+    import argparse
+
+    seq = _stack(0)
+    path = tmp_path / "h.ckpt"
+    torch.save({"state_dict": seq.state_dict(), "hparams": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path, entry="state_dict")
+    assert str(info.value).endswith(
+        "If you trust the file, allow that class, which holds plain attributes: with "
+        "torch.serialization.safe_globals([argparse.Namespace]): equiv.load_torch(path, ...)"
+    )
+    with torch.serialization.safe_globals([argparse.Namespace]):  # the advice, followed
+        out = load_torch(path, entry="state_dict", out=_stack(1))
+    assert torch.equal(out["fc2.weight"], seq[2].weight)
