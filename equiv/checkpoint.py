@@ -853,13 +853,17 @@ def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]
         isinstance(v, torch.Tensor) for v in loaded.values()
     ):
         where = f"{path}'s entry {entry!r}" if entry is not None else path
-        found = [name for _, name in sorted(_state_dicts_in(top), key=lambda f: -f[0])]
+        # The largest first; of equal ones, the shallowest ("model" before "ema/model":
+        # found in a user trial, the moving average was offered as "the largest").
+        sized = sorted(_state_dicts_in(top), key=lambda f: (-f[0], f[1].count("/")))
+        found = [name for _, name in sized]
         advice = "save model.state_dict() (for a training checkpoint, the entry holding it)"
         if len(found) == 1:
             advice = f"pass entry={found[0]!r}, which holds one"
         elif found:
             others = ", ".join(map(repr, found[1:]))
-            advice = f"pass entry={found[0]!r}, the largest that holds one (others: {others})"
+            which = "the largest" if sized[0][0] > sized[1][0] else "of the largest, the shallowest"
+            advice = f"pass entry={found[0]!r}, {which} that holds one (others: {others})"
         raise value_error(
             f"{where} holds {_described(loaded)}, not a state_dict of tensors; {advice}"
         )
@@ -929,9 +933,25 @@ def _unreadable(path: str, exc: Exception) -> str:
 
 
 def _entry(loaded: Any, entry: str, path: str) -> Any:
-    """``loaded[a][b]`` for ``entry="a/b"``, or a ``ValueError`` naming the keys there."""
+    """``loaded[a][b]`` for ``entry="a/b"``, or a ``ValueError`` naming the keys there.
+
+    In a state_dict, whose keys a module's own prefixes (``model.0.weight``), a step is
+    such a prefix too: ``entry="state_dict/model"`` holds ``0.weight``, ... (found in a
+    user trial: a Lightning state_dict holding ``model.*`` and ``ema_model.*`` could not
+    be read).
+
+    >>> import torch
+    >>> state = {"model.0.weight": torch.ones(1), "ema.0.weight": torch.zeros(1)}
+    >>> list(_entry({"state_dict": state}, "state_dict/model", "f.ckpt"))
+    ['0.weight']
+    """
     value = loaded
     for depth, key in enumerate(entry.split("/")):
+        if isinstance(value, Mapping) and key not in value and _tensors_only(value):
+            inner = {k[len(key) + 1 :]: v for k, v in value.items() if k.startswith(key + ".")}
+            if inner:
+                value = inner
+                continue
         if not isinstance(value, Mapping) or key not in value:
             at = "/".join(entry.split("/")[:depth]) or "the top"
             keys = list(value) if isinstance(value, Mapping) else []
@@ -943,6 +963,11 @@ def _entry(loaded: Any, entry: str, path: str) -> Any:
             raise value_error(f"{path} has no entry {entry!r}: at {at}, {holds}")
         value = value[key]
     return value
+
+
+def _tensors_only(value: Mapping) -> bool:
+    """Whether ``value`` is a state_dict: string keys, tensor values."""
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
 def _state_dicts_in(loaded: Any, prefix: str = "", depth: int = 2) -> list[tuple[int, str]]:

@@ -1298,3 +1298,32 @@ def test_a_checkpoint_holding_a_class_tells_how_to_allow_it(tmp_path):
     with torch.serialization.safe_globals([argparse.Namespace]):  # the advice, followed
         out = load_torch(path, entry="state_dict", out=_stack(1))
     assert torch.equal(out["fc2.weight"], seq[2].weight)
+
+
+def test_an_entry_picks_one_modules_prefix_in_a_state_dict(tmp_path):
+    # Found in a user trial: a Lightning state_dict holding model.* and ema_model.*
+    # (a module and its moving average) could not be read at all.
+    model, ema = _stack(0), _stack(1)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state |= {f"ema_model.{k}": v for k, v in ema.state_dict().items()}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    for entry, source in (("state_dict/model", model), ("state_dict/ema_model", ema)):
+        got = load_torch(path, entry=entry)
+        assert torch.equal(got["fc2.weight"], source[2].weight), entry
+    # The twin: a prefix no key has is named with the keys there.
+    with pytest.raises(ValueError, match="no entry 'state_dict/mode': at state_dict, its keys"):
+        load_torch(path, entry="state_dict/mode")
+
+
+def test_of_equal_entries_the_shallowest_is_offered(tmp_path):
+    # Found in a user trial: with "model" and "ema/model" of one size, the moving
+    # average was offered as "the largest". The twin: a larger one is still first.
+    model = _stack(0).state_dict()
+    torch.save({"ema": {"model": model}, "model": model, "epoch": 1}, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"pass entry='model', of the largest, the shallowest"):
+        load_torch(tmp_path / "c.pt")
+    deep = torch.nn.Sequential(*_stack(1)[:2], torch.nn.Linear(3, 3), torch.nn.Tanh(), _stack(2)[2])
+    torch.save({"ema": {"model": deep.state_dict()}, "model": model}, tmp_path / "d.pt")
+    with pytest.raises(ValueError, match=r"pass entry='ema/model', the largest that"):
+        load_torch(tmp_path / "d.pt")
