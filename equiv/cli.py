@@ -532,7 +532,9 @@ def _finite(obj: Any) -> Any:
 
 
 def _bad_input(text: str) -> int:
-    line = " ".join(text.split("\n"))
+    # One line: a message's lines joined, without their indentation (found in a user
+    # trial: "float32):   missing: ..." read as runs of spaces).
+    line = re.sub(r"\s*\n\s*", " ", text)
     sys.stderr.write((line if line.startswith(PREFIX) else message(line)) + "\n")
     return 2
 

@@ -290,6 +290,7 @@ def miswritten_loss_and_grads(
     output_grad: Callable[[Array, Array, Array], Array] | None = None,
     weight_input: Callable[[int, Array, Array, list[Array], list[tuple[Array, Array]]], Array]
     | None = None,
+    loss_of: Callable[[Array, Array], tuple[Array, Array]] | None = None,
     masks: Masks = None,
 ) -> tuple[Array, dict[str, Array]]:
     """:func:`loss_and_grads` with its backward pass written wrong on purpose, the
@@ -302,7 +303,9 @@ def miswritten_loss_and_grads(
     ``backward_params`` replaces weights in the chain ``dh_{i-1} = dz_i W_i`` only;
     ``output_grad(out, y, dz_L)`` replaces the loss's gradient ``dz_L``;
     ``weight_input(i, h, x, zs, acts)`` replaces ``h``, layer ``i``'s input, in its
-    weight gradient ``dz_iᵀ h`` only; ``masks`` as in :func:`loss_and_grads`.
+    weight gradient ``dz_iᵀ h`` only; ``loss_of(out, y) -> (loss, dz_L)`` replaces the
+    spec's loss and its gradient (a loss computed wrong: the backward from ``dz_L`` on
+    is the model's); ``masks`` as in :func:`loss_and_grads`.
 
     >>> import numpy as np
     >>> spec = MLPSpec((1, 1, 1), dtype="float64")
@@ -317,7 +320,10 @@ def miswritten_loss_and_grads(
     """
     xp = array_namespace(x)
     out, zs, acts = _forward(params, x, spec, _check_masks(masks, spec))
-    loss, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
+    if loss_of is None:
+        loss, dz = LOSSES[spec.loss].value_and_grad(out, y, spec)
+    else:
+        loss, dz = loss_of(out, y)
     dz = dz if output_grad is None else output_grad(out, y, dz)
     chained = {**params, **(backward_params or {})}
     slopes = None if slope_of is None else (lambda k, dh: slope_of(k, dh, zs, acts))

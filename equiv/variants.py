@@ -104,6 +104,19 @@ class Variant:
         return {"loss": values.pop("loss"), **self.reported(values)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """A known mistake with a value left free (another leaky ReLU slope), found by
+    fitting it: ``find(theirs, own, passes)`` spends at most ``passes`` float64 passes
+    (each counted in :data:`VARIANT_FLOPS`) and returns ``(variant, passes spent)``,
+    the variant None where no value fits ``theirs`` (a backend's step-1 loss under
+    ``"loss"`` and gradients; ``own`` the model's)."""
+
+    what: str
+    find: Callable[[Tree, Tree, int], tuple[Variant | None, int]]
+    tier: int = 1
+
+
 def matching_variant(
     spec: MLPSpec,
     params: dict[str, np.ndarray],
@@ -124,7 +137,7 @@ def matching_variant(
     ``unit_roundoff``: the backend's; a unit of a kinked activation whose pre-activation
     it may round to the other side of 0 (:func:`equiv.kinks.preactivation_bounds`) is
     tried on that side too, as the backend may have computed it."""
-    own = _step_one(spec, params, x, y)
+    own, output = _model_step(spec, params, x, y)
     apart = tree_distance(theirs, own)
     if not apart > noise:
         return None  # step 1 is the model's, up to rounding: no variant to look for
@@ -143,9 +156,15 @@ def matching_variant(
         return ((variant, other, near, flipped) if found else None), near
 
     matches = []
-    for variant in variants(spec, params, x, y, backward_first, theirs):
+    for variant in variants(spec, params, x, y, backward_first, theirs, output):
         if budget <= 0:
             break
+        if isinstance(variant, Fit):
+            # Its passes are the budget's too; one is left for the attempt.
+            variant, spent = variant.find(theirs, own, budget - 1)
+            budget -= spent
+            if variant is None or budget <= 0:
+                continue
         budget -= 1
         found, near = attempt(variant)
         if found is None and unit_roundoff and near * 10 <= apart:
@@ -240,17 +259,33 @@ def variants(
     y,
     backward_first: bool = False,
     loss: float | Tree | None = None,
-) -> Iterator[Variant]:
-    """Every known mistake for this model and batch, the likeliest first: each family's
-    tier-1 variants, then the tier-2 ones (a mistake made everywhere, at one layer).
+    output: np.ndarray | None = None,
+) -> Iterator[Variant | Fit]:
+    """Every known mistake for this model and batch, the likeliest first: the loss's
+    mistakes that give the backend's loss, then each family's tier-1 variants, then
+    the tier-2 ones (a mistake made everywhere, at one layer).
     ``loss``: the backend's step-1 loss, or its loss (under ``"loss"``) and gradients,
-    to fit what a mistake leaves free (the label smoothing's ε)."""
+    to fit what a mistake leaves free (the label smoothing's ε) and to pass over the
+    loss's mistakes whose loss it is not (:func:`loss_variants`); ``output``: the
+    model's float64 output on ``x``, where known (computed here otherwise)."""
     families = [
         model_variants(spec, params, x, y, loss),
         backward_variants(spec, params, x, y),
     ]
     ordered = [v for family in (families[::-1] if backward_first else families) for v in family]
+    ordered = [*loss_variants(spec, params, x, y, loss, output), *ordered]
     return iter(sorted(ordered, key=lambda v: v.tier))  # stable: the order within a tier
+
+
+def _model_step(spec: MLPSpec, params, x, y) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """:func:`_step_one` of the model, and its output, from the same pass."""
+    outputs = []
+
+    def keep(out, y_, dz):
+        outputs.append(out)
+        return dz
+
+    return _step_one(spec, params, x, y, output_grad=keep), outputs[0]
 
 
 def _step_one(spec: MLPSpec, params, x, y, masks=None, **miswritten) -> dict[str, np.ndarray]:

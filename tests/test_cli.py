@@ -278,7 +278,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path):
     assert code == 2
     assert out == ""  # nothing was computed or printed
     assert err.endswith("\n") and err.count("\n") == 1, err
-    assert err.startswith("[equiv] "), err
+    assert err.startswith("[equiv] ") and "  " not in err, err
     assert fragment.replace("{tmp}", str(tmp_path)) in err
     assert "Traceback" not in err
 
@@ -548,3 +548,14 @@ def test_params_file_options_that_contradict_it_are_refused(tmp_path, capsys):
     code, out, err = _run(["--params", str(tmp_path / "s.pt")], capsys)
     assert "add --entry 'my model', which holds one" in err, err  # quoted for the shell
     assert _run(["--params", path], capsys)[0] == 0  # the twin: nothing contradicts it
+
+
+def test_a_multi_line_message_is_one_line_without_its_indentation(tmp_path, capsys):
+    # Found in a user trial: "float32):   missing: ..." (the lines' indentation kept).
+    import torch
+
+    state = {"fc1.weight": torch.ones(3, 4), "fc2.weight": torch.ones(2, 3)}
+    torch.save({**state, "fc2.bias": torch.ones(2)}, tmp_path / "m.pt")
+    code, out, err = _run(["--params", str(tmp_path / "m.pt")], capsys)
+    assert (code, out) == (2, "") and err.count("\n") == 1, err
+    assert "(bias=True, float32): missing: 'fc1.bias' (expected shape (3,)) Pass" in err, err
