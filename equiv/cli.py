@@ -40,7 +40,7 @@ from equiv.losses import LOSSES
 from equiv.optimizers import OPTIMIZERS, OptimizerSpec
 from equiv.plot import plot_divergence, plot_format
 from equiv.problem import make_problem
-from equiv.render import print_comparison
+from equiv.render import make_console, print_comparison
 from equiv.spec import DTYPES, MLPSpec
 
 _OPTIMIZER_FIELDS = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad")
@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         default=None,
         metavar="PATH",
-        help="also write the report as JSON (agree, loss, params, diffs, config, settings)",
+        help="also write the report as JSON (agree, loss, params, diffs, config, settings); "
+        "- writes it to standard output and the report to standard error",
     )
     add("--version", action="version", version=f"%(prog)s {_version()}")
     return parser
@@ -315,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         )
         for option, path in (("--json", args.json), ("--plot", args.plot)):
-            if path is not None:
+            if path is not None and not (option == "--json" and path == "-"):
                 check_writable(path, option)
         if args.plot is not None:
             with contextlib.suppress(ImportError):  # said after the comparison
@@ -350,8 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not str(error).startswith(PREFIX):
             raise  # not a message about the input: a bug, keep its traceback
         return _bad_input(str(error))
+    # --json - writes the JSON to standard output, the report to standard error.
+    console = make_console(sys.stderr) if args.json == "-" else None
     try:
-        print_comparison(comparison, seed=args.seed, params=args.params)
+        print_comparison(comparison, console, seed=args.seed, params=args.params)
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader stopped reading (`equiv-compare | head`): the verdict still
@@ -369,7 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             data["config"].setdefault("seed", args.seed)  # the problem does not record it
             if args.params is not None:
                 data["config"]["params"] = args.params
-            write_json(args.json, data)
+            if args.json == "-":
+                sys.stdout.write(json_text(data))
+            else:
+                write_json(args.json, data)
         except OSError as error:
             return _bad_input(f"cannot write --json {args.json!r}: {error.strerror or error}")
     return 0 if comparison.agree else 1
@@ -517,8 +523,12 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     :meth:`equiv.compare.Report.to_dict`), since JSON has no spelling for them.
     """
     with atomic_path(path) as temp, open(temp, "w", encoding="utf-8") as file:
-        json.dump(_finite(data), file, indent=2, allow_nan=False)
-        file.write("\n")
+        file.write(json_text(data))
+
+
+def json_text(data: dict[str, Any]) -> str:
+    """``data`` as strict JSON text (:func:`write_json`'s), ending in a newline."""
+    return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
 
 
 def _finite(obj: Any) -> Any:

@@ -559,3 +559,14 @@ def test_a_multi_line_message_is_one_line_without_its_indentation(tmp_path, caps
     code, out, err = _run(["--params", str(tmp_path / "m.pt")], capsys)
     assert (code, out) == (2, "") and err.count("\n") == 1, err
     assert "(bias=True, float32): missing: 'fc1.bias' (expected shape (3,)) Pass" in err, err
+
+
+def test_json_dash_writes_to_standard_output(tmp_path, capsys, monkeypatch):
+    # Found when a test wrote --json - as a file named "-": the usual spelling of
+    # standard output now is one, and the text report goes to standard error.
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(["--json", "-"], capsys)
+    assert code == 0 and os.listdir(tmp_path) == []
+    data = json.loads(out)
+    assert data["agree"] is True and data["config"]["sizes"] == [4, 3, 2]
+    assert "[equiv] PASS: all 54 comparisons agree" in err
