@@ -44,6 +44,7 @@ leaves out relu's slope (the mask z > 0) after fc1 in the backward pass
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -309,11 +310,11 @@ _GELU_ADVICE = (
 def _fitted_smoothing(observed: Tree, at_zero: Tree, at_one: Tree) -> float | None:
     """The label smoothing ε in (0, 1] whose step-1 loss and gradients, ``at_zero +
     ε·(at_one - at_zero)`` (cross-entropy's are affine in ε), best fit ``observed``'s
-    (least squares, each leaf relative to its size), rounded to the fewest significant
-    digits (up to 6) that move them by at most a tenth of :data:`VARIANT_MATCH`; or
-    None. Fitted to the loss alone, a float32 loss put ε = 0.1 at 0.09988 where the
-    loss barely depends on it (a 784-128-10 model at initialisation: 0.0094 per unit
-    of ε), and its gradients missed by 1e-3 (found in a user trial).
+    (:func:`_affine_fit`), rounded to the fewest significant digits (up to 6) that move
+    them by at most a tenth of :data:`VARIANT_MATCH`; or None. Fitted to the loss
+    alone, a float32 loss put ε = 0.1 at 0.09988 where the loss barely depends on it
+    (a 784-128-10 model at initialisation: 0.0094 per unit of ε), and its gradients
+    missed by 1e-3 (found in a user trial).
 
     >>> zero, one = {"loss": np.array(2.0), "w": np.array([1.0, -1.0])}, {
     ...     "loss": np.array(2.5), "w": np.array([0.0, 1.0])}
@@ -321,6 +322,18 @@ def _fitted_smoothing(observed: Tree, at_zero: Tree, at_one: Tree) -> float | No
     >>> _fitted_smoothing(seen, zero, one)
     0.1
     """
+    fit = _affine_fit(observed, at_zero, at_one)
+    if fit is None or not 0 < fit[0] <= 1:
+        return None
+    rounded = _rounded(*fit)
+    return rounded if 0 < rounded <= 1 else None
+
+
+def _affine_fit(observed: Tree, at_zero: Tree, at_one: Tree) -> tuple[float, float] | None:
+    """``(s, slope)``: the ``s`` whose ``at_zero + s·(at_one - at_zero)`` best fits
+    ``observed`` (least squares over the loss and every gradient, each leaf relative to
+    its size), and how far the leaves move per unit of ``s`` relative to their size
+    there (:func:`tree_distance`'s measure); None where nothing moves."""
     num = den = 0.0
     pairs = []
     for name, value in observed.items():
@@ -337,20 +350,121 @@ def _fitted_smoothing(observed: Tree, at_zero: Tree, at_one: Tree) -> float | No
     if not (den > 0 and math.isfinite(num)):
         return None
     fitted = num / den
-    if not 0 < fitted <= 1:
-        return None
-    # How far each leaf moves, relative to its size at the fit (tree_distance's), per
-    # unit of ε.
     sizes = [float(np.max(np.abs(v0 + fitted * d), initial=0.0)) for v0, d in pairs]
     slope = max(
         (float(np.max(np.abs(d), initial=0.0)) / size if size else math.inf)
         for (_, d), size in zip(pairs, sizes, strict=True)
     )
+    return fitted, slope
+
+
+def _rounded(value: float, slope: float) -> float:
+    """``value`` to the fewest significant digits (up to 6) that move the leaves, at
+    ``slope`` per unit (:func:`_affine_fit`), by at most a tenth of :data:`VARIANT_MATCH`.
+
+    >>> _rounded(0.19999931, 2.0), _rounded(0.19999931, 1e6)
+    (0.2, 0.199999)
+    """
     for digits in range(1, 7):
-        rounded = float(f"{fitted:.{digits}g}")
-        if abs(rounded - fitted) * slope <= VARIANT_MATCH / 10:
-            return rounded if 0 < rounded <= 1 else None
-    return float(f"{fitted:.6g}")
+        rounded = float(f"{value:.{digits}g}")
+        if abs(rounded - value) * slope <= VARIANT_MATCH / 10:
+            return rounded
+    return float(f"{value:.6g}")
+
+
+#: Float64 passes a fitted activation parameter may take: the library default, then
+#: secant steps (exact after one where a single layer has it and the loss is linear in
+#: the output; a few more for a deep model's polynomial).
+_FIT_PASSES = 6
+#: Each parameter's field in :class:`~equiv.spec.MLPSpec`, its name in torch and JAX,
+#: and JAX's default (torch's too).
+_ACTIVATION_PARAMETERS = {
+    "leaky_relu": ("negative_slope", "nn.LeakyReLU", "jax.nn.leaky_relu", "negative_slope", 0.01),
+    "elu": ("elu_alpha", "nn.ELU", "jax.nn.elu", "alpha", 1.0),
+}
+
+
+def _activation_parameter_fits(spec: MLPSpec, params, x, y) -> Iterator[Fit]:
+    """For leaky ReLU's slope and ELU's alpha: the value the port used, where it is not
+    the spec's, fitted to its step-1 loss and gradients (:func:`_fitted_parameter`),
+    JAX's default tried first (found in a user trial: ``nn.LeakyReLU(0.2)`` ported as
+    ``jax.nn.leaky_relu(x)``, slope 0.01, was caught with no cause)."""
+    for act in _ACTIVATION_PARAMETERS:
+        if act in spec.activations:
+            yield Fit(
+                f"uses another {act} {_ACTIVATION_PARAMETERS[act][0]} (fitted)",
+                functools.partial(_find_parameter, spec, params, x, y, act),
+            )
+
+
+def _find_parameter(
+    spec: MLPSpec, params, x, y, act: str, theirs: Tree, own: Tree, passes: int
+) -> tuple[Variant | None, int]:
+    """:attr:`Fit.find` for ``act``'s parameter (:func:`_activation_parameter_fits`)."""
+    field, module, function, keyword, default = _ACTIVATION_PARAMETERS[act]
+    ours = float(getattr(spec, field))
+
+    def evaluate(value: float) -> dict[str, np.ndarray]:
+        return _step_one(spec.replace(**{field: value}), params, x, y)
+
+    first = default if default != ours else (2 * ours if ours else 0.1)
+    value, spent = _fitted_parameter(theirs, evaluate, ours, own, first, passes)
+    # 0 is ReLU, for either; 1 a leaky ReLU left out: other variants name those.
+    if value is None or value in (ours, 0.0) or (act == "leaky_relu" and value == 1.0):
+        return None, spent
+    jax_default = f" ({function}'s default)" if value == default else ""
+    return (
+        Variant(
+            f"uses {act}'s {keyword} {value:g}{jax_default}, not {ours:g} as the spec has",
+            f"torch's {module}({ours:g}) is the model's: pass it to the port, "
+            f"{function}(x, {keyword}={ours:g}); if torch's is {module}({value:g}), set "
+            f"{field}={value:g} in the MLPSpec",
+            spec.replace(**{field: value}),
+            params,
+        ),
+        spent,
+    )
+
+
+def _fitted_parameter(
+    observed: Tree,
+    evaluate: Callable[[float], Tree],
+    start: float,
+    at_start: Tree,
+    first: float,
+    passes: int,
+) -> tuple[float | None, int]:
+    """``(value, passes spent)``: the value of a model parameter whose step-1 loss and
+    gradients (``evaluate(value)``, one pass each) are ``observed``'s, found by secant
+    steps of the least-squares fit (:func:`_affine_fit`) from ``start`` (where they are
+    ``at_start``) and ``first``, and rounded (:func:`_rounded`); None where no positive
+    value within :data:`VARIANT_MATCH` is found in ``min(passes, _FIT_PASSES)`` passes.
+
+    >>> quadratic = lambda a: {"loss": np.array(1 + a * a), "w": np.array([a, 2 - a])}
+    >>> _fitted_parameter(quadratic(0.2), quadratic, 0.5, quadratic(0.5), 1.0, 6)
+    (0.2, 5)
+    """
+    points, value, spent = [(start, at_start)], first, 0
+    while spent < min(passes, _FIT_PASSES):
+        tree = evaluate(value)
+        spent += 1
+        points.append((value, tree))
+        (a0, t0), (a1, t1) = points[-2:]
+        fit = _affine_fit(observed, t0, t1)
+        if fit is None or a1 == a0:
+            return None, spent
+        s, slope = fit
+        value = a0 + s * (a1 - a0)
+        if not (math.isfinite(value) and value > 0):
+            return None, spent
+        if tree_distance(observed, tree) <= VARIANT_MATCH / 10:
+            return _rounded(a1, slope / abs(a1 - a0)), spent
+    near = points[-1]
+    if spent and tree_distance(observed, near[1]) <= VARIANT_MATCH:
+        (a0, t0), (a1, t1) = points[-2:]
+        fit = _affine_fit(observed, t0, t1)
+        return (_rounded(a1, fit[1] / abs(a1 - a0)) if fit else None), spent
+    return None, spent
 
 
 def model_variants(
