@@ -244,7 +244,7 @@ def _load_state(
         keys = [key for (key,) in flat]
         prefix = _outer_prefix(keys, own)
         flat = {(own.get(key[len(prefix) :], key),): tensor for (key,), tensor in flat.items()}
-        if not any(layout.torch_name(key) for key in flat):
+        if not all(layout.torch_name(key) for key in flat):
             _refuse_foreign_entries(keys, own, os.fspath(path))
     try:
         spec = check_entries(
@@ -294,13 +294,19 @@ def _refuse_foreign_entries(keys: list[str], own: Mapping[str, str], shown: str)
     listed = ", ".join(map(repr, others[:4])) + (", ..." if len(others) > 4 else "")
     absent = ", ".join(map(repr, lacking[:4])) + (", ..." if len(lacking) > 4 else "")
     where = f" under the prefix {prefix!r}" if prefix else ""
+    advice = (
+        # Names on both sides that the other lacks: another module's file (found in a
+        # user trial: a Sequential with a Dropout between its layers numbers them 0, 3).
+        "The file is another module's, whose layers are named otherwise: load it into "
+        "that module, or without out= (an nn.Sequential's file is read by its indices)"
+        if lacking
+        else "Keep only the module's: load_torch reads a dict of them, saved with "
+        f"torch.save({{k: v for k, v in state.items() if k.startswith({prefix!r})}}, path)"
+    )
     raise value_error(
         f"checkpoint {shown}: {len(matched)} of its {len(keys)} entries are the module's "
         f"parameters{where}, and {len(others)} {'is' if len(others) == 1 else 'are'} not: "
-        f"{listed}"
-        + (f"; the module's {absent} are not in it" if lacking else "")
-        + ". Keep only the module's: load_torch reads a dict of them, saved with torch.save("
-        f"{{k: v for k, v in state.items() if k.startswith({prefix!r})}}, path)"
+        f"{listed}" + (f"; the module's {absent} are not in it" if lacking else "") + f". {advice}"
     )
 
 

@@ -1327,3 +1327,25 @@ def test_of_equal_entries_the_shallowest_is_offered(tmp_path):
     torch.save({"ema": {"model": deep.state_dict()}, "model": model}, tmp_path / "d.pt")
     with pytest.raises(ValueError, match=r"pass entry='ema/model', the largest that"):
         load_torch(tmp_path / "d.pt")
+
+
+def test_a_file_of_a_sequential_numbered_otherwise_is_named_another_modules(tmp_path):
+    # Found in a user trial: a Sequential with a Dropout between its layers (0, 3) read
+    # into one without (0, 2) was said not to match "the MLP (5, 16)", with spec= advice.
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Dropout(), torch.nn.Linear(4, 3)
+    )
+    torch.save(source.state_dict(), tmp_path / "drop.pt")
+    target = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError) as info:
+        load_torch(tmp_path / "drop.pt", out=target)
+    assert str(info.value).endswith(
+        "2 of its 4 entries are the module's parameters, and 2 are not: '3.weight', "
+        "'3.bias'; the module's '2.weight', '2.bias' are not in it. The file is another "
+        "module's, whose layers are named otherwise: load it into that module, or without "
+        "out= (an nn.Sequential's file is read by its indices)"
+    )
+    # The twin, as advised: read by its indices, then copied into the module.
+    copy_into = jax_to_torch(torch_to_jax(load_torch(tmp_path / "drop.pt")), out=target)
+    assert torch.equal(copy_into["fc2.weight"], source[3].weight)
