@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from equiv._messages import type_error, value_error
-from equiv.devices import jax_device, torch_device
+from equiv.devices import _jax_gpus, jax_device, torch_device
 from equiv.spec import DTYPES, MLPSpec
 
 _LAYER = r"(0|[1-9]\d*)"  # no leading zeros: "Dense_00" must not alias "Dense_0"
@@ -299,6 +299,10 @@ def torch_to_jax(
             "or convert the tensors to float32 first, to keep float32"
         )
     layout.check_paths(spec.param_names())
+    if device is None:
+        refused = gpu_without_jax({state[name].device for name in spec.param_names()})
+        if refused:
+            raise value_error(refused)
     leaves, fills = [], []
     for name in spec.param_names():
         tensor = state[name].detach()
@@ -325,6 +329,25 @@ def torch_to_jax(
             array = jax.device_put(array, device)
         _set(tree, path, array)
     return tree
+
+
+def gpu_without_jax(devices: set[torch.device]) -> str | None:
+    """Why tensors on ``devices`` cannot stay where they are in JAX: CUDA tensors where
+    JAX sees no GPU (a CPU-only jax beside a CUDA torch, the default pip install), or
+    None. Without it DLPack failed deep inside, with no advice.
+
+    >>> gpu_without_jax({torch.device("cpu")}) is None
+    True
+    """
+    cuda = sorted(str(d) for d in devices if d.type == "cuda")
+    if not cuda or _jax_gpus():
+        return None
+    return (
+        f"the tensors are on {', '.join(cuda)}, and JAX sees no GPU (its backend: "
+        f"{jax.default_backend()}), so the arrays cannot stay on that device: pass "
+        "device='cpu' (one copy to the host), or install a CUDA build of jax "
+        "(pip install 'jax[cuda12]')"
+    )
 
 
 def jax_to_torch(

@@ -783,3 +783,20 @@ def test_a_sparse_weight_is_refused_by_name(layout):
         torch_to_jax(sparse, layout=layout)
     dense = {**state, "fc1.weight": sparse["fc1.weight"].to_dense()}
     assert_states_identical(jax_to_torch(torch_to_jax(dense, layout), layout), state)
+
+
+def test_cuda_tensors_where_jax_sees_no_gpu_are_told_to_name_a_device(monkeypatch):
+    # Found in review: torch_to_jax of a CUDA model beside a CPU-only jax (the default
+    # pip install) failed inside DLPack with no advice. No CUDA here: the decision is
+    # tested on device objects, which need none, with and without a JAX GPU.
+    from equiv import convert
+
+    cuda = {torch.device("cuda:1"), torch.device("cpu")}
+    monkeypatch.setattr(convert, "_jax_gpus", lambda: [])
+    text = convert.gpu_without_jax(cuda)
+    assert text.startswith("the tensors are on cuda:1, and JAX sees no GPU") and (
+        "pass device='cpu'" in text
+    )
+    assert convert.gpu_without_jax({torch.device("cpu")}) is None  # the twins
+    monkeypatch.setattr(convert, "_jax_gpus", lambda: ["a GPU"])
+    assert convert.gpu_without_jax(cuda) is None
