@@ -792,8 +792,9 @@ def _numbered_stack(
         return (
             f"its entries number Linear layers {a} and {b} with no module between them, as an "
             "nn.ModuleList's are (a Sequential's activations take the numbers between), and "
-            "a forward may call those in any order, which the file does not record. Read it "
-            "into the module, whose calls say the order: equiv.load_torch(path, out=module)"
+            "a forward may call those in any order, which the names do not record. Read them "
+            "with the module, whose calls say the order: pass the module itself, or for a "
+            "file equiv.load_torch(path, out=module)"
         )
     layer = {index: i for i, index in enumerate(indices, 1)}
     return [f"fc{layer[int(m[2])]}.{m[3]}" for m in found]

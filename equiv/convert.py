@@ -823,12 +823,22 @@ def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
                 f"state_dict values must be torch tensors; {', '.join(map(repr, bad))} "
                 f"{'is' if len(bad) == 1 else 'are'} not. To convert a JAX tree, use jax_to_torch"
             )
-        state = dict(obj)
+        state = _read_names(dict(obj))
     else:
         raise type_error(f"expected a torch.nn.Module or a state_dict, got {type(obj).__name__}")
     for name, tensor in state.items():
         refuse_without_values(name, tensor)
     return {name: tensor.detach() for name, tensor in state.items()}
+
+
+def _read_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state_dict under equiv's names where none of its names is, but they are an
+    ``nn.Sequential``'s or all under one prefix, as the checkpoint readers read a file
+    (:func:`equiv.checkpoint._foreign_keys`; found in a user trial: the file of a
+    state_dict was read, the state_dict itself refused); otherwise as it is."""
+    from equiv.checkpoint import _foreign_keys  # imports this module
+
+    return _foreign_keys(state, LAYOUTS["torch"], shown="state_dict")
 
 
 def missing_values(tensor: torch.Tensor) -> str | None:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from equiv.losses import LOSSES
 from equiv.optimizers import OptimizerSpec, manual_init, manual_update
 
 #: The hint for a constant factor that matches no known trap.
@@ -394,27 +395,61 @@ def _factor_cause(
     every leaf of the stage is off by it (a loss's reduction or convention scales
     every gradient; a factor in some leaves only is in their own backward). ``loss``:
     the model's, where known; MSELoss's conventions are named for MSE only (found in
-    review: a cross-entropy loss doubled was put down to optax.l2_loss).
+    review: a cross-entropy loss doubled was put down to optax.l2_loss), and a factor
+    of a reduction is told from the side that follows the spec (torch, the reference)
+    and the loss's own reduction (found in a user trial: for ``mse_sum``, which sums, a
+    loss 8 times the spec's at batch 8 read "sums ... where reference takes the mean").
 
     >>> _factor_cause(1 / 8, 24, 8, ("port", "torch"))
     'A factor of the batch size: port takes the mean over the batch where torch sums.'
+    >>> hint = _factor_cause(8.0, 8, 8, ("port", "reference"), loss="mse_sum")
+    >>> for part in hint.split(" where "):
+    ...     print(part)
+    A factor of the batch size: port multiplies by the batch size
+    reference's loss (mse_sum) sums over the batch with no factor.
+    >>> _factor_cause(1 / 8, 8, 8, ("torch", "port"), loss="mse_sum").split(": ")[1][:45]
+    'port multiplies by the batch size where torch'
+    >>> for part in _factor_cause(1 / 8, 8, 8, ("port", "reference"), loss="mse").split(", "):
+    ...     print(part)
+    A factor of the batch size: port divides by the batch size once more than reference
+    whose loss (mse) is the mean over the batch.
+    >>> _factor_cause(64 / 63, 64, 64, ("port", "reference"), loss="mse")[:60]
+    'A factor 64/63: port divides by 63, the batch size less one,'
     >>> _factor_cause(-1.0, 24, 8, ("port", "torch"))[:52]
     'The sign is flipped: a gradient of the negated loss '
     >>> _factor_cause(0.5, 24, 8, ("port", "torch"), shared=False)[:60]
     'A factor 0.5 in these gradients only, not in every one: not '
     """
     first, second = names
+    reduction = LOSSES[loss].reduction if loss in LOSSES else None
+    odd = _off_spec(names)
 
     def near(x: float | None) -> bool:
         return x is not None and x > 0 and (abs(ratio / x - 1) < 1e-3 or abs(ratio * x - 1) < 1e-3)
 
-    def sums(what: str) -> str:
-        if ratio > 1:
-            return f"{first} sums over {what} where {second} takes the mean"
-        return f"{first} takes the mean over {what} where {second} sums"
+    def sums(what: str, count: str) -> str:
+        if reduction is None or odd is None:  # which side follows the spec is not known
+            if ratio > 1:
+                return f"{first} sums over {what} where {second} takes the mean"
+            return f"{first} takes the mean over {what} where {second} sums"
+        side, spec_side = names[odd], names[1 - odd]
+        larger = (ratio > 1) == (odd == 0)  # the off side's loss is the larger
+        if reduction == "mean" and larger:
+            return f"{side} sums over {what} where {spec_side} takes the mean"
+        if reduction == "mean":
+            return (
+                f"{side} divides by {count} once more than {spec_side}, whose loss ({loss}) "
+                f"is the mean over {what}"
+            )
+        if larger:
+            return (
+                f"{side} multiplies by {count} where {spec_side}'s loss ({loss}) sums over "
+                f"{what} with no factor"
+            )
+        return f"{side} takes the mean over {what} where {spec_side}'s loss ({loss}) sums"
 
     if near(batch) and batch not in (1,):  # a per-leaf reduction: shared or not
-        return f"A factor of the batch size: {sums('the batch')}."
+        return f"A factor of the batch size: {sums('the batch', 'the batch size')}."
     if abs(ratio + 1) < 1e-3:
         where = "" if shared else " in these gradients only (their own backward)"
         return (
@@ -427,9 +462,17 @@ def _factor_cause(
             "reduction or convention scales every gradient) but these leaves' own backward "
             "(their chain rule or reduction)."
         )
+    divisor = _one_less(ratio, numel_output, batch, names) if reduction != "sum" else None
+    if divisor:
+        return divisor
     mse = loss in (None, "mse")
     if near(numel_output) and numel_output not in (1, 2):
-        return f"A sum where the other takes the mean: {sums('the batch and the outputs')}" + (
+        head = (
+            "A sum where the other takes the mean"
+            if reduction != "sum" or odd is None
+            else ("A factor of batch · outputs")
+        )
+        return f"{head}: {sums('the batch and the outputs', 'batch · outputs')}" + (
             " (MSELoss(reduction='sum') vs 'mean')." if mse else "."
         )
     if near(2.0) and mse:
@@ -445,10 +488,60 @@ def _factor_cause(
     outputs = numel_output // batch if numel_output and batch else None
     if near(outputs) and outputs not in (1, 2):
         return (
-            f"A factor of the output width: {sums('the outputs')} (a loss summed per "
-            "sample, then averaged over the batch, or averaged over batch and classes)."
+            f"A factor of the output width: {sums('the outputs', 'the output width')} (a "
+            "loss summed per sample, then averaged over the batch, or averaged over batch "
+            "and classes)."
         )
     return GENERIC
+
+
+#: Backends that compute the spec's loss: a factor of a reduction is the other side's.
+_SPEC_LOSS = ("reference", "torch", "manual", "jax", "the replay", "the float64 reference")
+
+
+def _off_spec(names: tuple[str, str]) -> int | None:
+    """The index of the side of ``names`` that does not follow the spec, where the
+    other does (:data:`_SPEC_LOSS`), else None.
+
+    >>> _off_spec(("port", "reference")), _off_spec(("torch", "port"))
+    (0, 1)
+    >>> _off_spec(("jax", "torch")) is None  # equiv's own backends both follow it
+    True
+    """
+    follows = [name in _SPEC_LOSS for name in names]
+    return follows.index(False) if follows.count(False) == 1 else None
+
+
+def _one_less(ratio: float, numel_output: int | None, batch: int | None, names) -> str | None:
+    """The cause of a factor ``n/(n - 1)`` (or its inverse), ``n`` the batch or batch ·
+    outputs, at least 3 (``2/1`` is MSE's factor 2): a mean's divisor one less than
+    ``n``. Within ``0.25/n²`` relative, a quarter of the way to ``n/(n - 2)`` and
+    ``(n + 1)/n``; a factor within 1e-3 of 1 (``n`` from about 1000 on) is no factor
+    (:func:`_ratio`). Found in a user trial: ``sum(...) / (n - 1)`` was a bare "constant
+    factor" on the gradients and nothing on the loss.
+
+    >>> for part in _one_less(63 / 64, 64, 64, ("torch", "port")).split(", "):
+    ...     print(part)
+    A factor 64/63: port divides by 63
+    the batch size less one
+    where torch divides by the batch size
+    64 (a sum over 64 terms divided as an unbiased variance is
+    or an off-by-one count).
+    >>> _one_less(65 / 64, 64, 64, ("port", "torch")) is None  # (n + 1)/n
+    True
+    """
+    for n, count in ((batch, "the batch size"), (numel_output, "batch · outputs")):
+        if n is None or n < 3:
+            continue
+        factor = n / (n - 1)
+        for x, (off, other) in ((factor, names), (1 / factor, names[::-1])):
+            if abs(ratio / x - 1) <= 0.25 / n**2:
+                return (
+                    f"A factor {n}/{n - 1}: {off} divides by {n - 1}, {count} less one, "
+                    f"where {other} divides by {count}, {n} (a sum over {n} terms divided as "
+                    "an unbiased variance is, or an off-by-one count)."
+                )
+    return None
 
 
 def _state_cause(

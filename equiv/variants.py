@@ -362,7 +362,7 @@ def _rounded(value: float, slope: float) -> float:
     """``value`` to the fewest significant digits (up to 6) that move the leaves, at
     ``slope`` per unit (:func:`_affine_fit`), by at most a tenth of :data:`VARIANT_MATCH`.
 
-    >>> _rounded(0.19999931, 2.0), _rounded(0.19999931, 1e6)
+    >>> _rounded(0.19999931, 1.0), _rounded(0.19999931, 10.0)
     (0.2, 0.199999)
     """
     for digits in range(1, 7):
@@ -441,8 +441,12 @@ def _fitted_parameter(
     value within :data:`VARIANT_MATCH` is found in ``min(passes, _FIT_PASSES)`` passes.
 
     >>> quadratic = lambda a: {"loss": np.array(1 + a * a), "w": np.array([a, 2 - a])}
-    >>> _fitted_parameter(quadratic(0.2), quadratic, 0.5, quadratic(0.5), 1.0, 6)
+    >>> _fitted_parameter(quadratic(0.2), quadratic, 0.5, quadratic(0.5), 0.2, 6)  # first
+    (0.2, 1)
+    >>> _fitted_parameter(quadratic(0.2), quadratic, 0.5, quadratic(0.5), 0.1, 6)
     (0.2, 5)
+    >>> _fitted_parameter(quadratic(0.2), quadratic, 0.5, quadratic(0.5), 0.1, 3)
+    (None, 3)
     """
     points, value, spent = [(start, at_start)], first, 0
     while spent < min(passes, _FIT_PASSES):
@@ -469,7 +473,7 @@ def _fitted_parameter(
 
 def model_variants(
     spec: MLPSpec, params: dict[str, np.ndarray], x, y, loss: float | Tree | None = None
-) -> Iterator[Variant]:
+) -> Iterator[Variant | Fit]:
     """Ways of computing another model than ``spec`` that a single step tells apart,
     each with its gradients as such a port reports them (a weight used transposed
     reports its gradient transposed back, a bias left out reports 0, swapped layers
@@ -486,6 +490,7 @@ def model_variants(
       :func:`_fitted_smoothing`);
     * another activation in place of one of the model's, in every layer it is in
       (SiLU for GELU, ReLU for leaky ReLU, ...), or none after every layer or one;
+    * another leaky ReLU slope or ELU alpha (JAX's default, or fitted: a :class:`Fit`);
     * the model's activations in another order (two neighbours swapped, or all
       shifted by one layer).
     """
@@ -579,6 +584,7 @@ def model_variants(
                 else f"computes {other} where the model has {own} ({where})"
             )
             yield variant(what, "", spec.replace(activation=acts), {})
+    yield from _activation_parameter_fits(spec, params, x, y)
     yield from _reordered_activations(spec, variant)
     if spec.num_layers > 2:
         for k, own in enumerate(spec.activations, start=1):
@@ -610,6 +616,153 @@ def _reordered_activations(spec: MLPSpec, variant: Callable[..., Variant]) -> It
         yield variant(
             f"{what.format(*layers)} ({where})", "", spec.replace(activation=order), {}, tier=tier
         )
+
+
+def loss_variants(
+    spec: MLPSpec,
+    params: dict[str, np.ndarray],
+    x,
+    y,
+    loss: float | Tree | None = None,
+    output: np.ndarray | None = None,
+) -> Iterator[Variant]:
+    """Mistakes in the loss, the model's forward pass and backward from the loss's
+    gradient on (:func:`_loss_mistakes`): each is offered only where its loss is the
+    backend's step-1 ``loss`` (given alone or under ``"loss"``; to ten times
+    :data:`VARIANT_MATCH`, kinked units rounded across 0 allowed for), computed from
+    the model's float64 ``output`` (one forward pass where it is not given, none per
+    mistake): a mistake in the loss shows in the loss, and those that do not give it
+    cost no pass. None without ``loss``."""
+    if loss is None:
+        return
+    observed = float(np.asarray(loss["loss"] if isinstance(loss, Mapping) else loss))
+    if output is None:
+        with np.errstate(all="ignore"):
+            output = manual.forward(params, x, spec)[0]
+    for what, advice, loss_of in _loss_mistakes(spec, output.shape):
+        with np.errstate(all="ignore"):
+            value = float(loss_of(output, y)[0])
+        if abs(observed - value) <= 10 * VARIANT_MATCH * abs(value):
+            yield Variant(what, advice, spec, params, miswritten={"loss_of": loss_of})
+
+
+#: The greatest batch whose outputs are paired with every target (:func:`_broadcast`):
+#: N² loss terms, 1.7e7 at this size (about 0.2 s).
+_BROADCAST_BATCH = 4096
+
+
+def _loss_mistakes(spec: MLPSpec, shape: tuple[int, ...]):
+    """``(what, advice, loss_of)`` for each mistake in ``spec``'s loss that an output of
+    ``shape`` (batch, outputs) allows, ``loss_of(out, y) -> (loss, ∂loss/∂out)``:
+
+    * an output of width 1 and targets broadcast against each other, (N, 1) against
+      (N,) or the reverse: the loss of every output against every target
+      (:func:`_broadcast`; losses of values or binary targets);
+    * probabilities where the loss takes logits: softmax before cross-entropy, sigmoid
+      before binary cross-entropy with logits (both apply their own);
+    * the loss of part of the batch: its last row or first left out (``x[:-1]``,
+      ``x[1:]``), or the targets one row off (``x[:-1]`` with ``y[1:]``, and the reverse).
+    """
+    batch, outputs = shape
+    loss = LOSSES[spec.loss]
+    if outputs == 1 and 1 < batch <= _BROADCAST_BATCH and loss.targets in ("values", "binary"):
+        n = batch
+        yield (
+            f"broadcasts ({n},1) against ({n},) in its loss (or ({n},) against ({n},1)): "
+            f"out - y is ({n}, {n}), every output against every target",
+            "Reshape y to out's shape (y.reshape(out.shape)): torch's loss warns of the "
+            "broadcast, jax.numpy broadcasts silently",
+            functools.partial(_broadcast, spec),
+        )
+    if spec.loss in ("cross_entropy", "cross_entropy_probs"):
+        yield (
+            "applies softmax to the outputs before a cross-entropy that applies log_softmax "
+            "itself (probabilities for logits)",
+            "Pass the logits: torch's CrossEntropyLoss and optax.softmax_cross_entropy"
+            "(_with_integer_labels) take logits, and softmax of probabilities is no model's",
+            functools.partial(_squashed_first, spec),
+        )
+    if spec.loss == "bce_with_logits":
+        yield (
+            "applies sigmoid to the outputs before a binary cross-entropy that applies it "
+            "itself (probabilities for logits)",
+            "Pass the logits: torch's BCEWithLogitsLoss and optax.sigmoid_binary_cross_entropy "
+            "take logits",
+            functools.partial(_squashed_first, spec),
+        )
+    if batch > 1:
+        head, tail = slice(None, -1), slice(1, None)  # x[:-1], x[1:]
+        part = f"{batch - 1} of the {batch} rows"
+        for what, taken, targets in (
+            (f"computes its loss on x[:-1] and y[:-1], {part}", head, head),
+            (f"computes its loss on x[1:] and y[1:], {part}", tail, tail),
+            (
+                "pairs x[:-1] with y[1:] in its loss, each row with the next one's target",
+                head,
+                tail,
+            ),
+            (
+                "pairs x[1:] with y[:-1] in its loss, each row with the one before's target",
+                tail,
+                head,
+            ),
+        ):
+            yield (
+                what,
+                "An off-by-one slice: torch's loss takes every row of x with its own target",
+                functools.partial(_rows, spec, taken, targets),
+            )
+
+
+def _broadcast(spec: MLPSpec, out, y):
+    """The loss of ``out[:, 0] - y[:, 0]`` broadcast to (N, N), ``o_i`` against every
+    ``y_j``, and its gradient ``Σ_j ∂ℓ(o_i, y_j)/∂o_i`` (a mean over the N² terms, or a
+    sum), in blocks of rows. For MSE, ``mean_i (o_i - ȳ)² + var(y)``: each output
+    pulled to the targets' mean.
+
+    >>> o, t = np.array([[1.0], [3.0]]), np.array([[0.0], [2.0]])
+    >>> loss, grad = _broadcast(MLPSpec((1, 1), dtype="float64"), o, t)
+    >>> float(loss), grad.tolist()  # ((1-0)² + (1-2)² + (3-0)² + (3-2)²)/4; 2(o - 1)/2
+    (3.0, [[0.0], [2.0]])
+    """
+    n = out.shape[0]
+    loss = LOSSES[spec.loss]
+    o, t = out[:, 0], y[:, 0]
+    block = max(1, (1 << 20) // n)
+    total, grad = 0.0, np.zeros_like(out)
+    for start in range(0, n, block):
+        rows = o[start : start + block, None] + np.zeros((1, n))
+        value, d = loss.value_and_grad(rows, np.broadcast_to(t, rows.shape), spec)
+        # Each block's mean undone: the mistake averages over all N² terms.
+        scale = rows.size if loss.reduction == "mean" else 1
+        total += float(value) * scale
+        grad[start : start + block, 0] = np.sum(d, axis=1) * scale
+    norm = n * n if loss.reduction == "mean" else 1
+    return np.asarray(total / norm), grad / norm
+
+
+def _squashed_first(spec: MLPSpec, out, y):
+    """The loss of ``softmax(out)`` (cross-entropy) or ``σ(out)`` (binary cross-entropy)
+    taken as logits, and its gradient through the softmax or sigmoid: ``p ⊙ (g - Σ p·g)``
+    or ``g·σ(1 - σ)``, ``g`` the loss's gradient at the probabilities."""
+    if spec.loss == "bce_with_logits":
+        p = 0.5 * (1.0 + np.tanh(0.5 * out))  # σ, without overflow
+        value, g = LOSSES[spec.loss].value_and_grad(p, y, spec)
+        return value, g * p * (1.0 - p)
+    e = np.exp(out - np.max(out, axis=1, keepdims=True))
+    p = e / np.sum(e, axis=1, keepdims=True)
+    value, g = LOSSES[spec.loss].value_and_grad(p, y, spec)
+    return value, p * (g - np.sum(p * g, axis=1, keepdims=True))
+
+
+def _rows(spec: MLPSpec, taken: slice, targets: slice, out, y):
+    """The loss of the rows ``taken`` of the output against the targets' rows
+    ``targets`` (a mean over them, or a sum), and its gradient, 0 for the rows left
+    out."""
+    value, d = LOSSES[spec.loss].value_and_grad(out[taken], y[targets], spec)
+    grad = np.zeros_like(out)
+    grad[taken] = d
+    return value, grad
 
 
 # A slope written wrong in a hand-written backward: (what it does, which activations it

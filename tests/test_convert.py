@@ -321,11 +321,19 @@ def test_module_with_other_names_is_read_as_a_linear_stack():
     _, params = mlp_from_module(model)
     assert_states_identical(jax_to_torch(torch_to_jax(model)), params)
     # The twins: a module that is no Linear stack is refused by name; a state_dict
-    # under other names is refused as before, with the way to read it.
+    # under a module's own names (not a Sequential's, which are read by their
+    # indices) is refused as before, with the way to read it.
     with pytest.raises(ValueError, match="Dropout"):
         torch_to_jax(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout()))
+    own = {"inp": "0", "head": "2"}
     with pytest.raises(ValueError) as info:
-        torch_to_jax(dict(model.state_dict()))
+        torch_to_jax(
+            {
+                f"{n}.{k}": model.state_dict()[f"{i}.{k}"]
+                for n, i in own.items()
+                for k in ("weight", "bias")
+            }
+        )
     assert str(info.value).startswith(
         "[equiv] state_dict: none of its 4 entries is a parameter of the torch layout"
     )
@@ -800,3 +808,16 @@ def test_cuda_tensors_where_jax_sees_no_gpu_are_told_to_name_a_device(monkeypatc
     assert convert.gpu_without_jax({torch.device("cpu")}) is None  # the twins
     monkeypatch.setattr(convert, "_jax_gpus", lambda: ["a GPU"])
     assert convert.gpu_without_jax(cuda) is None
+
+
+def test_a_sequentials_state_dict_converts_as_its_file_is_read():
+    # Found in a user trial: load_jax read a file of seq.state_dict() by its indices, but
+    # torch_to_jax refused the state_dict itself. The twin: a ModuleList's names.
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    for state in (seq.state_dict(), {f"model.{k}": v for k, v in seq.state_dict().items()}):
+        tree = torch_to_jax(state, layout="flax")
+        np.testing.assert_array_equal(tree["Dense_1"]["kernel"], seq[2].weight.detach().T)
+    listed = {"layers.0.weight": torch.ones(3, 3), "layers.1.weight": torch.ones(3, 3)}
+    with pytest.raises(ValueError, match="state_dict: its entries number Linear layers 0 and 1"):
+        torch_to_jax(listed)
