@@ -33,6 +33,24 @@ def _bitwise_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 
 @pytest.fixture
+def fast_path_used(monkeypatch) -> list[bool]:
+    """Whether each call of ``equiv.compare._fast_stats`` in the test took the fast path
+    (a result, not None), in order."""
+    from equiv import compare
+
+    used: list[bool] = []
+    fast_stats = compare._fast_stats
+
+    def spy(*args):
+        out = fast_stats(*args)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(compare, "_fast_stats", spy)
+    return used
+
+
+@pytest.fixture
 def bitwise_diff():
     """:func:`_bitwise_diff`, as a fixture so that test modules need not import conftest."""
     return _bitwise_diff

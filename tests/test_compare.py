@@ -394,19 +394,11 @@ VARIANT_IDS = [v[0] for v in _variants(np.random.default_rng(0))]
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("index", range(len(VARIANT_IDS)), ids=VARIANT_IDS)
-def test_fast_path_equals_numpy_path(rng, monkeypatch, index, threads):
+def test_fast_path_equals_numpy_path(rng, monkeypatch, index, threads, fast_path_used):
     monkeypatch.setattr(fastcompare, "CHUNK", CHUNK)
     monkeypatch.setattr(fastcompare, "THREADS", threads)
     _, a, b, tol, passes = _variants(rng)[index]
-    used = []
-    fast_stats = compare._fast_stats
-
-    def spy(*args):
-        out = fast_stats(*args)
-        used.append(out is not None)
-        return out
-
-    monkeypatch.setattr(compare, "_fast_stats", spy)
+    used = fast_path_used
     fast = compare_leaf(a, b, tol, name="w", fast_threshold=0)
     slow = compare_leaf(a, b, tol, name="w", fast_threshold=a.size + 1)
     assert fast == slow

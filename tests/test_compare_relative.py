@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from equiv import MLPSpec, compare, fastcompare
+from equiv import MLPSpec, fastcompare
 from equiv.compare import compare_leaf, compute_dtype
 from equiv.harness import REFERENCE, RUNNERS, compare_trajectories
 from equiv.problem import make_problem
@@ -55,18 +55,10 @@ def _leaf(value, dtype) -> np.ndarray:
     "actual, expected, tol, max_rel, passed", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
 def test_relative_difference_divides_by_the_expected_side(
-    monkeypatch, actual, expected, tol, max_rel, passed, path, dtypes
+    monkeypatch, actual, expected, tol, max_rel, passed, path, dtypes, fast_path_used
 ):
     monkeypatch.setattr(fastcompare, "CHUNK", CHUNK)
-    used = []
-    fast_stats = compare._fast_stats
-
-    def spy(*args):
-        out = fast_stats(*args)
-        used.append(out is not None)
-        return out
-
-    monkeypatch.setattr(compare, "_fast_stats", spy)
+    used = fast_path_used
     a, b = _leaf(actual, dtypes[0]), _leaf(expected, dtypes[1])
     d = compare_leaf(a, b, tol, fast_threshold=0 if path == "fast" else N + 1)
     assert (d.max_rel, d.max_rel_index, d.passed) == (max_rel, (AT,), passed)
