@@ -427,29 +427,31 @@ def _factor_cause(
     def near(x: float | None) -> bool:
         return x is not None and x > 0 and (abs(ratio / x - 1) < 1e-3 or abs(ratio * x - 1) < 1e-3)
 
-    def sums(what: str, count: str) -> str:
+    def sums(what: str, count: str) -> tuple[str, bool]:
+        """The reduction each side takes over ``what``, and whether one sums where the
+        other takes the mean (not: a mean divided again, a sum multiplied)."""
         if reduction is None or odd is None:  # which side follows the spec is not known
             if ratio > 1:
-                return f"{first} sums over {what} where {second} takes the mean"
-            return f"{first} takes the mean over {what} where {second} sums"
+                return f"{first} sums over {what} where {second} takes the mean", True
+            return f"{first} takes the mean over {what} where {second} sums", True
         side, spec_side = names[odd], names[1 - odd]
         larger = (ratio > 1) == (odd == 0)  # the off side's loss is the larger
         if reduction == "mean" and larger:
-            return f"{side} sums over {what} where {spec_side} takes the mean"
+            return f"{side} sums over {what} where {spec_side} takes the mean", True
         if reduction == "mean":
             return (
                 f"{side} divides by {count} once more than {spec_side}, whose loss ({loss}) "
                 f"is the mean over {what}"
-            )
+            ), False
         if larger:
             return (
                 f"{side} multiplies by {count} where {spec_side}'s loss ({loss}) sums over "
                 f"{what} with no factor"
-            )
-        return f"{side} takes the mean over {what} where {spec_side}'s loss ({loss}) sums"
+            ), False
+        return f"{side} takes the mean over {what} where {spec_side}'s loss ({loss}) sums", True
 
     if near(batch) and batch not in (1,):  # a per-leaf reduction: shared or not
-        return f"A factor of the batch size: {sums('the batch', 'the batch size')}."
+        return f"A factor of the batch size: {sums('the batch', 'the batch size')[0]}."
     if abs(ratio + 1) < 1e-3:
         where = "" if shared else " in these gradients only (their own backward)"
         return (
@@ -467,12 +469,10 @@ def _factor_cause(
         return divisor
     mse = loss in (None, "mse")
     if near(numel_output) and numel_output not in (1, 2):
-        head = (
-            "A sum where the other takes the mean"
-            if reduction != "sum" or odd is None
-            else ("A factor of batch · outputs")
-        )
-        return f"{head}: {sums('the batch and the outputs', 'batch · outputs')}" + (
+        text, sum_for_mean = sums("the batch and the outputs", "batch · outputs")
+        if not sum_for_mean:
+            return f"A factor of batch · outputs: {text}."
+        return f"A sum where the other takes the mean: {text}" + (
             " (MSELoss(reduction='sum') vs 'mean')." if mse else "."
         )
     if near(2.0) and mse:
@@ -488,7 +488,7 @@ def _factor_cause(
     outputs = numel_output // batch if numel_output and batch else None
     if near(outputs) and outputs not in (1, 2):
         return (
-            f"A factor of the output width: {sums('the outputs', 'the output width')} (a "
+            f"A factor of the output width: {sums('the outputs', 'the output width')[0]} (a "
             "loss summed per sample, then averaged over the batch, or averaged over batch "
             "and classes)."
         )
@@ -513,12 +513,16 @@ def _off_spec(names: tuple[str, str]) -> int | None:
 
 
 def _one_less(ratio: float, numel_output: int | None, batch: int | None, names) -> str | None:
-    """The cause of a factor ``n/(n - 1)`` (or its inverse), ``n`` the batch or batch ·
-    outputs, at least 3 (``2/1`` is MSE's factor 2): a mean's divisor one less than
-    ``n``. Within ``0.25/n²`` relative, a quarter of the way to ``n/(n - 2)`` and
-    ``(n + 1)/n``; a factor within 1e-3 of 1 (``n`` from about 1000 on) is no factor
-    (:func:`_ratio`). Found in a user trial: ``sum(...) / (n - 1)`` was a bare "constant
-    factor" on the gradients and nothing on the loss.
+    """The cause of a factor ``n/(n - 1)``, ``n`` the batch or batch · outputs, at least
+    3 (``2/1`` is MSE's factor 2): a mean's divisor one less than ``n`` on the side that
+    does not follow the spec (:func:`_off_spec`; either, where that is not known).
+    Within 1e-5 relative, far above float32's rounding of a loss and its ratio, and at
+    most ``0.25/n²``, a quarter of the way to ``n/(n - 2)`` and ``(n + 1)/n``; a factor
+    within 1e-3 of 1 (``n`` from about 1000 on) is no factor (:func:`_ratio`). A single
+    number near 1 is too easily near one of these by chance: at 1e-2 a wrong loss 1.253
+    times the spec's was named a divisor 4 for 5 (found in review). Found in a user
+    trial: ``sum(...) / (n - 1)`` was a bare "constant factor" on the gradients and
+    nothing on the loss.
 
     >>> for part in _one_less(63 / 64, 64, 64, ("torch", "port")).split(", "):
     ...     print(part)
@@ -527,15 +531,20 @@ def _one_less(ratio: float, numel_output: int | None, batch: int | None, names) 
     where torch divides by the batch size
     64 (a sum over 64 terms divided as an unbiased variance is
     or an off-by-one count).
+    >>> _one_less(63 / 64, 64, 64, ("port", "torch")) is None  # port's the smaller
+    True
     >>> _one_less(65 / 64, 64, 64, ("port", "torch")) is None  # (n + 1)/n
     True
     """
+    odd = _off_spec(names)
+    sides = [names, names[::-1]] if odd is None else [names if odd == 0 else names[::-1]]
     for n, count in ((batch, "the batch size"), (numel_output, "batch · outputs")):
         if n is None or n < 3:
             continue
-        factor = n / (n - 1)
-        for x, (off, other) in ((factor, names), (1 / factor, names[::-1])):
-            if abs(ratio / x - 1) <= 0.25 / n**2:
+        for off, other in sides:
+            # The off side's loss over the other's.
+            factor = ratio if off == names[0] else 1 / ratio
+            if abs(factor * (n - 1) / n - 1) <= min(1e-5, 0.25 / n**2):
                 return (
                     f"A factor {n}/{n - 1}: {off} divides by {n - 1}, {count} less one, "
                     f"where {other} divides by {count}, {n} (a sum over {n} terms divided as "

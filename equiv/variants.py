@@ -9,12 +9,19 @@ size of a difference alone named the tanh GELU for a forgotten transpose (found 
 trial); a match of the loss alone named a weight scaled by 1.05 a missing bias (found in
 review).
 
-Two families (:func:`variants`):
+Three families (:func:`variants`):
 
+* mistakes in the loss, the model's forward pass and backward from the loss's gradient
+  on (:func:`loss_variants`), each offered only where its loss is the backend's, which
+  costs no pass: an output of width 1 broadcast against its targets, (N, 1) against
+  (N,), every output against every target; probabilities for logits (softmax before
+  cross-entropy, sigmoid before binary cross-entropy with logits); the loss of part of
+  the batch (``x[:-1]``, ``x[1:]``) or of targets one row off;
 * mistakes in the model (:func:`model_variants`): the other GELU, a square weight used
   transposed, a nonzero bias left out, neighbouring layers swapped, label smoothing left
-  out or another ε (fitted), another activation in place of the model's, an activation
-  left out, the activations in another order;
+  out or another ε (fitted), another activation in place of the model's, another leaky
+  ReLU slope or ELU alpha (JAX's default, or fitted: :class:`Fit`), an activation left
+  out, the activations in another order;
 * mistakes in a hand-written backward pass, the forward pass and loss untouched
   (:func:`backward_variants`): an activation's slope left out, a ReLU mask for a leaky
   ReLU's or ELU's, the slope taken on the other side of the kink, at the upstream
@@ -372,10 +379,10 @@ def _rounded(value: float, slope: float) -> float:
     return float(f"{value:.6g}")
 
 
-#: Float64 passes a fitted activation parameter may take: the library default, then
-#: secant steps (exact after one where a single layer has it and the loss is linear in
-#: the output; a few more for a deep model's polynomial).
-_FIT_PASSES = 6
+#: Float64 passes a fitted activation parameter may take: JAX's default, then secant
+#: steps (:func:`_fitted_parameter`). Leaky ReLU's slope 0.1 or 0.2 for 0.2 or 0.01, and
+#: ELU's α 0.3 for 1, took 4 to 8 in random 4-8-8-2 models (40 seeds each).
+_FIT_PASSES = 8
 #: Each parameter's field in :class:`~equiv.spec.MLPSpec`, its name in torch and JAX,
 #: and JAX's default (torch's too).
 _ACTIVATION_PARAMETERS = {
@@ -408,7 +415,9 @@ def _find_parameter(
         return _step_one(spec.replace(**{field: value}), params, x, y)
 
     first = default if default != ours else (2 * ours if ours else 0.1)
-    value, spent = _fitted_parameter(theirs, evaluate, ours, own, first, passes)
+    last = spec.num_layers
+    smooth = ("loss", f"fc{last}.weight", f"fc{last}.bias")
+    value, spent = _fitted_parameter(theirs, evaluate, ours, own, first, passes, smooth)
     # 0 is ReLU, for either; 1 a leaky ReLU left out: other variants name those.
     if value is None or value in (ours, 0.0) or (act == "leaky_relu" and value == 1.0):
         return None, spent
@@ -433,12 +442,18 @@ def _fitted_parameter(
     at_start: Tree,
     first: float,
     passes: int,
+    smooth: tuple[str, ...] = (),
 ) -> tuple[float | None, int]:
     """``(value, passes spent)``: the value of a model parameter whose step-1 loss and
-    gradients (``evaluate(value)``, one pass each) are ``observed``'s, found by secant
-    steps of the least-squares fit (:func:`_affine_fit`) from ``start`` (where they are
-    ``at_start``) and ``first``, and rounded (:func:`_rounded`); None where no positive
-    value within :data:`VARIANT_MATCH` is found in ``min(passes, _FIT_PASSES)`` passes.
+    gradients (``evaluate(value)``, one pass each) are ``observed``'s, rounded
+    (:func:`_rounded`), or None where no positive value within a tenth of
+    :data:`VARIANT_MATCH` is found in ``min(passes, _FIT_PASSES)`` passes: secant steps
+    of the least-squares fit (:func:`_affine_fit`) from ``start`` (where they are
+    ``at_start``) and ``first``, fitted to the leaves ``smooth`` only where given,
+    those continuous in the parameter. An activation's parameter moves units across
+    its kink, and the gradients below them jump (a fit of every leaf stalled at ELU's
+    α = 0.465 for 0.3, and one of the loss alone found another root, found in review);
+    the loss and the output layer's gradients do not jump.
 
     >>> quadratic = lambda a: {"loss": np.array(1 + a * a), "w": np.array([a, 2 - a])}
     >>> _fitted_parameter(quadratic(0.2), quadratic, 0.5, quadratic(0.5), 0.2, 6)  # first
@@ -448,26 +463,20 @@ def _fitted_parameter(
     >>> _fitted_parameter(quadratic(0.2), quadratic, 0.5, quadratic(0.5), 0.1, 3)
     (None, 3)
     """
+    fitted = {k: v for k, v in observed.items() if k in smooth} if smooth else observed
     points, value, spent = [(start, at_start)], first, 0
     while spent < min(passes, _FIT_PASSES):
-        tree = evaluate(value)
+        points.append((value, evaluate(value)))
         spent += 1
-        points.append((value, tree))
         (a0, t0), (a1, t1) = points[-2:]
-        fit = _affine_fit(observed, t0, t1)
-        if fit is None or a1 == a0:
+        fit = _affine_fit(fitted, t0, t1)
+        if tree_distance(observed, t1) <= VARIANT_MATCH / 10:
+            return _rounded(a1, math.inf if fit is None else fit[1] / abs(a1 - a0)), spent
+        if fit is None:
             return None, spent
-        s, slope = fit
-        value = a0 + s * (a1 - a0)
-        if not (math.isfinite(value) and value > 0):
+        value = a0 + fit[0] * (a1 - a0)
+        if not (math.isfinite(value) and value > 0 and value != a1):
             return None, spent
-        if tree_distance(observed, tree) <= VARIANT_MATCH / 10:
-            return _rounded(a1, slope / abs(a1 - a0)), spent
-    near = points[-1]
-    if spent and tree_distance(observed, near[1]) <= VARIANT_MATCH:
-        (a0, t0), (a1, t1) = points[-2:]
-        fit = _affine_fit(observed, t0, t1)
-        return (_rounded(a1, fit[1] / abs(a1 - a0)) if fit else None), spent
     return None, spent
 
 
@@ -635,7 +644,8 @@ def loss_variants(
     cost no pass. None without ``loss``."""
     if loss is None:
         return
-    observed = float(np.asarray(loss["loss"] if isinstance(loss, Mapping) else loss))
+    observed = np.asarray(loss["loss"] if isinstance(loss, Mapping) else loss, np.float64)
+    observed = float(observed.reshape(-1)[0]) if observed.size == 1 else math.nan
     if output is None:
         with np.errstate(all="ignore"):
             output = manual.forward(params, x, spec)[0]
@@ -647,7 +657,8 @@ def loss_variants(
 
 
 #: The greatest batch whose outputs are paired with every target (:func:`_broadcast`):
-#: N² loss terms, 1.7e7 at this size (about 0.2 s).
+#: N² loss terms, 1.7e7 at this size, a few hundred million flops (0.15 s for MSE to 0.4 s
+#: for binary cross-entropy here), beside the 7e10 of :data:`VARIANT_FLOPS`.
 _BROADCAST_BATCH = 4096
 
 
@@ -668,8 +679,8 @@ def _loss_mistakes(spec: MLPSpec, shape: tuple[int, ...]):
     if outputs == 1 and 1 < batch <= _BROADCAST_BATCH and loss.targets in ("values", "binary"):
         n = batch
         yield (
-            f"broadcasts ({n},1) against ({n},) in its loss (or ({n},) against ({n},1)): "
-            f"out - y is ({n}, {n}), every output against every target",
+            f"broadcasts ({n},1) against ({n},) in its loss (or the reverse), so that out - y "
+            f"is ({n},{n}), every output against every target",
             "Reshape y to out's shape (y.reshape(out.shape)): torch's loss warns of the "
             "broadcast, jax.numpy broadcasts silently",
             functools.partial(_broadcast, spec),
@@ -679,7 +690,7 @@ def _loss_mistakes(spec: MLPSpec, shape: tuple[int, ...]):
             "applies softmax to the outputs before a cross-entropy that applies log_softmax "
             "itself (probabilities for logits)",
             "Pass the logits: torch's CrossEntropyLoss and optax.softmax_cross_entropy"
-            "(_with_integer_labels) take logits, and softmax of probabilities is no model's",
+            "(_with_integer_labels) apply log_softmax to what they are given",
             functools.partial(_squashed_first, spec),
         )
     if spec.loss == "bce_with_logits":
@@ -687,7 +698,7 @@ def _loss_mistakes(spec: MLPSpec, shape: tuple[int, ...]):
             "applies sigmoid to the outputs before a binary cross-entropy that applies it "
             "itself (probabilities for logits)",
             "Pass the logits: torch's BCEWithLogitsLoss and optax.sigmoid_binary_cross_entropy "
-            "take logits",
+            "apply the sigmoid to what they are given",
             functools.partial(_squashed_first, spec),
         )
     if batch > 1:

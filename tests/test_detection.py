@@ -33,11 +33,19 @@ RESULTS: dict[str, bool] = {}
 
 
 def port_loss(
-    order=(0, 1, 2), act=jax.nn.relu, reduce=jnp.mean, no_bias=(), cast=None, transpose=(), stop=()
+    order=(0, 1, 2),
+    act=jax.nn.relu,
+    reduce=jnp.mean,
+    no_bias=(),
+    cast=None,
+    transpose=(),
+    stop=(),
+    rows=slice(None),
 ):
     """A Flax-layout port of SPEC's MLP with knobs for the realistic mistakes."""
 
     def loss_fn(params, x, y):
+        x, y = x[rows], y[rows]
         if cast is not None:
             params = jax.tree.map(lambda p: p.astype(cast), params)
         h = x
@@ -288,6 +296,21 @@ DEFECTS = [
         "loss",
         ("loss",),
         hint="loss: port's loss is 24 times reference's. A sum where the other takes the mean",
+    ),
+    Defect(
+        "mse divided by one less than its count",
+        jax_check(port_loss(reduce=lambda d: jnp.sum(d) / (d.size - 1))),
+        "loss",
+        ("loss",),
+        hint="loss: port's loss is 1.043 times reference's. A factor 24/23: port divides by 23, "
+        "batch · outputs less one, where reference divides by batch · outputs, 24",
+    ),
+    Defect(
+        "loss on the batch less its last row",
+        jax_check(port_loss(rows=slice(None, -1))),
+        "loss",
+        ("loss",),
+        hint="loss: port computes its loss on x[:-1] and y[:-1], 7 of the 8 rows: its step-1",
     ),
     Defect(
         "half mse (optax.l2_loss)",

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from equiv.diagnose import diagnose_leaf, diagnose_optimizer, diagnose_trees
+from equiv.diagnose import GENERIC, diagnose_leaf, diagnose_optimizer, diagnose_trees
 from equiv.optimizers import OptimizerSpec
 
 RNG = np.random.default_rng(20261125)
@@ -512,3 +512,123 @@ def test_a_learning_rate_factor_after_agreeing_steps_names_a_schedule():
         "starts there (a warmup; torch's optimizer keeps a constant rate unless "
         "a scheduler steps it)."
     )
+
+
+# (loss, the first side's factor over the second's, the pair, what the hint says)
+BATCH_FACTORS = [
+    (
+        "mse_sum",
+        8.0,
+        ("port", "reference"),
+        "port multiplies by the batch size where "
+        "reference's loss (mse_sum) sums over the batch with no factor.",
+    ),
+    (
+        "mse_sum",
+        1 / 8,
+        ("port", "reference"),
+        "port takes the mean over the batch where reference's loss (mse_sum) sums.",
+    ),
+    (
+        "mse_sum",
+        1 / 8,
+        ("torch", "port"),
+        "port multiplies by the batch size where "
+        "torch's loss (mse_sum) sums over the batch with no factor.",
+    ),
+    ("mse", 8.0, ("port", "reference"), "port sums over the batch where reference takes the mean."),
+    (
+        "mse",
+        1 / 8,
+        ("port", "reference"),
+        "port divides by the batch size once more than "
+        "reference, whose loss (mse) is the mean over the batch.",
+    ),
+    (
+        "cross_entropy",
+        8.0,
+        ("torch", "port"),
+        "port divides by the batch size once more "
+        "than torch, whose loss (cross_entropy) is the mean over the batch.",
+    ),
+]
+
+
+def test_a_factor_of_the_batch_says_which_way_from_the_losss_own_reduction():
+    # Found in a user trial: for loss="mse_sum", which sums, a loss 8 times the spec's
+    # (batch 8) read "port sums over the batch where reference takes the mean". The
+    # twins: the other direction, either order of the pair, a loss that takes the mean.
+    for loss, factor, names, cause in BATCH_FACTORS:
+        hint = diagnose_leaf(
+            "loss",
+            np.array(1.75 * factor),
+            np.array(1.75),
+            stage="loss",
+            names=names,
+            numel_output=8,
+            batch_size=8,
+            loss=loss,
+        )
+        assert hint == f"loss: {names[0]}'s loss is {factor:.4g} times {names[1]}'s. " + (
+            f"A factor of the batch size: {cause}"
+        ), hint
+    # batch · outputs (24): "a sum where the other takes the mean" only where one does.
+    kwargs = dict(stage="loss", names=("port", "reference"), numel_output=24, batch_size=8)
+    for loss, factor, cause in [
+        (
+            "mse",
+            24.0,
+            "A sum where the other takes the mean: port sums over the batch and "
+            "the outputs where reference takes the mean (MSELoss(reduction='sum') vs 'mean').",
+        ),
+        (
+            "mse",
+            1 / 24,
+            "A factor of batch · outputs: port divides by batch · outputs once "
+            "more than reference, whose loss (mse) is the mean over the batch and the outputs.",
+        ),
+        (
+            "mse_sum",
+            1 / 24,
+            "A sum where the other takes the mean: port takes the mean over "
+            "the batch and the outputs where reference's loss (mse_sum) sums.",
+        ),
+        (
+            "mse_sum",
+            24.0,
+            "A factor of batch · outputs: port multiplies by batch · outputs "
+            "where reference's loss (mse_sum) sums over the batch and the outputs with no factor.",
+        ),
+    ]:
+        hint = diagnose_leaf("loss", np.array(factor), np.array(1.0), loss=loss, **kwargs)
+        assert hint.endswith(cause), hint
+
+
+def test_a_mean_divided_by_one_less_than_its_count_is_named():
+    # Found in a user trial: sum(...) / (n - 1) (batch 64) failed every leaf with "a
+    # constant factor" on the gradients and nothing on the loss. The twins: the other
+    # side off, batch · outputs, and factors near it that are not it: (n + 1)/n, and a
+    # wrong loss 1.253 times the spec's at batch 5 (found in review: named 5/4 at 1e-2).
+    kwargs = dict(stage="grads", numel_output=64, batch_size=64, names=("port", "reference"))
+    hint = diagnose_leaf("fc1.bias", G * 64 / 63, G, **kwargs)
+    assert hint == (
+        "fc1.bias: port's grads are 1.016 times reference's. A factor 64/63: port divides by "
+        "63, the batch size less one, where reference divides by the batch size, 64 (a sum "
+        "over 64 terms divided as an unbiased variance is, or an off-by-one count)."
+    ), hint
+    flipped = dict(kwargs, names=("torch", "port"))
+    assert "A factor 64/63: port divides by 63, the batch size less one, where torch " in (
+        diagnose_leaf("fc1.bias", G * 63 / 64, G, **flipped)
+    )
+    wide = dict(kwargs, numel_output=192)
+    loss = diagnose_leaf(
+        "loss", np.array(2.0 * 192 / 191), np.array(2.0), **wide | {"stage": "loss"}
+    )
+    assert "A factor 192/191: port divides by 191, batch · outputs less one" in loss, loss
+    assert diagnose_leaf("fc1.bias", G * 65 / 64, G, **kwargs).endswith(GENERIC)
+    small = dict(kwargs, numel_output=5, batch_size=5, stage="loss")
+    assert diagnose_leaf("loss", np.array(1.253), np.array(1.0), **small) is None
+    assert "A factor 5/4" in diagnose_leaf("loss", np.array(1.25), np.array(1.0), **small)
+    # A loss that sums has no divisor to be off by one.
+    summed = diagnose_leaf("fc1.bias", G * 64 / 63, G, **kwargs, loss="mse_sum")
+    assert "64/63" not in summed, summed
