@@ -21,7 +21,8 @@ Rules, the same in both code paths:
 * The relative difference is ``|actual - expected| / |expected|``, as in
   ``torch.testing.assert_close``: the second argument is the denominator in
   every path and every row (the float64 reference in a row against it, the
-  second backend of a pair: ``torch vs jax`` divides by jax's values).
+  second backend of a pair, which the harness makes the one run first, torch before
+  the others: ``jax vs torch`` divides by torch's values).
   ``0 / 0`` counts as 0 (equal zeros), ``x / 0`` as inf; non-finite entries
   are left out.
 * Arithmetic runs in the dtype the two inputs promote to (at least float32):

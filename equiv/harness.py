@@ -469,7 +469,7 @@ class Comparison:
                 key = (d.step, order[d.stage], d.actual, d.expected)
                 groups.setdefault(key, []).append(d.name)
         # Where the float64 reference speaks at a (step, stage), only the pairs against
-        # it do: "torch vs port" says again what "port vs reference" says (found in a
+        # it do: "port vs torch" says again what "port vs reference" says (found in a
         # user trial: a dozen near-identical lines).
         judged = {key[:2] for key in groups if REFERENCE in key[2:]}
         groups = {
@@ -1448,7 +1448,9 @@ def compare_trajectories(
         learning_rate = optimizer.learning_rate  # the optimizer's own, when it is given
     plain = is_plain_sgd(optimizer)
     backends = [name for name in trajectories if name != REFERENCE]
-    pairs = list(itertools.combinations(backends, 2))
+    # "candidate vs trusted": the backend run first (torch) is the second side, the
+    # denominator of the relative difference, as the reference is in its own rows.
+    pairs = [(b, a) for a, b in itertools.combinations(backends, 2)]
     if REFERENCE in trajectories:
         pairs += [(name, REFERENCE) for name in backends]
     analysis = None

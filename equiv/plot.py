@@ -20,7 +20,7 @@ def divergence_series(report: Any) -> dict[str, dict[str, list[tuple[int, float,
 
     >>> from equiv import compare_backends
     >>> series = divergence_series(compare_backends(steps=2).report)
-    >>> [step for step, _, _ in series["grads"]["torch vs jax"]]
+    >>> [step for step, _, _ in series["grads"]["jax vs torch"]]
     [1, 2]
     """
     worst: dict[tuple[str, str, int], tuple[float, float]] = {}

@@ -26,9 +26,9 @@ SCRIPT = ROOT / "scripts" / "compare_frameworks.py"
 LEAVES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 BACKENDS = ("torch", "manual", "jax", "reference")
 PAIRS = (
-    "torch vs manual",
-    "torch vs jax",
-    "manual vs jax",
+    "manual vs torch",
+    "jax vs torch",
+    "jax vs manual",
     "torch vs reference",
     "manual vs reference",
     "jax vs reference",
@@ -233,10 +233,10 @@ def test_user_tolerance_pass_and_fail(argv, code, capsys, tmp_path):
     }
     assert ("params", "fc1.weight", "torch", "reference") in failing
     # The hand-derived pass on torch tensors is bitwise torch autograd: zero tolerance holds.
-    assert not {f for f in failing if f[2:] == ("torch", "manual")}
+    assert not {f for f in failing if f[2:] == ("manual", "torch")}
     # Between torch and JAX, at zero tolerance exactly the leaves that differ at all fail.
     for d in data["diffs"]:
-        if (d["actual"], d["expected"]) == ("torch", "jax"):
+        if (d["actual"], d["expected"]) == ("jax", "torch"):
             assert d["passed"] is (d["max_abs"] == 0.0)
     lines = out.splitlines()
     assert lines[-1] == f"[equiv] FAIL: {len(failing)} of 54 comparisons disagree"
@@ -246,7 +246,7 @@ def test_user_tolerance_pass_and_fail(argv, code, capsys, tmp_path):
     assert "  Mismatched elements: 1 / 1 (100.0%)" in lines  # the scalar loss vs reference
     shown = {(row[0], *row[1:4:2], row[-1]) for row in _table_rows(out)}
     assert ("loss", "torch", "reference", "FAIL") in shown
-    assert ("loss", "torch", "manual", "ok") in shown
+    assert ("loss", "manual", "torch", "ok") in shown
 
 
 def test_no_bias_and_chosen_backends(capsys):
@@ -255,7 +255,7 @@ def test_no_bias_and_chosen_backends(capsys):
     rows = _table_rows(out)
     assert {row[0] for row in rows} == {"loss", "fc1.weight", "fc2.weight"}
     assert {" ".join(row[1:4]) for row in rows} == {
-        "torch vs jax",
+        "jax vs torch",
         "torch vs reference",
         "jax vs reference",
     }

@@ -540,7 +540,7 @@ def test_where_the_reference_judges_only_its_pairs_give_hints(equiv_seed):
         Report([d for d in comparison.report.leaves if REFERENCE not in (d.actual, d.expected)]),
     )
     hints = alone.hints()
-    assert len(hints) == 1 and hints[0].endswith("(step 1, torch vs port)"), hints
+    assert len(hints) == 1 and hints[0].endswith("(step 1, port vs torch)"), hints
 
 
 def _student_backward(spec, mistake=None):

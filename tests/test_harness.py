@@ -121,22 +121,22 @@ def test_forgotten_transpose_on_a_square_layer_is_named(equiv_seed):
     assert all("jax" in (d.actual, d.expected) for d in report.failures)
     # After the step the JAX fc2.weight is the transpose of torch's, off by O(1):
     # the largest failure among the parameters, by far.
-    params = [d for d in report.failures if d.stage == "params" and d.actual == "torch"]
+    params = [d for d in report.failures if d.stage == "params" and d.expected == "torch"]
     worst = max(params, key=lambda d: d.max_abs)
-    assert (worst.name, worst.where, worst.expected) == ("fc2.weight", "params after step 1", "jax")
+    assert (worst.name, worst.where, worst.actual) == ("fc2.weight", "params after step 1", "jax")
     w2 = problem.params["fc2.weight"].numpy()
     assert worst.max_abs >= 0.5 * float(np.max(np.abs(w2 - w2.T)))
     with pytest.raises(AssertionError) as info:
         report.assert_agree()
     text = str(info.value)
     assert HEADLINE.fullmatch(text.splitlines()[0])
-    lines = block(text, "params after step 1", "fc2.weight", (3, 3), "float32", "torch vs jax")
+    lines = block(text, "params after step 1", "fc2.weight", (3, 3), "float32", "jax vs torch")
     assert lines[1].startswith("  Mismatched elements: ")
     assert lines[2].startswith("  Greatest absolute difference: ")
     assert lines[3].startswith("  Greatest relative difference: ")
     assert lines[4].startswith("  Ratio to the bound: ")
     # The forward pass saw the wrong layer, so the loss fails too.
-    assert ("loss", 1, "loss", "torch", "jax") in failed(report)
+    assert ("loss", 1, "loss", "jax", "torch") in failed(report)
 
 
 # ---- (b) MSE summed instead of averaged --------------------------------------------
@@ -149,7 +149,7 @@ def test_summed_mse_is_reported_on_the_loss_and_every_gradient(equiv_seed):
     report = compare_trajectories(problem, runs)
     assert not report.agree
     # The loss is 3·2 = 6 times the mean: the loss leaf fails at step 1.
-    loss = next(d for d in report.failures if d.stage == "loss" and d.expected == "jax")
+    loss = next(d for d in report.failures if d.stage == "loss" and d.actual == "jax")
     torch_loss = float(runs["torch"].losses[0])
     assert loss.max_abs == pytest.approx(5 * torch_loss, rel=1e-5)
     # Every gradient leaf with a non-zero entry fails, with every such entry mismatched,
@@ -163,12 +163,12 @@ def test_summed_mse_is_reported_on_the_loss_and_every_gradient(equiv_seed):
     text = str(info.value)
     match = HEADLINE.fullmatch(text.splitlines()[0])
     assert match and int(match[1]) == len(report.failures) and int(match[2]) == len(report.leaves)
-    assert match[3] == "jax vs reference; manual vs jax; torch vs jax"
+    assert match[3] == "jax vs manual; jax vs reference; jax vs torch"
     headings = [line for line in text.splitlines() if not line.startswith(("  ", "[equiv]"))]
     assert len(headings) == len(report.failures)
     for name in expected:
         g = torch_grads[name]
-        for pair in ("torch vs jax", "manual vs jax"):
+        for pair in ("jax vs torch", "jax vs manual"):
             lines = block(text, "grads at step 1", name, g.shape, "float32", pair)
             assert lines[1] == mismatched_line(int(np.count_nonzero(g)), g.size)
         lines = block(text, "grads at step 1", name, g.shape, "float32/float64", "jax vs reference")
@@ -194,7 +194,7 @@ def test_wrong_learning_rate_fails_only_the_updated_parameters(wrong_learning_ra
     expected = {
         ("params", 1, name, a, b)
         for name in problem.spec.param_names()
-        for a, b in [("torch", "jax"), ("manual", "jax"), ("jax", REFERENCE)]
+        for a, b in [("jax", "torch"), ("jax", "manual"), ("jax", REFERENCE)]
     }
     assert failed(report) == expected  # loss and gradients agree: the step is what's wrong
     with pytest.raises(AssertionError) as info:
@@ -202,10 +202,10 @@ def test_wrong_learning_rate_fails_only_the_updated_parameters(wrong_learning_ra
     text = str(info.value)
     # 4 leaves · 3 pairs fail, of 1 step · 9 leaves · 6 pairs.
     assert text.splitlines()[0] == (
-        "[equiv] 12 of 54 comparisons disagree (jax vs reference; manual vs jax; torch vs jax)"
+        "[equiv] 12 of 54 comparisons disagree (jax vs manual; jax vs reference; jax vs torch)"
     )
     for name, g in grads.items():
-        for pair, dtype in [("torch vs jax", "float32"), ("jax vs reference", "float32/float64")]:
+        for pair, dtype in [("jax vs torch", "float32"), ("jax vs reference", "float32/float64")]:
             lines = block(text, "params after step 1", name, g.shape, dtype, pair)
             assert lines[1] == mismatched_line(int(np.count_nonzero(g)), g.size)
 
@@ -707,7 +707,7 @@ def test_an_error_beyond_the_floored_scale_in_those_gradients_is_caught():
         d
         for d in comparison.report.leaves
         if (d.stage, d.step, d.name, d.actual, d.expected)
-        == ("grads", 2, "fc2.bias", "manual", "jax")
+        == ("grads", 2, "fc2.bias", "jax", "manual")
     ]
     runs = comparison.trajectories
     grads = runs["manual"].grads[1]
@@ -972,7 +972,7 @@ def test_adam_l2_decay_sizes_the_second_moment_by_the_gradient_it_takes():
     allowed = next(
         d.allowed
         for d in comparison.report.leaves
-        if (d.stage, d.step, d.name, d.actual, d.expected) == ("state", 2, leaf, "torch", "jax")
+        if (d.stage, d.step, d.name, d.actual, d.expected) == ("state", 2, leaf, "jax", "torch")
     )
     runs = dict(comparison.trajectories)
     off = runs["jax"].states[1]["exp_avg_sq"]["fc4.weight"]

@@ -153,7 +153,7 @@ def test_a_backward_that_leaves_out_a_bias_the_layer_has_fails_and_is_named(equi
     with pytest.raises(AssertionError) as info:
         report.assert_agree()
     lines = str(info.value).splitlines()
-    assert lines[1] == "loss at step 1, loss, shape (), float32: torch vs port"
+    assert lines[1] == "loss at step 1, loss, shape (), float32: port vs torch"
     assert "  arbiter: torch agrees with the float64 reference" in lines
     assert lines[-1].startswith("  likely cause: loss: port leaves out fc3.bias: ")
     assert ("grads", 1, "fc3.bias") in {(d.stage, d.step, d.name) for d in report.report.failures}

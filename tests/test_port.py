@@ -63,7 +63,7 @@ def test_a_correct_port_agrees_over_steps(layout, loss_fn, equiv_seed):
     report.assert_agree()
     stages = {(d.stage, d.step, d.actual, d.expected) for d in report.report.leaves}
     assert ("params", 2, "port", "reference") in stages
-    assert ("grads", 1, "torch", "port") in stages
+    assert ("grads", 1, "port", "torch") in stages
 
 
 def test_one_batch_is_reused_for_every_step(equiv_seed):
@@ -129,8 +129,8 @@ def test_a_summed_loss_fails_and_the_arbiter_blames_the_port(equiv_seed):
         report.assert_agree()
     lines = str(info.value).splitlines()
     assert lines[0].startswith("[equiv] ")
-    assert "port vs reference" in lines[0] and "torch vs port" in lines[0]
-    assert lines[1].startswith("loss at step 1, loss, shape (), float32: torch vs port")
+    assert "port vs reference" in lines[0] and "port vs torch" in lines[0]
+    assert lines[1].startswith("loss at step 1, loss, shape (), float32: port vs torch")
     assert "  arbiter: torch agrees with the float64 reference" in lines
     assert any(
         line.startswith("  arbiter: port is off: ")

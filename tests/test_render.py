@@ -32,9 +32,9 @@ from equiv.spec import MLPSpec
 
 LEAVES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 PAIRS = (
-    "torch vs manual",
-    "torch vs jax",
-    "manual vs jax",
+    "manual vs torch",
+    "jax vs torch",
+    "jax vs manual",
     "torch vs reference",
     "manual vs reference",
     "jax vs reference",
