@@ -187,7 +187,11 @@ class WithBuffer(nn.Sequential):
 class Detached(nn.Module):  # the same output, but no gradient reaches fc1
     def __init__(self):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1)
+        # Tanh, not ReLU: with ReLU, weights drawn from the global generator at collection
+        # time (which depends on what was collected before) could leave every fc1 unit
+        # dead on the probe batch, where no gradient reaches fc1 either way (seen once in
+        # a full run: "DID NOT RAISE").
+        self.fc1, self.act, self.fc2 = nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)).detach())
