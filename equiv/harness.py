@@ -461,6 +461,9 @@ class Comparison:
         start = self._start_causes()
         if start and self.report.failures:
             return start  # every later difference follows from the start
+        assumed = self._assumed_loss_cause()
+        if assumed and assumed[1]:
+            return [assumed[0]]  # the port computes another loss: the rest follows
         own = self.backend_overflows()
         for d in self.report.failures:
             if not _is_evidence(d, limit, own):
@@ -574,6 +577,56 @@ class Comparison:
             + causes
             + self._backend_overflow_notes(limit)
             + ([note] if note else [])
+            # What was assumed, where no known cause explains the difference.
+            + ([assumed[0]] if assumed and not merged else [])
+        )
+
+    def _assumed_loss_cause(self) -> tuple[str, bool] | None:
+        """Where the loss was taken to be MSE for want of a spec (``settings
+        ["loss_assumed"]``, recorded by :func:`equiv.check_jax_port` and
+        :func:`equiv.check_manual_backward` for a module, which cannot say its loss) and
+        a backend's step-1 loss fails against the reference: the other loss (of those
+        taking the same targets, at the spec's hyper-parameters) whose float64 value that
+        loss is, within 1e-5, as ``(hint, True)``; else a note saying what was assumed,
+        ``(note, False)``. None otherwise. Found in a user trial: a Huber port of an
+        ``nn.Sequential`` was blamed, with no hint, though it was right."""
+        if not self.report.settings.get("loss_assumed"):
+            return None
+        failed = [
+            d.actual
+            for d in self.report.failures
+            if (d.stage, d.step, d.expected) == ("loss", 1, REFERENCE)
+            and d.actual in self.trajectories
+        ]
+        if not failed:
+            return None
+        spec = self.problem.spec
+        x, y = (np.asarray(v, np.float64) for v in self.problem.batches[0])
+        params = _float64_params(self.problem)
+        theirs = float(np.asarray(self.trajectories[failed[0]].losses[0], np.float64))
+        fix = (
+            f"pass spec=equiv.MLPSpec({spec.sizes}, activation={spec.activation!r}, "
+            f"loss=...) with the module's sizes, activations and bias"
+        )
+        targets = LOSSES[spec.loss].targets
+        for name, loss in LOSSES.items():
+            if name == spec.loss or loss.targets != targets:
+                continue
+            other = spec.replace(loss=name, dtype="float64")
+            with np.errstate(all="ignore"):
+                value = float(manual.loss_and_grads(params, x, y, other)[0])
+            if np.isfinite(value) and abs(theirs - value) <= 1e-5 * max(abs(value), 1e-30):
+                return (
+                    f"loss: {failed[0]}'s loss is the {name} loss of the model's output "
+                    f"({theirs:.6g}), not the {spec.loss} that equiv took it to be, as no "
+                    "spec said otherwise (a module cannot say its loss): "
+                    + fix.replace("loss=...", f"loss={name!r}"),
+                    True,
+                )
+        return (
+            f"loss: equiv took the loss to be {spec.loss}, as no spec said otherwise (a "
+            f"module cannot say its loss); if {failed[0]}'s is another, {fix}",
+            False,
         )
 
     def _lowered_precision(self) -> str | None:

@@ -171,6 +171,7 @@ def check_jax_port(
             "whatever your port_optimizer does)"
         )
     learning_rate = _learning_rate(learning_rate, optimizer)
+    assumed = _loss_assumed(model, spec)
     model, spec = _as_mlp(model, spec)
     spec, problem = _problem(model, x, y, steps, spec, learning_rate)
     get_layout(layout)
@@ -214,6 +215,7 @@ def check_jax_port(
         port=f"jax loss_fn, {layout} layout",
         optimizer=optimizer,
         device=device,
+        loss_assumed=assumed,
     )
 
 
@@ -260,6 +262,7 @@ def check_manual_backward(
       True
     """
     learning_rate = _learning_rate(learning_rate, optimizer)
+    assumed = _loss_assumed(model, spec)
     model, spec = _as_mlp(model, spec)
     spec, problem = _problem(model, x, y, steps, spec, learning_rate)
     if optimizer is not None and not isinstance(optimizer, OptimizerSpec):
@@ -292,6 +295,7 @@ def check_manual_backward(
         port=f"hand-written backward on {arrays}",
         optimizer=optimizer,
         device=device,
+        loss_assumed=assumed,
     )
 
 
@@ -581,6 +585,7 @@ def _comparison(
     port,
     optimizer=None,
     device="cpu",
+    loss_assumed=False,
 ):
     report = compare_trajectories(
         problem,
@@ -602,6 +607,9 @@ def _comparison(
             "arbiter": arbiter,
         }
     )
+    if loss_assumed:
+        # Read by Comparison.hints: a port of another loss is told so, not just blamed.
+        report.settings["loss_assumed"] = True
     return Comparison(problem, float(learning_rate), trajectories, report, optimizer)
 
 
@@ -620,6 +628,13 @@ def _learning_rate(learning_rate: float | None, optimizer: OptimizerSpec | None)
             "is the one used: leave learning_rate out or make them the same"
         )
     return own
+
+
+def _loss_assumed(model: Any, spec: MLPSpec | None) -> bool:
+    """Whether the loss is MSE because nothing said otherwise: no ``spec``, and a module
+    that cannot say its loss (any but equiv's own, which carries a spec). Found in a
+    user trial: a Huber port of an ``nn.Sequential`` was blamed with no hint."""
+    return spec is None and isinstance(model, torch.nn.Module) and module_spec(model) is None
 
 
 def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:

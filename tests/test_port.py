@@ -851,3 +851,36 @@ def test_float64_gradients_of_a_float32_model_leave_its_parameters_float32(array
         comparison = check_manual_backward(model, grad_fn, x, y, arrays=arrays, steps=3)
         comparison.assert_agree()
         assert seen == {"torch.float32" if arrays == "torch" else "float32"}
+
+
+def _silu_port(loss):
+    def loss_fn(params, x, y):
+        h = jax.nn.silu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+        return loss(h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"], y)
+
+    return loss_fn
+
+
+def test_a_port_of_another_loss_than_the_assumed_mse_is_told_to_say_it(equiv_seed):
+    # Found in a user trial: a right Huber port of an nn.Sequential, checked without
+    # spec=, was blamed with no hint (a module cannot say its loss: MSE was taken).
+    torch.manual_seed(equiv_seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.SiLU(), torch.nn.Linear(12, 2))
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    huber = _silu_port(lambda out, y: optax.huber_loss(out, y).mean())
+    report = check_jax_port(net, huber, x, y, learning_rate=0.1)
+    assert report.hints() == [
+        f"loss: port's loss is the huber loss of the model's output "
+        f"({float(report.trajectories['port'].losses[0]):.6g}), not the mse that equiv took "
+        "it to be, as no spec said otherwise (a module cannot say its loss): pass "
+        "spec=equiv.MLPSpec((6, 12, 2), activation='silu', loss='huber') with the module's "
+        "sizes, activations and bias"
+    ]
+    # The twins: told the loss, the port agrees; a loss equiv does not know gets the note.
+    spec = MLPSpec((6, 12, 2), activation="silu", loss="huber")
+    check_jax_port(net, huber, x, y, learning_rate=0.1, spec=spec).assert_agree()
+    l1 = _silu_port(lambda out, y: jnp.mean(jnp.abs(out - y)))
+    (note,) = check_jax_port(net, l1, x, y, learning_rate=0.1).hints()
+    assert note.startswith("loss: equiv took the loss to be mse, as no spec said otherwise")
+    told = check_jax_port(net, l1, x, y, learning_rate=0.1, spec=spec)  # nothing assumed
+    assert not told.agree and not any("equiv took" in hint for hint in told.hints())
