@@ -415,6 +415,10 @@ def _factor_cause(
     whose loss (mse) is the mean over the batch.
     >>> _factor_cause(64 / 63, 64, 64, ("port", "reference"), loss="mse")[:60]
     'A factor 64/63: port divides by 63, the batch size less one,'
+    >>> _factor_cause(2.0, 16, 8, ("port", "reference"), loss="mse")[:75]
+    "A factor 2, port's the larger: port sums over the 2 outputs where MSELoss t"
+    >>> _factor_cause(0.5, 16, 8, ("port", "reference"), loss="mse")[:40]
+    "A factor 2: torch's MSELoss is mean((p -"
     >>> _factor_cause(-1.0, 24, 8, ("port", "torch"))[:52]
     'The sign is flipped: a gradient of the negated loss '
     >>> _factor_cause(0.5, 24, 8, ("port", "torch"), shared=False)[:60]
@@ -475,17 +479,34 @@ def _factor_cause(
         return f"A sum where the other takes the mean: {text}" + (
             " (MSELoss(reduction='sum') vs 'mean')." if mse else "."
         )
+    outputs = numel_output // batch if numel_output and batch else None
     if near(2.0) and mse:
-        return (
+        halved = (
             "A factor 2: torch's MSELoss is mean((p - y)²) while optax.l2_loss is ½(p - y)² "
             "per element; by hand, the gradient of mean((p - y)²) is 2(p - y)/n."
+        )
+        if odd is None:
+            return halved
+        # The direction decides (found in a user trial: a loss twice the spec's, summed
+        # over 2 outputs, was told about optax.l2_loss's ½).
+        side = names[odd]
+        if (ratio > 1) != (odd == 0):
+            return halved
+        width = (
+            f"{side} sums over the {outputs} outputs where MSELoss takes the mean over them "
+            "too (a loss summed per sample, then averaged over the batch), or "
+            if outputs == 2
+            else ""
+        )
+        return (
+            f"A factor 2, {side}'s the larger: {width}{side} counts the 2 of the gradient "
+            "of mean((p - y)²), 2(p - y)/n, twice (in the loss and again in its backward)."
         )
     if near(2.0):
         return (
             f"A factor 2, not MSE's: the {loss} loss counted twice or halved, or a factor "
             "2 in its formula or its backward."
         )
-    outputs = numel_output // batch if numel_output and batch else None
     if near(outputs) and outputs not in (1, 2):
         return (
             f"A factor of the output width: {sums('the outputs', 'the output width')[0]} (a "

@@ -224,7 +224,9 @@ FACTOR_CASES = [
         _MSE,
         lambda loss, g: (loss, {k: v * 2 for k, v in g.items()}),
         _ALL,
-        f"grad_fn's grads are 2 times {_REF}'s. A factor 2: torch's MSELoss",
+        # Doubled, not halved: not optax.l2_loss's ½ (found in a user trial).
+        f"grad_fn's grads are 2 times {_REF}'s. A factor 2, grad_fn's the larger: grad_fn "
+        "counts the 2 of the gradient of mean((p - y)²), 2(p - y)/n, twice",
         2.0,
     ),
     (

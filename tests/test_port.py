@@ -884,3 +884,18 @@ def test_a_port_of_another_loss_than_the_assumed_mse_is_told_to_say_it(equiv_see
     assert note.startswith("loss: equiv took the loss to be mse, as no spec said otherwise")
     told = check_jax_port(net, l1, x, y, learning_rate=0.1, spec=spec)  # nothing assumed
     assert not told.agree and not any("equiv took" in hint for hint in told.hints())
+
+
+def test_a_loss_twice_the_spec_s_is_not_told_about_optax_l2_loss(equiv_seed):
+    # Found in a user trial: MSE summed over 2 outputs (twice MSELoss) got the text for
+    # optax.l2_loss's ½. The twin: the halved loss still gets it.
+    torch.manual_seed(equiv_seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.SiLU(), torch.nn.Linear(12, 2))
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    summed = _silu_port(lambda out, y: jnp.mean(jnp.sum((out - y) ** 2, axis=-1)))
+    (hint,) = [h for h in check_jax_port(net, summed, x, y).hints() if h.startswith("loss")]
+    assert "A factor 2, port's the larger: port sums over the 2 outputs" in hint, hint
+    assert "l2_loss" not in hint
+    halved = _silu_port(lambda out, y: jnp.mean(0.5 * (out - y) ** 2))
+    (hint,) = [h for h in check_jax_port(net, halved, x, y).hints() if h.startswith("loss")]
+    assert "optax.l2_loss is ½(p - y)²" in hint, hint
