@@ -400,6 +400,14 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
     elif isinstance(error, TypeError) and "shape" in text:
         order = "(in, out)" if known.transpose else "(out, in)"
         advice = f"A shape does not fit: the {known.name!r} layout's weights are {order}"
+        if known.name == "nnx":
+            # Found in a user trial: attributes proj, hid, mix merged out of call order.
+            advice += (
+                "; and nnx.merge pairs the state's arrays with the model's in the sorted "
+                "order of their keys, not by name: a model whose Linear attributes are not "
+                "fc1, fc2, ... in call order takes them in another order. Name them so, or "
+                "load the params with nnx.update(model, params), which matches by name"
+            )
     else:
         advice = "Its params are a tree of the layout's keys"
     shapes = "; ".join(

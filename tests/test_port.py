@@ -899,3 +899,33 @@ def test_a_loss_twice_the_spec_s_is_not_told_about_optax_l2_loss(equiv_seed):
     halved = _silu_port(lambda out, y: jnp.mean(0.5 * (out - y) ** 2))
     (hint,) = [h for h in check_jax_port(net, halved, x, y).hints() if h.startswith("loss")]
     assert "optax.l2_loss is ½(p - y)²" in hint, hint
+
+
+def test_an_nnx_port_merged_out_of_call_order_is_told_why(equiv_seed):
+    # Found in a user trial: attributes that sort otherwise than they are called (mix
+    # before proj) took each other's parameters in nnx.merge, and the error spoke of the
+    # layout's transpose only. The twin: attributes fc1, fc2 in call order agree.
+    nnx = pytest.importorskip("flax.nnx")
+    torch.manual_seed(equiv_seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+
+    def check(first: str, second: str):
+        class Port(nnx.Module):
+            def __init__(self, rngs):
+                setattr(self, first, nnx.Linear(6, 12, rngs=rngs))
+                setattr(self, second, nnx.Linear(12, 2, rngs=rngs))
+
+            def __call__(self, x):
+                return getattr(self, second)(jnp.tanh(getattr(self, first)(x)))
+
+        graphdef, _ = nnx.split(Port(nnx.Rngs(0)))
+
+        def loss_fn(params, x, y):
+            return jnp.mean((nnx.merge(graphdef, nnx.State(params))(x) - y) ** 2)
+
+        return check_jax_port(net, loss_fn, x, y, layout="nnx")
+
+    with pytest.raises(ValueError, match="nnx.merge pairs the state's arrays with the model's"):
+        check("proj", "mix")
+    check("fc1", "fc2").assert_agree()
