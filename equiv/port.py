@@ -738,12 +738,17 @@ def _problem(model, x, y, steps, spec, learning_rate) -> tuple[MLPSpec, Problem]
     dtype = TORCH_DTYPES[spec.dtype]
     xs, ys = _per_step("x", x, steps), _per_step("y", y, steps)
     labels = LOSSES[spec.loss].targets == "labels"
+
+    def named(what: str, given: Any, i: int) -> str:
+        # One batch for every step is named as the caller named it, not "y[0]".
+        return f"{what}[{i}]" if isinstance(given, (list, tuple)) else what
+
     batches = tuple(
         (
-            _tensor(f"x[{i}]", xi, dtype, spec.sizes[0]),
-            _labels(f"y[{i}]", yi, spec.sizes[-1])
+            _tensor(named("x", x, i), xi, dtype, spec.sizes[0]),
+            _labels(named("y", y, i), yi, spec.sizes[-1])
             if labels
-            else _tensor(f"y[{i}]", yi, dtype, spec.sizes[-1], loss=spec.loss),
+            else _tensor(named("y", y, i), yi, dtype, spec.sizes[-1], loss=spec.loss),
         )
         for i, (xi, yi) in enumerate(zip(xs, ys, strict=False))
     )
@@ -799,7 +804,11 @@ def _tensor(
             f"{name.split('[')[0]}.to(torch.{short})"
         )
     if tensor.ndim != 2 or tensor.shape[1] != width:
-        raise value_error(f"{name} must have shape (batch, {width}), got {tuple(tensor.shape)}")
+        # A model of one output beside targets of shape (batch,) (found in a user trial).
+        column = f": a column, {name}.reshape(-1, 1)" if tensor.ndim == 1 and width == 1 else ""
+        raise value_error(
+            f"{name} must have shape (batch, {width}), got {tuple(tensor.shape)}{column}"
+        )
     return tensor
 
 

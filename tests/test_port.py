@@ -436,7 +436,7 @@ def test_cross_entropy_ports_take_integer_labels(equiv_seed):
     hints = unsmoothed.hints()
     assert not unsmoothed.agree
     assert "loss: port leaves out the label smoothing (0.1)" in hints[0], hints
-    with pytest.raises(ValueError, match=r"y\[0\] must hold integer class labels of shape"):
+    with pytest.raises(ValueError, match=r"\] y must hold integer class labels of shape"):
         check_jax_port(model, _flax_port(spec), x, labels.float())
     # Labels for a model whose spec says nothing of the loss (MSE): the loss is named
     # (found in a user trial: "convert it to float32" led on to a shape error).
@@ -444,11 +444,11 @@ def test_cross_entropy_ports_take_integer_labels(equiv_seed):
     with pytest.raises(ValueError) as info:
         check_jax_port(plain, _flax_port(spec), x, labels)
     assert str(info.value) == (
-        "[equiv] y[0] holds integer class labels of shape (8,), but the loss is 'mse', which "
+        "[equiv] y holds integer class labels of shape (8,), but the loss is 'mse', which "
         "takes targets of shape (batch, 3); for class labels pass spec=MLPSpec(..., "
         "loss='cross_entropy') (the module cannot tell its loss)"
     )
-    with pytest.raises(ValueError, match=r"y\[0\] holds labels outside \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"\] y holds labels outside \[0, 3\)"):
         check_jax_port(model, _flax_port(spec), x, labels + 3)
 
 
@@ -929,3 +929,25 @@ def test_an_nnx_port_merged_out_of_call_order_is_told_why(equiv_seed):
     with pytest.raises(ValueError, match="nnx.merge pairs the state's arrays with the model's"):
         check("proj", "mix")
     check("fc1", "fc2").assert_agree()
+
+
+def test_targets_of_one_output_as_a_vector_are_told_to_be_a_column(equiv_seed):
+    # Found in a user trial: "y[0] must have shape (batch, 1), got (16,)" for one y
+    # passed, with no way out. The twin: the column it names agrees.
+    torch.manual_seed(equiv_seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+    x, y = torch.randn(16, 6), torch.randn(16)
+
+    def loss_fn(params, x, y):
+        h = jnp.tanh(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+        return jnp.mean((h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"] - y) ** 2)
+
+    with pytest.raises(
+        ValueError,
+        match=r"^\[equiv\] y must have shape \(batch, 1\), got "
+        r"\(16,\): a column, y.reshape\(-1, 1\)$",
+    ):
+        check_jax_port(net, loss_fn, x, y)
+    check_jax_port(net, loss_fn, x, y.reshape(-1, 1)).assert_agree()
+    with pytest.raises(ValueError, match=r"^\[equiv\] y\[1\] must have shape"):
+        check_jax_port(net, loss_fn, [x, x], [y.reshape(-1, 1), y], steps=2)
