@@ -222,12 +222,20 @@ def header_lines(
         width,
     )
     if kinks is not None:
-        count = f"{kinks} ReLU unit(s) within rounding of 0"
+        # Named by the model's kinked activations (found in a user trial: "ReLU" for a
+        # leaky ReLU model).
+        spec = comparison.problem.spec
+        kinked = sorted({a for a in spec.activations if a in _KINKED}) or ["kinked"]
+        count = f"{kinks} {'/'.join(kinked)} unit(s) within rounding of 0"
         lines += _pack("kinks", [count, *map(str, kink_units)], width, sep="; ")
     lines += _pack("other", [f"{k}={settings[k]}" for k in other_keys], width)
     lines += _pack("bounds", _bounds(comparison.report.leaves, steps), width, sep="; ")
     lines += ["ratio     max over elements of |difference| / bound; a leaf passes at <= 1"]
     return lines
+
+
+#: Activations with a kink at 0 (ELU has one where its alpha is not 1).
+_KINKED = ("relu", "leaky_relu", "elu")
 
 
 def leaf_table(leaves: Sequence[LeafDiff], *, title: str) -> Table:

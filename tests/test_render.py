@@ -258,3 +258,14 @@ def test_verdict_line_pass_and_fail(passing, failing2):
     assert verdict_line(passing.report) == "[equiv] PASS: all 54 comparisons agree"
     n, k = len(failing2.report.leaves), len(failing2.report.failures)
     assert verdict_line(failing2.report) == f"[equiv] FAIL: {k} of {n} comparisons disagree"
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_the_kinks_line_names_the_models_kinked_activation(activation):
+    # Found in a user trial: "kinks 0 ReLU unit(s)" for a leaky ReLU model.
+    from equiv import compare_backends
+    from equiv.render import header_lines
+
+    comparison = compare_backends(MLPSpec((4, 8, 2), activation=activation), steps=1)
+    (line,) = [line for line in header_lines(comparison) if line.startswith("kinks")]
+    assert line.split()[2] == f"{activation}"
