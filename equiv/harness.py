@@ -868,9 +868,15 @@ class Comparison:
                 if lone.any():
                     what = _STAGE_NAMES[d.stage]
                     top = float(np.max(np.abs(np.asarray(good, np.float64)[lone])))
+                    count = int(lone.sum())
+                    # "its loss holds ... at 1 entry", "its gradients hold ... at 3 entries"
+                    # (found in a user trial: "loss hold inf or NaN at 1 entries").
+                    verb = "holds" if what == "loss" else "hold"
+                    entries = "entry" if count == 1 else "entries"
+                    finite = "is finite" if count == 1 else "are finite"
                     return [
-                        f"{d.name}: {bad_name}'s {what} hold inf or NaN at {int(lone.sum())} "
-                        f"entries where {good_name}'s are finite (at most {top:.3g} there), "
+                        f"{d.name}: {bad_name}'s {what} {verb} inf or NaN at {count} {entries} "
+                        f"where {good_name}'s {finite} (at most {top:.3g} there), "
                         f"at step {d.step}: {bad_name}'s arithmetic overflowed, divided by "
                         f"zero or took an invalid operation where {good_name}'s did not."
                         + self._unjitted_note(bad_name, d, lone)

@@ -565,7 +565,7 @@ def test_an_inf_that_compilation_made_is_told_from_the_formulas():
     # The replay from the same parameters op by op gives the true loss (2.51): XLA's
     # compilation, not the formula, made the inf.
     (hint,) = _hints_with_jax_loss(float("-inf"))
-    assert hint.startswith("loss: jax's loss hold inf or NaN at 1 entries"), hint
+    assert hint.startswith("loss: jax's loss holds inf or NaN at 1 entry where"), hint
     assert "op by op (jax.disable_jit) from the same parameters they are finite" in hint
     assert "(at most 2.51)" in hint and "XLA's compilation changed the arithmetic" in hint
 
@@ -622,7 +622,7 @@ def test_jaxs_fused_cross_entropy_minus_inf_is_named_as_compilation():
     if np.isfinite(comparison.trajectories["jax"].losses[9]):
         pytest.skip("this JAX/XLA computes the fused loss finitely: the trap is gone")
     hint = comparison.hints()[0]
-    assert hint.startswith("loss: jax's loss hold inf or NaN"), hint
+    assert hint.startswith("loss: jax's loss holds inf or NaN"), hint
     assert "at step 10" in hint and "XLA's compilation changed the arithmetic" in hint, hint
 
 
@@ -632,7 +632,7 @@ def test_inf_or_nan_on_one_side_only_is_named_with_its_place():
     # which side and how large the other side is there.
     hints = _hints_with_torch_grad(float("nan"))
     assert hints and hints[0].startswith(
-        "fc1.weight: torch's gradients hold inf or NaN at 1 entries where reference's are finite"
+        "fc1.weight: torch's gradients hold inf or NaN at 1 entry where reference's is finite"
     ), hints
     assert "at step 1" in hints[0]
 
