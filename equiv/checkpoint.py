@@ -216,8 +216,11 @@ def load_torch(
         # under its prefix too (self.model = TorchMLP(...) in a Lightning module).
         own = own_names(out) or {name: name for name in out.state_dict()}
     # Transposed weights are read as views: the copy into out transposes them once.
+    # Which layers have a bias, where no spec says: read off out (a module's probe
+    # forward, so only then).
+    biases = biases_of(out) if spec is None else None
     state, spec = _load_state(
-        path, spec, file_layout, entry, contiguous=False, own=own, biases=biases_of(out)
+        path, spec, file_layout, entry, contiguous=False, own=own, biases=biases
     )
     return copy_into(out, state, spec)
 

@@ -427,7 +427,7 @@ def jax_to_torch(
         spec,
         what=f"{layout.name}-layout params",
         from_model=own,
-        biases=None if out is None else biases_of(out),
+        biases=None if out is None or spec is not None else biases_of(out),
     )
     by_name = {layout.torch_name(path): value for path, value in flat.items()}
     sources = {}
