@@ -873,7 +873,8 @@ def optimizer_variants(spec: OptimizerSpec) -> list[OptimizerVariant]:
 #: (with smaller steps the optimizer's own rule misses by more than the threshold
 #: too, and the detector stays silent rather than guess). A variant is named only
 #: if every mundane explanation misses by more than ten times the threshold: the
-#: optimizer itself, the optimizer without its weight decay or without its momentum,
+#: optimizer itself, the optimizer without its weight decay or without its momentum
+#: (where no fitted momentum, 0 included, replays the run: :func:`_momentum_variant`),
 #: and the optimizer with the learning rate that best fits step 1. That rules out
 #: what step 1 cannot tell apart: Adam's first update is lr·sign(g) with or without
 #: L2 decay, Nesterov's first is (1 + momentum) times the plain one, and decay
@@ -923,7 +924,10 @@ def diagnose_optimizer(
     mundane = [spec]
     if spec.weight_decay:
         mundane.append(dataclasses.replace(spec, weight_decay=0.0))
-    if spec.momentum:
+    momentum = _momentum_variant(spec, initial, grads, params)
+    if momentum is not None:
+        variants.append(momentum)
+    elif spec.momentum:
         mundane.append(dataclasses.replace(spec, momentum=0.0, dampening=0.0, nesterov=False))
     fitted = _fitted_learning_rate(spec, initial, grads[0], params[0])
     faster = None if fitted is None else dataclasses.replace(spec, learning_rate=fitted)
@@ -1109,6 +1113,69 @@ def _fitted_eps(spec, initial, grads, after) -> float | None:
     if not np.isfinite(eps) or eps <= 0 or abs(eps - spec.eps) <= 0.01 * max(spec.eps, eps):
         return None
     return eps
+
+
+def _momentum_variant(spec, initial, grads, params) -> OptimizerVariant | None:
+    """SGD with another momentum ``μ`` than ``spec``'s (0 for none) that replays the
+    whole run, or None. ``μ`` is fitted to step 2, where torch's update is
+    ``lr·(μ·b₁ + (1 - τ)·g₂)``, ``b₁ = g₁`` (``g + λ·p`` under weight decay), by least
+    squares, then given the fewest digits (up to 6) that replay the run to
+    :data:`UPDATE_EXPLAINED`. Nesterov's is fitted only as none. Found in a user trial:
+    torch's ``SGD(lr, momentum=0.9)`` ported as ``optax.sgd(lr)`` or
+    ``optax.sgd(lr, momentum=0.99)`` was caught from step 2 with no cause named.
+
+    >>> spec = OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9)
+    >>> p0, g = {"w": np.array([1.0, -2.0])}, {"w": np.array([0.5, 0.25])}
+    >>> p1 = {"w": p0["w"] - 0.1 * g["w"]}
+    >>> p2 = {"w": p1["w"] - 0.1 * (1 + 0.99) * g["w"]}  # μ = 0.99
+    >>> _momentum_variant(spec, p0, [g, g], [p1, p2]).spec.momentum
+    0.99
+    """
+    if spec.name != "sgd" or len(params) < 2:
+        return None
+    lr, lam, tau = spec.learning_rate, spec.weight_decay, spec.dampening
+    p0, p1, p2 = _wide(initial), _wide(params[0]), _wide(params[1])
+    g1, g2 = _wide(grads[0]), _wide(grads[1])
+    b1 = np.concatenate([(g1[n] + lam * p0[n]).ravel() for n in p0])
+    rest = np.concatenate(
+        [((p1[n] - p2[n]) / lr - (1 - tau) * (g2[n] + lam * p1[n])).ravel() for n in p0]
+    )
+    denom = float(np.vdot(b1, b1))
+    fitted = float(np.vdot(rest, b1)) / denom if denom > 0 else math.nan
+    candidates = [] if spec.nesterov else [float(f"{fitted:.{d}g}") for d in range(1, 7)]
+    for mu in ([0.0] if spec.momentum else []) + candidates:
+        if not (math.isfinite(mu) and mu >= 0) or abs(mu - spec.momentum) <= 1e-3 * spec.momentum:
+            continue
+        other = (
+            dataclasses.replace(spec, momentum=mu)
+            if mu
+            else dataclasses.replace(spec, momentum=0.0, dampening=0.0, nesterov=False)
+        )
+        variant = OptimizerVariant(_momentum_what(spec, mu), other)
+        if optimizer_residual(variant, initial, grads, params) <= UPDATE_EXPLAINED:
+            return variant
+    return None
+
+
+def _momentum_what(spec: OptimizerSpec, mu: float) -> str:
+    """What a run with momentum ``mu`` for ``spec``'s does, and both fixes."""
+    ours, theirs = spec.momentum, f"{mu:g}" + (" (none)" if mu == 0 else "")
+    if spec.dampening:
+        port = "equiv.optimizers.make_optax(spec), which has torch's dampening"
+    elif ours:
+        nesterov = ", nesterov=True" if spec.nesterov else ""
+        port = f"optax.sgd(..., momentum={ours:g}{nesterov})"
+    else:
+        port = "optax.sgd(...) without momentum"
+    return (
+        f"uses momentum {theirs}, not torch's {ours:g}{' (none)' if not ours else ''} "
+        f"(fitted to its step-2 update, lr·(μ·g₁ + g₂) for torch's SGD): use {port}; if "
+        + (
+            f"torch's SGD has momentum={mu:g}, pass that in the OptimizerSpec"
+            if mu
+            else "torch's SGD has none, leave momentum out of the OptimizerSpec"
+        )
+    )
 
 
 def _wide(tree: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -391,6 +391,26 @@ _ACTIVATION_PARAMETERS = {
 }
 
 
+#: Each loss's hyper-parameter: its field in :class:`~equiv.spec.MLPSpec`, its name, torch's
+#: loss and the port's (``{v}`` for the value), and optax's default (torch's too).
+_LOSS_PARAMETERS = {
+    "huber": (
+        "huber_delta",
+        "delta",
+        "nn.HuberLoss(delta={v})",
+        "optax.huber_loss(o, y, delta={v})",
+        "optax.huber_loss's default",
+    ),
+    "smooth_l1": (
+        "smooth_l1_beta",
+        "beta",
+        "nn.SmoothL1Loss(beta={v})",
+        "optax.huber_loss(o, y, delta={v}) / {v}",
+        "optax.huber_loss's default delta",
+    ),
+}
+
+
 def _activation_parameter_fits(spec: MLPSpec, params, x, y) -> Iterator[Fit]:
     """For leaky ReLU's slope and ELU's alpha: the value the port used, where it is not
     the spec's, fitted to its step-1 loss and gradients (:func:`_fitted_parameter`),
@@ -404,20 +424,28 @@ def _activation_parameter_fits(spec: MLPSpec, params, x, y) -> Iterator[Fit]:
             )
 
 
+def _loss_parameter_fits(spec: MLPSpec, params, x, y) -> Iterator[Fit]:
+    """For Huber's δ and smooth L1's β: the value the port used, as
+    :func:`_activation_parameter_fits` fits an activation's, optax's default (1, as
+    torch's) tried first where the spec's is another (found in a user trial:
+    ``optax.huber_loss(delta=0.5)`` for ``nn.HuberLoss(delta=1.0)``, or the reverse,
+    was caught with no cause named). The loss and every gradient are continuous in it."""
+    if spec.loss in _LOSS_PARAMETERS:
+        yield Fit(
+            f"uses another {spec.loss} {_LOSS_PARAMETERS[spec.loss][1]} (fitted)",
+            functools.partial(_find_loss_parameter, spec, params, x, y),
+        )
+
+
 def _find_parameter(
     spec: MLPSpec, params, x, y, act: str, theirs: Tree, own: Tree, passes: int
 ) -> tuple[Variant | None, int]:
     """:attr:`Fit.find` for ``act``'s parameter (:func:`_activation_parameter_fits`)."""
     field, module, function, keyword, default = _ACTIVATION_PARAMETERS[act]
-    ours = float(getattr(spec, field))
-
-    def evaluate(value: float) -> dict[str, np.ndarray]:
-        return _step_one(spec.replace(**{field: value}), params, x, y)
-
-    first = default if default != ours else (2 * ours if ours else 0.1)
     last = spec.num_layers
     smooth = ("loss", f"fc{last}.weight", f"fc{last}.bias")
-    value, spent = _fitted_parameter(theirs, evaluate, ours, own, first, passes, smooth)
+    value, spent = _fit_field(spec, params, x, y, field, default, theirs, own, passes, smooth)
+    ours = float(getattr(spec, field))
     # 0 is ReLU, for either; 1 a leaky ReLU left out: other variants name those.
     if value is None or value in (ours, 0.0) or (act == "leaky_relu" and value == 1.0):
         return None, spent
@@ -433,6 +461,43 @@ def _find_parameter(
         ),
         spent,
     )
+
+
+def _find_loss_parameter(
+    spec: MLPSpec, params, x, y, theirs: Tree, own: Tree, passes: int
+) -> tuple[Variant | None, int]:
+    """:attr:`Fit.find` for the loss's parameter (:func:`_loss_parameter_fits`)."""
+    field, keyword, module, function, where = _LOSS_PARAMETERS[spec.loss]
+    value, spent = _fit_field(spec, params, x, y, field, 1.0, theirs, own, passes)
+    ours = float(getattr(spec, field))
+    if value is None or value == ours:
+        return None, spent
+    default = f" ({where})" if value == 1.0 else ""
+    return (
+        Variant(
+            f"uses {spec.loss}'s {keyword} {value:g}{default}, not {ours:g} as the spec has",
+            f"torch's {module.format(v=f'{ours:g}')} is the model's: pass it to the port, "
+            f"{function.format(v=f'{ours:g}')}; if torch's is "
+            f"{module.format(v=f'{value:g}')}, set {field}={value:g} in the MLPSpec",
+            spec.replace(**{field: value}),
+            params,
+        ),
+        spent,
+    )
+
+
+def _fit_field(
+    spec: MLPSpec, params, x, y, field, default, theirs, own, passes, smooth=()
+) -> tuple[float | None, int]:
+    """:func:`_fitted_parameter` of the spec's ``field``, from the spec's value and
+    ``default`` (twice the spec's where that is the default, or 0.1 for 0)."""
+    ours = float(getattr(spec, field))
+
+    def evaluate(value: float) -> dict[str, np.ndarray]:
+        return _step_one(spec.replace(**{field: value}), params, x, y)
+
+    first = default if default != ours else (2 * ours if ours else 0.1)
+    return _fitted_parameter(theirs, evaluate, ours, own, first, passes, smooth)
 
 
 def _fitted_parameter(
@@ -500,6 +565,7 @@ def model_variants(
     * another activation in place of one of the model's, in every layer it is in
       (SiLU for GELU, ReLU for leaky ReLU, ...), or none after every layer or one;
     * another leaky ReLU slope or ELU alpha (JAX's default, or fitted: a :class:`Fit`);
+    * another Huber δ or smooth L1 β (optax's default, or fitted: a :class:`Fit`);
     * the model's activations in another order (two neighbours swapped, or all
       shifted by one layer).
     """
@@ -594,6 +660,7 @@ def model_variants(
             )
             yield variant(what, "", spec.replace(activation=acts), {})
     yield from _activation_parameter_fits(spec, params, x, y)
+    yield from _loss_parameter_fits(spec, params, x, y)
     yield from _reordered_activations(spec, variant)
     if spec.num_layers > 2:
         for k, own in enumerate(spec.activations, start=1):

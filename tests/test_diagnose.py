@@ -282,7 +282,9 @@ def test_a_misreading_must_explain_the_updates_closely(noise, named):
         (SGD_MOM_WD, 1.0),  # the optimizer it should be: nothing to name
         (SGD_MOM_WD, 3.0),  # wrong gradients, right optimizer: not an optimizer misreading
         (dataclasses.replace(SGD_MOM_WD, learning_rate=0.2), 1.0),  # the lr detector's job
-        (dataclasses.replace(SGD_MOM_WD, momentum=0.5), 1.0),  # no known misreading
+        # No known misreading: another momentum and another learning rate at once
+        # (another momentum alone is named since 2026-12-05: tests/test_named_mistakes.py).
+        (dataclasses.replace(SGD_MOM_WD, momentum=0.5, learning_rate=0.13), 1.0),
         (dataclasses.replace(SGD_MOM_WD, weight_decay=0.0), 1.0),  # the decay detector's job
     ],
     ids=["correct", "wrong-gradients", "learning-rate", "unknown", "no-decay"],
