@@ -115,6 +115,21 @@ def diagnose_leaf(
             "`with jax.enable_x64(True): ...`; NumPy and torch compute in float32 where an "
             "input or a constant array is float32."
         )
+    if dtype == "float32":
+        # Half precision in a float32 run (found in a user trial: a hand-written backward
+        # returning float16 gradients was caught with no cause).
+        # bfloat16 first: its numbers (8 significant bits) are float16's too, mostly.
+        # At least 8 distinct values: a few simple ones (±1/8, found in a review of this
+        # check: a log_softmax's gradients) are every format's by chance.
+        for half, rounding in (("bfloat16", "2⁻⁸"), ("float16", "2⁻¹¹")):
+            ra, rb = _representable(a, half, distinct=8), _representable(b, half, distinct=8)
+            if ra != rb:
+                narrow = first if ra else second
+                return (
+                    f"{name}: {narrow}'s values are all {half} numbers in a float32 run: it "
+                    f"computed or returned them in {half}, whose rounding ({rounding} "
+                    "relative) is far beyond float32's. Compute and return float32."
+                )
     if a.ndim == 2 and a.shape[0] == a.shape[1] > 1 and _close(a, b.T) and not _close(a, b):
         return (
             f"{name}: {first} holds the transpose of {second}'s square weight. A converter "
@@ -655,7 +670,23 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _float32_representable(a: np.ndarray) -> bool:
-    return a.size > 0 and bool(np.all(a.astype(np.float32).astype(np.float64) == a))
+    return _representable(a, "float32")
+
+
+def _representable(a: np.ndarray, dtype: str, distinct: int = 1) -> bool:
+    """Whether every value of ``a`` (float64, finite) is a number of ``dtype``, with at
+    least ``distinct`` distinct values other than 0 (zeros are every format's).
+
+    >>> _representable(np.array([0.5, 1.0]), "float16"), _representable(np.array([0.1]), "float16")
+    (True, False)
+    """
+    import ml_dtypes  # JAX's own dependency, for bfloat16
+
+    kind = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    with np.errstate(over="ignore"):
+        back = a.astype(kind).astype(np.float64)
+    nonzero = np.unique(np.abs(a[a != 0]))
+    return nonzero.size >= distinct and bool(np.all(back == a))
 
 
 # ---------------------------------------------------------------------------

@@ -634,3 +634,24 @@ def test_a_mean_divided_by_one_less_than_its_count_is_named():
     # A loss that sums has no divisor to be off by one.
     summed = diagnose_leaf("fc1.bias", G * 64 / 63, G, **kwargs, loss="mse_sum")
     assert "64/63" not in summed, summed
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_values_in_a_float32_run_are_named(half):
+    # Found in a user trial: a hand-written backward returning float16 gradients was
+    # caught with no cause. The twin: float32 values off by as much are not named so.
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    expected = rng.normal(size=(4, 3)).astype(np.float32)
+    kind = ml_dtypes.bfloat16 if half == "bfloat16" else np.float16
+    rounded = expected.astype(kind).astype(np.float32)
+    hint = diagnose_leaf(
+        "fc1.weight", rounded, expected, stage="grads", names=("port", "torch"), dtype="float32"
+    )
+    assert hint.startswith(f"fc1.weight: port's values are all {half} numbers in a float32 run")
+    off = expected + (rounded - expected)[::-1]  # as far off, not half precision
+    other = diagnose_leaf(
+        "fc1.weight", off, expected, stage="grads", names=("port", "torch"), dtype="float32"
+    )
+    assert other is None or half not in other
