@@ -305,6 +305,10 @@ def check_gradients(
             variant = matching_variant(
                 spec, params, x, y, theirs, backward_first=True, unit_roundoff=U64
             )
+            # Said of grad_fn, and of its one call (found in a user trial: a hint with no
+            # subject, of a "step-1" loss where no step is taken).
+            if variant:
+                variant = "grad_fn " + variant.replace("its step-1 loss", "its loss")
             check.causes = [variant] if variant else factors
     return check
 
