@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import os
 import pickle
 import re
@@ -55,6 +54,9 @@ from equiv.convert import (
     LAYOUTS,
     Layout,
     _flatten,
+    _foreign_keys,
+    _layout_names,
+    _numbered_stack,
     _state_dict,
     biases_of,
     check_entries,
@@ -65,7 +67,6 @@ from equiv.convert import (
     layout_tree,
     missing_values,
     module_spec,
-    shared_prefixes,
     torch_to_jax,
 )
 from equiv.files import atomic_path
@@ -283,13 +284,7 @@ def _refuse_foreign_entries(keys: list[str], own: Mapping[str, str], shown: str)
     are not the module's, under the prefix that reads the most of them as its names
     (found in a user trial: a Lightning state_dict with one more entry, a loss's
     ``loss_fn.weight``, was told to pass the module, which it had)."""
-    prefixes = {""} | {k[: -len(n)] for k in keys for n in own if k.endswith("." + n)}
-
-    def read(prefix: str) -> list[str]:
-        return [k for k in keys if k.startswith(prefix) and k[len(prefix) :] in own]
-
-    prefix = max(sorted(prefixes), key=lambda p: len(read(p)))
-    matched = read(prefix)
+    prefix, matched = _own_prefix(keys, own)
     if not matched:
         return  # none of them: check_entries names the entries and the layouts
     others = [k for k in keys if k not in matched]
@@ -319,15 +314,24 @@ def _outer_prefix(keys: list[str], own: Mapping[str, str]) -> str:
     (``model.0.weight`` for a Lightning module's ``self.model``), or ``""``. Only a
     prefix that all the keys share, and that leaves each one a name of the module's,
     is taken: nothing is dropped, and nothing is matched by a guess."""
-    if not keys or any(key in own for key in keys):
-        return ""
-    first = next(iter(own))
-    for key in keys:
-        if key.endswith("." + first):
-            prefix = key[: -len(first)]
-            if all(k.startswith(prefix) and k[len(prefix) :] in own for k in keys):
-                return prefix
-    return ""
+    prefix, matched = _own_prefix(keys, own)
+    return prefix if keys and len(matched) == len(keys) else ""
+
+
+def _own_prefix(keys: list[str], own: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The prefix (``""`` included) under which the most of ``keys`` are names a module
+    gives its own parameters, and those keys.
+
+    >>> _own_prefix(["model.0.weight", "loss.weight"], {"0.weight": "fc1.weight"})
+    ('model.', ['model.0.weight'])
+    """
+    prefixes = {""} | {k[: -len(n)] for k in keys for n in own if k.endswith("." + n)}
+
+    def read(prefix: str) -> list[str]:
+        return [k for k in keys if k.startswith(prefix) and k[len(prefix) :] in own]
+
+    prefix = max(sorted(prefixes), key=lambda p: len(read(p)))
+    return prefix, read(prefix)
 
 
 def save_jax(
@@ -695,116 +699,6 @@ def _read_file(
         tensors = _foreign_keys(tensors, layout, numbered, renamed, shown)
     biases = _recorded_biases(metadata, shown)
     return _File({(key,): t for key, t in tensors.items()}, layout, renamed, biases)
-
-
-def _foreign_keys(
-    tensors: dict[str, Any],
-    layout: Layout,
-    numbered: bool = True,
-    renamed: dict[str, str] | None = None,
-    shown: str = "the file",
-) -> dict[str, Any]:
-    """A file's keys as ``layout`` (keyed) names them, where no key is the layout's as
-    it stands but one reading makes every key one; otherwise the keys as they are.
-
-    The readings: keys another tool joined with ``/``
-    (``flax.traverse_util.flatten_dict(sep="/")``); one prefix every key shares, up to a
-    ``.`` (a flax variables dict written whole, ``params.Dense_0.kernel``; a module that
-    holds the MLP, ``model.fc1.weight``); and, in the torch layout with ``numbered``,
-    the state_dict of an ``nn.Sequential`` of Linear layers and activations
-    (:func:`_numbered_stack`; a ``ValueError`` where its numbers do not say the order the
-    layers run in, or a weight is not a Linear layer's). Found in user trials: no
-    ``file_layout`` could read such files.
-
-    >>> keys = ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
-    >>> list(_foreign_keys(dict.fromkeys(keys, np.zeros((1, 1))), _keyed(LAYOUTS["torch"])))
-    ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
-    >>> flat = {"net.Dense_0/kernel": np.zeros((1, 1))}
-    >>> list(_foreign_keys(flat, _keyed(LAYOUTS["flax"])))
-    ['Dense_0.kernel']
-    """
-    shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
-    names = _layout_names(list(tensors), layout, numbered, shapes)
-    if names is None:
-        return tensors
-    if isinstance(names, str):
-        raise value_error(f"{shown}: {names}")
-    if renamed is not None:
-        renamed.update(zip(names, tensors, strict=True))
-    return dict(zip(names, tensors.values(), strict=True))
-
-
-def _layout_names(
-    keys: list[str], layout: Layout, numbered: bool, shapes: Mapping[str, tuple] | None = None
-) -> list[str] | str | None:
-    """The names :func:`_foreign_keys` reads ``keys`` under, None to read them as they
-    are, or why numbered keys cannot be read (:func:`_numbered_stack`)."""
-    if not keys or any(layout.torch_name((key,)) for key in keys):
-        return None
-    for joined in (keys, [key.replace("/", ".") for key in keys]):
-        for prefix in shared_prefixes(joined):
-            names = [key[len(prefix) :] for key in joined]
-            if all(layout.torch_name((name,)) for name in names):
-                return names
-    if numbered and layout.name == "torch":
-        return _numbered_stack(keys, shapes)
-    return None
-
-
-def _numbered_stack(
-    keys: list[str], shapes: Mapping[str, tuple] | None = None
-) -> list[str] | str | None:
-    """equiv's names (``fc1.weight``...) for the keys of an ``nn.Sequential``'s state_dict
-    of Linear layers and activations; None if ``keys`` are not numbered so; or, where
-    the numbers do not say the order the layers run in, why.
-
-    Such a file names each layer by its index in the container, under one prefix
-    (``0.weight``, ``2.weight``; ``net.0.weight``): a Sequential calls them in
-    increasing order. Every key must be ``{prefix}{index}.weight`` or ``.bias`` under
-    the same prefix, each index holding a weight, and every two Linear layers must have
-    a module between them (an activation, whose index holds no parameter): Linear
-    layers numbered without a gap are an ``nn.ModuleList``'s, which a forward may call
-    in any order (found in a user trial: two 8×8 layers called last-first were read
-    swapped, with nothing to show it). The shapes are checked after (each layer's input
-    width is the one before's output). A module's own file is read by its calls with
-    ``load_torch(path, out=module)``.
-
-    >>> _numbered_stack(["0.weight", "0.bias", "2.weight", "10.weight"])
-    ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc3.weight']
-    >>> _numbered_stack(["a.0.weight", "b.1.weight"]) is None  # two prefixes
-    True
-    >>> print(_numbered_stack(["layers.0.weight", "layers.1.weight"])[:60])
-    its entries number Linear layers 0 and 1 with no module betw
-    """
-    found = [_NUMBERED.fullmatch(key) for key in keys]
-    if not all(found) or len({m[1] for m in found}) != 1:
-        return None
-    indices = sorted({int(m[2]) for m in found})
-    if {int(m[2]) for m in found if m[3] == "weight"} != set(indices):
-        return None  # a bias without its weight: not a Linear layer
-    flat = [m[0] for m in found if m[3] == "weight" and shapes and len(shapes[m[0]]) != 2]
-    if flat:
-        return (
-            f"its entries are numbered as an nn.Sequential's, but {flat[0]!r} has shape "
-            f"{shapes[flat[0]]}, not a Linear layer's (out, in): the module holds another "
-            "layer (a norm, say), and equiv reads stacks of Linear layers and activations only"
-        )
-    adjacent = [(a, b) for a, b in itertools.pairwise(indices) if b == a + 1]
-    if adjacent:
-        a, b = adjacent[0]
-        return (
-            f"its entries number Linear layers {a} and {b} with no module between them, as an "
-            "nn.ModuleList's are (a Sequential's activations take the numbers between), and "
-            "a forward may call those in any order, which the names do not record. Read them "
-            "with the module, whose calls say the order: pass the module itself, or for a "
-            "file equiv.load_torch(path, out=module)"
-        )
-    layer = {index: i for i, index in enumerate(indices, 1)}
-    return [f"fc{layer[int(m[2])]}.{m[3]}" for m in found]
-
-
-#: A Linear layer's entry in a Sequential's state_dict: prefix, index, kind.
-_NUMBERED = re.compile(r"((?:.*\.)?)(\d+)\.(weight|bias)")
 
 
 def _format(path: str) -> str | None:

@@ -724,6 +724,114 @@ def _some_biases_advice(
     )
 
 
+def _foreign_keys(
+    tensors: dict[str, Any],
+    layout: Layout,
+    numbered: bool = True,
+    renamed: dict[str, str] | None = None,
+    shown: str = "the file",
+) -> dict[str, Any]:
+    """A file's (or a state_dict's) keys as ``layout`` names them (a file's: keyed,
+    each path one key, :func:`equiv.checkpoint._keyed`), where no key is the layout's as
+    it stands but one reading makes every key one; otherwise the keys as they are.
+
+    The readings: keys another tool joined with ``/``
+    (``flax.traverse_util.flatten_dict(sep="/")``); one prefix every key shares, up to a
+    ``.`` (a flax variables dict written whole, ``params.Dense_0.kernel``; a module that
+    holds the MLP, ``model.fc1.weight``); and, in the torch layout with ``numbered``,
+    the state_dict of an ``nn.Sequential`` of Linear layers and activations
+    (:func:`_numbered_stack`; a ``ValueError`` where its numbers do not say the order the
+    layers run in, or a weight is not a Linear layer's). Found in user trials: no
+    ``file_layout`` could read such files.
+
+    >>> keys = ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
+    >>> list(_foreign_keys(dict.fromkeys(keys, np.zeros((1, 1))), LAYOUTS["torch"]))
+    ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
+    """
+    shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    names = _layout_names(list(tensors), layout, numbered, shapes)
+    if names is None:
+        return tensors
+    if isinstance(names, str):
+        raise value_error(f"{shown}: {names}")
+    if renamed is not None:
+        renamed.update(zip(names, tensors, strict=True))
+    return dict(zip(names, tensors.values(), strict=True))
+
+
+def _layout_names(
+    keys: list[str], layout: Layout, numbered: bool, shapes: Mapping[str, tuple] | None = None
+) -> list[str] | str | None:
+    """The names :func:`_foreign_keys` reads ``keys`` under, None to read them as they
+    are, or why numbered keys cannot be read (:func:`_numbered_stack`)."""
+    if not keys or any(layout.torch_name((key,)) for key in keys):
+        return None
+    for joined in (keys, [key.replace("/", ".") for key in keys]):
+        for prefix in shared_prefixes(joined):
+            names = [key[len(prefix) :] for key in joined]
+            if all(layout.torch_name((name,)) for name in names):
+                return names
+    if numbered and layout.name == "torch":
+        return _numbered_stack(keys, shapes)
+    return None
+
+
+def _numbered_stack(
+    keys: list[str], shapes: Mapping[str, tuple] | None = None
+) -> list[str] | str | None:
+    """equiv's names (``fc1.weight``...) for the keys of an ``nn.Sequential``'s state_dict
+    of Linear layers and activations; None if ``keys`` are not numbered so; or, where
+    the numbers do not say the order the layers run in, why.
+
+    Such a file names each layer by its index in the container, under one prefix
+    (``0.weight``, ``2.weight``; ``net.0.weight``): a Sequential calls them in
+    increasing order. Every key must be ``{prefix}{index}.weight`` or ``.bias`` under
+    the same prefix, each index holding a weight, and every two Linear layers must have
+    a module between them (an activation, whose index holds no parameter): Linear
+    layers numbered without a gap are an ``nn.ModuleList``'s, which a forward may call
+    in any order (found in a user trial: two 8×8 layers called last-first were read
+    swapped, with nothing to show it). The shapes are checked after (each layer's input
+    width is the one before's output). A module's own file is read by its calls with
+    ``load_torch(path, out=module)``.
+
+    >>> _numbered_stack(["0.weight", "0.bias", "2.weight", "10.weight"])
+    ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc3.weight']
+    >>> _numbered_stack(["a.0.weight", "b.1.weight"]) is None  # two prefixes
+    True
+    >>> print(_numbered_stack(["layers.0.weight", "layers.1.weight"])[:60])
+    its entries number Linear layers 0 and 1 with no module betw
+    """
+    found = [_NUMBERED.fullmatch(key) for key in keys]
+    if not all(found) or len({m[1] for m in found}) != 1:
+        return None
+    indices = sorted({int(m[2]) for m in found})
+    if {int(m[2]) for m in found if m[3] == "weight"} != set(indices):
+        return None  # a bias without its weight: not a Linear layer
+    flat = [m[0] for m in found if m[3] == "weight" and shapes and len(shapes[m[0]]) != 2]
+    if flat:
+        return (
+            f"its entries are numbered as an nn.Sequential's, but {flat[0]!r} has shape "
+            f"{shapes[flat[0]]}, not a Linear layer's (out, in): the module holds another "
+            "layer (a norm, say), and equiv reads stacks of Linear layers and activations only"
+        )
+    adjacent = [(a, b) for a, b in itertools.pairwise(indices) if b == a + 1]
+    if adjacent:
+        a, b = adjacent[0]
+        return (
+            f"its entries number Linear layers {a} and {b} with no module between them, as an "
+            "nn.ModuleList's are (a Sequential's activations take the numbers between), and "
+            "a forward may call those in any order, which the names do not record. Read them "
+            "with the module, whose calls say the order: pass the module itself, or for a "
+            "file equiv.load_torch(path, out=module)"
+        )
+    layer = {index: i for i, index in enumerate(indices, 1)}
+    return [f"fc{layer[int(m[2])]}.{m[3]}" for m in found]
+
+
+#: A Linear layer's entry in a Sequential's state_dict: prefix, index, kind.
+_NUMBERED = re.compile(r"((?:.*\.)?)(\d+)\.(weight|bias)")
+
+
 def shared_prefixes(keys: list[str]) -> list[str]:
     """The prefixes up to a ``.`` that every key has, ``""`` first, longest last.
 
@@ -834,10 +942,8 @@ def _state_dict(obj: Any) -> dict[str, torch.Tensor]:
 def _read_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state_dict under equiv's names where none of its names is, but they are an
     ``nn.Sequential``'s or all under one prefix, as the checkpoint readers read a file
-    (:func:`equiv.checkpoint._foreign_keys`; found in a user trial: the file of a
+    (:func:`_foreign_keys`; found in a user trial: the file of a
     state_dict was read, the state_dict itself refused); otherwise as it is."""
-    from equiv.checkpoint import _foreign_keys  # imports this module
-
     return _foreign_keys(state, LAYOUTS["torch"], shown="state_dict")
 
 
