@@ -54,7 +54,7 @@ import numpy as np
 
 from equiv import fastcompare
 from equiv._messages import message, type_error, value_error
-from equiv.tolerance import Tolerance
+from equiv.tolerance import Tolerance, notation
 
 STAGES = ("loss", "grads", "params")
 #: The name of the float64 arbiter's trajectory (the same as ``equiv.harness.REFERENCE``).
@@ -110,6 +110,20 @@ class LeafDiff:
         out["passed"] = self.passed
         return out
 
+    @property
+    def nonfinite_difference(self) -> float | None:
+        """The difference at the first non-finite mismatch (``nan`` where either side
+        is NaN, else ``inf``); None without one. Tables show it as the greatest
+        difference, which :attr:`max_abs` (taken over the finite elements) is not.
+
+        >>> compare_leaf(np.array([np.nan, 1.0]), np.ones(2), Tolerance()).nonfinite_difference
+        nan
+        """
+        if self.nonfinite_at is None:
+            return None
+        _, a, b = self.nonfinite_at
+        return math.nan if "nan" in (a, b) else math.inf
+
     def _first_nonfinite(self) -> str:
         if self.nonfinite_at is None:
             return ""
@@ -134,22 +148,45 @@ class LeafDiff:
             f"{self.where}, {self.name}, shape {self.shape}, {self.dtype}: "
             f"{self.actual} vs {self.expected}",
             f"  Mismatched elements: {self.mismatched} / {self.numel} ({percent:.1f}%)",
-            f"  Greatest absolute difference: {self.max_abs:.6g} at index "
-            f"{self.max_abs_index} ({self.allowed:.3g} allowed there)",
-            f"  Greatest relative difference: {self.max_rel:.6g} at index {self.max_rel_index}",
+        ]
+        # The greatest differences are taken over the finite elements (a NaN has no
+        # size), so beside a non-finite mismatch they say so: found in a user trial, a
+        # NaN loss read "Greatest absolute difference: 0".
+        among = ""
+        if self.nonfinite_mismatched:
+            n = self.nonfinite_mismatched
+            lines.append(
+                f"  Non-finite mismatch: {n} {'entries are' if n != 1 else 'entry is'} NaN or "
+                "Inf on one side only (or Inf of the other sign)" + self._first_nonfinite()
+            )
+            among = " among the finite elements"
+        if self.nonfinite_mismatched and self.nonfinite_mismatched == self.mismatched:
+            if self.numel > self.mismatched:
+                lines.append(
+                    "  The finite elements agree within the bound (greatest absolute "
+                    f"difference {self.max_abs:.6g})"
+                )
+        else:
+            lines += [
+                f"  Greatest absolute difference{among}: {self.max_abs:.6g} at index "
+                f"{self.max_abs_index} ({self.allowed:.3g} allowed there)",
+                f"  Greatest relative difference{among}: {self.max_rel:.6g} at index "
+                f"{self.max_rel_index}",
+            ]
+        lines.append(
             f"  Ratio to the bound: {self.ratio:.3g}"
             + (
                 ""
                 if self.ratio_index is None
-                else f" at index {self.ratio_index}, where the bound is tighter"
+                else f" at index {self.ratio_index}, "
+                + (
+                    "the non-finite mismatch"
+                    if self.nonfinite_at is not None and self.ratio_index == self.nonfinite_at[0]
+                    else "where the bound is tighter"
+                )
             )
-            + f" (bound: {self.tolerance.describe()})",
-        ]
-        if self.nonfinite_mismatched:
-            lines.append(
-                f"  Non-finite mismatch: {self.nonfinite_mismatched} entries are NaN or Inf "
-                "on one side only (or Inf of the other sign)" + self._first_nonfinite()
-            )
+            + f" (bound: {self.tolerance.describe()})"
+        )
         if self.ambiguous:
             lines.append(
                 f"  Within the slack only: {self.ambiguous} elements (a unit near a kink, "
@@ -739,6 +776,10 @@ class Report:
                     f"{b} ({n} {'leaves' if n != 1 else 'leaf'})" for b, n in counts.items()
                 )
             )
+        symbols = notation(leaf.tolerance.describe() for leaf in failures)
+        if symbols:
+            lines.append(message("in the bounds:"))
+            lines += [f"  {entry}" for entry in symbols]
         return "\n".join(lines)
 
     def assert_agree(self) -> None:

@@ -162,8 +162,8 @@ class GradCheck:
         return sorted({p.name for p in self._checks() if not p.passed})
 
     def failure_text(self) -> str:
-        """What :meth:`assert_agree` raises: a headline, every failing projection (the
-        loss first), then ``likely cause: ...`` for each hint; ``""`` when it passes."""
+        """What :meth:`assert_agree` raises: a headline, ``likely cause: ...`` for each
+        hint, then every failing projection (the loss first); ``""`` when it passes."""
         if self.agree:
             return ""
         bad = [p for p in self.projections if not p.passed]
@@ -176,7 +176,7 @@ class GradCheck:
         )
         bad = [p for p in self._checks() if not p.passed]  # the loss first
         causes = [f"  likely cause: {hint}" for hint in self.hints()]
-        return "\n".join([head] + [p.describe() for p in bad] + causes)
+        return "\n".join([head] + causes + [p.describe() for p in bad])
 
     def __str__(self) -> str:
         if not self.agree:

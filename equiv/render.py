@@ -38,6 +38,7 @@ from rich.text import Text
 
 from equiv._messages import message
 from equiv.compare import STAGES, LeafDiff, Report
+from equiv.tolerance import notation
 
 if TYPE_CHECKING:
     from equiv.harness import Comparison
@@ -138,6 +139,9 @@ def print_comparison(
             console.print()
             title = f"failing at an earlier step: {group[0].where}"
             _print_table(console, leaf_table(group, title=title))
+    if any(leaf.ratio_index is not None for leaf in report.leaves):
+        console.print()
+        console.print(RATIO_NOTE, soft_wrap=True)
     console.print()
     if not report.agree:
         console.print(failure_text(comparison), soft_wrap=True)
@@ -230,9 +234,19 @@ def header_lines(
         lines += _pack("kinks", [count, *map(str, kink_units)], width, sep="; ")
     lines += _pack("other", [f"{k}={settings[k]}" for k in other_keys], width)
     lines += _pack("bounds", _bounds(comparison.report.leaves, steps), width, sep="; ")
+    shown = [leaf.tolerance.describe() for leaf in comparison.report.leaves]
+    lines += _pack("notation", notation(shown), width, sep="; ")
     lines += ["ratio     max over elements of |difference| / bound; a leaf passes at <= 1"]
     return lines
 
+
+#: Marks a ratio taken at another element than the greatest difference (whose bound
+#: the table shows). Found in a user trial: bound times ratio did not give max abs.
+RATIO_ELSEWHERE = " †"
+RATIO_NOTE = (
+    "† the ratio is greatest at another element than the greatest difference, one "
+    "with a tighter bound or a non-finite value (the failure text gives its index)"
+)
 
 #: Activations with a kink at 0 (ELU has one where its alpha is not 1).
 _KINKED = ("relu", "leaky_relu", "elu")
@@ -242,7 +256,10 @@ def leaf_table(leaves: Sequence[LeafDiff], *, title: str) -> Table:
     """One row per leaf and pair: max abs, max rel, bound, ratio, verdict.
 
     The bound is the one at the element of greatest absolute difference; the
-    ratio is the greatest over all elements of ``|difference| / bound``.
+    ratio is the greatest over all elements of ``|difference| / bound``, marked
+    ``†`` where that is another element (whose bound is tighter, or which is
+    non-finite). A non-finite mismatch shows as ``nan`` or ``inf`` in the
+    difference columns.
     """
     table = _table(title)
     table.add_column("leaf", no_wrap=True)
@@ -255,13 +272,14 @@ def leaf_table(leaves: Sequence[LeafDiff], *, title: str) -> Table:
         if previous is not None and leaf.name != previous:
             table.add_section()
         previous = leaf.name
+        nonfinite = leaf.nonfinite_difference
         table.add_row(
             leaf.name,
             _pair(leaf),
-            format_number(leaf.max_abs),
-            format_number(leaf.max_rel),
+            format_number(leaf.max_abs if nonfinite is None else nonfinite),
+            format_number(leaf.max_rel if nonfinite is None else nonfinite),
             format_number(leaf.allowed),
-            format_number(leaf.ratio),
+            format_number(leaf.ratio) + (RATIO_ELSEWHERE if leaf.ratio_index is not None else ""),
             Text("ok", style="green") if leaf.passed else Text("FAIL", style="bold red"),
         )
     return table

@@ -103,6 +103,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -144,6 +146,38 @@ class Tolerance:
         if self.derivation:
             return self.derivation
         return f"atol={self.atol:.3g}, rtol={self.rtol:.3g}"
+
+
+#: What each symbol of a derivation (:attr:`Tolerance.derivation`) stands for, in
+#: the order :func:`notation` lists them. Found in a user trial: ``u₆₄`` was
+#: unexplained and ``max|x|`` read as the model's input.
+_SYMBOLS = (
+    (
+        r"\(u₁\+u₂",
+        "u₁, u₂: unit roundoff of each side's dtype (float32 5.96e-08, float64 1.11e-16)",
+    ),
+    ("u₆₄", "u₆₄: float64's (each side is held to its own float64 step)"),
+    ("√", "8·√k·(u₁+u₂)·s: k the longest sum's length, s the step"),
+    (r"(?<![√\d.])3·\(", "3·(u₁+u₂)·s: the update's 3 roundings, s the step"),
+    (r"max\|x\|", "max|x|: the leaf's largest magnitude, not the input"),
+    (r"max\|p\|", "max|p|: the parameter's largest magnitude"),
+)
+
+
+def notation(derivations: Iterable[str]) -> list[str]:
+    """What the symbols in ``derivations`` stand for, one entry per symbol present.
+
+    >>> print(notation(["3·(u₁+u₂)·2·max|p|"])[0])
+    u₁, u₂: unit roundoff of each side's dtype (float32 5.96e-08, float64 1.11e-16)
+    >>> [entry.split(":")[0] for entry in notation(["3·(u₁+u₂)·2·max|p|"])]
+    ['u₁, u₂', '3·(u₁+u₂)·s', 'max|p|']
+    >>> notation(["8·√3·(u₁+u₂)·1·max|x|"])[1].split(":")[0]  # √3 is a sum's length
+    '8·√k·(u₁+u₂)·s'
+    >>> notation(["atol=0.1, rtol=0"])
+    []
+    """
+    text = " ".join(derivations)
+    return [entry for symbol, entry in _SYMBOLS if re.search(symbol, text)]
 
 
 def user_tolerance(rtol: float | None, atol: float | None) -> Tolerance | None:

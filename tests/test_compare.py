@@ -139,7 +139,7 @@ def test_nonfinite_line():
     # The first non-finite mismatch is located (found in a user trial: the "greatest
     # difference" lines point at finite elements, so the NaN had no position).
     d = compare_leaf(np.array([[1.0, 2.0], [nan, inf]]), np.array([[1.0, 2.0], [1.5, 1.0]]), T)
-    assert d.describe().splitlines()[-1] == (
+    assert d.describe().splitlines()[2] == (
         "  Non-finite mismatch: 2 entries are NaN or Inf on one side only "
         "(or Inf of the other sign); the first at index (1, 0): nan (actual) vs 1.5 (expected)"
     )
@@ -147,6 +147,33 @@ def test_nonfinite_line():
     # The twin: the same NaN on both sides is no mismatch, and no line.
     d = compare_leaf(np.array([nan, 1.0]), np.array([nan, 1.0]), T)
     assert d.passed and d.nonfinite_at is None and "Non-finite" not in d.describe()
+
+
+def test_a_nan_loss_does_not_read_as_no_difference():
+    # Found in a user trial: a NaN loss read "Greatest absolute difference: 0" (the
+    # greatest differences are taken over the finite elements).
+    lines = compare_leaf(np.array(nan), np.array(1.0), T, stage="loss").describe().splitlines()
+    assert lines[2].startswith("  Non-finite mismatch: 1 entry is NaN or Inf on one side only")
+    assert not any("Greatest" in line for line in lines), lines
+    # Beside finite differences they are said to be the finite elements'.
+    d = compare_leaf(np.array([nan, 1.0, 2.0]), np.array([1.0, 1.0, 2.5]), T)
+    lines = d.describe().splitlines()
+    assert lines[3] == (
+        "  Greatest absolute difference among the finite elements: 0.5 at index (2,) "
+        "(0.1 allowed there)"
+    )
+    assert lines[5].startswith("  Ratio to the bound: inf at index (0,), the non-finite mismatch")
+    assert math.isnan(d.nonfinite_difference)
+    # The twin: finite elements only keep the plain lines.
+    d = compare_leaf(np.array([1.0, 1.0, 2.0]), np.array([1.0, 1.0, 2.5]), T)
+    assert d.describe().splitlines()[2].startswith("  Greatest absolute difference: 0.5")
+    assert d.nonfinite_difference is None
+    # An Inf whose finite neighbours agree says so.
+    d = compare_leaf(np.array([inf, 1.0]), np.array([1.0, 1.0]), T)
+    assert d.describe().splitlines()[3] == (
+        "  The finite elements agree within the bound (greatest absolute difference 0)"
+    )
+    assert d.nonfinite_difference == inf
 
 
 def test_empty_leaf_passes():

@@ -141,7 +141,10 @@ def test_a_wrong_loss_is_caught_even_with_right_gradients(spec, equiv_seed):
         check.assert_agree()
     lines = str(info.value).splitlines()
     assert lines[0].endswith("; the returned loss is not the spec's")
-    assert lines[1].startswith("  loss: grad_fn returned ")
+    # The likely causes come first (a factor of the batch size here), then the checks.
+    causes = [line for line in lines[1:] if line.startswith("  likely cause: ")]
+    assert lines[1 : 1 + len(causes)] == causes
+    assert lines[1 + len(causes)].startswith("  loss: grad_fn returned ")
 
 
 def _returning(spec, change):
@@ -328,7 +331,8 @@ def test_a_constant_factor_is_named_with_its_measurement(
     assert float(spread) == pytest.approx(max(ratios) - min(ratios), rel=0.06, abs=1e-300)
     assert float(spread) < 1e-6 * max(abs(factor), 1.0)
     lines = str(check).splitlines()
-    assert lines[-1] == f"  likely cause: {hint}"
+    assert lines[1] == f"  likely cause: {hint}"  # under the headline, before the checks
+    assert not any("likely cause" in line for line in lines[2:])
     assert str(check) == check.failure_text()
     with pytest.raises(AssertionError) as info:
         check.assert_agree()

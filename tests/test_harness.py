@@ -216,7 +216,15 @@ def test_comparison_assert_agree_raises_with_the_report(wrong_learning_rate):
     assert comparison.agree is False
     with pytest.raises(AssertionError) as info:
         comparison.assert_agree()
-    assert str(info.value).startswith(report.failure_text())
+    # The report's headline, the arbiter's summary, then the report's blocks.
+    head, _, blocks = report.failure_text().partition("\n")
+    raised = str(info.value)
+    assert raised.startswith(head + "\n  arbiter: ")
+    assert raised.endswith("\n  every failing comparison:\n" + blocks)
+    summary = raised[len(head) : -len(blocks)].splitlines()[1:]
+    causes = [f"  likely cause: {hint}" for hint in comparison.hints()]
+    assert causes  # a learning rate off: named
+    assert summary == [*comparison.arbiter_verdict(), *causes, "  every failing comparison:"]
 
 
 def test_failing_comparison_is_json_ready(wrong_learning_rate):

@@ -130,8 +130,11 @@ def test_a_summed_loss_fails_and_the_arbiter_blames_the_port(equiv_seed):
     lines = str(info.value).splitlines()
     assert lines[0].startswith("[equiv] ")
     assert "port vs reference" in lines[0] and "port vs torch" in lines[0]
-    assert lines[1].startswith("loss at step 1, loss, shape (), float32: port vs torch")
-    assert "  arbiter: torch agrees with the float64 reference" in lines
+    # The summary first (the arbiter, the likely cause), then every failing leaf.
+    assert lines[1] == "  arbiter: torch agrees with the float64 reference"
+    first_block = lines.index("  every failing comparison:") + 1
+    assert lines[first_block].startswith("loss at step 1, loss, shape (), float32: port vs torch")
+    assert all(line.startswith("  ") for line in lines[1:first_block])
     assert any(
         line.startswith("  arbiter: port is off: ")
         and line.endswith("leaves disagree with the float64 reference, first loss (loss at step 1)")

@@ -22,6 +22,8 @@ from equiv.harness import (
 )
 from equiv.problem import make_problem
 from equiv.render import (
+    RATIO_NOTE,
+    _pair,
     format_number,
     make_console,
     print_comparison,
@@ -269,3 +271,55 @@ def test_the_kinks_line_names_the_models_kinked_activation(activation):
     comparison = compare_backends(MLPSpec((4, 8, 2), activation=activation), steps=1)
     (line,) = [line for line in header_lines(comparison) if line.startswith("kinks")]
     assert line.split()[2] == f"{activation}"
+
+
+def _halved_mse_port() -> Comparison:
+    """A Flax-layout port with optax's ½ in its MSE: fails everywhere after step 1, with
+    ratios greatest at other elements than the greatest differences (tighter bounds)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from equiv import TorchMLP, check_jax_port
+
+    def loss_fn(params, x, y):
+        h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+        out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+        return jnp.mean(0.5 * (out - y) ** 2)
+
+    torch.manual_seed(0)
+    model = TorchMLP(MLPSpec((4, 3, 2)))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    return check_jax_port(model, loss_fn, x, y, layout="flax", learning_rate=0.1, steps=2)
+
+
+def test_a_ratio_taken_elsewhere_is_marked(passing):
+    # Found in a user trial: the table's bound is the greatest difference's, the ratio
+    # the greatest over all elements, so bound times ratio did not give max abs.
+    comparison = _halved_mse_port()
+    text = render_comparison(comparison, width=120)
+    marked = {
+        leaf.name + " " + _pair(leaf)
+        for leaf in comparison.report.leaves
+        if leaf.step == 2 and leaf.ratio_index is not None
+    }
+    assert marked, "the port should have a ratio away from its greatest difference"
+    rows = [row for row in _rows(text) if row[-2:] in (["†", "FAIL"], ["†", "ok"])]
+    assert {" ".join(row[:4]) for row in rows} == marked
+    assert RATIO_NOTE in text.replace("\n", " ")
+    # The twin: no ratio taken elsewhere, no mark and no note.
+    plain = render_comparison(passing, width=120)
+    assert "†" not in plain
+
+
+def test_the_bounds_symbols_are_explained(passing):
+    # Found in a user trial: u₆₄ was unexplained and max|x| read as the model's input.
+    lines = render_comparison(passing, width=100).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("notation  "))
+    block = " ".join(lines[at : at + 4])
+    assert "u₁, u₂: unit roundoff of each side's dtype" in block
+    assert "max|x|: the leaf's largest magnitude, not the input" in block
+    assert "u₆₄" not in block  # one step: no pair is held to its own float64 step
+    # The twin: the user's own rtol/atol have no symbols, and no notation line.
+    fixed = compare_backends(rtol=1e-5, atol=1e-6)
+    assert not any(line.startswith("notation") for line in render_comparison(fixed).splitlines())
