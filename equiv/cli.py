@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -32,8 +33,8 @@ from typing import Any
 
 from equiv._messages import PREFIX, message
 from equiv.activations import ACTIVATIONS
-from equiv.checkpoint import load_torch
-from equiv.convert import LAYOUTS, check_entries
+from equiv.checkpoint import _load_state
+from equiv.convert import LAYOUTS
 from equiv.files import atomic_path, create_beside, read_only
 from equiv.harness import BACKENDS, compare_backends
 from equiv.losses import LOSSES
@@ -137,7 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DEVICE",
         help="cpu, cuda or cuda:N, for torch and JAX alike (default: cpu)",
     )
-    add("--no-bias", action="store_true", help="layers without bias")
+    bias = parser.add_mutually_exclusive_group()
+    bias.add_argument("--no-bias", action="store_true", help="layers without bias")
+    bias.add_argument(
+        "--bias",
+        type=_bias_pattern,
+        default=None,
+        metavar="1|0[,1|0...]",
+        help="which Linear layers have a bias, one 1 or 0 per layer, fc1 first "
+        "(default: every layer; --bias 1,0,1 leaves fc2 without one)",
+    )
     add(
         "--activation",
         type=_names,
@@ -405,13 +415,33 @@ def _foreign_names_advice(args: argparse.Namespace) -> str | None:
     )
 
 
+def _read_params(args: argparse.Namespace) -> tuple[dict, MLPSpec]:
+    """The ``--params`` file's state_dict and spec. A file's entries cannot tell a layer without
+    a bias from a lost entry (:func:`equiv.convert.check_entries`): ``--bias`` says
+    which layers have one, and a file that holds other biases is read as it is, for
+    the comparison with ``--bias`` to say so."""
+    read = functools.partial(
+        _load_state, args.params, None, args.file_layout, args.entry, contiguous=True
+    )
+    if args.bias is None:
+        return read()
+    try:
+        return read(biases=args.bias)
+    except ValueError:
+        try:
+            return read()
+        except ValueError:
+            pass
+        raise
+
+
 def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, Any]]:
     """The ``--params`` file's state_dict (None without one) and the MLPSpec fields
     for the model's shape (sizes, bias, dtype): the file's, which ``--sizes``,
     ``--no-bias`` and ``--dtype`` may repeat but not contradict."""
     given = {
         "sizes": args.sizes,
-        "bias": False if args.no_bias else None,
+        "bias": False if args.no_bias else args.bias,
         "dtype": args.dtype,
     }
     if args.params is None:
@@ -419,9 +449,10 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
             if getattr(args, option[2:].replace("-", "_")) is not None:
                 raise UsageError(f"{option} describes a --params file; give --params too")
         defaults = {"sizes": (4, 3, 2), "bias": True, "dtype": "float32"}
-        return None, {k: defaults[k] if v is None else v for k, v in given.items()}
+        shape = {k: defaults[k] if v is None else v for k, v in given.items()}
+        return None, {**shape, "bias": _layer_biases(args.bias, shape["sizes"]) or shape["bias"]}
     try:
-        state = load_torch(args.params, entry=args.entry, file_layout=args.file_layout)
+        state, found = _read_params(args)
     except OSError as error:
         raise UsageError(
             f"cannot read --params {args.params!r}: {error.strerror or error}"
@@ -431,6 +462,22 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
         if advice is not None:
             raise UsageError(f"--params {args.params!r}: {advice}") from None
         text = str(error).removeprefix(PREFIX)
+        # The library's advice for a bias on some layers only names spec=; here it is
+        # --bias.
+        text, told = re.subn(
+            r"say so: spec=MLPSpec\(\([^)]*\), bias=\(([^)]*)\)\)",
+            lambda m: (
+                "say so: "
+                + ("add " if args.bias is None else "")
+                + "--bias "
+                + ",".join("1" if word.strip() == "True" else "0" for word in m[1].split(","))
+                + ("" if args.bias is None else f" (not {_shown_bias(args.bias)[5:]})")
+            ),
+            text,
+        )
+        if told:
+            text = text.replace("Pass spec=MLPSpec(...) to state the architecture; the", "The")
+            raise UsageError(f"--params {args.params!r}: {text}") from None
         if "entry=" not in text:
             raise
         # The library's advice names its argument; on the command line it is an option.
@@ -444,19 +491,23 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
                 text,
             )
         ) from None
-    found = check_entries(
-        {(name,): tensor for name, tensor in state.items()}, LAYOUTS["torch"], None, what=""
-    )
-    options = {"sizes": "--sizes", "bias": "--no-bias", "dtype": "--dtype"}
+    if args.bias is not None:
+        given["bias"] = _layer_biases(args.bias, found.sizes)
+    options = {
+        "sizes": "--sizes",
+        "bias": "--no-bias" if args.no_bias else "--bias",
+        "dtype": "--dtype",
+    }
     shown = {
         "sizes": lambda v: f"sizes {','.join(map(str, v))}",
-        "bias": lambda v: "bias" if v else "no bias",
+        "bias": _shown_bias,
         "dtype": str,
     }
     for field, value in given.items():
         if value is not None and value != getattr(found, field):
+            said = args.bias if field == "bias" and args.bias is not None else value
             raise UsageError(
-                f"{options[field]} says {shown[field](value)}, but --params {args.params!r} "
+                f"{options[field]} says {shown[field](said)}, but --params {args.params!r} "
                 f"holds {shown[field](getattr(found, field))}: leave {options[field]} out "
                 "(the file's is used)"
             )
@@ -585,6 +636,42 @@ def _betas(text: str) -> tuple[float, float]:
             f"--betas takes two numbers such as 0.9,0.999, got {text!r}"
         )
     return (_finite_float(parts[0]), _finite_float(parts[1]))
+
+
+_BIAS_WORDS = {"1": True, "0": False, "yes": True, "no": False, "true": True, "false": False}
+
+
+def _bias_pattern(text: str) -> tuple[bool, ...]:
+    """``--bias 1,0,1`` as one bool per Linear layer, fc1 first."""
+    parts = [part.strip().lower() for part in text.split(",")]
+    wrong = [part for part in parts if part not in _BIAS_WORDS]
+    if wrong:
+        raise argparse.ArgumentTypeError(
+            f"{wrong[0]!r} is not 1 or 0: give one 1 (a bias) or 0 (none) per Linear "
+            "layer, fc1 first, for example --bias 1,0,1"
+        )
+    return tuple(_BIAS_WORDS[part] for part in parts)
+
+
+def _layer_biases(pattern: tuple[bool, ...] | None, sizes: tuple[int, ...]) -> Any:
+    """``--bias``'s pattern for a model of ``sizes``: one bool where every layer is
+    alike (the report reads as the default's), else the tuple; None without one."""
+    if pattern is None:
+        return None
+    layers = len(sizes) - 1
+    if len(pattern) != layers:
+        raise UsageError(
+            f"--bias gives {len(pattern)} entries for {layers} Linear layers (sizes "
+            f"{','.join(map(str, sizes))}): give one 1 or 0 per layer, fc1 first, for "
+            f"example --bias {','.join(['1'] * (layers - 1) + ['0'])}"
+        )
+    return pattern[0] if len(set(pattern)) == 1 else pattern
+
+
+def _shown_bias(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bias" if value else "no bias"
+    return f"bias {','.join('1' if has else '0' for has in value)}"
 
 
 def _names(text: str) -> tuple[str, ...]:

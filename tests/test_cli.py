@@ -558,7 +558,7 @@ def test_a_multi_line_message_is_one_line_without_its_indentation(tmp_path, caps
     torch.save({**state, "fc2.bias": torch.ones(2)}, tmp_path / "m.pt")
     code, out, err = _run(["--params", str(tmp_path / "m.pt")], capsys)
     assert (code, out) == (2, "") and err.count("\n") == 1, err
-    assert "(bias=True, float32): missing: 'fc1.bias' (expected shape (3,)) Pass" in err, err
+    assert "(bias=True, float32): missing: 'fc1.bias' (expected shape (3,)) The" in err, err
 
 
 def test_json_dash_writes_to_standard_output(tmp_path, capsys, monkeypatch):
@@ -570,3 +570,53 @@ def test_json_dash_writes_to_standard_output(tmp_path, capsys, monkeypatch):
     data = json.loads(out)
     assert data["agree"] is True and data["config"]["sizes"] == [4, 3, 2]
     assert "[equiv] PASS: all 54 comparisons agree" in err
+
+
+def test_bias_on_some_layers_only(tmp_path, capsys):
+    # Found in a user trial: --no-bias was all or nothing, so a model with a bias on
+    # some layers only was read from an equiv safetensors file only.
+    import torch
+
+    from equiv import MLPSpec, TorchMLP, save_torch
+
+    mixed = TorchMLP(MLPSpec((4, 8, 8, 2), bias=(True, False, True)))
+    torch.save(mixed.state_dict(), tmp_path / "mixed.pt")
+    save_torch(mixed, tmp_path / "mixed.safetensors")
+    torch.save(TorchMLP(MLPSpec((4, 8, 8, 2))).state_dict(), tmp_path / "full.pt")
+    code, out, _ = _run(["--sizes", "4,8,8,2", "--bias", "1,0,1", "--json", "-"], capsys)
+    assert code == 0 and json.loads(out)["config"]["bias"] == [True, False, True], out
+    # A .pt file of such a model is read with --bias, and told it without.
+    code, out, err = _run(["--params", str(tmp_path / "mixed.pt"), "--bias", "1,0,1"], capsys)
+    assert code == 0 and "PASS" in out, err
+    code, out, err = _run(["--params", str(tmp_path / "mixed.pt")], capsys)
+    assert (code, out) == (2, "") and err.rstrip().endswith("say so: add --bias 1,0,1"), err
+    assert "spec=" not in err  # the command line's option, not the library's argument
+    code, out, err = _run(["--params", str(tmp_path / "mixed.pt"), "--bias", "1,1,1"], capsys)
+    assert (code, out) == (2, "") and err.rstrip().endswith("--bias 1,0,1 (not 1,1,1)"), err
+    # A file that records its biases, or holds every one, contradicts another pattern.
+    for name, pattern, holds in (
+        ("mixed.safetensors", "1,1,1", "bias 1,0,1"),
+        ("full.pt", "1,0,1", "bias"),
+    ):
+        path = str(tmp_path / name)
+        code, out, err = _run(["--params", path, "--bias", pattern], capsys)
+        assert (code, out) == (2, ""), err
+        assert f"--bias says bias {pattern}, but --params '{path}' holds {holds}: leave" in err
+    # The twins: the pattern the file holds passes, uniform patterns as every layer's.
+    recorded = str(tmp_path / "mixed.safetensors")
+    assert _run(["--params", recorded, "--bias", "1,0,1"], capsys)[0] == 0
+    assert _run(["--params", str(tmp_path / "full.pt"), "--bias", "1,1,1"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--bias", "1,0,1"], "--bias gives 3 entries for 2 Linear layers (sizes 4,3,2)"),
+        (["--sizes", "4,8,8,2", "--bias", "1,0"], "--bias gives 2 entries for 3 Linear layers"),
+        (["--bias", "1,x"], "'x' is not 1 or 0: give one 1 (a bias) or 0 (none) per Linear"),
+        (["--bias", "1,0", "--no-bias"], "--no-bias: not allowed with argument --bias"),
+    ],
+)
+def test_bias_patterns_that_cannot_be_read_are_refused(argv, fragment, capsys):
+    code, out, err = _run(argv, capsys)
+    assert (code, out) == (2, "") and fragment in err, err
