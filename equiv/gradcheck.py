@@ -52,6 +52,7 @@ import numpy as np
 
 from equiv import manual
 from equiv._messages import message, value_error
+from equiv.convert import LAYOUTS, check_entries
 from equiv.diagnose import diagnose_leaf, diagnose_trees
 from equiv.kinks import preactivation_bounds
 from equiv.losses import LOSSES
@@ -84,9 +85,14 @@ class Projection:
     finite_difference: float
     error: float
     bound: float
+    # Where the gradient holds NaN or Inf: how many entries and the first's index (the
+    # bound is then the finite entries'; found in a user trial: "up to nan allowed").
+    nonfinite: str = ""
 
     @property
     def ratio(self) -> float:
+        if math.isnan(self.error):
+            return math.inf
         return self.error / self.bound if self.bound > 0 else (math.inf if self.error else 0.0)
 
     @property
@@ -99,6 +105,11 @@ class Projection:
                 f"  loss: grad_fn returned {self.projected:.12g}, the spec's float64 loss is "
                 f"{self.finite_difference:.12g}, difference {self.error:.3g} (up to "
                 f"{self.bound:.3g} allowed, ratio {self.ratio:.3g})"
+            )
+        if self.nonfinite:
+            return (
+                f"  {self.name}, direction {self.direction}: <grad, v> = {self.projected:.12g}, "
+                f"finite difference {self.finite_difference:.12g}: {self.nonfinite}"
             )
         return (
             f"  {self.name}, direction {self.direction}: <grad, v> = {self.projected:.12g}, "
@@ -189,7 +200,8 @@ class GradCheck:
 
     def assert_agree(self) -> None:
         """Raise ``AssertionError`` naming every leaf whose gradient fails the check,
-        then the known causes (:meth:`hints`)."""
+        and the known causes (:meth:`hints`)."""
+        __tracebackhide__ = True  # pytest shows the caller's line and this message only
         if not self.agree:
             raise AssertionError(self.failure_text())
 
@@ -256,6 +268,7 @@ def check_gradients(
     # Integer class labels stay integers; everything else is computed in float64.
     x = _f64(x)
     y = np.asarray(_to_numpy(y)) if LOSSES[spec.loss].targets == "labels" else _f64(y)
+    _check_inputs(params, x, y, spec)
     # The spec's own float64 backward: the reference a failing gradient is held to for
     # its known causes, trusted where it agrees with the finite differences below.
     with np.errstate(all="ignore"):
@@ -313,6 +326,46 @@ def check_gradients(
     return check
 
 
+def _check_inputs(params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, spec) -> None:
+    """Refuse parameters that are not ``spec``'s and a batch that is not its shape.
+
+    Found in a user trial: a spec of other sizes passed the check (``(9, 9, 9, 9)``
+    for a 5-6-6-3 model), or failed deep inside the forward pass.
+    """
+    entries = {(name,): value for name, value in params.items()}
+    try:
+        check_entries(entries, LAYOUTS["torch"], spec, what="params")
+    except ValueError as error:
+        try:
+            theirs = check_entries(entries, LAYOUTS["torch"], None, what="params")
+        except ValueError:
+            raise error from None
+        raise ValueError(
+            f"{error}\nThe params are those of an MLP of sizes {theirs.sizes} "
+            f"({theirs.describe_bias()}): pass spec=MLPSpec({theirs.sizes}"
+            + ("" if theirs.bias is True else f", bias={theirs.bias}")
+            + ", ...) with the model's activation and loss"
+        ) from None
+    if x.ndim != 2 or x.shape[1] != spec.sizes[0]:
+        raise value_error(f"x must have shape (batch, {spec.sizes[0]}), got {x.shape}")
+    batch, width = x.shape[0], spec.sizes[-1]
+    if LOSSES[spec.loss].targets == "labels":
+        if y.ndim != 1 or y.shape[0] != batch or not np.issubdtype(y.dtype, np.integer):
+            raise value_error(
+                f"y must hold integer class labels of shape ({batch},) for {spec.loss}, got "
+                f"{y.dtype} of shape {y.shape}"
+            )
+        if y.size and (int(y.min()) < 0 or int(y.max()) >= width):
+            raise value_error(
+                f"y holds labels outside [0, {width}): {int(y.min())} to {int(y.max())}"
+            )
+    elif y.shape != (batch, width):
+        column = ": a column, y.reshape(-1, 1)" if y.shape == (batch,) and width == 1 else ""
+        raise value_error(
+            f"y must have shape ({batch}, {width}) as x has {batch} rows, got {y.shape}{column}"
+        )
+
+
 def unpack_grad_fn_result(result: Any, params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """``(loss, grads)`` from what a user's ``grad_fn`` returned, checked: a pair, the
     gradients keyed as ``params`` and shaped like them, the loss one number.
@@ -334,6 +387,12 @@ def unpack_grad_fn_result(result: Any, params: Mapping[str, Any]) -> tuple[Any, 
             "`return loss, grads`"
         )
     loss, grads = result
+    if isinstance(loss, Mapping) and not isinstance(grads, Mapping):
+        # Found in a user trial: (grads, loss) was told only that grads was a float.
+        raise value_error(
+            f"grad_fn returned (grads, loss): the gradients first, then a "
+            f"{type(grads).__name__}; return them the other way round: `return loss, grads`"
+        )
     if not isinstance(grads, Mapping) or set(grads) != set(params):
         given = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
         raise value_error(
@@ -381,8 +440,17 @@ def _project(name, d, g, v, fd, fd_bound) -> Projection:
     rounding."""
     products = g * v
     projected = float(np.sum(products))
-    bound = fd_bound + SAFETY * U64 * math.sqrt(products.size) * float(np.sum(np.abs(products)))
-    return Projection(name, d, projected, fd, abs(projected - fd), bound)
+    finite = np.isfinite(g)
+    size = float(np.sum(np.abs(products[finite])))
+    bound = fd_bound + SAFETY * U64 * math.sqrt(products.size) * size
+    nonfinite = ""
+    if not finite.all():
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), g.shape))
+        nonfinite = (
+            f"the gradient holds NaN or Inf at {int(np.count_nonzero(~finite))} of {g.size} "
+            f"entries, the first at index {first}"
+        )
+    return Projection(name, d, projected, fd, abs(projected - fd), bound, nonfinite)
 
 
 def _factor_causes(

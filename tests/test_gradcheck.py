@@ -4,6 +4,7 @@ every loss (the check differentiates the spec's own loss)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -424,3 +425,89 @@ def test_a_reference_that_disagrees_with_the_finite_differences_names_nothing(
     monkeypatch.setattr(gradcheck, "manual", fake)
     check = check_gradients(params, x, y, spec, quadrupled, seed=equiv_seed)
     assert check.failing_leaves() == honest.failing_leaves() and check.hints() == []
+
+
+# ---------------------------------------------------------------------------
+# Inputs refused before any check (found in a user trial)
+
+TANH_5663 = MLPSpec((5, 6, 6, 3), activation="tanh")
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        (MLPSpec((9, 9, 9, 9), activation="tanh"), "wrong shape: 'fc1.weight' expected (9, 9)"),
+        (MLPSpec((5, 7, 6, 3), activation="tanh"), "wrong shape: 'fc1.weight' expected (7, 5)"),
+        (MLPSpec((5, 6, 6, 6, 3), activation="tanh"), "missing: 'fc4.weight'"),
+        (MLPSpec((5, 6, 3), activation="tanh"), "unexpected: 'fc3.weight'"),
+        (TANH_5663.replace(bias=False), "unexpected: 'fc1.bias'"),
+    ],
+    ids=["other-sizes", "other-width", "deeper", "shallower", "no-bias"],
+)
+def test_a_spec_that_does_not_describe_the_params_is_refused(spec, says, equiv_seed):
+    # Before, (9, 9, 9, 9) and (5, 7, 6, 3) passed, and the others failed deep inside
+    # the forward pass or the diagnosis (KeyError, a NumPy broadcast error).
+    params, x, y = _batch(TANH_5663, equiv_seed, batch=6)
+    with pytest.raises(ValueError) as info:
+        check_gradients(params, x, y, spec)
+    text = str(info.value)
+    assert says in text, text
+    assert text.endswith(
+        "The params are those of an MLP of sizes (5, 6, 6, 3) (bias=True): pass "
+        "spec=MLPSpec((5, 6, 6, 3), ...) with the model's activation and loss"
+    )
+    assert check_gradients(params, x, y, TANH_5663).agree  # the twin: the params' spec
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda x, y: (x[:, :4], y), "x must have shape (batch, 5), got (6, 4)"),
+        (lambda x, y: (x, y[:5]), "y must have shape (6, 3) as x has 6 rows, got (5, 3)"),
+        (lambda x, y: (x, y[:, 0]), "y must have shape (6, 3) as x has 6 rows, got (6,)"),
+    ],
+    ids=["x-narrow", "y-short", "y-flat"],
+)
+def test_a_batch_of_another_shape_is_refused(change, says, equiv_seed):
+    params, x, y = _batch(TANH_5663, equiv_seed, batch=6)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        check_gradients(params, *change(x, y), TANH_5663)
+
+
+def test_labels_are_checked_for_cross_entropy(equiv_seed):
+    spec = MLPSpec((4, 5, 3), loss="cross_entropy")
+    params, x, y = _batch(spec, equiv_seed, batch=6)
+    with pytest.raises(ValueError, match=r"y holds labels outside \[0, 3\): 0 to 3"):
+        check_gradients(params, x, np.array([0, 1, 2, 3, 0, 1]), spec)
+    with pytest.raises(ValueError, match=r"integer class labels of shape \(6,\)"):
+        check_gradients(params, x, np.zeros((6, 3)), spec)
+    assert check_gradients(params, x, y, spec).agree  # the twin: labels in range
+
+
+def test_a_pair_returned_the_other_way_round_is_told(equiv_seed):
+    params, x, y = _batch(TANH_5663, equiv_seed, batch=6)
+    swapped = _hand_written(TANH_5663, lambda loss, grads: (grads, loss))
+    with pytest.raises(ValueError, match=re.escape("grad_fn returned (grads, loss)")):
+        check_gradients(params, x, y, TANH_5663, swapped)
+
+
+def test_a_nan_in_a_gradient_is_located(equiv_seed):
+    # Before: "difference nan (up to nan allowed, ratio inf)".
+    params, x, y = _batch(TANH_5663, equiv_seed, batch=6)
+
+    def nan_at_1_2(loss, grads):
+        weight = grads["fc2.weight"].copy()
+        weight[1, 2] = np.nan
+        return loss, {**grads, "fc2.weight": weight}
+
+    check = check_gradients(params, x, y, TANH_5663, _hand_written(TANH_5663, nan_at_1_2))
+    assert check.failing_leaves() == ["fc2.weight"]
+    bad = [p for p in check.projections if not p.passed]
+    assert all(math.isfinite(p.bound) and p.ratio == math.inf for p in bad)
+    assert all(
+        p.describe().endswith(
+            ": the gradient holds NaN or Inf at 1 of 36 entries, the first at index (1, 2)"
+        )
+        for p in bad
+    )
+    assert "nan allowed" not in str(check)

@@ -144,3 +144,30 @@ def test_failing_equivalence_test_shows_the_equiv_report(pytester):
     out = result.stdout.str()
     assert "assert_equivalent(MLPSpec((4, 3, 2)), rtol=0.0, atol=0.0)" in out
     assert "def assert_agree" not in out and "comparison.assert_agree()" not in out
+
+
+def test_a_failing_gradient_check_shows_the_callers_line_only(pytester):
+    # Found in a user trial: GradCheck.assert_agree showed equiv's frame and a long
+    # `self = GradCheck(projections=[...` line before the message.
+    pytester.makepyfile(
+        """
+        from equiv import MLPSpec, check_gradients, make_problem, manual
+
+        SPEC = MLPSpec((4, 3, 2))
+
+        def halved(p, x, y):
+            loss, grads = manual.loss_and_grads(p, x, y, SPEC.replace(dtype="float64"))
+            return loss, {name: g / 2 for name, g in grads.items()}
+
+        def test_backward():
+            problem = make_problem(SPEC, batch_size=4, seed=0)
+            (x, y), = problem.batches
+            check_gradients(problem.params, x, y, SPEC, halved).assert_agree()
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E *[[]equiv] gradient check failed for *", "E *likely cause: *"])
+    out = result.stdout.str()
+    assert "check_gradients(problem.params, x, y, SPEC, halved).assert_agree()" in out
+    assert "def assert_agree" not in out and "self = GradCheck(" not in out
