@@ -67,6 +67,7 @@ def diagnose_leaf(
     earlier_agreed: bool | None = None,
     layout: str | None = None,
     loss: str | None = None,
+    by_hand: bool = False,
 ) -> str | None:
     """The likeliest known cause of ``actual`` differing from ``expected``, or None.
 
@@ -91,6 +92,9 @@ def diagnose_leaf(
         ``before`` (``expected``'s): updates are measured each from its own start.
       earlier_agreed: whether the two agreed at every step before ``step``: a
         learning rate that differs from a later step on is then a schedule's.
+      by_hand: one side is a hand-written backward (:func:`equiv.check_gradients`,
+        :func:`equiv.check_manual_backward`): causes are said in its terms (``dout``,
+        the chain rule), not a JAX port's (optax's conventions, ``stop_gradient``).
       layout: the layout of the port's parameters (``"equinox"``...), where known: the
         advice then names its converter.
       loss: the model's loss (``"mse"``...), where known: a factor's advice then speaks
@@ -192,6 +196,14 @@ def diagnose_leaf(
         small, large = (a, b) if side == 0 else (b, a)
         fraction = float(np.max(np.abs(small))) / float(np.max(np.abs(large)))
         exact = f" (to rounding: at most {fraction:.2g} of {other}'s largest)" if fraction else ""
+        if by_hand:
+            return (
+                f"{name}: {zero}'s gradient is zero{exact} where {other}'s is not: in {zero} "
+                "the gradient is left at zero (never computed, or overwritten) or the chain "
+                "rule stops before this layer, or the loss does not change with it (a "
+                "softmax over the batch axis, not the classes', cancels the output layer's "
+                "bias)."
+            )
         return (
             f"{name}: {zero}'s gradient is zero{exact} where {other}'s is not: in {zero} the "
             "loss does not reach this parameter (left unused or replaced by a constant, or cut "
@@ -212,7 +224,9 @@ def diagnose_leaf(
         return f"{name}: {first}'s state is {ratio:.4g} times {second}'s. " + _state_cause(
             name, ratio, first, optimizer, step, companion
         )
-    cause = _factor_cause(ratio, numel_output, batch_size, names, shared, loss)
+    cause = _factor_cause(
+        ratio, numel_output, batch_size, names, shared, loss, stage=stage, by_hand=by_hand
+    )
     if a.size == 1 and cause == GENERIC:
         return None  # any two scalars are a constant multiple of each other
     verb = "are" if stage == "grads" else "is"
@@ -405,6 +419,9 @@ def _factor_cause(
     names: tuple[str, str] = ("actual", "expected"),
     shared: bool = True,
     loss: str | None = None,
+    *,
+    stage: str | None = None,
+    by_hand: bool = False,
 ) -> str:
     """What a factor ``ratio`` (``names[0]``'s over ``names[1]``'s) points to. ``shared``:
     every leaf of the stage is off by it (a loss's reduction or convention scales
@@ -436,6 +453,14 @@ def _factor_cause(
     "A factor 2: torch's MSELoss is mean((p -"
     >>> _factor_cause(-1.0, 24, 8, ("port", "torch"))[:52]
     'The sign is flipped: a gradient of the negated loss '
+    >>> _factor_cause(-1.0, 24, 8, ("port", "torch"), stage="grads")[-22:]  # no update yet
+    '(p - y written y - p).'
+
+    ``by_hand``: the side off the spec is a hand-written backward (:func:`diagnose_leaf`).
+
+    >>> _factor_cause(0.5, 16, 8, ("grad_fn", "the float64 reference"), stage="grads",
+    ...               loss="mse", by_hand=True)[:69]
+    'A factor 2: the gradient of mean((p - y)²) is 2(p - y)/n; a backward '
     >>> _factor_cause(0.5, 24, 8, ("port", "torch"), shared=False)[:60]
     'A factor 0.5 in these gradients only, not in every one: not '
     """
@@ -473,9 +498,12 @@ def _factor_cause(
         return f"A factor of the batch size: {sums('the batch', 'the batch size')[0]}."
     if abs(ratio + 1) < 1e-3:
         where = "" if shared else " in these gradients only (their own backward)"
+        # An update's sign shows in the parameters only (found in a user trial: a
+        # gradient check, which takes no step, was told about one).
+        update = "" if stage in ("loss", "grads") else ", or an update added instead of subtracted"
         return (
             f"The sign is flipped{where}: a gradient of the negated loss (p - y written "
-            "y - p), or an update added instead of subtracted."
+            f"y - p){update}."
         )
     if not shared:
         return (
@@ -500,6 +528,14 @@ def _factor_cause(
             "A factor 2: torch's MSELoss is mean((p - y)²) while optax.l2_loss is ½(p - y)² "
             "per element; by hand, the gradient of mean((p - y)²) is 2(p - y)/n."
         )
+        if by_hand:
+            # Found in a user trial: a hand-written backward was told about optax first.
+            halved = (
+                "A factor 2: the gradient of mean((p - y)²) is 2(p - y)/n; a backward that "
+                "starts from (p - y)/n halves every gradient."
+                if stage != "loss"
+                else "A factor 2: MSELoss is mean((p - y)²), with no ½ in front."
+            )
         if odd is None:
             return halved
         # The direction decides (found in a user trial: a loss twice the spec's, summed
@@ -523,11 +559,14 @@ def _factor_cause(
             "2 in its formula or its backward."
         )
     if near(outputs) and outputs not in (1, 2):
-        return (
-            f"A factor of the output width: {sums('the outputs', 'the output width')[0]} (a "
-            "loss summed per sample, then averaged over the batch, or averaged over batch "
-            "and classes)."
+        how = (
+            "dout divided by the batch size where MSELoss divides by batch · outputs, out.size"
+            if by_hand and mse
+            else "a loss summed per sample, then averaged over the batch, or averaged over "
+            "batch and classes"
         )
+        text = sums("the outputs", "the output width")[0]
+        return f"A factor of the output width: {text} ({how})."
     return GENERIC
 
 

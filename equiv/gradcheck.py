@@ -467,6 +467,7 @@ def _factor_causes(
         "numel_output": batch * spec.sizes[-1],
         "batch_size": batch,
         "loss": spec.loss,
+        "by_hand": True,
     }
     causes, explained, loss = [], set(), check.loss
     loss_hint = None

@@ -533,6 +533,8 @@ class Comparison:
                     loss_differs=(step, order["loss"], a, b) in groups,
                     layout=ta.layout or tb.layout,
                     loss=spec.loss,
+                    # check_manual_backward's port: causes in a backward's terms.
+                    by_hand=str(self.report.settings.get("port", "")).startswith("hand-written"),
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []

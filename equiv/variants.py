@@ -277,7 +277,8 @@ def variants(
     loss's mistakes whose loss it is not (:func:`loss_variants`); ``output``: the
     model's float64 output on ``x``, where known (computed here otherwise)."""
     families = [
-        model_variants(spec, params, x, y, loss),
+        # A hand-written backward's check (backward_first) is told in its terms.
+        model_variants(spec, params, x, y, loss, by_hand=backward_first),
         backward_variants(spec, params, x, y),
     ]
     ordered = [v for family in (families[::-1] if backward_first else families) for v in family]
@@ -311,6 +312,13 @@ _GELU_SWAP = {"gelu": "gelu_tanh", "gelu_tanh": "gelu"}
 _GELU_ADVICE = (
     "torch.nn.GELU() is exact (erf) and nn.GELU(approximate='tanh') is not; jax.nn.gelu "
     "defaults to approximate=True: use jax.nn.gelu(x, approximate=False) for the exact one"
+)
+#: The same for a hand-written forward and backward (found in a user trial: a
+#: hand-written backward's hints named JAX's and optax's functions).
+_GELU_BY_HAND = (
+    "torch.nn.GELU() is exact, x·Φ(x) with Φ(x) = ½(1 + erf(x/√2)), and "
+    "nn.GELU(approximate='tanh') is ½x(1 + tanh(√(2/π)(x + 0.044715x³))): use the model's "
+    "in the forward and its derivative in the backward"
 )
 
 
@@ -411,7 +419,7 @@ _LOSS_PARAMETERS = {
 }
 
 
-def _activation_parameter_fits(spec: MLPSpec, params, x, y) -> Iterator[Fit]:
+def _activation_parameter_fits(spec: MLPSpec, params, x, y, by_hand: bool = False) -> Iterator[Fit]:
     """For leaky ReLU's slope and ELU's alpha: the value the port used, where it is not
     the spec's, fitted to its step-1 loss and gradients (:func:`_fitted_parameter`),
     JAX's default tried first (found in a user trial: ``nn.LeakyReLU(0.2)`` ported as
@@ -420,11 +428,11 @@ def _activation_parameter_fits(spec: MLPSpec, params, x, y) -> Iterator[Fit]:
         if act in spec.activations:
             yield Fit(
                 f"uses another {act} {_ACTIVATION_PARAMETERS[act][0]} (fitted)",
-                functools.partial(_find_parameter, spec, params, x, y, act),
+                functools.partial(_find_parameter, spec, params, x, y, act, by_hand=by_hand),
             )
 
 
-def _loss_parameter_fits(spec: MLPSpec, params, x, y) -> Iterator[Fit]:
+def _loss_parameter_fits(spec: MLPSpec, params, x, y, by_hand: bool = False) -> Iterator[Fit]:
     """For Huber's δ and smooth L1's β: the value the port used, as
     :func:`_activation_parameter_fits` fits an activation's, optax's default (1, as
     torch's) tried first where the spec's is another (found in a user trial:
@@ -433,12 +441,21 @@ def _loss_parameter_fits(spec: MLPSpec, params, x, y) -> Iterator[Fit]:
     if spec.loss in _LOSS_PARAMETERS:
         yield Fit(
             f"uses another {spec.loss} {_LOSS_PARAMETERS[spec.loss][1]} (fitted)",
-            functools.partial(_find_loss_parameter, spec, params, x, y),
+            functools.partial(_find_loss_parameter, spec, params, x, y, by_hand=by_hand),
         )
 
 
 def _find_parameter(
-    spec: MLPSpec, params, x, y, act: str, theirs: Tree, own: Tree, passes: int
+    spec: MLPSpec,
+    params,
+    x,
+    y,
+    act: str,
+    theirs: Tree,
+    own: Tree,
+    passes: int,
+    *,
+    by_hand: bool = False,
 ) -> tuple[Variant | None, int]:
     """:attr:`Fit.find` for ``act``'s parameter (:func:`_activation_parameter_fits`)."""
     field, module, function, keyword, default = _ACTIVATION_PARAMETERS[act]
@@ -449,13 +466,17 @@ def _find_parameter(
     # 0 is ReLU, for either; 1 a leaky ReLU left out: other variants name those.
     if value is None or value in (ours, 0.0) or (act == "leaky_relu" and value == 1.0):
         return None, spent
-    jax_default = f" ({function}'s default)" if value == default else ""
+    jax_default = f" ({function}'s default)" if value == default and not by_hand else ""
+    use = (
+        f"use {ours:g} in the forward and in its derivative"
+        if by_hand
+        else f"pass it to the port, {function}(x, {keyword}={ours:g})"
+    )
     return (
         Variant(
             f"uses {act}'s {keyword} {value:g}{jax_default}, not {ours:g} as the spec has",
-            f"torch's {module}({ours:g}) is the model's: pass it to the port, "
-            f"{function}(x, {keyword}={ours:g}); if torch's is {module}({value:g}), set "
-            f"{field}={value:g} in the MLPSpec",
+            f"torch's {module}({ours:g}) is the model's: {use}; if torch's is "
+            f"{module}({value:g}), set {field}={value:g} in the MLPSpec",
             spec.replace(**{field: value}),
             params,
         ),
@@ -464,7 +485,7 @@ def _find_parameter(
 
 
 def _find_loss_parameter(
-    spec: MLPSpec, params, x, y, theirs: Tree, own: Tree, passes: int
+    spec: MLPSpec, params, x, y, theirs: Tree, own: Tree, passes: int, *, by_hand: bool = False
 ) -> tuple[Variant | None, int]:
     """:attr:`Fit.find` for the loss's parameter (:func:`_loss_parameter_fits`)."""
     field, keyword, module, function, where = _LOSS_PARAMETERS[spec.loss]
@@ -472,12 +493,16 @@ def _find_loss_parameter(
     ours = float(getattr(spec, field))
     if value is None or value == ours:
         return None, spent
-    default = f" ({where})" if value == 1.0 else ""
+    default = f" ({where})" if value == 1.0 and not by_hand else ""
+    use = (
+        f"use {ours:g} in the loss and in its derivative"
+        if by_hand
+        else f"pass it to the port, {function.format(v=f'{ours:g}')}"
+    )
     return (
         Variant(
             f"uses {spec.loss}'s {keyword} {value:g}{default}, not {ours:g} as the spec has",
-            f"torch's {module.format(v=f'{ours:g}')} is the model's: pass it to the port, "
-            f"{function.format(v=f'{ours:g}')}; if torch's is "
+            f"torch's {module.format(v=f'{ours:g}')} is the model's: {use}; if torch's is "
             f"{module.format(v=f'{value:g}')}, set {field}={value:g} in the MLPSpec",
             spec.replace(**{field: value}),
             params,
@@ -546,7 +571,13 @@ def _fitted_parameter(
 
 
 def model_variants(
-    spec: MLPSpec, params: dict[str, np.ndarray], x, y, loss: float | Tree | None = None
+    spec: MLPSpec,
+    params: dict[str, np.ndarray],
+    x,
+    y,
+    loss: float | Tree | None = None,
+    *,
+    by_hand: bool = False,
 ) -> Iterator[Variant | Fit]:
     """Ways of computing another model than ``spec`` that a single step tells apart,
     each with its gradients as such a port reports them (a weight used transposed
@@ -568,6 +599,8 @@ def model_variants(
     * another Huber δ or smooth L1 β (optax's default, or fitted: a :class:`Fit`);
     * the model's activations in another order (two neighbours swapped, or all
       shifted by one layer).
+
+    ``by_hand``: the advice is for a hand-written forward and backward, not a JAX port.
     """
 
     def variant(what, advice, other_spec, changed, reported=_same, tier=1) -> Variant:
@@ -582,13 +615,20 @@ def model_variants(
         where = "every GELU layer" if changed == layers else f"the GELU after fc{changed[0] + 1}"
         what = f"computes GELU with {kind} in {where}"
         tier = 1 if changed == layers else 2
-        yield variant(what, _GELU_ADVICE, spec.replace(activation=acts), {}, tier=tier)
+        advice = _GELU_BY_HAND if by_hand else _GELU_ADVICE
+        yield variant(what, advice, spec.replace(activation=acts), {}, tier=tier)
     if spec.loss in ("cross_entropy", "cross_entropy_probs") and spec.label_smoothing > 0:
         yield variant(
             f"leaves out the label smoothing ({spec.label_smoothing:g})",
             "torch's CrossEntropyLoss(label_smoothing=ε) mixes ε/classes into every "
-            "target; optax.softmax_cross_entropy_with_integer_labels has no smoothing: "
-            "use optax.smooth_labels on one-hot targets with softmax_cross_entropy",
+            + (
+                "target: (1 - ε)·one_hot + ε/classes, in the loss and in its backward, "
+                "softmax(z) - targets"
+                if by_hand
+                else "target; optax.softmax_cross_entropy_with_integer_labels has no "
+                "smoothing: use optax.smooth_labels on one-hot targets with "
+                "softmax_cross_entropy"
+            ),
             spec.replace(label_smoothing=0.0),
             {},
         )
@@ -601,12 +641,14 @@ def model_variants(
             # Either side may be the one to change: the spec says what torch's loss is
             # (found in a user trial: torch's CrossEntropyLoss(label_smoothing=0.1),
             # ported with it, but left out of the MLPSpec, got no hint).
-            port_fix = f"use {ours:g} in the port" if ours else "remove it from the port"
+            side = "the backward's targets" if by_hand else "the port"
+            port_fix = f"use {ours:g} in {side}" if ours else f"remove it from {side}"
             yield variant(
                 f"uses label smoothing {fitted:g}, not {ours:g} as the spec has",
                 f"If torch's CrossEntropyLoss has label_smoothing={fitted:g}, set "
                 f"label_smoothing={fitted:g} in the MLPSpec (torch's and the reference's "
-                f"loss follow it); if not, {port_fix} (optax.smooth_labels)",
+                f"loss follow it); if not, {port_fix}"
+                + ("" if by_hand else " (optax.smooth_labels)"),
                 spec.replace(label_smoothing=fitted),
                 {},
             )
@@ -659,8 +701,8 @@ def model_variants(
                 else f"computes {other} where the model has {own} ({where})"
             )
             yield variant(what, "", spec.replace(activation=acts), {})
-    yield from _activation_parameter_fits(spec, params, x, y)
-    yield from _loss_parameter_fits(spec, params, x, y)
+    yield from _activation_parameter_fits(spec, params, x, y, by_hand)
+    yield from _loss_parameter_fits(spec, params, x, y, by_hand)
     yield from _reordered_activations(spec, variant)
     if spec.num_layers > 2:
         for k, own in enumerate(spec.activations, start=1):

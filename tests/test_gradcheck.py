@@ -219,9 +219,9 @@ FACTOR_CASES = [
         _MSE,
         lambda loss, g: (loss, {k: v / 2 for k, v in g.items()}),
         _ALL,
-        f"grad_fn's grads are 0.5 times {_REF}'s. A factor 2: torch's MSELoss is "
-        "mean((p - y)²) while optax.l2_loss is ½(p - y)² per element; by hand, the gradient "
-        "of mean((p - y)²) is 2(p - y)/n",
+        # In a backward's terms, not optax's (found in a user trial).
+        f"grad_fn's grads are 0.5 times {_REF}'s. A factor 2: the gradient of mean((p - y)²) "
+        "is 2(p - y)/n; a backward that starts from (p - y)/n halves every gradient (<grad",
         0.5,
     ),
     (
@@ -239,8 +239,9 @@ FACTOR_CASES = [
         _MSE,
         lambda loss, g: (loss, {k: -v for k, v in g.items()}),
         _ALL,
+        # No update in a gradient check: none is named (found in a user trial).
         f"grad_fn's grads are -1 times {_REF}'s. The sign is flipped: a gradient of the "
-        "negated loss (p - y written y - p), or an update added instead of subtracted",
+        "negated loss (p - y written y - p) (<grad",
         -1.0,
     ),
     (
@@ -275,8 +276,8 @@ FACTOR_CASES = [
         _MSE,
         lambda loss, g: (loss, {**g, "fc2.bias": np.zeros_like(g["fc2.bias"])}),
         "fc2.bias",
-        f"grad_fn's gradient is zero where {_REF}'s is not: in grad_fn the loss does not "
-        "reach this parameter",
+        f"grad_fn's gradient is zero where {_REF}'s is not: in grad_fn the gradient is left "
+        "at zero (never computed, or overwritten) or the chain rule stops before this layer",
         0.0,
     ),
     (
@@ -382,9 +383,8 @@ def test_a_loss_and_gradients_at_half_are_each_named(equiv_seed):
     loss_hint, grads_hint = check.hints()
     returned, exact = check.loss.projected, check.loss.finite_difference
     assert loss_hint == (
-        f"loss: grad_fn's loss is 0.5 times {_REF}'s. A factor 2: torch's MSELoss is "
-        "mean((p - y)²) while optax.l2_loss is ½(p - y)² per element; by hand, the gradient "
-        f"of mean((p - y)²) is 2(p - y)/n (grad_fn returned {returned:.9g}, the spec's "
+        f"loss: grad_fn's loss is 0.5 times {_REF}'s. A factor 2: MSELoss is "
+        f"mean((p - y)²), with no ½ in front (grad_fn returned {returned:.9g}, the spec's "
         f"float64 loss is {exact:.9g})."
     )
     assert returned == pytest.approx(exact / 2, rel=1e-12)
@@ -511,3 +511,63 @@ def test_a_nan_in_a_gradient_is_located(equiv_seed):
         for p in bad
     )
     assert "nan allowed" not in str(check)
+
+
+# ---------------------------------------------------------------------------
+# A hand-written backward is told in its own terms (found in a user trial: its hints
+# named optax.l2_loss, jax.nn.leaky_relu, optax.smooth_labels and an update)
+
+JAX_WORDS = ("optax", "jax.", "stop_gradient", "update added")
+
+
+@pytest.mark.parametrize(
+    ("spec", "wrong", "says"),
+    [
+        (
+            MLPSpec((4, 6, 3), activation="leaky_relu", negative_slope=0.2),
+            {"negative_slope": 0.01},
+            "torch's nn.LeakyReLU(0.2) is the model's: use 0.2 in the forward and in its "
+            "derivative",
+        ),
+        (
+            MLPSpec((4, 6, 3), activation="tanh", loss="cross_entropy", label_smoothing=0.1),
+            {"label_smoothing": 0.0},
+            "target: (1 - ε)·one_hot + ε/classes, in the loss and in its backward",
+        ),
+        (
+            MLPSpec((4, 6, 3), activation="gelu"),
+            {"activation": "gelu_tanh"},
+            "is ½x(1 + tanh(√(2/π)(x + 0.044715x³))): use the model's in the forward",
+        ),
+    ],
+    ids=["leaky-slope", "smoothing-left-out", "gelu-tanh"],
+)
+def test_a_hand_written_backwards_mistake_is_told_in_its_terms(spec, wrong, says, equiv_seed):
+    params, x, y = _batch(spec, equiv_seed)
+    theirs = spec.replace(dtype="float64", **wrong)
+    check = check_gradients(
+        params, x, y, spec, lambda p, xb, yb: manual.loss_and_grads(p, xb, yb, theirs)
+    )
+    text = " ".join(check.hints())
+    assert says in text, text
+    assert not any(word in text for word in JAX_WORDS), text
+
+
+def test_check_manual_backward_names_a_halved_dout_in_a_backwards_terms(equiv_seed):
+    import torch
+
+    from equiv import TorchMLP, check_manual_backward
+
+    spec = MLPSpec((4, 6, 3), activation="tanh")
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+
+    def halved(p, xb, yb):
+        loss, grads = manual.loss_and_grads(p, xb, yb, spec.replace(dtype="float32"))
+        return loss, {name: g / 2 for name, g in grads.items()}
+
+    hints = check_manual_backward(model, halved, x, y).hints()
+    text = " ".join(hints)
+    assert "a backward that starts from (p - y)/n halves every gradient" in text, hints
+    assert not any(word in text for word in JAX_WORDS), text
