@@ -111,29 +111,9 @@ def diagnose_leaf(
     if a.shape != b.shape or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         return None
     first, second = names
-    if dtype == "float64" and _float32_representable(a) != _float32_representable(b):
-        narrow = first if _float32_representable(a) else second
-        return (
-            f"{name}: {narrow}'s values are all float32 numbers in a float64 run: it computed in "
-            "float32. JAX truncates float64 to float32 unless x64 is on: "
-            "`with jax.enable_x64(True): ...`; NumPy and torch compute in float32 where an "
-            "input or a constant array is float32."
-        )
-    if dtype == "float32":
-        # Half precision in a float32 run (found in a user trial: a hand-written backward
-        # returning float16 gradients was caught with no cause).
-        # bfloat16 first: its numbers (8 significant bits) are float16's too, mostly.
-        # At least 8 distinct values: a few simple ones (±1/8, found in a review of this
-        # check: a log_softmax's gradients) are every format's by chance.
-        for half, rounding in (("bfloat16", "2⁻⁸"), ("float16", "2⁻¹¹")):
-            ra, rb = _representable(a, half, distinct=8), _representable(b, half, distinct=8)
-            if ra != rb:
-                narrow = first if ra else second
-                return (
-                    f"{name}: {narrow}'s values are all {half} numbers in a float32 run: it "
-                    f"computed or returned them in {half}, whose rounding ({rounding} "
-                    "relative) is far beyond float32's. Compute and return float32."
-                )
+    precision = precision_cause(name, a, b, dtype, names, by_hand=by_hand)
+    if precision:
+        return precision
     if a.ndim == 2 and a.shape[0] == a.shape[1] > 1 and _close(a, b.T) and not _close(a, b):
         return (
             f"{name}: {first} holds the transpose of {second}'s square weight. A converter "
@@ -706,6 +686,56 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> float | None:
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
     scale = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0)))
     return bool(np.max(np.abs(a - b), initial=0.0) <= _EXPLAINED * scale)
+
+
+def precision_cause(
+    name: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    dtype: str | None,
+    names: tuple[str, str],
+    *,
+    by_hand: bool = False,
+) -> str | None:
+    """The cause of ``a`` and ``b`` differing where one side's values are all numbers of
+    a narrower format than the run's ``dtype`` (float32 in a float64 run, float16 or
+    bfloat16 in a float32 one), or None. ``a``, ``b``: float64 arrays of one shape.
+
+    >>> precision_cause("w", np.array([0.1, 0.2]), np.float32([0.1, 0.2]).astype(float),
+    ...                 "float64", ("port", "torch"))[:60]
+    "w: torch's values are all float32 numbers in a float64 run: "
+    """
+    first, second = names
+    if dtype == "float64" and _float32_representable(a) != _float32_representable(b):
+        narrow = first if _float32_representable(a) else second
+        jax = (
+            ""
+            if by_hand
+            else "JAX truncates float64 to float32 unless x64 is on: "
+            "`with jax.enable_x64(True): ...`; "
+        )
+        return (
+            f"{name}: {narrow}'s values are all float32 numbers in a float64 run: it computed in "
+            f"float32. {jax}NumPy and torch compute in float32 where an input or a constant "
+            "array is float32"
+            + (", or where the result is cast (.astype(np.float32))." if by_hand else ".")
+        )
+    if dtype == "float32":
+        # Half precision in a float32 run (found in a user trial: a hand-written backward
+        # returning float16 gradients was caught with no cause).
+        # bfloat16 first: its numbers (8 significant bits) are float16's too, mostly.
+        # At least 8 distinct values: a few simple ones (±1/8, found in a review of this
+        # check: a log_softmax's gradients) are every format's by chance.
+        for half, rounding in (("bfloat16", "2⁻⁸"), ("float16", "2⁻¹¹")):
+            ra, rb = _representable(a, half, distinct=8), _representable(b, half, distinct=8)
+            if ra != rb:
+                narrow = first if ra else second
+                return (
+                    f"{name}: {narrow}'s values are all {half} numbers in a float32 run: it "
+                    f"computed or returned them in {half}, whose rounding ({rounding} "
+                    "relative) is far beyond float32's. Compute and return float32."
+                )
+    return None
 
 
 def _float32_representable(a: np.ndarray) -> bool:

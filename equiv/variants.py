@@ -201,6 +201,16 @@ def matching_variant(
     )
     loss = float(theirs["loss"])
     advice = f" {variant.advice}." if variant.advice else ""
+    if f"{float(other['loss']):.9g}" == f"{float(own['loss']):.9g}":
+        # A backward's mistake leaves the loss as it is (found in a user trial: one
+        # loss printed three times, "its loss 0.399520713 ... (loss 0.399520713, ...),
+        # not the model's (loss 0.399520713, ...)").
+        return (
+            f"{variant.what}{also}: its step-1 gradients are the float64 ones of the model "
+            f"computed that way{kink} (within {near:.2g} relative), not the model's (up to "
+            f"{apart:.2g} relative away); the loss, {loss:.9g}, is the same either way."
+            f"{advice}"
+        )
     return (
         f"{variant.what}{also}: its step-1 loss {loss:.9g} and gradients are the float64 "
         f"ones of the model computed that way{kink} (loss {float(other['loss']):.9g}, "
