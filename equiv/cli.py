@@ -402,6 +402,18 @@ def _foreign_names_advice(args: argparse.Namespace) -> str | None:
         return None  # the load's own error says what is wrong
     if not flat or any(layout.torch_name(key) for key in flat):
         return None
+    if args.file_layout not in (None, "torch"):
+        # Found in a user trial: an nn.Sequential's file read with --file-layout flax
+        # was told to convert it in Python; it reads as it is without the option.
+        try:
+            _load_state(args.params, None, None, args.entry, contiguous=True)
+        except (ValueError, OSError):
+            pass
+        else:
+            return (
+                f"its names are not the {args.file_layout} layout's, and it reads without "
+                f"--file-layout {args.file_layout}: leave that out"
+            )
     theirs = layout_of_keys(key for (key,) in flat)
     if theirs is not None:
         return f"its names are the {theirs} layout's: add --file-layout {theirs}"
@@ -675,7 +687,13 @@ def _shown_bias(value: Any) -> str:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(","))
+    names = tuple(part.strip() for part in text.split(","))
+    if "" in names and len(names) > 1:  # one empty name: the option's own check says
+        # Found in a user trial: "tanh," read as two names, one of them empty.
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has an empty name: give names separated by commas, with none empty"
+        )
+    return names
 
 
 def _version() -> str:

@@ -1313,7 +1313,7 @@ class Comparison:
             "config": {
                 "sizes": list(self.problem.spec.sizes),
                 "activation": self.problem.spec.activation,
-                "loss_fn": self.problem.spec.loss,
+                "loss": self.problem.spec.loss,  # MLPSpec's field and --loss
                 **{
                     field: getattr(self.problem.spec, field)
                     for field in (

@@ -85,14 +85,24 @@ class MLPSpec:
         else:
             names = tuple(self.activation)
             if len(names) != len(sizes) - 2:
+                hidden = len(sizes) - 2
                 raise value_error(
-                    f"activation has {len(names)} names for {len(sizes) - 2} hidden layers "
-                    f"(sizes={sizes}); give one name, or one per hidden layer"
+                    f"activation has {len(names)} name{'s' if len(names) != 1 else ''} for "
+                    f"{hidden} hidden layer{'s' if hidden != 1 else ''} (sizes={sizes}); give "
+                    "one name, or one per hidden layer"
                 )
             for name in names:
                 _check_choice("activation", name, ACTIVATIONS)
             object.__setattr__(self, "activation", names)
         _check_choice("loss", self.loss, LOSSES)
+        if self.loss in ("cross_entropy", "cross_entropy_probs") and sizes[-1] == 1:
+            # Found in a user trial: every loss 0 and every gradient 0, so every
+            # comparison passed and proved nothing.
+            raise value_error(
+                f"{self.loss} over 1 class is 0 for every input (softmax of one logit is "
+                f"1), so its gradients are all 0 and a comparison proves nothing; for one "
+                "output use loss='bce_with_logits', or give the model 2 or more outputs"
+            )
         for field, check, allowed in _HYPER_PARAMETERS:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -620,3 +620,26 @@ def test_bias_on_some_layers_only(tmp_path, capsys):
 def test_bias_patterns_that_cannot_be_read_are_refused(argv, fragment, capsys):
     code, out, err = _run(argv, capsys)
     assert (code, out) == (2, "") and fragment in err, err
+
+
+def test_small_command_line_slips_are_told(tmp_path, capsys):
+    # Found in a user trial.
+    import torch
+
+    code, out, err = _run(["--activation", "tanh,"], capsys)
+    assert (code, out) == (2, "") and "'tanh,' has an empty name" in err, err
+    code, out, err = _run(["--loss", "cross_entropy", "--sizes", "4,3,1"], capsys)
+    assert (code, out) == (2, "") and "cross_entropy over 1 class is 0 for every input" in err
+    # An nn.Sequential's file read with another layout's option: leave the option out
+    # (it was told to convert the file in Python).
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    torch.save(seq.state_dict(), tmp_path / "seq.pt")
+    path = str(tmp_path / "seq.pt")
+    code, out, err = _run(["--params", path, "--file-layout", "flax"], capsys)
+    assert (code, out) == (2, ""), err
+    assert "it reads without --file-layout flax: leave that out" in err, err
+    # The twins: the file without the option, the names with none empty, 2 classes.
+    assert _run(["--params", path], capsys)[0] == 0
+    assert _run(["--activation", "tanh,relu", "--sizes", "4,3,3,2"], capsys)[0] == 0
+    code, out, _ = _run(["--loss", "cross_entropy", "--sizes", "4,3,2", "--json", "-"], capsys)
+    assert code == 0 and json.loads(out)["config"]["loss"] == "cross_entropy"

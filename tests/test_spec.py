@@ -17,6 +17,9 @@ VALID = [  # (kwargs, param_shapes)
         {"fc1.weight": (3, 4), "fc1.bias": (3,), "fc2.weight": (2, 3), "fc2.bias": (2,)},
     ),
     ({"sizes": (1, 1)}, {"fc1.weight": (1, 1), "fc1.bias": (1,)}),
+    # The twins of a 1-class cross-entropy: 2 classes, and one output under BCE.
+    ({"sizes": (4, 2), "loss": "cross_entropy"}, {"fc1.weight": (2, 4), "fc1.bias": (2,)}),
+    ({"sizes": (4, 1), "loss": "bce_with_logits"}, {"fc1.weight": (1, 4), "fc1.bias": (1,)}),
     ({"sizes": (5, 7, 3), "bias": False}, {"fc1.weight": (7, 5), "fc2.weight": (3, 7)}),
     (  # one bool per Linear layer
         {"sizes": (4, 8, 8, 2), "bias": (True, False, True)},
@@ -128,6 +131,19 @@ INVALID = [  # (kwargs, exception, exact message)
         ValueError,
         "[equiv] unknown dtype 'bfloat16'; expected one of float32, float64",
     ),
+    (  # found in a user trial: every loss and gradient 0, and every comparison passed
+        {"sizes": (4, 3, 1), "loss": "cross_entropy"},
+        ValueError,
+        "[equiv] cross_entropy over 1 class is 0 for every input (softmax of one logit is 1), "
+        "so its gradients are all 0 and a comparison proves nothing; for one output use "
+        "loss='bce_with_logits', or give the model 2 or more outputs",
+    ),
+    (
+        {"sizes": (4, 3, 2), "activation": ("tanh", "relu")},
+        ValueError,
+        "[equiv] activation has 2 names for 1 hidden layer (sizes=(4, 3, 2)); give one name, "
+        "or one per hidden layer",
+    ),
     ({"bias": 1}, TypeError, "[equiv] bias must be True or False, got 1"),
     ({"bias": "yes"}, TypeError, "[equiv] bias must be True or False, got 'yes'"),
     ({"bias": None}, TypeError, "[equiv] bias must be True or False, got None"),
@@ -164,7 +180,7 @@ INVALID = [  # (kwargs, exception, exact message)
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     INVALID,
-    ids=[f"{k}={v!r}" for kw, _, _ in INVALID for k, v in kw.items()],
+    ids=[",".join(f"{k}={v!r}" for k, v in kw.items()) for kw, _, _ in INVALID],
 )
 def test_invalid_specs(kwargs, error, message):
     with pytest.raises(error) as info:
