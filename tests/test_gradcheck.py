@@ -620,3 +620,16 @@ def test_two_gradients_stored_under_each_others_names_are_named(equiv_seed):
 
     check = check_gradients(params, x, y, TANH_5663, _hand_written(TANH_5663, one_swapped))
     assert not any("under the other's name" in hint for hint in check.hints())
+
+
+def test_a_mean_over_the_batch_only_is_said_of_dout(equiv_seed):
+    # Found in a user trial: "a loss summed per sample, then averaged over the batch" is
+    # a port's wording; a backward divides dout by the batch size, not by out.size.
+    params, x, y = _batch(TANH_5663, equiv_seed, batch=6)
+    by_batch = _hand_written(TANH_5663, lambda loss, g: (loss, {k: 3 * v for k, v in g.items()}))
+    (hint,) = check_gradients(params, x, y, TANH_5663, by_batch).hints()
+    assert "A factor of the output width: grad_fn sums over the outputs where " in hint
+    assert (
+        "(dout divided by the batch size where MSELoss divides by batch · outputs, out.size)"
+        in hint
+    )
