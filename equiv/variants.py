@@ -104,10 +104,14 @@ class Variant:
     #: 1: a mistake made everywhere, or at one site; 2: one made everywhere, here at
     #: one layer only (tried after every tier-1 variant: the flop budget may end first).
     tier: int = 1
+    #: The batch as the mistaken code sees it, ``(x, y) -> (x, y)`` (None: as given).
+    batch: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     def step_one(self, x, y, masks=None) -> dict[str, np.ndarray]:
         """The float64 step-1 loss (under ``"loss"``) and gradients, as reported;
         ``masks`` forces the side of kinked units (:func:`equiv.manual.loss_and_grads`)."""
+        if self.batch is not None:
+            x, y = self.batch(x, y)
         values = _step_one(self.spec, self.params, x, y, masks=masks, **self.miswritten)
         return {"loss": values.pop("loss"), **self.reported(values)}
 
@@ -164,7 +168,8 @@ def matching_variant(
         return ((variant, other, near, flipped) if found else None), near
 
     matches = []
-    for variant in variants(spec, params, x, y, backward_first, theirs, output):
+    float64_run = 0 < unit_roundoff <= UNIT_ROUNDOFF["float64"]
+    for variant in variants(spec, params, x, y, backward_first, theirs, output, float64_run):
         if budget <= 0:
             break
         if isinstance(variant, Fit):
@@ -278,6 +283,7 @@ def variants(
     backward_first: bool = False,
     loss: float | Tree | None = None,
     output: np.ndarray | None = None,
+    float64_run: bool = False,
 ) -> Iterator[Variant | Fit]:
     """Every known mistake for this model and batch, the likeliest first: the loss's
     mistakes that give the backend's loss, then each family's tier-1 variants, then
@@ -285,7 +291,9 @@ def variants(
     ``loss``: the backend's step-1 loss, or its loss (under ``"loss"``) and gradients,
     to fit what a mistake leaves free (the label smoothing's ε) and to pass over the
     loss's mistakes whose loss it is not (:func:`loss_variants`); ``output``: the
-    model's float64 output on ``x``, where known (computed here otherwise)."""
+    model's float64 output on ``x``, where known (computed here otherwise);
+    ``float64_run``: the backend ran in float64, where inputs rounded to float32 are a
+    mistake a step can show (:func:`float32_inputs_variants`, tried last)."""
     families = [
         # A hand-written backward's check (backward_first) is told in its terms.
         model_variants(spec, params, x, y, loss, by_hand=backward_first),
@@ -293,6 +301,8 @@ def variants(
     ]
     ordered = [v for family in (families[::-1] if backward_first else families) for v in family]
     ordered = [*loss_variants(spec, params, x, y, loss, output), *ordered]
+    if float64_run:
+        ordered += float32_inputs_variants(spec, params, x, y, by_hand=backward_first)
     return iter(sorted(ordered, key=lambda v: v.tier))  # stable: the order within a tier
 
 
@@ -939,6 +949,60 @@ _SLOPE_MISTAKES = (
         lambda a, p, k, dh, zs, acts: zs[k - 1] * (1.0 - zs[k - 1]),
     ),
 )
+
+
+_FLOAT32_ADVICE = (
+    "Keep a float64 run's inputs float64: a float32 array among them (np.float32, "
+    "torch.float32, a jnp array made before jax.enable_x64) is rounded first"
+)
+_FLOAT32_BY_HAND = (
+    "Keep a float64 run's inputs float64: a float32 array among them (np.float32, "
+    "torch.float32, an .astype(np.float32)) is rounded first"
+)
+
+
+def float32_inputs_variants(
+    spec: MLPSpec, params: dict[str, np.ndarray], x, y, *, by_hand: bool = False
+) -> Iterator[Variant]:
+    """Float64 code that rounds its inputs to float32 first (found in a user trial: a
+    float64 port whose input went through float32 was caught with no cause named): x,
+    the parameters, or x, y and the parameters. Each is tried only where the rounding
+    changes something (a batch drawn in float32 is float32's numbers already); class
+    labels are left as they are. ``by_hand``: the advice is a hand-written pass's.
+    """
+    labels = LOSSES[spec.loss].targets == "labels"
+    advice = _FLOAT32_BY_HAND if by_hand else _FLOAT32_ADVICE
+
+    def rounded(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, np.float32).astype(np.float64)
+
+    narrow = {name: rounded(value) for name, value in params.items()}
+    x_changes = not np.array_equal(rounded(x), x)
+    params_change = any(not np.array_equal(narrow[n], params[n]) for n in params)
+    y_changes = not labels and not np.array_equal(rounded(y), y)
+    if x_changes:
+        yield Variant(
+            "rounds x to float32 before computing in float64",
+            advice,
+            spec,
+            params,
+            batch=lambda xb, yb: (rounded(xb), yb),
+        )
+    if params_change:
+        yield Variant(
+            "rounds the parameters to float32 before computing in float64",
+            advice,
+            spec,
+            narrow,
+        )
+    if sum((x_changes, params_change, y_changes)) > 1 or (y_changes and not x_changes):
+        yield Variant(
+            "rounds x, y and the parameters to float32 before computing in float64",
+            advice,
+            spec,
+            narrow,
+            batch=lambda xb, yb: (rounded(xb), yb if labels else rounded(yb)),
+        )
 
 
 def backward_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Iterator[Variant]:
