@@ -185,3 +185,28 @@ def test_a_float64_port_that_rounds_x_to_float32_is_named(rounds, equiv_seed):
         assert "Keep a float64 run's inputs float64" in hints[0]
     else:
         assert hints == []
+
+
+# ---------------------------------------------------------------------------
+# Two mistakes at once: the one that explains most of the step is named as such
+# (found in review: a transposed square weight beside GELU's tanh approximation named
+# neither)
+
+
+@pytest.mark.parametrize("approximate", [True, False], ids=["and-tanh-gelu", "alone"])
+def test_the_larger_of_two_mistakes_is_named(approximate, equiv_seed):
+    import jax
+
+    def loss_fn(params, xb, yb):
+        kernel = params["Dense_0"]["kernel"].T  # the square weight's transpose
+        h = jax.nn.gelu(xb @ kernel + params["Dense_0"]["bias"], approximate=approximate)
+        out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+        return jnp.mean((out - yb) ** 2)
+
+    torch.manual_seed(equiv_seed)
+    model = equiv.TorchMLP(equiv.MLPSpec((4, 4, 2), activation="gelu"))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    report = equiv.check_jax_port(model, loss_fn, x, y, layout="flax", learning_rate=0.1)
+    (hint,) = report.hints()
+    assert hint.startswith("loss: port uses fc1.weight transposed"), hint
+    assert ("and something more" in hint) is approximate, hint
