@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bias_pattern,
         default=None,
         metavar="1|0[,1|0...]",
-        help="which Linear layers have a bias, one 1 or 0 per layer, fc1 first "
-        "(default: every layer; --bias 1,0,1 leaves fc2 without one)",
+        help="which Linear layers have a bias, one 1 or 0 per layer, fc1 first, or one "
+        "for all (default: every layer; --bias 1,0,1 leaves fc2 without one)",
     )
     add(
         "--activation",
@@ -360,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as error:
         if not str(error).startswith(PREFIX):
             raise  # not a message about the input: a bug, keep its traceback
-        return _bad_input(str(error))
+        # The library names its arguments; here they are options (found in review).
+        return _bad_input(re.sub(r"loss='(\w+)'", r"--loss \1", str(error)))
     # --json - writes the JSON to standard output, the report to standard error.
     console = make_console(sys.stderr) if args.json == "-" else None
     try:
@@ -406,7 +407,7 @@ def _foreign_names_advice(args: argparse.Namespace) -> str | None:
         # Found in a user trial: an nn.Sequential's file read with --file-layout flax
         # was told to convert it in Python; it reads as it is without the option.
         try:
-            _load_state(args.params, None, None, args.entry, contiguous=True)
+            _load_state(args.params, None, None, args.entry, contiguous=True, biases=args.bias)
         except (ValueError, OSError):
             pass
         else:
@@ -440,11 +441,11 @@ def _read_params(args: argparse.Namespace) -> tuple[dict, MLPSpec]:
     try:
         return read(biases=args.bias)
     except ValueError:
-        try:
-            return read()
-        except ValueError:
-            pass
-        raise
+        pass
+    # Read as the file is: where that fails too, its error carries the pattern the
+    # file holds (found in review: --bias 1,1,0 for a file of 1,0,1 got the error of
+    # the read with --bias's pattern, which names none).
+    return read()
 
 
 def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, Any]]:
@@ -462,7 +463,8 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
                 raise UsageError(f"{option} describes a --params file; give --params too")
         defaults = {"sizes": (4, 3, 2), "bias": True, "dtype": "float32"}
         shape = {k: defaults[k] if v is None else v for k, v in given.items()}
-        return None, {**shape, "bias": _layer_biases(args.bias, shape["sizes"]) or shape["bias"]}
+        layers = _layer_biases(args.bias, shape["sizes"])
+        return None, {**shape, "bias": shape["bias"] if layers is None else layers}
     try:
         state, found = _read_params(args)
     except OSError as error:
@@ -670,10 +672,13 @@ def _layer_biases(pattern: tuple[bool, ...] | None, sizes: tuple[int, ...]) -> A
     alike (the report reads as the default's), else the tuple; None without one."""
     if pattern is None:
         return None
+    if len(pattern) == 1:
+        return pattern[0]  # one value for every layer: --bias 0 is --no-bias
     layers = len(sizes) - 1
     if len(pattern) != layers:
         raise UsageError(
-            f"--bias gives {len(pattern)} entries for {layers} Linear layers (sizes "
+            f"--bias gives {len(pattern)} entr{'ies' if len(pattern) != 1 else 'y'} for "
+            f"{layers} Linear layer{'s' if layers != 1 else ''} (sizes "
             f"{','.join(map(str, sizes))}): give one 1 or 0 per layer, fc1 first, for "
             f"example --bias {','.join(['1'] * (layers - 1) + ['0'])}"
         )

@@ -539,13 +539,22 @@ def _factor_cause(
             "2 in its formula or its backward."
         )
     if near(outputs) and outputs not in (1, 2):
-        how = (
-            "dout divided by the batch size where MSELoss divides by batch · outputs, out.size"
-            if by_hand and mse
-            else "a loss summed per sample, then averaged over the batch, or averaged over "
-            "batch and classes"
-        )
-        text = sums("the outputs", "the output width")[0]
+        text, sum_for_mean = sums("the outputs", "the output width")
+        # Which way decides the example (found in review: a backward a third of the
+        # spec's was told it divided by the batch size only).
+        if sum_for_mean:
+            how = (
+                "dout divided by the batch size where MSELoss divides by batch · outputs, out.size"
+                if by_hand and mse
+                else "a loss summed per sample, then averaged over the batch, or averaged "
+                "over batch and classes"
+            )
+        else:
+            how = (
+                "dout divided by out.size and again by the output width"
+                if by_hand and mse
+                else "a mean over the outputs taken twice"
+            )
         return f"A factor of the output width: {text} ({how})."
     return GENERIC
 

@@ -394,6 +394,9 @@ def run_reference(
     return out
 
 
+#: How :func:`equiv.check_manual_backward` names its port in ``settings["port"]``.
+HAND_WRITTEN = "hand-written backward"
+
 RUNNERS: dict[str, Callable[..., Trajectory]] = {
     "torch": run_torch,
     "manual": run_manual,
@@ -424,6 +427,12 @@ class Comparison:
     @property
     def agree(self) -> bool:
         return self.report.agree
+
+    @property
+    def _hand_written(self) -> bool:
+        """Whether the port is a hand-written backward (:func:`equiv.check_manual_backward`):
+        its causes are said in a backward's terms, and its mistakes tried first."""
+        return str(self.report.settings.get("port", "")).startswith(HAND_WRITTEN)
 
     def assert_agree(self) -> None:
         """Raise ``AssertionError``: the headline, the arbiter's verdict and the known
@@ -533,8 +542,7 @@ class Comparison:
                     loss_differs=(step, order["loss"], a, b) in groups,
                     layout=ta.layout or tb.layout,
                     loss=spec.loss,
-                    # check_manual_backward's port: causes in a backward's terms.
-                    by_hand=str(self.report.settings.get("port", "")).startswith("hand-written"),
+                    by_hand=self._hand_written,
                 )
             except (KeyError, ValueError):  # a hand-built trajectory missing a leaf
                 found = []
@@ -1272,7 +1280,7 @@ class Comparison:
         x, y = _float64_batch(self.problem, 1)
         noise = VARIANT_NOISE[self.problem.spec.dtype]
         # A hand-written backward (check_manual_backward) is likelier wrong there.
-        hand_written = str(self.report.settings.get("port", "")).startswith("hand-written")
+        hand_written = self._hand_written
         return matching_variant(
             spec,
             _float64_params(self.problem),

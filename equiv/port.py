@@ -68,6 +68,7 @@ from equiv.from_module import (
 )
 from equiv.gradcheck import unpack_grad_fn_result
 from equiv.harness import (
+    HAND_WRITTEN,
     REFERENCE,
     Comparison,
     Trajectory,
@@ -292,7 +293,7 @@ def check_manual_backward(
         model,
         rtol,
         atol,
-        port=f"hand-written backward on {arrays}",
+        port=f"{HAND_WRITTEN} on {arrays}",
         optimizer=optimizer,
         device=device,
         loss_assumed=assumed,

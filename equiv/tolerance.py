@@ -157,8 +157,11 @@ _SYMBOLS = (
         "u₁, u₂: unit roundoff of each side's dtype (float32 5.96e-08, float64 1.11e-16)",
     ),
     ("u₆₄", "u₆₄: float64's (each side is held to its own float64 step)"),
-    ("√", "8·√k·(u₁+u₂)·s: k the longest sum's length, s the step"),
-    (r"(?<![√\d.])3·\(", "3·(u₁+u₂)·s: the update's 3 roundings, s the step"),
+    ("√", f"{SAFETY:g}·√k·(u₁+u₂)·s: k the longest sum's length, s the step"),
+    (
+        rf"(?<![√\d.]){UPDATE_ROUNDINGS:g}·\(",
+        f"{UPDATE_ROUNDINGS:g}·(u₁+u₂)·s: the update's {UPDATE_ROUNDINGS:g} roundings, s the step",
+    ),
     (r"max\|x\|", "max|x|: the leaf's largest magnitude, not the input"),
     (r"max\|p\|", "max|p|: the parameter's largest magnitude"),
 )

@@ -209,8 +209,8 @@ def matching_variant(
     )
     loss = float(theirs["loss"])
     advice = f" {variant.advice}." if variant.advice else ""
-    if f"{float(other['loss']):.9g}" == f"{float(own['loss']):.9g}":
-        # A backward's mistake leaves the loss as it is (found in a user trial: one
+    if float(other["loss"]) == float(own["loss"]):
+        # A backward's mistake leaves the loss as it is, to the bit (found in a user trial: one
         # loss printed three times, "its loss 0.399520713 ... (loss 0.399520713, ...),
         # not the model's (loss 0.399520713, ...)").
         return (
@@ -983,14 +983,14 @@ _SLOPE_MISTAKES = (
 )
 
 
-_FLOAT32_ADVICE = (
-    "Keep a float64 run's inputs float64: a float32 array among them (np.float32, "
-    "torch.float32, a jnp array made before jax.enable_x64) is rounded first"
-)
-_FLOAT32_BY_HAND = (
-    "Keep a float64 run's inputs float64: a float32 array among them (np.float32, "
-    "torch.float32, an .astype(np.float32)) is rounded first"
-)
+def _float32_advice(by_hand: bool) -> str:
+    """How a float64 run's inputs get rounded to float32, in a port's or a hand-written
+    pass's terms."""
+    last = "an .astype(np.float32)" if by_hand else "a jnp array made before jax.enable_x64"
+    return (
+        "Keep a float64 run's inputs float64: a float32 array among them (np.float32, "
+        f"torch.float32, {last}) is rounded first"
+    )
 
 
 def float32_inputs_variants(
@@ -1003,7 +1003,7 @@ def float32_inputs_variants(
     labels are left as they are. ``by_hand``: the advice is a hand-written pass's.
     """
     labels = LOSSES[spec.loss].targets == "labels"
-    advice = _FLOAT32_BY_HAND if by_hand else _FLOAT32_ADVICE
+    advice = _float32_advice(by_hand)
 
     def rounded(a: np.ndarray) -> np.ndarray:
         return np.asarray(a, np.float32).astype(np.float64)
@@ -1012,12 +1012,15 @@ def float32_inputs_variants(
     x_changes = not np.array_equal(rounded(x), x)
     params_change = any(not np.array_equal(narrow[n], params[n]) for n in params)
     y_changes = not labels and not np.array_equal(rounded(y), y)
+    # Tier 3: after every other variant, as the docstring of variants says (found in
+    # review: at tier 1 they came before the one-layer variants).
     if x_changes:
         yield Variant(
             "rounds x to float32 before computing in float64",
             advice,
             spec,
             params,
+            tier=3,
             batch=lambda xb, yb: (rounded(xb), yb),
         )
     if params_change:
@@ -1026,6 +1029,7 @@ def float32_inputs_variants(
             advice,
             spec,
             narrow,
+            tier=3,
         )
     if sum((x_changes, params_change, y_changes)) > 1 or (y_changes and not x_changes):
         yield Variant(
@@ -1033,6 +1037,7 @@ def float32_inputs_variants(
             advice,
             spec,
             narrow,
+            tier=3,
             batch=lambda xb, yb: (rounded(xb), yb if labels else rounded(yb)),
         )
 

@@ -602,6 +602,21 @@ def test_bias_on_some_layers_only(tmp_path, capsys):
         code, out, err = _run(["--params", path, "--bias", pattern], capsys)
         assert (code, out) == (2, ""), err
         assert f"--bias says bias {pattern}, but --params '{path}' holds {holds}: leave" in err
+    # A pattern the file does not hold, with the read without it failing too, is told
+    # the file's (found in review: the error named no pattern).
+    code, out, err = _run(["--params", str(tmp_path / "mixed.pt"), "--bias", "1,1,0"], capsys)
+    assert (code, out) == (2, "") and err.rstrip().endswith("--bias 1,0,1 (not 1,1,0)"), err
+    # Another layout's option beside the right pattern: leave the option out.
+    code, out, err = _run(
+        ["--params", str(tmp_path / "mixed.pt"), "--bias", "1,0,1", "--file-layout", "flax"],
+        capsys,
+    )
+    assert "it reads without --file-layout flax: leave that out" in err, err
+    # Uniform patterns are every layer's, as --no-bias and the default say it (found in
+    # review: --bias 0,0 was recorded as [false, false]); one value is every layer's.
+    for pattern, bias in (("0,0", False), ("1,1", True), ("0", False)):
+        code, out, _ = _run(["--bias", pattern, "--json", "-"], capsys)
+        assert code == 0 and json.loads(out)["config"]["bias"] is bias, (pattern, out)
     # The twins: the pattern the file holds passes, uniform patterns as every layer's.
     recorded = str(tmp_path / "mixed.safetensors")
     assert _run(["--params", recorded, "--bias", "1,0,1"], capsys)[0] == 0
@@ -630,6 +645,7 @@ def test_small_command_line_slips_are_told(tmp_path, capsys):
     assert (code, out) == (2, "") and "'tanh,' has an empty name" in err, err
     code, out, err = _run(["--loss", "cross_entropy", "--sizes", "4,3,1"], capsys)
     assert (code, out) == (2, "") and "cross_entropy over 1 class is 0 for every input" in err
+    assert "for one output use --loss bce_with_logits" in err, err  # the option, not Python
     # An nn.Sequential's file read with another layout's option: leave the option out
     # (it was told to convert the file in Python).
     seq = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))

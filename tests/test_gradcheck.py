@@ -464,11 +464,15 @@ def test_a_spec_that_does_not_describe_the_params_is_refused(spec, says, equiv_s
 @pytest.mark.parametrize(
     ("change", "says"),
     [
-        (lambda x, y: (x[:, :4], y), "x must have shape (batch, 5), got (6, 4)"),
+        (
+            lambda x, y: (x[:, :4], y),
+            "x must have shape (batch, 5) with at least one row, got (6, 4)",
+        ),
+        (lambda x, y: (x[:0], y[:0]), "with at least one row, got (0, 5)"),  # found in review
         (lambda x, y: (x, y[:5]), "y must have shape (6, 3) as x has 6 rows, got (5, 3)"),
         (lambda x, y: (x, y[:, 0]), "y must have shape (6, 3) as x has 6 rows, got (6,)"),
     ],
-    ids=["x-narrow", "y-short", "y-flat"],
+    ids=["x-narrow", "x-empty", "y-short", "y-flat"],
 )
 def test_a_batch_of_another_shape_is_refused(change, says, equiv_seed):
     params, x, y = _batch(TANH_5663, equiv_seed, batch=6)
@@ -484,6 +488,10 @@ def test_labels_are_checked_for_cross_entropy(equiv_seed):
     with pytest.raises(ValueError, match=r"integer class labels of shape \(6,\)"):
         check_gradients(params, x, np.zeros((6, 3)), spec)
     assert check_gradients(params, x, y, spec).agree  # the twin: labels in range
+    # Whole-number float labels are labels (they passed before the check was added).
+    assert check_gradients(params, x, np.asarray(y, np.float64), spec).agree
+    with pytest.raises(ValueError, match=r"integer class labels"):
+        check_gradients(params, x, np.asarray(y, np.float64) + 0.5, spec)
 
 
 def test_a_pair_returned_the_other_way_round_is_told(equiv_seed):
@@ -622,6 +630,16 @@ def test_two_gradients_stored_under_each_others_names_are_named(equiv_seed):
     assert not any("under the other's name" in hint for hint in check.hints())
 
 
+def test_a_mean_over_the_outputs_taken_twice_is_said_of_dout(equiv_seed):
+    # Found in review: a third of the spec's gradients was told "dout divided by the
+    # batch size where MSELoss divides by batch · outputs", the other direction's.
+    params, x, y = _batch(TANH_5663, equiv_seed, batch=6)
+    twice = _hand_written(TANH_5663, lambda loss, g: (loss, {k: v / 3 for k, v in g.items()}))
+    (hint,) = check_gradients(params, x, y, TANH_5663, twice).hints()
+    assert "A factor of the output width: grad_fn divides by the output width once more" in hint
+    assert "(dout divided by out.size and again by the output width)" in hint, hint
+
+
 def test_a_mean_over_the_batch_only_is_said_of_dout(equiv_seed):
     # Found in a user trial: "a loss summed per sample, then averaged over the batch" is
     # a port's wording; a backward divides dout by the batch size, not by out.size.
@@ -633,3 +651,26 @@ def test_a_mean_over_the_batch_only_is_said_of_dout(equiv_seed):
         "(dout divided by the batch size where MSELoss divides by batch · outputs, out.size)"
         in hint
     )
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda g: {k: np.float32(0.5) * v.astype(np.float32) for k, v in g.items()}, "A factor 2"),
+        (lambda g: {**g, "fc2.bias": np.sign(g["fc2.bias"])}, None),
+        (lambda g: {**g, "fc2.bias": np.full_like(g["fc2.bias"], np.inf)}, None),
+    ],
+    ids=["float32-and-halved", "sign", "inf"],
+)
+def test_float32_is_named_only_where_it_is_all_the_difference(change, says, equiv_seed):
+    # Found in review: a float32 backward that also halves its gradients was put down to
+    # float32, and so were np.sign(g) and an Inf, whose values are float32 numbers too.
+    params, x, y = _batch(TANH_5663, equiv_seed, batch=6)
+    check = check_gradients(
+        params, x, y, TANH_5663, _hand_written(TANH_5663, lambda loss, g: (loss, change(g)))
+    )
+    assert check.failing_leaves()
+    text = " ".join(check.hints())
+    assert "float32 numbers" not in text, text
+    if says:
+        assert says in text, text
