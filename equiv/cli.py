@@ -34,6 +34,7 @@ from typing import Any
 from equiv._messages import PREFIX, message
 from equiv.activations import ACTIVATIONS
 from equiv.checkpoint import _load_state
+from equiv.compare import json_safe
 from equiv.convert import LAYOUTS
 from equiv.files import atomic_path, create_beside, read_only
 from equiv.harness import BACKENDS, compare_backends
@@ -593,17 +594,7 @@ def write_json(path: str, data: dict[str, Any]) -> None:
 
 def json_text(data: dict[str, Any]) -> str:
     """``data`` as strict JSON text (:func:`write_json`'s), ending in a newline."""
-    return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {key: _finite(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(value) for value in obj]
-    return obj
+    return json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
 
 
 def _bad_input(text: str) -> int:

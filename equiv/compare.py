@@ -733,9 +733,9 @@ class Report:
         return {
             "agree": self.agree,
             "worst_ratio": _json_float(self.worst_ratio),
-            "settings": _json_safe(self.settings),
+            "settings": json_safe(self.settings),
             "blame": self.blame(),
-            "leaves": [_json_safe(leaf.to_dict()) for leaf in self.leaves],
+            "leaves": [json_safe(leaf.to_dict()) for leaf in self.leaves],
         }
 
     def to_json(self, **kwargs) -> str:
@@ -850,13 +850,19 @@ def _json_float(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float as a string (``"nan"``, ``"inf"``) and NumPy
+    scalars as Python's: what strict JSON (``allow_nan=False``) holds.
+
+    >>> json_safe({"loss": [float("nan"), np.float32(0.5)], "n": np.int64(3)})
+    {'loss': ['nan', 0.5], 'n': 3}
+    """
     if isinstance(obj, (float, np.floating)):
         return _json_float(float(obj))
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -44,7 +45,7 @@ import torch
 
 from equiv import jax_mlp, manual
 from equiv._messages import type_error, value_error
-from equiv.compare import LeafDiff, Report, compare_trees, to_numpy
+from equiv.compare import LeafDiff, Report, compare_trees, json_safe, to_numpy
 from equiv.convert import jax_to_torch, torch_to_jax
 from equiv.devices import device_name, jax_device, resolve_device, torch_device
 from equiv.diagnose import (
@@ -1313,43 +1314,52 @@ class Comparison:
         return lines
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready report: verdict, losses and final parameters per backend, diffs."""
+        """A JSON-ready report: verdict, config, settings, hints, losses and final
+        parameters per backend, diffs; non-finite numbers as strings (``"nan"``), so
+        that strict JSON holds it (found in a user trial: a NaN loss gave ``NaN``)."""
         report = self.report.to_dict()
-        return {
-            "agree": report["agree"],
-            "worst_ratio": report["worst_ratio"],
-            "config": {
-                "sizes": list(self.problem.spec.sizes),
-                "activation": self.problem.spec.activation,
-                "loss": self.problem.spec.loss,  # MLPSpec's field and --loss
-                **{
-                    field: getattr(self.problem.spec, field)
-                    for field in (
-                        "label_smoothing",
-                        "huber_delta",
-                        "smooth_l1_beta",
-                        "negative_slope",
-                        "elu_alpha",
-                    )
+        return json_safe(
+            {
+                "agree": report["agree"],
+                "worst_ratio": report["worst_ratio"],
+                "config": {
+                    "sizes": list(self.problem.spec.sizes),
+                    "activation": self.problem.spec.activation,
+                    "loss": self.problem.spec.loss,  # MLPSpec's field and --loss
+                    **{
+                        field: getattr(self.problem.spec, field)
+                        for field in (
+                            "label_smoothing",
+                            "huber_delta",
+                            "smooth_l1_beta",
+                            "negative_slope",
+                            "elu_alpha",
+                        )
+                    },
+                    "bias": self.problem.spec.bias,
+                    "dtype": self.problem.spec.dtype,
+                    "batch_size": self.problem.batch_size,
+                    "steps": self.problem.steps,
+                    "learning_rate": self.learning_rate,
+                    "optimizer": (
+                        dataclasses.asdict(self.optimizer) if self.optimizer is not None else None
+                    ),
                 },
-                "bias": self.problem.spec.bias,
-                "dtype": self.problem.spec.dtype,
-                "batch_size": self.problem.batch_size,
-                "steps": self.problem.steps,
-                "learning_rate": self.learning_rate,
-                "optimizer": (
-                    dataclasses.asdict(self.optimizer) if self.optimizer is not None else None
-                ),
-            },
-            "settings": report["settings"],
-            "hints": self.hints() if not report["agree"] else [],
-            "loss": {b: [float(v) for v in t.losses] for b, t in self.trajectories.items()},
-            "params": {
-                b: {k: v.tolist() for k, v in t.params[-1].items()}
-                for b, t in self.trajectories.items()
-            },
-            "diffs": report["leaves"],
-        }
+                "settings": report["settings"],
+                "hints": self.hints() if not report["agree"] else [],
+                "loss": {b: [float(v) for v in t.losses] for b, t in self.trajectories.items()},
+                "params": {
+                    b: {k: v.tolist() for k, v in t.params[-1].items()}
+                    for b, t in self.trajectories.items()
+                },
+                "diffs": report["leaves"],
+            }
+        )
+
+    def to_json(self, **kwargs) -> str:
+        """:meth:`to_dict` as strict JSON text; ``kwargs`` go to :func:`json.dumps`
+        (``indent=2``)."""
+        return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
 
 def compare_backends(

@@ -990,3 +990,21 @@ def test_a_failing_leaf_no_cause_names_is_said_to_fail_too(equiv_seed):
         "same mistake showing otherwise, or another)"
     ), hints
     assert "fc2.bias" not in hints[0].split(":")[0]
+
+
+def test_a_nan_port_gives_strict_json(equiv_seed):
+    # Found in a user trial: Comparison.to_dict() of a port whose loss was NaN held
+    # NaN, which strict JSON parsers refuse. The twin: a finite run reads back equal.
+    model, xs, ys = _model_and_batches(equiv_seed)
+
+    def nan_loss(params, x, y):
+        return flax_loss(params, x, y) + jnp.log(-1.0 + 0 * x.sum())
+
+    report = check_jax_port(model, nan_loss, xs, ys, steps=2)
+    data = json.loads(report.to_json())  # allow_nan=False inside: raises on NaN
+    assert data["loss"]["port"] == ["nan", "nan"]
+    assert json.loads(report.to_json(indent=2)) == data
+    finite = check_jax_port(model, flax_loss, xs, ys, steps=2)
+    assert json.loads(finite.to_json())["loss"]["port"] == [
+        float(v) for v in finite.trajectories["port"].losses
+    ]
