@@ -6,13 +6,15 @@ with optax), converters between torch and JAX parameter trees, and a harness tha
 runs training steps in all of them and compares loss, gradients, optimizer state
 and parameters leaf by leaf against derived tolerances and a float64 reference.
 
-Importing equiv changes no global setting of torch, JAX or NumPy.
+Importing equiv changes no global setting of torch, JAX or NumPy, nor Python's
+``random`` stream.
 
 >>> import equiv
 >>> equiv.compare_backends(equiv.MLPSpec((4, 3, 2))).agree
 True
 """
 
+from equiv import _quiet_imports  # noqa: F401, I001 - first: rich would draw from random
 from equiv.activations import ACTIVATIONS, Activation
 from equiv.checkpoint import load_jax, load_torch, save_jax, save_torch
 from equiv.compare import LeafDiff, Report, compare_leaf, compare_trees

@@ -257,6 +257,8 @@ def _decay_values(difference: float | None, optimizer: OptimizerSpec | None, nam
     : port's fits 0.0001 where torch's is 0.01: torch's AdamW defaults to 1e-2, optax.adamw to 1e-4
     >>> print(_decay_values(-0.01004, adamw, ("port", "torch")))  # no decay
     : port's fits 0 where torch's is 0.01
+    >>> print(_decay_values(-0.0499, heavier, ("port", "torch"))[:62])  # optax's 1e-4, or 0
+    : port's fits 0 (or optax.adamw's default 1e-4: the fit cannot
     """
     if difference is None or optimizer is None or names[1] not in _AS_SPECIFIED:
         return ""
@@ -267,7 +269,13 @@ def _decay_values(difference: float | None, optimizer: OptimizerSpec | None, nam
     shown = float(f"{difference:.2g}")
     step = 10.0 ** (math.floor(math.log10(abs(shown))) - 1)
     theirs = round((optimizer.weight_decay + shown) / step) * step
-    text = f": {names[0]}'s fits {theirs:.2g} where {names[1]}'s is {optimizer.weight_decay:g}"
+    fits = f"{theirs:.2g}"
+    ours = optimizer.weight_decay
+    if optimizer.name == "adamw" and fits == "0" and f"{1e-4 - ours:.2g}" == f"{-ours:.2g}":
+        # Found in a user trial: optax.adamw's default 1e-4 beside torch's 0.05 read
+        # "fits 0"; at two digits of 0.05 the fit cannot tell 1e-4 from 0.
+        fits += " (or optax.adamw's default 1e-4: the fit cannot tell them apart)"
+    text = f": {names[0]}'s fits {fits} where {names[1]}'s is {optimizer.weight_decay:g}"
     if optimizer.name == "adamw" and {f"{theirs:.2g}", f"{optimizer.weight_decay:g}"} == {
         "0.0001",
         "0.01",

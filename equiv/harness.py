@@ -631,9 +631,12 @@ class Comparison:
         x, y = (np.asarray(v, np.float64) for v in self.problem.batches[0])
         params = _float64_params(self.problem)
         theirs = float(np.asarray(self.trajectories[failed[0]].losses[0], np.float64))
+        # The module's own bias (a user trial pasted the advice and was refused: "spec
+        # says bias=True" for a model whose last layer had none).
+        bias = "" if spec.bias is True else f", bias={spec.bias}"
         fix = (
             f"pass spec=equiv.MLPSpec({spec.sizes}, activation={spec.activation!r}, "
-            f"loss=...) with the module's sizes, activations and bias"
+            f"loss=...{bias}) with the module's sizes, activations and bias"
         )
         targets = LOSSES[spec.loss].targets
         for name, loss in LOSSES.items():
@@ -643,11 +646,20 @@ class Comparison:
             with np.errstate(all="ignore"):
                 value = float(manual.loss_and_grads(params, x, y, other)[0])
             if np.isfinite(value) and abs(theirs - value) <= 1e-5 * max(abs(value), 1e-30):
+                # Either reading may be the true one: the port right and the spec
+                # unsaid, or the port wrong (found in a user trial: a summed MSE port
+                # of a mean MSELoss was told only to pass loss='mse_sum', which turns
+                # the check green on a wrong port).
+                assumed = self.trajectories[REFERENCE].losses[0]
+                ratio = theirs / float(assumed) if float(assumed) else math.inf
                 return (
                     f"loss: {failed[0]}'s loss is the {name} loss of the model's output "
                     f"({theirs:.6g}), not the {spec.loss} that equiv took it to be, as no "
-                    "spec said otherwise (a module cannot say its loss): "
-                    + fix.replace("loss=...", f"loss={name!r}"),
+                    "spec said otherwise (a module cannot say its loss). If the torch "
+                    f"model's loss is {name}, "
+                    + fix.replace("loss=...", f"loss={name!r}")
+                    + f"; if it is {spec.loss}, {failed[0]} computes the wrong loss "
+                    f"({ratio:.4g} times the {spec.loss} loss)",
                     True,
                 )
         return (

@@ -1,4 +1,5 @@
-"""Importing equiv, and running comparisons, changes no global state of torch, JAX or NumPy.
+"""Importing equiv, and running comparisons, changes no global state of torch, JAX, NumPy
+or Python's ``random``.
 
 Measured in a fresh interpreter (``sys.executable``): numpy, torch and jax are imported
 first (and one ``torch.optim.SGD`` created, as a torch user has), the state is read,
@@ -17,7 +18,7 @@ import sys
 import pytest
 
 SCRIPT = r"""
-import hashlib, json, os, warnings
+import hashlib, json, os, random, warnings
 import numpy as np
 import torch
 import jax
@@ -47,6 +48,8 @@ def snapshot():
         "torch_default_dtype": str(torch.get_default_dtype()),
         "torch_rng_state": digest(torch.get_rng_state().numpy()),
         "numpy_rng_state": digest(keys, pos, has_gauss, gauss),
+        # Found in a user trial: rich's import drew from Python's generator.
+        "python_random_state": digest(np.asarray(random.getstate()[1], np.uint64)),
         "torch_num_threads": torch.get_num_threads(),
         "torch_float32_matmul_precision": torch.get_float32_matmul_precision(),
         "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
@@ -74,6 +77,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 torch.set_default_dtype(torch.float64)
 torch.manual_seed(1)
 np.random.seed(1)
+random.seed(1)
 torch.set_num_threads(2 if torch.get_num_threads() == 1 else 1)
 torch.set_float32_matmul_precision("medium")
 torch.backends.cudnn.deterministic = True
@@ -90,6 +94,7 @@ LEAKED = {
     "torch_default_dtype",
     "torch_rng_state",
     "numpy_rng_state",
+    "python_random_state",
     "torch_num_threads",
     "torch_float32_matmul_precision",
     "torch.cuda.matmul.fp32_precision",

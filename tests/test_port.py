@@ -872,12 +872,14 @@ def test_a_port_of_another_loss_than_the_assumed_mse_is_told_to_say_it(equiv_see
     x, y = torch.randn(16, 6), torch.randn(16, 2)
     huber = _silu_port(lambda out, y: optax.huber_loss(out, y).mean())
     report = check_jax_port(net, huber, x, y, learning_rate=0.1)
-    assert report.hints() == [
+    hints = report.hints()
+    assert [hint[: hint.rindex("(")] + "(" for hint in hints] == [
         f"loss: port's loss is the huber loss of the model's output "
         f"({float(report.trajectories['port'].losses[0]):.6g}), not the mse that equiv took "
-        "it to be, as no spec said otherwise (a module cannot say its loss): pass "
-        "spec=equiv.MLPSpec((6, 12, 2), activation='silu', loss='huber') with the module's "
-        "sizes, activations and bias"
+        "it to be, as no spec said otherwise (a module cannot say its loss). If the torch "
+        "model's loss is huber, pass spec=equiv.MLPSpec((6, 12, 2), activation='silu', "
+        "loss='huber') with the module's sizes, activations and bias; if it is mse, port "
+        "computes the wrong loss ("
     ]
     # The twins: told the loss, the port agrees; a loss equiv does not know gets the note.
     spec = MLPSpec((6, 12, 2), activation="silu", loss="huber")
@@ -1008,3 +1010,22 @@ def test_a_nan_port_gives_strict_json(equiv_seed):
     assert json.loads(finite.to_json())["loss"]["port"] == [
         float(v) for v in finite.trajectories["port"].losses
     ]
+
+
+def test_a_summed_port_of_an_assumed_mean_mse_is_told_both_readings(equiv_seed):
+    # Found in a user trial: a port summing where torch's MSELoss averages, checked
+    # without spec=, was told only to pass loss='mse_sum', which makes a wrong port
+    # agree; and the spec it showed left out the model's bias-less last layer.
+    torch.manual_seed(equiv_seed)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.SiLU(), torch.nn.Linear(12, 3, bias=False)
+    )
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+
+    def loss_fn(params, xb, yb):
+        h = jax.nn.silu(xb @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+        return jnp.sum((h @ params["Dense_1"]["kernel"] - yb) ** 2)
+
+    (hint,) = check_jax_port(net, loss_fn, x, y, learning_rate=0.01).hints()
+    assert "loss='mse_sum', bias=(True, False))" in hint, hint
+    assert hint.endswith("; if it is mse, port computes the wrong loss (48 times the mse loss)")
