@@ -74,6 +74,15 @@ _ADAM_FIELDS = {"betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False}
 _NUMBER_FIELDS = ("learning_rate", "momentum", "dampening", "weight_decay", "eps")
 
 
+def _plain(value: Any) -> Any:
+    """A torch hyper-parameter as a Python value (a tensor learning rate as a float)."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
     """An optimizer and its hyper-parameters, with ``torch.optim``'s defaults.
@@ -165,6 +174,50 @@ class OptimizerSpec:
                     f"betas[{i}] must lie in [0, 1), got {beta}; torch's default is "
                     f"betas=(0.9, 0.999)"
                 )
+
+    @classmethod
+    def from_torch(cls, optimizer: torch.optim.Optimizer) -> OptimizerSpec:
+        """The spec of a ``torch.optim`` SGD, Adam or AdamW with one set of
+        hyper-parameters, fresh (no step taken: a comparison starts from no state).
+
+        Found in a user trial: ``optimizer=torch.optim.AdamW(...)`` was refused, and its
+        learning rate, betas and weight decay had to be written again.
+
+        >>> p = [torch.zeros(2, requires_grad=True)]
+        >>> OptimizerSpec.from_torch(torch.optim.AdamW(p, lr=3e-3, betas=(0.85, 0.98)))
+        OptimizerSpec(name='adamw', learning_rate=0.003, momentum=0.0, dampening=0.0, \
+nesterov=False, weight_decay=0.01, betas=(0.85, 0.98), eps=1e-08, amsgrad=False)
+        """
+        names = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+        name = names.get(type(optimizer))
+        if name is None:
+            raise type_error(
+                f"optimizer must be torch.optim.SGD, Adam or AdamW, or an equiv.OptimizerSpec, "
+                f"got {type(optimizer).__name__}"
+            )
+        fields = (
+            ("momentum", "dampening", "nesterov") if name == "sgd" else ("betas", "eps", "amsgrad")
+        )
+        keys = ("lr", "weight_decay", "maximize", "decoupled_weight_decay", *fields)
+        groups = [{k: _plain(g[k]) for k in keys if k in g} for g in optimizer.param_groups]
+        if any(group != groups[0] for group in groups):
+            raise value_error(
+                f"the {type(optimizer).__name__}'s {len(groups)} parameter groups have "
+                "different hyper-parameters; equiv takes one set: compare with one group"
+            )
+        group = groups[0]
+        if group.get("maximize"):
+            raise value_error(f"{type(optimizer).__name__}(maximize=True) is not supported")
+        if optimizer.state:
+            raise value_error(
+                f"the {type(optimizer).__name__} has taken steps (it holds state): a comparison "
+                "starts from a fresh optimizer, so its momentum or moments would be lost; "
+                "pass a fresh one, or OptimizerSpec.from_torch of it to say so"
+            )
+        if name == "adam" and group.get("decoupled_weight_decay"):
+            name = "adamw"  # torch's Adam(decoupled_weight_decay=True) is AdamW
+        extra = {f: group[f] for f in fields}
+        return cls(name, learning_rate=group["lr"], weight_decay=group["weight_decay"], **extra)
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -653,3 +706,16 @@ __all__ = [
     "scale_by_torch_amsgrad",
     "torch_optimizer_state",
 ]
+
+
+def as_optimizer_spec(optimizer: Any) -> Any:
+    """``optimizer`` as an :class:`OptimizerSpec` where it is a ``torch.optim``
+    optimizer (:meth:`OptimizerSpec.from_torch`); anything else as it is, for the
+    caller's own check.
+
+    >>> as_optimizer_spec(None) is None
+    True
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return OptimizerSpec.from_torch(optimizer)
+    return optimizer

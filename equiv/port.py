@@ -82,6 +82,7 @@ from equiv.harness import (
 from equiv.losses import LOSSES
 from equiv.optimizers import (
     OptimizerSpec,
+    as_optimizer_spec,
     is_plain_sgd,
     make_optax,
     manual_init,
@@ -110,7 +111,7 @@ def check_jax_port(
     learning_rate: float | None = None,
     steps: int = 1,
     params: Any = None,
-    optimizer: OptimizerSpec | None = None,
+    optimizer: OptimizerSpec | torch.optim.Optimizer | None = None,
     port_optimizer: optax.GradientTransformation | None = None,
     spec: MLPSpec | None = None,
     jit: bool = True,
@@ -144,7 +145,9 @@ def check_jax_port(
       params: your own conversion of the model's parameters (a JAX tree in
         ``layout``), to check it too; by default :func:`equiv.convert.torch_to_jax`.
       optimizer: an :class:`equiv.OptimizerSpec` (torch.optim's semantics) that torch,
-        the reference and, by default, your port use; plain SGD when None.
+        the reference and, by default, your port use, or a fresh ``torch.optim`` SGD,
+        Adam or AdamW to read it from (:meth:`~equiv.OptimizerSpec.from_torch`); plain
+        SGD when None.
       port_optimizer: your own optax transformation for your port, to check it too;
         by default :func:`equiv.optimizers.make_optax` of ``optimizer``.
       spec: the architecture; read from a TorchMLP or a Linear stack (give it to set
@@ -171,6 +174,7 @@ def check_jax_port(
             "learning_rate= for plain SGD (without either they would train with SGD at 0.1, "
             "whatever your port_optimizer does)"
         )
+    optimizer = as_optimizer_spec(optimizer)  # a torch.optim optimizer's hyper-parameters
     learning_rate = _learning_rate(learning_rate, optimizer)
     assumed = _loss_assumed(model, spec)
     model, spec = _as_mlp(model, spec)
@@ -180,7 +184,8 @@ def check_jax_port(
         raise type_error(f"loss_fn must be callable as loss_fn(params, x, y), got {loss_fn!r}")
     if optimizer is not None and not isinstance(optimizer, OptimizerSpec):
         raise type_error(
-            f"optimizer must be an equiv.OptimizerSpec (torch.optim's semantics, used by torch "
+            f"optimizer must be an equiv.OptimizerSpec or a torch.optim SGD, Adam or AdamW "
+            f"(torch.optim's semantics, used by torch "
             f"and the reference), got {type(optimizer).__name__}; pass your own optax "
             "transformation as port_optimizer="
         )
@@ -228,7 +233,7 @@ def check_manual_backward(
     *,
     learning_rate: float | None = None,
     steps: int = 1,
-    optimizer: OptimizerSpec | None = None,
+    optimizer: OptimizerSpec | torch.optim.Optimizer | None = None,
     arrays: str = "numpy",
     spec: MLPSpec | None = None,
     precision: str = "exact",
@@ -262,13 +267,15 @@ def check_manual_backward(
       >>> check_manual_backward(model, grad_fn, torch.randn(8, 4), torch.randn(8, 2)).agree
       True
     """
+    optimizer = as_optimizer_spec(optimizer)  # a torch.optim optimizer's hyper-parameters
     learning_rate = _learning_rate(learning_rate, optimizer)
     assumed = _loss_assumed(model, spec)
     model, spec = _as_mlp(model, spec)
     spec, problem = _problem(model, x, y, steps, spec, learning_rate)
     if optimizer is not None and not isinstance(optimizer, OptimizerSpec):
         raise type_error(
-            f"optimizer must be an equiv.OptimizerSpec, got {type(optimizer).__name__}"
+            f"optimizer must be an equiv.OptimizerSpec or a torch.optim SGD, Adam or AdamW, "
+            f"got {type(optimizer).__name__}"
         )
     optimizer = resolve_optimizer(optimizer, learning_rate)
     if arrays not in ("numpy", "torch"):

@@ -607,3 +607,76 @@ def test_spec_rejects(kwargs, error, message):
     with pytest.raises(error) as info:
         OptimizerSpec(**kwargs)
     assert str(info.value) == message
+
+
+# ---------------------------------------------------------------------------
+# A torch.optim optimizer read as its spec (found in a user trial: refused, its
+# hyper-parameters had to be written again)
+
+
+def _params():
+    return [torch.zeros(3, requires_grad=True)]
+
+
+@pytest.mark.parametrize(
+    ("make", "spec"),
+    [
+        (
+            lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.85, 0.98), weight_decay=0.05),
+            OptimizerSpec("adamw", learning_rate=3e-3, betas=(0.85, 0.98), weight_decay=0.05),
+        ),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+            OptimizerSpec("sgd", learning_rate=0.1, momentum=0.9, nesterov=True),
+        ),
+        (lambda p: torch.optim.Adam(p, eps=1e-6), OptimizerSpec("adam", eps=1e-6)),
+        (
+            lambda p: torch.optim.Adam(p, weight_decay=0.1, decoupled_weight_decay=True),
+            OptimizerSpec("adamw", weight_decay=0.1),
+        ),
+        (
+            # The tensor's own value: float32's 0.01, as torch steps with it.
+            lambda p: torch.optim.Adam(p, lr=torch.tensor(0.01)),
+            OptimizerSpec("adam", learning_rate=float(np.float32(0.01))),
+        ),
+    ],
+    ids=["adamw", "sgd-nesterov", "adam", "adam-decoupled", "tensor-lr"],
+)
+def test_a_torch_optimizer_reads_as_its_spec(make, spec):
+    assert OptimizerSpec.from_torch(make(_params())) == spec
+
+
+def test_torch_optimizers_equiv_cannot_state_are_refused():
+    p = _params()
+    with pytest.raises(TypeError, match="must be torch.optim.SGD, Adam or AdamW"):
+        OptimizerSpec.from_torch(torch.optim.RMSprop(p))
+    with pytest.raises(ValueError, match="maximize=True"):
+        OptimizerSpec.from_torch(torch.optim.SGD(p, lr=0.1, maximize=True))
+    two = torch.optim.SGD([{"params": p[:1], "lr": 0.1}, {"params": [torch.zeros(1)], "lr": 0.2}])
+    with pytest.raises(ValueError, match="2 parameter groups have different hyper-parameters"):
+        OptimizerSpec.from_torch(two)
+    stepped = torch.optim.SGD(p, lr=0.1, momentum=0.9)
+    p[0].grad = torch.ones(3)
+    stepped.step()
+    with pytest.raises(ValueError, match="has taken steps"):
+        OptimizerSpec.from_torch(stepped)
+
+
+def test_check_jax_port_takes_a_torch_optimizer(equiv_seed):
+    import jax.numpy as jnp
+
+    from equiv import TorchMLP, check_jax_port
+
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(MLPSpec((4, 3, 2), activation="tanh"))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+    def loss_fn(params, xb, yb):
+        h = jnp.tanh(xb @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+        out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+        return jnp.mean((out - yb) ** 2)
+
+    adamw = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.85, 0.98))
+    report = check_jax_port(model, loss_fn, x, y, optimizer=adamw, steps=2)
+    report.assert_agree()
+    assert report.optimizer == OptimizerSpec("adamw", learning_rate=3e-3, betas=(0.85, 0.98))
