@@ -1303,6 +1303,7 @@ class Comparison:
             noise=noise,
             backward_first=hand_written and backend != "torch",
             unit_roundoff=UNIT_ROUNDOFF[run.dtype],
+            layout=run.layout,
         )
 
     def arbiter_verdict(self) -> list[str]:

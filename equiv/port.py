@@ -394,6 +394,12 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
             "jax.jit cannot do: pass jit=False to run it eagerly, or branch with "
             "jnp.where or jax.lax.cond"
         )
+    elif "scalar-output" in text and "Output was (" in text:
+        # Found in a user trial: a (loss, aux) pair was told to reduce over the batch.
+        advice = (
+            "It returns a tuple, such as (loss, aux): return the loss alone, for example "
+            "check with lambda params, x, y: loss_fn(params, x, y)[0]"
+        )
     elif "scalar-output" in text:
         advice = (
             "It must return a scalar: reduce the loss over the batch as the torch model's "

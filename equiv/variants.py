@@ -139,6 +139,7 @@ def matching_variant(
     noise: float = 0.0,
     backward_first: bool = False,
     unit_roundoff: float = 0.0,
+    layout: str | None = None,
 ) -> str | None:
     """Which known mistake (:func:`variants`) a backend's step 1 is, as a hint, or
     None: ``theirs`` (its loss under ``"loss"`` and its gradients) must be within
@@ -148,7 +149,8 @@ def matching_variant(
     the model's (for a big model the flop budget may reach only the first few).
     ``unit_roundoff``: the backend's; a unit of a kinked activation whose pre-activation
     it may round to the other side of 0 (:func:`equiv.kinks.preactivation_bounds`) is
-    tried on that side too, as the backend may have computed it."""
+    tried on that side too, as the backend may have computed it. ``layout``: the
+    backend's parameter layout, where known (the advice for a transpose names it)."""
     own, output = _model_step(spec, params, x, y)
     apart = tree_distance(theirs, own)
     if not apart > noise:
@@ -172,7 +174,9 @@ def matching_variant(
     matches = []
     partial: list = [math.inf, None]  # the nearest variant that explains most, not all
     float64_run = 0 < unit_roundoff <= UNIT_ROUNDOFF["float64"]
-    for variant in variants(spec, params, x, y, backward_first, theirs, output, float64_run):
+    for variant in variants(
+        spec, params, x, y, backward_first, theirs, output, float64_run, layout
+    ):
         if budget <= 0:
             break
         if isinstance(variant, Fit):
@@ -316,6 +320,7 @@ def variants(
     loss: float | Tree | None = None,
     output: np.ndarray | None = None,
     float64_run: bool = False,
+    layout: str | None = None,
 ) -> Iterator[Variant | Fit]:
     """Every known mistake for this model and batch, the likeliest first: the loss's
     mistakes that give the backend's loss, then each family's tier-1 variants, then
@@ -328,7 +333,7 @@ def variants(
     mistake a step can show (:func:`float32_inputs_variants`, tried last)."""
     families = [
         # A hand-written backward's check (backward_first) is told in its terms.
-        model_variants(spec, params, x, y, loss, by_hand=backward_first),
+        model_variants(spec, params, x, y, loss, by_hand=backward_first, layout=layout),
         backward_variants(spec, params, x, y),
     ]
     ordered = [v for family in (families[::-1] if backward_first else families) for v in family]
@@ -358,6 +363,31 @@ def _step_one(spec: MLPSpec, params, x, y, masks=None, **miswritten) -> dict[str
         else:
             loss, grads = manual.loss_and_grads(params, x, y, spec, masks)
     return {"loss": np.asarray(loss), **grads}
+
+
+def _transpose_advice(layout: str | None, by_hand: bool) -> str:
+    """What a square weight used transposed means in ``layout``'s terms (found in a
+    user trial: an Equinox port was told about Flax's kernels).
+
+    >>> print(_transpose_advice("equinox", False).split(": ")[1])
+    torch and Equinox both hold W (out, in) and compute x @ W.T (W @ x per example), not x @ W
+    """
+    head = "A square weight hides a forgotten transpose: "
+    if by_hand:
+        return head + (
+            "torch computes x @ W.T with W (out, in); the weight's gradient is then dz.T @ h"
+        )
+    if layout in ("equinox", "torch"):
+        holds = "Equinox both hold" if layout == "equinox" else "its state_dict hold"
+        return (
+            head
+            + f"torch and {holds} W (out, in) and compute x @ W.T (W @ x per example), not x @ W"
+        )
+    kernel = "an nnx kernel" if layout == "nnx" else "a Flax kernel"
+    return head + (
+        f"torch computes x @ W.T with W (out, in), while {kernel} is (in, out) and used as "
+        "x @ kernel"
+    )
 
 
 _GELU_SWAP = {"gelu": "gelu_tanh", "gelu_tanh": "gelu"}
@@ -630,6 +660,7 @@ def model_variants(
     loss: float | Tree | None = None,
     *,
     by_hand: bool = False,
+    layout: str | None = None,
 ) -> Iterator[Variant | Fit]:
     """Ways of computing another model than ``spec`` that a single step tells apart,
     each with its gradients as such a port reports them (a weight used transposed
@@ -652,7 +683,8 @@ def model_variants(
     * the model's activations in another order (two neighbours swapped, or all
       shifted by one layer).
 
-    ``by_hand``: the advice is for a hand-written forward and backward, not a JAX port.
+    ``by_hand``: the advice is for a hand-written forward and backward, not a JAX port;
+    ``layout``: the port's parameter layout, where known, for the transpose's advice.
     """
 
     def variant(what, advice, other_spec, changed, reported=_same, tier=1) -> Variant:
@@ -710,8 +742,7 @@ def model_variants(
             name = f"fc{i}.weight"
             yield variant(
                 f"uses {name} transposed",
-                "A square weight hides a forgotten transpose: torch computes x @ W.T with W "
-                "(out, in), while a Flax kernel is (in, out) and used as x @ kernel",
+                _transpose_advice(layout, by_hand),
                 spec,
                 {name: weight.T},
                 lambda grads, name=name: {**grads, name: grads[name].T},

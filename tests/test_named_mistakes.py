@@ -210,3 +210,36 @@ def test_the_larger_of_two_mistakes_is_named(approximate, equiv_seed):
     (hint,) = report.hints()
     assert hint.startswith("loss: port uses fc1.weight transposed"), hint
     assert ("and something more" in hint) is approximate, hint
+
+
+@pytest.mark.parametrize(
+    ("layout", "says", "not_said"),
+    [
+        ("equinox", "torch and Equinox both hold W (out, in)", "Flax"),
+        ("flax", "a Flax kernel is (in, out)", "Equinox"),
+    ],
+)
+def test_a_transpose_in_the_forward_is_advised_in_the_ports_layout(
+    layout, says, not_said, equiv_seed
+):
+    # Found in a user trial: an Equinox port whose forward used a square weight
+    # untransposed was told about Flax's kernels.
+    def weight(params, i):
+        if layout == "equinox":
+            return params["layers"][str(i)]["weight"], params["layers"][str(i)]["bias"]
+        kernel = params[f"Dense_{i}"]["kernel"]
+        return kernel.T, params[f"Dense_{i}"]["bias"]  # as (out, in)
+
+    def loss_fn(params, xb, yb):
+        w0, b0 = weight(params, 0)
+        w1, b1 = weight(params, 1)
+        h = jnp.tanh(xb @ w0 + b0)  # the forgotten transpose: x @ W, not x @ W.T
+        return jnp.mean((h @ w1.T + b1 - yb) ** 2)
+
+    torch.manual_seed(equiv_seed)
+    model = equiv.TorchMLP(equiv.MLPSpec((4, 4, 2), activation="tanh"))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    report = equiv.check_jax_port(model, loss_fn, x, y, layout=layout, learning_rate=0.1)
+    (hint,) = report.hints()
+    assert "uses fc1.weight transposed" in hint and says in hint, hint
+    assert not_said not in hint, hint

@@ -553,6 +553,14 @@ def test_a_failing_loss_fn_is_reported_with_the_layout_keys():
     x, y = torch.randn(2, 4), torch.randn(2, 2)
     with pytest.raises(ValueError, match=r"Output had shape: \(2,\)\..* It must return a scalar"):
         check_jax_port(model, per_example, x, y)
+
+    def with_aux(params, x, y):  # found in a user trial: told to reduce over the batch
+        out = flax_forward(params, x)
+        return jnp.mean((out - y) ** 2), out
+
+    with pytest.raises(ValueError, match=r"It returns a tuple, such as \(loss, aux\)") as info:
+        check_jax_port(model, with_aux, x, y)
+    assert "reduce the loss" not in str(info.value)
     with pytest.raises(
         ValueError, match=r"A shape does not fit: the 'flax' layout's weights are \(in, out\)"
     ) as info:
