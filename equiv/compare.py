@@ -739,7 +739,7 @@ class Report:
         }
 
     def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
     def failure_text(self) -> str:
         """Headline plus a torch-style block for every failing leaf.
@@ -856,11 +856,17 @@ def json_safe(obj: Any) -> Any:
 
     >>> json_safe({"loss": [float("nan"), np.float32(0.5)], "n": np.int64(3)})
     {'loss': ['nan', 0.5], 'n': 3}
+    >>> json_safe({"ok": np.bool_(True), "w": np.array([1.0, np.inf])})
+    {'ok': True, 'w': [1.0, 'inf']}
     """
     if isinstance(obj, (float, np.floating)):
         return _json_float(float(obj))
     if isinstance(obj, np.integer):
         return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

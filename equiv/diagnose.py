@@ -441,6 +441,8 @@ def _factor_cause(
     "A factor 2: torch's MSELoss is mean((p -"
     >>> _factor_cause(-1.0, 24, 8, ("port", "torch"))[:52]
     'The sign is flipped: a gradient of the negated loss '
+    >>> print(_factor_cause(3.0, 24, 8, ("port", "reference"), loss="mse_sum")[-64:])  # sums
+    reference's loss (mse_sum) sums over the outputs with no factor.
     >>> _factor_cause(-1.0, 24, 8, ("port", "torch"), stage="grads")[-22:]  # no update yet
     '(p - y written y - p).'
 
@@ -549,7 +551,10 @@ def _factor_cause(
     if near(outputs) and outputs not in (1, 2):
         text, sum_for_mean = sums("the outputs", "the output width")
         # Which way decides the example (found in review: a backward a third of the
-        # spec's was told it divided by the batch size only).
+        # spec's was told it divided by the batch size only), and the loss's own
+        # reduction: a summed loss's text says what each side does, with no example.
+        if reduction == "sum":
+            return f"A factor of the output width: {text}."
         if sum_for_mean:
             how = (
                 "dout divided by the batch size where MSELoss divides by batch · outputs, out.size"

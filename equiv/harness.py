@@ -631,13 +631,18 @@ class Comparison:
         x, y = (np.asarray(v, np.float64) for v in self.problem.batches[0])
         params = _float64_params(self.problem)
         theirs = float(np.asarray(self.trajectories[failed[0]].losses[0], np.float64))
-        # The module's own bias (a user trial pasted the advice and was refused: "spec
-        # says bias=True" for a model whose last layer had none).
-        bias = "" if spec.bias is True else f", bias={spec.bias}"
-        fix = (
-            f"pass spec=equiv.MLPSpec({spec.sizes}, activation={spec.activation!r}, "
-            f"loss=...{bias}) with the module's sizes, activations and bias"
-        )
+
+        # Every field the module gave (a user trial pasted the advice and was refused:
+        # "spec says bias=True" for a model whose last layer had none; a review, the
+        # same for a leaky ReLU's slope and a float64 model's dtype).
+        def fix(loss: str | None) -> str:
+            if loss is None:
+                return (
+                    f"pass spec=equiv.MLPSpec({spec.sizes}, activation={spec.activation!r}, "
+                    "loss=...) with the module's sizes, activations and bias"
+                )
+            return f"pass spec=equiv.{spec.replace(loss=loss).code()}"
+
         targets = LOSSES[spec.loss].targets
         for name, loss in LOSSES.items():
             if name == spec.loss or loss.targets != targets:
@@ -657,14 +662,14 @@ class Comparison:
                     f"({theirs:.6g}), not the {spec.loss} that equiv took it to be, as no "
                     "spec said otherwise (a module cannot say its loss). If the torch "
                     f"model's loss is {name}, "
-                    + fix.replace("loss=...", f"loss={name!r}")
+                    + fix(name)
                     + f"; if it is {spec.loss}, {failed[0]} computes the wrong loss "
                     f"({ratio:.4g} times the {spec.loss} loss)",
                     True,
                 )
         return (
             f"loss: equiv took the loss to be {spec.loss}, as no spec said otherwise (a "
-            f"module cannot say its loss); if {failed[0]}'s is another, {fix}",
+            f"module cannot say its loss); if {failed[0]}'s is another, {fix(None)}",
             False,
         )
 

@@ -206,13 +206,21 @@ nesterov=False, weight_decay=0.01, betas=(0.85, 0.98), eps=1e-08, amsgrad=False)
                 "different hyper-parameters; equiv takes one set: compare with one group"
             )
         group = groups[0]
+        if "initial_lr" in optimizer.param_groups[0]:
+            # A scheduler attached sets initial_lr and moves lr (found in review: a
+            # LinearLR's first rate was taken as the constant one).
+            raise value_error(
+                f"the {type(optimizer).__name__} has a learning-rate scheduler attached "
+                "(its groups hold initial_lr); equiv compares constant rates: pass an "
+                "optimizer without one"
+            )
         if group.get("maximize"):
             raise value_error(f"{type(optimizer).__name__}(maximize=True) is not supported")
         if optimizer.state:
             raise value_error(
                 f"the {type(optimizer).__name__} has taken steps (it holds state): a comparison "
                 "starts from a fresh optimizer, so its momentum or moments would be lost; "
-                "pass a fresh one, or OptimizerSpec.from_torch of it to say so"
+                "pass a fresh one, or write its hyper-parameters out as equiv.OptimizerSpec(...)"
             )
         if name == "adam" and group.get("decoupled_weight_decay"):
             name = "adamw"  # torch's Adam(decoupled_weight_decay=True) is AdamW

@@ -174,7 +174,7 @@ def check_jax_port(
             "learning_rate= for plain SGD (without either they would train with SGD at 0.1, "
             "whatever your port_optimizer does)"
         )
-    optimizer = as_optimizer_spec(optimizer)  # a torch.optim optimizer's hyper-parameters
+    optimizer = _optimizer_of(optimizer, model)
     learning_rate = _learning_rate(learning_rate, optimizer)
     assumed = _loss_assumed(model, spec)
     model, spec = _as_mlp(model, spec)
@@ -267,7 +267,7 @@ def check_manual_backward(
       >>> check_manual_backward(model, grad_fn, torch.randn(8, 4), torch.randn(8, 2)).agree
       True
     """
-    optimizer = as_optimizer_spec(optimizer)  # a torch.optim optimizer's hyper-parameters
+    optimizer = _optimizer_of(optimizer, model)
     learning_rate = _learning_rate(learning_rate, optimizer)
     assumed = _loss_assumed(model, spec)
     model, spec = _as_mlp(model, spec)
@@ -637,6 +637,22 @@ def _comparison(
 
 #: The fields of a spec that describe its loss rather than its layers.
 _LOSS_FIELDS = ("loss", "label_smoothing", "huber_delta", "smooth_l1_beta")
+
+
+def _optimizer_of(optimizer: Any, model: Any) -> Any:
+    """A ``torch.optim`` optimizer as its spec (:func:`equiv.optimizers.as_optimizer_spec`),
+    refused where its parameters are not ``model``'s (found in review: an optimizer
+    over another model, or a part of this one, was taken as it was)."""
+    if isinstance(optimizer, torch.optim.Optimizer) and isinstance(model, torch.nn.Module):
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        own = {id(p) for p in model.parameters()}
+        if held != own:
+            raise value_error(
+                f"the {type(optimizer).__name__} holds {len(held & own)} of the model's "
+                f"{len(own)} parameters and {len(held - own)} others: build it on "
+                "model.parameters()"
+            )
+    return as_optimizer_spec(optimizer)
 
 
 def _learning_rate(learning_rate: float | None, optimizer: OptimizerSpec | None) -> float:

@@ -178,6 +178,21 @@ class MLPSpec:
         """Parameter names in torch's order: ``fc1.weight, fc1.bias, fc2.weight, ...``."""
         return list(self.param_shapes())
 
+    def code(self) -> str:
+        """The spec as Python that builds it: the sizes, then every field that is not
+        its default, so that advice can be pasted as it is (found in review: advice
+        that left out a module's leaky ReLU slope was refused when passed).
+
+        >>> MLPSpec((6, 12, 3), activation="leaky_relu", negative_slope=0.2).code()
+        "MLPSpec((6, 12, 3), activation='leaky_relu', negative_slope=0.2)"
+        """
+        given = [
+            f"{field.name}={getattr(self, field.name)!r}"
+            for field in dataclasses.fields(self)
+            if field.name != "sizes" and getattr(self, field.name) != field.default
+        ]
+        return f"MLPSpec({', '.join([repr(self.sizes), *given])})"
+
     def replace(self, **changes) -> MLPSpec:
         """A copy with some fields changed.
 

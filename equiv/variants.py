@@ -213,15 +213,20 @@ def matching_variant(
     )
     loss = float(theirs["loss"])
     advice = f" {variant.advice}." if variant.advice else ""
-    if float(other["loss"]) == float(own["loss"]):
-        # A backward's mistake leaves the loss as it is, to the bit (found in a user trial: one
-        # loss printed three times, "its loss 0.399520713 ... (loss 0.399520713, ...),
-        # not the model's (loss 0.399520713, ...)").
+    if f"{float(other['loss']):.9g}" == f"{float(own['loss']):.9g}":
+        # One loss printed three times said nothing (found in a user trial: "its loss
+        # 0.399520713 ... (loss 0.399520713, ...), not the model's (loss 0.399520713,
+        # ...)"). A backward's mistake leaves it as it is, to the bit; a forward's (x
+        # rounded to float32) moves it beyond the digits shown (found in review).
+        same = (
+            "the same either way"
+            if float(other["loss"]) == float(own["loss"])
+            else "the model's to the 9 digits shown"
+        )
         return (
             f"{variant.what}{also}: its step-1 gradients are the float64 ones of the model "
             f"computed that way{kink} (within {near:.2g} relative), not the model's (up to "
-            f"{apart:.2g} relative away); the loss, {loss:.9g}, is the same either way."
-            f"{advice}"
+            f"{apart:.2g} relative away); the loss, {loss:.9g}, is {same}.{advice}"
         )
     return (
         f"{variant.what}{also}: its step-1 loss {loss:.9g} and gradients are the float64 "
@@ -377,12 +382,13 @@ def _transpose_advice(layout: str | None, by_hand: bool) -> str:
         return head + (
             "torch computes x @ W.T with W (out, in); the weight's gradient is then dz.T @ h"
         )
-    if layout in ("equinox", "torch"):
-        holds = "Equinox both hold" if layout == "equinox" else "its state_dict hold"
-        return (
-            head
-            + f"torch and {holds} W (out, in) and compute x @ W.T (W @ x per example), not x @ W"
+    if layout == "equinox":
+        return head + (
+            "torch and Equinox both hold W (out, in) and compute x @ W.T (W @ x per "
+            "example), not x @ W"
         )
+    if layout == "torch":
+        return head + "the torch layout holds W (out, in), used as x @ W.T, not x @ W"
     kernel = "an nnx kernel" if layout == "nnx" else "a Flax kernel"
     return head + (
         f"torch computes x @ W.T with W (out, in), while {kernel} is (in, out) and used as "

@@ -658,8 +658,15 @@ def test_torch_optimizers_equiv_cannot_state_are_refused():
     stepped = torch.optim.SGD(p, lr=0.1, momentum=0.9)
     p[0].grad = torch.ones(3)
     stepped.step()
-    with pytest.raises(ValueError, match="has taken steps"):
+    with pytest.raises(ValueError, match="has taken steps") as info:
         OptimizerSpec.from_torch(stepped)
+    assert "write its hyper-parameters out as equiv.OptimizerSpec" in str(info.value)
+    # A scheduler attached moves the rate (found in review: LinearLR's first rate was
+    # taken as the constant one).
+    scheduled = torch.optim.SGD(_params(), lr=0.1)
+    torch.optim.lr_scheduler.LinearLR(scheduled, start_factor=0.25)
+    with pytest.raises(ValueError, match="learning-rate scheduler attached"):
+        OptimizerSpec.from_torch(scheduled)
 
 
 def test_check_jax_port_takes_a_torch_optimizer(equiv_seed):
@@ -680,3 +687,8 @@ def test_check_jax_port_takes_a_torch_optimizer(equiv_seed):
     report = check_jax_port(model, loss_fn, x, y, optimizer=adamw, steps=2)
     report.assert_agree()
     assert report.optimizer == OptimizerSpec("adamw", learning_rate=3e-3, betas=(0.85, 0.98))
+    # An optimizer over other parameters than the model's is refused (found in review).
+    other = TorchMLP(MLPSpec((4, 3, 2), activation="tanh"))
+    for params in (other.parameters(), [next(iter(model.parameters()))]):
+        with pytest.raises(ValueError, match="build it on model.parameters()"):
+            check_jax_port(model, loss_fn, x, y, optimizer=torch.optim.AdamW(params), steps=2)

@@ -886,8 +886,7 @@ def test_a_port_of_another_loss_than_the_assumed_mse_is_told_to_say_it(equiv_see
         f"({float(report.trajectories['port'].losses[0]):.6g}), not the mse that equiv took "
         "it to be, as no spec said otherwise (a module cannot say its loss). If the torch "
         "model's loss is huber, pass spec=equiv.MLPSpec((6, 12, 2), activation='silu', "
-        "loss='huber') with the module's sizes, activations and bias; if it is mse, port "
-        "computes the wrong loss ("
+        "loss='huber'); if it is mse, port computes the wrong loss ("
     ]
     # The twins: told the loss, the port agrees; a loss equiv does not know gets the note.
     spec = MLPSpec((6, 12, 2), activation="silu", loss="huber")
@@ -1037,3 +1036,20 @@ def test_a_summed_port_of_an_assumed_mean_mse_is_told_both_readings(equiv_seed):
     (hint,) = check_jax_port(net, loss_fn, x, y, learning_rate=0.01).hints()
     assert "loss='mse_sum', bias=(True, False))" in hint, hint
     assert hint.endswith("; if it is mse, port computes the wrong loss (48 times the mse loss)")
+    # The spec shown is the module's in every field, so that it can be passed as it is
+    # (found in review: a leaky ReLU's slope and a float64 dtype were left out).
+    torch.manual_seed(equiv_seed)
+    leaky = torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.LeakyReLU(0.2), torch.nn.Linear(12, 3)
+    ).double()
+    xd, yd = x.double(), y.double()
+
+    def leaky_sum(params, xb, yb):
+        z = xb @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+        out = jax.nn.leaky_relu(z, 0.2) @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+        return jnp.sum((out - yb) ** 2)
+
+    (hint,) = check_jax_port(leaky, leaky_sum, xd, yd, learning_rate=0.01).hints()
+    shown = hint[hint.index("spec=equiv.") + len("spec=equiv.") : hint.index("; if it is")]
+    spec = eval(shown, {"MLPSpec": MLPSpec})  # the advice, pasted
+    check_jax_port(leaky, leaky_sum, xd, yd, learning_rate=0.01, spec=spec).assert_agree()
