@@ -267,9 +267,10 @@ def check_gradients(
     params = {k: _f64(v) for k, v in params.items()}
     # Integer class labels stay integers; everything else is computed in float64.
     x = _f64(x)
-    y = np.asarray(_to_numpy(y)) if LOSSES[spec.loss].targets == "labels" else _f64(y)
+    labels = LOSSES[spec.loss].targets == "labels"
+    y = np.asarray(_to_numpy(y)) if labels else _f64(y)
     _check_inputs(params, x, y, spec)
-    if LOSSES[spec.loss].targets == "labels":
+    if labels:
         y = y.astype(np.int64)  # labels held as whole floats (torch.float64 ones) too
     # The spec's own float64 backward: the reference a failing gradient is held to for
     # its known causes, trusted where it agrees with the finite differences below.

@@ -1297,8 +1297,6 @@ class Comparison:
         spec = self.problem.spec.replace(dtype="float64")
         x, y = _float64_batch(self.problem, 1)
         noise = VARIANT_NOISE[self.problem.spec.dtype]
-        # A hand-written backward (check_manual_backward) is likelier wrong there.
-        hand_written = self._hand_written
         return matching_variant(
             spec,
             _float64_params(self.problem),
@@ -1306,7 +1304,8 @@ class Comparison:
             y,
             theirs,
             noise=noise,
-            backward_first=hand_written and backend != "torch",
+            # A hand-written backward (check_manual_backward) is likelier wrong there.
+            backward_first=self._hand_written and backend != "torch",
             unit_roundoff=UNIT_ROUNDOFF[run.dtype],
             layout=run.layout,
         )
@@ -1367,7 +1366,7 @@ class Comparison:
                 "hints": self.hints() if not report["agree"] else [],
                 "loss": {b: [float(v) for v in t.losses] for b, t in self.trajectories.items()},
                 "params": {
-                    b: {k: v.tolist() for k, v in t.params[-1].items()}
+                    b: {k: np.asarray(v) for k, v in t.params[-1].items()}
                     for b, t in self.trajectories.items()
                 },
                 "diffs": report["leaves"],

@@ -714,16 +714,3 @@ __all__ = [
     "scale_by_torch_amsgrad",
     "torch_optimizer_state",
 ]
-
-
-def as_optimizer_spec(optimizer: Any) -> Any:
-    """``optimizer`` as an :class:`OptimizerSpec` where it is a ``torch.optim``
-    optimizer (:meth:`OptimizerSpec.from_torch`); anything else as it is, for the
-    caller's own check.
-
-    >>> as_optimizer_spec(None) is None
-    True
-    """
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return OptimizerSpec.from_torch(optimizer)
-    return optimizer

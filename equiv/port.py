@@ -82,7 +82,6 @@ from equiv.harness import (
 from equiv.losses import LOSSES
 from equiv.optimizers import (
     OptimizerSpec,
-    as_optimizer_spec,
     is_plain_sgd,
     make_optax,
     manual_init,
@@ -640,10 +639,12 @@ _LOSS_FIELDS = ("loss", "label_smoothing", "huber_delta", "smooth_l1_beta")
 
 
 def _optimizer_of(optimizer: Any, model: Any) -> Any:
-    """A ``torch.optim`` optimizer as its spec (:func:`equiv.optimizers.as_optimizer_spec`),
+    """A ``torch.optim`` optimizer as its spec (:meth:`equiv.OptimizerSpec.from_torch`),
     refused where its parameters are not ``model``'s (found in review: an optimizer
     over another model, or a part of this one, was taken as it was)."""
-    if isinstance(optimizer, torch.optim.Optimizer) and isinstance(model, torch.nn.Module):
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if isinstance(model, torch.nn.Module):
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         own = {id(p) for p in model.parameters()}
         if held != own:
@@ -652,7 +653,7 @@ def _optimizer_of(optimizer: Any, model: Any) -> Any:
                 f"{len(own)} parameters and {len(held - own)} others: build it on "
                 "model.parameters()"
             )
-    return as_optimizer_spec(optimizer)
+    return OptimizerSpec.from_torch(optimizer)
 
 
 def _learning_rate(learning_rate: float | None, optimizer: OptimizerSpec | None) -> float:

@@ -167,12 +167,10 @@ def matching_variant(
         other = variant.step_one(x, y, masks)
         near = tree_distance(theirs, other)
         found = near <= VARIANT_MATCH and near * 10 <= apart
-        if not found and near * PARTIAL_MATCH <= apart and near < partial[0]:
-            partial[:] = [near, variant]
         return ((variant, other, near, flipped) if found else None), near
 
     matches = []
-    partial: list = [math.inf, None]  # the nearest variant that explains most, not all
+    nearest: tuple[float, Variant | None] = (math.inf, None)  # for _partial_hint
     float64_run = 0 < unit_roundoff <= UNIT_ROUNDOFF["float64"]
     for variant in variants(
         spec, params, x, y, backward_first, theirs, output, float64_run, layout
@@ -187,19 +185,22 @@ def matching_variant(
                 continue
         budget -= 1
         found, near = attempt(variant)
+        nearest = min(nearest, (near, variant), key=lambda pair: pair[0])
         if found is None and unit_roundoff and near * 10 <= apart:
             # Near, not matched: units at a kink may explain the rest.
             for masks, flipped in _flips(variant, x, unit_roundoff):
                 if budget <= 0:
                     break
                 budget -= 1
-                found, _ = attempt(variant, masks, flipped)
+                found, flipped_near = attempt(variant, masks, flipped)
+                nearest = min(nearest, (flipped_near, variant), key=lambda pair: pair[0])
                 if found is not None:
                     break
         if found is not None:
             matches.append(found)
     if not matches:
-        return _partial_hint(partial[1], partial[0], apart)
+        near, variant = nearest
+        return _partial_hint(variant, near, apart) if near * PARTIAL_MATCH <= apart else None
     # Every match is named: two mistakes may give the same step on this batch (tanh's
     # slope taken at a small dh is 1 - dh² ≈ 1, the slope left out; a layer whose
     # units are all active hides a mask on either side: found in review).
