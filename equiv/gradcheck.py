@@ -54,6 +54,7 @@ from equiv import manual
 from equiv._messages import message, value_error
 from equiv.convert import LAYOUTS, check_entries
 from equiv.diagnose import _close, diagnose_leaf, diagnose_trees, precision_cause
+from equiv.environment import environment
 from equiv.kinks import preactivation_bounds
 from equiv.losses import LOSSES
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
@@ -223,6 +224,7 @@ class GradCheck:
                 {**dataclasses.asdict(p), "ratio": p.ratio, "passed": p.passed}
                 for p in self.projections
             ],
+            "environment": environment("cpu"),  # the check runs on the CPU
         }
 
 

@@ -55,6 +55,7 @@ from equiv.diagnose import (
     diagnose_optimizer,
     diagnose_trees,
 )
+from equiv.environment import environment
 from equiv.kinks import Kink, KinkAnalysis, analyse_kinks, flip_envelope, kinked
 from equiv.losses import LOSSES
 from equiv.memory import check_fits
@@ -1331,9 +1332,10 @@ class Comparison:
         return lines
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready report: verdict, config, settings, hints, losses and final
-        parameters per backend, diffs; non-finite numbers as strings (``"nan"``), so
-        that strict JSON holds it (found in a user trial: a NaN loss gave ``NaN``)."""
+        """A JSON-ready report: verdict, config, settings, environment (library
+        versions and device), hints, losses and final parameters per backend, diffs;
+        non-finite numbers as strings (``"nan"``), so that strict JSON holds it (found
+        in a user trial: a NaN loss gave ``NaN``)."""
         report = self.report.to_dict()
         return json_safe(
             {
@@ -1363,6 +1365,9 @@ class Comparison:
                     ),
                 },
                 "settings": report["settings"],
+                # Which torch, jaxlib and chip gave these figures (found in a user
+                # trial: two CI runs' reports differed and neither said why).
+                "environment": environment(str(report["settings"].get("device", "cpu"))),
                 "hints": self.hints() if not report["agree"] else [],
                 "loss": {b: [float(v) for v in t.losses] for b, t in self.trajectories.items()},
                 "params": {

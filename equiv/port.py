@@ -221,6 +221,11 @@ def check_jax_port(
         optimizer=optimizer,
         device=device,
         loss_assumed=assumed,
+        port_optimizer=(
+            "your own (port_optimizer=)"
+            if port_optimizer is not None
+            else f"equiv.optimizers.make_optax({optimizer.name!r} spec)"
+        ),
     )
 
 
@@ -607,6 +612,7 @@ def _comparison(
     optimizer=None,
     device="cpu",
     loss_assumed=False,
+    port_optimizer=None,
 ):
     report = compare_trajectories(
         problem,
@@ -625,6 +631,7 @@ def _comparison(
             "device": device,
             **settings,
             "port": port,
+            **({"port_optimizer": port_optimizer} if port_optimizer else {}),
             "arbiter": arbiter,
         }
     )

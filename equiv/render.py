@@ -449,7 +449,8 @@ def _pack(label: str, items: list[str], width: int, sep: str = ", ") -> list[str
     lines, current = [], f"{label:<9} {items[0]}"
     for item in items[1:]:
         candidate = current + sep + item
-        if len(candidate) <= width:
+        # Room for the separator that ends the line if another item follows.
+        if len(candidate + sep.rstrip()) <= width:
             current = candidate
         else:
             lines.append(current + sep.rstrip())

@@ -227,3 +227,11 @@ def test_a_problem_built_with_cuda_tensors_is_compared():
     )
     assert all(t.device.type == "cpu" for t in on_gpu.params.values())
     equiv.compare_backends(problem=on_gpu, device="cuda").assert_agree()
+
+
+@needs_gpu
+def test_a_gpu_comparison_records_the_chip():
+    environment = equiv.compare_backends(device="cuda").to_dict()["environment"]
+    assert environment["device"]["name"] == "cuda"
+    assert environment["device"]["torch"] == torch.cuda.get_device_name(0)
+    assert environment["device"]["jax"] == jax.devices("gpu")[0].device_kind

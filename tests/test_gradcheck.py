@@ -110,6 +110,7 @@ def test_to_dict_is_json_ready(equiv_seed):
     data = json.loads(json.dumps(check_gradients(params, x, y, SPECS[0]).to_dict()))
     assert data["agree"] is True and len(data["projections"]) == 8
     assert np.isfinite(data["worst_ratio"])
+    assert data["environment"]["versions"]["numpy"] == np.__version__
 
 
 def test_a_loss_kink_under_an_output_is_detected(equiv_seed):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import platform
 import re
 import warnings
 
@@ -345,6 +346,21 @@ def test_comparison_to_dict_is_json_and_holds_the_results():
     assert {"stage", "step", "name", "actual", "expected", "passed", "max_abs", "max_rel"} <= set(
         first
     )
+
+
+def test_comparison_to_dict_records_the_versions_and_device():
+    # Found in a user trial: two CI runs' JSON reports differed and nothing in them
+    # said which torch, jaxlib or chip gave each.
+    environment = equiv.compare_backends().to_dict()["environment"]
+    versions = environment["versions"]
+    assert versions["torch"] == torch.__version__
+    assert versions["jax"] == jax.__version__
+    assert versions["jaxlib"] == jax.lib.__version__
+    assert versions["numpy"] == np.__version__
+    assert versions["equiv"] == equiv.__version__
+    assert versions["python"] == platform.python_version()
+    assert environment["device"]["name"] == "cpu"
+    assert "torch" not in environment["device"]  # a GPU's chip only where one ran
 
 
 def test_progress_reports_each_phase_in_order():

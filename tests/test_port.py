@@ -143,6 +143,7 @@ def test_a_summed_loss_fails_and_the_arbiter_blames_the_port(equiv_seed):
     data = json.loads(json.dumps(report.to_dict()))
     assert data["agree"] is False
     assert data["settings"]["port"] == "jax loss_fn, flax layout"
+    assert data["settings"]["port_optimizer"] == "equiv.optimizers.make_optax('sgd' spec)"
 
 
 def test_a_wrong_manual_backward_fails(equiv_seed):
@@ -484,6 +485,10 @@ def test_ports_with_an_optimizer_are_checked_against_the_same_optimizer(optimize
     assert {f.actual for f in wrong.report.failures} | {
         f.expected for f in wrong.report.failures
     } >= {"port"}
+    # The report says whose optimizer the port ran (found in a user trial: the JSON
+    # did not, so a failure read the same as a wrong port under equiv's optimizer).
+    assert result.report.settings["port_optimizer"].startswith("equiv.optimizers.make_optax(")
+    assert wrong.to_dict()["settings"]["port_optimizer"] == "your own (port_optimizer=)"
 
 
 def test_a_port_with_another_beta_is_told_which(equiv_seed):

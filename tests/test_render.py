@@ -23,6 +23,7 @@ from equiv.harness import (
 from equiv.problem import make_problem
 from equiv.render import (
     RATIO_NOTE,
+    _pack,
     _pair,
     format_number,
     make_console,
@@ -212,6 +213,18 @@ def test_default_report_fits_the_width(passing3, width):
     for line in render_comparison(passing3, width=width).splitlines():
         if not line.startswith("[equiv]") and not line.startswith("worst "):
             assert len(line.rstrip()) <= width, line
+
+
+@pytest.mark.parametrize("width", range(60, 121))
+def test_header_items_are_split_only_between_items(width):
+    # Found in review: a line that just fitted its items lost its last one to the
+    # comma after it ("cudnn.conv.fp32_precision=ieee," on a line of its own, indented
+    # as a fold), at 90 columns.
+    items = [f"flag{i}.fp32_precision=ieee" for i in range(12)]
+    lines = _pack("torch", items, width)
+    assert all(len(line) <= width for line in lines)
+    assert not any(line.startswith(" " * 11) for line in lines)  # no folded continuation
+    assert " ".join(lines).replace(",", " ").split()[1:] == items
 
 
 def test_narrow_terminal_cuts_no_cell(passing):
