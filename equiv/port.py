@@ -668,12 +668,21 @@ def _learning_rate(learning_rate: float | None, optimizer: OptimizerSpec | None)
     if not isinstance(optimizer, OptimizerSpec):  # None, or refused by the caller's check
         return 0.1 if learning_rate is None else learning_rate
     own = optimizer.learning_rate
-    if learning_rate is not None and learning_rate != own:
-        raise value_error(
-            f"learning_rate={learning_rate!r} but the optimizer's is {own!r}; the optimizer's "
-            "is the one used: leave learning_rate out or make them the same"
-        )
-    return own
+    # A float32 rate (a torch optimizer's tensor lr, read at the value torch steps
+    # with) is the same as any number that rounds to it: lr=torch.tensor(1e-3) beside
+    # learning_rate=1e-3 was refused as a contradiction (found in a user trial).
+    in_float32 = float(np.float32(own)) == own
+    if learning_rate is None or learning_rate == own:
+        return own
+    if in_float32 and float(np.float32(learning_rate)) == own:
+        return own
+    shown = repr(own)
+    if in_float32 and str(np.float32(own)) != shown:  # 0.001 in float32, not 0.5
+        shown = f"{np.float32(own)!s} in float32 ({own!r})"
+    raise value_error(
+        f"learning_rate={learning_rate!r} but the optimizer's is {shown}; the optimizer's "
+        "is the one used: leave learning_rate out or make them the same"
+    )
 
 
 def _loss_assumed(model: Any, spec: MLPSpec | None) -> bool:

@@ -381,6 +381,22 @@ def test_a_learning_rate_that_contradicts_the_optimizer_is_refused(equiv_seed):
     )
 
 
+def test_a_tensor_learning_rate_is_the_same_as_its_float(equiv_seed):
+    # Found in a user trial: torch.optim.Adam(lr=torch.tensor(1e-3)) steps with
+    # float32's 1e-3, so learning_rate=1e-3 beside it was refused as a contradiction.
+    model, xs, ys = _model_and_batches(equiv_seed)
+    adam = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))
+    report = check_jax_port(model, flax_loss, xs, ys, steps=2, optimizer=adam, learning_rate=1e-3)
+    assert report.learning_rate == float(np.float32(1e-3))  # the rate torch steps with
+    # The twin: a rate that float32 tells apart is still a contradiction.
+    adam = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))
+    with pytest.raises(ValueError) as info:
+        check_jax_port(model, flax_loss, xs, ys, steps=2, optimizer=adam, learning_rate=1.0001e-3)
+    assert "learning_rate=0.0010001 but the optimizer's is 0.001 in float32 (0.00100000004" in str(
+        info.value
+    )
+
+
 @pytest.mark.parametrize("arrays", ["numpy", "torch"])
 @pytest.mark.parametrize(
     "optimizer",
