@@ -263,14 +263,14 @@ def _forward(params, x, spec, masks):
     return h, zs, acts
 
 
-def _backward(xp, params, x, dz, acts, spec, slope_of=None, weight_input=None):
+def _backward(xp, params, x, dz, acts, spec, slope_of=None, weight_input=None, bias_grad=None):
     grads: dict[str, Array] = {}
     for i in range(spec.num_layers, 0, -1):
         h_prev = x if i == 1 else acts[i - 2][0]
         h_prev = h_prev if weight_input is None else weight_input(i, h_prev)
         grads[f"fc{i}.weight"] = xp.matmul(xp.matrix_transpose(dz), h_prev)
         if spec.biases[i - 1]:
-            grads[f"fc{i}.bias"] = xp.sum(dz, axis=0)
+            grads[f"fc{i}.bias"] = xp.sum(dz, axis=0) if bias_grad is None else bias_grad(i, dz)
         if i > 1:
             act = ACTIVATIONS[spec.activations[i - 2]]
             dh = xp.matmul(dz, params[f"fc{i}.weight"])
@@ -291,6 +291,7 @@ def miswritten_loss_and_grads(
     weight_input: Callable[[int, Array, Array, list[Array], list[tuple[Array, Array]]], Array]
     | None = None,
     loss_of: Callable[[Array, Array], tuple[Array, Array]] | None = None,
+    bias_grad: Callable[[int, Array], Array] | None = None,
     masks: Masks = None,
 ) -> tuple[Array, dict[str, Array]]:
     """:func:`loss_and_grads` with its backward pass written wrong on purpose, the
@@ -305,7 +306,8 @@ def miswritten_loss_and_grads(
     ``weight_input(i, h, x, zs, acts)`` replaces ``h``, layer ``i``'s input, in its
     weight gradient ``dz_iᵀ h`` only; ``loss_of(out, y) -> (loss, dz_L)`` replaces the
     spec's loss and its gradient (a loss computed wrong: the backward from ``dz_L`` on
-    is the model's); ``masks`` as in :func:`loss_and_grads`.
+    is the model's); ``bias_grad(i, dz)`` replaces layer ``i``'s bias gradient
+    ``dz_i`` summed over the batch; ``masks`` as in :func:`loss_and_grads`.
 
     >>> import numpy as np
     >>> spec = MLPSpec((1, 1, 1), dtype="float64")
@@ -328,7 +330,7 @@ def miswritten_loss_and_grads(
     chained = {**params, **(backward_params or {})}
     slopes = None if slope_of is None else (lambda k, dh: slope_of(k, dh, zs, acts))
     inputs = None if weight_input is None else (lambda i, h: weight_input(i, h, x, zs, acts))
-    return loss, _backward(xp, chained, x, dz, acts, spec, slopes, inputs)
+    return loss, _backward(xp, chained, x, dz, acts, spec, slopes, inputs, bias_grad)
 
 
 def sgd_update(

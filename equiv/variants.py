@@ -1088,7 +1088,8 @@ def backward_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Ite
     gradient built from its layer's input before the activation, or from a neighbouring
     layer's input of the same width; a square weight transposed in the chain
     ``dh = dz W``; a square weight's gradient reported transposed (``hᵀ dz``, shape
-    (in, out), where torch's is ``dzᵀ h``)."""
+    (in, out), where torch's is ``dzᵀ h``); a bias gradient summed over the outputs
+    (where the batch is as wide as them, so the shape is right)."""
     hidden = range(1, spec.num_layers)
 
     def act(k: int):
@@ -1194,6 +1195,29 @@ def backward_variants(spec: MLPSpec, params: dict[str, np.ndarray], x, y) -> Ite
                 tier=2,  # a slip at one layer, after every mistake made everywhere
                 weight_input=other_input,
             )
+    # A bias gradient summed over the features instead of the batch has the bias's
+    # shape only where the batch is as wide as the layer's output, as in the
+    # notebook's default (batch 2, 2 outputs): caught, never named before.
+    across = [
+        i
+        for i in range(1, spec.num_layers + 1)
+        if spec.biases[i - 1] and spec.sizes[i] == len(x) > 1
+    ]
+    for chosen in [across] + ([[i] for i in across] if len(across) > 1 else []):
+        if not chosen:
+            continue
+
+        def over_features(i, dz, chosen=frozenset(chosen)):
+            return np.sum(dz, axis=1 if i in chosen else 0)
+
+        where = ", ".join(f"fc{i}" for i in chosen)
+        yield variant(
+            f"sums {where}'s bias gradient over the outputs, not the batch "
+            "(dz.sum(axis=1) for dz.sum(axis=0); the shapes agree only because the batch "
+            "is as wide as the layer)",
+            tier=1 if chosen == across else 2,
+            bias_grad=over_features,
+        )
     for i in range(1, spec.num_layers + 1):
         name = f"fc{i}.weight"
         if params[name].shape[0] == params[name].shape[1] > 1:

@@ -19,7 +19,7 @@ import optax
 import pytest
 import torch
 
-from equiv import MLPSpec, TorchMLP, manual
+from equiv import MLPSpec, TorchMLP, check_gradients, manual
 from equiv.harness import REFERENCE, compare_trajectories, run_reference, run_torch
 from equiv.port import PORT, check_jax_port, check_manual_backward
 from equiv.variants import matching_variant
@@ -611,6 +611,55 @@ def test_a_students_backward_mistake_is_named(mistake, cause, equiv_seed):
         return
     hints = comparison.hints()
     assert not comparison.agree and hints[0].split(": ", 1)[1].startswith(f"port {cause}"), hints
+
+
+def _bias_over(axis):
+    """The notebook's 4-3-2 ReLU MSE backward, fc2's bias gradient summed over ``axis``."""
+
+    def grad_fn(params, x, y):
+        p = {k: np.asarray(v) for k, v in params.items()}
+        x, y = np.asarray(x), np.asarray(y)
+        z1 = x @ p["fc1.weight"].T + p["fc1.bias"]
+        h = np.maximum(z1, 0)
+        out = h @ p["fc2.weight"].T + p["fc2.bias"]
+        dz2 = 2 * (out - y) / out.size
+        dz1 = (dz2 @ p["fc2.weight"]) * (z1 > 0)
+        grads = {
+            "fc1.weight": dz1.T @ x,
+            "fc1.bias": dz1.sum(axis=0),
+            "fc2.weight": dz2.T @ h,
+            "fc2.bias": dz2.sum(axis=axis),
+        }
+        return np.mean((out - y) ** 2), grads
+
+    return grad_fn
+
+
+@pytest.mark.parametrize("check", ["check_manual_backward", "check_gradients"])
+def test_a_bias_gradient_summed_over_the_outputs_is_named(check, equiv_seed):
+    # Found in a user trial: in the notebook's default (batch 2, 2 outputs)
+    # dz.sum(axis=1) has the bias's shape; it was caught with no cause. The twin:
+    # dz.sum(axis=0) agrees.
+    spec = MLPSpec((4, 3, 2))
+    torch.manual_seed(equiv_seed)
+    model = TorchMLP(spec)
+    x, y = torch.randn(2, 4), torch.randn(2, 2)
+    cause = (
+        "sums fc2's bias gradient over the outputs, not the batch (dz.sum(axis=1) for "
+        "dz.sum(axis=0); the shapes agree only because the batch is as wide as the layer)"
+    )
+    if check == "check_manual_backward":
+        check_manual_backward(model, _bias_over(0), x, y).assert_agree()
+        comparison = check_manual_backward(model, _bias_over(1), x, y)
+        hints = comparison.hints()
+        assert not comparison.agree
+        assert hints[0].startswith(f"fc2.bias: port {cause} in the backward pass"), hints
+    else:
+        params = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+        xs, ys = x.double().numpy(), y.double().numpy()
+        check_gradients(params, xs, ys, spec.replace(dtype="float64"), _bias_over(0)).assert_agree()
+        wrong = check_gradients(params, xs, ys, spec.replace(dtype="float64"), _bias_over(1))
+        assert not wrong.agree and wrong.cause.startswith(f"grad_fn {cause}"), wrong.cause
 
 
 def _random_params(spec, rng, bias_scale=1.0):
