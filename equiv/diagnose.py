@@ -1032,17 +1032,11 @@ def diagnose_optimizer(
       'ignores dampening=0.5'
     """
     variants = optimizer_variants(spec)
-    eps = _fitted_eps(spec, initial, grads[0], params[0]) if params else None
-    if eps is not None:
-        variants.append(
-            OptimizerVariant(
-                f"uses eps={eps:.3g}, not torch's {spec.eps:g} (fitted to its first update): "
-                f"use optax.{spec.name}(..., eps={spec.eps:g})",
-                dataclasses.replace(spec, eps=eps),
-            )
-        )
     if not params:
         return None
+    eps = _eps_variant(spec, initial, grads, params)
+    if eps is not None:
+        variants.append(eps)
     mundane = [spec]
     if spec.weight_decay:
         mundane.append(dataclasses.replace(spec, weight_decay=0.0))
@@ -1057,6 +1051,13 @@ def diagnose_optimizer(
         residual = optimizer_residual(OptimizerVariant("", other), initial, grads, params)
         if residual <= 10 * UPDATE_EXPLAINED:
             if other is not faster:
+                # Near enough to blame nothing, unless a misreading replays the run ten
+                # times nearer still (found in a user trial: optax.adam(eps=3e-8) for
+                # torch's 1e-8 replayed to 9e-4 as torch's Adam, to 2e-5 with its ε).
+                for variant in variants:
+                    nearer = optimizer_residual(variant, initial, grads, params)
+                    if nearer <= UPDATE_EXPLAINED and 10 * nearer < residual:
+                        return variant.what
                 return None
             # One step cannot tell a variant whose first update is a multiple of the
             # optimizer's (Nesterov's: 1.47 times Adam's, 1 + μ times SGD's) from a
@@ -1203,38 +1204,80 @@ def _fitted_learning_rate(spec, initial, grads, after) -> float | None:
     return fitted if fitted > 0 and np.isfinite(fitted) else None
 
 
-def _fitted_eps(spec, initial, grads, after) -> float | None:
-    """Adam's ε that explains step 1, or None: there each update is
+def _fitted_eps(spec, initial, grads, after) -> tuple[float, float] | None:
+    """Adam's ε that explains step 1 and the fit's standard error, or None: there
+    each update is
     ``lr·g/(|g| + ε)`` (``g + λ·p`` under L2; AdamW first decays ``p`` by ``1 - lr·λ``),
-    so ``ε = |g|·(lr/|Δ| - 1)`` for each element whose update ``|Δ|`` is from 5% to 95%
-    of ``lr``, where it depends on ε; the median of them, to three digits. Found in a
-    user trial: optax.adamw(eps=1e-6) for torch's 1e-8 failed with no cause named.
+    so ``ε = |g|·(lr/|Δ| - 1)`` for each element that moved; their mean weighted by
+    the inverse square of each one's error (the rounding of the parameters after the
+    step, ``|g|·lr·δΔ/Δ²``, and of ``√v̂`` against ``|g|``). Found in user trials:
+    optax.adamw(eps=1e-6) for torch's 1e-8 failed with no cause named; so did eps=1e-7,
+    where no element's update is far enough below ``lr`` to read ε from it alone (the
+    median of those between 5% and 95% of ``lr`` it took before): every element says a
+    little, and together they say it.
 
     >>> spec = OptimizerSpec("adam", learning_rate=0.1)
     >>> g = {"w": np.array([1e-6, 3e-6, 5e-6, 1.0])}
     >>> p0 = {"w": np.zeros(4)}
     >>> p1 = {"w": -0.1 * g["w"] / (np.abs(g["w"]) + 2e-6)}  # eps 2e-6
-    >>> _fitted_eps(spec, p0, g, p1)
-    2e-06
+    >>> eps, spread = _fitted_eps(spec, p0, g, p1)
+    >>> f"{eps:.6g}"
+    '2e-06'
     """
     if spec.name not in ("adam", "adamw") or spec.amsgrad:
         return None
     lr, lam = spec.learning_rate, spec.weight_decay
+    # The run's own unit roundoff (its parameters' dtype), before they are widened.
+    u = max((float(np.finfo(np.asarray(v).dtype).eps) / 2 for v in after.values()), default=0.0)
     before, grads, after = _wide(initial), _wide(grads), _wide(after)
-    found = []
+    estimates, weights = [], []
     for name, p in before.items():
-        g = grads[name] + (lam * p if spec.name == "adam" else 0.0)
+        g = np.abs(grads[name] + (lam * p if spec.name == "adam" else 0.0))
         start = p * (1 - lr * lam) if spec.name == "adamw" else p
         move = np.abs(after[name] - start)
-        useful = (move >= 0.05 * lr) & (move <= 0.95 * lr) & (g != 0)
-        found.append(np.abs(g[useful]) * (lr / move[useful] - 1))
-    fits = np.concatenate(found) if found else np.zeros(0)
-    if fits.size < 3:
+        moved = (move > 0) & (g > 0) & np.isfinite(move) & np.isfinite(g)
+        g, move = g[moved], move[moved]
+        rounding = u * (np.abs(after[name][moved]) + np.abs(start[moved])) + u * move
+        error = np.hypot(g * lr * rounding / move**2, 4 * u * g)
+        with np.errstate(divide="ignore"):
+            weight = 1 / error**2
+        keep = np.isfinite(weight) & (weight > 0)
+        estimates.append((g * (lr / move - 1))[keep])
+        weights.append(weight[keep])
+    estimates, weights = np.concatenate(estimates), np.concatenate(weights)
+    if estimates.size < 3:
         return None
-    eps = float(f"{float(np.median(fits)):.3g}")
-    if not np.isfinite(eps) or eps <= 0 or abs(eps - spec.eps) <= 0.01 * max(spec.eps, eps):
+    total = float(np.sum(weights))
+    eps = float(np.sum(weights * estimates)) / total
+    spread = 1 / math.sqrt(total)  # the fit's own standard error
+    if not np.isfinite(eps) or eps <= 0:
         return None
-    return eps
+    if abs(eps - spec.eps) <= max(3 * spread, 0.01 * max(spec.eps, eps)):
+        return None
+    return eps, spread
+
+
+def _eps_variant(spec, initial, grads, params) -> OptimizerVariant | None:
+    """Adam with the ε :func:`_fitted_eps` reads from step 1, given the fewest digits
+    (up to 3) that replay the whole run to :data:`UPDATE_EXPLAINED`; else None."""
+    fitted = _fitted_eps(spec, initial, grads[0], params[0])
+    if fitted is None:
+        return None
+    fitted, spread = fitted
+    for digits in (1, 2, 3):
+        eps = float(f"{fitted:.{digits}g}")
+        # Where ε is small beside the gradients, one step reads it only roughly.
+        shown = (
+            f"eps={eps:g}" if spread <= 0.05 * eps else f"eps of about {eps:g} (±{3 * spread:.1g})"
+        )
+        variant = OptimizerVariant(
+            f"uses {shown}, not torch's {spec.eps:g} (fitted to its first update): "
+            f"use optax.{spec.name}(..., eps={spec.eps:g})",
+            dataclasses.replace(spec, eps=eps),
+        )
+        if optimizer_residual(variant, initial, grads, params) <= UPDATE_EXPLAINED:
+            return variant
+    return None
 
 
 def _momentum_variant(spec, initial, grads, params) -> OptimizerVariant | None:

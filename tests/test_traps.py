@@ -387,6 +387,42 @@ def test_adam_epsilon_mistakes_at_torchs_default_are_caught_in_one_step(naive_tx
     assert right_agrees
 
 
+@pytest.mark.parametrize("eps", [1e-7, 3e-8])
+def test_an_adam_epsilon_near_torchs_is_named(eps, equiv_seed):
+    # Found in a user trial: optax.adamw(eps=1e-7) for torch's 1e-8 was caught with no
+    # cause named where no element's update was far enough below lr to read ε from it
+    # alone; 3e-8 replayed torch's AdamW to 9e-4, near enough to blame nothing. The
+    # twin: the right ε agrees (and names nothing).
+    spec = MLPSpec((20, 32, 32, 5), activation="gelu", loss="cross_entropy", label_smoothing=0.1)
+    naive = optax.adamw(1e-3, eps=eps, weight_decay=1e-2)
+    bad, right_agrees = _adamw_port_at_torchs_defaults(spec, 16, equiv_seed, naive)
+    assert not bad.agree
+    named = f"port's updates are torch's adamw misread: it uses eps={eps:g}, not torch's 1e-08"
+    assert any(named in hint for hint in bad.hints()), bad.hints()
+    assert right_agrees
+
+
+def test_an_adam_epsilon_read_roughly_is_said_to_be():
+    # Where ε is small beside every gradient, one step reads it only to within its
+    # error: said "about", with the error, not as a value (a run with eps=0 fits 1e-9).
+    # The twin: a larger ε is read as a value (the test above).
+    spec = MLPSpec((4, 8, 3), activation="tanh")
+    torch.manual_seed(0)
+    model = TorchMLP(spec)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    bad = check_jax_port(
+        model,
+        lambda params, xb, yb: jnp.mean((jax_mlp.forward(params, xb, spec) - yb) ** 2),
+        x,
+        y,
+        steps=2,
+        optimizer=OptimizerSpec("adam", learning_rate=1e-3),
+        port_optimizer=optax.adam(1e-3, eps=0.0),
+    )
+    hint = next(h for h in bad.hints() if "misread" in h)
+    assert re.search(r"it uses eps of about \de-09 \(±\de-\d\d\), not torch's 1e-08", hint), hint
+
+
 def test_optax_adamw_default_decay_is_caught_and_named_on_a_wide_model(equiv_seed):
     # Found in a user trial: optax.adamw(1e-3) (decay 1e-4) for torch's AdamW (1e-2)
     # passed on 784-wide models: the parameters' bound held c·√k roundings of p per
