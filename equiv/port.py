@@ -93,8 +93,12 @@ from equiv.problem import Problem
 from equiv.spec import MLPSpec
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP, torch_mlp_with_params
 
-#: The name your implementation carries in reports.
+#: The name your implementation carries in reports: a JAX port (check_jax_port).
 PORT = "port"
+#: ... and a hand-written backward (check_manual_backward), as check_gradients names
+#: it: a researcher's NumPy backward read "port sums fc2's bias gradient ..." and asked
+#: what was ported (found in a user trial).
+GRAD_FN = "grad_fn"
 
 LossFn = Callable[[Any, Any, Any], Any]
 GradFn = Callable[[Mapping[str, Any], Any, Any], tuple[Any, Mapping[str, Any]]]
@@ -258,7 +262,8 @@ def check_manual_backward(
     for torch tensors), whose state is compared too. ``model`` and ``spec`` are read
     as in :func:`check_jax_port`. ``device`` (``"cpu"``, ``"cuda:N"``) is where the
     torch model trains and where your function's torch tensors are (``arrays="torch"``;
-    NumPy arrays are on the CPU); the float64 reference runs on the CPU.
+    NumPy arrays are on the CPU); the float64 reference runs on the CPU. Reports
+    name your function ``grad_fn`` (``grad_fn vs torch``).
 
     Example:
       >>> import torch
@@ -291,8 +296,14 @@ def check_manual_backward(
     with comparison_scope(spec.dtype, precision) as settings:
         trajectories = {
             "torch": run_torch_model(model, problem, learning_rate, optimizer=optimizer, device=on),
-            PORT: run_manual_port(
-                problem, grad_fn, learning_rate, arrays=arrays, optimizer=optimizer, device=on
+            GRAD_FN: run_manual_port(
+                problem,
+                grad_fn,
+                learning_rate,
+                arrays=arrays,
+                name=GRAD_FN,
+                optimizer=optimizer,
+                device=on,
             ),
             REFERENCE: _run_arbiter(model, problem, optimizer),
         }
@@ -507,7 +518,7 @@ def run_manual_port(
     learning_rate: float,
     *,
     arrays: str = "numpy",
-    name: str = PORT,
+    name: str = GRAD_FN,
     optimizer: OptimizerSpec | None = None,
     device: torch.device | str = "cpu",
 ) -> Trajectory:

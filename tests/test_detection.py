@@ -21,7 +21,7 @@ import torch
 
 from equiv import MLPSpec, TorchMLP, check_gradients, manual
 from equiv.harness import REFERENCE, compare_trajectories, run_reference, run_torch
-from equiv.port import PORT, check_jax_port, check_manual_backward
+from equiv.port import GRAD_FN, PORT, check_jax_port, check_manual_backward
 from equiv.variants import matching_variant
 
 SPEC = MLPSpec((6, 6, 6, 3))  # fc1 and fc2 square: transposes and swaps raise nothing
@@ -248,7 +248,7 @@ DEFECTS = [
         manual_check(wrong_mask="side"),
         "grads",
         BELOW_TOP,
-        hint="port takes relu's slope on the wrong side of 0 (z < 0 for z > 0) after fc1, fc2 "
+        hint="grad_fn takes relu's slope on the wrong side of 0 (z < 0 for z > 0) after fc1, fc2 "
         "in the backward pass",
     ),
     Defect(
@@ -256,7 +256,7 @@ DEFECTS = [
         manual_check(wrong_mask="tensor"),
         "grads",
         BELOW_TOP,
-        hint="port takes relu's slope at the upstream gradient dh instead of z after fc1, fc2 "
+        hint="grad_fn takes relu's slope at the upstream gradient dh instead of z after fc1, fc2 "
         "in the backward pass",
     ),
     Defect(
@@ -264,7 +264,7 @@ DEFECTS = [
         manual_check(wrong_mask="none"),
         "grads",
         BELOW_TOP,
-        hint="port leaves out relu's slope (the mask z > 0) after fc1, fc2 in the backward pass",
+        hint="grad_fn leaves out relu's slope (the mask z > 0) after fc1, fc2 in the backward pass",
     ),
     Defect(
         "tanh slope written 1 - z² in the backward",
@@ -272,7 +272,7 @@ DEFECTS = [
         "grads",
         BELOW_TOP,
         activation="tanh",
-        hint="port feeds z to tanh's slope written for its output (1 - h² as 1 - z²) after "
+        hint="grad_fn feeds z to tanh's slope written for its output (1 - h² as 1 - z²) after "
         "fc1, fc2 in the backward pass",
     ),
     Defect(
@@ -280,7 +280,7 @@ DEFECTS = [
         manual_check(flipped=(2,)),
         "grads",
         ("fc2.weight",),
-        hint="port reports fc2.weight's gradient transposed (h.T @ dz for dz.T @ h) in the "
+        hint="grad_fn reports fc2.weight's gradient transposed (h.T @ dz for dz.T @ h) in the "
         "backward pass",
     ),
     Defect(
@@ -288,7 +288,7 @@ DEFECTS = [
         manual_check(chain_flipped=(2,)),
         "grads",
         ("fc1.weight", "fc1.bias"),
-        hint="port multiplies by fc2.weight transposed (dz @ W.T for dz @ W) in the backward pass",
+        hint="grad_fn multiplies by fc2.weight transposed (dz @ W.T for dz @ W) in the backward pass",
     ),
     Defect(
         "mse summed instead of averaged",
@@ -324,7 +324,7 @@ DEFECTS = [
         manual_check(bias_reduce=np.mean),
         "grads",
         BIASES,
-        hint="port's grads are 0.125 times reference's. A factor of the batch size",
+        hint="grad_fn's grads are 0.125 times reference's. A factor of the batch size",
     ),
     Defect(
         "learning rate off by 10",
@@ -416,10 +416,11 @@ def test_defect_is_caught_and_attributed(defect, equiv_seed):
     assert not comparison.agree
     first = comparison.report.failures[0]
     assert (first.stage, first.step) == (defect.stage, 1)
+    port = PORT if PORT in comparison.trajectories else GRAD_FN  # check_jax_port's, or not
     failing = {
         d.name
         for d in comparison.report.failures
-        if (d.stage, d.step, d.actual, d.expected) == (defect.stage, 1, PORT, REFERENCE)
+        if (d.stage, d.step, d.actual, d.expected) == (defect.stage, 1, port, REFERENCE)
     }
     assert failing == set(defect.leaves)
     assert not [
@@ -427,7 +428,7 @@ def test_defect_is_caught_and_attributed(defect, equiv_seed):
     ]
     with pytest.raises(AssertionError) as info:
         comparison.assert_agree()
-    assert "  arbiter: port is off: " in str(info.value)
+    assert f"  arbiter: {port} is off: " in str(info.value)
     hints = comparison.hints()
     if defect.hint:
         assert hints and defect.hint in hints[0], hints
@@ -610,7 +611,7 @@ def test_a_students_backward_mistake_is_named(mistake, cause, equiv_seed):
         comparison.assert_agree()
         return
     hints = comparison.hints()
-    assert not comparison.agree and hints[0].split(": ", 1)[1].startswith(f"port {cause}"), hints
+    assert not comparison.agree and hints[0].split(": ", 1)[1].startswith(f"grad_fn {cause}"), hints
 
 
 def _bias_over(axis):
@@ -653,7 +654,7 @@ def test_a_bias_gradient_summed_over_the_outputs_is_named(check, equiv_seed):
         comparison = check_manual_backward(model, _bias_over(1), x, y)
         hints = comparison.hints()
         assert not comparison.agree
-        assert hints[0].startswith(f"fc2.bias: port {cause} in the backward pass"), hints
+        assert hints[0].startswith(f"fc2.bias: grad_fn {cause} in the backward pass"), hints
     else:
         params = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
         xs, ys = x.double().numpy(), y.double().numpy()

@@ -155,8 +155,8 @@ def test_a_backward_that_leaves_out_a_bias_the_layer_has_fails_and_is_named(equi
     lines = str(info.value).splitlines()
     assert lines[1] == "  arbiter: torch agrees with the float64 reference"
     blocks = lines.index("  every failing comparison:")
-    assert lines[blocks - 1].startswith("  likely cause: loss: port leaves out fc3.bias: ")
-    assert lines[blocks + 1] == "loss at step 1, loss, shape (), float32: port vs torch"
+    assert lines[blocks - 1].startswith("  likely cause: loss: grad_fn leaves out fc3.bias: ")
+    assert lines[blocks + 1] == "loss at step 1, loss, shape (), float32: grad_fn vs torch"
     assert ("grads", 1, "fc3.bias") in {(d.stage, d.step, d.name) for d in report.report.failures}
 
 
