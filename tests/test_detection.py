@@ -288,7 +288,8 @@ DEFECTS = [
         manual_check(chain_flipped=(2,)),
         "grads",
         ("fc1.weight", "fc1.bias"),
-        hint="grad_fn multiplies by fc2.weight transposed (dz @ W.T for dz @ W) in the backward pass",
+        hint="grad_fn multiplies by fc2.weight transposed (dz @ W.T for dz @ W) in the backward "
+        "pass",
     ),
     Defect(
         "mse summed instead of averaged",
