@@ -303,9 +303,10 @@ def torch_to_jax(
         refused = gpu_without_jax({state[name].device for name in spec.param_names()})
         if refused:
             raise value_error(refused)
-    # Arrays from an earlier conversion that the caller has dropped are freed by
-    # JAX only at its next garbage collection (below): let that come before this
-    # conversion allocates, so that two copies are never alive at once.
+    # JAX frees what device_put adopted (_adopt) at its next garbage collection, on
+    # its next call or Python's next gc pass (it hooks gc.callbacks; jax-ml/jax#14882),
+    # not as the array is dropped: let an earlier conversion the caller has dropped go
+    # before this one allocates, so that two copies are never alive at once.
     gc.collect(0)
     leaves, fills = [], []
     for name in spec.param_names():
@@ -354,9 +355,6 @@ def _adopt(tensor: torch.Tensor, device: jax.Device | None) -> jax.Array:
       2.0
     """
     if tensor.device.type == "cpu":
-        # JAX frees the owner at its next garbage collection, on its next call or
-        # Python's next gc pass (it hooks gc.callbacks; jax-ml/jax#14882), not as
-        # the array is dropped: torch_to_jax starts with one.
         return jax.device_put(tensor.numpy(), device or jax.devices("cpu")[0])
     array = jnp.from_dlpack(tensor)
     if device is not None and array.devices() != {device}:

@@ -61,6 +61,10 @@ from equiv.spec import UNIT_ROUNDOFF, MLPSpec
 from equiv.tolerance import SAFETY
 from equiv.variants import matching_variant
 
+#: The name your hand-written backward carries in reports, here and in
+#: :func:`equiv.check_manual_backward`.
+GRAD_FN = "grad_fn"
+
 U64 = UNIT_ROUNDOFF["float64"]
 #: Relative step along each direction: u^(1/3) balances h² truncation and u/h rounding.
 STEP = U64 ** (1.0 / 3.0)
@@ -515,7 +519,7 @@ def _factor_causes(
     measured along their directions and its spread (greatest minus least); the loss's,
     the returned loss and the spec's."""
     common = {
-        "names": ("grad_fn", "the float64 reference"),
+        "names": (GRAD_FN, "the float64 reference"),
         "numel_output": batch * spec.sizes[-1],
         "batch_size": batch,
         "loss": spec.loss,

@@ -66,7 +66,7 @@ from equiv.from_module import (
     refuse_frozen,
     registers_activations,
 )
-from equiv.gradcheck import unpack_grad_fn_result
+from equiv.gradcheck import GRAD_FN, unpack_grad_fn_result
 from equiv.harness import (
     HAND_WRITTEN,
     REFERENCE,
@@ -95,10 +95,9 @@ from equiv.torch_mlp import TORCH_DTYPES, TorchMLP, torch_mlp_with_params
 
 #: The name your implementation carries in reports: a JAX port (check_jax_port).
 PORT = "port"
-#: ... and a hand-written backward (check_manual_backward), as check_gradients names
-#: it: a researcher's NumPy backward read "port sums fc2's bias gradient ..." and asked
-#: what was ported (found in a user trial).
-GRAD_FN = "grad_fn"
+# A hand-written backward is GRAD_FN, as in check_gradients: a researcher's NumPy
+# backward read "port sums fc2's bias gradient ..." and asked what was ported (found
+# in a user trial).
 
 LossFn = Callable[[Any, Any, Any], Any]
 GradFn = Callable[[Mapping[str, Any], Any, Any], tuple[Any, Mapping[str, Any]]]
@@ -297,13 +296,7 @@ def check_manual_backward(
         trajectories = {
             "torch": run_torch_model(model, problem, learning_rate, optimizer=optimizer, device=on),
             GRAD_FN: run_manual_port(
-                problem,
-                grad_fn,
-                learning_rate,
-                arrays=arrays,
-                name=GRAD_FN,
-                optimizer=optimizer,
-                device=on,
+                problem, grad_fn, learning_rate, arrays=arrays, optimizer=optimizer, device=on
             ),
             REFERENCE: _run_arbiter(model, problem, optimizer),
         }
