@@ -60,7 +60,7 @@ import torch
 
 from equiv._messages import type_error, value_error
 from equiv.devices import _jax_gpus, jax_device, torch_device
-from equiv.spec import DTYPES, MLPSpec
+from equiv.spec import DTYPES, MLPSpec, check_spec
 
 _LAYER = r"(0|[1-9]\d*)"  # no leading zeros: "Dense_00" must not alias "Dense_0"
 _TORCH_NAME = re.compile(r"fc([1-9]\d*)\.(weight|bias)")
@@ -566,6 +566,8 @@ def check_entries(
     >>> check_entries(mixed, LAYOUTS["torch"], None, what="model", from_model=True).bias
     (True, False)
     """
+    if spec is not None:
+        check_spec(spec)
     known = {}
     problems = []
     for path, value in entries.items():

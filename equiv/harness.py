@@ -70,7 +70,7 @@ from equiv.optimizers import (
 )
 from equiv.precision import comparison_scope, lowered_matmuls
 from equiv.problem import Problem, check_counts, make_problem
-from equiv.spec import UNIT_ROUNDOFF, MLPSpec
+from equiv.spec import UNIT_ROUNDOFF, MLPSpec, check_spec
 from equiv.tolerance import (
     Tolerance,
     derived_tolerance,
@@ -1430,10 +1430,8 @@ def compare_backends(
       >>> round(float(comparison.trajectories["torch"].losses[0]), 4)
       2.5145
     """
-    if spec is not None and not isinstance(spec, MLPSpec):
-        raise type_error(
-            f"spec must be an equiv.MLPSpec such as MLPSpec((4, 3, 2)), got {type(spec).__name__}"
-        )
+    if spec is not None:
+        check_spec(spec)
     if spec is not None and problem is not None and spec != problem.spec:
         raise value_error(f"spec {spec} differs from problem.spec {problem.spec}; pass one of them")
     spec = spec or (problem.spec if problem else MLPSpec())

@@ -15,10 +15,10 @@ import functools
 
 import torch
 
-from equiv._messages import type_error, value_error
+from equiv._messages import value_error
 from equiv.losses import LOSSES, draw_targets
 from equiv.memory import check_fits
-from equiv.spec import MLPSpec
+from equiv.spec import MLPSpec, check_spec
 from equiv.tolerance import repeated_examples
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
 
@@ -96,10 +96,7 @@ def make_problem(
       >>> problem.batches[0][0].shape, problem.params["fc2.bias"].shape
       (torch.Size([2, 4]), torch.Size([2]))
     """
-    if not isinstance(spec, MLPSpec):
-        raise type_error(
-            f"spec must be an equiv.MLPSpec such as MLPSpec((4, 3, 2)), got {type(spec).__name__}"
-        )
+    check_spec(spec)
     check_counts(batch_size=batch_size, steps=steps, seed=seed)
     # Before drawing: a batch beyond memory (or beyond torch's int64 sizes) is refused
     # with what it needs instead of failing in the allocator.

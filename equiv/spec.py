@@ -247,3 +247,28 @@ def _as_bool(value: object) -> bool | None:
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise value_error(f"unknown {field} {value!r}; expected one of {', '.join(choices)}")
+
+
+def check_spec(spec: object) -> None:
+    """Refuse anything but an :class:`MLPSpec` passed as ``spec=``, saying how to write one.
+
+    Found in a user trial: ``torch_to_jax(model, spec=(4, 8, 2))`` raised a bare
+    ``AttributeError`` from deep inside the converter.
+
+    >>> check_spec(MLPSpec((4, 3, 2)))
+    >>> check_spec((4, 8, 2))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: [equiv] spec must be an equiv.MLPSpec ..., got tuple (4, 8, 2): write ...
+    """
+    if isinstance(spec, MLPSpec):
+        return
+    shown = type(spec).__name__
+    if (
+        isinstance(spec, Sequence)
+        and not isinstance(spec, (str, bytes))
+        and len(spec) >= 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in spec)
+    ):
+        shown += f" {spec!r}: write spec=equiv.MLPSpec({tuple(spec)!r})"
+    raise type_error(f"spec must be an equiv.MLPSpec such as MLPSpec((4, 3, 2)), got {shown}")

@@ -7,10 +7,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from equiv._messages import type_error
 from equiv.activations import ACTIVATIONS
 from equiv.losses import LOSSES
-from equiv.spec import MLPSpec
+from equiv.spec import MLPSpec, check_spec
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -31,11 +30,7 @@ class TorchMLP(nn.Module):
 
     def __init__(self, spec: MLPSpec, device: torch.device | str | None = None):
         super().__init__()
-        if not isinstance(spec, MLPSpec):
-            raise type_error(
-                f"spec must be an equiv.MLPSpec such as MLPSpec((4, 3, 2)), "
-                f"got {type(spec).__name__}"
-            )
+        check_spec(spec)
         self.spec = spec
         dtype = TORCH_DTYPES[spec.dtype]
         for i in range(1, spec.num_layers + 1):

@@ -6,7 +6,9 @@ import dataclasses
 import re
 
 import pytest
+import torch
 
+import equiv
 from equiv import MLPSpec
 from equiv.spec import ACTIVATIONS, DTYPES, LOSSES
 
@@ -229,3 +231,38 @@ def test_choices_must_be_exact(field):
     value = {"activation": "ReLU", "loss": "MSE", "dtype": "FLOAT32"}[field]
     with pytest.raises(ValueError, match=rf"^\[equiv\] unknown {field} {re.escape(repr(value))};"):
         MLPSpec(**{field: value})
+
+
+SPEC_TAKERS = {
+    "torch_to_jax": lambda model, spec, path: equiv.torch_to_jax(model, spec=spec),
+    "jax_to_torch": lambda model, spec, path: equiv.jax_to_torch(
+        equiv.torch_to_jax(model), spec=spec
+    ),
+    "save_torch": lambda model, spec, path: equiv.save_torch(model, path, spec=spec),
+    "load_torch": lambda model, spec, path: (
+        equiv.save_torch(model, path),
+        equiv.load_torch(path, spec=spec),
+    ),
+    "save_jax": lambda model, spec, path: equiv.save_jax(
+        equiv.torch_to_jax(model), path, spec=spec
+    ),
+    "load_jax": lambda model, spec, path: (
+        equiv.save_torch(model, path),
+        equiv.load_jax(path, spec=spec),
+    ),
+}
+
+
+@pytest.mark.parametrize("taker", list(SPEC_TAKERS))
+def test_sizes_passed_as_spec_are_refused_with_the_spec_to_write(taker, tmp_path):
+    # Found in a user trial: torch_to_jax(model, spec=(4, 8, 2)) raised a bare
+    # AttributeError ('tuple' object has no attribute 'param_shapes').
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    path = tmp_path / "model.safetensors"
+    SPEC_TAKERS[taker](model, MLPSpec((4, 8, 2)), path)  # the spec written out works
+    path.unlink(missing_ok=True)
+    with pytest.raises(
+        TypeError, match=re.escape("got tuple (4, 8, 2): write spec=equiv.MLPSpec((4, 8, 2))")
+    ):
+        SPEC_TAKERS[taker](model, (4, 8, 2), path)
+    assert not path.exists() or taker in ("load_torch", "load_jax")
