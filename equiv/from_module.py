@@ -28,7 +28,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -62,8 +64,31 @@ def _activation(module: nn.Module) -> tuple[str, dict[str, float]] | None:
 
 
 SUPPORTED = (
-    "nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Identity"
+    "nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Identity, "
+    "and dropout in eval mode"
 )
+
+# Parameterless, and the identity in eval mode: read as absent. In training mode they
+# drop random units, which equiv's MLP does not (found in a user trial: a model with
+# nn.Dropout was refused by the converters, which need only its parameters).
+_DROPOUTS = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def _refuse_training_dropout(name: str, child: nn.Module) -> None:
+    if child.training and child.p > 0:
+        raise value_error(
+            f"submodule {name!r} is {type(child).__name__}(p={child.p}) in training mode: it "
+            "zeroes random units, which equiv's MLP does not, so no comparison of its training "
+            "could agree. Call model.eval() to compare the model with dropout off (it is the "
+            "identity then, and the Linear layers train as without it), or build it with p=0"
+        )
 
 
 def mlp_from_module(
@@ -121,6 +146,10 @@ def _read_stack(
     for name, child in module.named_modules():
         if list(child.children()):
             continue  # containers: their leaves are visited (a bare Linear is one leaf)
+        if isinstance(child, _DROPOUTS):
+            if trainable:  # the converters, needing only the parameters, take any mode
+                _refuse_training_dropout(name, child)
+            continue
         registered.append((name, child))
         if isinstance(child, nn.Linear):
             continue
@@ -142,6 +171,7 @@ def _read_stack(
         raise value_error(f"found no nn.Linear in {type(module).__name__}")
     calls = called_leaves(module) if len(registered) > 1 else None
     if calls is not None:
+        calls = [(name, m) for name, m in calls if not isinstance(m, _DROPOUTS)]
         called = [m for _, m in calls if isinstance(m, nn.Linear)]
         if sorted(map(id, called)) != sorted(map(id, linears)):
             order = ", ".join(n for n, m in calls if isinstance(m, nn.Linear))
@@ -340,8 +370,8 @@ def _check_call_order(module: nn.Module, spec: MLPSpec, tensors: dict[str, torch
         return  # an nn.ModuleList holds its layers in order and has no forward to check
     weight = tensors["fc1.weight"]
     probe = _probe_batch(spec)[0].to(dtype=weight.dtype, device=weight.device)
-    with torch.no_grad():
-        theirs = _call(module, probe)
+    with torch.no_grad(), _probing(module, weight.device):  # dropout off: the converters
+        theirs = _call(module, probe)  # take a model in training mode
         ours, _ = forward(tensors, probe, spec)
     scale = float(ours.abs().max()) or 1.0
     if theirs.shape != ours.shape or float((theirs - ours).abs().max()) > _CALL_ORDER_MATCH * scale:
@@ -521,16 +551,10 @@ def called_leaves(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
     names = {id(m): n for n, m in leaves}
     calls: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda m, args, out: calls.append(m)) for _, m in leaves]
-    modes = {m: m.training for m in runner.modules()}
     weight = linears[0].weight
     generator = torch.Generator().manual_seed(0)
-    # The caller's random stream is left as it was (a forward may draw: F.dropout), and
-    # eval mode is set and restored flag by flag, calling no train() override.
-    devices = [weight.device] if weight.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
-            for m in modes:
-                m.training = False
+        with _probing(runner, weight.device):
             for width in dict.fromkeys(m.in_features for m in linears):
                 calls.clear()
                 probe = torch.randn(2, width, generator=generator, dtype=torch.float64)
@@ -544,6 +568,21 @@ def called_leaves(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@contextlib.contextmanager
+def _probing(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Every submodule of ``module`` in eval mode (dropout off) and the caller's random
+    stream untouched (a forward may draw: ``F.dropout``), for a probe call; each
+    module's mode is set and restored flag by flag, calling no ``train()`` override."""
+    modes = {m: m.training for m in module.modules()}
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            for m in modes:
+                m.training = False
+            yield
+    finally:
         for m, training in modes.items():
             m.training = training
 

@@ -258,8 +258,8 @@ def test_a_sequential_takes_jax_params_back_in_place(layout, equiv_seed):
         layer = seq[{"fc1": 0, "fc2": 2}[name.split(".")[0]]]
         assert torch.equal(getattr(layer, name.split(".")[1]).detach(), value)
     # The twin: a module that is not a Linear stack is refused by name, nothing copied.
-    seq.append(torch.nn.Dropout())
-    with pytest.raises(ValueError, match="Dropout"):
+    seq.append(torch.nn.Softmax(dim=-1))
+    with pytest.raises(ValueError, match="Softmax"):
         jax_to_torch(params, layout=layout, out=seq)
 
 
@@ -324,8 +324,8 @@ def test_module_with_other_names_is_read_as_a_linear_stack():
     # The twins: a module that is no Linear stack is refused by name; a state_dict
     # under a module's own names (not a Sequential's, which are read by their
     # indices) is refused as before, with the way to read it.
-    with pytest.raises(ValueError, match="Dropout"):
-        torch_to_jax(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout()))
+    with pytest.raises(ValueError, match="Softmax"):
+        torch_to_jax(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=-1)))
     own = {"inp": "0", "head": "2"}
     with pytest.raises(ValueError) as info:
         torch_to_jax(
@@ -895,3 +895,38 @@ def test_a_dropped_conversion_is_freed_before_the_next_one_allocates(monkeypatch
     torch_to_jax(state, layout="torch")
     assert alive_at_allocation[2 * count] == count, alive_at_allocation  # kept only
     assert jax_to_torch(kept, layout="torch").keys() == state.keys()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_dropout_is_parameterless_and_the_converters_take_it_in_either_mode(mode, equiv_seed):
+    # Found in a user trial: a model with nn.Dropout was refused by the converters,
+    # which need only its parameters (mlp_from_module, which claims the forward,
+    # refuses it in training mode: tests/test_from_module.py).
+    torch.manual_seed(equiv_seed)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.drop, self.out = (
+                torch.nn.Linear(4, 6),
+                torch.nn.Dropout(0.5),
+                torch.nn.Linear(6, 2),
+            )
+
+        def forward(self, x):
+            return self.out(self.drop(torch.tanh(self.inp(x))))
+
+    net = Net().train(mode == "train")
+    rng = torch.get_rng_state()
+    params = torch_to_jax(net, layout="flax")
+    np.testing.assert_array_equal(params["Dense_1"]["kernel"], net.out.weight.detach().T)
+    doubled = jax.tree.map(lambda a: a * 2, params)
+    expected = net.out.weight.detach() * 2
+    jax_to_torch(doubled, layout="flax", out=net)
+    assert torch.equal(net.out.weight.detach(), expected)
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe forward drew nothing of ours
+    assert net.training == net.drop.training == (mode == "train")  # modes restored
+    # The twin: a parameterless module that is not the identity in eval mode is refused.
+    net.drop = torch.nn.Softmax(dim=-1)
+    with pytest.raises(ValueError, match="submodule 'drop' is Softmax"):
+        torch_to_jax(net)

@@ -229,8 +229,12 @@ def _weight_norm() -> nn.Module:
     "model,phrase",
     [
         (
+            nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=-1), nn.Linear(3, 1)),
+            "submodule '1' is Softmax, which equiv cannot express",
+        ),
+        (
             nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), nn.Linear(3, 1)),
-            "submodule '1' is Dropout, which equiv cannot express",
+            "submodule '1' is Dropout(p=0.1) in training mode: it zeroes random units",
         ),
         (
             nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Tanh(), nn.Linear(3, 1)),
@@ -284,7 +288,8 @@ def _weight_norm() -> nn.Module:
         ),
     ],
     ids=[
-        "dropout",
+        "softmax",
+        "training-dropout",
         "two-activations",
         "trailing-activation",
         "widths",

@@ -306,13 +306,34 @@ def test_nan_gradients_are_named_as_such_under_any_optimizer(optimizer, flax_por
     check_jax_port(model, port(jax.nn.silu), x, y, optimizer=adam).assert_agree()
 
 
+def test_a_model_with_dropout_is_checked_in_eval_mode_and_refused_in_training_mode(equiv_seed):
+    # Found in a user trial: a model with nn.Dropout was refused as "not a Linear
+    # stack". In eval mode dropout is the identity and the Linear layers train as
+    # without it; in training mode it zeroes random units, which no port reproduces.
+    model, xs, ys = _model_and_batches(equiv_seed)
+    net = torch.nn.Sequential(model.fc1, torch.nn.ReLU(), torch.nn.Dropout(0.25), model.fc2)
+    with pytest.raises(ValueError, match=r"Dropout\(p=0.25\) in training mode.*model.eval\(\)"):
+        check_jax_port(net, flax_loss, xs, ys, steps=2)
+    check_jax_port(net.eval(), flax_loss, xs, ys, steps=2).assert_agree()
+    assert not net.training and not net[2].training  # the caller's modes, untouched
+
+    def train_mode_dropout_scale(params, x, y):  # a port that rescales as in training
+        h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]) / 0.75
+        out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+        return jnp.mean((out - y) ** 2)
+
+    assert not check_jax_port(net, train_mode_dropout_scale, xs, ys, steps=2).agree
+
+
 def test_a_module_that_is_not_a_linear_stack_is_refused_by_name(equiv_seed):
     _, xs, ys = _model_and_batches(equiv_seed)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Dropout(), torch.nn.Linear(4, 3))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.Softmax(dim=-1), torch.nn.Linear(4, 3)
+    )
     with pytest.raises(ValueError) as info:
         check_jax_port(net, flax_loss, xs, ys, steps=2)
     assert str(info.value).startswith(
-        "[equiv] submodule '1' is Dropout, which equiv cannot express; supported: nn.Linear"
+        "[equiv] submodule '1' is Softmax, which equiv cannot express; supported: nn.Linear"
     )
     with pytest.raises(TypeError) as info:
         check_jax_port("model", flax_loss, xs, ys, steps=2)
