@@ -730,6 +730,8 @@ def _misnamed(path: str, kind: str) -> str | None:
 
 #: torch.load's warning for a sparse COO tensor (torch 2.11), which equiv refuses anyway.
 _SPARSE_INVARIANTS = "Sparse invariant checks are implicitly disabled"
+#: torch.load's warning for a pickle of another protocol than torch.save's legacy 2.
+_PICKLE_PROTOCOL = "Detected pickle protocol"
 
 
 def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]:
@@ -740,6 +742,9 @@ def _read_pickle(path: str, entry: str | None = None) -> dict[str, torch.Tensor]
             # one; under -W error the warning made such a file "not a readable torch file"
             # (seen on the GPU machine's torch 2.11).
             warnings.filterwarnings("ignore", _SPARSE_INVARIANTS, UserWarning)
+            # And that a pickle's protocol is not 2: such a file is refused just below,
+            # with the reason (_unreadable), which -W error would hide.
+            warnings.filterwarnings("ignore", _PICKLE_PROTOCOL, UserWarning)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # missing or not ours to read: the OS's message says which
@@ -805,9 +810,27 @@ _PLAIN_RECORDS = (
 def _unreadable(path: str, exc: Exception) -> str:
     """What ``torch.load``'s failure ``exc`` on ``path`` means to the caller."""
     if isinstance(exc, pickle.UnpicklingError):
-        # torch's message is a page of advice; keep the sentence naming the object.
-        lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
-        reason = lines[0].split(". ")[0] if lines else type(exc).__name__
+        reason = _weights_only_reason(exc)
+        head = _head(path)
+        if _format(path) != "zip":
+            # Found in a user trial: a file of bytes and a state_dict written by
+            # pickle.dump were both said to "hold more than tensors", quoting torch's
+            # request to file an issue. torch.save writes a zip, or (legacy) a pickle
+            # of protocol 2 whose tensors are torch's persistent ids.
+            protocol = head[1] if head[:1] == b"\x80" and len(head) > 1 else None
+            if protocol is None or not 2 <= protocol <= pickle.HIGHEST_PROTOCOL:
+                return (
+                    f"{path} is not a file torch.save writes (a zip archive, or in its legacy "
+                    f"format a pickle of protocol 2): it starts with {head!r}"
+                )
+            if protocol > 2 or "torch.storage._load_from_bytes" in reason:
+                return (
+                    f"{path} is a pickle (protocol {protocol}) as pickle.dump writes it, not "
+                    "a torch.save file, and was not unpickled (a pickle can run code; "
+                    "torch.load(weights_only=True) reads torch.save's files only). If you "
+                    "trust it, save it again with torch: with open(path, 'rb') as f: "
+                    "torch.save(pickle.load(f), 'model.pt')"
+                )
         named = re.search(r"GLOBAL ([\w.]+) was not an allowed global", reason)
         trust = ""
         if named and named[1] in _PLAIN_RECORDS:
@@ -834,6 +857,35 @@ def _unreadable(path: str, exc: Exception) -> str:
     elif not isinstance(exc, RuntimeError):
         reason = f"{type(exc).__name__}: {reason}"
     return f"{path} is not a readable torch file: {reason}"
+
+
+def _weights_only_reason(exc: Exception) -> str:
+    """The sentence of ``torch.load(weights_only=True)``'s refusal that names what it
+    refused: its message is a page of advice, and in torch 2.13 the reason sits on a
+    line of its own after ``WeightsUnpickler error:``, or says a GLOBAL is blocked.
+
+    >>> _weights_only_reason(pickle.UnpicklingError(
+    ...     "Weights only load failed. Please file an issue: WeightsUnpickler error: "
+    ...     "\\n\\nUnsupported operand 149\\n\\nCheck the documentation"))
+    'WeightsUnpickler error: Unsupported operand 149'
+    """
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        sentence = text.split(marker, 1)[1].strip().split("\n\n")[0].split(". ")[0].strip()
+        if sentence:
+            return f"{marker} {sentence}"
+    blocked = re.search(r"Trying to load unsupported GLOBAL [^\n]*", text)
+    return blocked[0].rstrip(".") if blocked else type(exc).__name__
+
+
+def _head(path: str, size: int = 12) -> bytes:
+    """A file's first bytes (empty if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
 
 
 def _entry(loaded: Any, entry: str, path: str) -> Any:

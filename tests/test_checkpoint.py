@@ -1349,3 +1349,41 @@ def test_a_file_of_a_sequential_numbered_otherwise_is_named_another_modules(tmp_
     # The twin, as advised: read by its indices, then copied into the module.
     copy_into = jax_to_torch(torch_to_jax(load_torch(tmp_path / "drop.pt")), out=target)
     assert torch.equal(copy_into["fc2.weight"], source[3].weight)
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_a_state_dict_written_by_pickle_dump_is_told_apart_from_one_holding_code(
+    protocol, tmp_path
+):
+    # Found in a user trial: a state_dict written with pickle.dump was said to "hold
+    # more than tensors", quoting torch's request to file an issue.
+    path = tmp_path / "pickled.pt"
+    state = _stack(0).state_dict()
+    with open(path, "wb") as f:
+        pickle.dump(state, f, protocol=protocol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning about the protocol is ours to tell
+        with pytest.raises(ValueError) as info:
+            load_torch(path)
+    assert str(info.value) == (
+        f"[equiv] {path} is a pickle (protocol {protocol}) as pickle.dump writes it, not a "
+        "torch.save file, and was not unpickled (a pickle can run code; "
+        "torch.load(weights_only=True) reads torch.save's files only). If you trust it, "
+        "save it again with torch: with open(path, 'rb') as f: "
+        "torch.save(pickle.load(f), 'model.pt')"
+    )
+    # The twin: the same state_dict through torch.save, legacy format included, loads.
+    for legacy in (False, True):
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+        assert torch.equal(load_torch(path)["fc2.weight"], state["2.weight"])
+
+
+def test_a_file_of_other_bytes_is_not_a_torch_file_whatever_its_name(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"garbage" * 3)
+    with pytest.raises(ValueError) as info:
+        load_torch(path, out=_stack(0))
+    assert str(info.value) == (
+        f"[equiv] {path} is not a file torch.save writes (a zip archive, or in its legacy "
+        "format a pickle of protocol 2): it starts with b'garbagegarba'"
+    )
