@@ -223,7 +223,7 @@ def load_torch(
     state, spec = _load_state(
         path, spec, file_layout, entry, contiguous=False, own=own, biases=biases
     )
-    return copy_into(out, state, spec)
+    return copy_into(out, state, spec, source=os.fspath(path), label="the file")
 
 
 def _load_state(
@@ -252,7 +252,12 @@ def _load_state(
             _refuse_foreign_entries(keys, own, os.fspath(path))
     try:
         spec = check_entries(
-            flat, layout, spec, what=f"checkpoint {os.fspath(path)}", biases=recorded or biases
+            flat,
+            layout,
+            spec,
+            what=f"checkpoint {os.fspath(path)}",
+            biases=recorded or biases,
+            biases_from=None if recorded or biases is None else "out",
         )
     except ValueError as error:
         if not renamed or "wrong shape" not in str(error):

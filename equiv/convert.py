@@ -459,6 +459,7 @@ def jax_to_torch(
         what=f"{layout.name}-layout params",
         from_model=own,
         biases=None if out is None or spec is not None else biases_of(out),
+        biases_from=None if out is None or spec is not None else "out",
     )
     by_name = {layout.torch_name(path): value for path, value in flat.items()}
     sources = {}
@@ -466,7 +467,9 @@ def jax_to_torch(
         source = _as_torch(by_name[name])
         sources[name] = source.mT if layout.transpose and name.endswith(".weight") else source
     if out is not None:
-        return copy_into(out, sources, spec)
+        return copy_into(
+            out, sources, spec, source=f"the {layout.name}-layout params", label="the params"
+        )
     state, fills = {}, []
     for name, source in sources.items():
         if (source.device if device is None else torch.device(device)).type == "cpu":
@@ -496,6 +499,9 @@ def copy_into(
     out: torch.nn.Module | Mapping[str, torch.Tensor],
     sources: Mapping[str, torch.Tensor],
     spec: MLPSpec,
+    *,
+    source: str = "params",
+    label: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Copy ``sources`` (torch names to tensors or views, checked against ``spec``)
     into ``out``'s own tensors, in place: one copy, no new tensors. What
@@ -505,6 +511,8 @@ def copy_into(
       out: a module (equiv's names, or any Linear stack that
         :func:`equiv.mlp_from_module` reads, such as an ``nn.Sequential``) or a
         state_dict; it must match ``spec`` (sizes, bias and dtype).
+      source: what ``sources`` came from, for a message (a file's path, ``"params"``),
+        and ``label`` what to call it on each line (``"the file"``; ``source`` by default).
 
     Returns:
       ``out``'s tensors under equiv's names, after the copy.
@@ -520,7 +528,7 @@ def copy_into(
       True
     """
     target = _state_dict(out)
-    check_entries({(n,): t for n, t in target.items()}, LAYOUTS["torch"], spec, what="out")
+    _refuse_another_model(target, spec, source, label or source)
     names = spec.param_names()
     tied = overlapping({name: target[name] for name in names})
     if tied:
@@ -533,6 +541,62 @@ def copy_into(
     return {name: target[name] for name in names}
 
 
+def _refuse_another_model(
+    target: Mapping[str, torch.Tensor], spec: MLPSpec, source: str, label: str
+) -> None:
+    """Refuse to copy ``source``'s parameters (of ``spec``) into ``target``, ``out``'s
+    tensors, where they differ, each difference named on both sides (found in a user
+    trial: a file of another architecture than ``out`` was reported as "out does not
+    match the MLP", the file's, without naming the file)."""
+    rows = []
+    for name, shape in spec.param_shapes().items():
+        if name not in target:
+            rows.append(f"  {name!r}: {label} has one, out has none")
+        elif tuple(target[name].shape) != shape:
+            rows.append(f"  {name!r}: {shape} in {label}, {tuple(target[name].shape)} in out")
+        elif _dtype(target[name]) != spec.dtype:
+            rows.append(f"  {name!r}: {spec.dtype} in {label}, {_dtype(target[name])} in out")
+    rows += [
+        f"  {name!r}: out has one, {label} has none"
+        for name in target
+        if name not in spec.param_shapes()
+    ]
+    if not rows:
+        return
+    try:
+        theirs = check_entries(
+            {(n,): t for n, t in target.items()},
+            LAYOUTS["torch"],
+            None,
+            what="out",
+            from_model=True,
+        )
+    except ValueError:
+        theirs = None
+    if theirs is not None and theirs.sizes == spec.sizes and theirs.biases == spec.biases:
+        wider = "double" if spec.dtype == "float64" else "float"
+        advice = (
+            f"convert one side: out.{wider}() before the copy, or read {label} without out= "
+            "and convert its tensors"
+        )
+    else:
+        advice = (
+            "they are different models: copy into a module of the same architecture, or "
+            "convert without out= to get new tensors"
+        )
+
+    def described(spec: MLPSpec | None) -> str:
+        return (
+            "" if spec is None else f" (the MLP {spec.sizes}, {spec.describe_bias()}, {spec.dtype})"
+        )
+
+    raise value_error(
+        f"cannot copy {source}{described(spec)} into out{described(theirs)}:\n"
+        + "\n".join(rows)
+        + f"\n{advice[0].upper()}{advice[1:]}"
+    )
+
+
 def check_entries(
     entries: Mapping[tuple[str, ...], Any],
     layout: Layout,
@@ -541,6 +605,7 @@ def check_entries(
     what: str,
     from_model: bool = False,
     biases: tuple[bool, ...] | None = None,
+    biases_from: str | None = None,
 ) -> MLPSpec:
     """Check JAX-path -> array entries of ``layout`` against ``spec``; return the spec.
 
@@ -555,7 +620,8 @@ def check_entries(
     any has, the others are reported missing, and the message shows the ``spec=``
     that says otherwise. A ``spec`` given always decides; its biases must be there.
     Without one, ``biases`` (one per layer, where the caller knows them: what a file
-    records, the module copied into) say which layers have a bias.
+    records, the module copied into) say which layers have a bias, and ``biases_from``
+    names the module they were read from (``"out"``), for a message.
 
     >>> import numpy as np
     >>> check_entries({("fc1.weight",): np.zeros((3, 4), "float32")}, LAYOUTS["torch"],
@@ -636,7 +702,19 @@ def check_entries(
             else ""
         )
         advice += _order_advice(known, layout, spec.sizes if given else None)
-        if not given:
+        lacking = [
+            ".".join(layout.path(n)) for n in expected if n.endswith(".bias") and n not in known
+        ]
+        if biases_from is not None and not given and lacking:
+            # Found in a user trial: a file without fc2.bias, read into a module with
+            # one, was told to pass spec= saying the model has none there.
+            advice += (
+                f"\n{biases_from} has a bias where {what} has none ("
+                + ", ".join(map(repr, lacking))
+                + "): it is another model's, or lost them; copy it into a module without "
+                f"a bias there (nn.Linear(..., bias=False)), or read it without {biases_from}="
+            )
+        elif not given:
             advice += _some_biases_advice(known, layout, spec, problems)
         narrow = [v for v in known.values() if _dtype(v) == "float32"]
         if spec.dtype == "float64" and narrow and not isinstance(narrow[0], jax.Array):
@@ -659,7 +737,7 @@ def check_entries(
             + "\n".join(problems)
             + (
                 f"\nThe {layout.name} layout names parameters {example}, ..."
-                if given
+                if given or biases_from is not None
                 else f"\nPass spec=MLPSpec(...) to state the architecture; the {layout.name} "
                 f"layout names parameters {example}, ..."
             )

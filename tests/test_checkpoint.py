@@ -657,12 +657,22 @@ def test_loading_into_a_module_of_another_shape_or_dtype_is_refused_untouched(tm
     torch.save(_stack(0).state_dict(), path)
     wider = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
     kept = {k: v.clone() for k, v in wider.state_dict().items()}
-    with pytest.raises(ValueError, match=r"out does not match the MLP \(4, 3, 2\)") as info:
+    with pytest.raises(ValueError) as info:
         load_torch(path, out=wider)
-    assert "wrong shape: 'fc1.weight' expected (3, 4), got (5, 4)" in str(info.value)
+    # Found in a user trial: this said "out does not match the MLP (4, 3, 2)", the
+    # file's, without naming the file.
+    assert str(info.value).splitlines()[:2] == [
+        f"[equiv] cannot copy {path} (the MLP (4, 3, 2), bias=True, float32) into out (the "
+        "MLP (4, 5, 2), bias=True, float32):",
+        "  'fc1.weight': (3, 4) in the file, (5, 4) in out",
+    ]
+    assert str(info.value).endswith(
+        "They are different models: copy into a module of the "
+        "same architecture, or convert without out= to get new tensors"
+    )
     assert all(torch.equal(v, kept[k]) for k, v in wider.state_dict().items())
     # torch's load_state_dict casts silently; equiv says the dtypes differ.
-    with pytest.raises(ValueError, match="wrong dtype: 'fc1.weight' expected float32, got float64"):
+    with pytest.raises(ValueError, match="'fc1.weight': float32 in the file, float64 in out"):
         load_torch(path, out=_stack(0).double())
     # A file of another module's own names is not guessed into this one.
     other = tmp_path / "named.pt"
@@ -1148,7 +1158,9 @@ def test_a_float64_file_into_a_float32_module_is_told_about_torch_not_jax(tmp_pa
     # Found in a user trial: the advice was to turn on JAX's x64 mode.
     path = tmp_path / "m.safetensors"
     save_torch(random_state(SPEC.replace(dtype="float64"), 0), path)
-    with pytest.raises(ValueError, match=r"convert one side \(module.double\(\)") as info:
+    with pytest.raises(
+        ValueError, match=r"Convert one side: out.double\(\) before the copy"
+    ) as info:
         load_torch(path, out=TorchMLP(SPEC))
     assert "x64" not in str(info.value)
     load_torch(path, out=TorchMLP(SPEC.replace(dtype="float64")))  # the twin
@@ -1387,3 +1399,27 @@ def test_a_file_of_other_bytes_is_not_a_torch_file_whatever_its_name(tmp_path):
         f"[equiv] {path} is not a file torch.save writes (a zip archive, or in its legacy "
         "format a pickle of protocol 2): it starts with b'garbagegarba'"
     )
+
+
+def test_a_file_lacking_a_bias_out_has_is_told_so_not_to_pass_a_spec(tmp_path):
+    # Found in a user trial: read into a module that has fc2.bias, a file without it
+    # was told to pass spec=MLPSpec(..., bias=(True, False)), which out contradicts.
+    path = tmp_path / "lost.pt"
+    state = _stack(0).state_dict()
+    del state["2.bias"]
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path, out=_stack(1))
+    message = str(info.value)
+    assert "spec=" not in message, message
+    assert message.endswith(
+        f"out has a bias where checkpoint {path} has none ('fc2.bias'): it is another "
+        "model's, or lost them; copy it into a module without a bias there "
+        "(nn.Linear(..., bias=False)), or read it without out="
+    )
+    # The twin, as advised: a module without that bias reads it.
+    target = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2, bias=False)
+    )
+    load_torch(path, out=target)
+    assert torch.equal(target[2].weight, state["2.weight"])

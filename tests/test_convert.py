@@ -576,9 +576,10 @@ def test_out_of_another_shape_is_refused():
     with pytest.raises(ValueError) as info:
         jax_to_torch(params, layout="flax", out=TorchMLP(MLPSpec((4, 5, 2))))
     assert str(info.value).splitlines()[:3] == [
-        "[equiv] out does not match the MLP (4, 3, 2) (bias=True, float32):",
-        "  wrong shape: 'fc1.weight' expected (3, 4), got (5, 4)",
-        "  wrong shape: 'fc1.bias' expected (3,), got (5,)",
+        "[equiv] cannot copy the flax-layout params (the MLP (4, 3, 2), bias=True, float32) "
+        "into out (the MLP (4, 5, 2), bias=True, float32):",
+        "  'fc1.weight': (3, 4) in the params, (5, 4) in out",
+        "  'fc1.bias': (3,) in the params, (5,) in out",
     ]
 
 
