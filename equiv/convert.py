@@ -648,7 +648,7 @@ def check_entries(
         raise value_error(
             f"{what}: none of its {len(found)} entries is a parameter of the {layout.name} "
             f"layout, which names them {'.'.join(layout.path('fc1.weight'))!r}, ...; found "
-            f"{shown}. {_naming_hint(entries)}"
+            f"{shown}. {_naming_hint(entries, what)}"
         )
     given = spec is not None
     if spec is None:
@@ -787,8 +787,12 @@ def _order_advice(known: Mapping[str, Any], layout: Layout, sizes: tuple[int, ..
     return advice + (f". {LINEN_ORDER}" if layout.name == "flax" else "")
 
 
-def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:
-    """What to do about entries that no parameter name of the layout matches."""
+def _naming_hint(entries: Mapping[tuple[str, ...], Any], what: str) -> str:
+    """What to do about entries (of ``what``) that no parameter name of the layout
+    matches: a file's layout is its reader's ``file_layout=``, a tree's the
+    converter's ``layout=``, and a state_dict's is torch's (found in a user trial:
+    ``load_jax(path, layout="flax")`` of a flax file without equiv's metadata was told
+    to pass ``layout='flax'``, which it had; ``layout=`` is the layout it returns)."""
     paths = list(entries)
     if all(len(p) > 1 and p[0] == "params" for p in paths):
         return "This is a flax variables dict: pass variables['params']"
@@ -805,10 +809,17 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any]) -> str:
             )
             for prefix in shared_prefixes(dotted)
         ):
-            return (
-                f"These are the names of the {name!r} layout: say so (layout={name!r}, or "
-                f"file_layout={name!r} for a file)"
-            )
+            if what.startswith("checkpoint"):
+                return (
+                    f"These are the names of the {name!r} layout: say so, file_layout={name!r} "
+                    "(the file's layout; load_jax's layout= is the one it returns)"
+                )
+            if what == "state_dict":
+                return (
+                    f"These are the names of the {name!r} layout, and torch_to_jax reads a "
+                    "torch state_dict (fc1.weight, ...): its layout= is the one it returns"
+                )
+            return f"These are the names of the {name!r} layout: say so, layout={name!r}"
     return (
         "A torch Linear stack under names of its own ('encoder.weight') is read "
         "when you pass the module itself, or equiv.mlp_from_module(module)[1] (a file of "

@@ -114,7 +114,7 @@ def mlp_from_module(
     >>> spec.bias, list(params)
     ((True, False), ['fc1.weight', 'fc1.bias', 'fc2.weight'])
     """
-    spec, layers = _read_stack(module, trainable=True)
+    spec, layers, _ = _read_stack(module, trainable=True)
     params = {name: tensor.clone() for name, tensor in _named(layers, spec).items()}
     if check:
         _check_forward(module, spec, params, layers)
@@ -123,9 +123,10 @@ def mlp_from_module(
 
 def _read_stack(
     module: nn.Module, *, trainable: bool, reorder: bool = False
-) -> tuple[MLPSpec, list[nn.Linear]]:
+) -> tuple[MLPSpec, list[nn.Linear], bool]:
     """The spec and the Linear layers of a Linear stack, in the order its forward calls
-    them, or the refusal of what equiv's MLP cannot hold; ``trainable`` also refuses
+    them, and whether that order was read from its calls (else registration order), or
+    the refusal of what equiv's MLP cannot hold; ``trainable`` also refuses
     frozen parameters (a training check needs them trainable, a copy into them does not).
 
     The order is read from the forward's calls on a probe batch (:func:`called_leaves`):
@@ -277,7 +278,7 @@ def _read_stack(
         dtype=_DTYPES[dtypes.pop()],
         **fields,
     )
-    return spec, layers
+    return spec, layers, calls is not None
 
 
 def _named(layers: list[nn.Linear], spec: MLPSpec) -> dict[str, torch.Tensor]:
@@ -301,12 +302,15 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     >>> sorted(tensors), tensors["fc2.weight"].data_ptr() == seq[2].weight.data_ptr()
     (['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight'], True)
     """
-    spec, layers = _read_stack(module, trainable=False, reorder=True)  # frozen ones too
+    spec, layers, called = _read_stack(module, trainable=False, reorder=True)  # frozen ones too
     tensors = _named(layers, spec)
-    if spec.num_layers == 1 or set(spec.activations) != {"identity"}:
+    if not called or "identity" not in spec.activations:
         _check_call_order(module, spec, tensors)
-    # else: activations called as functions: the output cannot be reproduced without
-    # them, and the call order was read off the forward's calls (_read_stack).
+    # else: the layers' order was read off the forward's calls, and a layer pair with no
+    # activation module between them may have one called as a function (F.gelu), which
+    # the output cannot be reproduced without: the converters need only the parameters
+    # (found in a user trial: a forward with one activation module and one F.gelu was
+    # refused as "not its Linear layers and activations applied in the order read").
     return tensors
 
 
@@ -339,7 +343,7 @@ def own_names(module: nn.Module) -> dict[str, str]:
     by_name = module.state_dict(keep_vars=True)
     if has_equiv_names(by_name):  # read as they are (convert._state_dict)
         return {}
-    spec, layers = _read_stack(module, trainable=False, reorder=True)
+    spec, layers, _ = _read_stack(module, trainable=False, reorder=True)
     by_tensor = {id(tensor): name for name, tensor in by_name.items()}
     names = {}
     for i, layer in enumerate(layers, start=1):

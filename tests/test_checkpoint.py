@@ -106,7 +106,9 @@ def test_foreign_safetensors_file_uses_file_layout(tmp_path, equiv_seed):
     path = tmp_path / "foreign.safetensors"
     safetensors.torch.save_file(_flax_keys(state), path)  # no equiv metadata
     assert_states_identical(load_torch(path, file_layout="flax"), state)
-    with pytest.raises(ValueError, match="the names of the 'flax' layout: say so"):
+    with pytest.raises(
+        ValueError, match="the names of the 'flax' layout: say so, file_layout='flax'"
+    ):
         load_torch(path)  # read as the default torch layout: nothing matches
 
 
@@ -117,7 +119,9 @@ def test_pickle_with_another_layouts_names_is_read_in_file_layout(tmp_path, equi
     torch.save(_flax_keys(state), path)
     assert_states_identical(load_torch(path, file_layout="flax"), state)
     assert_trees_identical(load_jax(path, file_layout="flax"), torch_to_jax(state))
-    with pytest.raises(ValueError, match="the names of the 'flax' layout: say so"):
+    with pytest.raises(
+        ValueError, match="the names of the 'flax' layout: say so, file_layout='flax'"
+    ):
         load_torch(path)  # read as the default torch layout: nothing matches
 
 
@@ -1423,3 +1427,19 @@ def test_a_file_lacking_a_bias_out_has_is_told_so_not_to_pass_a_spec(tmp_path):
     )
     load_torch(path, out=target)
     assert torch.equal(target[2].weight, state["2.weight"])
+
+
+def test_a_file_in_another_layout_is_told_to_pass_file_layout_not_layout(tmp_path, equiv_seed):
+    # Found in a user trial: load_jax(path, layout="flax") of a flax file without
+    # equiv's metadata was told to say layout='flax', which it had (layout= is the
+    # layout returned; file_layout= the file's).
+    state = random_state(SPEC, equiv_seed)
+    path = tmp_path / "flax.safetensors"
+    safetensors.torch.save_file(_flax_keys(state), path)
+    with pytest.raises(ValueError) as info:
+        load_jax(path, layout="flax")
+    assert str(info.value).endswith(
+        "These are the names of the 'flax' layout: say so, file_layout='flax' (the file's "
+        "layout; load_jax's layout= is the one it returns)"
+    )
+    assert_trees_identical(load_jax(path, layout="flax", file_layout="flax"), torch_to_jax(state))

@@ -340,7 +340,7 @@ def test_module_with_other_names_is_read_as_a_linear_stack():
     )
     assert "pass the module itself, or equiv.mlp_from_module(module)[1]" in str(info.value)
     flax_named = {"Dense_0.kernel": torch.ones(4, 3), "Dense_0.bias": torch.ones(3)}
-    with pytest.raises(ValueError, match="the names of the 'flax' layout: say so"):
+    with pytest.raises(ValueError, match="the names of the 'flax' layout, and torch_to_jax reads"):
         torch_to_jax(flax_named)
 
 
@@ -931,3 +931,38 @@ def test_dropout_is_parameterless_and_the_converters_take_it_in_either_mode(mode
     net.drop = torch.nn.Softmax(dim=-1)
     with pytest.raises(ValueError, match="submodule 'drop' is Softmax"):
         torch_to_jax(net)
+
+
+def test_a_forward_mixing_activation_modules_and_functions_converts(tmp_path, equiv_seed):
+    # Found in a user trial: one activation module and one F.gelu in a forward were
+    # refused by the converters as "not its Linear layers and activations applied in
+    # the order read", though the order was read off the forward's calls and the
+    # converters need only the parameters (all-functional forwards were taken).
+    torch.manual_seed(equiv_seed)
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b, self.act, self.a = (
+                torch.nn.Linear(8, 8),
+                torch.nn.ReLU(),
+                torch.nn.Linear(4, 8),
+            )
+            self.c = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.c(torch.nn.functional.gelu(self.b(self.act(self.a(x)))))
+
+    model = Mixed()
+    tree = torch_to_jax(model, layout="torch")
+    assert [tree[f"fc{i}.weight"].shape for i in (1, 2, 3)] == [(8, 4), (8, 8), (2, 8)]
+    np.testing.assert_array_equal(tree["fc2.weight"], model.b.weight.detach())
+    jax_to_torch(jax.tree.map(lambda a: a * 2, tree), layout="torch", out=model)
+    np.testing.assert_array_equal(model.b.weight.detach(), tree["fc2.weight"] * 2)
+    torch.save(model.state_dict(), tmp_path / "mixed.pt")
+    from equiv.checkpoint import load_torch
+
+    assert torch.equal(load_torch(tmp_path / "mixed.pt", out=Mixed())["fc3.weight"], model.c.weight)
+    # The twin: mlp_from_module, which claims the forward, cannot read F.gelu.
+    with pytest.raises(ValueError, match="a function called there .* is not a submodule"):
+        mlp_from_module(model)

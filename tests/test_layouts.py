@@ -463,7 +463,9 @@ def test_torch_to_equinox_takes_a_tree_in_the_equinox_layout(tmp_path, equiv_see
     assert_exact(equinox_to_torch(filled), source.state_dict())
     # The twin: a tree in another layout is told to say so, and then read.
     flax = load_jax(tmp_path / "m.safetensors", layout="flax")
-    with pytest.raises(ValueError, match="These are the names of the 'flax' layout: say so"):
+    with pytest.raises(
+        ValueError, match="These are the names of the 'flax' layout: say so, layout='flax'$"
+    ):
         torch_to_equinox(flax, model)
     assert_exact(
         equinox_to_torch(torch_to_equinox(flax, model, layout="flax")), source.state_dict()
