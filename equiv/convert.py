@@ -1328,6 +1328,8 @@ def torch_to_equinox(
         from_model=own,
     )
     check_entries(_flatten(_equinox_tree(layers)), LAYOUTS["equinox"], spec, what="equinox model")
+    if isinstance(module_or_state_dict, torch.nn.Module):
+        _check_equinox_activations(module_or_state_dict, model, spec)
     params = torch_to_jax(state, layout="equinox", spec=spec)["layers"]
     names = [("weight", "bias") if has else ("weight",) for has in spec.biases]
 
@@ -1340,6 +1342,64 @@ def torch_to_equinox(
 
     values = [params[str(j)][n] for j in range(len(layers)) for n in names[j]]
     return eqx.tree_at(where, model, values)
+
+
+#: How to write each of equiv's activations for ``eqx.nn.MLP(..., activation=)``.
+_EQUINOX_ACTIVATIONS = {
+    "relu": "jax.nn.relu",
+    "leaky_relu": "functools.partial(jax.nn.leaky_relu, negative_slope={negative_slope})",
+    "elu": "functools.partial(jax.nn.elu, alpha={elu_alpha})",
+    "tanh": "jax.nn.tanh",
+    "sigmoid": "jax.nn.sigmoid",
+    "gelu": "functools.partial(jax.nn.gelu, approximate=False)",
+    "gelu_tanh": "jax.nn.gelu",
+    "silu": "jax.nn.silu",
+    "identity": "lambda x: x",
+}
+
+
+def _check_equinox_activations(module: torch.nn.Module, model: Any, spec: MLPSpec) -> None:
+    """Refuse an ``eqx.nn.MLP`` whose activation computes another function than the
+    torch module's activation modules, or whose ``final_activation`` is not the
+    identity: filled with the same parameters, it would compute another function
+    (found in a user trial: a ReLU module's parameters went into a tanh MLP silently).
+    Compared by value on a probe, so a ``functools.partial`` or lambda is read too; an
+    activation the torch forward calls as a function leaves no module and is not
+    checked."""
+    import equinox as eqx
+
+    if not isinstance(model, eqx.nn.MLP):
+        return  # Linear layers alone carry no activation
+    from equiv.activations import ACTIVATIONS
+    from equiv.from_module import read_spec
+
+    read = module_spec(module) or read_spec(module)
+    z = np.linspace(-4.0, 4.0, 33, dtype=np.float32)
+
+    def computes(fn: Any, name: str) -> bool:
+        expected = ACTIVATIONS[name].jax_fn(jnp.asarray(z), ACTIVATIONS[name].param(read))
+        return np.allclose(np.asarray(fn(jnp.asarray(z))), expected, rtol=1e-5, atol=1e-6)
+
+    wanted = set(read.activations) - {"identity"}  # identity: perhaps a function call
+    problems = []
+    for name in sorted(wanted):
+        if not computes(model.activation, name):
+            theirs = next((n for n in ACTIVATIONS if computes(model.activation, n)), None)
+            problems.append(
+                f"its activation is {theirs or repr(model.activation)}, but the torch "
+                f"module's is {name}: build it with activation="
+                + _EQUINOX_ACTIVATIONS[name].format(**dataclasses.asdict(read))
+            )
+    if not computes(model.final_activation, "identity"):
+        problems.append(
+            "its final_activation is not the identity, and the torch module ends with a "
+            "Linear layer: build it without final_activation (put one in the loss instead)"
+        )
+    if problems:
+        raise value_error(
+            "the equinox model would compute another function than the torch module with "
+            "the same parameters: " + "; ".join(problems)
+        )
 
 
 def equinox_to_torch(

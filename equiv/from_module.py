@@ -314,6 +314,17 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_spec(module: nn.Module) -> MLPSpec:
+    """A Linear stack's spec as its modules say it, without the check of
+    :func:`mlp_from_module`: an activation its forward calls as a function is read as
+    the identity (the converters check what the modules say, nothing more).
+
+    >>> read_spec(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))).activation
+    'tanh'
+    """
+    return _read_stack(module, trainable=False, reorder=True)[0]
+
+
 def has_equiv_names(state: dict) -> bool:
     """Whether a module's state_dict names are all equiv's (``fc1.weight``,
     ``fc1.bias``, ... from 1 without a gap), which are then read as they are.

@@ -375,12 +375,47 @@ def test_torch_to_equinox_takes_a_sequential():
         torch.nn.GELU(),
         torch.nn.Linear(8, 3),
     )
-    model = eqx.nn.MLP(4, 3, 8, depth=2, key=jax.random.key(0))
+    gelu = functools.partial(jax.nn.gelu, approximate=False)  # torch's nn.GELU()
+    model = eqx.nn.MLP(4, 3, 8, depth=2, activation=gelu, key=jax.random.key(0))
     _, params = mlp_from_module(net)
     back = equinox_to_torch(torch_to_equinox(net, model))
     assert all(torch.equal(back[k], params[k]) for k in params)
     with pytest.raises(ValueError, match="equinox model"):  # the twin: another shape
         torch_to_equinox(net, eqx.nn.MLP(4, 3, 9, depth=2, key=jax.random.key(0)))
+
+
+def test_torch_to_equinox_refuses_an_mlp_that_would_compute_another_function():
+    # Found in a user trial: a ReLU model's parameters went into an eqx.nn.MLP with
+    # another activation, silently. Its forward then differs from torch's.
+    eqx = pytest.importorskip("equinox")
+    from equiv.convert import torch_to_equinox
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.LeakyReLU(0.2), torch.nn.Linear(8, 3)
+    ).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    key = jax.random.key(0)
+    slope = functools.partial(jax.nn.leaky_relu, negative_slope=0.2)
+    with jax.enable_x64(True):
+        filled = torch_to_equinox(net, eqx.nn.MLP(4, 3, 8, 1, activation=slope, key=key))
+        np.testing.assert_allclose(
+            jax.vmap(filled)(jnp.asarray(x.numpy())), net(x).detach().numpy(), rtol=1e-12
+        )
+        with pytest.raises(ValueError) as info:
+            torch_to_equinox(net, eqx.nn.MLP(4, 3, 8, 1, key=key))  # relu, eqx's default
+        assert str(info.value) == (
+            "[equiv] the equinox model would compute another function than the torch module "
+            "with the same parameters: its activation is relu, but the torch module's is "
+            "leaky_relu: build it with activation=functools.partial(jax.nn.leaky_relu, "
+            "negative_slope=0.2)"
+        )
+        with pytest.raises(ValueError, match="its final_activation is not the identity"):
+            torch_to_equinox(
+                net, eqx.nn.MLP(4, 3, 8, 1, activation=slope, final_activation=jnp.tanh, key=key)
+            )
+        # Parameters alone (a state_dict) carry no activation: nothing to check.
+        torch_to_equinox(net.state_dict(), eqx.nn.MLP(4, 3, 8, 1, key=key))
 
 
 def test_an_equinox_model_is_copied_into_an_existing_torch_module():
