@@ -1438,6 +1438,34 @@ def layout_tree(params: Any, layout: Layout) -> Any:
     nnx = getattr(sys.modules.get("flax"), "nnx", None)
     if nnx is not None and isinstance(params, nnx.Module):
         return nnx.state(params, nnx.Param)
+    if nnx is not None and isinstance(params, nnx.State):
+        # Found in a user trial: nnx.state(model) of a model with nnx.Dropout holds its
+        # random state, which was reported as unexpected parameters with spec= advice.
+        others = [
+            f"{'.'.join(str(getattr(k, 'key', k)) for k in path)!r} ({type(leaf).__name__})"
+            for path, leaf in jax.tree_util.tree_leaves_with_path(
+                params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+            )
+            if isinstance(leaf, nnx.Variable) and not isinstance(leaf, nnx.Param)
+        ]
+        if others:
+            raise value_error(
+                f"params is a flax.nnx state holding more than parameters: "
+                f"{', '.join(others[:4])}{', ...' if len(others) > 4 else ''}. Pass "
+                "nnx.state(model, nnx.Param), or the model itself"
+            )
+    if (
+        isinstance(params, Mapping)
+        and isinstance(params.get("params"), Mapping)
+        and len(params) > 1
+        and layout.path("fc1.weight")[0] != "params"
+    ):
+        # Found in a user trial: linen variables with batch_stats (or sown
+        # intermediates) were told about names, or that a leaf is not an array.
+        collections = ", ".join(map(repr, params))
+        raise value_error(
+            f"params is a flax variables dict (collections {collections}): pass variables['params']"
+        )
     if not is_equinox_model(params):
         return params
     if layout.name != "equinox":

@@ -305,7 +305,7 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     spec, layers, called = _read_stack(module, trainable=False, reorder=True)  # frozen ones too
     tensors = _named(layers, spec)
     if not called or "identity" not in spec.activations:
-        _check_call_order(module, spec, tensors)
+        _check_call_order(module, spec, tensors, layers if called else None)
     # else: the layers' order was read off the forward's calls, and a layer pair with no
     # activation module between them may have one called as a function (F.gelu), which
     # the output cannot be reproduced without: the converters need only the parameters
@@ -373,9 +373,14 @@ def own_names(module: nn.Module) -> dict[str, str]:
 _CALL_ORDER_MATCH = 1e-3
 
 
-def _check_call_order(module: nn.Module, spec: MLPSpec, tensors: dict[str, torch.Tensor]) -> None:
+def _check_call_order(
+    module: nn.Module,
+    spec: MLPSpec,
+    tensors: dict[str, torch.Tensor],
+    called: list[nn.Linear] | None = None,
+) -> None:
     """Refuse a module whose forward is not the stack :func:`_read_stack` read (in the
-    order of its calls, or registration order where they cannot be read), run once on
+    order of its calls, ``called``, or registration order where they cannot be read), run once on
     a small probe batch in the module's own dtype, without copying its
     parameters (found in review: the float64 check of :func:`mlp_from_module` took 11
     times a 64 MiB model's memory to copy weights into it)."""
@@ -390,11 +395,27 @@ def _check_call_order(module: nn.Module, spec: MLPSpec, tensors: dict[str, torch
         ours, _ = forward(tensors, probe, spec)
     scale = float(ours.abs().max()) or 1.0
     if theirs.shape != ours.shape or float((theirs - ours).abs().max()) > _CALL_ORDER_MATCH * scale:
+        if called is None:
+            raise value_error(
+                f"{type(module).__name__}'s forward pass is not its Linear layers and "
+                "activations applied in the order read (run on a probe batch, its output "
+                "differs), so equiv cannot tell which of its layers is fc1, fc2, ...: write it "
+                "as an nn.Sequential, or copy into it with load_state_dict under its own names"
+            )
+        # Found in a user trial: a residual connection (b(act(a(x)) + x)) was told that
+        # equiv cannot tell which layer is fc1, though it had read the order of the calls.
+        names = {id(m): n for n, m in module.named_modules()}
+        order = ", ".join(repr(names[id(layer)]) for layer in called)
+        example = ", ".join(
+            f"'fc{i}.weight': model.{names[id(layer)]}.weight"
+            for i, layer in enumerate(called[:2], 1)
+        )
         raise value_error(
-            f"{type(module).__name__}'s forward pass is not its Linear layers and "
-            "activations applied in the order read (run on a probe batch, its output "
-            "differs), so equiv cannot tell which of its layers is fc1, fc2, ...: write it "
-            "as an nn.Sequential, or copy into it with load_state_dict under its own names"
+            f"{type(module).__name__}'s forward calls its Linear layers as {order}, but its "
+            "output is not theirs with its activation modules between them (run on a probe "
+            "batch: a residual connection, a scale or another operation in the forward?): "
+            "equiv's MLP is the Linear layers and activations alone. To convert the "
+            f"parameters all the same, pass them under equiv's names ({{{example}, ...}})"
         )
 
 

@@ -241,6 +241,15 @@ def test_flax_variables_wrapper_is_unexpected():
     with pytest.raises(ValueError) as info:
         jax_to_torch({"params": params})
     assert str(info.value).endswith("This is a flax variables dict: pass variables['params']")
+    # Found in a user trial: with another collection beside params (batch_stats, sown
+    # intermediates), the message was about names, or that a leaf is not an array.
+    for other in ({"mean": jnp.zeros(3)}, {"h": (jnp.ones((1, 3)),)}):
+        with pytest.raises(ValueError) as info:
+            jax_to_torch({"params": params, "batch_stats": other})
+        assert str(info.value) == (
+            "[equiv] params is a flax variables dict (collections 'params', 'batch_stats'): "
+            "pass variables['params']"
+        )
 
 
 @pytest.mark.parametrize("layout", ["flax", "torch"])
@@ -966,3 +975,38 @@ def test_a_forward_mixing_activation_modules_and_functions_converts(tmp_path, eq
     # The twin: mlp_from_module, which claims the forward, cannot read F.gelu.
     with pytest.raises(ValueError, match="a function called there .* is not a submodule"):
         mlp_from_module(model)
+
+
+def test_a_residual_forward_is_told_apart_from_an_unknown_call_order(equiv_seed):
+    # Found in a user trial: b(act(a(x)) + x) was told that equiv "cannot tell which
+    # of its layers is fc1", though it had read the order of the calls.
+    torch.manual_seed(equiv_seed)
+
+    class Residual(torch.nn.Module):
+        def __init__(self, skip: bool):
+            super().__init__()
+            self.a, self.act, self.b, self.skip = (
+                torch.nn.Linear(4, 4),
+                torch.nn.ReLU(),
+                torch.nn.Linear(4, 2),
+                skip,
+            )
+
+        def forward(self, x):
+            h = self.act(self.a(x))
+            return self.b(h + x if self.skip else h)
+
+    with pytest.raises(ValueError) as info:
+        torch_to_jax(Residual(skip=True), spec=MLPSpec((4, 4, 2)))
+    assert str(info.value) == (
+        "[equiv] Residual's forward calls its Linear layers as 'a', 'b', but its output is "
+        "not theirs with its activation modules between them (run on a probe batch: a "
+        "residual connection, a scale or another operation in the forward?): equiv's MLP "
+        "is the Linear layers and activations alone. To convert the parameters all the "
+        "same, pass them under equiv's names ({'fc1.weight': model.a.weight, "
+        "'fc2.weight': model.b.weight, ...})"
+    )
+    model = Residual(skip=False)  # the twin: without the skip it is a Linear stack
+    np.testing.assert_array_equal(
+        torch_to_jax(model, layout="torch")["fc2.weight"], model.b.weight.detach()
+    )

@@ -480,6 +480,16 @@ def test_an_nnx_module_is_read_through_its_parameters(tmp_path, equiv_seed):
     model.scale = nnx.Param(jnp.ones(3))
     with pytest.raises(ValueError, match="unexpected: 'scale'"):
         jax_to_torch(model, layout="nnx")
+    del model.scale
+    # Its whole state holds the Dropout's RNG state too: found in a user trial, that
+    # was reported as unexpected parameters with spec= advice.
+    with pytest.raises(ValueError) as info:
+        jax_to_torch(nnx.state(model), layout="nnx")
+    assert str(info.value) == (
+        "[equiv] params is a flax.nnx state holding more than parameters: "
+        "'drop.rngs.count' (RngCount), 'drop.rngs.key' (RngKey). Pass "
+        "nnx.state(model, nnx.Param), or the model itself"
+    )
 
 
 def test_torch_to_equinox_takes_a_tree_in_the_equinox_layout(tmp_path, equiv_seed):
