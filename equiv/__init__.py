@@ -39,6 +39,7 @@ from equiv.harness import (
     compare_trajectories,
 )
 from equiv.losses import LOSSES, Loss
+from equiv.nnx_layout import nnx_layout
 from equiv.optimizers import OPTIMIZERS, OptimizerSpec
 from equiv.plot import plot_divergence
 from equiv.port import check_jax_port, check_manual_backward
@@ -89,6 +90,7 @@ __all__ = [
     "load_torch",
     "make_problem",
     "mlp_from_module",
+    "nnx_layout",
     "plot_divergence",
     "print_comparison",
     "render_comparison",

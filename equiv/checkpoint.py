@@ -428,6 +428,8 @@ def _metadata(layout: Layout, spec: MLPSpec) -> dict[str, str]:
     'True,False'
     """
     fields = {f"{LAYOUT_KEY}.{field}": str(getattr(layout, field)) for field in _LAYOUT_FIELDS}
+    if layout.layers is not None:  # a model's own names (Layout's {name}): recorded too
+        fields[f"{LAYOUT_KEY}.layers"] = ",".join(layout.layers)
     biases = ",".join(map(str, spec.biases))
     return {LAYOUT_KEY: layout.name, **fields, BIAS_KEY: biases}
 
@@ -469,7 +471,7 @@ def _recorded_layout(
             f"file_layout=Layout({name!r}, ...) with the paths it was written with"
         )
     try:
-        return _layout_from_fields(name, fields)
+        return _layout_from_fields(name, fields, metadata.get(f"{LAYOUT_KEY}.layers"))
     except _DAMAGE as exc:
         reason = (
             str(exc).removeprefix(PREFIX)
@@ -482,7 +484,9 @@ def _recorded_layout(
         ) from None
 
 
-def _layout_from_fields(name: str, fields: Mapping[str, str | None]) -> Layout:
+def _layout_from_fields(
+    name: str, fields: Mapping[str, str | None], layers: str | None = None
+) -> Layout:
     """The :class:`Layout` a file's metadata defines, checked to read its own
     parameters back; raises one of ``_DAMAGE`` if the definition is damaged."""
     missing = [f"{LAYOUT_KEY}.{field}" for field, value in fields.items() if value is None]
@@ -491,7 +495,8 @@ def _layout_from_fields(name: str, fields: Mapping[str, str | None]) -> Layout:
     if fields["transpose"] not in ("True", "False"):
         raise ValueError(f"its transpose is {fields['transpose']!r}, not 'True' or 'False'")
     paths = fields["weight_path"], fields["bias_path"]
-    layout = Layout(name, *paths, fields["transpose"] == "True")
+    named = None if layers is None else tuple(layers.split(","))
+    layout = Layout(name, *paths, fields["transpose"] == "True", layers=named)
     try:
         clash = _key_clash(layout, ("fc1.weight", "fc1.bias"))
     except _DAMAGE as exc:
@@ -516,6 +521,7 @@ def _keyed(layout: Layout) -> Layout:
         layout,
         weight_path=layout.weight_path.replace("/", "."),
         bias_path=layout.bias_path.replace("/", "."),
+        layers=None if layout.layers is None else tuple(n.replace("/", ".") for n in layout.layers),
     )
 
 

@@ -64,6 +64,7 @@ from equiv.spec import DTYPES, MLPSpec, check_spec
 
 _LAYER = r"(0|[1-9]\d*)"  # no leading zeros: "Dense_00" must not alias "Dense_0"
 _TORCH_NAME = re.compile(r"fc([1-9]\d*)\.(weight|bias)")
+_KINDS = ("weight", "bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,9 @@ class Layout:
     """Where layer ``i``'s weight and bias live in a JAX tree.
 
     Paths are templates: ``/`` separates nested keys, ``{i}`` is the 1-based layer
-    number (torch's ``fc{i}``) and ``{j}`` the 0-based one. ``transpose`` means the
+    number (torch's ``fc{i}``) and ``{j}`` the 0-based one, or ``{name}`` the layer's
+    entry in ``layers``: a model's own names for its layers, in call order (what
+    :func:`equiv.nnx_layout` reads off a ``flax.nnx`` model). ``transpose`` means the
     JAX side holds weightᵀ, of shape (in, out). ``index_keys`` makes a key that is the
     layer number alone an int, as the state of an ``nnx.List`` or ``nnx.Sequential``
     holds it (``nnx.update`` refuses ``"0"`` for ``0``: found in a user trial); either
@@ -82,6 +85,9 @@ class Layout:
     >>> listed = Layout("nnx_list", "layers/{j}/kernel", "layers/{j}/bias", True, index_keys=True)
     >>> listed.path("fc2.weight"), listed.tree_path("fc2.weight")
     (('layers', '1', 'kernel'), ('layers', 1, 'kernel'))
+    >>> named = Layout("port", "{name}/kernel", "{name}/bias", True, layers=("hidden", "out"))
+    >>> named.path("fc2.weight"), named.torch_name(("hidden", "bias"))
+    (('out', 'kernel'), 'fc1.bias')
     """
 
     name: str
@@ -91,6 +97,7 @@ class Layout:
     # How a built tree holds a key, not where a parameter lives: files and paths
     # ignore it (a file's recorded layout equals the one given with it).
     index_keys: bool = dataclasses.field(default=False, repr=False, compare=False)
+    layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.transpose, bool):
@@ -104,18 +111,30 @@ class Layout:
                     f"{type(getattr(self, field)).__name__}"
                 )
         example = "e.g. Layout('mine', 'layer{j}/w', 'layer{j}/b', True)"
+        self._check_layers()
         for template in (self.weight_path, self.bias_path):
-            if (template.count("{i}") + template.count("{j}")) != 1:
+            fields = template.count("{i}") + template.count("{j}") + template.count("{name}")
+            if fields != 1:
                 raise value_error(
                     f"layout path {template!r} must hold exactly one '{{i}}' (1-based layer) "
-                    f"or '{{j}}' (0-based), {example}"
+                    f"or '{{j}}' (0-based), or '{{name}}' with layers=, {example}"
+                )
+            if ("{name}" in template) != (self.layers is not None):
+                raise value_error(
+                    f"layout path {template!r} "
+                    + (
+                        "uses '{name}' without layers=: pass the layers' names in call order"
+                        if self.layers is None
+                        else "does not use '{name}', so layers= names nothing: put '{name}' "
+                        "where each layer's name goes, e.g. '{name}/kernel'"
+                    )
                 )
             # Found in review: '{k}' failed with KeyError, '{}' with IndexError.
-            rest = template.replace("{i}", "").replace("{j}", "")
+            rest = template.replace("{i}", "").replace("{j}", "").replace("{name}", "")
             if "{" in rest or "}" in rest:
                 raise value_error(
-                    f"layout path {template!r} holds a brace other than '{{i}}' or '{{j}}'; "
-                    f"those two are its only fields, {example}"
+                    f"layout path {template!r} holds a brace other than '{{i}}' or '{{j}}' (or "
+                    f"'{{name}}' with layers=); those are its only fields, {example}"
                 )
             if "" in template.split("/"):
                 raise value_error(
@@ -127,7 +146,39 @@ class Layout:
                     f"layout path {template!r} puts a digit beside the layer number, so "
                     f"layer 1's and layer 11's keys can read alike, {example}"
                 )
-        self.check_paths([f"fc{i}.{kind}" for i in (1, 2, 3) for kind in ("weight", "bias")])
+        count = len(self.layers) if self.layers is not None else 3
+        self.check_paths(
+            [f"fc{i}.{kind}" for i in range(1, count + 1) for kind in ("weight", "bias")]
+        )
+
+    def __repr__(self) -> str:
+        # As the dataclass writes it, with layers only where the layout has them.
+        named = f", layers={self.layers!r}" if self.layers is not None else ""
+        return (
+            f"Layout(name={self.name!r}, weight_path={self.weight_path!r}, "
+            f"bias_path={self.bias_path!r}, transpose={self.transpose!r}{named})"
+        )
+
+    def _check_layers(self) -> None:
+        if self.layers is None:
+            return
+        if not isinstance(self.layers, tuple) or not all(
+            isinstance(name, str) for name in self.layers
+        ):
+            raise type_error(
+                f"Layout {self.name!r}: layers must be a tuple of str (each layer's name, "
+                f"in call order), got {self.layers!r}"
+            )
+        if not self.layers:
+            raise value_error(f"Layout {self.name!r}: layers names no layer")
+        for name in self.layers:
+            if not name or "" in name.split("/") or any(c in name for c in "{},"):
+                raise value_error(
+                    f"Layout {self.name!r}: layer name {name!r} is empty, has an empty key "
+                    "('/' at an end or doubled), or holds a brace or a comma"
+                )
+        if len(set(self.layers)) != len(self.layers):
+            raise value_error(f"Layout {self.name!r}: layers names a layer twice: {self.layers}")
 
     def check_paths(self, torch_names: Sequence[str]) -> None:
         """Refuse two parameters at one path, or one inside the other's (a leaf where
@@ -161,11 +212,24 @@ class Layout:
             )
         layer, kind = match.groups()
         template = self.weight_path if kind == "weight" else self.bias_path
-        return tuple(template.format(i=int(layer), j=int(layer) - 1).split("/"))
+        if self.layers is None:
+            return tuple(template.format(i=int(layer), j=int(layer) - 1).split("/"))
+        if int(layer) > len(self.layers):
+            raise value_error(
+                f"layout {self.name!r} names {len(self.layers)} layers "
+                f"({', '.join(self.layers)}), so {torch_name} has no path in it: the "
+                "model it was read from has fewer layers"
+            )
+        return tuple(template.replace("{name}", self.layers[int(layer) - 1]).split("/"))
 
     def tree_path(self, torch_name: str) -> tuple[str | int, ...]:
         """:meth:`path` as a tree built in this layout holds it: with ``index_keys``, a
         key that is the layer number alone is an int."""
+        if self.layers is not None:  # a layer's own name, "blocks/0": its digits alone
+            return tuple(
+                int(key) if self.index_keys and key.isdigit() else key
+                for key in self.path(torch_name)
+            )
         kind = torch_name.rsplit(".", 1)[1]
         template = self.weight_path if kind == "weight" else self.bias_path
         whole = [part in ("{i}", "{j}") for part in template.split("/")]
@@ -176,6 +240,9 @@ class Layout:
 
     def torch_name(self, path: tuple[str, ...]) -> str | None:
         """The torch name a JAX path stands for, or None if the layout has no such path."""
+        if self.layers is not None:
+            names = [f"fc{i}.{kind}" for i in range(1, len(self.layers) + 1) for kind in _KINDS]
+            return next((name for name in names if self.path(name) == tuple(path)), None)
         for kind, template, pattern in self._patterns():
             if len(path) == len(pattern):
                 matches = [re.fullmatch(p, key) for p, key in zip(pattern, path, strict=True)]
@@ -1437,7 +1504,18 @@ def layout_tree(params: Any, layout: Layout) -> Any:
     as it is. Every function taking a JAX tree takes these models this way."""
     nnx = getattr(sys.modules.get("flax"), "nnx", None)
     if nnx is not None and isinstance(params, nnx.Module):
-        return nnx.state(params, nnx.Param)
+        state = nnx.state(params, nnx.Param)
+        paths = [tuple(str(getattr(k, "key", k)) for k in p) for p, _ in nnx.to_flat_state(state)]
+        if paths and not any(layout.torch_name(p) for p in paths):
+            # A port's own names (hidden, out): the layout read off its calls holds them.
+            raise value_error(
+                f"{type(params).__name__}'s parameters ({', '.join('/'.join(p) for p in paths[:4])}"
+                f"{', ...' if len(paths) > 4 else ''}) are not where the {layout.name} layout "
+                f"puts them ({'/'.join(layout.path('fc1.weight'))}, ...): pass "
+                "layout=equiv.nnx_layout(model), which reads the model's own names in the "
+                "order it calls its Linear layers"
+            )
+        return state
     if nnx is not None and isinstance(params, nnx.State):
         # Found in a user trial: nnx.state(model) of a model with nnx.Dropout holds its
         # random state, which was reported as unexpected parameters with spec= advice.

@@ -1,0 +1,185 @@
+"""nnx_layout: a flax.nnx port under its own attribute names, read off its calls."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import equiv
+from equiv.convert import Layout
+
+nnx = pytest.importorskip("flax.nnx")
+
+
+class Port(nnx.Module):
+    """Defined out of call order, with dropout: what nnx_layout must read right."""
+
+    def __init__(self, sizes, rngs, dtype=jnp.float32):
+        self.out = nnx.Linear(sizes[1], sizes[2], dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.hidden = nnx.Linear(sizes[0], sizes[1], dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.drop(jnp.tanh(self.hidden(x))))
+
+
+def _torch_net(sizes, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(sizes[0], sizes[1]), torch.nn.Tanh(), torch.nn.Linear(sizes[1], sizes[2])
+    )
+
+
+def test_a_port_under_its_own_names_takes_torchs_weights_and_gives_torchs_output(equiv_seed):
+    # The square widths make a layout read in definition order (out, hidden) fit every
+    # shape: only the order of the calls tells the layers apart.
+    sizes = (5, 5, 5)
+    with jax.enable_x64(True):
+        net = _torch_net(sizes, equiv_seed).double()
+        port = Port(sizes, nnx.Rngs(equiv_seed), dtype=jnp.float64)
+        counts = [int(c[...]) for c in jax.tree.leaves(nnx.state(port, nnx.RngCount))]
+        assert counts  # the Dropout's
+        layout = equiv.nnx_layout(port)
+        assert layout.layers == ("hidden", "out")
+        # The model is left as it was: no RNG drawn, no mode changed.
+        assert [int(c[...]) for c in jax.tree.leaves(nnx.state(port, nnx.RngCount))] == counts
+        assert port.drop.deterministic is False
+        nnx.update(port, equiv.torch_to_jax(net, layout=layout))
+        port.eval()
+        x = torch.randn(7, 5, dtype=torch.float64)
+        np.testing.assert_allclose(
+            np.asarray(port(jnp.asarray(x.numpy()))), net(x).detach().numpy(), rtol=1e-13
+        )
+        # The twin: the same names in definition order put fc1's weights in `out`.
+        wrong = Layout("defined", "{name}/kernel", "{name}/bias", True, layers=("out", "hidden"))
+        nnx.update(port, equiv.torch_to_jax(net, layout=wrong))
+        assert not np.allclose(np.asarray(port(jnp.asarray(x.numpy()))), net(x).detach().numpy())
+
+
+def test_the_way_back_files_and_a_port_check_take_the_layout(tmp_path, equiv_seed):
+    sizes = (4, 8, 3)
+    net = _torch_net(sizes, equiv_seed)
+    port = Port(sizes, nnx.Rngs(equiv_seed))
+    layout = equiv.nnx_layout(port)
+    state = equiv.jax_to_torch(port, layout=layout)
+    assert np.array_equal(state["fc1.weight"].numpy(), np.asarray(port.hidden.kernel[...]).T)
+    equiv.save_jax(port, tmp_path / "port.safetensors", layout=layout)
+    for name, value in equiv.load_torch(tmp_path / "port.safetensors").items():
+        assert torch.equal(value, state[name]), name
+    back = equiv.load_jax(tmp_path / "port.safetensors", layout=layout)
+    assert set(back) == {"hidden", "out"}
+
+    graphdef, _, rest = nnx.split(port, nnx.Param, ...)
+
+    def loss_fn(params, x, y):
+        model = nnx.merge(graphdef, nnx.State(params), rest)
+        model.eval()
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    def forgot_tanh(params, x, y):
+        h = x @ params["hidden"]["kernel"] + params["hidden"]["bias"]
+        logits = h @ params["out"]["kernel"] + params["out"]["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    gen = torch.Generator().manual_seed(equiv_seed)
+    x, y = torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    spec = equiv.MLPSpec(sizes, activation="tanh", loss="cross_entropy")
+    equiv.check_jax_port(net, loss_fn, x, y, layout=layout, spec=spec, steps=2).assert_agree()
+    assert not equiv.check_jax_port(net, forgot_tanh, x, y, layout=layout, spec=spec).agree
+    # Without the layout, the "nnx" layout's names are not the port's: told what to pass.
+    with pytest.raises(ValueError, match=r"pass layout=equiv.nnx_layout\(model\)"):
+        equiv.jax_to_torch(port, layout="nnx")
+
+
+def test_layers_in_an_nnx_list_are_read_with_int_keys(equiv_seed):
+    class Listed(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 2, rngs=rngs)])
+
+        def __call__(self, x):
+            return self.blocks[1](jax.nn.relu(self.blocks[0](x)))
+
+    port = Listed(nnx.Rngs(equiv_seed))
+    layout = equiv.nnx_layout(port)
+    assert layout.layers == ("blocks/0", "blocks/1")
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    nnx.update(port, equiv.torch_to_jax(net, layout=layout))  # int keys, as nnx.List holds them
+    assert np.array_equal(np.asarray(port.blocks[1].bias[...]), net[2].bias.detach().numpy())
+
+
+def test_what_nnx_layout_cannot_read_is_refused_by_name():
+    class Scaled(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(3, 2, rngs=rngs)
+            self.scale = nnx.Param(jnp.ones(2))
+
+        def __call__(self, x):
+            return self.fc(x) * self.scale
+
+    with pytest.raises(ValueError, match="parameters outside its nnx.Linear layers: 'scale'"):
+        equiv.nnx_layout(Scaled(nnx.Rngs(0)))
+
+    class Twice(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(3, 3, rngs=rngs), nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(self.a(self.a(x)))
+
+    with pytest.raises(ValueError) as info:
+        equiv.nnx_layout(Twice(nnx.Rngs(0)))
+    assert str(info.value) == (
+        "[equiv] Twice's __call__ calls its Linear layers as a, a, b, not each of a, b once: "
+        "equiv's MLP calls each layer once, in order"
+    )
+
+    class Needs(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x, mask):
+            return self.a(x) * mask
+
+    with pytest.raises(ValueError, match="cannot be run on one batch x"):
+        equiv.nnx_layout(Needs(nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="reads a flax.nnx.Module, got Sequential"):
+        equiv.nnx_layout(torch.nn.Sequential())
+
+
+def test_a_layout_of_named_layers_is_checked_as_templates_are():
+    named = Layout("port", "{name}/kernel", "{name}/bias", True, layers=("a/b", "c"))
+    assert named.path("fc1.weight") == ("a", "b", "kernel")
+    assert named.torch_name(("c", "bias")) == "fc2.bias" and named.torch_name(("d",)) is None
+    with pytest.raises(ValueError, match="names 2 layers .a/b, c., so fc3.weight has no path"):
+        named.path("fc3.weight")
+    with pytest.raises(ValueError, match="uses '.name.' without layers="):
+        Layout("p", "{name}/kernel", "{name}/bias", True)
+    with pytest.raises(ValueError, match="does not use '.name.', so layers= names nothing"):
+        Layout("p", "Dense_{j}/kernel", "Dense_{j}/bias", True, layers=("a",))
+    with pytest.raises(ValueError, match="names a layer twice"):
+        Layout("p", "{name}/kernel", "{name}/bias", True, layers=("a", "a"))
+    with pytest.raises(ValueError, match="holds a brace or a comma"):
+        Layout("p", "{name}/kernel", "{name}/bias", True, layers=("a,b",))
+    with pytest.raises(TypeError, match="layers must be a tuple of str"):
+        Layout("p", "{name}/kernel", "{name}/bias", True, layers=["a"])
+
+
+def test_an_nnx_sequential_interleaving_functions_is_read(equiv_seed):
+    # Found in review: its Linear layers are numbered 0, 2, ..., which no template
+    # expresses; the layout read off its calls holds those keys.
+    seq = nnx.Sequential(
+        nnx.Linear(4, 8, rngs=nnx.Rngs(equiv_seed)), jax.nn.relu, nnx.Linear(8, 2, rngs=nnx.Rngs(1))
+    )
+    layout = equiv.nnx_layout(seq)
+    assert layout.layers == ("layers/0", "layers/2")
+    torch.manual_seed(equiv_seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    nnx.update(seq, equiv.torch_to_jax(net, layout=layout))
+    x = torch.randn(3, 4)
+    np.testing.assert_allclose(
+        np.asarray(seq(jnp.asarray(x.numpy()))), net(x).detach().numpy(), rtol=1e-5, atol=1e-6
+    )
