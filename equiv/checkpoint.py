@@ -64,6 +64,7 @@ from equiv.convert import (
     equinox_to_torch,
     get_layout,
     is_equinox_model,
+    is_jax_model,
     layout_tree,
     missing_values,
     module_spec,
@@ -356,6 +357,7 @@ def save_jax(
     """
     _kind(path, _SAFETENSORS)
     layout = get_layout(layout)
+    own = is_jax_model(params)
     params = layout_tree(params, layout)  # an Equinox model, with layout="equinox"
     if not isinstance(params, Mapping):
         raise type_error(f"params must be a dict-like JAX tree, got {type(params).__name__}")
@@ -363,7 +365,7 @@ def save_jax(
     bad = [".".join(p) for p, v in flat.items() if not isinstance(v, (jax.Array, np.ndarray))]
     if bad:
         raise type_error(f"params leaves must be JAX or NumPy arrays; not: {', '.join(bad)}")
-    spec = check_entries(flat, layout, spec, what=f"{layout.name}-layout params")
+    spec = check_entries(flat, layout, spec, what=f"{layout.name}-layout params", from_model=own)
     clash = _key_clash(layout, spec.param_names())
     if clash:
         raise value_error(f"cannot write {os.fspath(path)}: {clash}")

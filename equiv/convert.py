@@ -495,7 +495,7 @@ def jax_to_torch(
     layout = get_layout(layout)
     if device is not None:
         device = torch_device(device)  # a bad name fails here, before any copy
-    own = is_equinox_model(params)  # a model's own layers: each says whether it has a bias
+    own = is_jax_model(params)  # a model's own layers: each says whether it has a bias
     params = layout_tree(params, layout)
     if not isinstance(params, Mapping):
         raise type_error(
@@ -887,6 +887,16 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any], what: str) -> str:
                     "torch state_dict (fc1.weight, ...): its layout= is the one it returns"
                 )
             return f"These are the names of the {name!r} layout: say so, layout={name!r}"
+    if len(paths[0]) > 1 and all(p[-1] in ("kernel", "bias") for p in paths):
+        # Found in review: nnx.state(port, nnx.Param) under the port's own names was
+        # given torch advice.
+        names = tuple(dict.fromkeys("/".join(p[:-1]) for p in paths))
+        return (
+            "These are flax layers under names of their own: for a flax.nnx model, pass "
+            "layout=equiv.nnx_layout(model), read off the order it calls them; else "
+            "equiv.Layout(name, '{name}/kernel', '{name}/bias', True, layers=...) with "
+            f"the layers in call order (of {names!r})"
+        )
     return (
         "A torch Linear stack under names of its own ('encoder.weight') is read "
         "when you pass the module itself, or equiv.mlp_from_module(module)[1] (a file of "
@@ -1569,6 +1579,14 @@ def _is_array_tree(value: Any) -> bool:
     if not isinstance(value, Mapping) or not value:
         return False
     return all(isinstance(v, (jax.Array, np.ndarray)) for v in _flatten(value).values())
+
+
+def is_jax_model(value: Any) -> bool:
+    """Whether ``value`` is a model (Equinox, or ``flax.nnx``) whose own layers say which
+    have a bias, as a torch module's do (found in review: an nnx port with
+    ``use_bias=False`` on one layer needed ``spec=``)."""
+    nnx = getattr(sys.modules.get("flax"), "nnx", None)
+    return is_equinox_model(value) or (nnx is not None and isinstance(value, nnx.Module))
 
 
 def is_equinox_model(value: Any) -> bool:

@@ -57,7 +57,7 @@ from equiv.diagnose import _close, diagnose_leaf, diagnose_trees, precision_caus
 from equiv.environment import environment
 from equiv.kinks import preactivation_bounds
 from equiv.losses import LOSSES
-from equiv.spec import UNIT_ROUNDOFF, MLPSpec
+from equiv.spec import UNIT_ROUNDOFF, MLPSpec, check_spec
 from equiv.tolerance import SAFETY
 from equiv.variants import matching_variant
 
@@ -269,6 +269,7 @@ def check_gradients(
     """
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
         raise value_error(f"directions must be an int of at least 1, got {directions!r}")
+    check_spec(spec)
     spec = spec.replace(dtype="float64")
     params = {k: _f64(v) for k, v in params.items()}
     # Integer class labels stay integers; everything else is computed in float64.

@@ -90,7 +90,7 @@ from equiv.optimizers import (
 )
 from equiv.precision import comparison_scope
 from equiv.problem import Problem
-from equiv.spec import MLPSpec
+from equiv.spec import MLPSpec, check_spec
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP, torch_mlp_with_params
 
 #: The name your implementation carries in reports: a JAX port (check_jax_port).
@@ -701,6 +701,8 @@ def _as_mlp(model: Any, spec: MLPSpec | None) -> tuple[Any, MLPSpec | None]:
     ``spec`` given; a Linear stack under other names read into a TorchMLP with the
     same parameters (:func:`equiv.mlp_from_module`), so that the hand-derived float64
     pass arbitrates. A given ``spec`` then sets the loss; its structure must match."""
+    if spec is not None:
+        check_spec(spec)
     if not isinstance(model, torch.nn.Module) or isinstance(model, TorchMLP):
         return model, spec
     if module_spec(model) is not None:

@@ -183,3 +183,114 @@ def test_an_nnx_sequential_interleaving_functions_is_read(equiv_seed):
     np.testing.assert_allclose(
         np.asarray(seq(jnp.asarray(x.numpy()))), net(x).detach().numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+def test_the_probe_leaves_every_variable_of_the_model_as_it_was():
+    # Found in review: the probe ran on nnx.merge(*nnx.split(model)), which shares the
+    # model's variables: a call that passes deterministic=not train, draws from its
+    # Rngs or updates a variable (batch statistics) changed the model.
+    class Counter(nnx.Variable):
+        pass
+
+    class Stateful(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.c = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.bn = nnx.BatchNorm(8, use_scale=False, use_bias=False, rngs=rngs)
+            self.rngs, self.calls = rngs, Counter(jnp.array(0))
+
+        def __call__(self, x, train: bool = True):
+            self.calls[...] += 1
+            self.rngs.params()
+            self.bn(x @ jnp.ones((4, 8)), use_running_average=not train)  # its stats only
+            return self.c(self.drop(jax.nn.relu(self.a(x)), deterministic=not train))
+
+    def values(model):
+        def value(v):
+            if jnp.issubdtype(v.dtype, jax.dtypes.prng_key):
+                v = jax.random.key_data(v)
+            return np.array(v)
+
+        return jax.tree.leaves(jax.tree.map(value, nnx.state(model, ...)))
+
+    model = Stateful(nnx.Rngs(0))
+    before = values(model)
+    assert equiv.nnx_layout(model).layers == ("a", "c")  # dropout on in the call: rate 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, values(model), strict=True))
+    assert model.drop.deterministic is False
+
+
+def _stack_of(call):
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return call(self, x)
+
+    return Model(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "call,phrase",
+    [
+        (lambda m, x: m.b(jax.nn.relu(m.a(x)) + x), "Linear b is not called on an activation of a"),
+        (lambda m, x: m.b(m.a(x) * 2), "Linear b is not called on an activation of a"),
+        (lambda m, x: m.b(jax.nn.relu(m.a(x - 1))), "first Linear a is not called on the input"),
+        (lambda m, x: jax.nn.softmax(m.b(jax.nn.relu(m.a(x)))), "output is not its last Linear b"),
+        (
+            lambda m, x: nnx.remat(lambda layer, h: layer(h))(m.b, m.a(x)),
+            "through an nnx transform",
+        ),
+    ],
+    ids=["residual", "scale", "shifted-input", "final-softmax", "transform"],
+)
+def test_a_call_that_is_not_a_linear_stack_is_refused_with_the_gap_named(call, phrase):
+    # Found in review: a residual connection or parallel branches with square widths
+    # were read as a stack, and a transform's copy of a layer raised a bare KeyError.
+    with pytest.raises(ValueError, match=phrase):
+        equiv.nnx_layout(_stack_of(call))
+    # The twin: the same layers as a stack, any of equiv's activations between them.
+    for act in (jax.nn.relu, jnp.tanh, jax.nn.silu, lambda h: h):
+        stack = _stack_of(lambda m, x, act=act: m.b(act(m.a(x))))
+        assert equiv.nnx_layout(stack).layers == ("a", "b")
+
+
+def test_layers_in_a_dict_attribute_are_read_by_their_keys():
+    class Keyed(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.data(
+                {"first": nnx.Linear(4, 8, rngs=rngs), "second": nnx.Linear(8, 2, rngs=rngs)}
+            )
+
+        def __call__(self, x):
+            return self.layers["second"](jax.nn.relu(self.layers["first"](x)))
+
+    assert equiv.nnx_layout(Keyed(nnx.Rngs(0))).layers == ("layers/first", "layers/second")
+
+
+def test_a_layer_without_a_bias_is_read_off_the_model(tmp_path):
+    # Found in review: an nnx port with use_bias=False on one layer needed spec=.
+    class Port(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(4, 8, use_bias=False, rngs=rngs)
+            self.b = nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jax.nn.relu(self.a(x)))
+
+    port = Port(nnx.Rngs(0))
+    layout = equiv.nnx_layout(port)
+    assert list(equiv.jax_to_torch(port, layout=layout)) == ["fc1.weight", "fc2.weight", "fc2.bias"]
+    equiv.save_jax(port, tmp_path / "p.safetensors", layout=layout)
+    assert list(equiv.load_torch(tmp_path / "p.safetensors")) == [
+        "fc1.weight",
+        "fc2.weight",
+        "fc2.bias",
+    ]
+    # The twin: its state alone cannot tell a layer without a bias from a lost entry,
+    # and its own names point to nnx_layout.
+    with pytest.raises(ValueError, match="missing: 'a.bias'"):
+        equiv.jax_to_torch(nnx.state(port, nnx.Param), layout=layout)
+    with pytest.raises(ValueError, match=r"pass layout=equiv.nnx_layout\(model\)"):
+        equiv.jax_to_torch(nnx.state(port, nnx.Param), layout="nnx")

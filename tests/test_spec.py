@@ -250,7 +250,28 @@ SPEC_TAKERS = {
         equiv.save_torch(model, path),
         equiv.load_jax(path, spec=spec),
     ),
+    # Found in review: the port checks and check_gradients raised AttributeError.
+    "check_jax_port": lambda model, spec, path: equiv.check_jax_port(
+        model, _flax_mse, torch.randn(3, 4), torch.randn(3, 2), spec=spec
+    ),
+    "check_manual_backward": lambda model, spec, path: equiv.check_manual_backward(
+        model, _manual_grads, torch.randn(3, 4), torch.randn(3, 2), spec=spec
+    ),
+    "check_gradients": lambda model, spec, path: equiv.check_gradients(
+        equiv.mlp_from_module(model)[1], torch.randn(3, 4), torch.randn(3, 2), spec
+    ),
 }
+
+
+def _flax_mse(params, x, y):
+    import jax
+
+    h = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    return ((h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"] - y) ** 2).mean()
+
+
+def _manual_grads(params, x, y):
+    return equiv.manual.loss_and_grads(params, x, y, MLPSpec((4, 8, 2)))
 
 
 @pytest.mark.parametrize("taker", list(SPEC_TAKERS))
