@@ -1010,3 +1010,32 @@ def test_a_residual_forward_is_told_apart_from_an_unknown_call_order(equiv_seed)
     np.testing.assert_array_equal(
         torch_to_jax(model, layout="torch")["fc2.weight"], model.b.weight.detach()
     )
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("count", [1, 4])
+def test_transposing_copies_on_threads_and_in_strips_are_exact(workers, count, monkeypatch):
+    # Weights above the strip threshold (1 MiB), widths not a multiple of the strip,
+    # one pair (split among the workers) and more pairs than workers (one each): into
+    # new memory through torch's kernel, into existing tensors (out=) in strips.
+    import equiv.convert
+
+    monkeypatch.setattr(equiv.convert.torch, "get_num_threads", lambda: workers)
+    monkeypatch.setattr(equiv.convert.os, "cpu_count", lambda: workers)
+    gen = torch.Generator().manual_seed(count)
+    sizes = (1000, 701, 603, 523, 530)[: count + 1]
+    state = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False), start=1):
+        state[f"fc{i}.weight"] = torch.randn(n_out, n_in, generator=gen)
+        state[f"fc{i}.bias"] = torch.randn(n_out, generator=gen)
+    assert all(
+        t.nbytes >= equiv.convert._STRIP_MIN_BYTES for n, t in state.items() if "weight" in n
+    )
+    tree = torch_to_jax(state, layout="flax")
+    for i in range(1, count + 1):
+        np.testing.assert_array_equal(
+            tree[f"Dense_{i - 1}"]["kernel"], state[f"fc{i}.weight"].numpy().T
+        )
+    target = {name: torch.zeros_like(t) for name, t in state.items()}
+    jax_to_torch(tree, layout="flax", out=target)
+    assert_states_identical(target, state)
