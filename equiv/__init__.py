@@ -39,7 +39,7 @@ from equiv.harness import (
     compare_trajectories,
 )
 from equiv.losses import LOSSES, Loss
-from equiv.nnx_layout import nnx_layout
+from equiv.nnx_layout import nnx_layout, torch_to_nnx
 from equiv.optimizers import OPTIMIZERS, OptimizerSpec
 from equiv.plot import plot_divergence
 from equiv.port import check_jax_port, check_manual_backward
@@ -98,4 +98,5 @@ __all__ = [
     "save_torch",
     "torch_to_equinox",
     "torch_to_jax",
+    "torch_to_nnx",
 ]

@@ -57,6 +57,12 @@ def nnx_layout(model: Any, *, name: str | None = None) -> Layout:
         run on one batch, a Linear layer called twice or never, or widths that do
         not chain (each named).
     """
+    return _read(model, name)[0]
+
+
+def _read(model: Any, name: str | None = None) -> tuple[Layout, list[dict[str, float]], list[Any]]:
+    """:func:`nnx_layout`'s layout, each gap's activations (:func:`_check_stack`) and
+    the model's ``nnx.Linear`` layers in call order."""
     from flax import nnx
 
     if not isinstance(model, nnx.Module):
@@ -96,10 +102,12 @@ def nnx_layout(model: Any, *, name: str | None = None) -> Layout:
             f"not each of {', '.join(name_of.values())} once: equiv's MLP calls each layer "
             "once, in order"
         )
-    _check_stack(shown, x, [(name_of[key], linears[key][1], i, o) for key, i, o in calls], out)
+    gaps = _check_stack(
+        shown, x, [(name_of[key], linears[key][1], i, o) for key, i, o in calls], out
+    )
     called = [linears[key][0] for key, _, _ in calls]
     index_keys = any(isinstance(key, int) for path in called for key in path)
-    return Layout(
+    layout = Layout(
         name or shown,
         "{name}/kernel",
         "{name}/bias",
@@ -107,6 +115,7 @@ def nnx_layout(model: Any, *, name: str | None = None) -> Layout:
         index_keys=index_keys,
         layers=tuple(order),
     )
+    return layout, gaps, [linears[key][1] for key, _, _ in calls]
 
 
 def _keys(path: tuple) -> tuple[str | int, ...]:
@@ -170,20 +179,57 @@ def _recording(base: type, calls: list, twin: dict[int, int]) -> type:
     return Recording
 
 
-def _check_stack(shown: str, x: Any, calls: list[tuple[str, Any, Any, Any]], out: Any) -> None:
-    """Refuse a call that is not its Linear layers in turn with one of equiv's
-    activations between consecutive ones: each layer's input the activation of the
-    one before's output, the first's the batch, and the model's output the last's."""
+#: How near an activation of one layer's output must come to the next layer's input to
+#: say which activation the port applies (not only that it applies one): the same
+#: function in the same dtype gives the same values to a rounding or two, where GELU's
+#: tanh form is 1e-4 away from the exact one.
+_SAME = 1e-5
+
+
+def _near(a: Any, b: Any, within: float) -> bool:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = max(float(np.abs(b).max(initial=0.0)), 1e-30)
+    return a.shape == b.shape and float(np.abs(a - b).max(initial=0.0)) <= within * scale
+
+
+def _activations(given: Any, taken: Any, within: float) -> dict[str, float]:
+    """Each of equiv's activations that maps ``given`` (a layer's output) to ``taken``
+    (the next layer's input) within ``within``, with its parameter: a leaky_relu slope
+    or an ELU alpha is fitted (least squares on the negative inputs, where both are
+    linear in it), so ``leaky_relu(h, 0.2)`` is read as such."""
     from equiv.activations import ACTIVATIONS
     from equiv.spec import MLPSpec
 
-    def near(a: Any, b: Any) -> bool:
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-        scale = max(float(np.abs(b).max(initial=0.0)), 1e-30)
-        return a.shape == b.shape and float(np.abs(a - b).max(initial=0.0)) <= _MATCH * scale
-
     defaults = MLPSpec((1, 1))
+    g = np.asarray(given, dtype=np.float64)
+    t = np.asarray(taken, dtype=np.float64)
+    found = {}
+    for name, act in ACTIVATIONS.items():
+        param = act.param(defaults)
+        if act.param_field is not None and g.shape == t.shape:
+            negative = g <= 0
+            basis = np.where(negative, act.value(np, g, 1.0), 0.0)
+            if float((basis * basis).sum()) > 0:
+                param = float((basis * t).sum() / (basis * basis).sum())
+        if _near(taken, act.jax_fn(jax.numpy.asarray(given), param), within):
+            found[name] = param
+    return found
+
+
+def _check_stack(
+    shown: str, x: Any, calls: list[tuple[str, Any, Any, Any]], out: Any
+) -> list[dict[str, float]]:
+    """Refuse a call that is not its Linear layers in turn with one of equiv's
+    activations between consecutive ones: each layer's input an activation of the
+    one before's output, the first's the batch, and the model's output the last's.
+    Returns, for each gap, the activations that say which one it is (:data:`_SAME`)."""
     names = [name for name, *_ in calls]
+    if not isinstance(out, jax.Array):
+        raise value_error(
+            f"{shown}'s __call__ returns a {type(out).__name__}, not an array: equiv's MLP "
+            "returns its output alone (wrap the model in one that returns it)"
+        )
+    gaps = []
     for (before, layer, _, given), (after, nxt, taken, _) in zip(calls, calls[1:], strict=False):
         gives, takes = int(layer.out_features), int(nxt.in_features)
         if gives != takes:
@@ -192,25 +238,158 @@ def _check_stack(shown: str, x: Any, calls: list[tuple[str, Any, Any, Any]], out
                 f"it, gives {gives}: equiv's MLP calls each layer on the output of the one "
                 "before it"
             )
-        if not any(
-            near(taken, act.jax_fn(given, act.param(defaults))) for act in ACTIVATIONS.values()
-        ):
+        if not _activations(given, taken, _MATCH):
             raise value_error(
-                f"{shown}'s Linear {after} is not called on an activation of {before}'s "
-                "output (run on a probe batch: a residual connection, a branch, a norm or a "
-                "scale between them?), and equiv's MLP is its Linear layers with one of its "
-                f"activations between them. If the layers are {', '.join(names)} all the same, "
-                "say so: equiv.Layout(name, '{name}/kernel', '{name}/bias', True, "
+                f"{shown}'s Linear {after} is not called on one of equiv's activations of "
+                f"{before}'s output (run on a probe batch: a residual connection, a branch, "
+                "a norm, a scale, or an activation equiv does not have, between them?), and "
+                "equiv's MLP is its Linear layers with one of its activations between them. "
+                f"If the layers are {', '.join(names)} all the same, say so: "
+                "equiv.Layout(name, '{name}/kernel', '{name}/bias', True, "
                 f"layers={tuple(names)!r})"
             )
-    if not near(calls[0][2], x):
+        gaps.append(_activations(given, taken, _SAME))
+    if not _near(calls[0][2], x, _MATCH):
         raise value_error(
             f"{shown}'s first Linear {names[0]} is not called on the input batch itself "
             "(run on a probe batch): equiv's MLP starts with a Linear layer"
         )
-    if not near(out, calls[-1][3]):
+    if not _near(out, calls[-1][3], _MATCH):
         raise value_error(
             f"{shown}'s output is not its last Linear {names[-1]}'s (run on a probe batch): "
             "equiv's MLP ends with a Linear layer (put a final activation in the loss "
             "instead)"
         )
+    return gaps
+
+
+def torch_to_nnx(module_or_state_dict: Any, model: Any, *, spec: Any = None) -> Any:
+    """Fill a ``flax.nnx`` port's Linear layers with a torch MLP's parameters, in place.
+
+    The port's layers are read as :func:`nnx_layout` reads them (its own names, in the
+    order its ``__call__`` calls them), and the torch parameters must fit them layer by
+    layer: the same shapes, a bias where the port has one and none where it has none,
+    the same dtype. From a torch module, each activation the port applies between two
+    layers (read off its probe call, a leaky_relu's slope and an ELU's alpha with it)
+    must be the module's there. ``nnx.update`` alone installs arrays of any shape and
+    leaves a bias the tree lacks as it was (found in a user trial: a 4-16-2 checkpoint
+    went into a 4-8-8-2 port, and a port's bias the torch model lacked was kept).
+
+    Args:
+      module_or_state_dict: a torch Linear stack (any names) or a state_dict, as
+        :func:`equiv.torch_to_jax` takes it.
+      model: the ``flax.nnx.Module`` to fill.
+      spec: the torch side's architecture, as for :func:`equiv.torch_to_jax`.
+
+    Returns:
+      ``model``, its Linear layers holding the torch parameters.
+
+    Raises:
+      TypeError: ``model`` is not a ``flax.nnx.Module``.
+      ValueError: what :func:`nnx_layout` refuses, or the torch parameters or
+        activations do not fit the port (every difference named).
+
+    Example:
+      >>> import jax, torch
+      >>> from flax import nnx
+      >>> class Port(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.body, self.head = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.head(jax.nn.tanh(self.body(x)))
+      >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+      >>> port = torch_to_nnx(net, Port(nnx.Rngs(0)))
+      >>> bool((port.head.bias[...] == net[2].bias.detach().numpy()).all())
+      True
+    """
+    import torch
+    from flax import nnx
+
+    from equiv.convert import LAYOUTS, _state_dict, check_entries, module_spec, torch_to_jax
+
+    layout, gaps, layers = _read(model)
+    own = isinstance(module_or_state_dict, torch.nn.Module)
+    state = _state_dict(module_or_state_dict)  # a module's own tensors, under equiv's names
+    theirs = check_entries(
+        {(n,): t for n, t in state.items()},
+        LAYOUTS["torch"],
+        spec if spec is not None else module_spec(module_or_state_dict),
+        what="state_dict",
+        from_model=own,
+    )
+    if theirs.num_layers != len(layers):
+        raise value_error(
+            f"the torch MLP {theirs.sizes} has {theirs.num_layers} Linear layers and "
+            f"{type(model).__name__} {len(layers)} ({', '.join(layout.layers or ())}, in the "
+            "order it calls them): they are different models"
+        )
+    tree = torch_to_jax(state, layout=layout, spec=theirs)
+    rows = []
+    for i, (name, layer) in enumerate(zip(layout.layers, layers, strict=True), start=1):
+        kernel = _at(tree, layout.tree_path(f"fc{i}.weight"))
+        ours = layer.kernel.get_value()
+        where = f"  {name} (torch's fc{i}):"
+        if tuple(kernel.shape) != tuple(ours.shape):
+            rows.append(
+                f"{where} kernel {tuple(ours.shape)} in the port, {tuple(kernel.shape)} from torch"
+            )
+        elif kernel.dtype != ours.dtype:
+            rows.append(f"{where} {ours.dtype} in the port, {kernel.dtype} from torch")
+        has = getattr(layer, "bias", None) is not None
+        theirs = _at(tree, layout.tree_path(f"fc{i}.bias")) is not None
+        if has != theirs:
+            rows.append(
+                f"{where} the port has a bias and torch's fc{i} none (build it with use_bias=False)"
+                if has
+                else f"{where} torch's fc{i} has a bias and the port none"
+            )
+    if own:
+        rows += _activation_rows(module_or_state_dict, layout, gaps, module_spec)
+    if rows:
+        raise value_error(
+            f"the torch parameters do not fit {type(model).__name__}, layer by layer in the "
+            "order it calls them:\n" + "\n".join(rows)
+        )
+    nnx.update(model, tree)
+    return model
+
+
+def _activation_rows(
+    module: Any, layout: Layout, gaps: list[dict[str, float]], module_spec: Any
+) -> list[str]:
+    """Each gap whose activation the port and the torch module's activation modules
+    tell apart (a gap where torch calls a function, read as identity, or where the
+    port's activation is none of equiv's exactly, is not compared)."""
+    from equiv.from_module import read_spec
+
+    read = module_spec(module) or read_spec(module)
+    rows = []
+    names = layout.layers or ()
+    for k, (theirs, found) in enumerate(zip(read.activations, gaps, strict=False)):
+        if theirs == "identity" or not found:
+            continue
+        between = f"  between {names[k]} and {names[k + 1]}:"
+        if theirs not in found:
+            first, param = next(iter(found.items()))
+            field = {"leaky_relu": "negative_slope", "elu": "elu_alpha"}.get(first)
+            shown = f"{first} ({field} {param:.4g})" if field else first
+            rows.append(f"{between} the port applies {shown}, torch's module {theirs}")
+            continue
+        field = {"leaky_relu": "negative_slope", "elu": "elu_alpha"}.get(theirs)
+        if field is not None:
+            want, got = float(getattr(read, field)), found[theirs]
+            if abs(want - got) > 1e-3 * max(1.0, abs(want)):
+                rows.append(
+                    f"{between} {theirs} with {field} {got:.4g} in the port, {want:.4g} in torch"
+                )
+    return rows
+
+
+def _at(tree: Any, path: tuple) -> Any:
+    for key in path:
+        if not hasattr(tree, "get"):
+            return None
+        tree = tree.get(key)
+        if tree is None:
+            return None
+    return tree

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,16 +236,20 @@ def _stack_of(call):
 @pytest.mark.parametrize(
     "call,phrase",
     [
-        (lambda m, x: m.b(jax.nn.relu(m.a(x)) + x), "Linear b is not called on an activation of a"),
-        (lambda m, x: m.b(m.a(x) * 2), "Linear b is not called on an activation of a"),
+        (
+            lambda m, x: m.b(jax.nn.relu(m.a(x)) + x),
+            "Linear b is not called on one of equiv.s activations of a",
+        ),
+        (lambda m, x: m.b(m.a(x) * 2), "Linear b is not called on one of equiv.s activations of a"),
         (lambda m, x: m.b(jax.nn.relu(m.a(x - 1))), "first Linear a is not called on the input"),
         (lambda m, x: jax.nn.softmax(m.b(jax.nn.relu(m.a(x)))), "output is not its last Linear b"),
         (
             lambda m, x: nnx.remat(lambda layer, h: layer(h))(m.b, m.a(x)),
             "through an nnx transform",
         ),
+        (lambda m, x: (m.b(jax.nn.relu(m.a(x))), x), "returns a tuple, not an array"),
     ],
-    ids=["residual", "scale", "shifted-input", "final-softmax", "transform"],
+    ids=["residual", "scale", "shifted-input", "final-softmax", "transform", "tuple"],
 )
 def test_a_call_that_is_not_a_linear_stack_is_refused_with_the_gap_named(call, phrase):
     # Found in review: a residual connection or parallel branches with square widths
@@ -294,3 +300,86 @@ def test_a_layer_without_a_bias_is_read_off_the_model(tmp_path):
         equiv.jax_to_torch(nnx.state(port, nnx.Param), layout=layout)
     with pytest.raises(ValueError, match=r"pass layout=equiv.nnx_layout\(model\)"):
         equiv.jax_to_torch(nnx.state(port, nnx.Param), layout="nnx")
+
+
+class Body(nnx.Module):
+    def __init__(self, rngs, act=jnp.tanh, sizes=(4, 8, 2), bias=True):
+        self.body = nnx.Linear(sizes[0], sizes[1], rngs=rngs)
+        self.head = nnx.Linear(sizes[1], sizes[2], use_bias=bias, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x):
+        return self.head(self.act(self.body(x)))
+
+
+def _seq(*layers):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*layers)
+
+
+def test_torch_to_nnx_fills_a_port_that_fits_and_refuses_one_that_does_not():
+    # Found in a user trial: nnx.update(port, torch_to_jax(net, layout=nnx_layout(port)))
+    # installed a 4-16-2 model's arrays in a 4-8-2 port, and kept the port's bias where
+    # the torch layer had none, silently; the port failed later, or computed otherwise.
+    net = _seq(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    port = equiv.torch_to_nnx(net, Body(nnx.Rngs(0)))
+    x = torch.randn(5, 4)
+    np.testing.assert_allclose(
+        np.asarray(port(jnp.asarray(x.numpy()))), net(x).detach().numpy(), rtol=1e-5, atol=1e-6
+    )
+    equiv.torch_to_nnx(net.state_dict(), Body(nnx.Rngs(0)))  # a state_dict too
+
+    def refusal(source, target):
+        with pytest.raises(ValueError) as info:
+            equiv.torch_to_nnx(source, target)
+        return str(info.value).splitlines()
+
+    wider = _seq(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    assert refusal(wider, Body(nnx.Rngs(0)))[1:] == [
+        "  body (torch's fc1): kernel (4, 8) in the port, (4, 16) from torch",
+        "  head (torch's fc2): kernel (8, 2) in the port, (16, 2) from torch",
+    ]
+    no_bias = _seq(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2, bias=False))
+    assert refusal(no_bias, Body(nnx.Rngs(0)))[1:] == [
+        "  head (torch's fc2): the port has a bias and torch's fc2 none (build it with "
+        "use_bias=False)"
+    ]
+    equiv.torch_to_nnx(no_bias, Body(nnx.Rngs(0), bias=False))  # the twin, as advised
+    deeper = _seq(
+        torch.nn.Linear(4, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 2),
+    )
+    assert refusal(deeper, Body(nnx.Rngs(0))) == [
+        "[equiv] the torch MLP (4, 8, 8, 2) has 3 Linear layers and Body 2 (body, head, in "
+        "the order it calls them): they are different models"
+    ]
+
+
+@pytest.mark.parametrize(
+    "torch_act,port_act,row",
+    [
+        (torch.nn.Tanh(), jax.nn.relu, "the port applies relu, torch's module tanh"),
+        (torch.nn.GELU(), jax.nn.gelu, "the port applies gelu_tanh, torch's module gelu"),
+        (
+            torch.nn.LeakyReLU(0.2),
+            jax.nn.leaky_relu,
+            "leaky_relu with negative_slope 0.01 in the port, 0.2 in torch",
+        ),
+    ],
+    ids=["tanh-relu", "gelu-tanh", "slope"],
+)
+def test_torch_to_nnx_refuses_a_port_applying_another_activation(torch_act, port_act, row):
+    net = _seq(torch.nn.Linear(4, 8), torch_act, torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError) as info:
+        equiv.torch_to_nnx(net, Body(nnx.Rngs(0), act=port_act))
+    assert str(info.value).splitlines()[1] == f"  between body and head: {row}"
+    # The twin: the port applying torch's activation, its parameter read off the probe.
+    same = {
+        "Tanh": jnp.tanh,
+        "GELU": functools.partial(jax.nn.gelu, approximate=False),
+        "LeakyReLU": functools.partial(jax.nn.leaky_relu, negative_slope=0.2),
+    }[type(torch_act).__name__]
+    equiv.torch_to_nnx(net, Body(nnx.Rngs(0), act=same))
