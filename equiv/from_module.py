@@ -503,6 +503,12 @@ def forward_mismatch(
     Linear layers' in registration order."""
     from equiv.torch_mlp import torch_mlp_with_params  # no import cycle at module level
 
+    # Found in a user trial: a model in training mode with dropout (a module, or
+    # F.dropout(training=self.training)) checked against a right spec was told to fix
+    # the spec. Dropout modules are named; a forward that draws is caught by two calls.
+    for name, child in module.named_modules():
+        if isinstance(child, _DROPOUTS):
+            _refuse_training_dropout(name, child)
     probe, projection = _probe_batch(spec)
     theirs = copy.deepcopy(module).to(torch.float64)  # the user's module is left as is
     ours = torch_mlp_with_params(
@@ -516,7 +522,15 @@ def forward_mismatch(
             for kind in ("weight", "bias")
             if getattr(layer, kind) is not None
         ]
-    out, grads = _output_and_grads(theirs, probe, projection, names)
+    with torch.random.fork_rng(devices=[]):  # a forward that draws leaves ours as it was
+        out, grads = _output_and_grads(theirs, probe, projection, names)
+        again, _ = _output_and_grads(theirs, probe, projection, names)
+    if not torch.equal(out, again):
+        raise value_error(
+            f"{type(module).__name__}'s forward gives another output on the same batch at "
+            "each call: it draws random numbers (F.dropout in training mode?), which "
+            "equiv's MLP does not. Call model.eval() to compare it without them"
+        )
     out_ours, grads_ours = _output_and_grads(ours, probe, projection, spec.param_names())
     if float((out - out_ours).abs().max()) > 1e-10 * (float(out_ours.abs().max()) or 1.0):
         return "its output differs"

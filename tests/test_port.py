@@ -1095,3 +1095,40 @@ def test_a_summed_port_of_an_assumed_mean_mse_is_told_both_readings(equiv_seed):
     shown = hint[hint.index("spec=equiv.") + len("spec=equiv.") : hint.index("; if it is")]
     spec = eval(shown, {"MLPSpec": MLPSpec})  # the advice, pasted
     check_jax_port(leaky, leaky_sum, xd, yd, learning_rate=0.01, spec=spec).assert_agree()
+
+
+def test_dropout_in_training_mode_is_told_not_the_spec_when_activations_are_functions(
+    equiv_seed,
+):
+    # Found in a user trial: F.relu with an nn.Dropout module (or F.dropout), left in
+    # training mode and given the right spec, was told "spec does not describe M ... Fix
+    # the spec".
+    import torch.nn.functional as F
+
+    class Net(torch.nn.Module):
+        def __init__(self, functional: bool):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
+            self.drop = None if functional else torch.nn.Dropout(0.3)
+            self.functional = functional
+
+        def forward(self, x):
+            h = F.relu(self.fc1(x))
+            h = F.dropout(h, 0.3, training=self.training) if self.functional else self.drop(h)
+            return self.fc2(h)
+
+    _, xs, ys = _model_and_batches(equiv_seed)
+    torch.manual_seed(equiv_seed)
+    for functional, phrase in (
+        (False, r"submodule 'drop' is Dropout\(p=0.3\) in training mode"),
+        (True, "forward gives another output on the same batch at each call"),
+    ):
+        net = Net(functional)
+        rng = torch.get_rng_state()
+        with pytest.raises(ValueError, match=phrase):
+            check_jax_port(net, torch_layout_loss, xs, ys, layout="torch", spec=SPEC, steps=2)
+        assert torch.equal(torch.get_rng_state(), rng)  # the probe drew nothing of ours
+        # The twin: in eval mode it is the spec's MLP, and the port agrees.
+        check_jax_port(
+            net.eval(), torch_layout_loss, xs, ys, layout="torch", spec=SPEC, steps=2
+        ).assert_agree()
