@@ -38,6 +38,7 @@ Example (a Flax-layout port of a 4-3-2 ReLU MLP)::
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -347,6 +348,10 @@ def run_jax_port(
             lambda v: jax.device_put(v, device) if isinstance(v, (jax.Array, np.ndarray)) else v,
             params,
         )
+    if _nnx_module(params) and get_layout(layout) == get_layout("flax"):  # the default
+        from equiv.nnx_layout import nnx_layout  # noqa: PLC0415 - an optional extra
+
+        layout = nnx_layout(params)
     params, loss_fn, to_torch, from_torch = _port_tree(params, loss_fn, layout, spec)
     optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
     out = Trajectory(name, spec.dtype, layout=get_layout(layout).name)
@@ -448,7 +453,25 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
     ``eqx.nn.MLP``, say) whose ``loss_fn(model, x, y)`` takes the model itself: its
     arrays are differentiated (``eqx.partition``) and the model rebuilt around them
     for each call (found in a user trial: a model passed as params failed inside
-    optax, ``zeros_like requires ndarray``)."""
+    optax, ``zeros_like requires ndarray``). A ``flax.nnx`` model likewise: its
+    ``nnx.Param`` state is differentiated, in the layout :func:`equiv.nnx_layout` reads
+    unless one is given, and ``loss_fn(model, x, y)`` receives the model merged from it
+    and the rest of its state (found in a user trial: a model with an ``nnx.Dropout``
+    failed inside ``jax.grad`` on its RNG state, reported as the loss_fn's failure)."""
+    if _nnx_module(params):
+        from flax import nnx  # noqa: PLC0415 - an optional extra
+
+        graphdef, state, rest = nnx.split(params, nnx.Param, ...)
+
+        def module_loss(tree, x, y):
+            return loss_fn(nnx.merge(graphdef, tree, rest), x, y)
+
+        return (
+            nnx.to_pure_dict(state),
+            module_loss,
+            lambda tree: jax_to_torch(tree, layout=layout, spec=spec),
+            lambda torch_state: torch_to_jax(torch_state, layout=layout, spec=spec),
+        )
     if is_equinox_model(params):
         import equinox as eqx  # noqa: PLC0415 - an optional extra
 
@@ -487,6 +510,11 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
         lambda tree: jax_to_torch(tree, layout=layout, spec=spec),
         lambda state: torch_to_jax(state, layout=layout, spec=spec),
     )
+
+
+def _nnx_module(value: Any) -> bool:
+    nnx = getattr(sys.modules.get("flax"), "nnx", None)
+    return nnx is not None and isinstance(value, nnx.Module)
 
 
 def _torch_named_state(state_spec, state, to_torch, out: Trajectory) -> dict | None:

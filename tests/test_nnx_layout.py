@@ -78,7 +78,7 @@ def test_the_way_back_files_and_a_port_check_take_the_layout(tmp_path, equiv_see
     graphdef, _, rest = nnx.split(port, nnx.Param, ...)
 
     def loss_fn(params, x, y):
-        model = nnx.merge(graphdef, nnx.State(params), rest)
+        model = nnx.merge(graphdef, params, rest)
         model.eval()
         return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
@@ -383,3 +383,34 @@ def test_torch_to_nnx_refuses_a_port_applying_another_activation(torch_act, port
         "LeakyReLU": functools.partial(jax.nn.leaky_relu, negative_slope=0.2),
     }[type(torch_act).__name__]
     equiv.torch_to_nnx(net, Body(nnx.Rngs(0), act=same))
+
+
+def test_check_jax_port_takes_an_nnx_port_itself_as_params(equiv_seed):
+    # Found in a user trial: params=<an nnx port with a Dropout> failed inside jax.grad
+    # on its RNG state, reported as the loss_fn's failure. Its Params are
+    # differentiated, in the layout nnx_layout reads, and loss_fn receives the model.
+    class Port(nnx.Module):
+        def __init__(self, rngs, act):
+            self.l2 = nnx.Linear(8, 2, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.l1 = nnx.Linear(4, 8, rngs=rngs)
+            self.act = act
+
+        def __call__(self, x):
+            return self.l2(self.drop(self.act(self.l1(x)), deterministic=True))
+
+    net = _seq(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    gen = torch.Generator().manual_seed(equiv_seed)
+    x, y = torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)
+
+    def loss_fn(model, x, y):
+        return jnp.mean((model(x) - y) ** 2)
+
+    port = equiv.torch_to_nnx(net, Port(nnx.Rngs(0), jax.nn.relu))
+    report = equiv.check_jax_port(net, loss_fn, x, y, params=port, steps=2)
+    report.assert_agree()
+    assert report.trajectories["port"].layout == "Port"
+    # The twin: a port applying another activation disagrees.
+    wrong = Port(nnx.Rngs(0), jax.nn.silu)
+    nnx.update(wrong, nnx.state(port, nnx.Param))
+    assert not equiv.check_jax_port(net, loss_fn, x, y, params=wrong).agree

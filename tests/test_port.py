@@ -976,7 +976,7 @@ def test_an_nnx_port_merged_out_of_call_order_is_told_why(equiv_seed):
         graphdef, _ = nnx.split(Port(nnx.Rngs(0)))
 
         def loss_fn(params, x, y):
-            return jnp.mean((nnx.merge(graphdef, nnx.State(params))(x) - y) ** 2)
+            return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2)
 
         return check_jax_port(net, loss_fn, x, y, layout="nnx")
 
