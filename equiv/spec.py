@@ -7,6 +7,7 @@ module, the hand-derived pass and the JAX function cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 from equiv._messages import type_error, value_error
@@ -83,6 +84,15 @@ class MLPSpec:
         if isinstance(self.activation, str):
             _check_choice("activation", self.activation, ACTIVATIONS)
         else:
+            if not isinstance(self.activation, (list, tuple)) or not all(
+                isinstance(name, str) for name in self.activation
+            ):
+                # Found in a user trial: activation=nn.ReLU() raised "'ReLU' object is
+                # not iterable" with no word of what to write.
+                raise type_error(
+                    f"activation must be a name ({', '.join(ACTIVATIONS)}) or one name per "
+                    f"hidden layer, got {self.activation!r}{_activation_hint(self.activation)}"
+                )
             names = tuple(self.activation)
             if len(names) != len(sizes) - 2:
                 hidden = len(sizes) - 2
@@ -109,6 +119,7 @@ class MLPSpec:
                 raise type_error(f"{field} must be a number, got {value!r}")
             if not check(value):
                 raise value_error(f"{field} must be {allowed}, got {value}")
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         _check_choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.bias, bool):
             object.__setattr__(self, "bias", _per_layer_bias(self.bias, sizes))
@@ -242,6 +253,32 @@ def _as_bool(value: object) -> bool | None:
         return {0: False, 1: True}.get(value)
     except TypeError:  # unhashable: an array
         return None
+
+
+def _activation_hint(value: object) -> str:
+    """``": write activation='relu'"`` for an activation given as a module or a
+    function that equiv has under a name (``nn.ReLU()``, ``jax.nn.relu``), else ""."""
+    own = getattr(value, "__name__", None) or type(value).__name__
+    key = re.sub(r"[^a-z]", "", own.lower())
+    names = {re.sub(r"[^a-z]", "", name): name for name in ACTIVATIONS}
+    return f": write activation={names[key]!r}" if key in names else ""
+
+
+def _dtype_name(dtype: object) -> object:
+    """A dtype given as an object (``torch.float32``, ``jnp.float32``, ``np.float64``)
+    as its name, which the spec holds; anything else as it is, for the check to name
+    (found in a user trial: ``dtype=torch.float32`` was an "unknown dtype")."""
+    if isinstance(dtype, str):
+        return dtype
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text.removeprefix("torch.")
+    try:
+        import numpy as np  # noqa: PLC0415 - only for a dtype given as an object
+
+        return np.dtype(dtype).name
+    except TypeError:
+        return dtype
 
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:

@@ -287,3 +287,35 @@ def test_sizes_passed_as_spec_are_refused_with_the_spec_to_write(taker, tmp_path
     ):
         SPEC_TAKERS[taker](model, (4, 8, 2), path)
     assert not path.exists() or taker in ("load_torch", "load_jax")
+
+
+def test_an_activation_given_as_a_module_or_function_is_told_its_name():
+    # Found in a user trial: activation=nn.ReLU() raised "'ReLU' object is not iterable".
+    import jax
+
+    for given, name in (
+        (torch.nn.ReLU(), "relu"),
+        (torch.nn.LeakyReLU(), "leaky_relu"),
+        (jax.nn.silu, "silu"),
+    ):
+        with pytest.raises(TypeError, match=f"write activation='{name}'$"):
+            MLPSpec((4, 3, 2), activation=given)
+    with pytest.raises(TypeError, match=r"or one name per hidden layer, got torch.float32$"):
+        MLPSpec((4, 3, 2), activation=torch.float32)
+    assert MLPSpec((4, 3, 2), activation=["tanh"]).activations == ("tanh",)  # the twin
+
+
+def test_a_dtype_given_as_an_object_is_read_by_its_name():
+    # Found in a user trial: dtype=torch.float32 was an "unknown dtype".
+    import jax.numpy as jnp
+    import numpy as np
+
+    for given, name in (
+        (torch.float32, "float32"),
+        (jnp.float32, "float32"),
+        (np.float64, "float64"),
+        (np.dtype("float64"), "float64"),
+    ):
+        assert MLPSpec((4, 3, 2), dtype=given) == MLPSpec((4, 3, 2), dtype=name)
+    with pytest.raises(ValueError, match="unknown dtype 'float16'; expected one of float32"):
+        MLPSpec((4, 3, 2), dtype=torch.float16)
