@@ -58,14 +58,12 @@ def _activation(module: nn.Module) -> tuple[str, dict[str, float]] | None:
         return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), {}
     if isinstance(module, nn.SiLU):
         return "silu", {}
-    if isinstance(module, nn.Identity):
-        return "identity", {}
     return None
 
 
 SUPPORTED = (
-    "nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Identity, "
-    "and dropout in eval mode"
+    "nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, and, read "
+    "as absent, nn.Identity, nn.Flatten() and dropout in eval mode"
 )
 
 # Parameterless, and the identity in eval mode: read as absent. In training mode they
@@ -79,6 +77,17 @@ _DROPOUTS = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
+
+
+def _absent(module: nn.Module) -> bool:
+    """Whether a parameterless leaf is the identity on a batch of rows, and so read as
+    absent: dropout (in eval mode: :func:`_refuse_training_dropout`), ``nn.Identity``
+    (a placeholder beside an activation, or after the last layer), and ``nn.Flatten``
+    from dim 1 (an MNIST model's first module). Found in a user trial: the converters
+    refused all three, though they need only the parameters."""
+    if isinstance(module, nn.Flatten):
+        return module.start_dim == 1 and module.end_dim == -1
+    return isinstance(module, (nn.Identity, *_DROPOUTS))
 
 
 def _refuse_training_dropout(name: str, child: nn.Module) -> None:
@@ -147,8 +156,8 @@ def _read_stack(
     for name, child in module.named_modules():
         if list(child.children()):
             continue  # containers: their leaves are visited (a bare Linear is one leaf)
-        if isinstance(child, _DROPOUTS):
-            if trainable:  # the converters, needing only the parameters, take any mode
+        if _absent(child):
+            if trainable and isinstance(child, _DROPOUTS):  # the converters take any mode
                 _refuse_training_dropout(name, child)
             continue
         registered.append((name, child))
@@ -172,7 +181,7 @@ def _read_stack(
         raise value_error(f"found no nn.Linear in {type(module).__name__}")
     calls = called_leaves(module) if len(registered) > 1 else None
     if calls is not None:
-        calls = [(name, m) for name, m in calls if not isinstance(m, _DROPOUTS)]
+        calls = [(name, m) for name, m in calls if not _absent(m)]
         called = [m for _, m in calls if isinstance(m, nn.Linear)]
         if sorted(map(id, called)) != sorted(map(id, linears)):
             order = ", ".join(n for n, m in calls if isinstance(m, nn.Linear))

@@ -1039,3 +1039,27 @@ def test_transposing_copies_on_threads_and_in_strips_are_exact(workers, count, m
     target = {name: torch.zeros_like(t) for name, t in state.items()}
     jax_to_torch(tree, layout="flax", out=target)
     assert_states_identical(target, state)
+
+
+def test_flatten_and_identity_placeholders_are_read_as_absent(equiv_seed):
+    # Found in a user trial: a leading nn.Flatten (an MNIST model), an nn.Identity
+    # placeholder beside an activation and one after the last layer were refused, though
+    # each is the identity on a batch of rows and has no parameters.
+    torch.manual_seed(equiv_seed)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 8),
+        torch.nn.Identity(),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 2),
+        torch.nn.Identity(),
+    )
+    spec, params = mlp_from_module(model)
+    assert (spec.sizes, spec.activation) == ((4, 8, 2), "relu")
+    assert torch.equal(params["fc2.weight"], model[4].weight)
+    np.testing.assert_array_equal(
+        torch_to_jax(model, layout="torch")["fc1.bias"], model[1].bias.detach()
+    )
+    # The twin: a Flatten that flattens the batch too is no identity, and is refused.
+    with pytest.raises(ValueError, match="submodule '0' is Flatten, which equiv cannot express"):
+        torch_to_jax(torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(4, 8)))
