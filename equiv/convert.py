@@ -519,15 +519,35 @@ def jax_to_torch(
             f"{'is' if len(not_arrays) == 1 else 'are'} not. To convert torch tensors, use "
             "torch_to_jax"
         )
-    spec = check_entries(
-        flat,
-        layout,
-        spec,
-        what=f"{layout.name}-layout params",
-        from_model=own,
-        biases=None if out is None or spec is not None else biases_of(out),
-        biases_from=None if out is None or spec is not None else "out",
-    )
+    try:
+        spec = check_entries(
+            flat,
+            layout,
+            spec,
+            what=f"{layout.name}-layout params",
+            from_model=own,
+            biases=None if out is None or spec is not None else biases_of(out),
+            biases_from=None if out is None or spec is not None else "out",
+        )
+    except ValueError as error:
+        if out is None or spec is not None:
+            raise
+        # Sizes read from entries that do not chain name the wrong ones (found in a user
+        # trial: one kernel transposed blamed its bias and the next kernel, against an
+        # MLP of neither model): out's own sizes say which entry is off.
+        target = _state_dict(out)
+        try:
+            theirs = check_entries(
+                {(n,): t for n, t in target.items()},
+                LAYOUTS["torch"],
+                None,
+                what="out",
+                from_model=True,
+            )
+        except ValueError:
+            raise error from None
+        check_entries(flat, layout, theirs, what=f"{layout.name}-layout params (as out holds them)")
+        raise
     by_name = {layout.torch_name(path): value for path, value in flat.items()}
     sources = {}
     for name in spec.param_names():

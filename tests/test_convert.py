@@ -1063,3 +1063,22 @@ def test_flatten_and_identity_placeholders_are_read_as_absent(equiv_seed):
     # The twin: a Flatten that flattens the batch too is no identity, and is refused.
     with pytest.raises(ValueError, match="submodule '0' is Flatten, which equiv cannot express"):
         torch_to_jax(torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(4, 8)))
+
+
+def test_a_transposed_kernel_copied_into_out_is_named_against_outs_sizes(equiv_seed):
+    # Found in a user trial: the sizes read from entries that do not chain blamed
+    # Dense_0.bias and Dense_1.kernel against an MLP (8, 4, 2) of neither model.
+    torch.manual_seed(equiv_seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    params = torch_to_jax(net, layout="flax")
+    params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].T
+    with pytest.raises(ValueError) as info:
+        jax_to_torch(params, layout="flax", out=net)
+    assert str(info.value).splitlines()[:2] == [
+        "[equiv] flax-layout params (as out holds them) does not match the MLP (4, 8, 2) "
+        "(bias=True, float32):",
+        "  wrong shape: 'Dense_0.kernel' expected (4, 8), got (8, 4) (its transpose: the flax "
+        "layout holds weights (in, out))",
+    ]
+    params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].T  # the twin, put right
+    jax_to_torch(params, layout="flax", out=net)
