@@ -734,9 +734,13 @@ def _check_forward(
         f"the module's forward pass is not its Linear layers and activations applied in "
         f"the order it calls them: run on a float64 probe batch, {mismatch} (a forward "
         f"that detaches, or does more).{functional} Write it as an "
-        "nn.Sequential; or, with Linear layers named fc1, fc2, ..., pass "
-        "spec=equiv.MLPSpec(...) to check_jax_port or check_manual_backward; or, where you "
-        "are sure, read it with equiv.mlp_from_module(module, check=False)"
+        "nn.Sequential; or, "
+        # Activations all functions: the spec says which, under any names (port._as_mlp;
+        # found in a user trial: this said the layers had to be named fc1, fc2, ...).
+        + ("with Linear layers named fc1, fc2, ..., " if registers_activations(module) else "")
+        + "pass spec=equiv.MLPSpec(...) saying its activations to check_jax_port or "
+        "check_manual_backward; or, where you are sure, read it with "
+        "equiv.mlp_from_module(module, check=False)"
     )
 
 

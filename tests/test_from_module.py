@@ -337,10 +337,14 @@ def test_activations_called_as_functions_are_named_as_the_likely_reason():
     with pytest.raises(ValueError) as error:
         mlp_from_module(Functional())
     assert "No activation module was found: activations called as functions" in str(error.value)
-    assert "pass spec=equiv.MLPSpec(...) to check_jax_port" in str(error.value)
+    # Under any names: found in a user trial, this said they had to be fc1, fc2, ...
+    assert "or, pass spec=equiv.MLPSpec(...) saying its activations to check_jax_port" in str(
+        error.value
+    )
     with pytest.raises(ValueError) as error:  # the twin: a module, left unused
         mlp_from_module(Reordered())
     assert "No activation module was found" not in str(error.value)
+    assert "with Linear layers named fc1, fc2, ..., pass spec=" in str(error.value)
     assert "calls no activation module (one it registers goes unused" in str(error.value)
 
 
