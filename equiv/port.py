@@ -433,7 +433,8 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
                 "; and nnx.merge pairs the state's arrays with the model's in the sorted "
                 "order of their keys, not by name: a model whose Linear attributes are not "
                 "fc1, fc2, ... in call order takes them in another order. Name them so, or "
-                "load the params with nnx.update(model, params), which matches by name"
+                "keep your names and pass layout=equiv.nnx_layout(model), read off the "
+                "order it calls them (or params=model itself)"
             )
     else:
         advice = "Its params are a tree of the layout's keys"

@@ -659,6 +659,23 @@ def _fitted_parameter(
     return None, spent
 
 
+def _swap_advice(layout: str | None) -> str:
+    """Why a port's layers may take each other's parameters in ``layout``, and the fix
+    (found in a user trial: the swap was named without either)."""
+    if layout == "nnx":
+        return (
+            "nnx.merge pairs a state's arrays with the model's in the sorted order of "
+            "their keys: attributes that sort otherwise than they are called take each "
+            "other's parameters. Name them fc1, fc2, ... in call order, or pass "
+            "layout=equiv.nnx_layout(port)"
+        )
+    if layout == "flax":
+        from equiv.convert import LINEN_ORDER  # noqa: PLC0415 - no cycle at import
+
+        return LINEN_ORDER
+    return ""
+
+
 def model_variants(
     spec: MLPSpec,
     params: dict[str, np.ndarray],
@@ -778,7 +795,13 @@ def model_variants(
                     **{f"fc{a}.{k}": grads[f"fc{b}.{k}"] for a, b in pairs for k in kinds},
                 }
 
-            yield variant(f"uses fc{i} and fc{j} in each other's place", "", spec, swapped, back)
+            yield variant(
+                f"uses fc{i} and fc{j} in each other's place",
+                _swap_advice(layout),
+                spec,
+                swapped,
+                back,
+            )
     for own in dict.fromkeys(spec.activations):  # each of the model's, in order
         for other in ACTIVATIONS:
             if other in (own, _GELU_SWAP.get(own)):

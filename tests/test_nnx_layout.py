@@ -414,3 +414,30 @@ def test_check_jax_port_takes_an_nnx_port_itself_as_params(equiv_seed):
     wrong = Port(nnx.Rngs(0), jax.nn.silu)
     nnx.update(wrong, nnx.state(port, nnx.Param))
     assert not equiv.check_jax_port(net, loss_fn, x, y, params=wrong).agree
+
+
+def test_a_swap_in_the_nnx_layout_is_told_why_and_the_fix(equiv_seed):
+    # Found in a user trial: "port uses fc1 and fc2 in each other's place" said neither
+    # that nnx.merge pairs arrays in sorted key order nor what to pass instead.
+    class Port(nnx.Module):
+        def __init__(self, rngs):
+            self.proj, self.mix = nnx.Linear(5, 5, rngs=rngs), nnx.Linear(5, 5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.mix(jnp.tanh(self.proj(x)))
+
+    net = _seq(torch.nn.Linear(5, 5), torch.nn.Tanh(), torch.nn.Linear(5, 5))
+    gen = torch.Generator().manual_seed(equiv_seed)
+    x, y = torch.randn(16, 5, generator=gen), torch.randn(16, 5, generator=gen)
+    port = Port(nnx.Rngs(0))
+    graphdef, _ = nnx.split(port)
+
+    def loss_fn(params, x, y):
+        return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2)
+
+    report = equiv.check_jax_port(net, loss_fn, x, y, layout="nnx")
+    hints = " ".join(report.hints())
+    assert "uses fc1 and fc2 in each other's place" in hints, hints
+    assert "pass layout=equiv.nnx_layout(port)" in hints, hints
+    layout = equiv.nnx_layout(port)  # the twin, as advised
+    equiv.check_jax_port(net, loss_fn, x, y, layout=layout).assert_agree()

@@ -14,7 +14,7 @@ import optax
 import pytest
 import torch
 
-from equiv import MLPSpec, OptimizerSpec, TorchMLP, jax_to_torch, manual
+from equiv import MLPSpec, OptimizerSpec, TorchMLP, jax_to_torch, manual, nnx_layout
 from equiv.port import check_jax_port, check_manual_backward
 
 SPEC = MLPSpec((5, 4, 3))
@@ -964,7 +964,7 @@ def test_an_nnx_port_merged_out_of_call_order_is_told_why(equiv_seed):
     net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
     x, y = torch.randn(16, 6), torch.randn(16, 2)
 
-    def check(first: str, second: str):
+    def check(first: str, second: str, run: bool = True):
         class Port(nnx.Module):
             def __init__(self, rngs):
                 setattr(self, first, nnx.Linear(6, 12, rngs=rngs))
@@ -973,7 +973,10 @@ def test_an_nnx_port_merged_out_of_call_order_is_told_why(equiv_seed):
             def __call__(self, x):
                 return getattr(self, second)(jnp.tanh(getattr(self, first)(x)))
 
-        graphdef, _ = nnx.split(Port(nnx.Rngs(0)))
+        port = Port(nnx.Rngs(0))
+        if not run:
+            return None, port
+        graphdef, _ = nnx.split(port)
 
         def loss_fn(params, x, y):
             return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2)
@@ -983,6 +986,14 @@ def test_an_nnx_port_merged_out_of_call_order_is_told_why(equiv_seed):
     with pytest.raises(ValueError, match="nnx.merge pairs the state's arrays with the model's"):
         check("proj", "mix")
     check("fc1", "fc2").assert_agree()
+    # The way it points to: the port's own names, read off its calls.
+    _, port = check("proj", "mix", run=False)
+    graphdef, _ = nnx.split(port)
+
+    def own_loss(params, x, y):
+        return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2)
+
+    check_jax_port(net, own_loss, x, y, layout=nnx_layout(port)).assert_agree()
 
 
 def test_targets_of_one_output_as_a_vector_are_told_to_be_a_column(equiv_seed):
