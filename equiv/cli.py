@@ -493,6 +493,11 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
         if told:
             text = text.replace("Pass spec=MLPSpec(...) to state the architecture; the", "The")
             raise UsageError(f"--params {args.params!r}: {text}") from None
+        if "file_layout" in text:
+            # Found in a user trial: "drop file_layout" where the option is --file-layout.
+            text = re.sub(r"\bfile_layout='(\w+)'", r"--file-layout \1", text)
+            text = text.replace("drop file_layout", "leave out --file-layout")
+            raise UsageError(f"--params {args.params!r}: {text}") from None
         if "entry=" not in text:
             raise
         # The library's advice names its argument; on the command line it is an option.

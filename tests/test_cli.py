@@ -537,7 +537,12 @@ def test_params_file_options_that_contradict_it_are_refused(tmp_path, capsys):
         (["--dtype", "float64"], f"--dtype says float64, but --params '{path}' holds float32"),
         (["--no-bias"], f"--no-bias says no bias, but --params '{path}' holds bias: leave"),
         (["--entry", "model"], "is a safetensors file, which holds one flat mapping"),
-        (["--file-layout", "flax"], "records layout 'torch', but file_layout='flax' was given"),
+        # Found in a user trial: "drop file_layout", the library's argument's name.
+        (
+            ["--file-layout", "flax"],
+            "records layout 'torch', but --file-layout flax was given; leave out "
+            "--file-layout to use the recorded one",
+        ),
     ):
         code, out, err = _run(["--params", path, *argv], capsys)
         assert (code, out) == (2, "") and fragment in err, err
