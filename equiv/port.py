@@ -407,6 +407,14 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
             "jax.jit cannot do: pass jit=False to run it eagerly, or branch with "
             "jnp.where or jax.lax.cond"
         )
+    elif type(error).__name__ == "ScopeParamNotFoundError" and known.layers is None:
+        # Found in a user trial: a linen model of nn.Dense(name="hidden") layers, checked
+        # in the flax layout (Dense_0, ...), was given no way forward.
+        advice = (
+            "Your model names its layers itself (nn.Dense(name=...)), not Dense_0, Dense_1, "
+            "...: pass layout=equiv.Layout('mine', '{name}/kernel', '{name}/bias', True, "
+            "layers=(...)) with its layers' names in the order it calls them"
+        )
     elif "scalar-output" in text and "Output was (" in text:
         # Found in a user trial: a (loss, aux) pair was told to reduce over the batch.
         advice = (

@@ -14,7 +14,7 @@ import optax
 import pytest
 import torch
 
-from equiv import MLPSpec, OptimizerSpec, TorchMLP, jax_to_torch, manual, nnx_layout
+from equiv import Layout, MLPSpec, OptimizerSpec, TorchMLP, jax_to_torch, manual, nnx_layout
 from equiv.port import check_jax_port, check_manual_backward
 
 SPEC = MLPSpec((5, 4, 3))
@@ -1143,3 +1143,24 @@ def test_dropout_in_training_mode_is_told_not_the_spec_when_activations_are_func
         check_jax_port(
             net.eval(), torch_layout_loss, xs, ys, layout="torch", spec=SPEC, steps=2
         ).assert_agree()
+
+
+def test_a_linen_port_naming_its_layers_is_told_the_layout_to_pass(equiv_seed):
+    # Found in a user trial: nn.Dense(name="hidden") checked in the flax layout relayed
+    # flax's ScopeParamNotFoundError with no way forward.
+    linen = pytest.importorskip("flax.linen")
+
+    class Named(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(3, name="out")(linen.relu(linen.Dense(4, name="hidden")(x)))
+
+    model, xs, ys = _model_and_batches(equiv_seed)
+
+    def loss_fn(params, x, y):
+        return jnp.mean((Named().apply({"params": params}, x) - y) ** 2)
+
+    with pytest.raises(ValueError, match=r"pass layout=equiv.Layout\('mine', '\{name\}/kernel'"):
+        check_jax_port(model, loss_fn, xs, ys, steps=2)
+    layout = Layout("mine", "{name}/kernel", "{name}/bias", True, layers=("hidden", "out"))
+    check_jax_port(model, loss_fn, xs, ys, layout=layout, steps=2).assert_agree()  # as told
