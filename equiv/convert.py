@@ -1315,6 +1315,8 @@ _PARALLEL_MIN_BYTES = 1 << 22
 _STRIP = 32
 # Below this many bytes a transposing copy is one copy_: strips save nothing there.
 _STRIP_MIN_BYTES = 1 << 20
+# At most this many strips per target: wider ones take wider strips.
+_MAX_STRIPS = 512
 
 
 def _fill(pairs: list[tuple[torch.Tensor, torch.Tensor]], *, strips: bool = False) -> None:
@@ -1354,10 +1356,15 @@ def _fill(pairs: list[tuple[torch.Tensor, torch.Tensor]], *, strips: bool = Fals
         return
 
     def in_strips(target: torch.Tensor, source: torch.Tensor) -> bool:
+        # On the CPU, and with rows enough that a strip is more than a few bytes: a
+        # (4, 2_000_000) target took 665 ms in 62,500 strips against 12 ms through the
+        # kernel (found in review); on a GPU each strip would be a kernel launch.
         return (
             strips
+            and target.device.type == "cpu"
             and source.dim() == 2
             and source.mT.is_contiguous()
+            and target.shape[0] >= _STRIP
             and target.nbytes >= _STRIP_MIN_BYTES
         )
 
@@ -1371,12 +1378,13 @@ def _fill(pairs: list[tuple[torch.Tensor, torch.Tensor]], *, strips: bool = Fals
             tasks.append([(target, source)])
             continue
         columns = target.shape[1]
+        width = max(_STRIP, -(-columns // _MAX_STRIPS))  # few copy_ calls for wide targets
         bounds = [round(columns * k / parts) for k in range(parts + 1)]
         for low, high in zip(bounds, bounds[1:], strict=False):
             tasks.append(
                 [
-                    (target[:, c : min(c + _STRIP, high)], source[:, c : min(c + _STRIP, high)])
-                    for c in range(low, high, _STRIP)
+                    (target[:, c : min(c + width, high)], source[:, c : min(c + width, high)])
+                    for c in range(low, high, width)
                 ]
             )
 

@@ -85,8 +85,8 @@ def _absent(module: nn.Module) -> bool:
     (a placeholder beside an activation, or after the last layer), and ``nn.Flatten``
     from dim 1 (an MNIST model's first module). Found in a user trial: the converters
     refused all three, though they need only the parameters."""
-    if isinstance(module, nn.Flatten):
-        return module.start_dim == 1 and module.end_dim == -1
+    if isinstance(module, nn.Flatten):  # from dim 1 or -1 to either: no-op on rows
+        return module.start_dim in (1, -1) and module.end_dim in (1, -1)
     return isinstance(module, (nn.Identity, *_DROPOUTS))
 
 
@@ -153,10 +153,12 @@ def _read_stack(
     registered: list[tuple[str, nn.Module]] = []
     kinds: dict[int, str] = {}
     fields: dict[str, float] = {}
+    placeholders = False  # an nn.Identity registered says "no activation" as a module
     for name, child in module.named_modules():
         if list(child.children()):
             continue  # containers: their leaves are visited (a bare Linear is one leaf)
         if _absent(child):
+            placeholders = placeholders or isinstance(child, nn.Identity)
             if trainable and isinstance(child, _DROPOUTS):  # the converters take any mode
                 _refuse_training_dropout(name, child)
             continue
@@ -191,7 +193,9 @@ def _read_stack(
                 f"{order or 'none'}, not each of {registered_names} once: equiv's MLP calls "
                 "each layer once, in order"
             )
-    elif reorder and not kinds and len(linears) > 1 and _has_forward(module):
+    elif reorder and not kinds and not placeholders and len(linears) > 1 and _has_forward(module):
+        # (An nn.Identity between the layers reads their registration order, as before
+        # it was read as absent; found in review.)
         # Activations called as functions and a forward that cannot be run: nothing
         # says the layers' order (found in review: a forward taking more than x, or
         # calling a layer twice, fell back silently to registration order).
@@ -531,7 +535,8 @@ def forward_mismatch(
             for kind in ("weight", "bias")
             if getattr(layer, kind) is not None
         ]
-    with torch.random.fork_rng(devices=[]):  # a forward that draws leaves ours as it was
+    cuda = [p.device for p in module.parameters() if p.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=cuda):  # a forward that draws leaves ours as it was
         out, grads = _output_and_grads(theirs, probe, projection, names)
         again, _ = _output_and_grads(theirs, probe, projection, names)
     if not torch.equal(out, again):

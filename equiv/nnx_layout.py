@@ -75,6 +75,12 @@ def _read(model: Any, name: str | None = None) -> tuple[Layout, list[dict[str, f
     shown = type(model).__name__
     if not linears:
         raise value_error(f"{shown} holds no nnx.Linear layer")
+    if any(path == () for path, _ in linears.values()):  # found in review: "name ''"
+        raise value_error(
+            f"nnx_layout reads a model holding its nnx.Linear layers, each under a name; "
+            f"this is a bare {shown}, which has none: hold it in a module "
+            "(self.fc1 = nnx.Linear(...)) and pass that"
+        )
     owned = {path + (kind,) for path, _ in linears.values() for kind in ("kernel", "bias")}
     others = [
         "/".join(map(str, path))
@@ -129,16 +135,25 @@ def _keys(path: tuple) -> tuple[str | int, ...]:
 _MATCH = 1e-3
 
 
-def _probe(model: Any, nnx: Any) -> tuple[Any, list[tuple[int, Any, Any]], Any]:
+#: Rows of the probe batch: enough that a unit's sign differs across them (with two
+#: rows, a 4-1-2 model with another activation passed for 14 of 40 seeds; found in
+#: review).
+_ROWS = 16
+
+
+def _probe(model: Any, nnx: Any, fill: Any = None) -> tuple[Any, list[tuple[int, Any, Any]], Any]:
     """Run ``model`` on a probe batch; return the batch, each Linear call (the id of
     the model's own layer, its input and output) in order, and the model's output.
 
     The probe runs on a copy whose variables are new objects holding the same arrays
     (nothing is copied, and nothing the call updates, an RNG counter or batch
     statistics, reaches the model), in eval mode and with every Dropout's rate 0 (a
-    call may pass ``deterministic=False`` itself)."""
+    call may pass ``deterministic=False`` itself); ``fill``, a tree of its Params,
+    goes into the copy first."""
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))
+    if fill is not None:
+        nnx.update(copy, fill)
     copy.eval()
     own = [id(node) for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
     nodes = list(nnx.iter_graph(copy))
@@ -155,7 +170,8 @@ def _probe(model: Any, nnx: Any) -> tuple[Any, list[tuple[int, Any, Any]], Any]:
     failures = []
     for width in widths:
         calls.clear()
-        x = jax.numpy.asarray(np.random.default_rng(0).standard_normal((2, width)).astype(dtype))
+        x = np.random.default_rng(0).standard_normal((_ROWS, width)).astype(dtype)
+        x = jax.numpy.asarray(x)
         try:
             out = copy(x)
         except Exception as exc:  # noqa: BLE001 - another width, or a call equiv cannot make
@@ -343,8 +359,8 @@ def torch_to_nnx(module_or_state_dict: Any, model: Any, *, spec: Any = None) -> 
                 if has
                 else f"{where} torch's fc{i} has a bias and the port none"
             )
-    if own:
-        rows += _activation_rows(module_or_state_dict, layout, gaps, module_spec)
+    if not rows and own:
+        rows = _output_rows(module_or_state_dict, model, tree, layout, nnx)
     if rows:
         raise value_error(
             f"the torch parameters do not fit {type(model).__name__}, layer by layer in the "
@@ -354,28 +370,76 @@ def torch_to_nnx(module_or_state_dict: Any, model: Any, *, spec: Any = None) -> 
     return model
 
 
-def _activation_rows(
-    module: Any, layout: Layout, gaps: list[dict[str, float]], module_spec: Any
-) -> list[str]:
-    """Each gap whose activation the port and the torch module's activation modules
-    tell apart (a gap where torch calls a function, read as identity, or where the
-    port's activation is none of equiv's exactly, is not compared)."""
-    from equiv.from_module import read_spec
+def _output_rows(module: Any, model: Any, tree: Any, layout: Layout, nnx: Any) -> list[str]:
+    """Where the port, filled with the torch parameters (a copy of it), computes
+    another output than the torch module on a probe batch: each gap whose activation
+    tells them apart, or the output's difference alone. Found in review: comparing the
+    activations the module registers left out gaps it leaves empty (an nn.Sequential of
+    Linear layers into a tanh port), and reading the port's on its own weights let a
+    shell of zeros match any."""
+    import torch
 
+    from equiv.convert import module_spec
+    from equiv.from_module import _probing, read_spec
+
+    x, calls, out = _probe(model, nnx, fill=tree)
+    shown = type(model).__name__
+    named = {
+        key: name for key, name in zip((k for k, _, _ in calls), layout.layers or (), strict=False)
+    }
+    gaps = _check_stack(shown, x, [(named[k], _Widths(i, o), i, o) for k, i, o in calls], out)
+    weight = next(module.parameters())
+    with torch.no_grad(), _probing(module, weight.device):
+        theirs = module(torch.from_numpy(np.array(x)).to(weight.device)).cpu().numpy()
     read = module_spec(module) or read_spec(module)
+    rows = _activation_rows(read, layout, gaps, empty=False)  # GELU's two forms differ by
+    if rows or _near(out, theirs, _MATCH):  # less than the outputs' match: named first
+        return rows
+    rows = _activation_rows(read, layout, gaps, empty=True)
+    worst = float(np.abs(np.asarray(out, np.float64) - theirs).max())
+    return rows or [
+        f"  filled with them, its output differs from the torch module's by up to {worst:.3g} "
+        "on a probe batch: it computes something else between its layers"
+    ]
+
+
+class _Widths:
+    """A layer's widths as :func:`_check_stack` reads them, from its call."""
+
+    def __init__(self, given: Any, out: Any):
+        self.in_features, self.out_features = given.shape[-1], out.shape[-1]
+
+
+def _activation_rows(
+    read: Any, layout: Layout, gaps: list[dict[str, float]], empty: bool
+) -> list[str]:
+    """Each gap whose activation the port (filled with torch's parameters) and the
+    torch module's activation modules tell apart; with ``empty``, gaps the module
+    leaves empty too (read as identity: it may call a function there, which is then
+    named as a possibility)."""
+    from equiv.activations import ACTIVATIONS
+
     rows = []
     names = layout.layers or ()
     for k, (theirs, found) in enumerate(zip(read.activations, gaps, strict=False)):
-        if theirs == "identity" or not found:
-            continue
+        if not found or (theirs == "identity" and not empty):
+            continue  # none of equiv's exactly, or perhaps a function: the output says
         between = f"  between {names[k]} and {names[k + 1]}:"
         if theirs not in found:
-            first, param = next(iter(found.items()))
-            field = {"leaky_relu": "negative_slope", "elu": "elu_alpha"}.get(first)
+            # The simplest name first: no activation reads as a leaky_relu of slope 1.
+            first, param = min(
+                found.items(), key=lambda kv: ACTIVATIONS[kv[0]].param_field is not None
+            )
+            field = ACTIVATIONS[first].param_field
             shown = f"{first} ({field} {param:.4g})" if field else first
-            rows.append(f"{between} the port applies {shown}, torch's module {theirs}")
+            torch_side = (
+                f"torch's module {theirs}"
+                if theirs != "identity"
+                else "torch's module none there (or a function it calls, which equiv cannot read)"
+            )
+            rows.append(f"{between} the port applies {shown}, {torch_side}")
             continue
-        field = {"leaky_relu": "negative_slope", "elu": "elu_alpha"}.get(theirs)
+        field = ACTIVATIONS[theirs].param_field
         if field is not None:
             want, got = float(getattr(read, field)), found[theirs]
             if abs(want - got) > 1e-3 * max(1.0, abs(want)):

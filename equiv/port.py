@@ -183,6 +183,10 @@ def check_jax_port(
     model, spec = _as_mlp(model, spec)
     spec, problem = _problem(model, x, y, steps, spec, learning_rate)
     get_layout(layout)
+    if _nnx_module(params) and get_layout(layout) == get_layout("flax"):  # the default
+        from equiv.nnx_layout import nnx_layout  # noqa: PLC0415 - an optional extra
+
+        layout = nnx_layout(params)  # the report names it (found in review: "flax")
     if not callable(loss_fn):
         raise type_error(f"loss_fn must be callable as loss_fn(params, x, y), got {loss_fn!r}")
     if optimizer is not None and not isinstance(optimizer, OptimizerSpec):
@@ -221,7 +225,7 @@ def check_jax_port(
         model,
         rtol,
         atol,
-        port=f"jax loss_fn, {layout} layout",
+        port=f"jax loss_fn, {get_layout(layout).name} layout",
         optimizer=optimizer,
         device=device,
         loss_assumed=assumed,
@@ -406,6 +410,15 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
             "It branches in Python on a traced value (if or bool() on an array), which "
             "jax.jit cannot do: pass jit=False to run it eagerly, or branch with "
             "jnp.where or jax.lax.cond"
+        )
+    elif type(error).__name__ == "TraceContextError":
+        # Found in review: a flax.nnx port in training mode, its Dropout drawing from its
+        # Rngs inside jax.grad, was told about the tree's keys.
+        advice = (
+            "The model changes its own state inside loss_fn (an nnx.Dropout in training "
+            "mode draws from its Rngs, a BatchNorm updates its statistics), which jax.grad "
+            "cannot trace: call port.eval() first, as the torch model compares in "
+            "model.eval(), or pass deterministic=True where loss_fn calls it"
         )
     elif type(error).__name__ == "ScopeParamNotFoundError" and known.layers is None:
         # Found in a user trial: a linen model of nn.Dense(name="hidden") layers, checked

@@ -84,16 +84,17 @@ class MLPSpec:
         if isinstance(self.activation, str):
             _check_choice("activation", self.activation, ACTIVATIONS)
         else:
-            if not isinstance(self.activation, (list, tuple)) or not all(
-                isinstance(name, str) for name in self.activation
-            ):
+            try:
+                names = tuple(self.activation)
+            except TypeError:
+                names = None
+            if names is None or not all(isinstance(name, str) for name in names):  # np.str_ too
                 # Found in a user trial: activation=nn.ReLU() raised "'ReLU' object is
                 # not iterable" with no word of what to write.
                 raise type_error(
                     f"activation must be a name ({', '.join(ACTIVATIONS)}) or one name per "
                     f"hidden layer, got {self.activation!r}{_activation_hint(self.activation)}"
                 )
-            names = tuple(self.activation)
             if len(names) != len(sizes) - 2:
                 hidden = len(sizes) - 2
                 raise value_error(
@@ -103,7 +104,7 @@ class MLPSpec:
                 )
             for name in names:
                 _check_choice("activation", name, ACTIVATIONS)
-            object.__setattr__(self, "activation", names)
+            object.__setattr__(self, "activation", tuple(str(name) for name in names))
         _check_choice("loss", self.loss, LOSSES)
         if self.loss in ("cross_entropy", "cross_entropy_probs") and sizes[-1] == 1:
             # Found in a user trial: every loss 0 and every gradient 0, so every
@@ -261,7 +262,24 @@ def _activation_hint(value: object) -> str:
     own = getattr(value, "__name__", None) or type(value).__name__
     key = re.sub(r"[^a-z]", "", own.lower())
     names = {re.sub(r"[^a-z]", "", name): name for name in ACTIVATIONS}
-    return f": write activation={names[key]!r}" if key in names else ""
+    if key not in names:
+        return ""
+    name = names[key]
+    # A torch module says its form and parameter; jax.nn.gelu is the tanh form by
+    # default (found in review: both were told 'gelu', and slopes were left out).
+    if name == "gelu" and getattr(value, "approximate", "tanh" if callable(value) else "none") in (
+        "tanh",
+        True,
+    ):
+        name = "gelu_tanh"
+    extra = ""
+    for attribute, field in (("negative_slope", "negative_slope"), ("alpha", "elu_alpha")):
+        if isinstance(getattr(value, attribute, None), (int, float)):
+            extra = f", {field}={float(getattr(value, attribute))}"
+    hint = f": write activation={name!r}{extra}"
+    if name == "gelu_tanh" and not hasattr(value, "approximate"):
+        hint += " (jax.nn.gelu's default form; 'gelu' for approximate=False)"
+    return hint
 
 
 def _dtype_name(dtype: object) -> object:
@@ -270,19 +288,21 @@ def _dtype_name(dtype: object) -> object:
     (found in a user trial: ``dtype=torch.float32`` was an "unknown dtype")."""
     if isinstance(dtype, str):
         return dtype
-    text = str(dtype)
-    if text.startswith("torch."):
-        return text.removeprefix("torch.")
-    try:
-        import numpy as np  # noqa: PLC0415 - only for a dtype given as an object
+    if type(dtype).__name__ == "dtype" and type(dtype).__module__ == "torch":
+        return str(dtype).removeprefix("torch.")
+    import numpy as np  # noqa: PLC0415 - only for a dtype given as an object
 
+    # A NumPy dtype, or a scalar type (np.float64, jnp.float32); not None, which NumPy
+    # reads as float64, nor an array (found in review).
+    if isinstance(dtype, np.dtype):
+        return dtype.name
+    if isinstance(dtype, type) and (issubclass(dtype, np.generic) or hasattr(dtype, "dtype")):
         return np.dtype(dtype).name
-    except TypeError:
-        return dtype
+    return dtype
 
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:  # an array compares elementwise
         raise value_error(f"unknown {field} {value!r}; expected one of {', '.join(choices)}")
 
 

@@ -672,7 +672,7 @@ def _swap_advice(layout: str | None) -> str:
     if layout == "flax":
         from equiv.convert import LINEN_ORDER  # noqa: PLC0415 - no cycle at import
 
-        return LINEN_ORDER
+        return f"If the port is a flax.linen model: {LINEN_ORDER}"
     return ""
 
 

@@ -641,3 +641,31 @@ def test_a_frozen_parameter_is_refused_by_name_with_a_spec():
             equiv.check_jax_port(model, loss_fn, x, y, spec=equiv.MLPSpec((5, 7, 3)))
         getattr(model, names[0]).weight.requires_grad_(True)  # the twin
         equiv.check_jax_port(model, loss_fn, x, y, spec=equiv.MLPSpec((5, 7, 3))).assert_agree()
+
+
+def test_an_identity_placeholder_keeps_registration_order_where_the_forward_cannot_run():
+    # Found in review: once nn.Identity was read as absent, a module with it as the only
+    # thing between two Linear layers, and a forward taking more than x, was refused as
+    # one that "registers no activation module"; it was read in registration order.
+    from equiv.from_module import read_spec
+
+    class TwoArg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.none, self.b = nn.Linear(4, 8), nn.Identity(), nn.Linear(8, 2)
+
+        def forward(self, x, mask):
+            return self.b(self.none(self.a(x))) * mask
+
+    assert read_spec(TwoArg()).activations == ("identity",)
+
+    class Bare(TwoArg):  # the twin: nothing registered between them says the order
+        def __init__(self):
+            super().__init__()
+            del self.none
+
+        def forward(self, x, mask):
+            return self.b(self.a(x)) * mask
+
+    with pytest.raises(ValueError, match="registers no activation module"):
+        read_spec(Bare())

@@ -441,3 +441,53 @@ def test_a_swap_in_the_nnx_layout_is_told_why_and_the_fix(equiv_seed):
     assert "pass layout=equiv.nnx_layout(port)" in hints, hints
     layout = equiv.nnx_layout(port)  # the twin, as advised
     equiv.check_jax_port(net, loss_fn, x, y, layout=layout).assert_agree()
+
+
+def test_torch_to_nnx_compares_outputs_after_the_fill_not_only_registered_activations():
+    # Found in review: a Sequential with no activation module between its layers went
+    # into a tanh port (nothing to compare), and a port of zeros matched any activation
+    # on its own weights; the filled copy's output against the module's tells both.
+    plain = _seq(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError) as info:
+        equiv.torch_to_nnx(plain, Body(nnx.Rngs(0)))  # tanh between
+    assert str(info.value).splitlines()[1] == (
+        "  between body and head: the port applies tanh, torch's module none there (or a "
+        "function it calls, which equiv cannot read)"
+    )
+    equiv.torch_to_nnx(plain, Body(nnx.Rngs(0), act=lambda h: h))  # the twin
+    tanh = _seq(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    zeros = nnx.initializers.zeros
+
+    class Shell(Body):
+        def __init__(self, rngs):
+            super().__init__(rngs, act=jax.nn.relu)
+            self.body = nnx.Linear(4, 8, kernel_init=zeros, rngs=rngs)
+
+    with pytest.raises(ValueError, match="the port applies relu, torch's module tanh"):
+        equiv.torch_to_nnx(tanh, Shell(nnx.Rngs(0)))
+
+
+def test_a_port_in_training_mode_is_told_to_call_eval(equiv_seed):
+    # Found in review: params=<a port whose Dropout is active> failed inside jax.grad
+    # with flax's TraceContextError, and was told about the tree's keys.
+    class Port(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 2, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(self.drop(jax.nn.relu(self.a(x))))
+
+    net = _seq(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    port = equiv.torch_to_nnx(net, Port(nnx.Rngs(0)))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+    def loss_fn(model, x, y):
+        return jnp.mean((model(x) - y) ** 2)
+
+    with pytest.raises(ValueError, match=r"call port.eval\(\) first"):
+        equiv.check_jax_port(net, loss_fn, x, y, params=port)
+    port.eval()  # the twin, as told
+    report = equiv.check_jax_port(net, loss_fn, x, y, params=port)
+    report.assert_agree()
+    assert report.report.settings["port"] == "jax loss_fn, Port layout"

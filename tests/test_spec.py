@@ -290,19 +290,30 @@ def test_sizes_passed_as_spec_are_refused_with_the_spec_to_write(taker, tmp_path
 
 
 def test_an_activation_given_as_a_module_or_function_is_told_its_name():
-    # Found in a user trial: activation=nn.ReLU() raised "'ReLU' object is not iterable".
+    # Found in a user trial: activation=nn.ReLU() raised "'ReLU' object is not iterable";
+    # in review, nn.GELU(approximate="tanh") and jax.nn.gelu were told 'gelu', and a
+    # LeakyReLU's slope was left out.
     import jax
+    import numpy as np
 
-    for given, name in (
-        (torch.nn.ReLU(), "relu"),
-        (torch.nn.LeakyReLU(), "leaky_relu"),
-        (jax.nn.silu, "silu"),
+    for given, hint in (
+        (torch.nn.ReLU(), "'relu'"),
+        (torch.nn.LeakyReLU(0.2), "'leaky_relu', negative_slope=0.2"),
+        (torch.nn.ELU(0.5), "'elu', elu_alpha=0.5"),
+        (torch.nn.GELU(), "'gelu'"),
+        (torch.nn.GELU(approximate="tanh"), "'gelu_tanh'"),
+        (jax.nn.gelu, "'gelu_tanh' (jax.nn.gelu's default form; 'gelu' for approximate=False)"),
+        (jax.nn.silu, "'silu'"),
     ):
-        with pytest.raises(TypeError, match=f"write activation='{name}'$"):
+        with pytest.raises(TypeError) as info:
             MLPSpec((4, 3, 2), activation=given)
+        assert str(info.value).endswith(f"write activation={hint}"), str(info.value)
     with pytest.raises(TypeError, match=r"or one name per hidden layer, got torch.float32$"):
         MLPSpec((4, 3, 2), activation=torch.float32)
-    assert MLPSpec((4, 3, 2), activation=["tanh"]).activations == ("tanh",)  # the twin
+    # The twins: names in any sequence, a NumPy array of them included, as before.
+    assert MLPSpec((4, 3, 2), activation=["tanh"]).activations == ("tanh",)
+    both = MLPSpec((4, 8, 3, 2), activation=np.array(["relu", "tanh"]))
+    assert both.activation == ("relu", "tanh") and type(both.activation[0]) is str
 
 
 def test_a_dtype_given_as_an_object_is_read_by_its_name():
@@ -319,3 +330,7 @@ def test_a_dtype_given_as_an_object_is_read_by_its_name():
         assert MLPSpec((4, 3, 2), dtype=given) == MLPSpec((4, 3, 2), dtype=name)
     with pytest.raises(ValueError, match="unknown dtype 'float16'; expected one of float32"):
         MLPSpec((4, 3, 2), dtype=torch.float16)
+    # Found in review: None became float64 (NumPy's reading), an array its dtype.
+    for odd in (None, np.zeros(2), jnp.zeros(2), {}):
+        with pytest.raises(ValueError, match="unknown dtype"):
+            MLPSpec((4, 3, 2), dtype=odd)
