@@ -535,16 +535,8 @@ def jax_to_torch(
         # Sizes read from entries that do not chain name the wrong ones (found in a user
         # trial: one kernel transposed blamed its bias and the next kernel, against an
         # MLP of neither model): out's own sizes say which entry is off.
-        target = _state_dict(out)
-        try:
-            theirs = check_entries(
-                {(n,): t for n, t in target.items()},
-                LAYOUTS["torch"],
-                None,
-                what="out",
-                from_model=True,
-            )
-        except ValueError:
+        theirs = _own_spec(_state_dict(out))
+        if theirs is None:
             raise error from None
         check_entries(flat, layout, theirs, what=f"{layout.name}-layout params (as out holds them)")
         raise
@@ -628,6 +620,21 @@ def copy_into(
     return {name: target[name] for name in names}
 
 
+def _own_spec(target: Mapping[str, torch.Tensor]) -> MLPSpec | None:
+    """The spec a module's own tensors (``out``'s, under equiv's names) say, or None
+    where they say none."""
+    try:
+        return check_entries(
+            {(n,): t for n, t in target.items()},
+            LAYOUTS["torch"],
+            None,
+            what="out",
+            from_model=True,
+        )
+    except ValueError:
+        return None
+
+
 def _refuse_another_model(
     target: Mapping[str, torch.Tensor], spec: MLPSpec, source: str, label: str
 ) -> None:
@@ -650,16 +657,7 @@ def _refuse_another_model(
     ]
     if not rows:
         return
-    try:
-        theirs = check_entries(
-            {(n,): t for n, t in target.items()},
-            LAYOUTS["torch"],
-            None,
-            what="out",
-            from_model=True,
-        )
-    except ValueError:
-        theirs = None
+    theirs = _own_spec(target)
     if theirs is not None and theirs.sizes == spec.sizes and theirs.biases == spec.biases:
         wider = "double" if spec.dtype == "float64" else "float"
         advice = (
