@@ -38,6 +38,7 @@ from equiv.harness import (
     compare_backends,
     compare_trajectories,
 )
+from equiv.linen_layout import linen_layout
 from equiv.losses import LOSSES, Loss
 from equiv.nnx_layout import nnx_layout, torch_to_nnx
 from equiv.optimizers import OPTIMIZERS, OptimizerSpec
@@ -86,6 +87,7 @@ __all__ = [
     "diagnose_leaf",
     "equinox_to_torch",
     "jax_to_torch",
+    "linen_layout",
     "load_jax",
     "load_torch",
     "make_problem",

@@ -835,7 +835,8 @@ def check_entries(
 LINEN_ORDER = (
     "flax.linen numbers nn.Dense in the order it constructs them, and "
     "nn.Dense(3)(f(nn.Dense(8)(x))) constructs the outer one first: construct each layer "
-    "before calling it (h = nn.Dense(8)(x); out = nn.Dense(3)(f(h)))"
+    "before calling it (h = nn.Dense(8)(x); out = nn.Dense(3)(f(h))), or pass "
+    "layout=equiv.linen_layout(module, params), read off the order it calls them"
 )
 
 
@@ -910,8 +911,9 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any], what: str) -> str:
         # given torch advice.
         names = tuple(dict.fromkeys("/".join(p[:-1]) for p in paths))
         return (
-            "These are flax layers under names of their own: for a flax.nnx model, pass "
-            "layout=equiv.nnx_layout(model), read off the order it calls them; else "
+            "These are flax layers under names of their own: pass the layout read off the "
+            "order the model calls them, layout=equiv.nnx_layout(model) for a flax.nnx "
+            "model or equiv.linen_layout(module, params) for a flax.linen one; or "
             "equiv.Layout(name, '{name}/kernel', '{name}/bias', True, layers=...) with "
             f"the layers in call order (of {names!r})"
         )

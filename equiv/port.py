@@ -425,8 +425,9 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
         # in the flax layout (Dense_0, ...), was given no way forward.
         advice = (
             "Your model names its layers itself (nn.Dense(name=...)), not Dense_0, Dense_1, "
-            "...: pass layout=equiv.Layout('mine', '{name}/kernel', '{name}/bias', True, "
-            "layers=(...)) with its layers' names in the order it calls them"
+            "...: pass layout=equiv.linen_layout(module, params), which reads its names in "
+            "the order it calls them (or an equiv.Layout('mine', '{name}/kernel', "
+            "'{name}/bias', True, layers=(...)) naming them so)"
         )
     elif "scalar-output" in text and "Output was (" in text:
         # Found in a user trial: a (loss, aux) pair was told to reduce over the batch.

@@ -1160,7 +1160,7 @@ def test_a_linen_port_naming_its_layers_is_told_the_layout_to_pass(equiv_seed):
     def loss_fn(params, x, y):
         return jnp.mean((Named().apply({"params": params}, x) - y) ** 2)
 
-    with pytest.raises(ValueError, match=r"pass layout=equiv.Layout\('mine', '\{name\}/kernel'"):
+    with pytest.raises(ValueError, match=r"pass layout=equiv.linen_layout\(module, params\)"):
         check_jax_port(model, loss_fn, xs, ys, steps=2)
     layout = Layout("mine", "{name}/kernel", "{name}/bias", True, layers=("hidden", "out"))
     check_jax_port(model, loss_fn, xs, ys, layout=layout, steps=2).assert_agree()  # as told

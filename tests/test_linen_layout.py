@@ -1,0 +1,95 @@
+"""linen_layout: a flax.linen port under its own layer names, read off its calls."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import equiv
+
+nn = pytest.importorskip("flax.linen")
+
+
+class Inverted(nn.Module):
+    """Dense(3)(f(Dense(8)(x))): linen constructs, and numbers, the outer one first."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(jnp.tanh(nn.Dense(5)(x)))
+
+
+class Named(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="out")(jnp.tanh(nn.Dense(5, name="hidden")(x)))
+
+
+def _net(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize(
+    "module,layers",
+    [
+        (Inverted(), ("Dense_1", "Dense_0")),
+        (Named(), ("hidden", "out")),
+        (nn.Sequential([nn.Dense(5), jnp.tanh, nn.Dense(3)]), ("layers_0", "layers_2")),
+    ],
+    ids=["construction-order", "named", "sequential"],
+)
+def test_a_linen_port_takes_torchs_weights_under_its_own_names(module, layers, equiv_seed):
+    # Found in a user trial: nn.Dense(name=...) had no layout but one written by hand,
+    # and the "flax" layout's Dense_0 is the first constructed, not the first called.
+    net = _net(equiv_seed)
+    params = module.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    layout = equiv.linen_layout(module, params)
+    assert layout.layers == layers
+    filled = equiv.torch_to_jax(net, layout=layout)
+    x = torch.randn(6, 4)
+    np.testing.assert_allclose(
+        np.asarray(module.apply({"params": filled}, jnp.asarray(x.numpy()))),
+        net(x).detach().numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    equiv.check_jax_port(
+        net,
+        lambda p, x, y: jnp.mean((module.apply({"params": p}, x) - y) ** 2),
+        torch.randn(8, 4),
+        torch.randn(8, 3),
+        layout=layout,
+        steps=2,
+    ).assert_agree()
+    # The twin: the "flax" layout's numbering puts the torch layers elsewhere.
+    if layers[0] != "layers_0":
+        from flax.errors import FlaxError
+
+        with pytest.raises(FlaxError):
+            module.apply({"params": equiv.torch_to_jax(net, layout="flax")}, jnp.ones((1, 4)))
+
+
+def test_what_linen_layout_cannot_read_is_refused_by_name():
+    class Residual(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(4, name="a")(x)
+            return nn.Dense(2, name="b")(jax.nn.relu(h) + x)
+
+    params = Residual().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    with pytest.raises(ValueError, match="Linear b is not called on one of equiv.s activations"):
+        equiv.linen_layout(Residual(), params)
+
+    class Normed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(nn.LayerNorm()(nn.Dense(4)(x)))
+
+    params = Normed().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    with pytest.raises(ValueError, match="parameters outside its Dense layers: 'LayerNorm_0/"):
+        equiv.linen_layout(Normed(), {"params": params})  # a variables dict is read too
+    with pytest.raises(TypeError, match="reads a flax.linen.Module, got Sequential"):
+        equiv.linen_layout(torch.nn.Sequential(), params)
