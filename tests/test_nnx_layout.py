@@ -298,7 +298,7 @@ def test_a_layer_without_a_bias_is_read_off_the_model(tmp_path):
     # and its own names point to nnx_layout.
     with pytest.raises(ValueError, match="missing: 'a.bias'"):
         equiv.jax_to_torch(nnx.state(port, nnx.Param), layout=layout)
-    with pytest.raises(ValueError, match=r"pass layout=equiv.nnx_layout\(model\)"):
+    with pytest.raises(ValueError, match=r"layout=equiv.nnx_layout\(model\) for a flax.nnx model"):
         equiv.jax_to_torch(nnx.state(port, nnx.Param), layout="nnx")
 
 
