@@ -26,11 +26,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 from equiv._messages import type_error, value_error
 from equiv.convert import Layout
-from equiv.nnx_layout import _ROWS, _check_stack, _Widths
+from equiv.nnx_layout import _check_stack, _Widths, refuse_others, run_on_probe
 
 
 def linen_layout(module: Any, params: Any, *, name: str | None = None) -> Layout:
@@ -67,19 +66,17 @@ def linen_layout(module: Any, params: Any, *, name: str | None = None) -> Layout
         for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
     }
     dense = {path[:-1] for path in flat if path[-1] == "kernel"}
-    others = [
-        "/".join(path)
-        for path in flat
-        if path[:-1] not in dense or path[-1] not in ("kernel", "bias")
-    ]
     if not dense:
         raise value_error(f"{shown}'s params hold no Dense layer (no 'kernel')")
-    if others:
-        raise value_error(
-            f"{shown} has parameters outside its Dense layers: "
-            f"{', '.join(map(repr, others[:4]))}{', ...' if len(others) > 4 else ''}; "
-            "equiv's MLP has only the Linear layers' kernels and biases"
-        )
+    refuse_others(
+        shown,
+        "Dense",
+        [
+            "/".join(path)
+            for path in flat
+            if path[:-1] not in dense or path[-1] not in ("kernel", "bias")
+        ],
+    )
     calls: list[tuple[str, Any, Any]] = []
 
     def record(next_fun, args, kwargs, context):
@@ -88,28 +85,20 @@ def linen_layout(module: Any, params: Any, *, name: str | None = None) -> Layout
             calls.append(("/".join(context.module.path), args[0], out))
         return out
 
-    widths = dict.fromkeys(int(flat[(*path, "kernel")].shape[0]) for path in dense)
-    dtype = next(iter(flat.values())).dtype
-    failures = []
-    for width in widths:
+    def run(x: Any) -> Any:
         calls.clear()
-        x = jax.numpy.asarray(
-            np.random.default_rng(0).standard_normal((_ROWS, width)).astype(dtype)
-        )
-        try:
-            with nn.intercept_methods(record):
-                out = module.apply(variables, x)
-        except Exception as exc:  # noqa: BLE001 - another width, or a call equiv cannot make
-            failures.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
-            continue
-        break
-    else:
-        raise value_error(
-            f"{shown}'s __call__ cannot be run on one batch x of its layers' input widths "
-            f"{tuple(widths)} ({failures[0]}), and equiv reads the order of its Dense layers "
-            "from that call: give its __call__ one input batch x (deterministic, no mutable "
-            "collections), or write a Layout with layers= naming them in call order"
-        )
+        with nn.intercept_methods(record):
+            return module.apply(variables, x)
+
+    widths = dict.fromkeys(int(flat[(*path, "kernel")].shape[0]) for path in dense)
+    x, out = run_on_probe(
+        shown,
+        widths,
+        next(iter(flat.values())).dtype,
+        run,
+        "give its __call__ one input batch x (deterministic, no mutable collections), or "
+        "write a Layout with layers= naming them in call order",
+    )
     order = [path for path, _, _ in calls]
     owned = sorted("/".join(path) for path in dense)
     if sorted(order) != owned:

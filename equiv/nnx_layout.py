@@ -29,6 +29,7 @@ import numpy as np
 
 from equiv._messages import type_error, value_error
 from equiv.convert import Layout
+from equiv.from_module import _CALL_ORDER_MATCH as _MATCH
 
 _FORM = (
     "give its __call__ one input batch x, or name its Linear attributes fc1, fc2, ... "
@@ -60,9 +61,8 @@ def nnx_layout(model: Any, *, name: str | None = None) -> Layout:
     return _read(model, name)[0]
 
 
-def _read(model: Any, name: str | None = None) -> tuple[Layout, list[dict[str, float]], list[Any]]:
-    """:func:`nnx_layout`'s layout, each gap's activations (:func:`_check_stack`) and
-    the model's ``nnx.Linear`` layers in call order."""
+def _read(model: Any, name: str | None = None) -> tuple[Layout, list[Any]]:
+    """:func:`nnx_layout`'s layout and the model's ``nnx.Linear`` layers in call order."""
     from flax import nnx
 
     if not isinstance(model, nnx.Module):
@@ -82,17 +82,15 @@ def _read(model: Any, name: str | None = None) -> tuple[Layout, list[dict[str, f
             "(self.fc1 = nnx.Linear(...)) and pass that"
         )
     owned = {path + (kind,) for path, _ in linears.values() for kind in ("kernel", "bias")}
-    others = [
-        "/".join(map(str, path))
-        for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
-        if _keys(path) not in owned
-    ]
-    if others:
-        raise value_error(
-            f"{shown} has parameters outside its nnx.Linear layers: "
-            f"{', '.join(map(repr, others[:4]))}{', ...' if len(others) > 4 else ''}; "
-            "equiv's MLP has only the Linear layers' kernels and biases"
-        )
+    refuse_others(
+        shown,
+        "nnx.Linear",
+        [
+            "/".join(map(str, path))
+            for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            if _keys(path) not in owned
+        ],
+    )
     x, calls, out = _probe(model, nnx)
     name_of = {key: "/".join(map(str, path)) for key, (path, _) in linears.items()}
     order = [name_of.get(key) for key, _, _ in calls]
@@ -108,9 +106,7 @@ def _read(model: Any, name: str | None = None) -> tuple[Layout, list[dict[str, f
             f"not each of {', '.join(name_of.values())} once: equiv's MLP calls each layer "
             "once, in order"
         )
-    gaps = _check_stack(
-        shown, x, [(name_of[key], linears[key][1], i, o) for key, i, o in calls], out
-    )
+    _check_stack(shown, x, [(name_of[key], linears[key][1], i, o) for key, i, o in calls], out)
     called = [linears[key][0] for key, _, _ in calls]
     index_keys = any(isinstance(key, int) for path in called for key in path)
     layout = Layout(
@@ -121,18 +117,41 @@ def _read(model: Any, name: str | None = None) -> tuple[Layout, list[dict[str, f
         index_keys=index_keys,
         layers=tuple(order),
     )
-    return layout, gaps, [linears[key][1] for key, _, _ in calls]
+    return layout, [linears[key][1] for key, _, _ in calls]
 
 
 def _keys(path: tuple) -> tuple[str | int, ...]:
     return tuple(getattr(key, "key", key) for key in path)
 
 
-#: How far a layer's input may be from an activation of the layer before's output
-#: (or the model's output from the last layer's), relative to the largest value: the
-#: same float ops in the model's dtype, where a forward that does more (a residual
-#: connection, a branch, a scale, a norm) is off by O(1). As the torch converters'.
-_MATCH = 1e-3
+def refuse_others(shown: str, kind: str, others: list[str]) -> None:
+    """Refuse, by name, a port's parameters outside its ``kind`` layers."""
+    if others:
+        raise value_error(
+            f"{shown} has parameters outside its {kind} layers: "
+            f"{', '.join(map(repr, others[:4]))}{', ...' if len(others) > 4 else ''}; "
+            "equiv's MLP has only the Linear layers' kernels and biases"
+        )
+
+
+def run_on_probe(shown: str, widths: Any, dtype: Any, run: Any, advice: str) -> tuple[Any, Any]:
+    """``(x, run(x))`` for the first of the layers' input ``widths`` whose probe batch
+    ``x`` (:data:`_ROWS` rows, ``dtype``) the port can be run on, or a ``ValueError``
+    saying why none could, with ``advice``."""
+    failures = []
+    for width in widths:
+        x = jax.numpy.asarray(
+            np.random.default_rng(0).standard_normal((_ROWS, width)).astype(dtype)
+        )
+        try:
+            return x, run(x)
+        except Exception as exc:  # noqa: BLE001 - another width, or a call equiv cannot make
+            failures.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
+    raise value_error(
+        f"{shown}'s __call__ cannot be run on one batch x of its layers' input widths "
+        f"{tuple(widths)} ({failures[0]}), and equiv reads the order of its layers from "
+        f"that call: {advice}"
+    )
 
 
 #: Rows of the probe batch: enough that a unit's sign differs across them (with two
@@ -165,24 +184,15 @@ def _probe(model: Any, nnx: Any, fill: Any = None) -> tuple[Any, list[tuple[int,
     calls: list[tuple[int, Any, Any]] = []
     for node in layers:
         node.__class__ = _recording(type(node), calls, twin)
+
+    def run(x: Any) -> Any:
+        calls.clear()
+        return copy(x)
+
     widths = dict.fromkeys(int(node.in_features) for node in layers)
     dtype = layers[0].kernel.get_value().dtype
-    failures = []
-    for width in widths:
-        calls.clear()
-        x = np.random.default_rng(0).standard_normal((_ROWS, width)).astype(dtype)
-        x = jax.numpy.asarray(x)
-        try:
-            out = copy(x)
-        except Exception as exc:  # noqa: BLE001 - another width, or a call equiv cannot make
-            failures.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
-            continue
-        return x, list(calls), out
-    raise value_error(
-        f"{type(model).__name__}'s __call__ cannot be run on one batch x of its layers' "
-        f"input widths {tuple(widths)} ({failures[0]}), and equiv reads the order of its "
-        f"Linear layers from that call: {_FORM}"
-    )
+    x, out = run_on_probe(type(model).__name__, widths, dtype, run, _FORM)
+    return x, list(calls), out
 
 
 def _recording(base: type, calls: list, twin: dict[int, int]) -> type:
@@ -323,7 +333,7 @@ def torch_to_nnx(module_or_state_dict: Any, model: Any, *, spec: Any = None) -> 
 
     from equiv.convert import LAYOUTS, _state_dict, check_entries, module_spec, torch_to_jax
 
-    layout, gaps, layers = _read(model)
+    layout, layers = _read(model)
     own = isinstance(module_or_state_dict, torch.nn.Module)
     state = _state_dict(module_or_state_dict)  # a module's own tensors, under equiv's names
     theirs = check_entries(
@@ -352,8 +362,7 @@ def torch_to_nnx(module_or_state_dict: Any, model: Any, *, spec: Any = None) -> 
         elif kernel.dtype != ours.dtype:
             rows.append(f"{where} {ours.dtype} in the port, {kernel.dtype} from torch")
         has = getattr(layer, "bias", None) is not None
-        theirs = _at(tree, layout.tree_path(f"fc{i}.bias")) is not None
-        if has != theirs:
+        if has != (_at(tree, layout.tree_path(f"fc{i}.bias")) is not None):
             rows.append(
                 f"{where} the port has a bias and torch's fc{i} none (build it with use_bias=False)"
                 if has

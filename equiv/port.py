@@ -352,10 +352,6 @@ def run_jax_port(
             lambda v: jax.device_put(v, device) if isinstance(v, (jax.Array, np.ndarray)) else v,
             params,
         )
-    if _nnx_module(params) and get_layout(layout) == get_layout("flax"):  # the default
-        from equiv.nnx_layout import nnx_layout  # noqa: PLC0415 - an optional extra
-
-        layout = nnx_layout(params)
     params, loss_fn, to_torch, from_torch = _port_tree(params, loss_fn, layout, spec)
     optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
     out = Trajectory(name, spec.dtype, layout=get_layout(layout).name)

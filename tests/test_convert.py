@@ -1060,6 +1060,8 @@ def test_flatten_and_identity_placeholders_are_read_as_absent(equiv_seed):
     np.testing.assert_array_equal(
         torch_to_jax(model, layout="torch")["fc1.bias"], model[1].bias.detach()
     )
+    for flat in (torch.nn.Flatten(-1), torch.nn.Flatten(1, 1)):  # no-ops on rows too
+        torch_to_jax(torch.nn.Sequential(flat, torch.nn.Linear(4, 8)))
     # The twin: a Flatten that flattens the batch too is no identity, and is refused.
     with pytest.raises(ValueError, match="submodule '0' is Flatten, which equiv cannot express"):
         torch_to_jax(torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(4, 8)))

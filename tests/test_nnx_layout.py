@@ -150,6 +150,9 @@ def test_what_nnx_layout_cannot_read_is_refused_by_name():
         equiv.nnx_layout(Needs(nnx.Rngs(0)))
     with pytest.raises(TypeError, match="reads a flax.nnx.Module, got Sequential"):
         equiv.nnx_layout(torch.nn.Sequential())
+    # Found in review: a bare nnx.Linear gave "layer name '' is empty".
+    with pytest.raises(ValueError, match="this is a bare Linear, which has none: hold it in a"):
+        equiv.nnx_layout(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
 
 
 def test_a_layout_of_named_layers_is_checked_as_templates_are():
