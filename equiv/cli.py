@@ -43,7 +43,8 @@ from equiv.optimizers import OPTIMIZERS, OptimizerSpec
 from equiv.plot import plot_divergence, plot_format
 from equiv.problem import make_problem
 from equiv.render import make_console, print_comparison
-from equiv.spec import DTYPES, MLPSpec
+from equiv.spec import DTYPES, HALF_DTYPES, MLPSpec
+from equiv.torch_mlp import TORCH_DTYPES
 
 _OPTIMIZER_FIELDS = ("momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "amsgrad")
 
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         metavar="DTYPE",
-        help=f"one of {', '.join(DTYPES)} (default: float32, or the --params file's)",
+        help=f"one of {', '.join(DTYPES)} (default: float32, or the --params file's; a "
+        "bfloat16 or float16 file's values are compared as this dtype holds them, exactly)",
     )
     add(
         "--device",
@@ -458,6 +460,14 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
         "bias": False if args.no_bias else args.bias,
         "dtype": args.dtype,
     }
+    if args.dtype is not None and args.dtype not in DTYPES:
+        half = (
+            f" (a comparison runs in one of them; a {args.dtype} --params file is compared "
+            "as --dtype float32, exactly)"
+            if args.dtype in HALF_DTYPES
+            else ""
+        )
+        raise UsageError(f"unknown dtype {args.dtype!r}; expected one of {', '.join(DTYPES)}{half}")
     if args.params is None:
         for option in ("--entry", "--file-layout"):
             if getattr(args, option[2:].replace("-", "_")) is not None:
@@ -511,6 +521,17 @@ def _initial_params(args: argparse.Namespace) -> tuple[dict | None, dict[str, An
                 text,
             )
         ) from None
+    if found.dtype in HALF_DTYPES:
+        # A comparison runs in float32 or float64; every half-precision value is one of
+        # theirs exactly, so the file's model is compared as it is, once asked to.
+        if args.dtype is None:
+            raise UsageError(
+                f"--params {args.params!r} holds {found.dtype} parameters, and a comparison "
+                f"runs in {' or '.join(DTYPES)}: add --dtype float32 to compare them as "
+                f"float32 (each {found.dtype} value is a float32 one, exactly)"
+            )
+        state = {name: tensor.to(TORCH_DTYPES[args.dtype]) for name, tensor in state.items()}
+        found = found.replace(dtype=args.dtype)
     if args.bias is not None:
         given["bias"] = _layer_biases(args.bias, found.sizes)
     options = {

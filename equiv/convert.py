@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import gc
@@ -59,8 +60,9 @@ import numpy as np
 import torch
 
 from equiv._messages import type_error, value_error
+from equiv.compare import to_numpy
 from equiv.devices import _jax_gpus, jax_device, torch_device
-from equiv.spec import DTYPES, MLPSpec, check_spec
+from equiv.spec import HALF_DTYPES, STORAGE_DTYPES, MLPSpec, check_spec
 
 _LAYER = r"(0|[1-9]\d*)"  # no leading zeros: "Dense_00" must not alias "Dense_0"
 _TORCH_NAME = re.compile(r"fc([1-9]\d*)\.(weight|bias)")
@@ -422,7 +424,8 @@ def _adopt(tensor: torch.Tensor, device: jax.Device | None) -> jax.Array:
       2.0
     """
     if tensor.device.type == "cpu":
-        return jax.device_put(tensor.numpy(), device or jax.devices("cpu")[0])
+        # NumPy holds bfloat16 as ml_dtypes', JAX's own (torch's .numpy() refuses it).
+        return jax.device_put(to_numpy(tensor), device or jax.devices("cpu")[0])
     array = jnp.from_dlpack(tensor)
     if device is not None and array.devices() != {device}:
         array = jax.device_put(array, device)
@@ -635,6 +638,10 @@ def _own_spec(target: Mapping[str, torch.Tensor]) -> MLPSpec | None:
         return None
 
 
+#: The torch method that casts a module or tensor to each dtype equiv carries.
+_CAST = {"float32": "float()", "float64": "double()", "bfloat16": "bfloat16()", "float16": "half()"}
+
+
 def _refuse_another_model(
     target: Mapping[str, torch.Tensor], spec: MLPSpec, source: str, label: str
 ) -> None:
@@ -659,10 +666,11 @@ def _refuse_another_model(
         return
     theirs = _own_spec(target)
     if theirs is not None and theirs.sizes == spec.sizes and theirs.biases == spec.biases:
-        wider = "double" if spec.dtype == "float64" else "float"
+        # out.to(the source's dtype), not out.float(): found in a user trial, bfloat16
+        # parameters into a float32 module were told to call out.float().
         advice = (
-            f"convert one side: out.{wider}() before the copy, or read {label} without out= "
-            "and convert its tensors"
+            f"convert one side: out.{_CAST[spec.dtype]} before the copy, or read {label} "
+            f"without out= and convert its tensors (.{_CAST[theirs.dtype]})"
         )
     else:
         advice = (
@@ -763,29 +771,25 @@ def check_entries(
     ]
     if problems:
         example = ", ".join(".".join(layout.path(n)) for n in ("fc1.weight", "fc1.bias"))
-        other = sorted({_dtype(v) for v in known.values()} - set(DTYPES))
-        if not {_dtype(v) for v in known.values()} & set(DTYPES) and all(
-            p.startswith("  wrong dtype") for p in problems
-        ):
-            # Only the dtype is wrong, all of it (a model.half()'s file; found in a user
-            # trial: the spec= advice came first, though no spec could help).
-            in_file = "torch.load(path, weights_only=True), .float() each tensor, and save it again"
+        found = sorted({_dtype(v) for v in known.values()})
+        other = [dtype for dtype in found if dtype not in STORAGE_DTYPES]
+        cast = "tensor.float(), array.astype(np.float32)"
+        if what.startswith("checkpoint"):
+            cast = "torch.load(path, weights_only=True), .float() each tensor, and save it again"
+        if other and len(found) == 1 and all(p.startswith("  wrong dtype") for p in problems):
+            # Only the dtype is wrong, all of it, and no spec could help (an int8 file;
+            # found in a user trial: the spec= advice came first).
             raise value_error(
-                f"{what} holds {' and '.join(other)} parameters, but equiv compares float32 "
-                "and float64 only: convert them first ("
-                + (
-                    in_file
-                    if what.startswith("checkpoint")
-                    else "tensor.float(), array.astype(np.float32)"
-                )
-                + ")"
+                f"{what} holds {found[0]} parameters, but equiv carries "
+                f"{', '.join(STORAGE_DTYPES)} only: convert them first ({cast})"
             )
         advice = (
-            f"\nequiv compares float32 and float64 only, not {', '.join(other)}: convert "
-            "first (tensor.float(), array.astype(np.float32))"
+            f"\nequiv carries {', '.join(STORAGE_DTYPES)} only, not {', '.join(other)}: "
+            f"convert first ({cast})"
             if other
             else ""
         )
+        advice += _dtype_advice(known, spec, given, layout)
         advice += _order_advice(known, layout, spec.sizes if given else None)
         lacking = [
             ".".join(layout.path(n)) for n in expected if n.endswith(".bias") and n not in known
@@ -838,6 +842,34 @@ LINEN_ORDER = (
     "before calling it (h = nn.Dense(8)(x); out = nn.Dense(3)(f(h))), or pass "
     "layout=equiv.linen_layout(module, params), read off the order it calls them"
 )
+
+
+def _dtype_advice(known: Mapping[str, Any], spec: MLPSpec, given: bool, layout: Layout) -> str:
+    """What to do where the entries' dtypes are not the MLP's as a whole: several of
+    them (found in a user trial: bfloat16 weights with float32 biases were told to pass
+    a spec, which no dtype could satisfy), or one half-precision dtype where the spec
+    is float32 or float64 (a bfloat16 port checked against a float32 module)."""
+    found = collections.Counter(_dtype(v) for v in known.values() if _dtype(v) in STORAGE_DTYPES)
+    if len(found) > 1:
+        most = found.most_common(1)[0][0]
+        groups = []
+        for dtype in sorted(set(found) - {most}):
+            names = [".".join(layout.path(n)) for n in known if _dtype(known[n]) == dtype]
+            groups.append(f"{dtype}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+        return (
+            f"\nthe parameters have several dtypes ({'; '.join(groups)}; the others {most}); "
+            "equiv's MLP has one: cast them to one first (module.to(dtype), tensor.to(dtype), "
+            "array.astype(dtype))"
+        )
+    if found and next(iter(found)) in HALF_DTYPES and spec.dtype not in found:
+        half = next(iter(found))
+        where = "the spec given says" if given else "the MLP is"
+        return (
+            f"\nthey are {half} where {where} {spec.dtype}: cast them to {spec.dtype} "
+            f"(jax.tree.map(lambda a: a.astype(jnp.{spec.dtype}), params), tensor.to("
+            f"torch.{spec.dtype})), or take them as they are with dtype={half!r} in the spec"
+        )
+    return ""
 
 
 def _order_advice(known: Mapping[str, Any], layout: Layout, sizes: tuple[int, ...] | None) -> str:
@@ -1090,7 +1122,7 @@ def _infer_spec(
             sizes[i - 1] = sizes[i - 1] or fan_in
         elif bias is not None and len(_shape(bias)) == 1:
             sizes[i] = sizes[i] or _shape(bias)[0]
-    dtypes = [_dtype(v) for _, v in sorted(known.items()) if _dtype(v) in DTYPES]
+    dtypes = [_dtype(v) for _, v in sorted(known.items()) if _dtype(v) in STORAGE_DTYPES]
     found = tuple(f"fc{i}.bias" in known for i in range(1, count + 1))
     if biases is not None and len(biases) == count:
         bias = biases[0] if len(set(biases)) == 1 else tuple(biases)
@@ -1220,7 +1252,7 @@ def module_spec(module: Any) -> MLPSpec | None:
     if not isinstance(module, torch.nn.Module) or not isinstance(spec, MLPSpec):
         return None
     dtypes = {_dtype(p) for p in module.parameters()}
-    if len(dtypes) == 1 and dtypes <= set(DTYPES):
+    if len(dtypes) == 1 and dtypes <= set(STORAGE_DTYPES):
         return spec.replace(dtype=dtypes.pop())
     return spec  # mixed or unsupported: the check of the entries names them
 
@@ -1408,11 +1440,13 @@ def _as_torch(array: jax.Array | np.ndarray) -> torch.Tensor:
         if any(stride < 0 for stride in array.strides):
             # torch has no negative strides (a reversed view, x[::-1]): one more copy.
             array = np.ascontiguousarray(array)
+        bfloat16 = array.dtype.name == "bfloat16"  # ml_dtypes', which torch cannot read
         with warnings.catch_warnings():
             # A read-only array (jax.device_get returns them, found in review) is
             # only read here: callers copy it, so torch's warning would mislead.
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            return torch.from_numpy(array)
+            tensor = torch.from_numpy(array.view(np.int16) if bfloat16 else array)
+        return tensor.view(torch.bfloat16) if bfloat16 else tensor
     return torch.from_dlpack(array)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 
 import torch
@@ -37,9 +38,10 @@ from torch import nn
 
 from equiv._messages import type_error, value_error
 from equiv.convert import _TORCH_NAME, overlapping, refuse_without_values
-from equiv.spec import MLPSpec
+from equiv.spec import HALF_UNIT_ROUNDOFF, STORAGE_DTYPES, MLPSpec
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+#: The dtypes a module's Linear layers may hold: :data:`equiv.spec.STORAGE_DTYPES`.
+_DTYPES = {getattr(torch, name): name for name in STORAGE_DTYPES}
 
 
 def _activation(module: nn.Module) -> tuple[str, dict[str, float]] | None:
@@ -267,20 +269,22 @@ def _read_stack(
     # Each layer's own: nn.Linear(..., bias=False) says it has none, so a bias on some
     # layers only is read as such (the spec holds one bool per layer).
     biases = tuple(layer.bias is not None for layer in layers)
-    dtypes = {layer.weight.dtype for layer in layers}
+    # Biases too: found in a user trial, bfloat16 weights with float32 biases reached
+    # the probe forward, and torch's "self and mat2 must have the same dtype".
+    dtypes = {p.dtype for layer in layers for p in (layer.weight, layer.bias) if p is not None}
     if len(dtypes) == 1 and next(iter(dtypes)) not in _DTYPES:
-        # Found in a user trial: a bfloat16 model was told its biases must agree.
+        # Found in a user trial: a float8 (then: bfloat16) model was told its biases
+        # must agree.
         raise value_error(
-            f"the Linear layers are {next(iter(dtypes))}; equiv's MLP is float32 or float64 "
-            "(a comparison's bounds, and its converters, are for those): convert first, "
-            f"model.float() (or a copy of it, to keep yours in "
-            f"{str(next(iter(dtypes))).removeprefix('torch.')})"
+            f"the Linear layers are {next(iter(dtypes))}; equiv's MLP is "
+            f"{', '.join(_DTYPES.values())}: convert first, model.float() (or a copy "
+            f"of it, to keep yours in {str(next(iter(dtypes))).removeprefix('torch.')})"
         )
     if len(dtypes) != 1:
         raise value_error(
-            "all Linear layers must share a float32 or float64 dtype; got dtypes "
-            f"{sorted(map(str, dtypes))}: convert the model first (model.float() or "
-            "model.double())"
+            "all Linear layers' weights and biases must share one dtype; got dtypes "
+            f"{sorted(map(str, dtypes))}: convert the model first (model.float(), "
+            "model.double() or model.bfloat16())"
         )
     spec = MLPSpec(
         tuple(sizes),
@@ -386,6 +390,23 @@ def own_names(module: nn.Module) -> dict[str, str]:
 _CALL_ORDER_MATCH = 1e-3
 
 
+def call_order_match(dtype: str) -> float:
+    """How far apart two runs of one stack may be, relative, in ``dtype`` (a name).
+
+    :data:`_CALL_ORDER_MATCH` in float32 and float64. A half-precision stack rounds
+    each layer's output to its own unit roundoff ``u`` (2⁻⁸ in bfloat16, 2⁻¹¹ in
+    float16), far above that: two runs that round in other places (``x @ w.T + b``
+    against ``F.linear``, an activation taken in float32 and rounded) differ by a few
+    ulps (2u each) per layer; 16u (0.0625, 0.0078) leaves room for a few layers of them,
+    while a forward that does more than the stack (a residual, a skipped activation)
+    is O(1) apart.
+
+    >>> call_order_match("float32"), call_order_match("bfloat16")
+    (0.001, 0.0625)
+    """
+    return max(_CALL_ORDER_MATCH, 16 * HALF_UNIT_ROUNDOFF.get(dtype, 0.0))
+
+
 def _check_call_order(
     module: nn.Module,
     spec: MLPSpec,
@@ -406,8 +427,21 @@ def _check_call_order(
     with torch.no_grad(), _probing(module, weight.device):  # dropout off: the converters
         theirs = _call(module, probe)  # take a model in training mode
         ours, _ = forward(tensors, probe, spec)
+    if not bool(torch.isfinite(ours).all()):
+        # Found in a user trial: a float16 residual whose probe overflowed to inf was
+        # accepted, as every comparison with NaN is false; the check would prove nothing.
+        raise value_error(
+            f"{type(module).__name__}'s Linear layers give inf or NaN on a probe batch (of "
+            f"standard normal inputs) in {spec.dtype}, so equiv cannot check that its forward "
+            "is those layers and activations alone: convert a float32 copy "
+            "(copy.deepcopy(model).float()) and cast the result back, or pass the "
+            "parameters under equiv's names ({'fc1.weight': ..., 'fc1.bias': ..., ...}), "
+            "which are taken as they are"
+        )
     scale = float(ours.abs().max()) or 1.0
-    if theirs.shape != ours.shape or float((theirs - ours).abs().max()) > _CALL_ORDER_MATCH * scale:
+    match = call_order_match(spec.dtype)
+    worst = float((theirs - ours).abs().max()) if theirs.shape == ours.shape else math.inf
+    if not worst <= match * scale:  # NaN too
         if called is None:
             raise value_error(
                 f"{type(module).__name__}'s forward pass is not its Linear layers and "

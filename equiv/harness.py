@@ -70,7 +70,7 @@ from equiv.optimizers import (
 )
 from equiv.precision import comparison_scope, lowered_matmuls
 from equiv.problem import Problem, check_counts, make_problem
-from equiv.spec import UNIT_ROUNDOFF, MLPSpec, check_spec
+from equiv.spec import UNIT_ROUNDOFF, MLPSpec, check_computable, check_spec
 from equiv.tolerance import (
     Tolerance,
     derived_tolerance,
@@ -1435,6 +1435,7 @@ def compare_backends(
     if spec is not None and problem is not None and spec != problem.spec:
         raise value_error(f"spec {spec} differs from problem.spec {problem.spec}; pass one of them")
     spec = spec or (problem.spec if problem else MLPSpec())
+    check_computable(spec)
     backends = _check_backends(backends)
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
         raise value_error(f"learning_rate must be a positive number, got {learning_rate!r}")

@@ -28,8 +28,8 @@ import jax
 import numpy as np
 
 from equiv._messages import type_error, value_error
-from equiv.convert import Layout
-from equiv.from_module import _CALL_ORDER_MATCH as _MATCH
+from equiv.convert import Layout, _as_torch
+from equiv.from_module import call_order_match
 
 _FORM = (
     "give its __call__ one input batch x, or name its Linear attributes fc1, fc2, ... "
@@ -208,8 +208,16 @@ def _recording(base: type, calls: list, twin: dict[int, int]) -> type:
 #: How near an activation of one layer's output must come to the next layer's input to
 #: say which activation the port applies (not only that it applies one): the same
 #: function in the same dtype gives the same values to a rounding or two, where GELU's
-#: tanh form is 1e-4 away from the exact one.
+#: tanh form is 1e-4 away from the exact one. A half-precision port's roundings are
+#: :func:`~equiv.from_module.call_order_match`'s (GELU's two forms are one there).
 _SAME = 1e-5
+
+
+def _tolerances(x: Any) -> tuple[float, float]:
+    """How near two runs of one stack are in ``x``'s dtype, and :data:`_SAME` in it:
+    a float32 or float64 port's own, a half-precision one's the larger match."""
+    match = call_order_match(np.dtype(x.dtype).name)
+    return match, _SAME if match == call_order_match("float32") else match
 
 
 def _near(a: Any, b: Any, within: float) -> bool:
@@ -250,6 +258,7 @@ def _check_stack(
     one before's output, the first's the batch, and the model's output the last's.
     Returns, for each gap, the activations that say which one it is (:data:`_SAME`)."""
     names = [name for name, *_ in calls]
+    match, same = _tolerances(x)
     if not isinstance(out, jax.Array):
         raise value_error(
             f"{shown}'s __call__ returns a {type(out).__name__}, not an array: equiv's MLP "
@@ -264,7 +273,7 @@ def _check_stack(
                 f"it, gives {gives}: equiv's MLP calls each layer on the output of the one "
                 "before it"
             )
-        if not _activations(given, taken, _MATCH):
+        if not _activations(given, taken, match):
             raise value_error(
                 f"{shown}'s Linear {after} is not called on one of equiv's activations of "
                 f"{before}'s output (run on a probe batch: a residual connection, a branch, "
@@ -274,13 +283,13 @@ def _check_stack(
                 "equiv.Layout(name, '{name}/kernel', '{name}/bias', True, "
                 f"layers={tuple(names)!r})"
             )
-        gaps.append(_activations(given, taken, _SAME))
-    if not _near(calls[0][2], x, _MATCH):
+        gaps.append(_activations(given, taken, same))
+    if not _near(calls[0][2], x, match):
         raise value_error(
             f"{shown}'s first Linear {names[0]} is not called on the input batch itself "
             "(run on a probe batch): equiv's MLP starts with a Linear layer"
         )
-    if not _near(out, calls[-1][3], _MATCH):
+    if not _near(out, calls[-1][3], match):
         raise value_error(
             f"{shown}'s output is not its last Linear {names[-1]}'s (run on a probe batch): "
             "equiv's MLP ends with a Linear layer (put a final activation in the loss "
@@ -399,10 +408,10 @@ def _output_rows(module: Any, model: Any, tree: Any, layout: Layout, nnx: Any) -
     gaps = _check_stack(shown, x, [(named[k], _Widths(i, o), i, o) for k, i, o in calls], out)
     weight = next(module.parameters())
     with torch.no_grad(), _probing(module, weight.device):
-        theirs = module(torch.from_numpy(np.array(x)).to(weight.device)).cpu().numpy()
+        theirs = module(_as_torch(np.array(x)).to(weight.device)).cpu().double().numpy()
     read = module_spec(module) or read_spec(module)
     rows = _activation_rows(read, layout, gaps, empty=False)  # GELU's two forms differ by
-    if rows or _near(out, theirs, _MATCH):  # less than the outputs' match: named first
+    if rows or _near(out, theirs, _tolerances(x)[0]):  # less than the outputs' match: first
         return rows
     rows = _activation_rows(read, layout, gaps, empty=True)
     worst = float(np.abs(np.asarray(out, np.float64) - theirs).max())

@@ -91,7 +91,7 @@ from equiv.optimizers import (
 )
 from equiv.precision import comparison_scope
 from equiv.problem import Problem
-from equiv.spec import MLPSpec, check_spec
+from equiv.spec import MLPSpec, check_computable, check_spec
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP, torch_mlp_with_params
 
 #: The name your implementation carries in reports: a JAX port (check_jax_port).
@@ -831,6 +831,7 @@ def _problem(model, x, y, steps, spec, learning_rate) -> tuple[MLPSpec, Problem]
             f"cannot tell the architecture of {type(model).__name__}; pass "
             "spec=MLPSpec(sizes=(...), bias=..., dtype=...)"
         )
+    check_computable(spec, "a port check")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise value_error(f"steps must be an int of at least 1, got {steps!r}")
     if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):

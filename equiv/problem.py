@@ -18,7 +18,7 @@ import torch
 from equiv._messages import value_error
 from equiv.losses import LOSSES, draw_targets
 from equiv.memory import check_fits
-from equiv.spec import MLPSpec, check_spec
+from equiv.spec import MLPSpec, check_computable, check_spec
 from equiv.tolerance import repeated_examples
 from equiv.torch_mlp import TORCH_DTYPES, TorchMLP
 
@@ -97,6 +97,7 @@ def make_problem(
       (torch.Size([2, 4]), torch.Size([2]))
     """
     check_spec(spec)
+    check_computable(spec, "make_problem")
     check_counts(batch_size=batch_size, steps=steps, seed=seed)
     # Before drawing: a batch beyond memory (or beyond torch's int64 sizes) is refused
     # with what it needs instead of failing in the allocator.

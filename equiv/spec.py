@@ -21,6 +21,12 @@ LOSSES = tuple(_LOSS_TABLE)
 #: Floating dtypes a comparison can run in, with their unit roundoff ``u = 2**-p``.
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
 DTYPES = tuple(UNIT_ROUNDOFF)
+#: Half-precision dtypes a model may be stored in: the converters and checkpoints carry
+#: them as they are; a comparison runs in one of :data:`DTYPES` (:func:`check_computable`).
+HALF_UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
+HALF_DTYPES = tuple(HALF_UNIT_ROUNDOFF)
+#: Every dtype an :class:`MLPSpec` may hold.
+STORAGE_DTYPES = DTYPES + HALF_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +45,10 @@ class MLPSpec:
       bias: whether every layer has a bias, or a tuple with one bool per Linear
         layer (``len(sizes) - 1`` of them, ``fc1`` first), as ``activation`` takes
         one name or one per hidden layer. Read it through :attr:`biases`.
-      dtype: ``"float32"`` or ``"float64"``.
+      dtype: ``"float32"`` or ``"float64"``, what a comparison runs in; or
+        ``"bfloat16"`` or ``"float16"``, a model stored in half precision, which the
+        converters and checkpoints carry but no comparison runs in
+        (:func:`check_computable`).
       negative_slope: ``leaky_relu``'s slope (torch's default 0.01).
       elu_alpha: ``elu``'s alpha (torch's default 1.0).
       label_smoothing: cross-entropy's ε, as ``torch.nn.CrossEntropyLoss`` takes it.
@@ -121,7 +130,7 @@ class MLPSpec:
             if not check(value):
                 raise value_error(f"{field} must be {allowed}, got {value}")
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
-        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("dtype", self.dtype, STORAGE_DTYPES)
         if not isinstance(self.bias, bool):
             object.__setattr__(self, "bias", _per_layer_bias(self.bias, sizes))
 
@@ -173,7 +182,11 @@ class MLPSpec:
 
     @property
     def unit_roundoff(self) -> float:
-        """``u`` of :attr:`dtype`: half the gap between 1 and the next float."""
+        """``u`` of :attr:`dtype`: half the gap between 1 and the next float.
+
+        Defined for the dtypes a comparison runs in; a half-precision spec's bounds are
+        refused as :func:`check_computable` refuses them."""
+        check_computable(self)
         return UNIT_ROUNDOFF[self.dtype]
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -329,3 +342,28 @@ def check_spec(spec: object) -> None:
     ):
         shown += f" {spec!r}: write spec=equiv.MLPSpec({tuple(spec)!r})"
     raise type_error(f"spec must be an equiv.MLPSpec such as MLPSpec((4, 3, 2)), got {shown}")
+
+
+def check_computable(spec: MLPSpec | str, what: str = "a comparison") -> None:
+    """Refuse a half-precision spec where equiv would compute with it, saying what to do.
+
+    equiv's bounds are derived for float32 and float64 runs, with a float64 reference;
+    a ``bfloat16`` or ``float16`` spec describes a stored model, which the converters
+    and checkpoints carry, and which is compared as a float32 (or float64) copy.
+
+    >>> check_computable(MLPSpec((4, 3, 2)))
+    >>> check_computable(MLPSpec((4, 3, 2), dtype="bfloat16"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: [equiv] a comparison runs in float32 or float64, and this MLP is bfloat16: ...
+    """
+    dtype = spec if isinstance(spec, str) else spec.dtype  # a spec's, or a dtype's name
+    if dtype in DTYPES:
+        return
+    raise value_error(
+        f"{what} runs in float32 or float64, and this MLP is {dtype}: equiv converts and "
+        f"stores {dtype} models, but derives its bounds for float32 and float64 runs. "
+        "Compare a float32 copy: spec.replace(dtype='float32') with "
+        "copy.deepcopy(model).float() (model.float() converts the model itself), or params "
+        f"cast with .astype(jnp.float32); the copy's values are the {dtype} ones, exactly"
+    )

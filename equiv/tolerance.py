@@ -110,7 +110,7 @@ from typing import Any
 import numpy as np
 
 from equiv._messages import value_error
-from equiv.spec import UNIT_ROUNDOFF, MLPSpec
+from equiv.spec import UNIT_ROUNDOFF, MLPSpec, check_computable
 
 #: Safety constant of the derived bound (see the module docstring).
 SAFETY = 8.0
@@ -239,6 +239,8 @@ def derived_tolerance(
     >>> derived_tolerance(MLPSpec((4, 3, 2)), 2, "params", 2, ("float32", "float32")).derivation
     '3·(u₁+u₂)·2·max|p|'
     """
+    for dtype in dict.fromkeys((spec.dtype, *dtypes)):
+        check_computable(dtype, "derived_tolerance")
     u_sum = sum(UNIT_ROUNDOFF[d] for d in dtypes)
     floor = max(underflow_scale(d) for d in dtypes)
     if stage == "params":

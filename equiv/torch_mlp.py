@@ -11,7 +11,12 @@ from equiv.activations import ACTIVATIONS
 from equiv.losses import LOSSES
 from equiv.spec import MLPSpec, check_spec
 
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 class TorchMLP(nn.Module):

@@ -322,6 +322,9 @@ def test_bad_entries_are_all_named(tmp_path):
         "  missing: 'fc2.bias' (expected shape (2,))",
         "  unexpected: 'fc9.weight' (shape (1, 1))",
         "The torch layout names parameters fc1.weight, fc1.bias, ...",
+        "the parameters have several dtypes (float64: fc1.bias; the others float32); equiv's "
+        "MLP has one: cast them to one first (module.to(dtype), tensor.to(dtype), "
+        "array.astype(dtype))",
     ]
 
 
@@ -785,17 +788,26 @@ def test_empty_files_bad_layouts_and_half_precision_are_explained(tmp_path):
         f"[equiv] {keras} records layout 'keras' but not its paths: pass "
         "file_layout=Layout('keras', ...)"
     )
+    eight = tmp_path / "eight.safetensors"
+    safetensors.torch.save_file(
+        {
+            "fc1.weight": torch.ones(2, 3).to(torch.float8_e4m3fn),
+            "fc1.bias": torch.ones(2).to(torch.float8_e4m3fn),
+        },
+        eight,
+    )
+    with pytest.raises(
+        ValueError,
+        match="holds float8_e4m3fn parameters, but equiv carries float32, float64, bfloat16, "
+        "float16 only",
+    ) as info:
+        load_torch(eight)
+    assert "spec=" not in str(info.value)  # no spec could help (user trial)
     half = tmp_path / "half.safetensors"
     safetensors.torch.save_file(
         {"fc1.weight": torch.ones(2, 3).half(), "fc1.bias": torch.ones(2).half()}, half
     )
-    with pytest.raises(
-        ValueError, match="holds float16 parameters, but equiv compares float32 and float64 only"
-    ) as info:
-        load_torch(half)
-    assert "spec=" not in str(info.value)  # no spec could help (user trial)
-    safetensors.torch.save_file({"fc1.weight": torch.ones(2, 3), "fc1.bias": torch.ones(2)}, half)
-    load_torch(half)  # the twin: float32 reads
+    assert load_torch(half)["fc1.weight"].dtype == torch.float16  # the twin: float16 reads
 
 
 # ---------------------------------------------------------------------------

@@ -489,7 +489,11 @@ def test_params_files_named_otherwise_get_the_command_lines_advice(tmp_path, cap
     for name, fragment in (
         ("own.pt", "('inp.weight', 'inp.bias', 'head.weight', 'head.bias') are a module's own"),
         ("flax.pt", "its names are the flax layout's: add --file-layout flax"),
-        ("bf16.pt", "holds bfloat16 parameters, but equiv compares float32 and float64 only"),
+        (
+            "bf16.pt",
+            "holds bfloat16 parameters, and a comparison runs in float32 or float64: add "
+            "--dtype float32",
+        ),
     ):
         code, out, err = _run(["--params", str(tmp_path / name)], capsys)
         assert (code, out) == (2, "") and fragment in err, err
@@ -664,3 +668,36 @@ def test_small_command_line_slips_are_told(tmp_path, capsys):
     assert _run(["--activation", "tanh,relu", "--sizes", "4,3,3,2"], capsys)[0] == 0
     code, out, _ = _run(["--loss", "cross_entropy", "--sizes", "4,3,2", "--json", "-"], capsys)
     assert code == 0 and json.loads(out)["config"]["loss"] == "cross_entropy"
+
+
+def test_a_half_precision_params_file_is_compared_as_the_float32_copy_asked_for(tmp_path, capsys):
+    # A bfloat16 file, compared with --dtype float32, starts from its values exactly
+    # (every bfloat16 is a float32): the loss is the one of the upcast state's problem.
+    import torch
+
+    from equiv import MLPSpec, TorchMLP, compare_backends
+    from equiv.problem import make_problem
+
+    torch.manual_seed(3)
+    half = {k: v.bfloat16() for k, v in TorchMLP(MLPSpec((4, 3, 2))).state_dict().items()}
+    torch.save(half, tmp_path / "bf16.pt")
+    report = tmp_path / "report.json"
+    argv = ["--params", str(tmp_path / "bf16.pt"), "--seed", "2", "--json", str(report)]
+    code, out, err = _run([*argv, "--dtype", "float32"], capsys)
+    assert (code, err) == (0, ""), err
+    upcast = {k: v.float() for k, v in half.items()}
+    expected = compare_backends(problem=make_problem(MLPSpec((4, 3, 2)), seed=2, params=upcast))
+    data = json.loads(report.read_text())
+    assert data["loss"]["torch"] == [float(expected.trajectories["torch"].losses[0])]
+    # The twin: without --dtype the command says what to add; a half --dtype is refused.
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and "add --dtype float32" in err, err
+    code, out, err = _run([*argv, "--dtype", "bfloat16"], capsys)
+    assert code == 2 and "unknown dtype 'bfloat16'; expected one of float32, float64" in err
+
+
+def test_a_half_precision_dtype_is_told_how_half_precision_files_are_compared(capsys):
+    code, out, err = _run(["--dtype", "bfloat16"], capsys)
+    assert code == 2 and "is compared as --dtype float32, exactly" in err, err
+    code, out, err = _run(["--dtype", "float8"], capsys)  # the twin: no such advice
+    assert code == 2 and "compared as" not in err and "unknown dtype 'float8'" in err

@@ -310,13 +310,17 @@ def test_a_bias_on_some_layers_is_read_from_a_module_never_guessed_from_a_dict(e
     ]
 
 
-def test_a_bfloat16_stack_is_told_its_dtype_not_its_biases():
+def test_a_stack_in_a_dtype_equiv_does_not_carry_is_told_its_dtype_not_its_biases():
     # Found in a user trial: "all Linear layers must share bias on/off and a float32 or
-    # float64 dtype; got bias [True]" for a model.bfloat16(). The twin: float32 reads.
+    # float64 dtype; got bias [True]" for a model.bfloat16() (which now converts). The
+    # twin: bfloat16 reads.
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
-    with pytest.raises(ValueError, match=r"the Linear layers are torch.bfloat16; .* model.float"):
-        torch_to_jax(copy.deepcopy(model).bfloat16())
-    assert set(torch_to_jax(model, layout="torch")) == {
+    eight = copy.deepcopy(model).to(torch.float8_e4m3fn)
+    with pytest.raises(
+        ValueError, match=r"the Linear layers are torch.float8_e4m3fn; .* model.float"
+    ):
+        torch_to_jax(eight)
+    assert set(torch_to_jax(model.bfloat16(), layout="torch")) == {
         "fc1.weight",
         "fc1.bias",
         "fc2.weight",

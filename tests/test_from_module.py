@@ -282,9 +282,9 @@ def _weight_norm() -> nn.Module:
         ),
         (
             nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1, dtype=torch.float64)),
-            "all Linear layers must share a float32 or float64 dtype; got dtypes "
-            "['torch.float32', 'torch.float64']: convert the model first (model.float() or "
-            "model.double())",
+            "all Linear layers' weights and biases must share one dtype; got dtypes "
+            "['torch.float32', 'torch.float64']: convert the model first (model.float(), "
+            "model.double() or model.bfloat16())",
         ),
     ],
     ids=[

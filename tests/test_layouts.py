@@ -30,6 +30,7 @@ from equiv.torch_mlp import TORCH_DTYPES, TorchMLP, load_params
 SPEC = MLPSpec((5, 8, 8, 3))  # equal hidden widths, as eqx.nn.MLP requires
 BATCH = 6
 DTYPES = ("float32", "float64")
+HALF = ("bfloat16", "float16")
 LIBRARIES = ("linen", "nnx", "equinox")
 
 
@@ -125,6 +126,9 @@ class Linen:
         out, grads = _linen_step(model, params, x, y)
         return out, jax_to_torch(grads, layout="flax", device="cpu")
 
+    def upcast(native, spec):
+        return linen_model(spec), jax.tree.map(lambda a: a.astype(spec.dtype), native[1])
+
 
 def nnx_model(spec: MLPSpec, seed: int):
     nnx = pytest.importorskip("flax.nnx")
@@ -175,6 +179,14 @@ class Nnx:
         grads = nnx.grad(lambda m: mse(m(x), y))(model)
         return model(x), jax_to_torch(grads, layout="nnx", device="cpu")
 
+    def upcast(model, spec):
+        from flax import nnx
+
+        wide = nnx_model(spec, 0)
+        state = nnx.state(model, nnx.Param)
+        nnx.update(wide, jax.tree.map(lambda a: a.astype(spec.dtype), state))
+        return wide
+
 
 class Equinox:
     layout = "equinox"
@@ -208,6 +220,12 @@ class Equinox:
 
         out, grads = eqx.filter_jit(_equinox_step)(model, x, y)
         return out, equinox_to_torch(grads, device="cpu")
+
+    def upcast(model, spec):
+        import equinox as eqx
+
+        wide = lambda a: a.astype(spec.dtype) if eqx.is_inexact_array(a) else a  # noqa: E731
+        return jax.tree.map(wide, model)
 
 
 def _equinox_step(model, x, y):
@@ -250,6 +268,48 @@ def test_library_parameters_drive_the_torch_model(library, dtype, equiv_seed):
         out, grads = lib.forward_and_grads(native, x, y)
         assert_matches_torch(out, grads, torch_model, x, y)
         assert next(torch_model.parameters()).dtype == TORCH_DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------
+# Half precision: stored, converted and read back bit for bit; computed in float32
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_half_precision_parameters_arrive_exactly_in_the_library_model(library, dtype, equiv_seed):
+    # A bfloat16 (float16) model's parameters, converted, are the library model's bit for
+    # bit; that model, upcast to float32 as it stands (every half value is a float32 one
+    # exactly), computes torch's float32 forward and gradients of the same values within
+    # the float32 bound: a value put in the wrong place would miss it (as above).
+    lib, spec = ADAPTERS[library], SPEC.replace(dtype=dtype)
+    torch.manual_seed(equiv_seed)
+    half_model = TorchMLP(spec)
+    loaded = lib.load(spec, lib.native(spec, equiv_seed + 1), half_model)
+    for name, tensor in lib.params_as_torch(loaded).items():
+        assert tensor.dtype == TORCH_DTYPES[dtype], name
+        assert torch.equal(tensor, half_model.state_dict()[name]), name
+    wide = spec.replace(dtype="float32")
+    with comparison_scope("float32"):
+        exact = {name: t.float() for name, t in half_model.state_dict().items()}
+        x, y = batch(wide, equiv_seed)
+        out, grads = lib.forward_and_grads(lib.upcast(loaded, wide), x, y)
+        assert_matches_torch(out, grads, load_params(TorchMLP(wide), exact), x, y)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_half_precision_library_parameters_drive_the_torch_model(library, dtype, equiv_seed):
+    lib, spec = ADAPTERS[library], SPEC.replace(dtype=dtype)
+    native = lib.native(spec, equiv_seed)  # the library's own initialisation, in half
+    half = lib.params_as_torch(native)
+    assert {t.dtype for t in half.values()} == {TORCH_DTYPES[dtype]}
+    half_model = load_params(TorchMLP(spec), half)
+    wide = spec.replace(dtype="float32")
+    with comparison_scope("float32"):
+        exact = {name: t.float() for name, t in half_model.state_dict().items()}
+        x, y = batch(wide, equiv_seed)
+        out, grads = lib.forward_and_grads(lib.upcast(native, wide), x, y)
+        assert_matches_torch(out, grads, load_params(TorchMLP(wide), exact), x, y)
 
 
 def test_forgotten_transpose_breaks_the_bound(equiv_seed):

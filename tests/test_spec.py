@@ -86,8 +86,9 @@ def test_replace_validates_again():
     spec = MLPSpec((4, 3, 2))
     assert spec.replace(dtype="float64").dtype == "float64"
     assert spec.replace(bias=False).param_names() == ["fc1.weight", "fc2.weight"]
-    with pytest.raises(ValueError, match=r"^\[equiv\] unknown dtype 'float16'"):
-        spec.replace(dtype="float16")
+    assert spec.replace(dtype="bfloat16").dtype == "bfloat16"  # a stored model's
+    with pytest.raises(ValueError, match=r"^\[equiv\] unknown dtype 'float8_e4m3fn'"):
+        spec.replace(dtype="float8_e4m3fn")
 
 
 INVALID = [  # (kwargs, exception, exact message)
@@ -124,14 +125,15 @@ INVALID = [  # (kwargs, exception, exact message)
     ),
     ({"loss": "l2"}, ValueError, f"[equiv] unknown loss 'l2'; expected one of {', '.join(LOSSES)}"),
     (
-        {"dtype": "float16"},
+        {"dtype": "float8_e4m3fn"},
         ValueError,
-        "[equiv] unknown dtype 'float16'; expected one of float32, float64",
+        "[equiv] unknown dtype 'float8_e4m3fn'; expected one of float32, float64, bfloat16, "
+        "float16",
     ),
     (
-        {"dtype": "bfloat16"},
+        {"dtype": "int32"},
         ValueError,
-        "[equiv] unknown dtype 'bfloat16'; expected one of float32, float64",
+        "[equiv] unknown dtype 'int32'; expected one of float32, float64, bfloat16, float16",
     ),
     (  # found in a user trial: every loss and gradient 0, and every comparison passed
         {"sizes": (4, 3, 1), "loss": "cross_entropy"},
@@ -326,10 +328,13 @@ def test_a_dtype_given_as_an_object_is_read_by_its_name():
         (jnp.float32, "float32"),
         (np.float64, "float64"),
         (np.dtype("float64"), "float64"),
+        (torch.bfloat16, "bfloat16"),
+        (jnp.bfloat16, "bfloat16"),
+        (np.float16, "float16"),
     ):
         assert MLPSpec((4, 3, 2), dtype=given) == MLPSpec((4, 3, 2), dtype=name)
-    with pytest.raises(ValueError, match="unknown dtype 'float16'; expected one of float32"):
-        MLPSpec((4, 3, 2), dtype=torch.float16)
+    with pytest.raises(ValueError, match="unknown dtype 'float8_e4m3fn'; expected one of float32"):
+        MLPSpec((4, 3, 2), dtype=torch.float8_e4m3fn)
     # Found in review: None became float64 (NumPy's reading), an array its dtype.
     for odd in (None, np.zeros(2), jnp.zeros(2), {}):
         with pytest.raises(ValueError, match="unknown dtype"):
