@@ -288,12 +288,7 @@ def test_half_precision_parameters_arrive_exactly_in_the_library_model(library, 
     for name, tensor in lib.params_as_torch(loaded).items():
         assert tensor.dtype == TORCH_DTYPES[dtype], name
         assert torch.equal(tensor, half_model.state_dict()[name]), name
-    wide = spec.replace(dtype="float32")
-    with comparison_scope("float32"):
-        exact = {name: t.float() for name, t in half_model.state_dict().items()}
-        x, y = batch(wide, equiv_seed)
-        out, grads = lib.forward_and_grads(lib.upcast(loaded, wide), x, y)
-        assert_matches_torch(out, grads, load_params(TorchMLP(wide), exact), x, y)
+    _assert_float32_copies_agree(lib, loaded, half_model, equiv_seed)
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -303,11 +298,16 @@ def test_half_precision_library_parameters_drive_the_torch_model(library, dtype,
     native = lib.native(spec, equiv_seed)  # the library's own initialisation, in half
     half = lib.params_as_torch(native)
     assert {t.dtype for t in half.values()} == {TORCH_DTYPES[dtype]}
-    half_model = load_params(TorchMLP(spec), half)
-    wide = spec.replace(dtype="float32")
+    _assert_float32_copies_agree(lib, native, load_params(TorchMLP(spec), half), equiv_seed)
+
+
+def _assert_float32_copies_agree(lib, native, half_model: TorchMLP, seed: int) -> None:
+    """The library model upcast to float32 as it stands against torch's float32 copy of
+    ``half_model``: every half value is a float32 one exactly, so both hold the same."""
+    wide = half_model.spec.replace(dtype="float32")
     with comparison_scope("float32"):
         exact = {name: t.float() for name, t in half_model.state_dict().items()}
-        x, y = batch(wide, equiv_seed)
+        x, y = batch(wide, seed)
         out, grads = lib.forward_and_grads(lib.upcast(native, wide), x, y)
         assert_matches_torch(out, grads, load_params(TorchMLP(wide), exact), x, y)
 
