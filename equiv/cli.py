@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DTYPE",
         help=f"one of {', '.join(DTYPES)} (default: float32, or the --params file's; a "
-        "bfloat16 or float16 file's values are compared as this dtype holds them, exactly)",
+        "bfloat16 or float16 file needs it, and its values are compared as this dtype holds "
+        "them, exactly)",
     )
     add(
         "--device",

@@ -826,7 +826,11 @@ def check_entries(
             + "\n".join(problems)
             + (
                 f"\nThe {layout.name} layout names parameters {example}, ..."
-                if given or biases_from is not None
+                # Only dtypes wrong: no spec helps (found in review: mixed dtypes were told
+                # to pass one first).
+                if given
+                or biases_from is not None
+                or all(p.startswith("  wrong dtype") for p in problems)
                 else f"\nPass spec=MLPSpec(...) to state the architecture; the {layout.name} "
                 f"layout names parameters {example}, ..."
             )
@@ -863,11 +867,11 @@ def _dtype_advice(known: Mapping[str, Any], spec: MLPSpec, given: bool, layout: 
         )
     if found and next(iter(found)) in HALF_DTYPES and spec.dtype not in found:
         half = next(iter(found))
-        where = "the spec given says" if given else "the MLP is"
         return (
-            f"\nthey are {half} where {where} {spec.dtype}: cast them to {spec.dtype} "
+            f"\nthey are {half} where the MLP is {spec.dtype}: cast them to {spec.dtype} "
             f"(jax.tree.map(lambda a: a.astype(jnp.{spec.dtype}), params), tensor.to("
-            f"torch.{spec.dtype})), or take them as they are with dtype={half!r} in the spec"
+            f"torch.{spec.dtype})); a converter takes them as they are with a spec of "
+            f"dtype={half!r}"
         )
     return ""
 
@@ -1541,6 +1545,22 @@ _EQUINOX_ACTIVATIONS = {
 }
 
 
+def _equinox_activation(fn: Any, z: np.ndarray) -> str:
+    """What an Equinox activation computes, as equiv names it, its slope or alpha fitted
+    (found in a user trial: jax.nn.leaky_relu against torch's slope 0.2 was shown as
+    ``<PjitFunction of <function leaky_relu ...>>``); its repr where none of equiv's."""
+    from equiv.activations import ACTIVATIONS
+    from equiv.nnx_layout import _activations
+
+    found = _activations(z, np.asarray(fn(jnp.asarray(z))), 1e-5)
+    if not found:
+        return f"{getattr(fn, '__name__', None) or repr(fn)}, none of equiv's"
+    # The simplest name first: no activation reads as a leaky_relu of slope 1.
+    name, param = min(found.items(), key=lambda kv: ACTIVATIONS[kv[0]].param_field is not None)
+    field = ACTIVATIONS[name].param_field
+    return f"{name} with {field} {param:.4g}" if field else name
+
+
 def _check_equinox_activations(module: torch.nn.Module, model: Any, spec: MLPSpec) -> None:
     """Refuse an ``eqx.nn.MLP`` whose activation computes another function than the
     torch module's activation modules, or whose ``final_activation`` is not the
@@ -1567,10 +1587,12 @@ def _check_equinox_activations(module: torch.nn.Module, model: Any, spec: MLPSpe
     problems = []
     for name in sorted(wanted):
         if not computes(model.activation, name):
-            theirs = next((n for n in ACTIVATIONS if computes(model.activation, n)), None)
+            field = ACTIVATIONS[name].param_field
             problems.append(
-                f"its activation is {theirs or repr(model.activation)}, but the torch "
-                f"module's is {name}: build it with activation="
+                f"its activation is {_equinox_activation(model.activation, z)}, but the "
+                f"torch module's is {name}"
+                + (f" with {field} {getattr(read, field):.4g}" if field else "")
+                + ": build it with activation="
                 + _EQUINOX_ACTIVATIONS[name].format(**dataclasses.asdict(read))
             )
     if not computes(model.final_activation, "identity"):

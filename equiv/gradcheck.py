@@ -52,6 +52,7 @@ import numpy as np
 
 from equiv import manual
 from equiv._messages import message, value_error
+from equiv.compare import to_numpy
 from equiv.convert import LAYOUTS, check_entries
 from equiv.diagnose import _close, diagnose_leaf, diagnose_trees, precision_cause
 from equiv.environment import environment
@@ -683,7 +684,7 @@ def _no_kink(params, name, v, x, y, spec, base_sides) -> bool:
 
 
 def _to_numpy(x: Any) -> Any:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+    return to_numpy(x) if hasattr(x, "detach") else x  # bfloat16 too (found in review)
 
 
 def _f64(x: Any) -> np.ndarray:

@@ -1559,6 +1559,11 @@ def compare_trajectories(
       >>> compare_trajectories(problem, runs, learning_rate=0.1).agree
       True
     """
+    # Found in review: a half-precision problem (built directly) or trajectory reached
+    # the bounds, and failed there with a KeyError or torch's "unsupported ScalarType".
+    check_computable(problem.spec, "compare_trajectories")
+    for trajectory in trajectories.values():
+        check_computable(trajectory.dtype, f"compare_trajectories ({trajectory.backend!r})")
     fixed = user_tolerance(rtol, atol)
     if learning_rate is None and optimizer is not None:
         learning_rate = optimizer.learning_rate  # the optimizer's own, when it is given

@@ -87,6 +87,7 @@ import numpy as np
 
 from equiv import manual
 from equiv.activations import ACTIVATIONS
+from equiv.compare import to_numpy
 from equiv.losses import LOSSES
 from equiv.optimizers import OptimizerSpec, is_plain_sgd, manual_init, manual_update
 from equiv.spec import UNIT_ROUNDOFF, MLPSpec
@@ -599,6 +600,4 @@ def _target(y: Any) -> np.ndarray:
 
 
 def _f64(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.array(x, dtype=np.float64)
+    return np.array(to_numpy(x), dtype=np.float64)  # bfloat16 too

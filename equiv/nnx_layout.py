@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -29,7 +30,7 @@ import numpy as np
 
 from equiv._messages import type_error, value_error
 from equiv.convert import Layout, _as_torch
-from equiv.from_module import call_order_match
+from equiv.from_module import _linears_in_float32, call_order_match
 
 _FORM = (
     "give its __call__ one input batch x, or name its Linear attributes fc1, fc2, ... "
@@ -213,10 +214,12 @@ def _recording(base: type, calls: list, twin: dict[int, int]) -> type:
 _SAME = 1e-5
 
 
-def _tolerances(x: Any) -> tuple[float, float]:
-    """How near two runs of one stack are in ``x``'s dtype, and :data:`_SAME` in it:
-    a float32 or float64 port's own, a half-precision one's the larger match."""
-    match = call_order_match(np.dtype(x.dtype).name)
+def _tolerances(*arrays: Any) -> tuple[float, float]:
+    """How near two runs of one stack are in the narrowest dtype of ``arrays`` (the
+    batch, the layers' outputs: a port may keep float32 parameters and compute in
+    bfloat16, found in review), and :data:`_SAME` in it: a float32 or float64 port's
+    own, a half-precision one's the larger match."""
+    match = max(call_order_match(np.dtype(a.dtype).name) for a in arrays)
     return match, _SAME if match == call_order_match("float32") else match
 
 
@@ -258,12 +261,12 @@ def _check_stack(
     one before's output, the first's the batch, and the model's output the last's.
     Returns, for each gap, the activations that say which one it is (:data:`_SAME`)."""
     names = [name for name, *_ in calls]
-    match, same = _tolerances(x)
     if not isinstance(out, jax.Array):
         raise value_error(
             f"{shown}'s __call__ returns a {type(out).__name__}, not an array: equiv's MLP "
             "returns its output alone (wrap the model in one that returns it)"
         )
+    match, same = _tolerances(x, out, *(given for _, _, _, given in calls))
     gaps = []
     for (before, layer, _, given), (after, nxt, taken, _) in zip(calls, calls[1:], strict=False):
         gives, takes = int(layer.out_features), int(nxt.in_features)
@@ -395,10 +398,9 @@ def _output_rows(module: Any, model: Any, tree: Any, layout: Layout, nnx: Any) -
     activations the module registers left out gaps it leaves empty (an nn.Sequential of
     Linear layers into a tanh port), and reading the port's on its own weights let a
     shell of zeros match any."""
-    import torch
 
     from equiv.convert import module_spec
-    from equiv.from_module import _probing, read_spec
+    from equiv.from_module import read_spec
 
     x, calls, out = _probe(model, nnx, fill=tree)
     shown = type(model).__name__
@@ -406,19 +408,80 @@ def _output_rows(module: Any, model: Any, tree: Any, layout: Layout, nnx: Any) -
         key: name for key, name in zip((k for k, _, _ in calls), layout.layers or (), strict=False)
     }
     gaps = _check_stack(shown, x, [(named[k], _Widths(i, o), i, o) for k, i, o in calls], out)
-    weight = next(module.parameters())
-    with torch.no_grad(), _probing(module, weight.device):
-        theirs = module(_as_torch(np.array(x)).to(weight.device)).cpu().double().numpy()
+    match = _tolerances(x, out, *(o for _, _, o in calls))[0]
+    apart = _torch_gaps_apart(module, x, calls, out, match)
     read = module_spec(module) or read_spec(module)
     rows = _activation_rows(read, layout, gaps, empty=False)  # GELU's two forms differ by
-    if rows or _near(out, theirs, _tolerances(x)[0]):  # less than the outputs' match: first
+    if rows or apart is None:  # less than the match: named first
         return rows
     rows = _activation_rows(read, layout, gaps, empty=True)
-    worst = float(np.abs(np.asarray(out, np.float64) - theirs).max())
+    names = [named[k] for k, _, _ in calls]
+    gap, worst = apart
+    where = (
+        "on its input batch"
+        if gap == 0
+        else f"after {names[-1]}"
+        if gap == len(names)
+        else f"between {names[gap - 1]} and {names[gap]}"
+    )
     return rows or [
-        f"  filled with them, its output differs from the torch module's by up to {worst:.3g} "
-        "on a probe batch: it computes something else between its layers"
+        f"  filled with them, it computes something else than the torch module {where}: "
+        f"{worst:.3g} apart there on a probe batch"
     ]
+
+
+def _torch_gaps_apart(
+    module: Any, x: Any, calls: list[tuple[int, Any, Any]], out: Any, match: float
+) -> tuple[int, float] | None:
+    """The first gap (0: before the first layer; ``k``: after the ``k``-th; the last:
+    after the last) where the torch module, given the port's own layer outputs, makes
+    another input for its next layer (or output) than the port does, with how far apart
+    (relative to the port's largest value there); None where every gap agrees within
+    ``match``.
+
+    Each torch Linear, in the order the module calls them, returns the port's output of
+    that layer (a forward hook), so each gap is compared on its own, one operation: a
+    whole forward compared end to end would carry each layer's rounding into the next,
+    and a deep half-precision port was refused (found in review: 1 in 10 ten-layer
+    bfloat16 GELU stacks). In half precision the module runs in float32, on the port's
+    values exactly."""
+    import torch
+
+    from equiv.from_module import _probing, called_leaves
+
+    linears = [m for _, m in called_leaves(module) or [] if isinstance(m, torch.nn.Linear)]
+    if len(linears) != len(calls):
+        return 0, float("inf")  # another stack than the port's: not one gap alike
+    weight = linears[0].weight
+    half = match > call_order_match("float32")
+    wanted = torch.float32 if half else weight.dtype
+    seen: list[Any] = []
+
+    def given(layer: Any, args: tuple) -> None:
+        seen.append(args[0])
+
+    def replaced(k: int) -> Any:
+        port_out = _as_torch(np.array(calls[k][2])).to(device=weight.device, dtype=wanted)
+        return lambda layer, args, result: port_out
+
+    hooks = [layer.register_forward_pre_hook(given) for layer in linears]
+    hooks += [layer.register_forward_hook(replaced(k)) for k, layer in enumerate(linears)]
+    wide = _linears_in_float32(module) if half else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), _probing(module, weight.device), wide:
+            probe = _as_torch(np.array(x)).to(device=weight.device, dtype=wanted)
+            theirs = module(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ports = [i for _, i, _ in calls] + [out]
+    for k, (torch_side, port_side) in enumerate(zip([*seen, theirs], ports, strict=False)):
+        a = torch_side.detach().cpu().double().numpy()
+        b = np.asarray(port_side, np.float64)
+        if not _near(a, b, match):
+            worst = float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+            return k, worst
+    return None
 
 
 class _Widths:

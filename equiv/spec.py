@@ -360,10 +360,11 @@ def check_computable(spec: MLPSpec | str, what: str = "a comparison") -> None:
     dtype = spec if isinstance(spec, str) else spec.dtype  # a spec's, or a dtype's name
     if dtype in DTYPES:
         return
+    this = f"this run is in {dtype}" if isinstance(spec, str) else f"this MLP is {dtype}"
     raise value_error(
-        f"{what} runs in float32 or float64, and this MLP is {dtype}: equiv converts and "
-        f"stores {dtype} models, but derives its bounds for float32 and float64 runs. "
-        "Compare a float32 copy: spec.replace(dtype='float32') with "
-        "copy.deepcopy(model).float() (model.float() converts the model itself), or params "
-        f"cast with .astype(jnp.float32); the copy's values are the {dtype} ones, exactly"
+        f"{what} runs in float32 or float64, and {this}: equiv converts and stores {dtype} "
+        "models, but derives its bounds for float32 and float64 runs. Compare a float32 "
+        "copy, whose values are the same exactly: spec.replace(dtype='float32'), "
+        "copy.deepcopy(model).float() (model.float() converts the model itself), torch "
+        "tensors' .float(), JAX arrays' .astype(jnp.float32)"
     )

@@ -239,7 +239,8 @@ def derived_tolerance(
     >>> derived_tolerance(MLPSpec((4, 3, 2)), 2, "params", 2, ("float32", "float32")).derivation
     '3·(u₁+u₂)·2·max|p|'
     """
-    for dtype in dict.fromkeys((spec.dtype, *dtypes)):
+    check_computable(spec, "derived_tolerance")
+    for dtype in dtypes:
         check_computable(dtype, "derived_tolerance")
     u_sum = sum(UNIT_ROUNDOFF[d] for d in dtypes)
     floor = max(underflow_scale(d) for d in dtypes)

@@ -467,9 +467,15 @@ def test_torch_to_equinox_refuses_an_mlp_that_would_compute_another_function():
         assert str(info.value) == (
             "[equiv] the equinox model would compute another function than the torch module "
             "with the same parameters: its activation is relu, but the torch module's is "
-            "leaky_relu: build it with activation=functools.partial(jax.nn.leaky_relu, "
-            "negative_slope=0.2)"
+            "leaky_relu with negative_slope 0.2: build it with activation=functools.partial("
+            "jax.nn.leaky_relu, negative_slope=0.2)"
         )
+        # Found in a user trial: jax.nn.leaky_relu's own slope was shown as
+        # "<PjitFunction of <function leaky_relu ...>>"; its slope is read now.
+        with pytest.raises(
+            ValueError, match="its activation is leaky_relu with negative_slope 0.01, "
+        ):
+            torch_to_equinox(net, eqx.nn.MLP(4, 3, 8, 1, activation=jax.nn.leaky_relu, key=key))
         with pytest.raises(ValueError, match="its final_activation is not the identity"):
             torch_to_equinox(
                 net, eqx.nn.MLP(4, 3, 8, 1, activation=slope, final_activation=jnp.tanh, key=key)
