@@ -1545,6 +1545,16 @@ _EQUINOX_ACTIVATIONS = {
 }
 
 
+#: An eqx.nn.MLP's final_activation for a torch module's last one.
+_EQUINOX_FINAL = {
+    "Sigmoid": "jax.nn.sigmoid",
+    "Softmax": "jax.nn.softmax",
+    "LogSoftmax": "jax.nn.log_softmax",
+    "Tanh": "jax.nn.tanh",
+    "ReLU": "jax.nn.relu",
+}
+
+
 def _equinox_activation(fn: Any, z: np.ndarray) -> str:
     """What an Equinox activation computes, as equiv names it, its slope or alpha fitted
     (found in a user trial: jax.nn.leaky_relu against torch's slope 0.2 was shown as
@@ -1595,11 +1605,26 @@ def _check_equinox_activations(module: torch.nn.Module, model: Any, spec: MLPSpe
                 + ": build it with activation="
                 + _EQUINOX_ACTIVATIONS[name].format(**dataclasses.asdict(read))
             )
-    if not computes(model.final_activation, "identity"):
+    from equiv.from_module import _read_stack
+
+    trailing = _read_stack(module, trainable=False, reorder=True)[3]
+    if trailing is None and not computes(model.final_activation, "identity"):
         problems.append(
             "its final_activation is not the identity, and the torch module ends with a "
             "Linear layer: build it without final_activation (put one in the loss instead)"
         )
+    elif trailing is not None:
+        # A classifier's final sigmoid or softmax (found in a user trial: taken by the
+        # converters), which eqx.nn.MLP holds as its final_activation.
+        with torch.no_grad():
+            wanted = trailing(torch.from_numpy(z)[None])[0].numpy()  # a batch of one row
+        got = np.asarray(model.final_activation(jnp.asarray(z)))
+        if got.shape != wanted.shape or not np.allclose(got, wanted, rtol=1e-5, atol=1e-6):
+            kind = type(trailing).__name__
+            problems.append(
+                f"its final_activation is not the torch module's final {kind}: build it "
+                f"with final_activation={_EQUINOX_FINAL.get(kind, 'the same function')}"
+            )
     if problems:
         raise value_error(
             "the equinox model would compute another function than the torch module with "

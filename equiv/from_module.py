@@ -67,6 +67,9 @@ SUPPORTED = (
     "nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, and, read "
     "as absent, nn.Identity, nn.Flatten() and dropout in eval mode"
 )
+#: Modules the converters take after the last Linear layer, besides the activations:
+#: they carry no parameters, and a classifier's head often ends with one.
+_FINAL = (nn.Softmax, nn.LogSoftmax)
 
 # Parameterless, and the identity in eval mode: read as absent. In training mode they
 # drop random units, which equiv's MLP does not (found in a user trial: a model with
@@ -125,7 +128,7 @@ def mlp_from_module(
     >>> spec.bias, list(params)
     ((True, False), ['fc1.weight', 'fc1.bias', 'fc2.weight'])
     """
-    spec, layers, _ = _read_stack(module, trainable=True)
+    spec, layers, *_ = _read_stack(module, trainable=True)
     params = {name: tensor.clone() for name, tensor in _named(layers, spec).items()}
     if check:
         _check_forward(module, spec, params, layers)
@@ -136,7 +139,9 @@ def _read_stack(
     module: nn.Module, *, trainable: bool, reorder: bool = False
 ) -> tuple[MLPSpec, list[nn.Linear], bool]:
     """The spec and the Linear layers of a Linear stack, in the order its forward calls
-    them, and whether that order was read from its calls (else registration order), or
+    them, whether that order was read from its calls (else registration order), and, with
+    ``reorder`` (the converters), the activation or softmax module its forward calls after
+    the last Linear layer (None without one; a comparison's MLP has none), or
     the refusal of what equiv's MLP cannot hold; ``trainable`` also refuses
     frozen parameters (a training check needs them trainable, a copy into them does not).
 
@@ -168,6 +173,9 @@ def _read_stack(
         if isinstance(child, nn.Linear):
             continue
         found = _activation(child)
+        if found is None and reorder and isinstance(child, _FINAL):
+            kinds[id(child)] = "final"  # after the last Linear only (checked below)
+            continue
         if found is None:
             raise value_error(
                 f"submodule {name!r} is {type(child).__name__}, which equiv cannot express; "
@@ -213,8 +221,14 @@ def _read_stack(
     activation_names: list[str] = []
     activations: list[str] = []
     pending: str | None = None
+    trailing: nn.Module | None = None  # the module after the last Linear, if any
     for name, child in calls if calls is not None else registered:
         if isinstance(child, nn.Linear):
+            if pending == "final":
+                raise value_error(
+                    f"{type(trailing).__name__} {activation_names[-1]!r} comes before Linear "
+                    f"{name!r} in {order}; equiv takes it only after the last Linear layer"
+                )
             if layers:
                 activations.append(pending or "identity")
             layers.append(child)
@@ -223,6 +237,7 @@ def _read_stack(
             continue
         act = kinds[id(child)]
         activation_names.append(name)
+        trailing = child
         if not layers or pending is not None:
             where = "before the first Linear" if not layers else "right after another activation"
             raise value_error(
@@ -245,7 +260,15 @@ def _read_stack(
             f"after {layer_names[-1]!r}, the last Linear. Write the model as an "
             "nn.Sequential with one activation between consecutive Linear layers"
         )
-    if pending is not None:
+    if pending is None:
+        trailing = None
+    elif reorder and calls is not None:
+        # The converters need only the parameters: a final activation (a classifier's
+        # sigmoid or softmax) is left as it is, and the check runs the stack with it
+        # (found in a user trial: a binary classifier could not be copied back into its
+        # module). A comparison's MLP ends with a Linear layer.
+        pass
+    else:
         raise value_error(
             f"an activation comes after the last Linear layer in {order}; equiv's MLP "
             "ends with a Linear layer (put a final activation in the loss instead)"
@@ -295,7 +318,7 @@ def _read_stack(
         dtype=_DTYPES[dtypes.pop()],
         **fields,
     )
-    return spec, layers, calls is not None
+    return spec, layers, calls is not None, trailing
 
 
 def _named(layers: list[nn.Linear], spec: MLPSpec) -> dict[str, torch.Tensor]:
@@ -319,10 +342,10 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     >>> sorted(tensors), tensors["fc2.weight"].data_ptr() == seq[2].weight.data_ptr()
     (['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight'], True)
     """
-    spec, layers, called = _read_stack(module, trainable=False, reorder=True)  # frozen ones too
-    tensors = _named(layers, spec)
+    spec, layers, called, trailing = _read_stack(module, trainable=False, reorder=True)
+    tensors = _named(layers, spec)  # frozen ones too
     if not called or "identity" not in spec.activations:
-        _check_call_order(module, spec, tensors, layers if called else None)
+        _check_call_order(module, spec, tensors, layers if called else None, trailing)
     # else: the layers' order was read off the forward's calls, and a layer pair with no
     # activation module between them may have one called as a function (F.gelu), which
     # the output cannot be reproduced without: the converters need only the parameters
@@ -371,7 +394,7 @@ def own_names(module: nn.Module) -> dict[str, str]:
     by_name = module.state_dict(keep_vars=True)
     if has_equiv_names(by_name):  # read as they are (convert._state_dict)
         return {}
-    spec, layers, _ = _read_stack(module, trainable=False, reorder=True)
+    spec, layers, *_ = _read_stack(module, trainable=False, reorder=True)
     by_tensor = {id(tensor): name for name, tensor in by_name.items()}
     names = {}
     for i, layer in enumerate(layers, start=1):
@@ -452,6 +475,7 @@ def _check_call_order(
     spec: MLPSpec,
     tensors: dict[str, torch.Tensor],
     called: list[nn.Linear] | None = None,
+    trailing: nn.Module | None = None,
 ) -> None:
     """Refuse a module whose forward is not the stack :func:`_read_stack` read (in the
     order of its calls, ``called``, or registration order where they cannot be read), run once on
@@ -477,6 +501,8 @@ def _check_call_order(
             probe,
             spec.replace(dtype="float32") if half else spec,
         )
+        if trailing is not None:  # a classifier's final sigmoid or softmax, its own module
+            ours = trailing(ours)
     if not bool(torch.isfinite(ours).all()) and all(
         bool(torch.isfinite(t).all()) for t in tensors.values()
     ):
@@ -581,9 +607,15 @@ def _refuse_what_the_mlp_lacks(module: nn.Module, *, trainable: bool = True) -> 
     for name, param in module.named_parameters(remove_duplicate=False):
         refuse_without_values(name, param)
         if id(param) not in linear:
+            # Its module named (found in a user trial: a PReLU's and a LayerNorm's weight
+            # were "a parameter of no nn.Linear", whatever held them).
+            prefix = name.rpartition(".")[0]
+            owner = type(module.get_submodule(prefix)).__name__
             raise value_error(
-                f"parameter {name!r} belongs to no nn.Linear; equiv's MLP has only the Linear "
-                "layers' weights and biases, so it would be left out of the check"
+                f"parameter {name!r} belongs to {owner} {prefix or 'the module itself'!r}, "
+                "not an nn.Linear; equiv's MLP has only the Linear layers' weights and biases "
+                f"(and activations without parameters), so it would be left out. Supported: "
+                f"{SUPPORTED}"
             )
         if trainable and not param.requires_grad:
             raise value_error(frozen_message(name))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import equiv
 from equiv import mlp_from_module
 from equiv.convert import LAYOUTS, Layout, expected_jax_shapes, jax_to_torch, torch_to_jax
 from equiv.spec import MLPSpec
@@ -267,8 +268,8 @@ def test_a_sequential_takes_jax_params_back_in_place(layout, equiv_seed):
         layer = seq[{"fc1": 0, "fc2": 2}[name.split(".")[0]]]
         assert torch.equal(getattr(layer, name.split(".")[1]).detach(), value)
     # The twin: a module that is not a Linear stack is refused by name, nothing copied.
-    seq.append(torch.nn.Softmax(dim=-1))
-    with pytest.raises(ValueError, match="Softmax"):
+    seq.append(torch.nn.Softplus())  # (a final Softmax is taken: see below)
+    with pytest.raises(ValueError, match="Softplus"):
         jax_to_torch(params, layout=layout, out=seq)
 
 
@@ -337,8 +338,8 @@ def test_module_with_other_names_is_read_as_a_linear_stack():
     # The twins: a module that is no Linear stack is refused by name; a state_dict
     # under a module's own names (not a Sequential's, which are read by their
     # indices) is refused as before, with the way to read it.
-    with pytest.raises(ValueError, match="Softmax"):
-        torch_to_jax(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=-1)))
+    with pytest.raises(ValueError, match="Softplus"):
+        torch_to_jax(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softplus()))
     own = {"inp": "0", "head": "2"}
     with pytest.raises(ValueError) as info:
         torch_to_jax(
@@ -942,7 +943,7 @@ def test_dropout_is_parameterless_and_the_converters_take_it_in_either_mode(mode
     assert net.training == net.drop.training == (mode == "train")  # modes restored
     # The twin: a parameterless module that is not the identity in eval mode is refused.
     net.drop = torch.nn.Softmax(dim=-1)
-    with pytest.raises(ValueError, match="submodule 'drop' is Softmax"):
+    with pytest.raises(ValueError, match="Softmax 'drop' comes before Linear 'out'"):
         torch_to_jax(net)
 
 
@@ -1115,3 +1116,50 @@ def test_strips_are_kept_to_targets_of_enough_rows_and_a_bounded_count(monkeypat
         assert 0 < len(shapes) <= most, (rows, columns, len(shapes))
         if most > 1:
             assert len(shapes) > 2, (rows, columns)  # in strips, not one copy per worker
+
+
+@pytest.mark.parametrize(
+    "final", [torch.nn.Sigmoid(), torch.nn.Softmax(dim=-1), torch.nn.LogSoftmax(dim=1)]
+)
+def test_a_final_activation_is_taken_by_the_converters_not_by_a_comparison(final, tmp_path):
+    # Found in a user trial: a binary classifier (Linear, ReLU, Linear, Sigmoid) could
+    # not be converted, saved or filled from JAX through its module; the converters
+    # need only the parameters. A comparison's MLP still ends with a Linear layer.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3), final)
+    params = torch_to_jax(net)
+    target = copy.deepcopy(net)
+    for tensor in target.state_dict().values():
+        tensor.zero_()
+    jax_to_torch(params, out=target)
+    assert_states_identical(target.state_dict(), net.state_dict())
+    equiv.save_torch(net, tmp_path / "net.safetensors")
+    with pytest.raises(ValueError, match="comes after the last Linear layer|cannot express"):
+        equiv.mlp_from_module(net)
+    # The twin: a softmax between two layers, or a forward that does more after it.
+    with pytest.raises(ValueError, match="equiv takes it only after the last Linear layer"):
+        torch_to_jax(
+            torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Softmax(-1), torch.nn.Linear(8, 3))
+        )
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = net
+
+        def forward(self, x):
+            return 2 * self.stack(x)
+
+    with pytest.raises(ValueError, match="its output is not theirs"):
+        torch_to_jax(Scaled())
+
+
+def test_an_equinox_model_must_end_with_the_torch_modules_final_activation():
+    eqx = pytest.importorskip("equinox")
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1), torch.nn.Sigmoid()
+    )
+    key = jax.random.key(0)
+    equiv.torch_to_equinox(net, eqx.nn.MLP(4, 1, 8, 1, final_activation=jax.nn.sigmoid, key=key))
+    with pytest.raises(ValueError, match="final_activation=jax.nn.sigmoid"):
+        equiv.torch_to_equinox(net, eqx.nn.MLP(4, 1, 8, 1, key=key))
