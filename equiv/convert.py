@@ -909,6 +909,11 @@ def _order_advice(known: Mapping[str, Any], layout: Layout, sizes: tuple[int, ..
     return advice + (f". {LINEN_ORDER}" if layout.name == "flax" else "")
 
 
+def dotted_paths(paths: list[tuple[str, ...]]) -> list[list[str]]:
+    """Each path's parts, a key holding dots split at them (``'enc.fc.weight'``)."""
+    return [[part for key in path for part in str(key).split(".")] for path in paths]
+
+
 def _naming_hint(entries: Mapping[tuple[str, ...], Any], what: str) -> str:
     """What to do about entries (of ``what``) that no parameter name of the layout
     matches: a file's layout is its reader's ``file_layout=``, a tree's the
@@ -953,12 +958,23 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any], what: str) -> str:
             "equiv.Layout(name, '{name}/kernel', '{name}/bias', True, layers=...) with "
             f"the layers in call order (of {names!r})"
         )
-    return (
+    advice = (
         "A torch Linear stack under names of its own ('encoder.weight') is read "
         "when you pass the module itself, or equiv.mlp_from_module(module)[1] (a file of "
         "its state_dict: equiv.load_torch(path, out=module) reads it into the module); a "
         "layout of your own is an equiv.Layout"
     )
+    if what != "state_dict" and all(p[-1] in ("weight", "bias") for p in dotted_paths(paths)):
+        # Found in a user trial: a checkpoint of a module's own layer names (fc_in,
+        # fc_mid, fc_out) reads without the module through such a Layout.
+        names = tuple(dict.fromkeys(".".join(p[:-1]) for p in dotted_paths(paths)))
+        key = "file_layout" if what.startswith("checkpoint") else "layout"
+        advice += (
+            f", here {key}=equiv.Layout('own', '{{name}}.weight', '{{name}}.bias', False, "
+            f"layers={names!r}) if its forward calls them in that order (the order they "
+            "are stored in; nothing in the file says the order of the calls)"
+        )
+    return advice
 
 
 def _some_biases_advice(

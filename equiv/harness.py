@@ -1331,57 +1331,68 @@ class Comparison:
                 )
         return lines
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, params: bool = True) -> dict[str, Any]:
         """A JSON-ready report: verdict, config, settings, environment (library
         versions and device), hints, losses and final parameters per backend, diffs;
         non-finite numbers as strings (``"nan"``), so that strict JSON holds it (found
-        in a user trial: a NaN loss gave ``NaN``)."""
-        report = self.report.to_dict()
-        return json_safe(
-            {
-                "agree": report["agree"],
-                "worst_ratio": report["worst_ratio"],
-                "config": {
-                    "sizes": list(self.problem.spec.sizes),
-                    "activation": self.problem.spec.activation,
-                    "loss": self.problem.spec.loss,  # MLPSpec's field and --loss
-                    **{
-                        field: getattr(self.problem.spec, field)
-                        for field in (
-                            "label_smoothing",
-                            "huber_delta",
-                            "smooth_l1_beta",
-                            "negative_slope",
-                            "elu_alpha",
-                        )
-                    },
-                    "bias": self.problem.spec.bias,
-                    "dtype": self.problem.spec.dtype,
-                    "batch_size": self.problem.batch_size,
-                    "steps": self.problem.steps,
-                    "learning_rate": self.learning_rate,
-                    "optimizer": (
-                        dataclasses.asdict(self.optimizer) if self.optimizer is not None else None
-                    ),
-                },
-                "settings": report["settings"],
-                # Which torch, jaxlib and chip gave these figures (found in a user
-                # trial: two CI runs' reports differed and neither said why).
-                "environment": environment(str(report["settings"].get("device", "cpu"))),
-                "hints": self.hints() if not report["agree"] else [],
-                "loss": {b: [float(v) for v in t.losses] for b, t in self.trajectories.items()},
-                "params": {
-                    b: {k: np.asarray(v) for k, v in t.params[-1].items()}
-                    for b, t in self.trajectories.items()
-                },
-                "diffs": report["leaves"],
-            }
-        )
+        in a user trial: a NaN loss gave ``NaN``). ``params=False`` leaves out the final
+        parameters, every element of every backend's (found in a user trial: 850 MB of
+        JSON for a 12.6M-parameter model); the diffs keep each leaf's statistics.
 
-    def to_json(self, **kwargs) -> str:
-        """:meth:`to_dict` as strict JSON text; ``kwargs`` go to :func:`json.dumps`
-        (``indent=2``)."""
-        return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
+        >>> comparison = compare_backends()
+        >>> "params" in comparison.to_dict(), "params" in comparison.to_dict(params=False)
+        (True, False)
+        """
+        report = self.report.to_dict()
+        out = self._fields(report)
+        if not params:
+            del out["params"]  # before json_safe turns every element into a list item
+        return json_safe(out)
+
+    def _fields(self, report: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "agree": report["agree"],
+            "worst_ratio": report["worst_ratio"],
+            "config": {
+                "sizes": list(self.problem.spec.sizes),
+                "activation": self.problem.spec.activation,
+                "loss": self.problem.spec.loss,  # MLPSpec's field and --loss
+                **{
+                    field: getattr(self.problem.spec, field)
+                    for field in (
+                        "label_smoothing",
+                        "huber_delta",
+                        "smooth_l1_beta",
+                        "negative_slope",
+                        "elu_alpha",
+                    )
+                },
+                "bias": self.problem.spec.bias,
+                "dtype": self.problem.spec.dtype,
+                "batch_size": self.problem.batch_size,
+                "steps": self.problem.steps,
+                "learning_rate": self.learning_rate,
+                "optimizer": (
+                    dataclasses.asdict(self.optimizer) if self.optimizer is not None else None
+                ),
+            },
+            "settings": report["settings"],
+            # Which torch, jaxlib and chip gave these figures (found in a user
+            # trial: two CI runs' reports differed and neither said why).
+            "environment": environment(str(report["settings"].get("device", "cpu"))),
+            "hints": self.hints() if not report["agree"] else [],
+            "loss": {b: [float(v) for v in t.losses] for b, t in self.trajectories.items()},
+            "params": {
+                b: {k: np.asarray(v) for k, v in t.params[-1].items()}
+                for b, t in self.trajectories.items()
+            },
+            "diffs": report["leaves"],
+        }
+
+    def to_json(self, *, params: bool = True, **kwargs) -> str:
+        """:meth:`to_dict` as strict JSON text (``params=False``: without the final
+        parameters); ``kwargs`` go to :func:`json.dumps` (``indent=2``)."""
+        return json.dumps(self.to_dict(params=params), allow_nan=False, **kwargs)
 
 
 def compare_backends(

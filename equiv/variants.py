@@ -659,6 +659,28 @@ def _fitted_parameter(
     return None, spent
 
 
+def _same_shape_runs(spec: MLPSpec, params: dict) -> list[tuple[int, int]]:
+    """The first and last layer of each run of three or more consecutive layers of one
+    weight shape and one bias presence.
+
+    >>> spec = MLPSpec((4, 8, 8, 8, 8, 2))
+    >>> _same_shape_runs(spec, {f"fc{i}.weight": np.zeros(s) for i, s in
+    ...                         enumerate([(8, 4), (8, 8), (8, 8), (8, 8), (2, 8)], 1)})
+    [(2, 4)]
+    """
+    runs, start = [], 1
+    for i in range(2, spec.num_layers + 2):
+        same = i <= spec.num_layers and (
+            params[f"fc{i}.weight"].shape == params[f"fc{start}.weight"].shape
+            and spec.biases[i - 1] == spec.biases[start - 1]
+        )
+        if not same:
+            if i - start >= 3:
+                runs.append((start, i - 1))
+            start = i
+    return runs
+
+
 def _swap_advice(layout: str | None) -> str:
     """Why a port's layers may take each other's parameters in ``layout``, and the fix
     (found in a user trial: the swap was named without either)."""
@@ -802,6 +824,24 @@ def model_variants(
                 swapped,
                 back,
             )
+    for first, last in _same_shape_runs(spec, params):
+        # Three or more layers of one shape in reverse order: flax.linen's nested calls,
+        # Dense(8)(f(Dense(8)(f(Dense(8)(x))))), construct (and number) the outermost
+        # first (found in a user trial: only the loss was hinted at).
+        kinds = ("weight", "bias") if spec.biases[first - 1] else ("weight",)
+        pairs = tuple((a, first + last - a) for a in range(first, last + 1))
+        reversed_params = {f"fc{a}.{k}": params[f"fc{b}.{k}"] for a, b in pairs for k in kinds}
+
+        def back_reversed(grads: dict, pairs=pairs, kinds=kinds) -> dict:
+            return {**grads, **{f"fc{a}.{k}": grads[f"fc{b}.{k}"] for a, b in pairs for k in kinds}}
+
+        yield variant(
+            f"uses fc{first} to fc{last} in reverse order",
+            _swap_advice(layout),
+            spec,
+            reversed_params,
+            back_reversed,
+        )
     for own in dict.fromkeys(spec.activations):  # each of the model's, in order
         for other in ACTIVATIONS:
             if other in (own, _GELU_SWAP.get(own)):

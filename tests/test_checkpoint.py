@@ -1455,3 +1455,26 @@ def test_a_file_in_another_layout_is_told_to_pass_file_layout_not_layout(tmp_pat
         "layout; load_jax's layout= is the one it returns)"
     )
     assert_trees_identical(load_jax(path, layout="flax", file_layout="flax"), torch_to_jax(state))
+
+
+def test_a_file_of_a_modules_own_layer_names_is_told_the_layout_that_reads_it(tmp_path):
+    # Found in a user trial: a checkpoint under a module's own names (fc_in, fc_mid,
+    # fc_out) was told to pass the module; an equiv.Layout of those names reads it
+    # without one, and the message now writes it out. The twin: that layout reads it.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    own = {"fc_in": net[0], "fc_out": net[2]}
+    state = {f"{n}.{k}": getattr(m, k).detach() for n, m in own.items() for k in ("weight", "bias")}
+    path = tmp_path / "own.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        load_torch(path)
+    advice = (
+        "file_layout=equiv.Layout('own', '{name}.weight', '{name}.bias', False, "
+        "layers=('fc_in', 'fc_out'))"
+    )
+    assert advice in str(info.value)
+    layout = Layout("own", "{name}.weight", "{name}.bias", False, layers=("fc_in", "fc_out"))
+    read = load_torch(path, file_layout=layout)
+    assert torch.equal(read["fc1.weight"], net[0].weight.detach())
+    assert torch.equal(read["fc2.bias"], net[2].bias.detach())

@@ -93,3 +93,35 @@ def test_what_linen_layout_cannot_read_is_refused_by_name():
         equiv.linen_layout(Normed(), {"params": params})  # a variables dict is read too
     with pytest.raises(TypeError, match="reads a flax.linen.Module, got Sequential"):
         equiv.linen_layout(torch.nn.Sequential(), params)
+
+
+def test_three_nested_dense_layers_are_named_as_reversed_and_linen_layout_reads_them():
+    # Found in a user trial: Dense(8)(f(Dense(8)(f(Dense(8)(x))))) numbers its layers
+    # outermost first; with three of one shape the only hint was about the loss. The
+    # twin: read with linen_layout, the port agrees.
+    class Nested(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(jnp.tanh(nn.Dense(8)(jnp.tanh(nn.Dense(8)(x)))))
+
+    port = Nested()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 8),
+    )
+
+    def loss_fn(p, x, y):
+        return jnp.mean((port.apply({"params": p}, x) - y) ** 2)
+
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    report = equiv.check_jax_port(net, loss_fn, x, y, layout="flax")
+    assert not report.agree
+    assert any("uses fc1 to fc3 in reverse order" in hint for hint in report.hints())
+    params = port.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+    layout = equiv.linen_layout(port, params)
+    assert layout.layers == ("Dense_2", "Dense_1", "Dense_0")
+    assert equiv.check_jax_port(net, loss_fn, x, y, layout=layout).agree
