@@ -1508,7 +1508,8 @@ def torch_to_equinox(
     """
     import equinox as eqx
 
-    layers = _equinox_layers(model)
+    paths = _equinox_paths(model)  # read once: tree_at's copy cannot be called
+    layers = [_at_path(model, path) for path in paths]
     if _is_array_tree(module_or_state_dict):
         # A JAX tree in the equinox layout (what load_jax(layout="equinox") returns; found
         # in a user trial, refused with advice to go through torch): the model's own
@@ -1538,9 +1539,7 @@ def torch_to_equinox(
 
     def where(m: Any) -> list[Any]:
         return [
-            getattr(layer, n)
-            for layer, ns in zip(_equinox_layers(m), names, strict=True)
-            for n in ns
+            getattr(_at_path(m, path), n) for path, ns in zip(paths, names, strict=True) for n in ns
         ]
 
     values = [params[str(j)][n] for j in range(len(layers)) for n in names[j]]
@@ -1770,19 +1769,103 @@ def is_equinox_model(value: Any) -> bool:
 
 
 def _equinox_layers(model: Any) -> list[Any]:
+    """The model's eqx.nn.Linear layers, in the order it calls them."""
+    return [_at_path(model, path) for path in _equinox_paths(model)]
+
+
+def _equinox_paths(model: Any) -> list[tuple[Any, ...]]:
+    """Where the model's eqx.nn.Linear layers are (JAX key paths), in the order it calls
+    them: an ``eqx.nn.MLP``'s ``layers``, a list's order, or, for an ``eqx.Module`` of
+    your own, the order its ``__call__`` calls them on a probe (found in a user trial:
+    a module with fields ``enc``, ``mid``, ``head``, the usual way to write Equinox,
+    was refused)."""
     import equinox as eqx
+    from jax.tree_util import GetAttrKey, SequenceKey
 
     if isinstance(model, eqx.nn.Linear):
-        return [model]
+        return [()]
     if isinstance(model, eqx.nn.MLP) and isinstance(model.layers, (list, tuple)):
-        return list(model.layers)
+        return [(GetAttrKey("layers"), SequenceKey(i)) for i in range(len(model.layers))]
     if isinstance(model, (list, tuple)) and all(isinstance(m, eqx.nn.Linear) for m in model):
-        return list(model)
-    raise type_error(
-        f"expected an eqx.nn.MLP, an eqx.nn.Linear or a list of eqx.nn.Linear, got "
-        f"{type(model).__name__}; for another module pass its Linear layers in order, "
-        "e.g. torch_to_equinox(state, [model.layers[0], model.layers[2]])"
+        return [(SequenceKey(i),) for i in range(len(model))]
+    advice = (
+        ": pass its Linear layers in call order as a list instead, e.g. "
+        "torch_to_equinox(state, [model.enc, model.head])"
     )
+    if not isinstance(model, eqx.Module):
+        raise type_error(
+            f"expected an eqx.nn.MLP, an eqx.nn.Linear, a list of eqx.nn.Linear or an "
+            f"eqx.Module made of them, got {type(model).__name__}" + advice.replace(":", ";", 1)
+        )
+    return _equinox_call_order(model, advice)
+
+
+def _equinox_call_order(model: Any, advice: str) -> list[tuple[Any, ...]]:
+    """The key paths of an ``eqx.Module``'s Linear layers in the order its ``__call__``
+    calls them on a probe (one example of each layer's input width, then a batch of
+    them), recorded by ``eqx.nn.Linear.__call__`` replaced for the call and restored
+    (so not while another thread calls one)."""
+    import equinox as eqx
+
+    def is_linear(node: Any) -> bool:
+        return isinstance(node, eqx.nn.Linear)
+
+    found = [
+        (path, node)
+        for path, node in jax.tree_util.tree_flatten_with_path(model, is_leaf=is_linear)[0]
+        if is_linear(node)
+    ]
+    shown = type(model).__name__
+    if not found:
+        raise type_error(f"{shown} holds no eqx.nn.Linear" + advice)
+    by_weight = {id(node.weight): path for path, node in found}
+    calls: list[int] = []
+    original = eqx.nn.Linear.__call__
+
+    def recording(self: Any, x: Any, *, key: Any = None) -> Any:
+        calls.append(id(self.weight))
+        return original(self, x, key=key)
+
+    dtype = found[0][1].weight.dtype
+    rng = np.random.default_rng(0)
+    eqx.nn.Linear.__call__ = recording
+    try:
+        for width in dict.fromkeys(int(node.in_features) for _, node in found):
+            for shape in ((width,), (16, width)):
+                calls.clear()
+                try:
+                    model(jnp.asarray(rng.standard_normal(shape), dtype))
+                except Exception:  # noqa: BLE001 - another width, or a call equiv cannot make
+                    continue
+                if sorted(calls) != sorted(by_weight):
+                    raise value_error(
+                        f"{shown}'s __call__ calls its eqx.nn.Linear layers "
+                        f"{len(calls)} times for {len(by_weight)} layers: equiv's MLP calls "
+                        "each once, in order;" + advice.removeprefix(":")
+                    )
+                return [by_weight[c] for c in calls]
+    finally:
+        eqx.nn.Linear.__call__ = original
+    raise type_error(
+        f"{shown} could not be called on a probe of any of its layers' input widths "
+        "(one example or a batch), so the order of its layers is unknown" + advice
+    )
+
+
+def _at_path(tree: Any, path: tuple[Any, ...]) -> Any:
+    """The node of ``tree`` at a JAX key path (attributes, indices, keys)."""
+    from jax.tree_util import DictKey, GetAttrKey, SequenceKey
+
+    for key in path:
+        if isinstance(key, GetAttrKey):
+            tree = getattr(tree, key.name)
+        elif isinstance(key, SequenceKey):
+            tree = tree[key.idx]
+        elif isinstance(key, DictKey):
+            tree = tree[key.key]
+        else:
+            raise type_error(f"cannot follow {key!r} in {type(tree).__name__}")
+    return tree
 
 
 def _equinox_tree(layers: list[Any]) -> dict[str, Any]:

@@ -379,13 +379,14 @@ def test_equinox_refuses_other_modules():
     eqx = pytest.importorskip("equinox")
     from equiv.convert import equinox_to_torch
 
+    # An eqx.nn.Sequential is read off its calls, as any eqx.Module (see below).
     model = eqx.nn.Sequential([eqx.nn.Linear(2, 2, key=jax.random.key(0))])
+    assert list(equinox_to_torch(model)) == ["fc1.weight", "fc1.bias"]
     with pytest.raises(TypeError) as info:
-        equinox_to_torch(model)
+        equinox_to_torch(eqx.nn.Sequential([eqx.nn.Lambda(jnp.tanh)]))
     assert str(info.value) == (
-        "[equiv] expected an eqx.nn.MLP, an eqx.nn.Linear or a list of eqx.nn.Linear, got "
-        "Sequential; for another module pass its Linear layers in order, e.g. "
-        "torch_to_equinox(state, [model.layers[0], model.layers[2]])"
+        "[equiv] Sequential holds no eqx.nn.Linear: pass its Linear layers in call order as "
+        "a list instead, e.g. torch_to_equinox(state, [model.enc, model.head])"
     )
 
 
@@ -581,3 +582,70 @@ def test_torch_to_equinox_takes_a_tree_in_the_equinox_layout(tmp_path, equiv_see
     assert_exact(
         equinox_to_torch(torch_to_equinox(flax, model, layout="flax")), source.state_dict()
     )
+
+
+def test_an_equinox_module_of_your_own_is_read_in_the_order_it_calls_its_layers(tmp_path):
+    # Found in a user trial: an eqx.Module with Linear fields (the usual way to write
+    # Equinox) was refused; its fields here are declared out of call order, so only the
+    # calls tell fc1 from fc3. The twins: a layer called twice, and a model that cannot
+    # be called on a probe, are refused with the list to pass instead.
+    eqx = pytest.importorskip("equinox")
+    from equiv import check_jax_port, save_jax
+    from equiv.convert import equinox_to_torch, torch_to_equinox
+
+    class Port(eqx.Module):
+        head: eqx.nn.Linear
+        enc: eqx.nn.Linear
+        mid: eqx.nn.Linear
+
+        def __init__(self, key):
+            a, b, c = jax.random.split(key, 3)
+            self.head = eqx.nn.Linear(8, 2, key=a)
+            self.enc = eqx.nn.Linear(4, 8, key=b)
+            self.mid = eqx.nn.Linear(8, 8, key=c)
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.mid(jnp.tanh(self.enc(x)))))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 2),
+    )
+    port = torch_to_equinox(net, Port(jax.random.key(0)))
+    np.testing.assert_array_equal(port.enc.weight, net[0].weight.detach().numpy())
+    np.testing.assert_array_equal(port.head.bias, net[4].bias.detach().numpy())
+    x = torch.randn(5, 4)
+    np.testing.assert_allclose(
+        jax.vmap(port)(jnp.asarray(x.numpy())), net(x).detach().numpy(), rtol=1e-5, atol=1e-6
+    )
+    assert_exact(equinox_to_torch(port), mlp_state(net))
+    save_jax(port, tmp_path / "port.safetensors", layout="equinox")
+
+    def loss_fn(model, x, y):
+        return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+    assert check_jax_port(net, loss_fn, x, torch.randn(5, 2), params=port, layout="equinox").agree
+
+    class Twice(Port):
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.mid(jnp.tanh(self.mid(jnp.tanh(self.enc(x)))))))
+
+    with pytest.raises(ValueError, match="calls its eqx.nn.Linear layers 4 times for 3"):
+        torch_to_equinox(net, Twice(jax.random.key(0)))
+
+    class Uncallable(Port):
+        def __call__(self, x, mask):
+            return self.head(self.mid(self.enc(x))) * mask
+
+    with pytest.raises(TypeError, match=r"pass its Linear layers in call order"):
+        torch_to_equinox(net, Uncallable(jax.random.key(0)))
+
+
+def mlp_state(net: torch.nn.Module) -> dict:
+    from equiv import mlp_from_module
+
+    return mlp_from_module(net)[1]
