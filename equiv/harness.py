@@ -36,6 +36,7 @@ import functools
 import itertools
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -171,6 +172,9 @@ class Trajectory:
     state_note: str | None = dataclasses.field(default=None, compare=False)
     #: The layout of a port's parameters (``"equinox"``...): hints name its converter.
     layout: str | None = dataclasses.field(default=None, compare=False)
+    #: That layout itself, where it is not torch's: hints name the port's own
+    #: parameters beside equiv's (``fc1.weight``, the port's ``Dense_0/kernel``).
+    own_names: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def record(
         self,
@@ -452,7 +456,44 @@ class Comparison:
             raise AssertionError("\n".join([head, *summary, blocks]).rstrip("\n"))
 
     def hints(self) -> list[str]:
-        """Known-cause hints (:func:`equiv.diagnose.diagnose_trees`) for the failing leaves.
+        """Known-cause hints (:func:`equiv.diagnose.diagnose_trees`) for the failing leaves,
+        each ending, where it names parameters or layers (``fc2.weight``, ``fc2``) of a
+        port whose layout names them otherwise, with the port's own names (found in a
+        user trial: a flax port was told of ``fc2.weight`` and left to work out
+        ``Dense_1/kernel``).
+        """
+        return [self._with_own_names(hint) for hint in self._hints()]
+
+    def _with_own_names(self, hint: str) -> str:
+        layouts = {id(t.own_names): t.own_names for t in self.trajectories.values() if t.own_names}
+        if len(layouts) != 1:
+            return hint  # no port, or several with layouts of their own: equiv's names
+        layout = next(iter(layouts.values()))
+        spec = self.problem.spec
+
+        def own(torch_name: str) -> str:
+            return "/".join(layout.path(torch_name))
+
+        names = {name: own(name) for name in spec.param_names()}
+        names |= {
+            f"fc{i}": own(f"fc{i}.weight").rpartition("/")[0] or own(f"fc{i}.weight")
+            for i in range(1, spec.num_layers + 1)
+        }
+        found = []
+        for name, theirs in names.items():
+            match = re.search(rf"(?<![\w.']){re.escape(name)}(?![\w.]*\w)", hint)
+            if match and theirs != name:
+                found.append((match.start(), f"{name} is {theirs!r}"))
+        if not found:
+            return hint
+        return (
+            f"{hint} In the port's {layout.name} layout, "
+            + ", ".join(text for _, text in sorted(found))
+            + "."
+        )
+
+    def _hints(self) -> list[str]:
+        """:meth:`hints` under equiv's names.
 
         Only the first (step, stage) whose failures match a known trap speaks: later
         differences are consequences of the first (a halved gradient also halves the

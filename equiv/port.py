@@ -355,6 +355,8 @@ def run_jax_port(
     params, loss_fn, to_torch, from_torch = _port_tree(params, loss_fn, layout, spec)
     optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
     out = Trajectory(name, spec.dtype, layout=get_layout(layout).name)
+    if get_layout(layout).name != "torch":
+        out.own_names = get_layout(layout)
     if given:  # checked before optax sees it: a wrong tree failed inside optimizer.init
         out.initial = {k: to_numpy(v) for k, v in to_torch(params).items()}
     value_and_grad = jax.value_and_grad(loss_fn)

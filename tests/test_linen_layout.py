@@ -125,3 +125,39 @@ def test_three_nested_dense_layers_are_named_as_reversed_and_linen_layout_reads_
     layout = equiv.linen_layout(port, params)
     assert layout.layers == ("Dense_2", "Dense_1", "Dense_0")
     assert equiv.check_jax_port(net, loss_fn, x, y, layout=layout).agree
+
+
+def test_hints_name_the_ports_own_parameters_beside_equivs():
+    # Found in a user trial: a flax port was told "port uses fc2.weight transposed" and
+    # left to work out Dense_1/kernel; under linen_layout, the names it gave its layers.
+    class Named(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = jnp.tanh(nn.Dense(8, name="proj_in")(x))
+            return nn.Dense(8, name="proj_out")(h)
+
+    port = Named()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+
+    def transposed(p, x, y):  # proj_out's kernel used transposed
+        wrong = {**p, "proj_out": {**p["proj_out"], "kernel": p["proj_out"]["kernel"].T}}
+        return jnp.mean((port.apply({"params": wrong}, x) - y) ** 2)
+
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    layout = equiv.linen_layout(port, port.init(jax.random.key(0), jnp.zeros((1, 8)))["params"])
+    report = equiv.check_jax_port(net, transposed, x, y, layout=layout)
+    assert any(
+        "port uses fc2.weight transposed" in h
+        and h.endswith("In the port's Named layout, fc2.weight is 'proj_out/kernel'.")
+        for h in report.hints()
+    ), report.hints()
+
+    # The twin: a torch-layout port's names are equiv's, and said once (no such line).
+    def torch_names(p, x, y):
+        h = jnp.tanh(x @ p["fc1.weight"].T + p["fc1.bias"])
+        return jnp.mean((h @ p["fc2.weight"] + p["fc2.bias"] - y) ** 2)
+
+    hints = equiv.check_jax_port(net, torch_names, x, y, layout="torch").hints()
+    assert any("port uses fc2.weight transposed" in h for h in hints), hints
+    assert not any("In the port's" in h for h in hints), hints

@@ -1049,7 +1049,8 @@ def test_a_failing_leaf_no_cause_names_is_said_to_fail_too(equiv_seed):
     hints = Comparison(port.problem, 0.1, runs, report).hints()
     assert hints[-1] == (
         "fc2.bias: fails at that step and stage too, with no known cause found there (the "
-        "same mistake showing otherwise, or another)"
+        "same mistake showing otherwise, or another) In the port's flax layout, fc2.bias is "
+        "'Dense_1/bias'."
     ), hints
     assert "fc2.bias" not in hints[0].split(":")[0]
 
