@@ -967,12 +967,22 @@ def _naming_hint(entries: Mapping[tuple[str, ...], Any], what: str) -> str:
     if what != "state_dict" and all(p[-1] in ("weight", "bias") for p in dotted_paths(paths)):
         # Found in a user trial: a checkpoint of a module's own layer names (fc_in,
         # fc_mid, fc_out) reads without the module through such a Layout.
-        names = tuple(dict.fromkeys(".".join(p[:-1]) for p in dotted_paths(paths)))
+        # Nested paths ({'enc': {'weight'}}) join with "/", a file's flat keys with ".";
+        # names in natural order (layer2 before layer10: found in review, a safetensors
+        # file's alphabetical order put layer10 second), which only the forward can say.
+        nested = any(len(p) > 1 for p in paths)
+        sep = "/" if nested else "."
+        names = tuple(
+            sorted(
+                dict.fromkeys(sep.join(p[:-1]) for p in dotted_paths(paths)),
+                key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)],
+            )
+        )
         key = "file_layout" if what.startswith("checkpoint") else "layout"
         advice += (
-            f", here {key}=equiv.Layout('own', '{{name}}.weight', '{{name}}.bias', False, "
-            f"layers={names!r}) if its forward calls them in that order (the order they "
-            "are stored in; nothing in the file says the order of the calls)"
+            f", here {key}=equiv.Layout('own', '{{name}}{sep}weight', '{{name}}{sep}bias', "
+            f"False, layers={names!r}) with the layers in the order the forward calls them "
+            "(shown in natural order: nothing here says the order of the calls)"
         )
     return advice
 
@@ -1631,9 +1641,10 @@ def _check_equinox_activations(module: torch.nn.Module, model: Any, spec: MLPSpe
     elif trailing is not None:
         # A classifier's final sigmoid or softmax (found in a user trial: taken by the
         # converters), which eqx.nn.MLP holds as its final_activation.
+        rows = np.stack([z, z[::-1] * 0.5])  # two rows: a function over the batch differs
         with torch.no_grad():
-            wanted = trailing(torch.from_numpy(z)[None])[0].numpy()  # a batch of one row
-        got = np.asarray(model.final_activation(jnp.asarray(z)))
+            wanted = trailing(torch.from_numpy(rows)).numpy()
+        got = np.asarray(jax.vmap(model.final_activation)(jnp.asarray(rows)))
         if got.shape != wanted.shape or not np.allclose(got, wanted, rtol=1e-5, atol=1e-6):
             kind = type(trailing).__name__
             problems.append(
@@ -1653,12 +1664,16 @@ def equinox_to_torch(
     spec: MLPSpec | None = None,
     device: torch.device | str | None = None,
     out: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
+    like: Any = None,
 ) -> dict[str, torch.Tensor]:
     """The torch state_dict (``fc1.weight``...) of an Equinox model (or its gradients).
 
-    ``model`` is an ``eqx.nn.MLP``, an ``eqx.nn.Linear`` or a list/tuple of them, as
-    for :func:`torch_to_equinox`; a gradient of such a model (``eqx.filter_grad``)
-    has the same structure and converts the same way. ``device`` and ``out`` are
+    ``model`` is an ``eqx.nn.MLP``, an ``eqx.nn.Linear``, a list/tuple of them or an
+    ``eqx.Module`` made of them, as for :func:`torch_to_equinox`; a gradient of such a
+    model (``eqx.filter_grad``) has the same structure and converts the same way. A
+    module of your own is read in the order it calls its layers, which its gradient
+    cannot say (its functions are None there): pass ``like=model``. ``device`` and
+    ``out`` are
     :func:`jax_to_torch`'s: ``out=module`` copies the weights into an existing torch
     module (an ``nn.Sequential``...) in place. ``jax_to_torch(model,
     layout="equinox")`` is the same call.
@@ -1670,7 +1685,8 @@ def equinox_to_torch(
       ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
     """
     # The model's own layers, not their tree: each says whether it has a bias.
-    layers = _equinox_layers(model)
+    paths = _equinox_paths(model if like is None else like)
+    layers = [_at_path(model, path) for path in paths]
     return jax_to_torch(layers, layout="equinox", spec=spec, device=device, out=out)
 
 
@@ -1828,28 +1844,59 @@ def _equinox_call_order(model: Any, advice: str) -> list[tuple[Any, ...]]:
 
     dtype = found[0][1].weight.dtype
     rng = np.random.default_rng(0)
+    widths = [node.in_features for _, node in found if isinstance(node.in_features, int)]
     eqx.nn.Linear.__call__ = recording
+    # Without jit: a jitted __call__ (eqx.filter_jit, the usual style) would see tracers
+    # for weights, or replay its cache with no call recorded (found in review).
     try:
-        for width in dict.fromkeys(int(node.in_features) for _, node in found):
-            for shape in ((width,), (16, width)):
-                calls.clear()
-                try:
-                    model(jnp.asarray(rng.standard_normal(shape), dtype))
-                except Exception:  # noqa: BLE001 - another width, or a call equiv cannot make
-                    continue
-                if sorted(calls) != sorted(by_weight):
-                    raise value_error(
-                        f"{shown}'s __call__ calls its eqx.nn.Linear layers "
-                        f"{len(calls)} times for {len(by_weight)} layers: equiv's MLP calls "
-                        "each once, in order;" + advice.removeprefix(":")
-                    )
-                return [by_weight[c] for c in calls]
+        with jax.disable_jit():
+            for width in dict.fromkeys(widths):
+                for shape in ((width,), (16, width)):
+                    calls.clear()
+                    try:
+                        model(jnp.asarray(rng.standard_normal(shape), dtype))
+                    except Exception:  # noqa: BLE001 - another width, or a call equiv cannot make
+                        continue
+                    if sorted(calls) != sorted(by_weight):
+                        raise value_error(
+                            f"{shown}'s __call__ calls its eqx.nn.Linear layers "
+                            f"{len(calls)} times for {len(by_weight)} layers: equiv's MLP calls "
+                            "each once, in order;" + advice.removeprefix(":")
+                        )
+                    return [by_weight[c] for c in calls]
     finally:
         eqx.nn.Linear.__call__ = original
     raise type_error(
         f"{shown} could not be called on a probe of any of its layers' input widths "
-        "(one example or a batch), so the order of its layers is unknown" + advice
+        "(one example or a batch), so the order of its layers is unknown (a gradient or "
+        "an eqx.partition of the model holds None for its functions: pass like=model to "
+        "equinox_to_torch)" + advice
     )
+
+
+def equinox_own_layout(model: Any) -> Layout | None:
+    """An Equinox module of your own's layout under its own names (``enc``, ``mid``,
+    ``head``, in the order it calls them), for messages: the equinox layout's
+    ``layers/0`` is an ``eqx.nn.MLP``'s (found in review: a port with fields ``enc``,
+    ``mid``, ``head`` was told of ``layers/1/bias``); None for an ``eqx.nn.MLP``, a
+    list or a single layer, or where its layers cannot be read."""
+    import equinox as eqx
+
+    if isinstance(model, (eqx.nn.MLP, eqx.nn.Linear, list, tuple)):
+        return None
+    try:
+        paths = _equinox_paths(model)
+    except (TypeError, ValueError):
+        return None
+    from jax.tree_util import GetAttrKey, SequenceKey
+
+    def part(key: Any) -> str:
+        if isinstance(key, GetAttrKey):
+            return key.name
+        return str(key.idx if isinstance(key, SequenceKey) else getattr(key, "key", key))
+
+    names = tuple("/".join(part(k) for k in path) for path in paths)  # a DictKey's key
+    return Layout("equinox", "{name}/weight", "{name}/bias", False, layers=names)
 
 
 def _at_path(tree: Any, path: tuple[Any, ...]) -> Any:

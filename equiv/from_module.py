@@ -173,7 +173,8 @@ def _read_stack(
         if isinstance(child, nn.Linear):
             continue
         found = _activation(child)
-        if found is None and reorder and isinstance(child, _FINAL):
+        # Over the outputs of each example only (found in review: dim=0 mixes a batch).
+        if found is None and reorder and isinstance(child, _FINAL) and child.dim in (-1, 1):
             kinds[id(child)] = "final"  # after the last Linear only (checked below)
             continue
         if found is None:

@@ -475,8 +475,10 @@ class Comparison:
             return "/".join(layout.path(torch_name))
 
         names = {name: own(name) for name in spec.param_names()}
-        names |= {
-            f"fc{i}": own(f"fc{i}.weight").rpartition("/")[0] or own(f"fc{i}.weight")
+        names |= {  # a layer: its own name where the layout has them (any template)
+            f"fc{i}": layout.layers[i - 1]
+            if layout.layers
+            else own(f"fc{i}.weight").rpartition("/")[0] or own(f"fc{i}.weight")
             for i in range(1, spec.num_layers + 1)
         }
         found = []

@@ -52,6 +52,7 @@ from equiv._messages import type_error, value_error
 from equiv.compare import to_numpy
 from equiv.convert import (
     LINEN_ORDER,
+    equinox_own_layout,
     get_layout,
     is_equinox_model,
     jax_to_torch,
@@ -352,11 +353,12 @@ def run_jax_port(
             lambda v: jax.device_put(v, device) if isinstance(v, (jax.Array, np.ndarray)) else v,
             params,
         )
+    own = equinox_own_layout(params) if is_equinox_model(params) else None
     params, loss_fn, to_torch, from_torch = _port_tree(params, loss_fn, layout, spec)
     optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
     out = Trajectory(name, spec.dtype, layout=get_layout(layout).name)
     if get_layout(layout).name != "torch":
-        out.own_names = get_layout(layout)
+        out.own_names = own or get_layout(layout)
     if given:  # checked before optax sees it: a wrong tree failed inside optimizer.init
         out.initial = {k: to_numpy(v) for k, v in to_torch(params).items()}
     value_and_grad = jax.value_and_grad(loss_fn)
@@ -496,7 +498,12 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
     if is_equinox_model(params):
         import equinox as eqx  # noqa: PLC0415 - an optional extra
 
-        from equiv.convert import _equinox_layers, equinox_to_torch, torch_to_equinox  # noqa: PLC0415
+        from equiv.convert import (  # noqa: PLC0415
+            _at_path,
+            _equinox_paths,
+            equinox_to_torch,
+            torch_to_equinox,
+        )
 
         if get_layout(layout).name != "equinox":
             raise value_error(
@@ -504,14 +511,15 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
                 f"(out, in) as equinox does, but layout={layout!r}: pass layout='equinox'"
             )
         try:
-            _equinox_layers(params)  # what the converters read
-        except TypeError:  # found in review: the converters' advice for others failed here
+            # Read once, off the model itself: its partitions and gradients hold None
+            # for every function and cannot be called (found in review: an
+            # eqx.nn.Sequential with a Lambda failed at every step).
+            paths = _equinox_paths(params)
+        except TypeError as error:
             raise type_error(
-                f"params is an Equinox {type(params).__name__}; check_jax_port reads an "
-                "eqx.nn.MLP, an eqx.nn.Linear or a list of eqx.nn.Linear (in call order), and "
-                "your loss_fn receives the same object. For a module of your own, pass "
-                "[its Linear layers] and rebuild the module from them inside loss_fn, or "
-                "pass a dict in the equinox layout ({'layers': {'0': {'weight', 'bias'}}})"
+                f"params is an Equinox {type(params).__name__} whose Linear layers equiv "
+                f"cannot read: {str(error).removeprefix('[equiv] ')}; or pass a dict in the "
+                "equinox layout ({'layers': {'0': {'weight', 'bias'}}})"
             ) from None
         model = params
         arrays, static = eqx.partition(model, eqx.is_array)
@@ -519,11 +527,16 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
         def model_loss(tree, x, y):
             return loss_fn(eqx.combine(tree, static), x, y)
 
+        def filled(state):
+            layers = torch_to_equinox(state, [_at_path(model, p) for p in paths], spec=spec)
+            where = lambda m: [_at_path(m, p) for p in paths]  # noqa: E731
+            return eqx.partition(eqx.tree_at(where, model, layers), eqx.is_array)[0]
+
         return (
             arrays,
             model_loss,
-            lambda tree: equinox_to_torch(tree, spec=spec),
-            lambda state: eqx.partition(torch_to_equinox(state, model, spec=spec), eqx.is_array)[0],
+            lambda tree: equinox_to_torch([_at_path(tree, p) for p in paths], spec=spec),
+            filled,
         )
     return (
         params,

@@ -1478,3 +1478,16 @@ def test_a_file_of_a_modules_own_layer_names_is_told_the_layout_that_reads_it(tm
     read = load_torch(path, file_layout=layout)
     assert torch.equal(read["fc1.weight"], net[0].weight.detach())
     assert torch.equal(read["fc2.bias"], net[2].bias.detach())
+
+
+def test_the_layout_advice_lists_numbered_layers_in_natural_order(tmp_path):
+    # Found in review: a safetensors file keeps its keys sorted, layer10 before layer2,
+    # and the advice listed them so: following it loaded layer10 as fc2.
+    state = {}
+    for i in (1, 2, 10):
+        state[f"layer{i}.weight"] = torch.zeros(3, 3)
+        state[f"layer{i}.bias"] = torch.zeros(3)
+    path = tmp_path / "layers.safetensors"
+    safetensors.torch.save_file(state, path)
+    with pytest.raises(ValueError, match=r"layers=\('layer1', 'layer2', 'layer10'\)"):
+        load_torch(path)

@@ -1136,7 +1136,10 @@ def test_a_final_activation_is_taken_by_the_converters_not_by_a_comparison(final
     equiv.save_torch(net, tmp_path / "net.safetensors")
     with pytest.raises(ValueError, match="comes after the last Linear layer|cannot express"):
         equiv.mlp_from_module(net)
-    # The twin: a softmax between two layers, or a forward that does more after it.
+    # The twins: a softmax over the batch (dim=0), between two layers, or a forward
+    # that does more after it.
+    with pytest.raises(ValueError, match="is Softmax, which equiv cannot express"):
+        torch_to_jax(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=0)))
     with pytest.raises(ValueError, match="equiv takes it only after the last Linear layer"):
         torch_to_jax(
             torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Softmax(-1), torch.nn.Linear(8, 3))

@@ -649,3 +649,93 @@ def mlp_state(net: torch.nn.Module) -> dict:
     from equiv import mlp_from_module
 
     return mlp_from_module(net)[1]
+
+
+def test_an_equinox_module_with_functions_and_jit_is_read_once_and_its_gradients_with_like():
+    # Found in review: a module holding functions (an eqx.nn.Sequential with a Lambda)
+    # was read again from each partition or gradient, whose functions are None, and
+    # refused at every step of check_jax_port; a jitted __call__ recorded tracers. The
+    # twin: a gradient alone cannot say its order, and is told to pass like=model.
+    eqx = pytest.importorskip("equinox")
+    from equiv import check_jax_port
+    from equiv.convert import equinox_to_torch, torch_to_equinox
+
+    keys = jax.random.split(jax.random.key(0), 2)
+    seq = eqx.nn.Sequential(
+        [
+            eqx.nn.Linear(4, 8, key=keys[0]),
+            eqx.nn.Lambda(jnp.tanh),
+            eqx.nn.Linear(8, 2, key=keys[1]),
+        ]
+    )
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    port = torch_to_equinox(net, seq)
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+
+    def loss_fn(model, x, y):
+        return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+    report = check_jax_port(net, loss_fn, x, y, params=port, layout="equinox", steps=2)
+    assert report.agree, report.hints()
+    grads = eqx.filter_grad(lambda m: loss_fn(m, jnp.asarray(x.numpy()), jnp.asarray(y.numpy())))(
+        port
+    )
+    assert list(equinox_to_torch(grads, like=port)) == list(mlp_state(net))
+    with pytest.raises(TypeError, match="pass like=model to equinox_to_torch"):
+        equinox_to_torch(grads)
+
+    class Jitted(eqx.Module):
+        head: eqx.nn.Linear
+        enc: eqx.nn.Linear
+
+        @eqx.filter_jit
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.enc(x)))
+
+    jitted = Jitted(eqx.nn.Linear(8, 2, key=keys[0]), eqx.nn.Linear(4, 8, key=keys[1]))
+    jitted(jnp.ones(4))  # compiled before: a cached call would record nothing
+    filled = torch_to_equinox(net, jitted)
+    np.testing.assert_array_equal(filled.enc.weight, net[0].weight.detach().numpy())
+
+
+def test_hints_name_an_equinox_module_of_your_owns_fields():
+    # Found in review: a port with fields enc, head was told of 'layers/1/bias', the
+    # eqx.nn.MLP's path, in the own-names line. The twin: an eqx.nn.MLP keeps that path.
+    eqx = pytest.importorskip("equinox")
+    from equiv import check_jax_port
+    from equiv.convert import torch_to_equinox
+
+    class Port(eqx.Module):
+        enc: eqx.nn.Linear
+        head: eqx.nn.Linear
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.enc(x)))
+
+    keys = jax.random.split(jax.random.key(0), 2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+
+    def no_head_bias(model, x, y):
+        out = jax.vmap(lambda v: model.head.weight @ jnp.tanh(model.enc(v)))(x)
+        return jnp.mean((out - y) ** 2)
+
+    port = torch_to_equinox(
+        net, Port(eqx.nn.Linear(4, 8, key=keys[0]), eqx.nn.Linear(8, 2, key=keys[1]))
+    )
+    hints = check_jax_port(net, no_head_bias, x, y, params=port, layout="equinox").hints()
+    assert any(
+        h.endswith("In the port's equinox layout, fc2.bias is 'head/bias'.") for h in hints
+    ), hints
+
+    mlp = torch_to_equinox(net, eqx.nn.MLP(4, 2, 8, 1, activation=jnp.tanh, key=keys[0]))
+
+    def mlp_no_bias(model, x, y):
+        last = model.layers[1]
+        out = jax.vmap(lambda v: last.weight @ jnp.tanh(model.layers[0](v)))(x)
+        return jnp.mean((out - y) ** 2)
+
+    hints = check_jax_port(net, mlp_no_bias, x, y, params=mlp, layout="equinox").hints()
+    assert any(h.endswith("fc2.bias is 'layers/1/bias'.") for h in hints), hints
