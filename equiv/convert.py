@@ -1685,7 +1685,15 @@ def equinox_to_torch(
       ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
     """
     # The model's own layers, not their tree: each says whether it has a bias.
-    paths = _equinox_paths(model if like is None else like)
+    try:
+        paths = _equinox_paths(model if like is None else like)
+    except TypeError as error:
+        if like is not None or "could not be called" not in str(error):
+            raise
+        raise type_error(
+            f"{str(error).removeprefix('[equiv] ')}. A gradient or an eqx.partition of a "
+            "model holds None for its functions and cannot be called: pass like=model"
+        ) from None
     layers = [_at_path(model, path) for path in paths]
     return jax_to_torch(layers, layout="equinox", spec=spec, device=device, out=out)
 
@@ -1868,9 +1876,7 @@ def _equinox_call_order(model: Any, advice: str) -> list[tuple[Any, ...]]:
         eqx.nn.Linear.__call__ = original
     raise type_error(
         f"{shown} could not be called on a probe of any of its layers' input widths "
-        "(one example or a batch), so the order of its layers is unknown (a gradient or "
-        "an eqx.partition of the model holds None for its functions: pass like=model to "
-        "equinox_to_torch)" + advice
+        "(one example or a batch), so the order of its layers is unknown" + advice
     )
 
 

@@ -838,7 +838,7 @@ def test_equinox_params_as_a_list_of_linear_layers_and_a_module_of_ones_own():
         first: eqx.nn.Linear
         second: eqx.nn.Linear
 
-    with pytest.raises(TypeError, match="params is an Equinox Mine; check_jax_port reads an"):
+    with pytest.raises(TypeError, match="params is an Equinox Mine whose Linear layers equiv"):
         check_jax_port(net, loss_fn, x, y, layout="equinox", params=Mine(*layers))
 
 
