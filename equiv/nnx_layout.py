@@ -424,6 +424,16 @@ def _output_rows(module: Any, model: Any, tree: Any, layout: Layout, nnx: Any) -
         if gap == len(names)
         else f"between {names[gap - 1]} and {names[gap]}"
     )
+    from equiv.from_module import _read_stack
+
+    trailing = _read_stack(module, trainable=False, reorder=True)[3]
+    if gap == len(names) and trailing is not None:
+        # Found in review: a module ending in Softmax was told only of a difference.
+        where += (
+            f", where the torch module applies its final {type(trailing).__name__}, which "
+            "the port does not (equiv's nnx port ends with its last Linear layer: fill it "
+            "from the state_dict, or apply it in the loss)"
+        )
     return rows or [
         f"  filled with them, it computes something else than the torch module {where}: "
         f"{worst:.3g} apart there on a probe batch"

@@ -494,3 +494,23 @@ def test_a_port_in_training_mode_is_told_to_call_eval(equiv_seed):
     report = equiv.check_jax_port(net, loss_fn, x, y, params=port)
     report.assert_agree()
     assert report.report.settings["port"] == "jax loss_fn, Port layout"
+
+
+def test_a_torch_module_ending_in_softmax_is_told_the_nnx_port_lacks_it():
+    # Found in review: the refusal said only that the outputs differed after the last
+    # layer. The twin: its state_dict, parameters alone, fills the port.
+    class Head(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.head = nnx.Linear(4, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3), torch.nn.Softmax(-1)
+    )
+    with pytest.raises(ValueError, match="applies its final Softmax, which the port does not"):
+        equiv.torch_to_nnx(net, Head(nnx.Rngs(0)))
+    port = equiv.torch_to_nnx(net.state_dict(), Head(nnx.Rngs(0)))
+    np.testing.assert_array_equal(np.asarray(port.head.bias[...]), net[2].bias.detach().numpy())
