@@ -670,6 +670,8 @@ def _sides(params, x, y, spec) -> list[np.ndarray]:
     threshold = {"huber": spec.huber_delta, "smooth_l1": spec.smooth_l1_beta}.get(spec.loss)
     if threshold is not None:
         sides.append(np.abs(out - y) <= threshold)
+    elif spec.loss == "l1":  # its kink: d = 0
+        sides.append(out - y > 0)
     return sides
 
 

@@ -14,6 +14,9 @@ elements of ``o`` (batch · outputs), ``B`` the batch.
 * ``huber``: mean of ½d² if |d| ≤ δ else δ(|d| - ½δ), d = o - y; gradient clip(d, -δ, δ) / n.
 * ``smooth_l1``: mean of ½d²/β if |d| < β else |d| - ½β; gradient d/β if |d| < β else
   sign(d), over n.
+* ``l1``: mean |d| (``torch.nn.L1Loss``, mean absolute error); gradient sign(d) / n.
+  At d = 0 exactly torch's gradient is 0 and ``jax.grad(jnp.abs)`` is 1: equiv's JAX
+  loss takes torch's (``jnp.sign``), a port's own ``jnp.abs`` differs there only.
 
 Cross-entropy targets ``q`` are smoothed as torch smooths them:
 ``q = (1 - ε)·target + ε / C`` with ``ε = MLPSpec.label_smoothing`` (``optax.smooth_labels``).
@@ -131,6 +134,23 @@ def _smooth_l1(o, y, spec):
     loss = xp.mean(xp.where(a < beta, 0.5 * d * d / beta, a - 0.5 * beta))
     grad = xp.where(a < beta, d / beta, xp.sign(d))
     return loss, grad / (o.shape[0] * o.shape[1])
+
+
+def _l1(o, y, spec):
+    xp = array_namespace(o)
+    d = o - y
+    return xp.mean(xp.abs(d)), xp.sign(d) / (o.shape[0] * o.shape[1])
+
+
+@jax.custom_jvp
+def _jax_abs(d: jax.Array) -> jax.Array:
+    return jnp.abs(d)
+
+
+@_jax_abs.defjvp
+def _jax_abs_jvp(primals: tuple, tangents: tuple) -> tuple:
+    (d,), (t,) = primals, tangents
+    return jnp.abs(d), jnp.sign(d) * t  # 0 at d = 0, as torch's abs (jnp.abs: 1)
 
 
 def _values_magnitude(weight):
@@ -264,6 +284,15 @@ LOSSES: dict[str, Loss] = {
                     ),
                 )
             ),
+        ),
+        Loss(
+            "l1",
+            "values",
+            lambda s: nn.L1Loss(),
+            lambda o, y, s: jnp.mean(_jax_abs(o - y)),
+            _l1,
+            # |d| itself (its error scales with s); sign(d) exact, only the 1/n rounds.
+            _values_magnitude(lambda xp, a, s, spec: (1.0 + 0 * a, 1.0 + 0 * s)),
         ),
     ]
 }

@@ -408,3 +408,26 @@ def test_the_new_names_go_to_their_mistakes_only(spec, seed):
         named = matching_variant(spec, params, x, y, masked)
         assert named.startswith(f"takes a ReLU mask for {spec.activation}'s slope"), named
         assert not any(n in named for n in _NEW_NAMES), named
+
+
+def test_a_port_computing_the_mean_absolute_error_is_told_the_l1_loss():
+    # Found in a user trial: a port taking jnp.mean(jnp.abs(out - y)) against an MSE
+    # model was told to pass a loss= equiv did not have. The twin: with loss="l1" the
+    # same port agrees.
+    import jax.numpy as jnp
+    import torch
+
+    import equiv
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+
+    def mae(p, x, y):
+        h = jnp.tanh(x @ p["fc1.weight"].T + p["fc1.bias"])
+        return jnp.mean(jnp.abs(h @ p["fc2.weight"].T + p["fc2.bias"] - y))
+
+    report = equiv.check_jax_port(net, mae, x, y, layout="torch")
+    assert any("loss='l1'" in hint for hint in report.hints()), report.hints()
+    spec = equiv.MLPSpec((4, 8, 3), activation="tanh", loss="l1")
+    assert equiv.check_jax_port(net, mae, x, y, layout="torch", spec=spec, steps=2).agree

@@ -22,6 +22,7 @@ CASES = [
     ("bce_with_logits", {}),
     ("huber", {"huber_delta": 0.5}),
     ("smooth_l1", {"smooth_l1_beta": 0.7}),
+    ("l1", {}),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for name, kw in CASES]
 
@@ -103,3 +104,14 @@ def test_magnitude_covers_value_and_gradient(name, kwargs):
     loss_mag, grad_mag = LOSSES[name].magnitude(out.numpy(), y.numpy(), spec)
     assert loss_mag >= abs(loss)
     assert np.all(grad_mag >= np.abs(grad))
+
+
+def test_l1_at_a_zero_residual_takes_torchs_gradient_not_jnp_abs():
+    # torch's L1Loss has gradient 0 where o == y; jax.grad(jnp.abs) is 1 there. The
+    # twin: jnp.abs itself shows the trap.
+    spec = MLPSpec((3, 2), loss="l1")
+    o = torch.zeros(2, 2, requires_grad=True)
+    LOSSES["l1"].torch_module(spec)(o, torch.zeros(2, 2)).backward()
+    grad = jax.grad(LOSSES["l1"].jax_fn)(jnp.zeros((2, 2)), jnp.zeros((2, 2)), spec)
+    np.testing.assert_array_equal(np.asarray(grad), o.grad.numpy())
+    assert float(jax.grad(lambda d: jnp.mean(jnp.abs(d)))(jnp.zeros((2, 2)))[0, 0]) == 0.25
