@@ -1609,9 +1609,11 @@ def _check_equinox_activations(module: torch.nn.Module, model: Any, spec: MLPSpe
     if not isinstance(model, eqx.nn.MLP):
         return  # Linear layers alone carry no activation
     from equiv.activations import ACTIVATIONS
-    from equiv.from_module import read_spec
+    from equiv.from_module import _read_stack
 
-    read = module_spec(module) or read_spec(module)
+    # One reading of the stack (a probe forward): its spec and its final module.
+    stack, *_, trailing = _read_stack(module, trainable=False, reorder=True)
+    read = module_spec(module) or stack
     z = np.linspace(-4.0, 4.0, 33, dtype=np.float32)
 
     def computes(fn: Any, name: str) -> bool:
@@ -1630,9 +1632,6 @@ def _check_equinox_activations(module: torch.nn.Module, model: Any, spec: MLPSpe
                 + ": build it with activation="
                 + _EQUINOX_ACTIVATIONS[name].format(**dataclasses.asdict(read))
             )
-    from equiv.from_module import _read_stack
-
-    trailing = _read_stack(module, trainable=False, reorder=True)[3]
     if trailing is None and not computes(model.final_activation, "identity"):
         problems.append(
             "its final_activation is not the identity, and the torch module ends with a "
@@ -1880,7 +1879,7 @@ def _equinox_call_order(model: Any, advice: str) -> list[tuple[Any, ...]]:
     )
 
 
-def equinox_own_layout(model: Any) -> Layout | None:
+def equinox_own_layout(model: Any, paths: list[tuple[Any, ...]] | None = None) -> Layout | None:
     """An Equinox module of your own's layout under its own names (``enc``, ``mid``,
     ``head``, in the order it calls them), for messages: the equinox layout's
     ``layers/0`` is an ``eqx.nn.MLP``'s (found in review: a port with fields ``enc``,
@@ -1890,10 +1889,11 @@ def equinox_own_layout(model: Any) -> Layout | None:
 
     if isinstance(model, (eqx.nn.MLP, eqx.nn.Linear, list, tuple)):
         return None
-    try:
-        paths = _equinox_paths(model)
-    except (TypeError, ValueError):
-        return None
+    if paths is None:
+        try:
+            paths = _equinox_paths(model)
+        except (TypeError, ValueError):
+            return None
     from jax.tree_util import GetAttrKey, SequenceKey
 
     def part(key: Any) -> str:

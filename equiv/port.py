@@ -353,8 +353,7 @@ def run_jax_port(
             lambda v: jax.device_put(v, device) if isinstance(v, (jax.Array, np.ndarray)) else v,
             params,
         )
-    own = equinox_own_layout(params) if is_equinox_model(params) else None
-    params, loss_fn, to_torch, from_torch = _port_tree(params, loss_fn, layout, spec)
+    params, loss_fn, to_torch, from_torch, own = _port_tree(params, loss_fn, layout, spec)
     optimizer = optimizer if optimizer is not None else optax.sgd(learning_rate)
     out = Trajectory(name, spec.dtype, layout=get_layout(layout).name)
     if get_layout(layout).name != "torch":
@@ -472,7 +471,8 @@ def _loss_fn_failure(error: Exception, layout: str, params: Any) -> str:
 
 def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
     """``(the tree differentiated, the loss over it, tree -> torch names, torch names
-    -> tree)`` for a port's params: a tree in ``layout``, or an Equinox model (an
+    -> tree, the port's own names where its layout's are not them)`` for a port's
+    params: a tree in ``layout``, or an Equinox model (an
     ``eqx.nn.MLP``, say) whose ``loss_fn(model, x, y)`` takes the model itself: its
     arrays are differentiated (``eqx.partition``) and the model rebuilt around them
     for each call (found in a user trial: a model passed as params failed inside
@@ -494,6 +494,7 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
             module_loss,
             lambda tree: jax_to_torch(tree, layout=layout, spec=spec),
             lambda torch_state: torch_to_jax(torch_state, layout=layout, spec=spec),
+            None,
         )
     if is_equinox_model(params):
         import equinox as eqx  # noqa: PLC0415 - an optional extra
@@ -537,12 +538,14 @@ def _port_tree(params: Any, loss_fn: LossFn, layout: str, spec: MLPSpec):
             model_loss,
             lambda tree: equinox_to_torch([_at_path(tree, p) for p in paths], spec=spec),
             filled,
+            equinox_own_layout(model, paths),  # the paths read once, not probed again
         )
     return (
         params,
         loss_fn,
         lambda tree: jax_to_torch(tree, layout=layout, spec=spec),
         lambda state: torch_to_jax(state, layout=layout, spec=spec),
+        None,
     )
 
 

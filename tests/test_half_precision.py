@@ -323,3 +323,24 @@ def test_check_gradients_reads_bfloat16_tensors(equiv_seed):
     params = {k: v.detach() for k, v in net.state_dict().items()}
     x, y = torch.randn(4, 4).bfloat16(), torch.randn(4, 2).bfloat16()
     assert equiv.check_gradients(params, x, y, spec).agree
+
+
+def test_a_mixed_precision_nnx_port_is_held_to_its_compute_dtype(equiv_seed):
+    # Found in review: float32 parameters computing in bfloat16 (flax's usual mixed
+    # precision) were held to float32's match and refused every time. The twin: such a
+    # port with ReLU where torch has tanh is refused.
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Mixed(nnx.Module):
+        def __init__(self, act, rngs):
+            kw = {"dtype": jnp.bfloat16, "param_dtype": jnp.float32, "rngs": rngs}
+            self.a, self.head, self.act = nnx.Linear(4, 16, **kw), nnx.Linear(16, 2, **kw), act
+
+        def __call__(self, x):
+            return self.head(self.act(self.a(x)))
+
+    torch.manual_seed(equiv_seed)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    equiv.torch_to_nnx(net, Mixed(jnp.tanh, nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="tanh"):
+        equiv.torch_to_nnx(net, Mixed(jax.nn.relu, nnx.Rngs(0)))
